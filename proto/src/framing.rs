@@ -1,0 +1,289 @@
+//! Framing between render node and edge relay.
+//!
+//! One QUIC connection per node–relay pair carries:
+//! * **datagrams**: one RTP packet each, behind a two-byte header
+//!   (`version`, `kind`), so that loss is never turned into head-of-line blocking;
+//! * **a bidirectional control stream** of length-prefixed [`ControlMessage`]s:
+//!   `type: u8`, `length: u16` (big endian), then `length` bytes of body.
+//!
+//! | message            | type | direction      | body                                                                  |
+//! |--------------------|------|----------------|-----------------------------------------------------------------------|
+//! | `StreamHello`      | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name (rest, UTF-8, ≤ 64 bytes) |
+//! | `KeyframeRequest`  | 2    | relay → node   | empty                                                                 |
+//! | `Goodbye`          | 3    | either         | reason (rest, UTF-8, ≤ 256 bytes)                                     |
+
+use thiserror::Error;
+
+/// Version of the datagram and control framing. A peer speaking another version is refused.
+pub const FRAMING_VERSION: u8 = 1;
+/// ALPN protocol identifier for the node–relay QUIC connection.
+pub const ALPN: &[u8] = b"pylon-media/1";
+/// Largest control message body accepted.
+pub const MAX_CONTROL_BODY: usize = 4096;
+/// Bytes of datagram header before the RTP packet.
+pub const DATAGRAM_HEADER_LEN: usize = 2;
+
+/// What a media datagram carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DatagramKind {
+    /// An RTP packet of the video stream.
+    VideoRtp = 1,
+}
+
+/// Why a datagram or control message was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FramingError {
+    /// Too few bytes for the header.
+    #[error("frame truncated")]
+    Truncated,
+    /// A framing version this build does not speak.
+    #[error("unsupported framing version {0}")]
+    Version(u8),
+    /// An unknown datagram kind or control message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// A control message longer than [`MAX_CONTROL_BODY`].
+    #[error("control message of {0} bytes exceeds the limit")]
+    Oversized(usize),
+    /// A body that does not match its type.
+    #[error("malformed {0} body")]
+    Malformed(&'static str),
+}
+
+/// Writes a media datagram: header then the RTP packet.
+pub fn encode_datagram(kind: DatagramKind, rtp: &[u8], out: &mut Vec<u8>) {
+    out.reserve(DATAGRAM_HEADER_LEN + rtp.len());
+    out.push(FRAMING_VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(rtp);
+}
+
+/// Parses a media datagram into its kind and RTP bytes.
+pub fn decode_datagram(buf: &[u8]) -> Result<(DatagramKind, &[u8]), FramingError> {
+    match buf {
+        [FRAMING_VERSION, 1, rtp @ ..] => Ok((DatagramKind::VideoRtp, rtp)),
+        [FRAMING_VERSION, other, ..] => Err(FramingError::UnknownType(*other)),
+        [version, _, ..] => Err(FramingError::Version(*version)),
+        _ => Err(FramingError::Truncated),
+    }
+}
+
+/// Description of the video a node is about to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHello {
+    /// Picture width in pixels.
+    pub width: u16,
+    /// Picture height in pixels.
+    pub height: u16,
+    /// Nominal frame rate.
+    pub fps: u16,
+    /// H.264 profile-level-id (e.g. `0x42e01f`), as in SDP.
+    pub profile_level_id: u32,
+    /// Name of the encoder in use (`h264_nvenc`, `libx264`...), for logs and dashboards.
+    pub encoder: String,
+}
+
+/// A message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ControlMessage {
+    /// Node → relay: the stream's parameters; first message on the stream.
+    StreamHello(StreamHello),
+    /// Relay → node: send a keyframe as soon as possible.
+    KeyframeRequest,
+    /// Either way: the sender is closing the connection on purpose.
+    Goodbye(String),
+}
+
+const MAX_ENCODER_NAME: usize = 64;
+const MAX_REASON: usize = 256;
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+impl ControlMessage {
+    /// Appends the framed message to `out`. Strings longer than their limit are truncated.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut body = Vec::new();
+        let kind = match self {
+            ControlMessage::StreamHello(h) => {
+                body.extend_from_slice(&h.width.to_be_bytes());
+                body.extend_from_slice(&h.height.to_be_bytes());
+                body.extend_from_slice(&h.fps.to_be_bytes());
+                body.extend_from_slice(&h.profile_level_id.to_be_bytes());
+                body.extend_from_slice(truncate_utf8(&h.encoder, MAX_ENCODER_NAME).as_bytes());
+                1
+            }
+            ControlMessage::KeyframeRequest => 2,
+            ControlMessage::Goodbye(reason) => {
+                body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
+                3
+            }
+        };
+        out.push(kind);
+        // Bodies are bounded by the truncations above, far below u16::MAX.
+        out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(&body);
+    }
+
+    /// Decodes one message from the front of `buf`. `Ok(None)` means more bytes are
+    /// needed; `Ok(Some((message, consumed)))` gives the message and its framed length.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, FramingError> {
+        let [kind, l0, l1, rest @ ..] = buf else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([*l0, *l1]));
+        if len > MAX_CONTROL_BODY {
+            return Err(FramingError::Oversized(len));
+        }
+        let Some(body) = rest.get(..len) else {
+            return Ok(None);
+        };
+        let msg = match kind {
+            1 => {
+                let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, name @ ..] = body else {
+                    return Err(FramingError::Malformed("StreamHello"));
+                };
+                if name.len() > MAX_ENCODER_NAME {
+                    return Err(FramingError::Malformed("StreamHello"));
+                }
+                let encoder = std::str::from_utf8(name).map_err(|_| FramingError::Malformed("StreamHello"))?;
+                ControlMessage::StreamHello(StreamHello {
+                    width: u16::from_be_bytes([*w0, *w1]),
+                    height: u16::from_be_bytes([*h0, *h1]),
+                    fps: u16::from_be_bytes([*f0, *f1]),
+                    profile_level_id: u32::from_be_bytes([*p0, *p1, *p2, *p3]),
+                    encoder: encoder.to_owned(),
+                })
+            }
+            2 if body.is_empty() => ControlMessage::KeyframeRequest,
+            2 => return Err(FramingError::Malformed("KeyframeRequest")),
+            3 => {
+                if body.len() > MAX_REASON {
+                    return Err(FramingError::Malformed("Goodbye"));
+                }
+                let reason = std::str::from_utf8(body).map_err(|_| FramingError::Malformed("Goodbye"))?;
+                ControlMessage::Goodbye(reason.to_owned())
+            }
+            other => return Err(FramingError::UnknownType(*other)),
+        };
+        Ok(Some((msg, 3 + len)))
+    }
+}
+
+/// Accumulates bytes from a control stream and yields whole messages.
+#[derive(Debug, Default)]
+pub struct ControlDecoder {
+    buf: Vec<u8>,
+}
+
+impl ControlDecoder {
+    /// Adds bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if any. After an error the stream is unusable: the
+    /// caller should close it, since framing cannot be resynchronised.
+    pub fn next_message(&mut self) -> Result<Option<ControlMessage>, FramingError> {
+        match ControlMessage::decode(&self.buf)? {
+            Some((msg, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> ControlMessage {
+        ControlMessage::StreamHello(StreamHello {
+            width: 1280,
+            height: 720,
+            fps: 60,
+            profile_level_id: 0x42e01f,
+            encoder: "libx264".into(),
+        })
+    }
+
+    #[test]
+    fn datagram_round_trip_every_length() {
+        for len in 0..1500 {
+            let rtp: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut buf = Vec::new();
+            encode_datagram(DatagramKind::VideoRtp, &rtp, &mut buf);
+            assert_eq!(decode_datagram(&buf), Ok((DatagramKind::VideoRtp, &rtp[..])));
+        }
+    }
+
+    #[test]
+    fn datagram_garbage_is_an_error() {
+        assert_eq!(decode_datagram(&[]), Err(FramingError::Truncated));
+        assert_eq!(decode_datagram(&[1]), Err(FramingError::Truncated));
+        assert_eq!(decode_datagram(&[9, 1, 0]), Err(FramingError::Version(9)));
+        assert_eq!(decode_datagram(&[1, 77]), Err(FramingError::UnknownType(77)));
+    }
+
+    #[test]
+    fn control_round_trip_and_streaming() {
+        let msgs = [hello(), ControlMessage::KeyframeRequest, ControlMessage::Goodbye("bye ✓".into())];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            m.encode(&mut wire);
+        }
+        // Feed one byte at a time: messages come out whole and in order.
+        let mut dec = ControlDecoder::default();
+        let mut got = Vec::new();
+        for b in &wire {
+            dec.extend(std::slice::from_ref(b));
+            while let Some(m) = dec.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn oversized_and_malformed_control_messages_are_errors() {
+        assert_eq!(ControlMessage::decode(&[1, 0xff, 0xff]), Err(FramingError::Oversized(65535)));
+        assert_eq!(ControlMessage::decode(&[1, 0, 2, 0, 0]), Err(FramingError::Malformed("StreamHello")));
+        assert_eq!(ControlMessage::decode(&[2, 0, 1, 0]), Err(FramingError::Malformed("KeyframeRequest")));
+        assert_eq!(ControlMessage::decode(&[3, 0, 1, 0xff]), Err(FramingError::Malformed("Goodbye")));
+        assert_eq!(ControlMessage::decode(&[200, 0, 0]), Err(FramingError::UnknownType(200)));
+    }
+
+    #[test]
+    fn long_strings_are_truncated_on_a_char_boundary() {
+        let m = ControlMessage::Goodbye("é".repeat(500));
+        let mut wire = Vec::new();
+        m.encode(&mut wire);
+        let (back, _) = ControlMessage::decode(&wire).unwrap().unwrap();
+        let ControlMessage::Goodbye(reason) = back else { panic!("wrong type") };
+        assert_eq!(reason, "é".repeat(128));
+    }
+
+    #[test]
+    fn control_length_sweep_never_panics() {
+        for kind in 0..=4u8 {
+            for len in 0..1500usize {
+                let mut buf = vec![kind];
+                buf.extend_from_slice(&(len as u16).to_be_bytes());
+                buf.extend((0..len).map(|i| (i * 7) as u8));
+                let _ = ControlMessage::decode(&buf);
+                let _ = ControlMessage::decode(buf.get(..len).unwrap_or(&[]));
+                let _ = decode_datagram(&buf);
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Pylon's wire formats, with no I/O.
+//!
+//! * [`rtp`]: RTP fixed-header parsing and writing (RFC 3550).
+//! * [`h264`]: H.264 Annex B splitting and RTP packetization, mode 1 (RFC 6184).
+//! * [`framing`]: how RTP travels in QUIC datagrams from render node to relay, and the
+//!   length-prefixed control messages on the QUIC control stream.
+//!
+//! Everything here takes bytes and returns values or errors: a malformed input is an
+//! error, never a panic (see the length-sweep tests in each module).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
+pub mod framing;
+pub mod h264;
+pub mod rtp;
+
+/// The RTP clock rate of video, in Hz (RFC 6184 §8.2.1).
+pub const VIDEO_CLOCK_RATE: u32 = 90_000;

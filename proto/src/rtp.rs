@@ -1,0 +1,161 @@
+//! The RTP fixed header (RFC 3550 §5.1).
+
+use thiserror::Error;
+
+/// Size of the RTP fixed header without CSRCs or extensions.
+pub const HEADER_LEN: usize = 12;
+
+/// Why an RTP packet could not be parsed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RtpError {
+    /// Fewer bytes than the header says there are.
+    #[error("RTP packet truncated: {len} bytes, header needs {needed}")]
+    Truncated {
+        /// Bytes present.
+        len: usize,
+        /// Bytes the header requires.
+        needed: usize,
+    },
+    /// The version field is not 2.
+    #[error("RTP version {0} is not 2")]
+    BadVersion(u8),
+    /// The padding count exceeds the payload.
+    #[error("RTP padding of {0} bytes exceeds the payload")]
+    BadPadding(u8),
+}
+
+/// The fields of an RTP header that Pylon uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpHeader {
+    /// Marker bit: for video, the last packet of a frame.
+    pub marker: bool,
+    /// Payload type.
+    pub payload_type: u8,
+    /// Sequence number.
+    pub sequence: u16,
+    /// Media timestamp (90 kHz for video).
+    pub timestamp: u32,
+    /// Synchronisation source.
+    pub ssrc: u32,
+}
+
+impl RtpHeader {
+    /// Writes the 12-byte fixed header (no CSRCs, no extension, no padding) into `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(0x80);
+        out.push((u8::from(self.marker) << 7) | (self.payload_type & 0x7f));
+        out.extend_from_slice(&self.sequence.to_be_bytes());
+        out.extend_from_slice(&self.timestamp.to_be_bytes());
+        out.extend_from_slice(&self.ssrc.to_be_bytes());
+    }
+}
+
+/// A parsed RTP packet borrowing its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpPacket<'a> {
+    /// The header fields.
+    pub header: RtpHeader,
+    /// The payload, with CSRCs, header extension and padding removed.
+    pub payload: &'a [u8],
+}
+
+fn get(buf: &[u8], range: std::ops::Range<usize>) -> Result<&[u8], RtpError> {
+    let needed = range.end;
+    buf.get(range).ok_or(RtpError::Truncated { len: buf.len(), needed })
+}
+
+fn array<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N], RtpError> {
+    get(buf, at..at + N)?
+        .try_into()
+        .map_err(|_| RtpError::Truncated { len: buf.len(), needed: at + N })
+}
+
+impl<'a> RtpPacket<'a> {
+    /// Parses an RTP packet. Header extensions and CSRCs are skipped, padding is removed.
+    pub fn parse(buf: &'a [u8]) -> Result<Self, RtpError> {
+        let fixed: [u8; HEADER_LEN] = array(buf, 0)?;
+        let b0 = fixed[0];
+        let version = b0 >> 6;
+        if version != 2 {
+            return Err(RtpError::BadVersion(version));
+        }
+        let padding = b0 & 0x20 != 0;
+        let extension = b0 & 0x10 != 0;
+        let csrc_count = usize::from(b0 & 0x0f);
+        let header = RtpHeader {
+            marker: fixed[1] & 0x80 != 0,
+            payload_type: fixed[1] & 0x7f,
+            sequence: u16::from_be_bytes([fixed[2], fixed[3]]),
+            timestamp: u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]),
+            ssrc: u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]),
+        };
+        let mut start = HEADER_LEN + 4 * csrc_count;
+        get(buf, 0..start)?;
+        if extension {
+            let ext: [u8; 4] = array(buf, start)?;
+            let words = usize::from(u16::from_be_bytes([ext[2], ext[3]]));
+            start += 4 + 4 * words;
+            get(buf, 0..start)?;
+        }
+        let mut end = buf.len();
+        if padding {
+            let pad = buf.last().copied().unwrap_or(0);
+            if pad == 0 || usize::from(pad) > end - start {
+                return Err(RtpError::BadPadding(pad));
+            }
+            end -= usize::from(pad);
+        }
+        let payload = get(buf, start..end)?;
+        Ok(Self { header, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let h = RtpHeader { marker: true, payload_type: 102, sequence: 65535, timestamp: 0xdead_beef, ssrc: 42 };
+        let mut buf = Vec::new();
+        h.write(&mut buf);
+        buf.extend_from_slice(b"payload");
+        let p = RtpPacket::parse(&buf).unwrap();
+        assert_eq!(p.header, h);
+        assert_eq!(p.payload, b"payload");
+    }
+
+    #[test]
+    fn extension_csrc_and_padding_are_skipped() {
+        let mut buf = vec![0xb1, 96, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3];
+        buf.extend_from_slice(&[9, 9, 9, 9]); // one CSRC
+        buf.extend_from_slice(&[0xbe, 0xde, 0, 1, 1, 2, 3, 4]); // one-word extension
+        buf.extend_from_slice(b"abc");
+        buf.extend_from_slice(&[0, 2]); // two bytes of padding
+        let p = RtpPacket::parse(&buf).unwrap();
+        assert_eq!(p.payload, b"abc");
+    }
+
+    #[test]
+    fn bad_version_and_padding_are_errors() {
+        let mut buf = vec![0x40; 12];
+        assert_eq!(RtpPacket::parse(&buf), Err(RtpError::BadVersion(1)));
+        buf[0] = 0xa0;
+        buf.push(200);
+        assert_eq!(RtpPacket::parse(&buf), Err(RtpError::BadPadding(200)));
+    }
+
+    #[test]
+    fn length_sweep_never_panics() {
+        for first in [0x80u8, 0x90, 0xa0, 0xbf, 0xff] {
+            for len in 0..1500 {
+                let mut buf = vec![0xffu8; len];
+                if let Some(b) = buf.first_mut() {
+                    *b = first;
+                }
+                let _ = RtpPacket::parse(&buf);
+            }
+        }
+    }
+}

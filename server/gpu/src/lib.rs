@@ -1,0 +1,859 @@
+//! The Vulkan side of the Pylon render node.
+//!
+//! [`FrameRenderer`] owns a Vulkan device chosen by probing ([`device::choose`]) and a
+//! small ring of *slots*. Each slot has its own colour target, vertex buffer, host-visible
+//! NV12 buffer, command buffer and fence, so the GPU can work on one frame while the CPU
+//! reads back another: the queue never waits on the CPU.
+//!
+//! One submission per frame renders the scene into the slot's RGBA image and runs the
+//! RGBA→NV12 compute shader, which writes straight into the slot's host-visible buffer.
+//!
+//! This crate is one of the two places in Pylon allowed to use `unsafe` (it wraps Vulkan
+//! FFI through `ash`); every block says which invariant makes it sound.
+
+pub mod device;
+
+use ash::vk;
+use std::time::Duration;
+use thiserror::Error;
+
+pub use device::{DeviceInfo, DeviceKind};
+
+/// Errors from the GPU layer.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum GpuError {
+    /// The Vulkan loader (`libvulkan.so.1`) could not be loaded.
+    #[error("cannot load the Vulkan loader ({0}); install libvulkan1 and a driver (mesa-vulkan-drivers for CPU rendering)")]
+    Loader(String),
+    /// No usable device.
+    #[error("{0}")]
+    NoDevice(String),
+    /// A Vulkan call failed.
+    #[error("Vulkan error while {what}: {result}")]
+    Vulkan {
+        /// What was being done.
+        what: &'static str,
+        /// The result code.
+        result: vk::Result,
+    },
+    /// No memory type fits a resource.
+    #[error("no suitable Vulkan memory type for {0}")]
+    NoMemoryType(&'static str),
+    /// A size that the converter cannot handle.
+    #[error("unsupported size {width}x{height}: width must be a multiple of 4 and height a multiple of 2")]
+    BadSize {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+    },
+    /// More vertices than a slot's vertex buffer holds.
+    #[error("scene has {0} vertices, more than the {MAX_VERTICES} a frame may draw")]
+    TooManyVertices(usize),
+    /// The GPU did not finish a frame in time.
+    #[error("GPU did not finish the frame within {0:?}")]
+    Timeout(Duration),
+}
+
+impl GpuError {
+    fn vk(what: &'static str) -> impl Fn(vk::Result) -> GpuError {
+        move |result| GpuError::Vulkan { what, result }
+    }
+}
+
+/// A vertex of the scene: clip-space position and RGBA colour.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(C)]
+pub struct Vertex {
+    /// Position in clip space (-1..1, y down).
+    pub pos: [f32; 2],
+    /// Linear RGBA colour, alpha-blended over what is below.
+    pub color: [f32; 4],
+}
+
+/// Most vertices one frame may draw.
+pub const MAX_VERTICES: usize = 1 << 16;
+
+/// How to set up the renderer.
+#[derive(Debug, Clone)]
+pub struct RendererConfig {
+    /// Picture width (multiple of 4).
+    pub width: u32,
+    /// Picture height (multiple of 2).
+    pub height: u32,
+    /// Substring of the device name to use instead of the probed best (`--gpu`).
+    pub gpu: Option<String>,
+    /// Number of ring slots (frames that can be in flight at once), at least 1.
+    pub slots: usize,
+    /// Colour the target is cleared to before drawing.
+    pub clear_color: [f32; 4],
+}
+
+/// Lists Vulkan devices without opening one (for `--list-gpus` and diagnostics).
+pub fn list_devices() -> Result<Vec<DeviceInfo>, GpuError> {
+    let (_entry, instance) = create_instance()?;
+    let devices = device::probe(&instance);
+    // SAFETY: nothing created from `instance` outlives this call.
+    unsafe { instance.destroy_instance(None) };
+    devices
+}
+
+fn create_instance() -> Result<(ash::Entry, ash::Instance), GpuError> {
+    // SAFETY: loading the system Vulkan loader runs its initialisers; that is the
+    // documented way to start Vulkan and nothing else in the process depends on it yet.
+    let entry = unsafe { ash::Entry::load() }.map_err(|e| GpuError::Loader(e.to_string()))?;
+    let app = vk::ApplicationInfo::default()
+        .application_name(c"pylon-server")
+        .engine_name(c"pylon")
+        .api_version(vk::API_VERSION_1_1);
+    let info = vk::InstanceCreateInfo::default().application_info(&app);
+    // SAFETY: `info` and what it points to live for the duration of the call.
+    let instance = unsafe { entry.create_instance(&info, None) }.map_err(GpuError::vk("creating the instance"))?;
+    Ok((entry, instance))
+}
+
+struct Buffer {
+    buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    mapped: *mut u8,
+    size: usize,
+}
+
+struct Slot {
+    image: vk::Image,
+    image_memory: vk::DeviceMemory,
+    view: vk::ImageView,
+    framebuffer: vk::Framebuffer,
+    vertices: Buffer,
+    nv12: Buffer,
+    descriptor: vk::DescriptorSet,
+    commands: vk::CommandBuffer,
+    fence: vk::Fence,
+    in_flight: bool,
+}
+
+/// What one submission should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Render the scene only (used to time rendering alone).
+    RenderOnly,
+    /// Render, then convert to NV12 into the slot's readback buffer.
+    RenderAndConvert,
+}
+
+/// Renders frames offscreen and converts them to NV12 in a ring of slots.
+pub struct FrameRenderer {
+    _entry: ash::Entry,
+    instance: ash::Instance,
+    device: ash::Device,
+    info: DeviceInfo,
+    reason: String,
+    queue: vk::Queue,
+    width: u32,
+    height: u32,
+    clear_color: [f32; 4],
+    render_pass: vk::RenderPass,
+    graphics_layout: vk::PipelineLayout,
+    graphics: vk::Pipeline,
+    set_layout: vk::DescriptorSetLayout,
+    compute_layout: vk::PipelineLayout,
+    compute: vk::Pipeline,
+    descriptor_pool: vk::DescriptorPool,
+    command_pool: vk::CommandPool,
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for FrameRenderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameRenderer")
+            .field("device", &self.info.name)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+fn spirv(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+impl FrameRenderer {
+    /// Opens the chosen device and builds pipelines and the slot ring.
+    pub fn new(config: &RendererConfig) -> Result<Self, GpuError> {
+        if config.width == 0 || config.height == 0 || config.width % 4 != 0 || config.height % 2 != 0 {
+            return Err(GpuError::BadSize { width: config.width, height: config.height });
+        }
+        let (entry, instance) = create_instance()?;
+        let devices = match device::probe(&instance) {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: no object was created from the instance.
+                unsafe { instance.destroy_instance(None) };
+                return Err(e);
+            }
+        };
+        let (index, reason) = match device::choose(&devices, config.gpu.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                // SAFETY: no object was created from the instance.
+                unsafe { instance.destroy_instance(None) };
+                return Err(e);
+            }
+        };
+        let info = devices.get(index).cloned().ok_or_else(|| GpuError::NoDevice("device vanished".into()))?;
+        let family = info.queue_family.ok_or_else(|| GpuError::NoDevice("device has no usable queue".into()))?;
+        let priorities = [1.0f32];
+        let queue_info = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
+        let device_info = vk::DeviceCreateInfo::default().queue_create_infos(&queue_info);
+        // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.
+        let device = match unsafe { instance.create_device(info.handle, &device_info, None) } {
+            Ok(d) => d,
+            Err(result) => {
+                // SAFETY: no object was created from the instance.
+                unsafe { instance.destroy_instance(None) };
+                return Err(GpuError::Vulkan { what: "creating the device", result });
+            }
+        };
+        // SAFETY: queue 0 of `family` was requested above.
+        let queue = unsafe { device.get_device_queue(family, 0) };
+        // SAFETY: the handle belongs to `instance`.
+        let memory = unsafe { instance.get_physical_device_memory_properties(info.handle) };
+
+        let mut renderer = FrameRenderer {
+            _entry: entry,
+            instance,
+            device,
+            info,
+            reason,
+            queue,
+            width: config.width,
+            height: config.height,
+            clear_color: config.clear_color,
+            render_pass: vk::RenderPass::null(),
+            graphics_layout: vk::PipelineLayout::null(),
+            graphics: vk::Pipeline::null(),
+            set_layout: vk::DescriptorSetLayout::null(),
+            compute_layout: vk::PipelineLayout::null(),
+            compute: vk::Pipeline::null(),
+            descriptor_pool: vk::DescriptorPool::null(),
+            command_pool: vk::CommandPool::null(),
+            slots: Vec::new(),
+        };
+        // From here on, `Drop` cleans up whatever was created if a step fails.
+        renderer.build(family, &memory, config.slots.max(1))?;
+        Ok(renderer)
+    }
+
+    /// The device in use.
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Why that device was chosen.
+    pub fn choice_reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Number of ring slots.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Picture size.
+    pub fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    /// Bytes of one NV12 picture: a full-size luma plane then a half-height UV plane.
+    pub fn nv12_len(&self) -> usize {
+        self.width as usize * self.height as usize * 3 / 2
+    }
+
+    /// Whether a slot has work submitted that has not been waited for.
+    pub fn in_flight(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.in_flight)
+    }
+
+    fn build(&mut self, family: u32, memory: &vk::PhysicalDeviceMemoryProperties, slots: usize) -> Result<(), GpuError> {
+        let d = &self.device;
+        let color_format = vk::Format::R8G8B8A8_UNORM;
+
+        // Render pass: clear, draw, then leave the image ready for the compute shader.
+        let attachment = [vk::AttachmentDescription::default()
+            .format(color_format)
+            .samples(vk::SampleCountFlags::TYPE_1)
+            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .store_op(vk::AttachmentStoreOp::STORE)
+            .stencil_load_op(vk::AttachmentLoadOp::DONT_CARE)
+            .stencil_store_op(vk::AttachmentStoreOp::DONT_CARE)
+            .initial_layout(vk::ImageLayout::UNDEFINED)
+            .final_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
+        let color_ref = [vk::AttachmentReference::default()
+            .attachment(0)
+            .layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
+        let subpass = [vk::SubpassDescription::default()
+            .pipeline_bind_point(vk::PipelineBindPoint::GRAPHICS)
+            .color_attachments(&color_ref)];
+        let dependencies = [
+            // The previous use of this image was a compute read.
+            vk::SubpassDependency::default()
+                .src_subpass(vk::SUBPASS_EXTERNAL)
+                .dst_subpass(0)
+                .src_stage_mask(vk::PipelineStageFlags::COMPUTE_SHADER)
+                .dst_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
+                .src_access_mask(vk::AccessFlags::SHADER_READ)
+                .dst_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE),
+            // The compute shader reads what was drawn.
+            vk::SubpassDependency::default()
+                .src_subpass(0)
+                .dst_subpass(vk::SUBPASS_EXTERNAL)
+                .src_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
+                .dst_stage_mask(vk::PipelineStageFlags::COMPUTE_SHADER)
+                .src_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE)
+                .dst_access_mask(vk::AccessFlags::SHADER_READ),
+        ];
+        let rp_info =
+            vk::RenderPassCreateInfo::default().attachments(&attachment).subpasses(&subpass).dependencies(&dependencies);
+        // SAFETY: `rp_info` and the arrays it points to outlive the call.
+        self.render_pass = unsafe { d.create_render_pass(&rp_info, None) }.map_err(GpuError::vk("creating the render pass"))?;
+
+        // Shaders, compiled from shaders/*.wgsl by build.rs.
+        let scene_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/scene.spv")));
+        let nv12_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12.spv")));
+        // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
+        let scene_module = unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&scene_code), None) }
+            .map_err(GpuError::vk("loading the scene shader"))?;
+        // SAFETY: as above.
+        let nv12_module = match unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&nv12_code), None) } {
+            Ok(m) => m,
+            Err(result) => {
+                // SAFETY: the module was created above and is not in use.
+                unsafe { d.destroy_shader_module(scene_module, None) };
+                return Err(GpuError::Vulkan { what: "loading the NV12 shader", result });
+            }
+        };
+        let pipelines = self.build_pipelines(scene_module, nv12_module, family);
+        // SAFETY: pipelines keep their own copy of the code; the modules are no longer needed.
+        unsafe {
+            self.device.destroy_shader_module(scene_module, None);
+            self.device.destroy_shader_module(nv12_module, None);
+        }
+        pipelines?;
+
+        for _ in 0..slots {
+            let slot = self.create_slot(memory, color_format)?;
+            self.slots.push(slot);
+        }
+        Ok(())
+    }
+
+    fn build_pipelines(&mut self, scene: vk::ShaderModule, nv12: vk::ShaderModule, family: u32) -> Result<(), GpuError> {
+        let d = &self.device;
+        // Graphics pipeline.
+        // SAFETY: an empty layout description is always valid.
+        self.graphics_layout = unsafe { d.create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default(), None) }
+            .map_err(GpuError::vk("creating the graphics layout"))?;
+        let stages = [
+            vk::PipelineShaderStageCreateInfo::default().stage(vk::ShaderStageFlags::VERTEX).module(scene).name(c"vs_main"),
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::FRAGMENT)
+                .module(scene)
+                .name(c"fs_main"),
+        ];
+        let bindings = [vk::VertexInputBindingDescription::default()
+            .binding(0)
+            .stride(std::mem::size_of::<Vertex>() as u32)
+            .input_rate(vk::VertexInputRate::VERTEX)];
+        let attributes = [
+            vk::VertexInputAttributeDescription::default().location(0).binding(0).format(vk::Format::R32G32_SFLOAT).offset(0),
+            vk::VertexInputAttributeDescription::default()
+                .location(1)
+                .binding(0)
+                .format(vk::Format::R32G32B32A32_SFLOAT)
+                .offset(8),
+        ];
+        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
+            .vertex_binding_descriptions(&bindings)
+            .vertex_attribute_descriptions(&attributes);
+        let assembly = vk::PipelineInputAssemblyStateCreateInfo::default().topology(vk::PrimitiveTopology::TRIANGLE_LIST);
+        let viewports = [vk::Viewport {
+            x: 0.0,
+            y: 0.0,
+            width: self.width as f32,
+            height: self.height as f32,
+            min_depth: 0.0,
+            max_depth: 1.0,
+        }];
+        let scissors = [vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() }];
+        let viewport = vk::PipelineViewportStateCreateInfo::default().viewports(&viewports).scissors(&scissors);
+        let raster = vk::PipelineRasterizationStateCreateInfo::default()
+            .polygon_mode(vk::PolygonMode::FILL)
+            .cull_mode(vk::CullModeFlags::NONE)
+            .front_face(vk::FrontFace::COUNTER_CLOCKWISE)
+            .line_width(1.0);
+        let multisample = vk::PipelineMultisampleStateCreateInfo::default().rasterization_samples(vk::SampleCountFlags::TYPE_1);
+        let blend_attachment = [vk::PipelineColorBlendAttachmentState::default()
+            .blend_enable(true)
+            .src_color_blend_factor(vk::BlendFactor::SRC_ALPHA)
+            .dst_color_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
+            .color_blend_op(vk::BlendOp::ADD)
+            .src_alpha_blend_factor(vk::BlendFactor::ONE)
+            .dst_alpha_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
+            .alpha_blend_op(vk::BlendOp::ADD)
+            .color_write_mask(vk::ColorComponentFlags::RGBA)];
+        let blend = vk::PipelineColorBlendStateCreateInfo::default().attachments(&blend_attachment);
+        let info = [vk::GraphicsPipelineCreateInfo::default()
+            .stages(&stages)
+            .vertex_input_state(&vertex_input)
+            .input_assembly_state(&assembly)
+            .viewport_state(&viewport)
+            .rasterization_state(&raster)
+            .multisample_state(&multisample)
+            .color_blend_state(&blend)
+            .layout(self.graphics_layout)
+            .render_pass(self.render_pass)
+            .subpass(0)];
+        // SAFETY: every structure referenced by `info` lives until the call returns.
+        self.graphics = unsafe { d.create_graphics_pipelines(vk::PipelineCache::null(), &info, None) }
+            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the graphics pipeline", result })?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+
+        // Compute pipeline: sampled RGBA image in, NV12 storage buffer out.
+        let set_bindings = [
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(0)
+                .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE),
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(1)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE),
+        ];
+        // SAFETY: `set_bindings` outlives the call.
+        self.set_layout = unsafe {
+            d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&set_bindings), None)
+        }
+        .map_err(GpuError::vk("creating the descriptor layout"))?;
+        let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(16)];
+        let set_layouts = [self.set_layout];
+        // SAFETY: the arrays outlive the call.
+        self.compute_layout = unsafe {
+            d.create_pipeline_layout(
+                &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
+                None,
+            )
+        }
+        .map_err(GpuError::vk("creating the compute layout"))?;
+        let compute_info = [vk::ComputePipelineCreateInfo::default()
+            .stage(vk::PipelineShaderStageCreateInfo::default().stage(vk::ShaderStageFlags::COMPUTE).module(nv12).name(c"main"))
+            .layout(self.compute_layout)];
+        // SAFETY: `compute_info` outlives the call.
+        self.compute = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &compute_info, None) }
+            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the compute pipeline", result })?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+
+        let pool_sizes = [
+            vk::DescriptorPoolSize { ty: vk::DescriptorType::SAMPLED_IMAGE, descriptor_count: 16 },
+            vk::DescriptorPoolSize { ty: vk::DescriptorType::STORAGE_BUFFER, descriptor_count: 16 },
+        ];
+        // SAFETY: `pool_sizes` outlives the call.
+        self.descriptor_pool = unsafe {
+            d.create_descriptor_pool(&vk::DescriptorPoolCreateInfo::default().max_sets(16).pool_sizes(&pool_sizes), None)
+        }
+        .map_err(GpuError::vk("creating the descriptor pool"))?;
+        // SAFETY: `family` is the queue family the device was created with.
+        self.command_pool = unsafe {
+            d.create_command_pool(
+                &vk::CommandPoolCreateInfo::default()
+                    .queue_family_index(family)
+                    .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
+                None,
+            )
+        }
+        .map_err(GpuError::vk("creating the command pool"))?;
+        Ok(())
+    }
+
+    fn extent(&self) -> vk::Extent2D {
+        vk::Extent2D { width: self.width, height: self.height }
+    }
+
+    fn memory_type(
+        memory: &vk::PhysicalDeviceMemoryProperties,
+        bits: u32,
+        required: vk::MemoryPropertyFlags,
+        preferred: vk::MemoryPropertyFlags,
+        what: &'static str,
+    ) -> Result<u32, GpuError> {
+        let types = memory.memory_types.get(..memory.memory_type_count as usize).unwrap_or_default();
+        let fits = |i: usize, flags: vk::MemoryPropertyFlags| {
+            bits & (1 << i) != 0 && types.get(i).is_some_and(|t| t.property_flags.contains(flags))
+        };
+        (0..types.len())
+            .find(|&i| fits(i, required | preferred))
+            .or_else(|| (0..types.len()).find(|&i| fits(i, required)))
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or(GpuError::NoMemoryType(what))
+    }
+
+    fn create_buffer(
+        &self,
+        memory: &vk::PhysicalDeviceMemoryProperties,
+        size: usize,
+        usage: vk::BufferUsageFlags,
+        what: &'static str,
+    ) -> Result<Buffer, GpuError> {
+        let d = &self.device;
+        let info = vk::BufferCreateInfo::default().size(size as u64).usage(usage).sharing_mode(vk::SharingMode::EXCLUSIVE);
+        // SAFETY: `info` is a valid description.
+        let buffer = unsafe { d.create_buffer(&info, None) }.map_err(GpuError::vk(what))?;
+        let mut out = Buffer { buffer, memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size };
+        // SAFETY: `buffer` was created from this device.
+        let req = unsafe { d.get_buffer_memory_requirements(buffer) };
+        let result = (|| {
+            let index = Self::memory_type(
+                memory,
+                req.memory_type_bits,
+                vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT,
+                vk::MemoryPropertyFlags::HOST_CACHED,
+                what,
+            )?;
+            let alloc = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index);
+            // SAFETY: the memory type index comes from this device's properties.
+            out.memory = unsafe { d.allocate_memory(&alloc, None) }.map_err(GpuError::vk(what))?;
+            // SAFETY: the memory was allocated for this buffer's requirements and is unbound.
+            unsafe { d.bind_buffer_memory(buffer, out.memory, 0) }.map_err(GpuError::vk(what))?;
+            // SAFETY: the memory is host-visible and not mapped yet; the mapping lives
+            // until the memory is freed in `destroy_buffer`.
+            out.mapped = unsafe { d.map_memory(out.memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty()) }
+                .map_err(GpuError::vk(what))?
+                .cast();
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.destroy_buffer(&out);
+                Err(e)
+            }
+        }
+    }
+
+    fn destroy_buffer(&self, b: &Buffer) {
+        // SAFETY: callers only destroy buffers that no pending GPU work uses (all fences
+        // are waited for in `Drop`); freeing memory also unmaps it.
+        unsafe {
+            self.device.destroy_buffer(b.buffer, None);
+            if b.memory != vk::DeviceMemory::null() {
+                self.device.free_memory(b.memory, None);
+            }
+        }
+    }
+
+    fn create_slot(&self, memory: &vk::PhysicalDeviceMemoryProperties, format: vk::Format) -> Result<Slot, GpuError> {
+        let d = &self.device;
+        let image_info = vk::ImageCreateInfo::default()
+            .image_type(vk::ImageType::TYPE_2D)
+            .format(format)
+            .extent(vk::Extent3D { width: self.width, height: self.height, depth: 1 })
+            .mip_levels(1)
+            .array_layers(1)
+            .samples(vk::SampleCountFlags::TYPE_1)
+            .tiling(vk::ImageTiling::OPTIMAL)
+            .usage(vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::SAMPLED)
+            .initial_layout(vk::ImageLayout::UNDEFINED);
+        // Each object is pushed into `slot` as soon as it exists, so that a failure
+        // part-way leaves nothing behind (see `destroy_slot`).
+        let mut slot = Slot {
+            image: vk::Image::null(),
+            image_memory: vk::DeviceMemory::null(),
+            view: vk::ImageView::null(),
+            framebuffer: vk::Framebuffer::null(),
+            vertices: Buffer { buffer: vk::Buffer::null(), memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size: 0 },
+            nv12: Buffer { buffer: vk::Buffer::null(), memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size: 0 },
+            descriptor: vk::DescriptorSet::null(),
+            commands: vk::CommandBuffer::null(),
+            fence: vk::Fence::null(),
+            in_flight: false,
+        };
+        let result = (|| {
+            // SAFETY: `image_info` is a valid description.
+            slot.image = unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating the colour target"))?;
+            // SAFETY: the image belongs to this device.
+            let req = unsafe { d.get_image_memory_requirements(slot.image) };
+            let index = Self::memory_type(
+                memory,
+                req.memory_type_bits,
+                vk::MemoryPropertyFlags::empty(),
+                vk::MemoryPropertyFlags::DEVICE_LOCAL,
+                "the colour target",
+            )?;
+            // SAFETY: the index comes from this device's memory properties.
+            slot.image_memory = unsafe {
+                d.allocate_memory(&vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index), None)
+            }
+            .map_err(GpuError::vk("allocating the colour target"))?;
+            // SAFETY: fresh, unbound image and memory sized by its requirements.
+            unsafe { d.bind_image_memory(slot.image, slot.image_memory, 0) }.map_err(GpuError::vk("binding the colour target"))?;
+            let view_info = vk::ImageViewCreateInfo::default()
+                .image(slot.image)
+                .view_type(vk::ImageViewType::TYPE_2D)
+                .format(format)
+                .subresource_range(vk::ImageSubresourceRange {
+                    aspect_mask: vk::ImageAspectFlags::COLOR,
+                    base_mip_level: 0,
+                    level_count: 1,
+                    base_array_layer: 0,
+                    layer_count: 1,
+                });
+            // SAFETY: the view describes the image created above.
+            slot.view = unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating the image view"))?;
+            let views = [slot.view];
+            let fb_info = vk::FramebufferCreateInfo::default()
+                .render_pass(self.render_pass)
+                .attachments(&views)
+                .width(self.width)
+                .height(self.height)
+                .layers(1);
+            // SAFETY: the view matches the render pass's single attachment.
+            slot.framebuffer = unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating the framebuffer"))?;
+            slot.vertices = self.create_buffer(
+                memory,
+                MAX_VERTICES * std::mem::size_of::<Vertex>(),
+                vk::BufferUsageFlags::VERTEX_BUFFER,
+                "the vertex buffer",
+            )?;
+            slot.nv12 = self.create_buffer(memory, self.nv12_len(), vk::BufferUsageFlags::STORAGE_BUFFER, "the NV12 buffer")?;
+            let layouts = [self.set_layout];
+            // SAFETY: the pool was sized for 16 sets; slots are far fewer.
+            slot.descriptor = unsafe {
+                d.allocate_descriptor_sets(
+                    &vk::DescriptorSetAllocateInfo::default().descriptor_pool(self.descriptor_pool).set_layouts(&layouts),
+                )
+            }
+            .map_err(GpuError::vk("allocating a descriptor set"))?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+            let image_desc = [vk::DescriptorImageInfo::default()
+                .image_view(slot.view)
+                .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
+            let buffer_desc = [vk::DescriptorBufferInfo::default().buffer(slot.nv12.buffer).offset(0).range(vk::WHOLE_SIZE)];
+            let writes = [
+                vk::WriteDescriptorSet::default()
+                    .dst_set(slot.descriptor)
+                    .dst_binding(0)
+                    .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
+                    .image_info(&image_desc),
+                vk::WriteDescriptorSet::default()
+                    .dst_set(slot.descriptor)
+                    .dst_binding(1)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(&buffer_desc),
+            ];
+            // SAFETY: the set, view and buffer are alive and not in use by the GPU.
+            unsafe { d.update_descriptor_sets(&writes, &[]) };
+            // SAFETY: the pool belongs to this device.
+            slot.commands = unsafe {
+                d.allocate_command_buffers(
+                    &vk::CommandBufferAllocateInfo::default()
+                        .command_pool(self.command_pool)
+                        .level(vk::CommandBufferLevel::PRIMARY)
+                        .command_buffer_count(1),
+                )
+            }
+            .map_err(GpuError::vk("allocating a command buffer"))?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+            // SAFETY: a default fence description is valid.
+            slot.fence = unsafe { d.create_fence(&vk::FenceCreateInfo::default(), None) }.map_err(GpuError::vk("creating a fence"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                self.destroy_slot(&slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn destroy_slot(&self, s: &Slot) {
+        let d = &self.device;
+        // SAFETY: `Drop` waits for the device to go idle first, so nothing here is in use;
+        // null handles are ignored by Vulkan's destroy functions.
+        unsafe {
+            d.destroy_fence(s.fence, None);
+            d.destroy_framebuffer(s.framebuffer, None);
+            d.destroy_image_view(s.view, None);
+            d.destroy_image(s.image, None);
+            if s.image_memory != vk::DeviceMemory::null() {
+                d.free_memory(s.image_memory, None);
+            }
+        }
+        if s.vertices.buffer != vk::Buffer::null() {
+            self.destroy_buffer(&s.vertices);
+        }
+        if s.nv12.buffer != vk::Buffer::null() {
+            self.destroy_buffer(&s.nv12);
+        }
+    }
+
+    /// Records and submits one frame into `slot`. The slot must not be in flight.
+    pub fn submit(&mut self, slot: usize, vertices: &[Vertex], work: Work) -> Result<(), GpuError> {
+        if vertices.len() > MAX_VERTICES {
+            return Err(GpuError::TooManyVertices(vertices.len()));
+        }
+        let Some(s) = self.slots.get(slot) else {
+            return Err(GpuError::NoDevice(format!("no ring slot {slot}")));
+        };
+        if s.in_flight {
+            // Waiting here keeps the slot's buffers safe to overwrite.
+            self.wait(slot, Duration::from_secs(5))?;
+        }
+        let Some(s) = self.slots.get(slot) else {
+            return Err(GpuError::NoDevice(format!("no ring slot {slot}")));
+        };
+        let d = &self.device;
+        // SAFETY: the slot is not in flight, so the GPU does not read its vertex buffer;
+        // the mapping is MAX_VERTICES vertices long and `vertices` is no longer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(vertices.as_ptr().cast::<u8>(), s.vertices.mapped, std::mem::size_of_val(vertices));
+        }
+        let cb = s.commands;
+        // SAFETY: the command buffer is not pending (its fence was waited for), it comes
+        // from a pool with RESET_COMMAND_BUFFER, and every handle recorded belongs to this
+        // device and lives as long as the renderer.
+        unsafe {
+            d.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty()).map_err(GpuError::vk("resetting commands"))?;
+            d.begin_command_buffer(cb, &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT))
+                .map_err(GpuError::vk("recording commands"))?;
+            let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: self.clear_color } }];
+            let begin = vk::RenderPassBeginInfo::default()
+                .render_pass(self.render_pass)
+                .framebuffer(s.framebuffer)
+                .render_area(vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() })
+                .clear_values(&clear);
+            d.cmd_begin_render_pass(cb, &begin, vk::SubpassContents::INLINE);
+            if !vertices.is_empty() {
+                d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::GRAPHICS, self.graphics);
+                d.cmd_bind_vertex_buffers(cb, 0, &[s.vertices.buffer], &[0]);
+                d.cmd_draw(cb, vertices.len() as u32, 1, 0, 0);
+            }
+            d.cmd_end_render_pass(cb);
+            if work == Work::RenderAndConvert {
+                d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.compute);
+                d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, self.compute_layout, 0, &[s.descriptor], &[]);
+                let uv_offset_words = self.width * self.height / 4;
+                let params = [self.width, self.height, uv_offset_words, 0];
+                let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
+                d.cmd_push_constants(cb, self.compute_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
+                // One invocation per 4x2 block; workgroups are 16x8 invocations.
+                d.cmd_dispatch(cb, (self.width / 4).div_ceil(16), (self.height / 2).div_ceil(8), 1);
+                // Make the compute writes visible to the host once the fence signals.
+                let barrier = [vk::BufferMemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                    .dst_access_mask(vk::AccessFlags::HOST_READ)
+                    .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                    .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                    .buffer(s.nv12.buffer)
+                    .offset(0)
+                    .size(vk::WHOLE_SIZE)];
+                d.cmd_pipeline_barrier(
+                    cb,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::HOST,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &barrier,
+                    &[],
+                );
+            }
+            d.end_command_buffer(cb).map_err(GpuError::vk("recording commands"))?;
+            d.reset_fences(&[s.fence]).map_err(GpuError::vk("resetting a fence"))?;
+            let cbs = [cb];
+            let submit = [vk::SubmitInfo::default().command_buffers(&cbs)];
+            d.queue_submit(self.queue, &submit, s.fence).map_err(GpuError::vk("submitting a frame"))?;
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.in_flight = true;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the slot's frame to finish. Returns `Ok(false)` on timeout
+    /// (the slot stays in flight) and `Ok(true)` once it is done or was not in flight.
+    pub fn poll(&mut self, slot: usize, timeout: Duration) -> Result<bool, GpuError> {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return Ok(true);
+        };
+        if !s.in_flight {
+            return Ok(true);
+        }
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        // SAFETY: the fence belongs to this device and was submitted with the slot's work.
+        match unsafe { self.device.wait_for_fences(&[s.fence], true, nanos) } {
+            Ok(()) => {
+                s.in_flight = false;
+                Ok(true)
+            }
+            Err(vk::Result::TIMEOUT) => Ok(false),
+            Err(result) => Err(GpuError::Vulkan { what: "waiting for a frame", result }),
+        }
+    }
+
+    /// Waits for the slot's frame to finish, failing after `timeout`.
+    pub fn wait(&mut self, slot: usize, timeout: Duration) -> Result<(), GpuError> {
+        if self.poll(slot, timeout)? { Ok(()) } else { Err(GpuError::Timeout(timeout)) }
+    }
+
+    /// The slot's NV12 picture (luma plane, `width` bytes a row, then interleaved UV,
+    /// `width` bytes a row, half as many rows). Only meaningful once the slot's
+    /// `RenderAndConvert` work has been waited for; `None` while it is in flight.
+    pub fn nv12(&self, slot: usize) -> Option<&[u8]> {
+        let s = self.slots.get(slot)?;
+        if s.in_flight {
+            return None;
+        }
+        // SAFETY: the mapping is `size` bytes long and lives as long as `self`; the GPU
+        // is not writing to it since the slot is not in flight, and `submit` (the only
+        // writer) takes `&mut self`, so it cannot run while this borrow exists.
+        Some(unsafe { std::slice::from_raw_parts(s.nv12.mapped, s.nv12.size) })
+    }
+}
+
+impl Drop for FrameRenderer {
+    fn drop(&mut self) {
+        // SAFETY: waiting for idle guarantees no object below is still in use.
+        unsafe {
+            let _ = self.device.device_wait_idle();
+        }
+        for s in &self.slots {
+            self.destroy_slot(s);
+        }
+        // SAFETY: the device is idle; every handle was created from it (or is null,
+        // which Vulkan ignores), and the instance outlives the device until the end.
+        unsafe {
+            let d = &self.device;
+            d.destroy_command_pool(self.command_pool, None);
+            d.destroy_descriptor_pool(self.descriptor_pool, None);
+            d.destroy_pipeline(self.compute, None);
+            d.destroy_pipeline_layout(self.compute_layout, None);
+            d.destroy_descriptor_set_layout(self.set_layout, None);
+            d.destroy_pipeline(self.graphics, None);
+            d.destroy_pipeline_layout(self.graphics_layout, None);
+            d.destroy_render_pass(self.render_pass, None);
+            d.destroy_device(None);
+            self.instance.destroy_instance(None);
+        }
+    }
+}

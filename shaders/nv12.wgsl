@@ -1,0 +1,56 @@
+// RGBA -> NV12 colour conversion (BT.709, limited range), written straight into a
+// host-visible buffer that the CPU reads back.
+//
+// One invocation converts a block of 4x2 pixels: it writes two 32-bit words of luma
+// (4 bytes on each of the two rows) and one word of interleaved chroma (U0 V0 U1 V1),
+// each chroma sample being the average of a 2x2 pixel square. The picture width must be
+// a multiple of 4 and the height a multiple of 2; the luma pitch equals the width.
+
+struct Params {
+    width: u32,
+    height: u32,
+    // Offset of the interleaved UV plane, in 32-bit words.
+    uv_offset_words: u32,
+    _pad: u32,
+};
+
+@group(0) @binding(0) var source: texture_2d<f32>;
+@group(0) @binding(1) var<storage, read_write> nv12: array<u32>;
+var<push_constant> params: Params;
+
+fn luma(c: vec3<f32>) -> f32 {
+    return 16.0 + 219.0 * dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
+}
+
+fn chroma(c: vec3<f32>) -> vec2<f32> {
+    let y = dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
+    return vec2<f32>(128.0 + 224.0 * (c.b - y) / 1.8556, 128.0 + 224.0 * (c.r - y) / 1.5748);
+}
+
+fn pack4(a: f32, b: f32, c: f32, d: f32) -> u32 {
+    let v = clamp(round(vec4<f32>(a, b, c, d)), vec4<f32>(0.0), vec4<f32>(255.0));
+    let u = vec4<u32>(v);
+    return u.x | (u.y << 8u) | (u.z << 16u) | (u.w << 24u);
+}
+
+@compute @workgroup_size(16, 8, 1)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    let x = id.x * 4u;
+    let y = id.y * 2u;
+    if (x >= params.width || y >= params.height) {
+        return;
+    }
+    var top: array<vec3<f32>, 4>;
+    var bottom: array<vec3<f32>, 4>;
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        top[i] = textureLoad(source, vec2<u32>(x + i, y), 0).rgb;
+        bottom[i] = textureLoad(source, vec2<u32>(x + i, y + 1u), 0).rgb;
+    }
+    let words_per_row = params.width / 4u;
+    let row0 = y * words_per_row + id.x;
+    nv12[row0] = pack4(luma(top[0]), luma(top[1]), luma(top[2]), luma(top[3]));
+    nv12[row0 + words_per_row] = pack4(luma(bottom[0]), luma(bottom[1]), luma(bottom[2]), luma(bottom[3]));
+    let left = chroma((top[0] + top[1] + bottom[0] + bottom[1]) * 0.25);
+    let right = chroma((top[2] + top[3] + bottom[2] + bottom[3]) * 0.25);
+    nv12[params.uv_offset_words + id.y * words_per_row + id.x] = pack4(left.x, left.y, right.x, right.y);
+}
