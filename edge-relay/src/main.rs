@@ -1,1 +1,76 @@
-fn main(){}
+//! `pylon-relay`: the Pylon edge relay.
+
+use clap::Parser;
+use pylon_relay::RelayConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+/// Pylon edge relay: takes render nodes' streams over QUIC and serves them to browsers
+/// over WebRTC, every viewer on one UDP port, without decoding the video.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// HTTP address for the player page, the signalling WebSocket (/ws) and /metrics.
+    #[arg(long, env = "PYLON_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// UDP address every WebRTC viewer talks to (one port for all viewers).
+    #[arg(long, env = "PYLON_WEBRTC_ADDR", default_value = "127.0.0.1:3478")]
+    webrtc_addr: SocketAddr,
+    /// Address announced to browsers as the ICE candidate, when it differs from
+    /// --webrtc-addr (a public address behind NAT, or an address in another namespace).
+    #[arg(long, env = "PYLON_ADVERTISE_ADDR")]
+    advertise_addr: Option<SocketAddr>,
+    /// UDP address render nodes connect to over QUIC.
+    #[arg(long, env = "PYLON_QUIC_ADDR", default_value = "127.0.0.1:4433")]
+    quic_addr: SocketAddr,
+    /// Directory for the relay's certificate and key (created on first start).
+    #[arg(long, env = "PYLON_DATA_DIR", default_value = ".pylon/relay")]
+    data_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,str0m=warn,quinn=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.webrtc_addr.ip().is_unspecified() && args.advertise_addr.is_none() {
+        anyhow::bail!("--webrtc-addr {} is a wildcard: pass --advertise-addr with the address browsers can reach", args.webrtc_addr);
+    }
+    let config = RelayConfig {
+        http_addr: args.http_addr,
+        webrtc_addr: args.webrtc_addr,
+        advertise_addr: args.advertise_addr,
+        quic_addr: args.quic_addr,
+        data_dir: args.data_dir,
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let relay = tokio::spawn(pylon_relay::run(config, shutdown_rx, None));
+    tokio::select! {
+        r = relay => return r?,
+        _ = shutdown_signal() => tracing::info!("shutting down: telling viewers and nodes"),
+    }
+    let _ = shutdown_tx.send(true);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,14 @@
+//! The Pylon render node: renders a title with Vulkan, converts to NV12 on the GPU,
+//! encodes H.264 with FFmpeg, and streams RTP over QUIC datagrams to an edge relay.
+//!
+//! * [`scene`]: the built-in demo title (I/O-free, driven by an explicit time).
+//! * [`encode`]: the FFmpeg encoder, probing NVENC before libx264.
+//! * [`pipeline`]: the frame path threads: paced render → readback → encode → packetize.
+//! * [`uplink`]: the QUIC connection to the relay, reconnecting with backoff.
+//! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
+pub mod encode;
+pub mod metrics;
+pub mod pipeline;
+pub mod scene;
+pub mod uplink;

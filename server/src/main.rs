@@ -1,1 +1,161 @@
-fn main(){}
+//! `pylon-server`: the Pylon render node.
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
+use pylon_server::metrics::ServerMetrics;
+use pylon_server::pipeline::{Pipeline, PipelineConfig};
+use pylon_server::uplink::{self, UplinkConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EncoderArg {
+    /// Probe h264_nvenc, fall back to libx264.
+    Auto,
+    /// NVIDIA NVENC only (fails without an NVENC-capable GPU and driver).
+    Nvenc,
+    /// libx264 on the CPU only.
+    X264,
+}
+
+/// Pylon render node: renders the demo title with Vulkan, encodes H.264 and streams it
+/// over QUIC to an edge relay, which serves it to browsers over WebRTC.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// QUIC ingest address of the edge relay.
+    #[arg(long, env = "PYLON_RELAY", default_value = "127.0.0.1:4433")]
+    relay: SocketAddr,
+    /// The relay's certificate (DER). The relay writes it to `<its data dir>/relay-cert.der`.
+    #[arg(long, env = "PYLON_RELAY_CERT", default_value = ".pylon/relay/relay-cert.der")]
+    relay_cert: PathBuf,
+    /// Name the relay's certificate is issued to.
+    #[arg(long, env = "PYLON_RELAY_NAME", default_value = "pylon-relay")]
+    relay_name: String,
+    /// Picture size, WIDTHxHEIGHT (width a multiple of 4, height a multiple of 2).
+    #[arg(long, env = "PYLON_SIZE", default_value = "1280x720", value_parser = parse_size)]
+    size: (u32, u32),
+    /// Frames per second.
+    #[arg(long, env = "PYLON_FPS", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=240))]
+    fps: u32,
+    /// Use the Vulkan device whose name contains this text (case-insensitive) instead of
+    /// the probed best one (discrete GPU, then integrated, then the CPU renderer).
+    #[arg(long, env = "PYLON_GPU")]
+    gpu: Option<String>,
+    /// List the Vulkan devices and exit.
+    #[arg(long)]
+    list_gpus: bool,
+    /// Which H.264 encoder to use.
+    #[arg(long, env = "PYLON_ENCODER", value_enum, default_value = "auto")]
+    encoder: EncoderArg,
+    /// Target video bitrate in kbit/s.
+    #[arg(long, env = "PYLON_BITRATE_KBPS", default_value_t = 6000)]
+    bitrate_kbps: u64,
+    /// Force a keyframe at least every this many seconds (0: only when a viewer asks).
+    #[arg(long, env = "PYLON_KEYFRAME_SECONDS", default_value_t = 10)]
+    keyframe_seconds: u32,
+    /// Frames that may be on the GPU at once (the readback ring size).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=8))]
+    ring_slots: u32,
+    /// Largest RTP packet in bytes, header included (must fit a QUIC datagram and the
+    /// viewers' path MTU after the relay adds its headers).
+    #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(200..=1300))]
+    max_rtp_packet: u32,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "PYLON_METRICS_ADDR", default_value = "127.0.0.1:9100")]
+    metrics_addr: SocketAddr,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or("expected WIDTHxHEIGHT, e.g. 1280x720")?;
+    let w: u32 = w.trim().parse().map_err(|_| format!("bad width {w:?}"))?;
+    let h: u32 = h.trim().parse().map_err(|_| format!("bad height {h:?}"))?;
+    if w == 0 || h == 0 || w % 4 != 0 || h % 2 != 0 || w > 7680 || h > 4320 {
+        return Err(format!("{w}x{h}: width must be a multiple of 4, height a multiple of 2, at most 7680x4320"));
+    }
+    Ok((w, h))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.list_gpus {
+        for d in pylon_gpu::list_devices()? {
+            println!("{} ({}, Vulkan {})", d.name, d.kind.describe(), d.api_version);
+        }
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (width, height) = args.size;
+    let metrics = ServerMetrics::new();
+    let metrics_task = tokio::spawn(pylon_server::metrics::serve(args.metrics_addr, metrics.clone()));
+    let (packet_tx, packet_rx) = mpsc::channel(4096);
+    let config = PipelineConfig {
+        width,
+        height,
+        fps: args.fps,
+        gpu: args.gpu.clone(),
+        slots: args.ring_slots as usize,
+        encoder: EncoderConfig {
+            width,
+            height,
+            fps: args.fps,
+            bitrate: args.bitrate_kbps * 1000,
+            keyframe_interval: args.keyframe_seconds * args.fps,
+            choice: match args.encoder {
+                EncoderArg::Auto => EncoderChoice::Auto,
+                EncoderArg::Nvenc => EncoderChoice::Nvenc,
+                EncoderArg::X264 => EncoderChoice::X264,
+            },
+        },
+        max_rtp_packet: args.max_rtp_packet as usize,
+        seed: 0x5eed,
+    };
+    let pipeline = tokio::task::spawn_blocking({
+        let metrics = metrics.clone();
+        move || Pipeline::start(config, metrics, packet_tx)
+    })
+    .await?
+    .context("starting the frame path")?;
+    let info = pipeline.info().clone();
+    tracing::info!(gpu = %info.gpu_name, "Vulkan device: {}", info.gpu_reason);
+    tracing::info!(encoder = info.encoder, "encoder probe: {}", info.encoder_probe.join("; "));
+    tracing::info!("rendering the demo title at {width}x{height}, {} fps, {} kbit/s", args.fps, args.bitrate_kbps);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let hello = pylon_proto::framing::StreamHello {
+        width: u16::try_from(width)?,
+        height: u16::try_from(height)?,
+        fps: u16::try_from(args.fps)?,
+        profile_level_id: PROFILE_LEVEL_ID,
+        encoder: info.encoder.to_string(),
+    };
+    let uplink_config = UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name };
+    let uplink = tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics, shutdown_rx));
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            r?;
+            tracing::info!("shutting down");
+        }
+        r = metrics_task => {
+            r?.context("the metrics endpoint failed")?;
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    drop(pipeline);
+    match tokio::time::timeout(std::time::Duration::from_secs(3), uplink).await {
+        Ok(r) => r??,
+        Err(_) => bail!("the relay connection did not close in time"),
+    }
+    Ok(())
+}

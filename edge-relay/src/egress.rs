@@ -1,0 +1,415 @@
+//! WebRTC egress: every viewer on one UDP socket, driven by one task.
+//!
+//! `str0m` is sans-IO: each viewer is an [`Rtc`] state machine that this task feeds with
+//! datagrams, timeouts and RTP packets, and drains for datagrams to send. One task per
+//! socket (not per peer) keeps all viewers on the single port an edge-box owner opens.
+//!
+//! RTP from the node is forwarded as RTP (str0m's RTP mode): payload untouched, sequence
+//! numbers and timestamps shifted per viewer so that a viewer's stream stays continuous
+//! when the node reconnects, and the playout-delay extension set to min = max = 0 so the
+//! browser renders each frame as soon as it is decoded.
+
+use crate::ingest::IngestEvent;
+use crate::metrics::RelayMetrics;
+use anyhow::Context;
+use pylon_proto::framing::{ControlMessage, StreamHello};
+use pylon_proto::rtp::RtpPacket;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use str0m::change::SdpOffer;
+use str0m::format::Codec;
+use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, SeqNo};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Most viewers one relay serves at once.
+pub const MAX_VIEWERS: usize = 512;
+/// Keyframe requests to the node are at most this frequent; more are coalesced.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
+/// Payload type of H.264 (constrained baseline, packetization mode 1) in our SDP, and its RTX.
+const H264_PT: u8 = 108;
+const H264_RTX_PT: u8 = 109;
+/// Kernel UDP buffer size for the viewer socket.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Requests from the signalling side.
+#[derive(Debug)]
+pub enum ViewerCommand {
+    /// A browser's SDP offer; the reply carries the viewer id and the SDP answer.
+    Offer {
+        /// The offer's SDP text.
+        sdp: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(u64, String), String>>,
+    },
+    /// The browser's signalling connection closed.
+    Leave {
+        /// Viewer id from the answer.
+        id: u64,
+    },
+}
+
+/// Creates a UDP socket with large kernel buffers, bound to `addr`.
+pub fn big_buffer_socket(addr: SocketAddr, size: usize) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if socket.set_recv_buffer_size(size).is_err() || socket.recv_buffer_size().unwrap_or(0) < size {
+        tracing::warn!("UDP receive buffer below {size} bytes: raise net.core.rmem_max to avoid drops");
+    }
+    if socket.set_send_buffer_size(size).is_err() || socket.send_buffer_size().unwrap_or(0) < size {
+        tracing::warn!("UDP send buffer below {size} bytes: raise net.core.wmem_max to avoid drops");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
+    Ok(socket.into())
+}
+
+/// Binds the viewer socket.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::UdpSocket> {
+    Ok(tokio::net::UdpSocket::from_std(big_buffer_socket(addr, SOCKET_BUFFER)?)?)
+}
+
+/// A viewer's RTC session and forwarding state.
+struct Viewer {
+    id: u64,
+    rtc: Rtc,
+    mid: Option<Mid>,
+    pt: Option<Pt>,
+    connected: bool,
+    next_timeout: Instant,
+    /// Added to the node's extended sequence number to get this viewer's.
+    seq_offset: Option<i64>,
+    /// Added (wrapping) to the node's RTP timestamp to get this viewer's.
+    ts_offset: u32,
+    last_seq: u64,
+    last_ts: u32,
+}
+
+/// The node stream being relayed.
+struct Source {
+    node: u64,
+    hello: StreamHello,
+    control: mpsc::Sender<ControlMessage>,
+    last_seq: Option<u64>,
+    last_keyframe_request: Option<Instant>,
+    keyframe_pending: bool,
+}
+
+impl Source {
+    /// Unwraps a 16-bit sequence number into a 64-bit one near the last seen.
+    fn extend(&mut self, seq: u16) -> u64 {
+        let ext = match self.last_seq {
+            None => u64::from(seq) + (1 << 16),
+            Some(last) => {
+                let base = (last & !0xffff) | u64::from(seq);
+                [base.wrapping_sub(1 << 16), base, base + (1 << 16)]
+                    .into_iter()
+                    .min_by_key(|c| c.abs_diff(last))
+                    .unwrap_or(base)
+            }
+        };
+        if self.last_seq.is_none_or(|l| ext > l) {
+            self.last_seq = Some(ext);
+        }
+        ext
+    }
+
+    fn request_keyframe(&mut self, now: Instant, metrics: &RelayMetrics) {
+        if self.last_keyframe_request.is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL) {
+            // Coalesced: sent when the interval has passed (see `flush_keyframe_request`).
+            self.keyframe_pending = true;
+            return;
+        }
+        self.keyframe_pending = false;
+        self.last_keyframe_request = Some(now);
+        if self.control.try_send(ControlMessage::KeyframeRequest).is_ok() {
+            metrics.keyframe_requests_upstream.inc();
+        }
+    }
+
+    fn flush_keyframe_request(&mut self, now: Instant, metrics: &RelayMetrics) {
+        if self.keyframe_pending {
+            self.request_keyframe(now, metrics);
+        }
+    }
+}
+
+fn rtc_config() -> RtcConfig {
+    let mut config = RtcConfig::new().clear_codecs().set_rtp_mode(true).set_stats_interval(None);
+    config.codec_config().add_h264(H264_PT.into(), Some(H264_RTX_PT.into()), true, 0x42e01f);
+    config
+        .set_extension(4, str0m::rtp::Extension::RtpMid)
+        .set_extension(3, str0m::rtp::Extension::TransportSequenceNumber)
+        .set_extension(12, str0m::rtp::Extension::PlayoutDelay)
+}
+
+/// Runs the egress loop until shutdown.
+pub async fn run(
+    socket: tokio::net::UdpSocket,
+    advertise: SocketAddr,
+    mut ingest: mpsc::Receiver<IngestEvent>,
+    mut commands: mpsc::Receiver<ViewerCommand>,
+    metrics: RelayMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut viewers: Vec<Viewer> = Vec::new();
+    let mut source: Option<Source> = None;
+    let mut next_id: u64 = 1;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let now = Instant::now();
+        for v in viewers.iter_mut() {
+            if v.next_timeout <= now {
+                let _ = v.rtc.handle_input(Input::Timeout(now));
+            }
+            if drain(v, &socket, &metrics) {
+                if let Some(s) = source.as_mut() {
+                    s.request_keyframe(now, &metrics);
+                }
+            }
+        }
+        retain_alive(&mut viewers, &metrics);
+        if let Some(s) = source.as_mut() {
+            s.flush_keyframe_request(now, &metrics);
+        }
+        let next = viewers.iter().map(|v| v.next_timeout).min().unwrap_or(now + Duration::from_millis(100));
+        let next = next.min(now + Duration::from_millis(100)).max(now);
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // ICMP errors from a vanished peer surface here; they are not fatal.
+                        tracing::debug!("UDP receive error: {e}");
+                        continue;
+                    }
+                };
+                let now = Instant::now();
+                let Some(data) = buf.get(..n) else { continue };
+                let Ok(receive) = Receive::new(Protocol::Udp, from, advertise, data) else {
+                    metrics.udp_unknown.inc();
+                    continue;
+                };
+                let input = Input::Receive(now, receive);
+                match viewers.iter_mut().find(|v| v.rtc.accepts(&input)) {
+                    Some(v) => {
+                        if let Err(e) = v.rtc.handle_input(input) {
+                            tracing::debug!(viewer = v.id, "viewer input error: {e}");
+                            v.rtc.disconnect();
+                        }
+                        if drain(v, &socket, &metrics) {
+                            if let Some(s) = source.as_mut() {
+                                s.request_keyframe(now, &metrics);
+                            }
+                        }
+                    }
+                    None => {
+                        metrics.udp_unknown.inc();
+                    }
+                }
+            }
+            ev = ingest.recv() => {
+                let Some(ev) = ev else { break };
+                handle_ingest(ev, &mut viewers, &mut source, &socket, &metrics);
+            }
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    ViewerCommand::Offer { sdp, reply } => {
+                        let result = if viewers.len() >= MAX_VIEWERS {
+                            Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
+                        } else {
+                            accept_offer(&sdp, advertise, next_id)
+                        };
+                        match result {
+                            Ok(viewer) => {
+                                let answer = viewer.1;
+                                viewers.push(viewer.0);
+                                metrics.viewer_sessions.inc();
+                                let _ = reply.send(Ok((next_id, answer)));
+                                next_id += 1;
+                            }
+                            Err(e) => {
+                                metrics.bad_offers.inc();
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    ViewerCommand::Leave { id } => {
+                        if let Some(v) = viewers.iter_mut().find(|v| v.id == id) {
+                            tracing::info!(viewer = id, "viewer left");
+                            v.rtc.disconnect();
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = crate::stopped(&mut shutdown) => break,
+        }
+    }
+    for v in viewers.iter_mut() {
+        v.rtc.disconnect();
+        let _ = drain(v, &socket, &metrics);
+    }
+    retain_alive(&mut viewers, &metrics);
+    Ok(())
+}
+
+fn retain_alive(viewers: &mut Vec<Viewer>, metrics: &RelayMetrics) {
+    viewers.retain(|v| {
+        if v.rtc.is_alive() {
+            return true;
+        }
+        if v.connected {
+            metrics.viewers.dec();
+        }
+        tracing::info!(viewer = v.id, "viewer session closed");
+        false
+    });
+}
+
+fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64) -> Result<(Viewer, String), String> {
+    let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("malformed SDP offer: {e}"))?;
+    let now = Instant::now();
+    let mut rtc = rtc_config().build(now);
+    let candidate = Candidate::host(advertise, "udp").map_err(|e| format!("bad relay address: {e}"))?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| format!("cannot answer the offer: {e}"))?;
+    let viewer = Viewer {
+        id,
+        rtc,
+        mid: None,
+        pt: None,
+        connected: false,
+        next_timeout: now,
+        seq_offset: None,
+        ts_offset: 0,
+        last_seq: 0,
+        last_ts: 0,
+    };
+    Ok((viewer, answer.to_sdp_string()))
+}
+
+/// Polls a viewer until it only waits for time, sending its datagrams. Returns whether
+/// the viewer needs a keyframe (it just connected, or sent PLI/FIR).
+#[must_use]
+fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics) -> bool {
+    let mut wants_keyframe = false;
+    loop {
+        let output = match v.rtc.poll_output() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(viewer = v.id, "viewer session failed: {e}");
+                v.rtc.disconnect();
+                return wants_keyframe;
+            }
+        };
+        match output {
+            Output::Timeout(t) => {
+                v.next_timeout = t;
+                return wants_keyframe;
+            }
+            Output::Transmit(t) => {
+                if socket.try_send_to(&t.contents, t.destination).is_err() {
+                    metrics.udp_send_errors.inc();
+                }
+            }
+            Output::Event(e) => match e {
+                Event::Connected => {
+                    v.connected = true;
+                    metrics.viewers.inc();
+                    tracing::info!(viewer = v.id, "viewer connected");
+                    wants_keyframe = true;
+                }
+                Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                    tracing::info!(viewer = v.id, "viewer unreachable (ICE disconnected)");
+                    v.rtc.disconnect();
+                }
+                Event::MediaAdded(m) if m.kind == MediaKind::Video => {
+                    v.mid = Some(m.mid);
+                    v.pt = v
+                        .rtc
+                        .codec_config()
+                        .find(|p| p.spec().codec == Codec::H264 && p.spec().format.packetization_mode == Some(1))
+                        .map(|p| p.pt());
+                }
+                Event::KeyframeRequest(_) => {
+                    metrics.viewer_keyframe_requests.inc();
+                    wants_keyframe = true;
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+fn handle_ingest(
+    ev: IngestEvent,
+    viewers: &mut [Viewer],
+    source: &mut Option<Source>,
+    socket: &tokio::net::UdpSocket,
+    metrics: &RelayMetrics,
+) {
+    match ev {
+        IngestEvent::StreamStarted { node, hello, control } => {
+            if let Some(old) = source.as_ref() {
+                tracing::info!(old = old.node, new = node, "a new render node replaces the current stream");
+            }
+            // Viewers rebase their sequence numbers and timestamps on the new stream.
+            for v in viewers.iter_mut() {
+                v.seq_offset = None;
+            }
+            let mut s =
+                Source { node, hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
+            s.request_keyframe(Instant::now(), metrics);
+            *source = Some(s);
+        }
+        IngestEvent::StreamEnded { node } => {
+            if source.as_ref().is_some_and(|s| s.node == node) {
+                *source = None;
+            }
+        }
+        IngestEvent::Rtp { node, packet, arrival } => {
+            let Some(s) = source.as_mut().filter(|s| s.node == node) else {
+                metrics.dropped("no_viewer_stream");
+                return;
+            };
+            let Ok(rtp) = RtpPacket::parse(&packet) else {
+                metrics.dropped("bad_rtp");
+                return;
+            };
+            let ext_seq = s.extend(rtp.header.sequence);
+            let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
+            let mut exts = ExtensionValues::default();
+            exts.play_delay_min = Some(MediaTime::new(0, Frequency::HUNDREDTHS));
+            exts.play_delay_max = Some(MediaTime::new(0, Frequency::HUNDREDTHS));
+            for v in viewers.iter_mut().filter(|v| v.connected) {
+                let (Some(mid), Some(pt)) = (v.mid, v.pt) else { continue };
+                let offset = *v.seq_offset.get_or_insert_with(|| {
+                    // Continue this viewer's numbering where it left off.
+                    v.ts_offset = v.last_ts.wrapping_add(frame_ticks).wrapping_sub(rtp.header.timestamp);
+                    (v.last_seq as i64 + 1) - ext_seq as i64
+                });
+                let seq = (ext_seq as i64 + offset).max(1) as u64;
+                let ts = rtp.header.timestamp.wrapping_add(v.ts_offset);
+                let mut api = v.rtc.direct_api();
+                let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
+                let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, arrival, rtp.payload.to_vec())
+                    .marker(rtp.header.marker)
+                    .ext_vals(exts.clone())
+                    .nackable(true);
+                stream.write_rtp(write);
+                if seq > v.last_seq {
+                    v.last_seq = seq;
+                    v.last_ts = ts;
+                }
+                metrics.rtp_out_packets.inc();
+                if drain(v, socket, metrics) {
+                    s.request_keyframe(arrival, metrics);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! HTTP side of the relay: the web player, WebSocket signalling and `/metrics`.
+//!
+//! Signalling protocol (JSON text messages on `/ws`):
+//! browser → relay `{"type":"offer","sdp":"…"}`; relay → browser
+//! `{"type":"answer","sdp":"…","viewer":N}` or `{"type":"error","message":"…"}`.
+//! Closing the WebSocket ends the viewer's session.
+
+use crate::egress::ViewerCommand;
+use crate::metrics::RelayMetrics;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest signalling message accepted (an SDP offer is a few KB).
+pub const MAX_SIGNAL_MESSAGE: usize = 64 * 1024;
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Commands to the egress task.
+    pub viewers: mpsc::Sender<ViewerCommand>,
+    /// Relay metrics.
+    pub metrics: RelayMetrics,
+}
+
+/// The web player's files, built into the binary so a relay is one file to deploy.
+const INDEX_HTML: &str = include_str!("../../web-client/index.html");
+const PLAYER_JS: &str = include_str!("../../web-client/player.js");
+const STATS_JS: &str = include_str!("../../web-client/stats.js");
+const STYLE_CSS: &str = include_str!("../../web-client/style.css");
+
+/// The relay's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/player.js", get(|| async { asset("text/javascript; charset=utf-8", PLAYER_JS) }))
+        .route("/stats.js", get(|| async { asset("text/javascript; charset=utf-8", STATS_JS) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/ws", get(ws_upgrade))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    ws.max_message_size(MAX_SIGNAL_MESSAGE).on_upgrade(move |socket| signal(socket, state))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    Offer { sdp: String },
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerMessage {
+    Answer { sdp: String, viewer: u64 },
+    Error { message: String },
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
+    match serde_json::to_string(msg) {
+        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn signal(mut socket: WebSocket, state: AppState) {
+    let mut viewer: Option<u64> = None;
+    while let Some(msg) = socket.recv().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let parsed: Result<ClientMessage, _> = serde_json::from_str(&text);
+        let reply = match parsed {
+            Err(e) => ServerMessage::Error { message: format!("malformed signalling message: {e}") },
+            Ok(ClientMessage::Offer { .. }) if viewer.is_some() => {
+                ServerMessage::Error { message: "this connection already has a session".into() }
+            }
+            Ok(ClientMessage::Offer { sdp }) => {
+                let (tx, rx) = oneshot::channel();
+                if state.viewers.send(ViewerCommand::Offer { sdp, reply: tx }).await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                    Ok(Ok(Ok((id, sdp)))) => {
+                        viewer = Some(id);
+                        tracing::info!(viewer = id, "viewer offer accepted");
+                        ServerMessage::Answer { sdp, viewer: id }
+                    }
+                    Ok(Ok(Err(message))) => ServerMessage::Error { message },
+                    _ => ServerMessage::Error { message: "the relay is not answering".into() },
+                }
+            }
+        };
+        if !send(&mut socket, &reply).await {
+            break;
+        }
+    }
+    if let Some(id) = viewer {
+        let _ = state.viewers.send(ViewerCommand::Leave { id }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    fn app() -> Router {
+        let (tx, _rx) = mpsc::channel(1);
+        router(AppState { viewers: tx, metrics: RelayMetrics::new() })
+    }
+
+    #[tokio::test]
+    async fn serves_the_player_and_metrics() {
+        let res = app().oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = app().oneshot(Request::get("/player.js").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = app().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("pylon_relay_viewers"));
+        let res = app().oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    }
+}

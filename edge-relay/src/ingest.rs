@@ -1,0 +1,216 @@
+//! QUIC ingest: render nodes connect here and send RTP in datagrams.
+//!
+//! Each connection must open a control stream whose first message is a `StreamHello`.
+//! Datagrams are checked (framing version, RTP header) and handed to the egress task
+//! unchanged; anything malformed is counted and dropped. Keyframe requests from viewers
+//! come back on the control stream.
+
+use crate::metrics::RelayMetrics;
+use crate::tls::Identity;
+use anyhow::{Context, anyhow};
+use bytes::Bytes;
+use pylon_proto::framing::{self, ControlDecoder, ControlMessage, StreamHello};
+use pylon_proto::rtp::RtpPacket;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Kernel UDP buffer size for ingest: keyframes arrive as bursts of datagrams.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// What the ingest side tells the egress task.
+#[derive(Debug)]
+pub enum IngestEvent {
+    /// A node announced its stream.
+    StreamStarted {
+        /// Connection id.
+        node: u64,
+        /// The stream's description.
+        hello: StreamHello,
+        /// Sends control messages (keyframe requests) back to the node.
+        control: mpsc::Sender<ControlMessage>,
+    },
+    /// One RTP packet (already checked to parse).
+    Rtp {
+        /// Connection id.
+        node: u64,
+        /// The whole RTP packet.
+        packet: Bytes,
+        /// When it arrived.
+        arrival: Instant,
+    },
+    /// The node's connection ended.
+    StreamEnded {
+        /// Connection id.
+        node: u64,
+    },
+}
+
+/// Binds the QUIC endpoint with a large UDP buffer and the relay's certificate.
+pub fn endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(identity.key.clone().into());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone().into()], key)
+        .context("loading the relay certificate")?;
+    tls.alpn_protocols = vec![framing::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))))
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .datagram_receive_buffer_size(Some(SOCKET_BUFFER))
+        .datagram_send_buffer_size(1 << 20)
+        .initial_mtu(1400);
+    server.transport_config(Arc::new(transport));
+    let socket = crate::egress::big_buffer_socket(addr, SOCKET_BUFFER)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime).context("creating the QUIC endpoint")
+}
+
+/// Accepts node connections until shutdown.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<IngestEvent>,
+    metrics: RelayMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = crate::stopped(&mut shutdown) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let node = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let (events, metrics, shutdown) = (events.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics.node_handshake_failures.inc();
+                    tracing::warn!(node, "node handshake failed: {e}");
+                    return;
+                }
+            };
+            metrics.nodes_connected.inc();
+            let result = serve_node(node, &conn, &events, &metrics, shutdown).await;
+            metrics.nodes_connected.dec();
+            let _ = events.send(IngestEvent::StreamEnded { node }).await;
+            match result {
+                Ok(()) => tracing::info!(node, "render node left"),
+                Err(e) => tracing::warn!(node, "render node connection ended: {e:#}"),
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"relay shutting down");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+async fn serve_node(
+    node: u64,
+    conn: &quinn::Connection,
+    events: &mpsc::Sender<IngestEvent>,
+    metrics: &RelayMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+        .await
+        .map_err(|_| anyhow!("no control stream within 5 s"))?
+        .context("accepting the control stream")?;
+    let mut decoder = ControlDecoder::default();
+    let mut buf = vec![0u8; 4096];
+    // The first message must describe the stream.
+    let hello = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf))
+            .await
+            .map_err(|_| anyhow!("no stream description within 5 s"))??
+            .ok_or_else(|| anyhow!("control stream closed before the stream description"))?;
+        decoder.extend(buf.get(..n).unwrap_or_default());
+        match decoder.next_message() {
+            Ok(Some(ControlMessage::StreamHello(h))) => break h,
+            Ok(Some(other)) => {
+                metrics.bad_control_messages.inc();
+                return Err(anyhow!("expected a stream description, got {other:?}"));
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                metrics.bad_control_messages.inc();
+                return Err(anyhow!("malformed control stream: {e}"));
+            }
+        }
+    };
+    tracing::info!(node, "render node streaming {}x{} at {} fps with {}", hello.width, hello.height, hello.fps, hello.encoder);
+    let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
+    events
+        .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
+        .await
+        .map_err(|_| anyhow!("egress task gone"))?;
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => {
+                let d = d.context("reading datagrams")?;
+                let arrival = Instant::now();
+                match framing::decode_datagram(&d) {
+                    Ok((_, rtp)) if RtpPacket::parse(rtp).is_ok() => {
+                        metrics.rtp_in_packets.inc();
+                        metrics.rtp_in_bytes.inc_by(rtp.len() as u64);
+                        let packet = d.slice(framing::DATAGRAM_HEADER_LEN..);
+                        if events.try_send(IngestEvent::Rtp { node, packet, arrival }).is_err() {
+                            metrics.dropped("egress_queue_full");
+                        }
+                    }
+                    Ok(_) => metrics.dropped("bad_rtp"),
+                    Err(_) => metrics.dropped("bad_datagram"),
+                }
+            }
+            msg = control_rx.recv() => {
+                let Some(msg) = msg else { continue };
+                out.clear();
+                msg.encode(&mut out);
+                send.write_all(&out).await.context("writing to the control stream")?;
+            }
+            read = recv.read(&mut buf) => {
+                match read.context("reading the control stream")? {
+                    None => return Ok(()),
+                    Some(n) => {
+                        decoder.extend(buf.get(..n).unwrap_or_default());
+                        loop {
+                            match decoder.next_message() {
+                                Ok(Some(ControlMessage::Goodbye(reason))) => {
+                                    tracing::info!(node, "render node says goodbye: {reason}");
+                                    return Ok(());
+                                }
+                                Ok(Some(other)) => {
+                                    metrics.bad_control_messages.inc();
+                                    tracing::warn!(node, "unexpected control message {other:?}");
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    metrics.bad_control_messages.inc();
+                                    conn.close(1u32.into(), b"malformed control stream");
+                                    return Err(anyhow!("malformed control stream: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ = crate::stopped(&mut shutdown) => {
+                out.clear();
+                ControlMessage::Goodbye("relay shutting down".into()).encode(&mut out);
+                let _ = send.write_all(&out).await;
+                let _ = send.finish();
+                conn.close(0u32.into(), b"relay shutting down");
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Prometheus metrics of the relay.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Why an ingest packet was dropped.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropReason {
+    /// `bad_datagram`, `bad_rtp`, `egress_queue_full`, `no_viewer_stream`.
+    pub reason: &'static str,
+}
+
+/// All relay metrics.
+#[derive(Debug, Clone)]
+pub struct RelayMetrics {
+    /// Render nodes connected now.
+    pub nodes_connected: Gauge,
+    /// Failed QUIC handshakes from nodes.
+    pub node_handshake_failures: Counter,
+    /// RTP packets received from nodes.
+    pub rtp_in_packets: Counter,
+    /// RTP bytes received from nodes.
+    pub rtp_in_bytes: Counter,
+    /// RTP packets written to viewers.
+    pub rtp_out_packets: Counter,
+    /// Ingest packets dropped, by reason.
+    pub ingest_dropped: Family<DropReason, Counter>,
+    /// Malformed or unexpected control messages.
+    pub bad_control_messages: Counter,
+    /// Viewers connected now (WebRTC up).
+    pub viewers: Gauge,
+    /// Viewer sessions created (offers accepted).
+    pub viewer_sessions: Counter,
+    /// Offers that could not be accepted.
+    pub bad_offers: Counter,
+    /// Keyframe requests (PLI/FIR) from viewers.
+    pub viewer_keyframe_requests: Counter,
+    /// Keyframe requests sent to nodes.
+    pub keyframe_requests_upstream: Counter,
+    /// UDP datagrams to viewers that the socket refused.
+    pub udp_send_errors: Counter,
+    /// UDP datagrams that no viewer session accepted.
+    pub udp_unknown: Counter,
+    registry: Arc<Registry>,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("pylon_relay");
+        let m = RelayMetrics {
+            nodes_connected: Gauge::default(),
+            node_handshake_failures: Counter::default(),
+            rtp_in_packets: Counter::default(),
+            rtp_in_bytes: Counter::default(),
+            rtp_out_packets: Counter::default(),
+            ingest_dropped: Family::default(),
+            bad_control_messages: Counter::default(),
+            viewers: Gauge::default(),
+            viewer_sessions: Counter::default(),
+            bad_offers: Counter::default(),
+            viewer_keyframe_requests: Counter::default(),
+            keyframe_requests_upstream: Counter::default(),
+            udp_send_errors: Counter::default(),
+            udp_unknown: Counter::default(),
+            registry: Arc::new(Registry::default()),
+        };
+        r.register("nodes_connected", "Render nodes connected", m.nodes_connected.clone());
+        r.register("node_handshake_failures", "Failed QUIC handshakes", m.node_handshake_failures.clone());
+        r.register("rtp_in_packets", "RTP packets received from nodes", m.rtp_in_packets.clone());
+        r.register("rtp_in_bytes", "RTP bytes received from nodes", m.rtp_in_bytes.clone());
+        r.register("rtp_out_packets", "RTP packets written to viewers", m.rtp_out_packets.clone());
+        r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());
+        r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
+        r.register("viewers", "Viewers connected", m.viewers.clone());
+        r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
+        r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
+        r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
+        r.register("keyframe_requests_upstream", "Keyframe requests sent to nodes", m.keyframe_requests_upstream.clone());
+        r.register("udp_send_errors", "UDP sends to viewers that failed", m.udp_send_errors.clone());
+        r.register("udp_unknown", "UDP datagrams no viewer accepted", m.udp_unknown.clone());
+        RelayMetrics { registry: Arc::new(r), ..m }
+    }
+
+    /// Counts a dropped ingest packet.
+    pub fn dropped(&self, reason: &'static str) {
+        self.ingest_dropped.get_or_create(&DropReason { reason }).inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

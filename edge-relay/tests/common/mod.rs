@@ -1,0 +1,227 @@
+//! Shared harness of the end-to-end tests: the relay and a render node in-process, and
+//! headless Chromium driven through chromedriver.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use pylon_relay::{RelayConfig, RelayHandle};
+use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
+use pylon_server::metrics::ServerMetrics;
+use pylon_server::pipeline::{Pipeline, PipelineConfig};
+use pylon_server::uplink::{self, UplinkConfig};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// A relay and a render node, running in this process.
+pub struct Platform {
+    pub relay: RelayHandle,
+    pub server_metrics: ServerMetrics,
+    pipeline: Option<Pipeline>,
+    shutdown: watch::Sender<bool>,
+    data_dir: PathBuf,
+}
+
+impl Platform {
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.relay.http_addr)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        self.pipeline.take();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn localhost() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// Starts a relay on free loopback ports and a render node streaming to it at `width`×`height`.
+pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
+    let _ = tracing_subscriber_init();
+    let data_dir = std::env::temp_dir().join(format!("pylon-e2e-{}-{}", std::process::id(), rand_suffix()));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (started_tx, started_rx) = oneshot::channel();
+    let config = RelayConfig {
+        http_addr: localhost(),
+        webrtc_addr: localhost(),
+        advertise_addr: None,
+        quic_addr: localhost(),
+        data_dir: data_dir.clone(),
+    };
+    tokio::spawn(pylon_relay::run(config, shutdown_rx.clone(), Some(started_tx)));
+    let relay = started_rx.await.expect("relay started");
+
+    let metrics = ServerMetrics::new();
+    let (packet_tx, packet_rx) = mpsc::channel(4096);
+    let pipeline_config = PipelineConfig {
+        width,
+        height,
+        fps,
+        gpu: None,
+        slots: 3,
+        encoder: EncoderConfig {
+            width,
+            height,
+            fps,
+            bitrate: 4_000_000,
+            keyframe_interval: fps * 10,
+            choice: EncoderChoice::Auto,
+        },
+        max_rtp_packet: 1200,
+        seed: 0x5eed,
+    };
+    let m = metrics.clone();
+    let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(pipeline_config, m, packet_tx))
+        .await
+        .unwrap()
+        .expect("frame path starts (Vulkan + encoder)");
+    let hello = pylon_proto::framing::StreamHello {
+        width: width as u16,
+        height: height as u16,
+        fps: fps as u16,
+        profile_level_id: PROFILE_LEVEL_ID,
+        encoder: pipeline.info().encoder.into(),
+    };
+    let uplink_config =
+        UplinkConfig { relay: relay.quic_addr, relay_cert: relay.cert_path.clone(), server_name: "pylon-relay".into() };
+    tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics.clone(), shutdown_rx));
+    Platform { relay, server_metrics: metrics, pipeline: Some(pipeline), shutdown, data_dir }
+}
+
+fn tracing_subscriber_init() -> Option<()> {
+    None
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+/// Headless Chromium under chromedriver, killed on drop.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    driver: tokio::process::Child,
+    profile: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Flags headless Chromium needs on a machine with only loopback and no GPU.
+pub const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--mute-audio",
+    "--autoplay-policy=no-user-gesture-required",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--window-size=1400,900",
+];
+
+impl Browser {
+    pub async fn start() -> Browser {
+        let chromedriver = which("chromedriver").expect("chromedriver not found: apt-get install chromium chromium-driver");
+        let chromium = which("chromium").expect("chromium not found: apt-get install chromium chromium-driver");
+        let port = free_port();
+        let driver = tokio::process::Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let profile = std::env::temp_dir().join(format!("pylon-chromium-{}-{port}", std::process::id()));
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|s| s.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({ "binary": chromium.to_string_lossy(), "args": args }),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector).capabilities(caps.clone()).connect(&url).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot start Chromium through chromedriver: {e}"),
+            }
+        };
+        Browser { client, driver, profile }
+    }
+
+    /// Evaluates `script` (a function body that may `return`) and returns its JSON value.
+    pub async fn eval(&self, script: &str) -> serde_json::Value {
+        self.client.execute(script, vec![]).await.expect("script runs")
+    }
+
+    /// Polls `script` until it returns a truthy value or `timeout` passes.
+    pub async fn wait_for(&self, script: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.eval(script).await;
+            let truthy = match &v {
+                serde_json::Value::Null | serde_json::Value::Bool(false) => false,
+                serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
+                _ => true,
+            };
+            if truthy {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let state = self.eval("return JSON.stringify(window.pylon && {state: pylon.state, stats: pylon.stats})").await;
+                panic!("timed out waiting for `{script}`; player state: {state}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill().await;
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+}
+
+/// Samples the playing video into a canvas and classifies its pixels.
+pub const SAMPLE_VIDEO: &str = r#"
+const v = document.getElementById('video');
+if (!v || v.videoWidth === 0) return null;
+const c = document.createElement('canvas');
+c.width = v.videoWidth; c.height = v.videoHeight;
+const g = c.getContext('2d', { willReadFrequently: true });
+g.drawImage(v, 0, 0);
+const d = g.getImageData(0, 0, c.width, c.height).data;
+let space = 0, hull = 0, rock = 0, sum = 0, hash = 0;
+for (let i = 0; i < d.length; i += 4) {
+  const r = d[i], gr = d[i + 1], b = d[i + 2];
+  sum += r + gr + b;
+  if (r < 40 && gr < 45 && b >= 12 && b < 60 && b > r + 6) space++;
+  else if (r > 190 && gr > 110 && gr < 200 && b < 90) hull++;
+  else if (r > 60 && r < 200 && Math.abs(r - gr) < 40 && Math.abs(gr - b) < 40) rock++;
+  if ((i / 4) % 997 === 0) hash = (hash * 31 + r + 3 * gr + 7 * b) >>> 0;
+}
+const n = d.length / 4;
+return { width: c.width, height: c.height, space: space / n, hull, rock, mean: sum / (3 * n), hash };
+"#;

@@ -1,0 +1,44 @@
+//! The first playable frame, end to end: Vulkan render → NV12 → H.264 → RTP over QUIC →
+//! relay → WebRTC (str0m) → headless Chromium, checked from getStats() and the pixels.
+
+mod common;
+
+use common::{Browser, Platform, SAMPLE_VIDEO, start_platform};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_the_demo_title_at_720p() {
+    let platform: Platform = start_platform(1280, 720, 60).await;
+    let browser = Browser::start().await;
+    browser.client.goto(&platform.url()).await.expect("page loads");
+
+    let stats = browser
+        .wait_for(
+            "const s = window.pylon && pylon.stats; return s && s.framesDecoded >= 60 && s.width === 1280 ? s : null",
+            Duration::from_secs(60),
+        )
+        .await;
+    eprintln!("player stats: {stats}");
+    assert_eq!(stats["width"], 1280);
+    assert_eq!(stats["height"], 720);
+
+    let first = browser.wait_for(SAMPLE_VIDEO, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let second = browser.eval(SAMPLE_VIDEO).await;
+    eprintln!("samples: {first} / {second}");
+    for s in [&first, &second] {
+        assert_eq!(s["width"], 1280);
+        let space = s["space"].as_f64().unwrap();
+        assert!(space > 0.5, "most of the picture is deep-space navy, got {space}");
+        assert!(s["hull"].as_u64().unwrap() > 100, "the orange ship is on screen: {s}");
+        assert!(s["rock"].as_u64().unwrap() > 2000, "asteroids are on screen: {s}");
+        let mean = s["mean"].as_f64().unwrap();
+        assert!(mean > 8.0 && mean < 120.0, "neither black nor a bright test pattern: mean {mean}");
+    }
+    assert_ne!(first["hash"], second["hash"], "the scene moves");
+
+    let metrics = platform.server_metrics.render();
+    assert!(metrics.contains("pylon_server_frames_encoded_total"), "{metrics}");
+    browser.close().await;
+    platform.stop().await;
+}

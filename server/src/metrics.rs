@@ -1,0 +1,140 @@
+//! Prometheus metrics of the render node, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Why a frame was dropped at the source.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropReason {
+    /// `late` (the render loop missed its tick), `gpu_behind` (every ring slot busy),
+    /// `encoder_behind` (no free input frame), `encode_error`.
+    pub reason: &'static str,
+}
+
+/// A stage of the frame path.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Stage {
+    /// `render` (submit to fence, render and NV12 conversion), `readback`, `encode`,
+    /// `packetize`, `frame_path` (tick to last packet handed to the network).
+    pub stage: &'static str,
+}
+
+/// Why a packet never reached the relay.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PacketDrop {
+    /// `queue_full` (the network task is behind), `send_error`.
+    pub reason: &'static str,
+}
+
+/// All metrics of a render node.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    /// Frames rendered and converted.
+    pub frames_rendered: Counter,
+    /// Frames encoded.
+    pub frames_encoded: Counter,
+    /// Keyframes encoded.
+    pub keyframes: Counter,
+    /// Frames dropped at the source, by reason.
+    pub frames_dropped: Family<DropReason, Counter>,
+    /// Keyframe requests received from the relay.
+    pub keyframe_requests: Counter,
+    /// RTP packets handed to QUIC.
+    pub rtp_packets_sent: Counter,
+    /// RTP bytes handed to QUIC.
+    pub rtp_bytes_sent: Counter,
+    /// RTP packets that never left, by reason.
+    pub rtp_packets_dropped: Family<PacketDrop, Counter>,
+    /// Connections established to the relay.
+    pub relay_connects: Counter,
+    /// Connections to the relay that ended.
+    pub relay_disconnects: Counter,
+    /// Whether a relay connection is up (0 or 1).
+    pub relay_connected: Gauge,
+    /// Malformed control messages from the relay.
+    pub bad_control_messages: Counter,
+    /// Per-stage time of the frame path, in seconds.
+    pub stage_seconds: Family<Stage, Histogram>,
+    registry: Arc<Registry>,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("pylon_server");
+        let m = ServerMetrics {
+            frames_rendered: Counter::default(),
+            frames_encoded: Counter::default(),
+            keyframes: Counter::default(),
+            frames_dropped: Family::default(),
+            keyframe_requests: Counter::default(),
+            rtp_packets_sent: Counter::default(),
+            rtp_bytes_sent: Counter::default(),
+            rtp_packets_dropped: Family::default(),
+            relay_connects: Counter::default(),
+            relay_disconnects: Counter::default(),
+            relay_connected: Gauge::default(),
+            bad_control_messages: Counter::default(),
+            stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 1.6, 16))),
+            registry: Arc::new(Registry::default()),
+        };
+        r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
+        r.register("frames_encoded", "Frames encoded", m.frames_encoded.clone());
+        r.register("keyframes", "Keyframes encoded", m.keyframes.clone());
+        r.register("frames_dropped", "Frames dropped at the source", m.frames_dropped.clone());
+        r.register("keyframe_requests", "Keyframe requests from the relay", m.keyframe_requests.clone());
+        r.register("rtp_packets_sent", "RTP packets sent to the relay", m.rtp_packets_sent.clone());
+        r.register("rtp_bytes_sent", "RTP bytes sent to the relay", m.rtp_bytes_sent.clone());
+        r.register("rtp_packets_dropped", "RTP packets dropped before the network", m.rtp_packets_dropped.clone());
+        r.register("relay_connects", "QUIC connections established to the relay", m.relay_connects.clone());
+        r.register("relay_disconnects", "QUIC connections to the relay that ended", m.relay_disconnects.clone());
+        r.register("relay_connected", "Whether the relay connection is up", m.relay_connected.clone());
+        r.register("bad_control_messages", "Malformed control messages received", m.bad_control_messages.clone());
+        r.register("stage_seconds", "Time per frame-path stage", m.stage_seconds.clone());
+        ServerMetrics { registry: Arc::new(r), ..m }
+    }
+
+    /// Counts a dropped frame.
+    pub fn drop_frame(&self, reason: &'static str) {
+        self.frames_dropped.get_or_create(&DropReason { reason }).inc();
+    }
+
+    /// Records a stage duration.
+    pub fn observe(&self, stage: &'static str, d: std::time::Duration) {
+        self.stage_seconds.get_or_create(&Stage { stage }).observe(d.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` on `addr` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, metrics: ServerMetrics) -> std::io::Result<()> {
+    use axum::{Router, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics at /metrics");
+    axum::serve(listener, app).await
+}

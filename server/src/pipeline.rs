@@ -1,0 +1,378 @@
+//! The frame path: paced render → GPU colour conversion → readback → encode → packetize.
+//!
+//! Two threads, so that rendering keeps its cadence while encoding runs:
+//!
+//! * the **render thread** owns the Vulkan [`FrameRenderer`] and the [`DemoScene`]. At
+//!   each tick of a steady clock it advances the scene to the tick's time and submits the
+//!   frame into the next ring slot; while waiting for the next tick it collects finished
+//!   slots in order and copies each NV12 picture into a free encoder input frame.
+//!   If every slot is still on the GPU, or no input frame is free (the encoder is behind),
+//!   the frame is dropped at the source and counted, never queued;
+//! * the **encode thread** encodes each frame (a keyframe when one was requested),
+//!   packetizes it into RTP and hands the packets to the network task, then returns the
+//!   input frame to the pool.
+
+use crate::encode::{EncodeError, EncoderConfig, VideoEncoder, load_nv12};
+use crate::metrics::ServerMetrics;
+use crate::scene::{DemoScene, SPACE};
+use bytes::Bytes;
+use ffmpeg_next::frame;
+use pylon_gpu::{FrameRenderer, GpuError, RendererConfig, Work};
+use pylon_proto::VIDEO_CLOCK_RATE;
+use pylon_proto::h264::H264Packetizer;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TrySendError;
+
+/// RTP payload type used between node and relay (the relay rewrites it per viewer).
+pub const RTP_PAYLOAD_TYPE: u8 = 102;
+/// Input frames circulating between the render and encode threads. Two lets the render
+/// thread fill one while the encoder works on the other; more would only add queueing.
+const INPUT_FRAMES: usize = 2;
+
+/// Settings of the frame path.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Picture width.
+    pub width: u32,
+    /// Picture height.
+    pub height: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// `--gpu`: substring of the Vulkan device name to use.
+    pub gpu: Option<String>,
+    /// Ring slots on the GPU.
+    pub slots: usize,
+    /// Encoder settings.
+    pub encoder: EncoderConfig,
+    /// Largest RTP packet, header included.
+    pub max_rtp_packet: usize,
+    /// Seed of the demo scene.
+    pub seed: u32,
+}
+
+/// What the pipeline found when it started, for logs and the stream description.
+#[derive(Debug, Clone)]
+pub struct PipelineInfo {
+    /// Vulkan device name.
+    pub gpu_name: String,
+    /// Why that device was chosen.
+    pub gpu_reason: String,
+    /// Encoder in use.
+    pub encoder: &'static str,
+    /// What encoder probing found.
+    pub encoder_probe: Vec<String>,
+}
+
+/// Errors starting the pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The GPU could not be set up.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The encoder could not be opened.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// A thread could not be started or died during start-up.
+    #[error("pipeline thread failed: {0}")]
+    Thread(String),
+}
+
+/// One RTP packet ready for the network, with the time its frame's tick was due.
+#[derive(Debug, Clone)]
+pub struct OutgoingPacket {
+    /// The RTP packet.
+    pub rtp: Bytes,
+}
+
+/// Handle to the running frame path. Dropping it stops both threads.
+#[derive(Debug)]
+pub struct Pipeline {
+    stop: Arc<AtomicBool>,
+    keyframe: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    info: PipelineInfo,
+}
+
+struct EncodeJob {
+    frame: frame::Video,
+    index: u64,
+    tick: Instant,
+}
+
+impl Pipeline {
+    /// Starts the render and encode threads. Packets go to `packets`; when it is full
+    /// they are dropped and counted (the network task is behind or disconnected).
+    pub fn start(
+        config: PipelineConfig,
+        metrics: ServerMetrics,
+        packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+    ) -> Result<Self, PipelineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let keyframe = Arc::new(AtomicBool::new(true));
+        let encoder = VideoEncoder::open(&config.encoder)?;
+        let (pool_tx, pool_rx) = mpsc::channel::<frame::Video>();
+        for _ in 0..INPUT_FRAMES {
+            pool_tx.send(encoder.new_input_frame()).map_err(|e| PipelineError::Thread(e.to_string()))?;
+        }
+        let (job_tx, job_rx) = mpsc::channel::<EncodeJob>();
+        let encoder_name = encoder.name();
+        let encoder_probe = encoder.probe_log().to_vec();
+
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String), GpuError>>();
+        let render = {
+            let (stop, metrics, config) = (stop.clone(), metrics.clone(), config.clone());
+            std::thread::Builder::new()
+                .name("pylon-render".into())
+                .spawn(move || render_thread(config, metrics, stop, pool_rx, job_tx, ready_tx))
+                .map_err(|e| PipelineError::Thread(e.to_string()))?
+        };
+        let (gpu_name, gpu_reason) = match ready_rx.recv() {
+            Ok(Ok(names)) => names,
+            Ok(Err(e)) => {
+                let _ = render.join();
+                return Err(e.into());
+            }
+            Err(_) => return Err(PipelineError::Thread("render thread exited during start-up".into())),
+        };
+        let encode = {
+            let (stop, keyframe, metrics) = (stop.clone(), keyframe.clone(), metrics.clone());
+            let packetizer = H264Packetizer::new(config.max_rtp_packet, RTP_PAYLOAD_TYPE, rand_u32(), rand_u32() as u16);
+            let fps = config.fps;
+            std::thread::Builder::new()
+                .name("pylon-encode".into())
+                .spawn(move || {
+                    encode_thread(encoder, packetizer, fps, metrics, stop, keyframe, job_rx, pool_tx, packets)
+                })
+                .map_err(|e| PipelineError::Thread(e.to_string()))?
+        };
+        Ok(Pipeline {
+            stop,
+            keyframe,
+            threads: vec![render, encode],
+            info: PipelineInfo { gpu_name, gpu_reason, encoder: encoder_name, encoder_probe },
+        })
+    }
+
+    /// What the pipeline runs on.
+    pub fn info(&self) -> &PipelineInfo {
+        &self.info
+    }
+
+    /// A flag that, once set, makes the next encoded frame a keyframe.
+    pub fn keyframe_flag(&self) -> Arc<AtomicBool> {
+        self.keyframe.clone()
+    }
+
+    /// Whether both threads are still running.
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A random 32-bit value for SSRCs and initial sequence numbers (RFC 3550 §5.1 wants
+/// them unpredictable); the std hasher is randomly keyed per process.
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: Mutex<u64> = Mutex::new(0);
+    let mut n = COUNTER.lock().unwrap_or_else(|e| e.into_inner());
+    *n += 1;
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(*n);
+    h.finish() as u32
+}
+
+struct InFlight {
+    slot: usize,
+    index: u64,
+    tick: Instant,
+    submitted: Instant,
+}
+
+fn render_thread(
+    config: PipelineConfig,
+    metrics: ServerMetrics,
+    stop: Arc<AtomicBool>,
+    pool: mpsc::Receiver<frame::Video>,
+    jobs: mpsc::Sender<EncodeJob>,
+    ready: mpsc::Sender<Result<(String, String), GpuError>>,
+) {
+    let renderer = FrameRenderer::new(&RendererConfig {
+        width: config.width,
+        height: config.height,
+        gpu: config.gpu.clone(),
+        slots: config.slots,
+        clear_color: SPACE,
+    });
+    let mut renderer = match renderer {
+        Ok(r) => {
+            let _ = ready.send(Ok((r.device_info().name.clone(), r.choice_reason().to_owned())));
+            r
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut scene = DemoScene::new(config.width, config.height, config.seed);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(config.fps.max(1)));
+    let start = Instant::now();
+    let mut index: u64 = 0;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    while !stop.load(Ordering::Relaxed) {
+        let due = start + interval.mul_f64(index as f64);
+        // Until the tick is due, collect finished frames (oldest first, so order holds).
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            let Some(front) = in_flight.front() else {
+                std::thread::sleep(due - now);
+                break;
+            };
+            match renderer.poll(front.slot, due - now) {
+                Ok(true) => {
+                    if let Some(done) = in_flight.pop_front() {
+                        finish(&renderer, done, &pool, &jobs, &metrics);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("GPU failure, stopping the render loop: {e}");
+                    return;
+                }
+            }
+        }
+        let now = Instant::now();
+        // A tick missed by more than a whole interval is skipped, not caught up in a burst.
+        let late = now.saturating_duration_since(due);
+        if late > interval {
+            let skipped = (late.as_secs_f64() / interval.as_secs_f64()) as u64;
+            for _ in 0..skipped {
+                metrics.drop_frame("late");
+            }
+            index += skipped.max(1);
+            continue;
+        }
+        let slot = (index % renderer.slot_count() as u64) as usize;
+        if renderer.in_flight(slot) {
+            metrics.drop_frame("gpu_behind");
+            index += 1;
+            continue;
+        }
+        scene.advance(index as f32 / config.fps as f32);
+        if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
+            tracing::error!("GPU failure, stopping the render loop: {e}");
+            return;
+        }
+        in_flight.push_back(InFlight { slot, index, tick: due, submitted: now });
+        index += 1;
+    }
+}
+
+/// Reads back a finished slot into a free encoder input frame and queues it.
+fn finish(
+    renderer: &FrameRenderer,
+    done: InFlight,
+    pool: &mpsc::Receiver<frame::Video>,
+    jobs: &mpsc::Sender<EncodeJob>,
+    metrics: &ServerMetrics,
+) {
+    metrics.frames_rendered.inc();
+    let rendered = Instant::now();
+    metrics.observe("render", rendered - done.submitted);
+    let Ok(mut frame) = pool.try_recv() else {
+        metrics.drop_frame("encoder_behind");
+        return;
+    };
+    if let Some(nv12) = renderer.nv12(done.slot) {
+        if let Err(e) = load_nv12(&mut frame, nv12) {
+            tracing::error!("readback failed: {e}");
+        }
+    }
+    metrics.observe("readback", rendered.elapsed());
+    let _ = jobs.send(EncodeJob { frame, index: done.index, tick: done.tick });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_thread(
+    mut encoder: VideoEncoder,
+    mut packetizer: H264Packetizer,
+    fps: u32,
+    metrics: ServerMetrics,
+    stop: Arc<AtomicBool>,
+    keyframe: Arc<AtomicBool>,
+    jobs: mpsc::Receiver<EncodeJob>,
+    pool: mpsc::Sender<frame::Video>,
+    packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+) {
+    let rtp_base = rand_u32();
+    let ticks_per_frame = f64::from(VIDEO_CLOCK_RATE) / f64::from(fps.max(1));
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        let want_key = keyframe.swap(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let encoded = encoder.encode(&mut job.frame, job.index as i64, want_key);
+        let encoded_at = Instant::now();
+        metrics.observe("encode", encoded_at - started);
+        let _ = pool.send(job.frame);
+        let au = match encoded {
+            Ok(Some(au)) => au,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("dropping frame {}: {e}", job.index);
+                metrics.drop_frame("encode_error");
+                if want_key {
+                    keyframe.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        metrics.frames_encoded.inc();
+        if au.keyframe {
+            metrics.keyframes.inc();
+        }
+        let timestamp = rtp_base.wrapping_add((job.index as f64 * ticks_per_frame) as u64 as u32);
+        let mut lost = false;
+        packetizer.packetize(&au.data, timestamp, |rtp| {
+            let len = rtp.len() as u64;
+            match packets.try_send(OutgoingPacket { rtp: Bytes::copy_from_slice(rtp) }) {
+                Ok(()) => {
+                    metrics.rtp_packets_sent.inc();
+                    metrics.rtp_bytes_sent.inc_by(len);
+                }
+                Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
+                    lost = true;
+                    metrics
+                        .rtp_packets_dropped
+                        .get_or_create(&crate::metrics::PacketDrop { reason: "queue_full" })
+                        .inc();
+                }
+            }
+        });
+        if lost {
+            // A frame with missing packets breaks every frame after it until a keyframe.
+            keyframe.store(true, Ordering::Relaxed);
+        }
+        let done = Instant::now();
+        metrics.observe("packetize", done - encoded_at);
+        metrics.observe("frame_path", done - job.tick);
+    }
+}

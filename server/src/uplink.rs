@@ -1,0 +1,235 @@
+//! The render node's QUIC connection to its edge relay.
+//!
+//! RTP packets travel as QUIC datagrams (unreliable, unordered: a late video packet is
+//! worth nothing), control messages on one bidirectional stream. If the relay goes away
+//! the node keeps rendering, discards packets (counted), and reconnects with exponential
+//! backoff; every new connection starts with a keyframe.
+
+use crate::metrics::{PacketDrop, ServerMetrics};
+use crate::pipeline::OutgoingPacket;
+use anyhow::{Context, anyhow};
+use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Kernel socket buffer size: QUIC datagram bursts (a keyframe is dozens of packets)
+/// overflow the default of a few hundred KB.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// How to reach the relay.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// The relay's QUIC ingest address.
+    pub relay: SocketAddr,
+    /// The relay's certificate (DER), trusted for this connection.
+    pub relay_cert: PathBuf,
+    /// Server name in the relay's certificate.
+    pub server_name: String,
+}
+
+/// Creates a UDP socket with large kernel buffers and a quinn endpoint on it.
+pub fn endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let socket = big_buffer_socket(bind)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).context("creating the QUIC endpoint")
+}
+
+/// A bound UDP socket whose receive and send buffers are [`SOCKET_BUFFER`] (as far as the
+/// kernel allows; the granted size is logged when smaller).
+pub fn big_buffer_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP)).context("creating a UDP socket")?;
+    for (what, set, get) in [
+        ("receive", Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>, Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>),
+        ("send", Socket::set_send_buffer_size, Socket::send_buffer_size),
+    ] {
+        if let Err(e) = set(&socket, SOCKET_BUFFER) {
+            tracing::warn!("cannot set the UDP {what} buffer to {SOCKET_BUFFER} bytes: {e}");
+        }
+        if let Ok(got) = get(&socket) {
+            if got < SOCKET_BUFFER {
+                tracing::warn!(
+                    "UDP {what} buffer is {got} bytes (wanted {SOCKET_BUFFER}); raise net.core.rmem_max/wmem_max to avoid drops"
+                );
+            }
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&bind.into()).with_context(|| format!("binding UDP {bind}"))?;
+    Ok(socket.into())
+}
+
+fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig> {
+    let der = std::fs::read(cert_path)
+        .with_context(|| format!("reading the relay certificate {} (the relay writes it on start)", cert_path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(der)).context("the relay certificate is not valid DER")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![framing::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// QUIC transport settings shared by node and relay.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5000)))));
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.datagram_send_buffer_size(SOCKET_BUFFER);
+    t.datagram_receive_buffer_size(Some(SOCKET_BUFFER));
+    // Start at a size that fits a whole RTP packet; MTU discovery may raise it.
+    t.initial_mtu(1400);
+    t
+}
+
+/// Runs the uplink until `shutdown` becomes true: connect, send, reconnect.
+pub async fn run(
+    config: UplinkConfig,
+    hello: StreamHello,
+    mut packets: mpsc::Receiver<OutgoingPacket>,
+    keyframe: Arc<AtomicBool>,
+    metrics: ServerMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let endpoint = endpoint(bind)?;
+    let client = client_config(&config.relay_cert)?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let attempt = endpoint.connect_with(client.clone(), config.relay, &config.server_name)?;
+        let conn = tokio::select! {
+            c = attempt => c,
+            _ = shutdown.changed() => break,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot reach the relay ({e}); retrying in {backoff:?}");
+                if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        metrics.relay_connects.inc();
+        metrics.relay_connected.set(1);
+        tracing::info!("connected to the relay");
+        keyframe.store(true, Ordering::Relaxed);
+        let result = serve_connection(&conn, &hello, &mut packets, &keyframe, &metrics, &mut shutdown).await;
+        metrics.relay_connected.set(0);
+        metrics.relay_disconnects.inc();
+        match result {
+            Ok(()) => {
+                conn.close(0u32.into(), b"render node shutting down");
+                break;
+            }
+            Err(e) => tracing::warn!("relay connection lost: {e:#}; reconnecting"),
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Discards packets (counted) for `wait`; returns true if shutdown was asked meanwhile.
+async fn discard_for(
+    packets: &mut mpsc::Receiver<OutgoingPacket>,
+    wait: Duration,
+    metrics: &ServerMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::select! {
+            p = packets.recv() => {
+                if p.is_none() { return true; }
+                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_connected" }).inc();
+            }
+            _ = tokio::time::sleep_until(deadline) => return false,
+            _ = shutdown.changed() => return true,
+        }
+    }
+}
+
+/// Sends media and handles control until the connection fails (`Err`) or shutdown (`Ok`).
+async fn serve_connection(
+    conn: &quinn::Connection,
+    hello: &StreamHello,
+    packets: &mut mpsc::Receiver<OutgoingPacket>,
+    keyframe: &AtomicBool,
+    metrics: &ServerMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+    let mut buf = Vec::new();
+    ControlMessage::StreamHello(hello.clone()).encode(&mut buf);
+    send.write_all(&buf).await.context("sending the stream description")?;
+    let mut decoder = ControlDecoder::default();
+    let mut read_buf = vec![0u8; 4096];
+    let mut datagram = Vec::with_capacity(1500);
+    loop {
+        tokio::select! {
+            packet = packets.recv() => {
+                let Some(packet) = packet else { return Ok(()) };
+                datagram.clear();
+                framing::encode_datagram(DatagramKind::VideoRtp, &packet.rtp, &mut datagram);
+                if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                    metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+                    match e {
+                        quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", packet.rtp.len()),
+                        e => return Err(e.into()),
+                    }
+                }
+            }
+            read = recv.read(&mut read_buf) => {
+                match read.context("reading the control stream")? {
+                    None => return Err(anyhow!("the relay closed the control stream")),
+                    Some(n) => {
+                        decoder.extend(read_buf.get(..n).unwrap_or_default());
+                        loop {
+                            match decoder.next_message() {
+                                Ok(Some(ControlMessage::KeyframeRequest)) => {
+                                    metrics.keyframe_requests.inc();
+                                    keyframe.store(true, Ordering::Relaxed);
+                                }
+                                Ok(Some(ControlMessage::Goodbye(reason))) => {
+                                    return Err(anyhow!("the relay said goodbye: {reason}"));
+                                }
+                                Ok(Some(other)) => {
+                                    metrics.bad_control_messages.inc();
+                                    tracing::warn!("unexpected control message from the relay: {other:?}");
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    metrics.bad_control_messages.inc();
+                                    return Err(anyhow!("malformed control stream from the relay: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                buf.clear();
+                ControlMessage::Goodbye("render node shutting down".into()).encode(&mut buf);
+                let _ = send.write_all(&buf).await;
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+// Reads the video receiver's statistics from getStats() once a second and shows them.
+
+/** Turns two successive inbound-rtp reports into the numbers the overlay shows. */
+export function summarize(report, previous) {
+  const s = {
+    width: report.frameWidth ?? 0,
+    height: report.frameHeight ?? 0,
+    framesDecoded: report.framesDecoded ?? 0,
+    framesDropped: report.framesDropped ?? 0,
+    fps: report.framesPerSecond ?? 0,
+    packetsLost: report.packetsLost ?? 0,
+    nackCount: report.nackCount ?? 0,
+    pliCount: report.pliCount ?? 0,
+    freezeCount: report.freezeCount ?? 0,
+    jitterBufferMs: 0,
+    decodeMs: 0,
+    bitrateKbps: 0,
+  };
+  if (report.jitterBufferEmittedCount > 0) {
+    s.jitterBufferMs = (1000 * report.jitterBufferDelay) / report.jitterBufferEmittedCount;
+  }
+  if (report.framesDecoded > 0 && report.totalDecodeTime !== undefined) {
+    s.decodeMs = (1000 * report.totalDecodeTime) / report.framesDecoded;
+  }
+  if (previous && report.timestamp > previous.timestamp) {
+    const bits = 8 * (report.bytesReceived - previous.bytesReceived);
+    s.bitrateKbps = bits / (report.timestamp - previous.timestamp);
+    // Decoded fps over the last interval, for browsers without framesPerSecond.
+    if (!report.framesPerSecond) {
+      s.fps = (1000 * (report.framesDecoded - previous.framesDecoded)) / (report.timestamp - previous.timestamp);
+    }
+  }
+  return s;
+}
+
+export function format(s) {
+  return [
+    `${s.width}×${s.height}  ${s.fps.toFixed(0)} fps`,
+    `${(s.bitrateKbps / 1000).toFixed(2)} Mb/s`,
+    `jitter buffer ${s.jitterBufferMs.toFixed(1)} ms`,
+    `decode ${s.decodeMs.toFixed(1)} ms`,
+    `lost ${s.packetsLost}  nack ${s.nackCount}  pli ${s.pliCount}  freezes ${s.freezeCount}`,
+  ].join('\n');
+}
+
+/** Polls `pc` every second; calls `onStats(summary)` and writes the overlay into `element`. */
+export function watchStats(pc, element, onStats) {
+  let previous = null;
+  const timer = setInterval(async () => {
+    if (pc.connectionState === 'closed') {
+      clearInterval(timer);
+      return;
+    }
+    const stats = await pc.getStats();
+    for (const report of stats.values()) {
+      if (report.type === 'inbound-rtp' && report.kind === 'video') {
+        const s = summarize(report, previous);
+        previous = report;
+        element.textContent = format(s);
+        onStats(s);
+      }
+    }
+  }, 1000);
+  return () => clearInterval(timer);
+}
