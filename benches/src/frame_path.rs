@@ -1,1 +1,189 @@
-fn main(){}
+//! `frame-path`: where a frame's time goes on this machine.
+//!
+//! 1. Runs the real frame path (paced render thread → readback → encode thread →
+//!    packetizer → network queue) for `--frames` frames and records each frame's stages.
+//! 2. On the same frames (same scene, same timestamps, a fresh encoder), measures render
+//!    alone (draw only, submit to fence) and encode alone (the encoder on pictures already
+//!    in memory).
+//! 3. Reports per-stage medians, the sustained frame rate, and the glue ratio
+//!    `whole frame path ÷ (render alone + encode alone)`; the last line is one JSON object.
+
+use anyhow::Context;
+use clap::Parser;
+use pylon_gpu::{FrameRenderer, RendererConfig, Work};
+use pylon_server::encode::{EncoderChoice, EncoderConfig, VideoEncoder, load_nv12};
+use pylon_server::metrics::ServerMetrics;
+use pylon_server::pipeline::{FrameTiming, Pipeline, PipelineConfig};
+use pylon_server::scene::{DemoScene, SPACE};
+use std::time::{Duration, Instant};
+
+/// Per-stage timing of the Pylon frame path.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Frames to measure (after a warm-up of 30).
+    #[arg(long, default_value_t = 600)]
+    frames: u64,
+    /// Picture size.
+    #[arg(long, default_value_t = 1280)]
+    width: u32,
+    /// Picture size.
+    #[arg(long, default_value_t = 720)]
+    height: u32,
+    /// Frame rate of the paced run.
+    #[arg(long, default_value_t = 60)]
+    fps: u32,
+    /// Encoder: auto (NVENC if present, else libx264), nvenc or x264.
+    #[arg(long, default_value = "auto")]
+    encoder: String,
+}
+
+const WARMUP: u64 = 30;
+const SEED: u32 = 0x5eed;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let choice = match args.encoder.as_str() {
+        "nvenc" => EncoderChoice::Nvenc,
+        "x264" => EncoderChoice::X264,
+        _ => EncoderChoice::Auto,
+    };
+    let encoder_config = EncoderConfig {
+        width: args.width,
+        height: args.height,
+        fps: args.fps,
+        bitrate: 6_000_000,
+        keyframe_interval: 0,
+        choice,
+    };
+
+    // 1. The real, paced frame path.
+    let total_frames = WARMUP + args.frames;
+    eprintln!("frame path: {} frames at {}x{} {} fps…", total_frames, args.width, args.height, args.fps);
+    let (packet_tx, mut packet_rx) = tokio::sync::mpsc::channel(1 << 16);
+    let drain = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while packet_rx.blocking_recv().is_some() {
+            n += 1;
+        }
+        n
+    });
+    let (timing_tx, timing_rx) = std::sync::mpsc::channel::<FrameTiming>();
+    let metrics = ServerMetrics::new();
+    let pipeline = Pipeline::start_observed(
+        PipelineConfig {
+            width: args.width,
+            height: args.height,
+            fps: args.fps,
+            gpu: None,
+            slots: 3,
+            encoder: encoder_config.clone(),
+            max_rtp_packet: 1200,
+            seed: SEED,
+        },
+        metrics.clone(),
+        packet_tx,
+        Some(timing_tx),
+    )
+    .context("starting the frame path")?;
+    let info = pipeline.info().clone();
+    let mut timings = Vec::new();
+    let started = Instant::now();
+    while (timings.len() as u64) < total_frames {
+        let t = timing_rx.recv_timeout(Duration::from_secs(10)).context("the frame path stalled")?;
+        timings.push(t);
+    }
+    let elapsed = started.elapsed();
+    drop(pipeline);
+    let packets = drain.join().unwrap_or(0);
+    let measured: Vec<FrameTiming> = timings.iter().copied().filter(|t| t.index >= WARMUP).collect();
+    let indices: Vec<u64> = measured.iter().map(|t| t.index).collect();
+    let dropped = metrics.render().lines().filter(|l| l.starts_with("pylon_server_frames_dropped_total")).map(|l| l.to_string()).collect::<Vec<_>>();
+
+    // 2. Render alone and encode alone, on the same frames.
+    eprintln!("stages alone on the same {} frames…", indices.len());
+    let mut renderer = FrameRenderer::new(&RendererConfig {
+        width: args.width,
+        height: args.height,
+        gpu: None,
+        slots: 1,
+        clear_color: SPACE,
+    })?;
+    let mut encoder = VideoEncoder::open(&encoder_config)?;
+    let mut frame = encoder.new_input_frame();
+    let mut scene = DemoScene::new(args.width, args.height, SEED);
+    let (mut render_alone, mut convert_alone, mut encode_alone) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first = true;
+    for &index in &indices {
+        scene.advance(index as f32 / args.fps as f32);
+        let t0 = Instant::now();
+        renderer.submit(0, scene.vertices(), Work::RenderOnly)?;
+        renderer.wait(0, Duration::from_secs(5))?;
+        let t1 = Instant::now();
+        renderer.submit(0, scene.vertices(), Work::RenderAndConvert)?;
+        renderer.wait(0, Duration::from_secs(5))?;
+        let t2 = Instant::now();
+        load_nv12(&mut frame, renderer.nv12(0).unwrap_or_default())?;
+        let t3 = Instant::now();
+        encoder.encode(&mut frame, index as i64, first)?;
+        let t4 = Instant::now();
+        first = false;
+        render_alone.push(t1 - t0);
+        convert_alone.push((t2 - t1).saturating_sub(t1 - t0));
+        encode_alone.push(t4 - t3);
+    }
+
+    // 3. Report.
+    let stage = |f: fn(&FrameTiming) -> Duration| median(measured.iter().map(f).collect());
+    let whole = stage(|t| t.total);
+    let whole_p95 = percentile(measured.iter().map(|t| t.total).collect(), 0.95);
+    let (render_alone, encode_alone, convert_alone) = (median(render_alone), median(encode_alone), median(convert_alone));
+    let alone = render_alone + encode_alone;
+    let ratio = ms(whole) / ms(alone);
+    let fps = total_frames as f64 / elapsed.as_secs_f64();
+    let bytes: usize = measured.iter().map(|t| t.bytes).sum();
+    let kbps = bytes as f64 * 8.0 / (measured.len() as f64 / f64::from(args.fps)) / 1000.0;
+    println!("Pylon frame path, {}x{} @ {} fps, GPU: {}, encoder: {}", args.width, args.height, args.fps, info.gpu_name, info.encoder);
+    println!("{:<34} {:>9}", "stage (median per frame)", "ms");
+    println!("{:<34} {:>9.3}", "render + NV12 convert (GPU)", ms(stage(|t| t.render)));
+    println!("{:<34} {:>9.3}", "  of which convert (alone)", ms(convert_alone));
+    println!("{:<34} {:>9.3}", "readback (copy to encoder frame)", ms(stage(|t| t.readback)));
+    println!("{:<34} {:>9.3}", "queue to encoder", ms(stage(|t| t.queued)));
+    println!("{:<34} {:>9.3}", "encode", ms(stage(|t| t.encode)));
+    println!("{:<34} {:>9.3}", "packetize + hand to network", ms(stage(|t| t.packetize)));
+    println!("{:<34} {:>9.3}  (p95 {:.3})", "whole frame path (tick → packets)", ms(whole), ms(whole_p95));
+    println!("{:<34} {:>9.3}", "render alone", ms(render_alone));
+    println!("{:<34} {:>9.3}", "encode alone", ms(encode_alone));
+    println!("sustained: {:.1} fps over {:.1} s, {} RTP packets, {:.0} kbit/s", fps, elapsed.as_secs_f64(), packets, kbps);
+    for d in &dropped {
+        println!("{d}");
+    }
+    println!("glue ratio (whole ÷ (render alone + encode alone)): {ratio:.3}  (target ≤ 1.15)");
+    println!(
+        "{}",
+        serde_json::json!({
+            "width": args.width, "height": args.height, "fps_target": args.fps,
+            "gpu": info.gpu_name, "encoder": info.encoder,
+            "render_ms": ms(stage(|t| t.render)), "readback_ms": ms(stage(|t| t.readback)),
+            "encode_ms": ms(stage(|t| t.encode)), "packetize_ms": ms(stage(|t| t.packetize)),
+            "whole_ms": ms(whole), "whole_p95_ms": ms(whole_p95), "render_alone_ms": ms(render_alone), "encode_alone_ms": ms(encode_alone),
+            "sustained_fps": fps, "glue_ratio": ratio,
+        })
+    );
+    Ok(())
+}

@@ -90,6 +90,30 @@ pub struct OutgoingPacket {
     pub rtp: Bytes,
 }
 
+/// Where the time of one frame went, reported per frame to an optional observer
+/// (benchmarks and diagnostics).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameTiming {
+    /// Frame number.
+    pub index: u64,
+    /// Submit to fence: rendering and NV12 conversion on the GPU.
+    pub render: Duration,
+    /// Copy of the NV12 picture out of the readback buffer.
+    pub readback: Duration,
+    /// Waiting for the encode thread.
+    pub queued: Duration,
+    /// Encoding.
+    pub encode: Duration,
+    /// Packetizing and handing packets to the network task.
+    pub packetize: Duration,
+    /// From the frame's tick to its last packet handed to the network task.
+    pub total: Duration,
+    /// Encoded size.
+    pub bytes: usize,
+    /// Whether it was a keyframe.
+    pub keyframe: bool,
+}
+
 /// Handle to the running frame path. Dropping it stops both threads.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -103,6 +127,9 @@ struct EncodeJob {
     frame: frame::Video,
     index: u64,
     tick: Instant,
+    render: Duration,
+    readback: Duration,
+    queued_at: Instant,
 }
 
 impl Pipeline {
@@ -112,6 +139,16 @@ impl Pipeline {
         config: PipelineConfig,
         metrics: ServerMetrics,
         packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+    ) -> Result<Self, PipelineError> {
+        Self::start_observed(config, metrics, packets, None)
+    }
+
+    /// Like [`Self::start`], also sending each frame's [`FrameTiming`] to `timings`.
+    pub fn start_observed(
+        config: PipelineConfig,
+        metrics: ServerMetrics,
+        packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+        timings: Option<mpsc::Sender<FrameTiming>>,
     ) -> Result<Self, PipelineError> {
         let stop = Arc::new(AtomicBool::new(false));
         let keyframe = Arc::new(AtomicBool::new(true));
@@ -147,7 +184,7 @@ impl Pipeline {
             std::thread::Builder::new()
                 .name("pylon-encode".into())
                 .spawn(move || {
-                    encode_thread(encoder, packetizer, fps, metrics, stop, keyframe, job_rx, pool_tx, packets)
+                    encode_thread(encoder, packetizer, fps, metrics, stop, keyframe, job_rx, pool_tx, packets, timings)
                 })
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
@@ -295,7 +332,8 @@ fn finish(
 ) {
     metrics.frames_rendered.inc();
     let rendered = Instant::now();
-    metrics.observe("render", rendered - done.submitted);
+    let render = rendered - done.submitted;
+    metrics.observe("render", render);
     let Ok(mut frame) = pool.try_recv() else {
         metrics.drop_frame("encoder_behind");
         return;
@@ -305,8 +343,9 @@ fn finish(
             tracing::error!("readback failed: {e}");
         }
     }
-    metrics.observe("readback", rendered.elapsed());
-    let _ = jobs.send(EncodeJob { frame, index: done.index, tick: done.tick });
+    let readback = rendered.elapsed();
+    metrics.observe("readback", readback);
+    let _ = jobs.send(EncodeJob { frame, index: done.index, tick: done.tick, render, readback, queued_at: Instant::now() });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -320,6 +359,7 @@ fn encode_thread(
     jobs: mpsc::Receiver<EncodeJob>,
     pool: mpsc::Sender<frame::Video>,
     packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+    timings: Option<mpsc::Sender<FrameTiming>>,
 ) {
     let rtp_base = rand_u32();
     let ticks_per_frame = f64::from(VIDEO_CLOCK_RATE) / f64::from(fps.max(1));
@@ -329,6 +369,7 @@ fn encode_thread(
         };
         let want_key = keyframe.swap(false, Ordering::Relaxed);
         let started = Instant::now();
+        let queued = started - job.queued_at;
         let encoded = encoder.encode(&mut job.frame, job.index as i64, want_key);
         let encoded_at = Instant::now();
         metrics.observe("encode", encoded_at - started);
@@ -374,5 +415,18 @@ fn encode_thread(
         let done = Instant::now();
         metrics.observe("packetize", done - encoded_at);
         metrics.observe("frame_path", done - job.tick);
+        if let Some(t) = &timings {
+            let _ = t.send(FrameTiming {
+                index: job.index,
+                render: job.render,
+                readback: job.readback,
+                queued,
+                encode: encoded_at - started,
+                packetize: done - encoded_at,
+                total: done - job.tick,
+                bytes: au.data.len(),
+                keyframe: au.keyframe,
+            });
+        }
     }
 }

@@ -1,0 +1,32 @@
+# Pylon images: `docker build --target relay -t pylon-relay .` and `--target server`.
+# The render node needs the NVIDIA container runtime for GPU access (Vulkan ICD and NVENC
+# come from the host driver at run time: --gpus all, NVIDIA_DRIVER_CAPABILITIES=all); without
+# a GPU it renders on Mesa lavapipe and encodes with libx264.
+
+FROM debian:bookworm AS build
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      build-essential pkg-config clang libclang-dev \
+      libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
+      libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/*
+RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.88.0
+ENV PATH=/root/.cargo/bin:$PATH
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bins
+
+FROM debian:bookworm-slim AS relay
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libssl3 ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pylon-relay /usr/local/bin/pylon-relay
+EXPOSE 8080/tcp 3478/udp 4433/udp
+ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--quic-addr", "0.0.0.0:4433", "--data-dir", "/var/lib/pylon"]
+
+FROM debian:bookworm-slim AS server
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
+      libvulkan1 mesa-vulkan-drivers ca-certificates && rm -rf /var/lib/apt/lists/*
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,graphics,utility
+COPY --from=build /src/target/release/pylon-server /usr/local/bin/pylon-server
+EXPOSE 9100/tcp
+ENTRYPOINT ["pylon-server", "--metrics-addr", "0.0.0.0:9100"]

@@ -1,0 +1,67 @@
+# Pylon — the two commands: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Builds go outside the checkout so repeated runs (and CI on the same machine) reuse them.
+export CARGO_TARGET_DIR ?= /var/tmp/pylon-target
+export CARGO_TERM_COLOR ?= never
+
+# Debian 12 packages the build, the demo and the tests need (the Dockerfile installs the same).
+DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
+	libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
+	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
+	chromium chromium-driver
+
+RELAY_HTTP ?= 127.0.0.1:8080
+DATA_DIR ?= .pylon
+
+.PHONY: help deps rust build release demo test lint fmt bench frame-path clean
+
+help:
+	@echo "make demo        install what is missing, build, start relay + render node, print the URL to play"
+	@echo "make test        every test (unit, Vulkan/FFmpeg integration, Chromium end to end) plus fmt and clippy"
+	@echo "make frame-path  per-stage frame timing report (benchmark)"
+	@echo "make bench       criterion benchmarks of the frame stages"
+
+# Installs only the Debian packages that are missing (idempotent; needs root for apt-get).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing missing Debian packages: $$missing"; \
+		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "Debian packages: all present"; fi
+	@$(MAKE) --no-print-directory rust
+
+rust:
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.88 or newer with rustup (https://rustup.rs)"; exit 1; }
+	@v=$$(rustc --version | awk '{print $$2}'); \
+	if [ "$$(printf '%s\n1.88.0\n' "$$v" | sort -V | head -1)" != 1.88.0 ]; then echo "Rust $$v is too old: Pylon needs 1.88 or newer (rustup update)"; exit 1; fi
+
+build: deps
+	cargo build --workspace --all-targets
+
+release: deps
+	cargo build --release --bins
+
+demo: release
+	@mkdir -p $(DATA_DIR)/logs
+	@bash deploy/demo.sh "$(CARGO_TARGET_DIR)/release" "$(DATA_DIR)" "$(RELAY_HTTP)"
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: build
+	cargo test --workspace --all-targets -- --test-threads=2
+	@$(MAKE) --no-print-directory lint
+
+bench: deps
+	cargo bench -p pylon-benches
+
+frame-path: deps
+	cargo run --release -p pylon-benches --bin frame-path -- --frames 600
+
+clean:
+	cargo clean
+	rm -rf $(DATA_DIR)
