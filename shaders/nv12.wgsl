@@ -33,24 +33,27 @@ fn pack4(a: f32, b: f32, c: f32, d: f32) -> u32 {
     return u.x | (u.y << 8u) | (u.z << 16u) | (u.w << 24u);
 }
 
-@compute @workgroup_size(16, 8, 1)
+@compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     let x = id.x * 4u;
     let y = id.y * 2u;
     if (x >= params.width || y >= params.height) {
         return;
     }
-    var top: array<vec3<f32>, 4>;
-    var bottom: array<vec3<f32>, 4>;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        top[i] = textureLoad(source, vec2<u32>(x + i, y), 0).rgb;
-        bottom[i] = textureLoad(source, vec2<u32>(x + i, y + 1u), 0).rgb;
-    }
+    // Unrolled on purpose: CPU implementations (lavapipe) keep these in registers.
+    let t0 = textureLoad(source, vec2<u32>(x, y), 0).rgb;
+    let t1 = textureLoad(source, vec2<u32>(x + 1u, y), 0).rgb;
+    let t2 = textureLoad(source, vec2<u32>(x + 2u, y), 0).rgb;
+    let t3 = textureLoad(source, vec2<u32>(x + 3u, y), 0).rgb;
+    let b0 = textureLoad(source, vec2<u32>(x, y + 1u), 0).rgb;
+    let b1 = textureLoad(source, vec2<u32>(x + 1u, y + 1u), 0).rgb;
+    let b2 = textureLoad(source, vec2<u32>(x + 2u, y + 1u), 0).rgb;
+    let b3 = textureLoad(source, vec2<u32>(x + 3u, y + 1u), 0).rgb;
     let words_per_row = params.width / 4u;
     let row0 = y * words_per_row + id.x;
-    nv12[row0] = pack4(luma(top[0]), luma(top[1]), luma(top[2]), luma(top[3]));
-    nv12[row0 + words_per_row] = pack4(luma(bottom[0]), luma(bottom[1]), luma(bottom[2]), luma(bottom[3]));
-    let left = chroma((top[0] + top[1] + bottom[0] + bottom[1]) * 0.25);
-    let right = chroma((top[2] + top[3] + bottom[2] + bottom[3]) * 0.25);
+    nv12[row0] = pack4(luma(t0), luma(t1), luma(t2), luma(t3));
+    nv12[row0 + words_per_row] = pack4(luma(b0), luma(b1), luma(b2), luma(b3));
+    let left = chroma((t0 + t1 + b0 + b1) * 0.25);
+    let right = chroma((t2 + t3 + b2 + b3) * 0.25);
     nv12[params.uv_offset_words + id.y * words_per_row + id.x] = pack4(left.x, left.y, right.x, right.y);
 }
