@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Browser, Platform, SAMPLE_VIDEO, start_platform};
+use common::{Browser, Platform, SAMPLE_VIDEO, metric, relay_metrics, start_platform, wait_metric};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,8 +37,19 @@ async fn chromium_plays_the_demo_title_at_720p() {
     }
     assert_ne!(first["hash"], second["hash"], "the scene moves");
 
-    let metrics = platform.server_metrics.render();
-    assert!(metrics.contains("pylon_server_frames_encoded_total"), "{metrics}");
+    // The browser goes away mid-stream: the relay notices, the node keeps rendering.
+    let http = platform.relay.http_addr;
+    assert_eq!(metric(&relay_metrics(http).await, "pylon_relay_viewers"), 1.0);
+    browser.client.goto("about:blank").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(&relay_metrics(http).await, "pylon_relay_viewers") > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the relay still counts the departed viewer");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let encoded = platform.server_metrics_value("pylon_server_frames_encoded");
+    let received = metric(&relay_metrics(http).await, "pylon_relay_rtp_in_packets");
+    wait_metric(http, "pylon_relay_rtp_in_packets", received + 30.0).await;
+    assert!(platform.server_metrics_value("pylon_server_frames_encoded") > encoded);
     browser.close().await;
     platform.stop().await;
 }

@@ -19,6 +19,7 @@ pub struct Platform {
     pub server_metrics: ServerMetrics,
     pipeline: Option<Pipeline>,
     shutdown: watch::Sender<bool>,
+    relay_shutdown: watch::Sender<bool>,
     data_dir: PathBuf,
 }
 
@@ -27,7 +28,24 @@ impl Platform {
         format!("http://{}/", self.relay.http_addr)
     }
 
+    /// Stops the relay only; the render node keeps running and retrying.
+    pub async fn stop_relay(&self) {
+        let _ = self.relay_shutdown.send(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// Sum of a render-node metric's samples.
+    pub fn server_metrics_value(&self, name: &str) -> f64 {
+        self.server_metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub async fn stop(mut self) {
+        let _ = self.relay_shutdown.send(true);
         let _ = self.shutdown.send(true);
         self.pipeline.take();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -44,6 +62,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
     let _ = tracing_subscriber_init();
     let data_dir = std::env::temp_dir().join(format!("pylon-e2e-{}-{}", std::process::id(), rand_suffix()));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (relay_shutdown, relay_shutdown_rx) = watch::channel(false);
     let (started_tx, started_rx) = oneshot::channel();
     let config = RelayConfig {
         http_addr: localhost(),
@@ -52,7 +71,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
         quic_addr: localhost(),
         data_dir: data_dir.clone(),
     };
-    tokio::spawn(pylon_relay::run(config, shutdown_rx.clone(), Some(started_tx)));
+    tokio::spawn(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx)));
     let relay = started_rx.await.expect("relay started");
 
     let metrics = ServerMetrics::new();
@@ -89,7 +108,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
     let uplink_config =
         UplinkConfig { relay: relay.quic_addr, relay_cert: relay.cert_path.clone(), server_name: "pylon-relay".into() };
     tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics.clone(), shutdown_rx));
-    Platform { relay, server_metrics: metrics, pipeline: Some(pipeline), shutdown, data_dir }
+    Platform { relay, server_metrics: metrics, pipeline: Some(pipeline), shutdown, relay_shutdown, data_dir }
 }
 
 fn tracing_subscriber_init() -> Option<()> {
@@ -225,3 +244,32 @@ for (let i = 0; i < d.length; i += 4) {
 const n = d.length / 4;
 return { width: c.width, height: c.height, space: space / n, hull, rock, mean: sum / (3 * n), hash };
 "#;
+
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn relay_metrics(http: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+pub async fn wait_metric(http: std::net::SocketAddr, name: &str, at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(&relay_metrics(http).await, name);
+        if v >= at_least {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {v}, wanted {at_least}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
