@@ -14,10 +14,11 @@ const W: u32 = 1280;
 const H: u32 = 720;
 
 fn stages(c: &mut Criterion) {
-    let mut renderer = match FrameRenderer::new(&RendererConfig { width: W, height: H, gpu: None, slots: 1, clear_color: SPACE }) {
-        Ok(r) => r,
-        Err(e) => panic!("no Vulkan device: {e}"),
-    };
+    let mut renderer =
+        match FrameRenderer::new(&RendererConfig { width: W, height: H, gpu: None, slots: 1, clear_color: SPACE }) {
+            Ok(r) => r,
+            Err(e) => panic!("no Vulkan device: {e}"),
+        };
     let mut scene = DemoScene::new(W, H, 0x5eed);
     let mut t = 0.0f32;
     let mut group = c.benchmark_group("frame_720p");
@@ -26,17 +27,28 @@ fn stages(c: &mut Criterion) {
         b.iter(|| {
             t += 1.0 / 60.0;
             scene.advance(t);
-            renderer.submit(0, scene.vertices(), Work::RenderOnly).and_then(|_| renderer.wait(0, Duration::from_secs(5)))
+            renderer
+                .submit(0, scene.vertices(), Work::RenderOnly)
+                .and_then(|_| renderer.wait(0, Duration::from_secs(5)))
         })
     });
     group.bench_function("render_convert", |b| {
         b.iter(|| {
             t += 1.0 / 60.0;
             scene.advance(t);
-            renderer.submit(0, scene.vertices(), Work::RenderAndConvert).and_then(|_| renderer.wait(0, Duration::from_secs(5)))
+            renderer
+                .submit(0, scene.vertices(), Work::RenderAndConvert)
+                .and_then(|_| renderer.wait(0, Duration::from_secs(5)))
         })
     });
-    let config = EncoderConfig { width: W, height: H, fps: 60, bitrate: 6_000_000, keyframe_interval: 0, choice: EncoderChoice::Auto };
+    let config = EncoderConfig {
+        width: W,
+        height: H,
+        fps: 60,
+        bitrate: 6_000_000,
+        keyframe_interval: 0,
+        choice: EncoderChoice::Auto,
+    };
     let mut encoder = VideoEncoder::open(&config).unwrap_or_else(|e| panic!("{e}"));
     let mut frame = encoder.new_input_frame();
     let nv12 = renderer.nv12(0).unwrap_or_default().to_vec();
@@ -53,7 +65,11 @@ fn stages(c: &mut Criterion) {
     });
     let mut packetizer = H264Packetizer::new(1200, 102, 1, 0);
     group.bench_function("packetize", |b| {
-        b.iter(|| packetizer.packetize(black_box(&last), 0, |p| { black_box(p); }))
+        b.iter(|| {
+            packetizer.packetize(black_box(&last), 0, |p| {
+                black_box(p);
+            })
+        })
     });
     group.finish();
 }

@@ -113,7 +113,12 @@ fn main() -> anyhow::Result<()> {
     let packets = drain.join().unwrap_or(0);
     let measured: Vec<FrameTiming> = timings.iter().copied().filter(|t| t.index >= WARMUP).collect();
     let indices: Vec<u64> = measured.iter().map(|t| t.index).collect();
-    let dropped = metrics.render().lines().filter(|l| l.starts_with("pylon_server_frames_dropped_total")).map(|l| l.to_string()).collect::<Vec<_>>();
+    let dropped = metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("pylon_server_frames_dropped_total"))
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>();
 
     // 2. Render alone and encode alone, on the same frames.
     eprintln!("stages alone on the same {} frames…", indices.len());
@@ -152,13 +157,17 @@ fn main() -> anyhow::Result<()> {
     let stage = |f: fn(&FrameTiming) -> Duration| median(measured.iter().map(f).collect());
     let whole = stage(|t| t.total);
     let whole_p95 = percentile(measured.iter().map(|t| t.total).collect(), 0.95);
-    let (render_alone, encode_alone, convert_alone) = (median(render_alone), median(encode_alone), median(convert_alone));
+    let (render_alone, encode_alone, convert_alone) =
+        (median(render_alone), median(encode_alone), median(convert_alone));
     let alone = render_alone + encode_alone;
     let ratio = ms(whole) / ms(alone);
     let fps = total_frames as f64 / elapsed.as_secs_f64();
     let bytes: usize = measured.iter().map(|t| t.bytes).sum();
     let kbps = bytes as f64 * 8.0 / (measured.len() as f64 / f64::from(args.fps)) / 1000.0;
-    println!("Pylon frame path, {}x{} @ {} fps, GPU: {}, encoder: {}", args.width, args.height, args.fps, info.gpu_name, info.encoder);
+    println!(
+        "Pylon frame path, {}x{} @ {} fps, GPU: {}, encoder: {}",
+        args.width, args.height, args.fps, info.gpu_name, info.encoder
+    );
     println!("{:<34} {:>9}", "stage (median per frame)", "ms");
     println!("{:<34} {:>9.3}", "render + NV12 convert (GPU)", ms(stage(|t| t.render)));
     println!("{:<34} {:>9.3}", "  of which convert (alone)", ms(convert_alone));
@@ -169,7 +178,13 @@ fn main() -> anyhow::Result<()> {
     println!("{:<34} {:>9.3}  (p95 {:.3})", "whole frame path (tick → packets)", ms(whole), ms(whole_p95));
     println!("{:<34} {:>9.3}", "render alone", ms(render_alone));
     println!("{:<34} {:>9.3}", "encode alone", ms(encode_alone));
-    println!("sustained: {:.1} fps over {:.1} s, {} RTP packets, {:.0} kbit/s", fps, elapsed.as_secs_f64(), packets, kbps);
+    println!(
+        "sustained: {:.1} fps over {:.1} s, {} RTP packets, {:.0} kbit/s",
+        fps,
+        elapsed.as_secs_f64(),
+        packets,
+        kbps
+    );
     for d in &dropped {
         println!("{d}");
     }

@@ -164,10 +164,10 @@ pub async fn run(
             if v.next_timeout <= now {
                 let _ = v.rtc.handle_input(Input::Timeout(now));
             }
-            if drain(v, &socket, &metrics) {
-                if let Some(s) = source.as_mut() {
-                    s.request_keyframe(now, &metrics);
-                }
+            if drain(v, &socket, &metrics)
+                && let Some(s) = source.as_mut()
+            {
+                s.request_keyframe(now, &metrics);
             }
         }
         retain_alive(&mut viewers, &metrics);
@@ -199,11 +199,10 @@ pub async fn run(
                             tracing::debug!(viewer = v.id, "viewer input error: {e}");
                             v.rtc.disconnect();
                         }
-                        if drain(v, &socket, &metrics) {
-                            if let Some(s) = source.as_mut() {
+                        if drain(v, &socket, &metrics)
+                            && let Some(s) = source.as_mut() {
                                 s.request_keyframe(now, &metrics);
                             }
-                        }
                     }
                     None => {
                         metrics.udp_unknown.inc();
@@ -382,9 +381,12 @@ fn handle_ingest(
             };
             let ext_seq = s.extend(rtp.header.sequence);
             let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
-            let mut exts = ExtensionValues::default();
-            exts.play_delay_min = Some(MediaTime::new(0, Frequency::HUNDREDTHS));
-            exts.play_delay_max = Some(MediaTime::new(0, Frequency::HUNDREDTHS));
+            // Playout delay min = max = 0: render each frame as soon as it is decoded.
+            let exts = ExtensionValues {
+                play_delay_min: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
+                play_delay_max: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
+                ..Default::default()
+            };
             for v in viewers.iter_mut().filter(|v| v.connected) {
                 let (Some(mid), Some(pt)) = (v.mid, v.pt) else { continue };
                 let offset = *v.seq_offset.get_or_insert_with(|| {

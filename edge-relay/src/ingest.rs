@@ -70,7 +70,8 @@ pub fn endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<quinn::
     server.transport_config(Arc::new(transport));
     let socket = crate::egress::big_buffer_socket(addr, SOCKET_BUFFER)?;
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime).context("creating the QUIC endpoint")
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        .context("creating the QUIC endpoint")
 }
 
 /// Accepts node connections until shutdown.
@@ -146,7 +147,14 @@ async fn serve_node(
             }
         }
     };
-    tracing::info!(node, "render node streaming {}x{} at {} fps with {}", hello.width, hello.height, hello.fps, hello.encoder);
+    tracing::info!(
+        node,
+        "render node streaming {}x{} at {} fps with {}",
+        hello.width,
+        hello.height,
+        hello.fps,
+        hello.encoder
+    );
     let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
     events
         .send(IngestEvent::StreamStarted { node, hello, control: control_tx })

@@ -33,12 +33,16 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,str0m=warn,quinn=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,str0m=warn,quinn=warn".into()),
         )
         .init();
     let args = Args::parse();
     if args.webrtc_addr.ip().is_unspecified() && args.advertise_addr.is_none() {
-        anyhow::bail!("--webrtc-addr {} is a wildcard: pass --advertise-addr with the address browsers can reach", args.webrtc_addr);
+        anyhow::bail!(
+            "--webrtc-addr {} is a wildcard: pass --advertise-addr with the address browsers can reach",
+            args.webrtc_addr
+        );
     }
     let config = RelayConfig {
         http_addr: args.http_addr,

@@ -86,7 +86,11 @@ impl RelayMetrics {
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
         r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
-        r.register("keyframe_requests_upstream", "Keyframe requests sent to nodes", m.keyframe_requests_upstream.clone());
+        r.register(
+            "keyframe_requests_upstream",
+            "Keyframe requests sent to nodes",
+            m.keyframe_requests_upstream.clone(),
+        );
         r.register("udp_send_errors", "UDP sends to viewers that failed", m.udp_send_errors.clone());
         r.register("udp_unknown", "UDP datagrams no viewer accepted", m.udp_unknown.clone());
         RelayMetrics { registry: Arc::new(r), ..m }

@@ -2,6 +2,8 @@
 //! restarted under a running render node. Each gets a counted drop or a clear error; the
 //! relay keeps serving and the node reconnects.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{metric, relay_metrics, start_platform, wait_metric};
@@ -9,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use pylon_proto::framing::{self, ControlMessage, StreamHello};
 use pylon_relay::RelayConfig;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -55,8 +57,14 @@ async fn garbage_on_every_socket_is_counted_and_the_stream_goes_on() {
     let conn = endpoint.connect_with(config, platform.relay.quic_addr, "pylon-relay").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     let mut hello = Vec::new();
-    ControlMessage::StreamHello(StreamHello { width: 64, height: 64, fps: 30, profile_level_id: 0x42e01f, encoder: "junk".into() })
-        .encode(&mut hello);
+    ControlMessage::StreamHello(StreamHello {
+        width: 64,
+        height: 64,
+        fps: 30,
+        profile_level_id: 0x42e01f,
+        encoder: "junk".into(),
+    })
+    .encode(&mut hello);
     send.write_all(&hello).await.unwrap();
     for d in [&b""[..], &[1], &[9, 1, 0x80], &[1, 1, 0x40, 0, 0], &[1, 7, 1, 2, 3]] {
         let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(d));

@@ -1,6 +1,8 @@
 //! The first playable frame, end to end: Vulkan render → NV12 → H.264 → RTP over QUIC →
 //! relay → WebRTC (str0m) → headless Chromium, checked from getStats() and the pixels.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Browser, Platform, SAMPLE_VIDEO, metric, relay_metrics, start_platform, wait_metric};

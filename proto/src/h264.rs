@@ -35,10 +35,10 @@ pub fn split_annex_b(stream: &[u8]) -> impl Iterator<Item = &[u8]> {
         while end > body && stream.get(end - 1) == Some(&0) {
             end -= 1;
         }
-        if let Some(nal) = stream.get(body..end) {
-            if !nal.is_empty() {
-                nals.push(nal);
-            }
+        if let Some(nal) = stream.get(body..end)
+            && !nal.is_empty()
+        {
+            nals.push(nal);
         }
     }
     nals.into_iter()
@@ -78,9 +78,8 @@ impl H264Packetizer {
     /// with each complete RTP packet in order. The last packet carries the marker bit.
     /// Returns the number of packets emitted.
     pub fn packetize(&mut self, access_unit: &[u8], timestamp: u32, mut emit: impl FnMut(&[u8])) -> usize {
-        let nals: Vec<&[u8]> = split_annex_b(access_unit)
-            .filter(|n| n.first().is_some_and(|b| b & 0x1f != NAL_AUD))
-            .collect();
+        let nals: Vec<&[u8]> =
+            split_annex_b(access_unit).filter(|n| n.first().is_some_and(|b| b & 0x1f != NAL_AUD)).collect();
         let budget = self.max_packet - HEADER_LEN;
         // Plan the packets first so that the marker bit can be set on the last one.
         let mut plan: Vec<Packet<'_>> = Vec::new();
@@ -196,7 +195,10 @@ impl H264Depacketizer {
                 let mut rest = rest;
                 while !rest.is_empty() {
                     let (len, tail) = rest.split_at_checked(2).ok_or(DepacketizeError::Truncated)?;
-                    let len = usize::from(u16::from_be_bytes([len.first().copied().unwrap_or(0), len.get(1).copied().unwrap_or(0)]));
+                    let len = usize::from(u16::from_be_bytes([
+                        len.first().copied().unwrap_or(0),
+                        len.get(1).copied().unwrap_or(0),
+                    ]));
                     let (nal, tail) = tail.split_at_checked(len).ok_or(DepacketizeError::Truncated)?;
                     self.nals.push(nal.to_vec());
                     rest = tail;

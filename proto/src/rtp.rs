@@ -66,9 +66,7 @@ fn get(buf: &[u8], range: std::ops::Range<usize>) -> Result<&[u8], RtpError> {
 }
 
 fn array<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N], RtpError> {
-    get(buf, at..at + N)?
-        .try_into()
-        .map_err(|_| RtpError::Truncated { len: buf.len(), needed: at + N })
+    get(buf, at..at + N)?.try_into().map_err(|_| RtpError::Truncated { len: buf.len(), needed: at + N })
 }
 
 impl<'a> RtpPacket<'a> {

@@ -6,8 +6,8 @@
 //! VBV, constrained-baseline profile so every browser decodes the stream. Which encoder
 //! was chosen, and why the others were not, is reported to the caller for logging.
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::{Dictionary, Rational, codec, color, format::Pixel, frame, picture};
+use ffmpeg_next as ffmpeg;
 use thiserror::Error;
 
 /// The H.264 profile-level-id the stream is announced with in SDP: constrained baseline,
@@ -109,7 +109,14 @@ fn options(name: &str, config: &EncoderConfig) -> Dictionary<'static> {
             o.set("tune", "zerolatency");
             o.set("profile", "baseline");
             o.set("forced-idr", "1");
-            o.set("x264-params", &format!("vbv-maxrate={0}:vbv-bufsize={1}:rc-lookahead=0:sync-lookahead=0:bframes=0", config.bitrate / 1000, (per_frame / 1000).max(1)));
+            o.set(
+                "x264-params",
+                &format!(
+                    "vbv-maxrate={0}:vbv-bufsize={1}:rc-lookahead=0:sync-lookahead=0:bframes=0",
+                    config.bitrate / 1000,
+                    (per_frame / 1000).max(1)
+                ),
+            );
         }
     }
     o.set("bf", "0");
@@ -161,7 +168,8 @@ impl VideoEncoder {
         enc.set_max_b_frames(0);
         enc.set_colorspace(color::Space::BT709);
         enc.set_color_range(color::Range::MPEG);
-        enc.open_with(options(name, config)).map_err(|e| format!("failed to open ({e}): no usable device, driver or setting"))
+        enc.open_with(options(name, config))
+            .map_err(|e| format!("failed to open ({e}): no usable device, driver or setting"))
     }
 
     /// The encoder in use (`h264_nvenc` or `libx264`).
@@ -178,7 +186,12 @@ impl VideoEncoder {
     /// keyframe if `keyframe`. Returns the access unit, or `None` if the encoder produced
     /// nothing for this frame. The encoders are configured without delay, so the access
     /// unit of a frame comes out of the call that takes it in.
-    pub fn encode(&mut self, frame: &mut frame::Video, pts: i64, keyframe: bool) -> Result<Option<EncodedFrame>, EncodeError> {
+    pub fn encode(
+        &mut self,
+        frame: &mut frame::Video,
+        pts: i64,
+        keyframe: bool,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         frame.set_pts(Some(pts));
         frame.set_kind(if keyframe { picture::Type::I } else { picture::Type::None });
         self.encoder.send_frame(frame)?;
@@ -193,7 +206,13 @@ impl VideoEncoder {
                             f.data.extend_from_slice(data);
                             f.keyframe |= key;
                         }
-                        None => out = Some(EncodedFrame { data: data.to_vec(), pts: self.packet.pts().unwrap_or(pts), keyframe: key }),
+                        None => {
+                            out = Some(EncodedFrame {
+                                data: data.to_vec(),
+                                pts: self.packet.pts().unwrap_or(pts),
+                                keyframe: key,
+                            })
+                        }
                     }
                 }
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EAGAIN => break,
@@ -251,7 +270,14 @@ mod tests {
     use super::*;
 
     fn config() -> EncoderConfig {
-        EncoderConfig { width: 320, height: 240, fps: 30, bitrate: 1_000_000, keyframe_interval: 0, choice: EncoderChoice::X264 }
+        EncoderConfig {
+            width: 320,
+            height: 240,
+            fps: 30,
+            bitrate: 1_000_000,
+            keyframe_interval: 0,
+            choice: EncoderChoice::X264,
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let (w, h) = s.split_once(['x', 'X']).ok_or("expected WIDTHxHEIGHT, e.g. 1280x720")?;
     let w: u32 = w.trim().parse().map_err(|_| format!("bad width {w:?}"))?;
     let h: u32 = h.trim().parse().map_err(|_| format!("bad height {h:?}"))?;
-    if w == 0 || h == 0 || w % 4 != 0 || h % 2 != 0 || w > 7680 || h > 4320 {
+    if w == 0 || h == 0 || !w.is_multiple_of(4) || !h.is_multiple_of(2) || w > 7680 || h > 4320 {
         return Err(format!("{w}x{h}: width must be a multiple of 4, height a multiple of 2, at most 7680x4320"));
     }
     Ok((w, h))
@@ -141,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         encoder: info.encoder.to_string(),
     };
     let uplink_config = UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name };
-    let uplink = tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics, shutdown_rx));
+    let uplink =
+        tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics, shutdown_rx));
     tokio::select! {
         r = tokio::signal::ctrl_c() => {
             r?;

@@ -179,7 +179,8 @@ impl Pipeline {
         };
         let encode = {
             let (stop, keyframe, metrics) = (stop.clone(), keyframe.clone(), metrics.clone());
-            let packetizer = H264Packetizer::new(config.max_rtp_packet, RTP_PAYLOAD_TYPE, rand_u32(), rand_u32() as u16);
+            let packetizer =
+                H264Packetizer::new(config.max_rtp_packet, RTP_PAYLOAD_TYPE, rand_u32(), rand_u32() as u16);
             let fps = config.fps;
             std::thread::Builder::new()
                 .name("pylon-encode".into())
@@ -338,14 +339,15 @@ fn finish(
         metrics.drop_frame("encoder_behind");
         return;
     };
-    if let Some(nv12) = renderer.nv12(done.slot) {
-        if let Err(e) = load_nv12(&mut frame, nv12) {
-            tracing::error!("readback failed: {e}");
-        }
+    if let Some(nv12) = renderer.nv12(done.slot)
+        && let Err(e) = load_nv12(&mut frame, nv12)
+    {
+        tracing::error!("readback failed: {e}");
     }
     let readback = rendered.elapsed();
     metrics.observe("readback", readback);
-    let _ = jobs.send(EncodeJob { frame, index: done.index, tick: done.tick, render, readback, queued_at: Instant::now() });
+    let _ =
+        jobs.send(EncodeJob { frame, index: done.index, tick: done.tick, render, readback, queued_at: Instant::now() });
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -204,7 +204,11 @@ impl DemoScene {
             (sx + (a.cos() * fwd - a.sin() * side) * size, sy + (a.sin() * fwd + a.cos() * side) * size)
         };
         let flicker = 0.7 + 0.3 * (self.time * 37.0).sin().abs();
-        tri(&mut out, [at(-0.7, 0.0), at(-0.7 - 0.9 * flicker, 0.28), at(-0.7 - 0.9 * flicker, -0.28)], [1.0, 0.35, 0.05, 0.9]);
+        tri(
+            &mut out,
+            [at(-0.7, 0.0), at(-0.7 - 0.9 * flicker, 0.28), at(-0.7 - 0.9 * flicker, -0.28)],
+            [1.0, 0.35, 0.05, 0.9],
+        );
         tri(&mut out, [at(1.0, 0.0), at(-0.8, 0.7), at(-0.5, 0.0)], HULL);
         tri(&mut out, [at(1.0, 0.0), at(-0.5, 0.0), at(-0.8, -0.7)], HULL);
         tri(&mut out, [at(0.55, 0.0), at(0.05, 0.18), at(0.05, -0.18)], [0.55, 0.85, 1.0, 1.0]);

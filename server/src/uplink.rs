@@ -42,20 +42,25 @@ pub fn endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
 /// kernel allows; the granted size is logged when smaller).
 pub fn big_buffer_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP)).context("creating a UDP socket")?;
+    let socket =
+        Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP)).context("creating a UDP socket")?;
     for (what, set, get) in [
-        ("receive", Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>, Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>),
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+        ),
         ("send", Socket::set_send_buffer_size, Socket::send_buffer_size),
     ] {
         if let Err(e) = set(&socket, SOCKET_BUFFER) {
             tracing::warn!("cannot set the UDP {what} buffer to {SOCKET_BUFFER} bytes: {e}");
         }
-        if let Ok(got) = get(&socket) {
-            if got < SOCKET_BUFFER {
-                tracing::warn!(
-                    "UDP {what} buffer is {got} bytes (wanted {SOCKET_BUFFER}); raise net.core.rmem_max/wmem_max to avoid drops"
-                );
-            }
+        if let Ok(got) = get(&socket)
+            && got < SOCKET_BUFFER
+        {
+            tracing::warn!(
+                "UDP {what} buffer is {got} bytes (wanted {SOCKET_BUFFER}); raise net.core.rmem_max/wmem_max to avoid drops"
+            );
         }
     }
     socket.set_nonblocking(true)?;
@@ -64,8 +69,9 @@ pub fn big_buffer_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket
 }
 
 fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig> {
-    let der = std::fs::read(cert_path)
-        .with_context(|| format!("reading the relay certificate {} (the relay writes it on start)", cert_path.display()))?;
+    let der = std::fs::read(cert_path).with_context(|| {
+        format!("reading the relay certificate {} (the relay writes it on start)", cert_path.display())
+    })?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::CertificateDer::from(der)).context("the relay certificate is not valid DER")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -83,7 +89,9 @@ fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig> {
 /// QUIC transport settings shared by node and relay.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5000)))));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(5).try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5000))),
+    ));
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.datagram_send_buffer_size(SOCKET_BUFFER);
     t.datagram_receive_buffer_size(Some(SOCKET_BUFFER));

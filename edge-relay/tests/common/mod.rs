@@ -152,7 +152,8 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
 
 impl Browser {
     pub async fn start() -> Browser {
-        let chromedriver = which("chromedriver").expect("chromedriver not found: apt-get install chromium chromium-driver");
+        let chromedriver =
+            which("chromedriver").expect("chromedriver not found: apt-get install chromium chromium-driver");
         let chromium = which("chromium").expect("chromium not found: apt-get install chromium chromium-driver");
         let port = free_port();
         let driver = tokio::process::Command::new(chromedriver)
@@ -205,7 +206,8 @@ impl Browser {
                 return v;
             }
             if Instant::now() > deadline {
-                let state = self.eval("return JSON.stringify(window.pylon && {state: pylon.state, stats: pylon.stats})").await;
+                let state =
+                    self.eval("return JSON.stringify(window.pylon && {state: pylon.state, stats: pylon.stats})").await;
                 panic!("timed out waiting for `{script}`; player state: {state}");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -272,4 +274,3 @@ pub async fn wait_metric(http: std::net::SocketAddr, name: &str, at_least: f64) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
-

@@ -108,28 +108,29 @@ pub(crate) fn probe(instance: &ash::Instance) -> Result<Vec<DeviceInfo>, GpuErro
 /// then a CPU renderer such as lavapipe); devices without a graphics+compute queue are
 /// never chosen.
 pub fn choose(devices: &[DeviceInfo], wanted: Option<&str>) -> Result<(usize, String), GpuError> {
-    let usable: Vec<(usize, &DeviceInfo)> = devices.iter().enumerate().filter(|(_, d)| d.queue_family.is_some()).collect();
-    let names = || devices.iter().map(|d| format!("'{}' ({})", d.name, d.kind.describe())).collect::<Vec<_>>().join(", ");
+    let usable: Vec<(usize, &DeviceInfo)> =
+        devices.iter().enumerate().filter(|(_, d)| d.queue_family.is_some()).collect();
+    let names =
+        || devices.iter().map(|d| format!("'{}' ({})", d.name, d.kind.describe())).collect::<Vec<_>>().join(", ");
     if let Some(wanted) = wanted {
         let needle = wanted.to_lowercase();
         return usable
             .iter()
             .find(|(_, d)| d.name.to_lowercase().contains(&needle))
             .map(|(i, d)| (*i, format!("'{}' matches --gpu {wanted:?}", d.name)))
-            .ok_or_else(|| GpuError::NoDevice(format!("no Vulkan device matches --gpu {wanted:?}; available: {}", names())));
+            .ok_or_else(|| {
+                GpuError::NoDevice(format!("no Vulkan device matches --gpu {wanted:?}; available: {}", names()))
+            });
     }
-    let (index, best) = usable
-        .iter()
-        .max_by_key(|(i, d)| (d.kind, std::cmp::Reverse(*i)))
-        .ok_or_else(|| {
-            GpuError::NoDevice(if devices.is_empty() {
-                "Vulkan reports no device: install an NVIDIA/AMD/Intel driver, or mesa-vulkan-drivers for the \
+    let (index, best) = usable.iter().max_by_key(|(i, d)| (d.kind, std::cmp::Reverse(*i))).ok_or_else(|| {
+        GpuError::NoDevice(if devices.is_empty() {
+            "Vulkan reports no device: install an NVIDIA/AMD/Intel driver, or mesa-vulkan-drivers for the \
                  CPU renderer (lavapipe)"
-                    .into()
-            } else {
-                format!("no Vulkan device has a graphics+compute queue; available: {}", names())
-            })
-        })?;
+                .into()
+        } else {
+            format!("no Vulkan device has a graphics+compute queue; available: {}", names())
+        })
+    })?;
     let reason = if best.kind == DeviceKind::Cpu {
         format!("only a CPU renderer is available ({}): rendering in software", names())
     } else if usable.len() > 1 {

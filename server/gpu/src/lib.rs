@@ -24,7 +24,9 @@ pub use device::{DeviceInfo, DeviceKind};
 #[non_exhaustive]
 pub enum GpuError {
     /// The Vulkan loader (`libvulkan.so.1`) could not be loaded.
-    #[error("cannot load the Vulkan loader ({0}); install libvulkan1 and a driver (mesa-vulkan-drivers for CPU rendering)")]
+    #[error(
+        "cannot load the Vulkan loader ({0}); install libvulkan1 and a driver (mesa-vulkan-drivers for CPU rendering)"
+    )]
     Loader(String),
     /// No usable device.
     #[error("{0}")]
@@ -182,7 +184,11 @@ fn spirv(bytes: &[u8]) -> Vec<u32> {
 impl FrameRenderer {
     /// Opens the chosen device and builds pipelines and the slot ring.
     pub fn new(config: &RendererConfig) -> Result<Self, GpuError> {
-        if config.width == 0 || config.height == 0 || config.width % 4 != 0 || config.height % 2 != 0 {
+        if config.width == 0
+            || config.height == 0
+            || !config.width.is_multiple_of(4)
+            || !config.height.is_multiple_of(2)
+        {
             return Err(GpuError::BadSize { width: config.width, height: config.height });
         }
         let (entry, instance) = create_instance()?;
@@ -205,7 +211,8 @@ impl FrameRenderer {
         let info = devices.get(index).cloned().ok_or_else(|| GpuError::NoDevice("device vanished".into()))?;
         let family = info.queue_family.ok_or_else(|| GpuError::NoDevice("device has no usable queue".into()))?;
         let priorities = [1.0f32];
-        let queue_info = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
+        let queue_info =
+            [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
         let device_info = vk::DeviceCreateInfo::default().queue_create_infos(&queue_info);
         // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.
         let device = match unsafe { instance.create_device(info.handle, &device_info, None) } {
@@ -276,7 +283,12 @@ impl FrameRenderer {
         self.slots.get(slot).is_some_and(|s| s.in_flight)
     }
 
-    fn build(&mut self, family: u32, memory: &vk::PhysicalDeviceMemoryProperties, slots: usize) -> Result<(), GpuError> {
+    fn build(
+        &mut self,
+        family: u32,
+        memory: &vk::PhysicalDeviceMemoryProperties,
+        slots: usize,
+    ) -> Result<(), GpuError> {
         let d = &self.device;
         let color_format = vk::Format::R8G8B8A8_UNORM;
 
@@ -290,9 +302,8 @@ impl FrameRenderer {
             .stencil_store_op(vk::AttachmentStoreOp::DONT_CARE)
             .initial_layout(vk::ImageLayout::UNDEFINED)
             .final_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
-        let color_ref = [vk::AttachmentReference::default()
-            .attachment(0)
-            .layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
+        let color_ref =
+            [vk::AttachmentReference::default().attachment(0).layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
         let subpass = [vk::SubpassDescription::default()
             .pipeline_bind_point(vk::PipelineBindPoint::GRAPHICS)
             .color_attachments(&color_ref)];
@@ -314,26 +325,31 @@ impl FrameRenderer {
                 .src_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE)
                 .dst_access_mask(vk::AccessFlags::SHADER_READ),
         ];
-        let rp_info =
-            vk::RenderPassCreateInfo::default().attachments(&attachment).subpasses(&subpass).dependencies(&dependencies);
+        let rp_info = vk::RenderPassCreateInfo::default()
+            .attachments(&attachment)
+            .subpasses(&subpass)
+            .dependencies(&dependencies);
         // SAFETY: `rp_info` and the arrays it points to outlive the call.
-        self.render_pass = unsafe { d.create_render_pass(&rp_info, None) }.map_err(GpuError::vk("creating the render pass"))?;
+        self.render_pass =
+            unsafe { d.create_render_pass(&rp_info, None) }.map_err(GpuError::vk("creating the render pass"))?;
 
         // Shaders, compiled from shaders/*.wgsl by build.rs.
         let scene_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/scene.spv")));
         let nv12_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12.spv")));
         // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
-        let scene_module = unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&scene_code), None) }
-            .map_err(GpuError::vk("loading the scene shader"))?;
+        let scene_module =
+            unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&scene_code), None) }
+                .map_err(GpuError::vk("loading the scene shader"))?;
         // SAFETY: as above.
-        let nv12_module = match unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&nv12_code), None) } {
-            Ok(m) => m,
-            Err(result) => {
-                // SAFETY: the module was created above and is not in use.
-                unsafe { d.destroy_shader_module(scene_module, None) };
-                return Err(GpuError::Vulkan { what: "loading the NV12 shader", result });
-            }
-        };
+        let nv12_module =
+            match unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&nv12_code), None) } {
+                Ok(m) => m,
+                Err(result) => {
+                    // SAFETY: the module was created above and is not in use.
+                    unsafe { d.destroy_shader_module(scene_module, None) };
+                    return Err(GpuError::Vulkan { what: "loading the NV12 shader", result });
+                }
+            };
         let pipelines = self.build_pipelines(scene_module, nv12_module, family);
         // SAFETY: pipelines keep their own copy of the code; the modules are no longer needed.
         unsafe {
@@ -349,14 +365,22 @@ impl FrameRenderer {
         Ok(())
     }
 
-    fn build_pipelines(&mut self, scene: vk::ShaderModule, nv12: vk::ShaderModule, family: u32) -> Result<(), GpuError> {
+    fn build_pipelines(
+        &mut self,
+        scene: vk::ShaderModule,
+        nv12: vk::ShaderModule,
+        family: u32,
+    ) -> Result<(), GpuError> {
         let d = &self.device;
         // Graphics pipeline.
         // SAFETY: an empty layout description is always valid.
         self.graphics_layout = unsafe { d.create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default(), None) }
             .map_err(GpuError::vk("creating the graphics layout"))?;
         let stages = [
-            vk::PipelineShaderStageCreateInfo::default().stage(vk::ShaderStageFlags::VERTEX).module(scene).name(c"vs_main"),
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::VERTEX)
+                .module(scene)
+                .name(c"vs_main"),
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::FRAGMENT)
                 .module(scene)
@@ -367,7 +391,11 @@ impl FrameRenderer {
             .stride(std::mem::size_of::<Vertex>() as u32)
             .input_rate(vk::VertexInputRate::VERTEX)];
         let attributes = [
-            vk::VertexInputAttributeDescription::default().location(0).binding(0).format(vk::Format::R32G32_SFLOAT).offset(0),
+            vk::VertexInputAttributeDescription::default()
+                .location(0)
+                .binding(0)
+                .format(vk::Format::R32G32_SFLOAT)
+                .offset(0),
             vk::VertexInputAttributeDescription::default()
                 .location(1)
                 .binding(0)
@@ -377,7 +405,8 @@ impl FrameRenderer {
         let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
             .vertex_binding_descriptions(&bindings)
             .vertex_attribute_descriptions(&attributes);
-        let assembly = vk::PipelineInputAssemblyStateCreateInfo::default().topology(vk::PrimitiveTopology::TRIANGLE_LIST);
+        let assembly =
+            vk::PipelineInputAssemblyStateCreateInfo::default().topology(vk::PrimitiveTopology::TRIANGLE_LIST);
         let viewports = [vk::Viewport {
             x: 0.0,
             y: 0.0,
@@ -393,7 +422,8 @@ impl FrameRenderer {
             .cull_mode(vk::CullModeFlags::NONE)
             .front_face(vk::FrontFace::COUNTER_CLOCKWISE)
             .line_width(1.0);
-        let multisample = vk::PipelineMultisampleStateCreateInfo::default().rasterization_samples(vk::SampleCountFlags::TYPE_1);
+        let multisample =
+            vk::PipelineMultisampleStateCreateInfo::default().rasterization_samples(vk::SampleCountFlags::TYPE_1);
         let blend_attachment = [vk::PipelineColorBlendAttachmentState::default()
             .blend_enable(true)
             .src_color_blend_factor(vk::BlendFactor::SRC_ALPHA)
@@ -451,7 +481,12 @@ impl FrameRenderer {
         }
         .map_err(GpuError::vk("creating the compute layout"))?;
         let compute_info = [vk::ComputePipelineCreateInfo::default()
-            .stage(vk::PipelineShaderStageCreateInfo::default().stage(vk::ShaderStageFlags::COMPUTE).module(nv12).name(c"main"))
+            .stage(
+                vk::PipelineShaderStageCreateInfo::default()
+                    .stage(vk::ShaderStageFlags::COMPUTE)
+                    .module(nv12)
+                    .name(c"main"),
+            )
             .layout(self.compute_layout)];
         // SAFETY: `compute_info` outlives the call.
         self.compute = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &compute_info, None) }
@@ -466,7 +501,10 @@ impl FrameRenderer {
         ];
         // SAFETY: `pool_sizes` outlives the call.
         self.descriptor_pool = unsafe {
-            d.create_descriptor_pool(&vk::DescriptorPoolCreateInfo::default().max_sets(16).pool_sizes(&pool_sizes), None)
+            d.create_descriptor_pool(
+                &vk::DescriptorPoolCreateInfo::default().max_sets(16).pool_sizes(&pool_sizes),
+                None,
+            )
         }
         .map_err(GpuError::vk("creating the descriptor pool"))?;
         // SAFETY: `family` is the queue family the device was created with.
@@ -512,7 +550,8 @@ impl FrameRenderer {
         what: &'static str,
     ) -> Result<Buffer, GpuError> {
         let d = &self.device;
-        let info = vk::BufferCreateInfo::default().size(size as u64).usage(usage).sharing_mode(vk::SharingMode::EXCLUSIVE);
+        let info =
+            vk::BufferCreateInfo::default().size(size as u64).usage(usage).sharing_mode(vk::SharingMode::EXCLUSIVE);
         // SAFETY: `info` is a valid description.
         let buffer = unsafe { d.create_buffer(&info, None) }.map_err(GpuError::vk(what))?;
         let mut out = Buffer { buffer, memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size };
@@ -577,8 +616,18 @@ impl FrameRenderer {
             image_memory: vk::DeviceMemory::null(),
             view: vk::ImageView::null(),
             framebuffer: vk::Framebuffer::null(),
-            vertices: Buffer { buffer: vk::Buffer::null(), memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size: 0 },
-            nv12: Buffer { buffer: vk::Buffer::null(), memory: vk::DeviceMemory::null(), mapped: std::ptr::null_mut(), size: 0 },
+            vertices: Buffer {
+                buffer: vk::Buffer::null(),
+                memory: vk::DeviceMemory::null(),
+                mapped: std::ptr::null_mut(),
+                size: 0,
+            },
+            nv12: Buffer {
+                buffer: vk::Buffer::null(),
+                memory: vk::DeviceMemory::null(),
+                mapped: std::ptr::null_mut(),
+                size: 0,
+            },
             descriptor: vk::DescriptorSet::null(),
             commands: vk::CommandBuffer::null(),
             fence: vk::Fence::null(),
@@ -586,7 +635,8 @@ impl FrameRenderer {
         };
         let result = (|| {
             // SAFETY: `image_info` is a valid description.
-            slot.image = unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating the colour target"))?;
+            slot.image =
+                unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating the colour target"))?;
             // SAFETY: the image belongs to this device.
             let req = unsafe { d.get_image_memory_requirements(slot.image) };
             let index = Self::memory_type(
@@ -598,11 +648,15 @@ impl FrameRenderer {
             )?;
             // SAFETY: the index comes from this device's memory properties.
             slot.image_memory = unsafe {
-                d.allocate_memory(&vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index), None)
+                d.allocate_memory(
+                    &vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index),
+                    None,
+                )
             }
             .map_err(GpuError::vk("allocating the colour target"))?;
             // SAFETY: fresh, unbound image and memory sized by its requirements.
-            unsafe { d.bind_image_memory(slot.image, slot.image_memory, 0) }.map_err(GpuError::vk("binding the colour target"))?;
+            unsafe { d.bind_image_memory(slot.image, slot.image_memory, 0) }
+                .map_err(GpuError::vk("binding the colour target"))?;
             let view_info = vk::ImageViewCreateInfo::default()
                 .image(slot.image)
                 .view_type(vk::ImageViewType::TYPE_2D)
@@ -615,7 +669,8 @@ impl FrameRenderer {
                     layer_count: 1,
                 });
             // SAFETY: the view describes the image created above.
-            slot.view = unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating the image view"))?;
+            slot.view =
+                unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating the image view"))?;
             let views = [slot.view];
             let fb_info = vk::FramebufferCreateInfo::default()
                 .render_pass(self.render_pass)
@@ -624,19 +679,23 @@ impl FrameRenderer {
                 .height(self.height)
                 .layers(1);
             // SAFETY: the view matches the render pass's single attachment.
-            slot.framebuffer = unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating the framebuffer"))?;
+            slot.framebuffer =
+                unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating the framebuffer"))?;
             slot.vertices = self.create_buffer(
                 memory,
                 MAX_VERTICES * std::mem::size_of::<Vertex>(),
                 vk::BufferUsageFlags::VERTEX_BUFFER,
                 "the vertex buffer",
             )?;
-            slot.nv12 = self.create_buffer(memory, self.nv12_len(), vk::BufferUsageFlags::STORAGE_BUFFER, "the NV12 buffer")?;
+            slot.nv12 =
+                self.create_buffer(memory, self.nv12_len(), vk::BufferUsageFlags::STORAGE_BUFFER, "the NV12 buffer")?;
             let layouts = [self.set_layout];
             // SAFETY: the pool was sized for 16 sets; slots are far fewer.
             slot.descriptor = unsafe {
                 d.allocate_descriptor_sets(
-                    &vk::DescriptorSetAllocateInfo::default().descriptor_pool(self.descriptor_pool).set_layouts(&layouts),
+                    &vk::DescriptorSetAllocateInfo::default()
+                        .descriptor_pool(self.descriptor_pool)
+                        .set_layouts(&layouts),
                 )
             }
             .map_err(GpuError::vk("allocating a descriptor set"))?
@@ -646,7 +705,8 @@ impl FrameRenderer {
             let image_desc = [vk::DescriptorImageInfo::default()
                 .image_view(slot.view)
                 .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
-            let buffer_desc = [vk::DescriptorBufferInfo::default().buffer(slot.nv12.buffer).offset(0).range(vk::WHOLE_SIZE)];
+            let buffer_desc =
+                [vk::DescriptorBufferInfo::default().buffer(slot.nv12.buffer).offset(0).range(vk::WHOLE_SIZE)];
             let writes = [
                 vk::WriteDescriptorSet::default()
                     .dst_set(slot.descriptor)
@@ -675,7 +735,8 @@ impl FrameRenderer {
             .next()
             .unwrap_or_default();
             // SAFETY: a default fence description is valid.
-            slot.fence = unsafe { d.create_fence(&vk::FenceCreateInfo::default(), None) }.map_err(GpuError::vk("creating a fence"))?;
+            slot.fence = unsafe { d.create_fence(&vk::FenceCreateInfo::default(), None) }
+                .map_err(GpuError::vk("creating a fence"))?;
             Ok(())
         })();
         match result {
@@ -727,16 +788,24 @@ impl FrameRenderer {
         // SAFETY: the slot is not in flight, so the GPU does not read its vertex buffer;
         // the mapping is MAX_VERTICES vertices long and `vertices` is no longer.
         unsafe {
-            std::ptr::copy_nonoverlapping(vertices.as_ptr().cast::<u8>(), s.vertices.mapped, std::mem::size_of_val(vertices));
+            std::ptr::copy_nonoverlapping(
+                vertices.as_ptr().cast::<u8>(),
+                s.vertices.mapped,
+                std::mem::size_of_val(vertices),
+            );
         }
         let cb = s.commands;
         // SAFETY: the command buffer is not pending (its fence was waited for), it comes
         // from a pool with RESET_COMMAND_BUFFER, and every handle recorded belongs to this
         // device and lives as long as the renderer.
         unsafe {
-            d.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty()).map_err(GpuError::vk("resetting commands"))?;
-            d.begin_command_buffer(cb, &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT))
-                .map_err(GpuError::vk("recording commands"))?;
+            d.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty())
+                .map_err(GpuError::vk("resetting commands"))?;
+            d.begin_command_buffer(
+                cb,
+                &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+            )
+            .map_err(GpuError::vk("recording commands"))?;
             let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: self.clear_color } }];
             let begin = vk::RenderPassBeginInfo::default()
                 .render_pass(self.render_pass)
@@ -752,7 +821,14 @@ impl FrameRenderer {
             d.cmd_end_render_pass(cb);
             if work == Work::RenderAndConvert {
                 d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.compute);
-                d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, self.compute_layout, 0, &[s.descriptor], &[]);
+                d.cmd_bind_descriptor_sets(
+                    cb,
+                    vk::PipelineBindPoint::COMPUTE,
+                    self.compute_layout,
+                    0,
+                    &[s.descriptor],
+                    &[],
+                );
                 let uv_offset_words = self.width * self.height / 4;
                 let params = [self.width, self.height, uv_offset_words, 0];
                 let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();

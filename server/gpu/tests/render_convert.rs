@@ -1,6 +1,8 @@
 //! Renders on whatever Vulkan device the machine has (lavapipe on CI) and checks the
 //! NV12 output of the compute conversion against the BT.709 limited-range formulas.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use pylon_gpu::{FrameRenderer, RendererConfig, Vertex, Work};
 use std::time::Duration;
 
@@ -48,13 +50,8 @@ fn renders_and_converts_to_nv12() {
 
 #[test]
 fn odd_sizes_are_refused_with_a_clear_error() {
-    let err = FrameRenderer::new(&RendererConfig {
-        width: 1279,
-        height: 720,
-        gpu: None,
-        slots: 1,
-        clear_color: [0.0; 4],
-    })
-    .unwrap_err();
+    let err =
+        FrameRenderer::new(&RendererConfig { width: 1279, height: 720, gpu: None, slots: 1, clear_color: [0.0; 4] })
+            .unwrap_err();
     assert!(err.to_string().contains("multiple of 4"), "{err}");
 }
