@@ -11,6 +11,11 @@
 //! | `StreamHello`      | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name (rest, UTF-8, ≤ 64 bytes) |
 //! | `KeyframeRequest`  | 2    | relay → node   | empty                                                                 |
 //! | `Goodbye`          | 3    | either         | reason (rest, UTF-8, ≤ 256 bytes)                                     |
+//! | `Input`            | 4    | relay → node   | one player input message (`input.rs` format), forwarded unchanged     |
+//! | `FrameInfo`        | 5    | node → relay   | rtp timestamp u32, input seq u32, render µs u32, encode µs u32, input age µs u32 |
+//!
+//! Datagram kinds: 1 = video RTP (node → relay), 2 = supersedable player input such as
+//! mouse motion (relay → node), forwarded unchanged.
 
 use thiserror::Error;
 
@@ -29,6 +34,8 @@ pub const DATAGRAM_HEADER_LEN: usize = 2;
 pub enum DatagramKind {
     /// An RTP packet of the video stream.
     VideoRtp = 1,
+    /// A supersedable player input message (mouse motion).
+    Input = 2,
 }
 
 /// Why a datagram or control message was refused.
@@ -64,6 +71,7 @@ pub fn encode_datagram(kind: DatagramKind, rtp: &[u8], out: &mut Vec<u8>) {
 pub fn decode_datagram(buf: &[u8]) -> Result<(DatagramKind, &[u8]), FramingError> {
     match buf {
         [FRAMING_VERSION, 1, rtp @ ..] => Ok((DatagramKind::VideoRtp, rtp)),
+        [FRAMING_VERSION, 2, input @ ..] => Ok((DatagramKind::Input, input)),
         [FRAMING_VERSION, other, ..] => Err(FramingError::UnknownType(*other)),
         [version, _, ..] => Err(FramingError::Version(*version)),
         _ => Err(FramingError::Truncated),
@@ -95,6 +103,26 @@ pub enum ControlMessage {
     KeyframeRequest,
     /// Either way: the sender is closing the connection on purpose.
     Goodbye(String),
+    /// Relay → node: one player input message, unchanged from the browser.
+    Input(Vec<u8>),
+    /// Node → relay: which input the frame with this RTP timestamp is the first to reflect,
+    /// and what the node spent on it (for click-to-photon and its breakdown).
+    FrameInfo(FrameInfo),
+}
+
+/// Latency facts about one frame, known to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// RTP timestamp of the frame (as the node sent it).
+    pub rtp_timestamp: u32,
+    /// Highest input sequence number applied before the frame was rendered.
+    pub input_seq: u32,
+    /// Render and convert time, µs.
+    pub render_us: u32,
+    /// Encode time, µs.
+    pub encode_us: u32,
+    /// From the input's arrival at the node to the frame leaving it, µs.
+    pub node_us: u32,
 }
 
 const MAX_ENCODER_NAME: usize = 64;
@@ -122,6 +150,16 @@ impl ControlMessage {
                 1
             }
             ControlMessage::KeyframeRequest => 2,
+            ControlMessage::Input(bytes) => {
+                body.extend_from_slice(bytes.get(..bytes.len().min(crate::input::MAX_INPUT_MESSAGE)).unwrap_or_default());
+                4
+            }
+            ControlMessage::FrameInfo(f) => {
+                for v in [f.rtp_timestamp, f.input_seq, f.render_us, f.encode_us, f.node_us] {
+                    body.extend_from_slice(&v.to_be_bytes());
+                }
+                5
+            }
             ControlMessage::Goodbye(reason) => {
                 body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
                 3
@@ -171,6 +209,19 @@ impl ControlMessage {
                 }
                 let reason = std::str::from_utf8(body).map_err(|_| FramingError::Malformed("Goodbye"))?;
                 ControlMessage::Goodbye(reason.to_owned())
+            }
+            4 if body.len() <= crate::input::MAX_INPUT_MESSAGE => ControlMessage::Input(body.to_vec()),
+            4 => return Err(FramingError::Malformed("Input")),
+            5 => {
+                if body.len() != 20 {
+                    return Err(FramingError::Malformed("FrameInfo"));
+                }
+                let words: Vec<u32> =
+                    body.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().unwrap_or([0; 4]))).collect();
+                let [rtp_timestamp, input_seq, render_us, encode_us, node_us] = words[..] else {
+                    return Err(FramingError::Malformed("FrameInfo"));
+                };
+                ControlMessage::FrameInfo(FrameInfo { rtp_timestamp, input_seq, render_us, encode_us, node_us })
             }
             other => return Err(FramingError::UnknownType(*other)),
         };
@@ -237,7 +288,13 @@ mod tests {
 
     #[test]
     fn control_round_trip_and_streaming() {
-        let msgs = [hello(), ControlMessage::KeyframeRequest, ControlMessage::Goodbye("bye ✓".into())];
+        let msgs = [
+            hello(),
+            ControlMessage::KeyframeRequest,
+            ControlMessage::Goodbye("bye ✓".into()),
+            ControlMessage::Input(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+            ControlMessage::FrameInfo(FrameInfo { rtp_timestamp: 9, input_seq: 8, render_us: 7, encode_us: 6, node_us: 5 }),
+        ];
         let mut wire = Vec::new();
         for m in &msgs {
             m.encode(&mut wire);
@@ -275,7 +332,7 @@ mod tests {
 
     #[test]
     fn control_length_sweep_never_panics() {
-        for kind in 0..=4u8 {
+        for kind in 0..=6u8 {
             for len in 0..1500usize {
                 let mut buf = vec![kind];
                 buf.extend_from_slice(&(len as u16).to_be_bytes());
