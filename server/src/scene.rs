@@ -2,10 +2,17 @@
 //!
 //! The simulation is I/O-free and driven by an explicit time: [`DemoScene::advance`]
 //! moves everything to `t` seconds since the start, so a frame's contents depend only on
-//! its timestamp (and later on input), never on the wall clock. [`DemoScene::vertices`]
-//! turns the state into coloured triangles for the renderer.
+//! its timestamp and the input applied ([`DemoScene::apply`]), never on the wall clock.
+//! [`DemoScene::vertices`] turns the state into coloured triangles for the renderer.
+//!
+//! Until the first input arrives the ship flies on autopilot. Then the player steers:
+//! arrows/WASD turn and thrust, Space or a left click fires, the mouse aims, a gamepad's
+//! left stick steers and its A button fires, a touch sets where to fly and a second finger
+//! fires. Bullets that hit an asteroid score 10 points, shown top left.
 
 use pylon_gpu::Vertex;
+use pylon_proto::input::{InputEvent, KEY_CODES, TouchPhase};
+use std::collections::HashSet;
 use std::f32::consts::TAU;
 
 /// The colour the frame is cleared to: deep navy space.
@@ -65,6 +72,30 @@ struct Bullet {
     age: f32,
 }
 
+/// What the player is doing right now.
+#[derive(Debug, Clone, Default)]
+struct Controls {
+    /// Any input seen yet (turns the autopilot off).
+    manual: bool,
+    keys: HashSet<&'static str>,
+    mouse_aim: Option<(f32, f32)>,
+    mouse_fire: bool,
+    stick: (f32, f32),
+    pad_fire: bool,
+    touch_target: Option<(f32, f32)>,
+    touch_fire: bool,
+    touches: Vec<u8>,
+}
+
+impl Controls {
+    fn key(&self, codes: &[&str]) -> bool {
+        codes.iter().any(|c| self.keys.contains(c))
+    }
+    fn firing(&self) -> bool {
+        self.key(&["Space"]) || self.mouse_fire || self.pad_fire || self.touch_fire
+    }
+}
+
 /// State of the demo title.
 #[derive(Debug, Clone)]
 pub struct DemoScene {
@@ -72,6 +103,9 @@ pub struct DemoScene {
     height: f32,
     time: f32,
     ship: (f32, f32, f32),
+    velocity: (f32, f32),
+    controls: Controls,
+    score: u32,
     stars: Vec<Star>,
     asteroids: Vec<Asteroid>,
     bullets: Vec<Bullet>,
@@ -112,6 +146,9 @@ impl DemoScene {
             height: h,
             time: 0.0,
             ship: (w / 2.0, h / 2.0, 0.0),
+            velocity: (0.0, 0.0),
+            controls: Controls::default(),
+            score: 0,
             stars,
             asteroids,
             bullets: Vec::new(),
@@ -123,6 +160,68 @@ impl DemoScene {
     /// Seconds of game time simulated so far.
     pub fn time(&self) -> f32 {
         self.time
+    }
+
+    /// The player's score.
+    pub fn score(&self) -> u32 {
+        self.score
+    }
+
+    /// Ship position and heading (radians).
+    pub fn ship(&self) -> (f32, f32, f32) {
+        self.ship
+    }
+
+    /// Number of keys the game believes are held.
+    pub fn keys_held(&self) -> usize {
+        self.controls.keys.len()
+    }
+
+    /// Applies one input event; it takes effect at the next [`Self::advance`].
+    pub fn apply(&mut self, event: &InputEvent) {
+        let c = &mut self.controls;
+        c.manual = true;
+        match event {
+            InputEvent::KeyDown { key, .. } => {
+                if let Some(code) = KEY_CODES.get(usize::from(*key)) {
+                    c.keys.insert(code);
+                }
+            }
+            InputEvent::KeyUp { key, .. } => {
+                if let Some(code) = KEY_CODES.get(usize::from(*key)) {
+                    c.keys.remove(code);
+                }
+            }
+            InputEvent::MouseMove { x, y, .. } => c.mouse_aim = Some((f32::from(*x), f32::from(*y))),
+            InputEvent::MouseButton { button: 0, down } => c.mouse_fire = *down,
+            InputEvent::MouseButton { .. } | InputEvent::MouseWheel { .. } => {}
+            InputEvent::Gamepad { connected, buttons, axes, .. } => {
+                let axis = |i: usize| f32::from(axes.get(i).copied().unwrap_or(0)) / 32767.0;
+                c.stick = if *connected { (axis(0), axis(1)) } else { (0.0, 0.0) };
+                c.pad_fire = *connected && buttons.first().is_some_and(|b| *b > 127);
+            }
+            InputEvent::Touch { phase, points } => {
+                for p in points {
+                    match phase {
+                        TouchPhase::Start | TouchPhase::Move => {
+                            if !c.touches.contains(&p.id) {
+                                c.touches.push(p.id);
+                            }
+                            if c.touches.first() == Some(&p.id) {
+                                c.touch_target = Some((f32::from(p.x), f32::from(p.y)));
+                            }
+                        }
+                        TouchPhase::End | TouchPhase::Cancel => {
+                            if c.touches.first() == Some(&p.id) {
+                                c.touch_target = None;
+                            }
+                            c.touches.retain(|t| *t != p.id);
+                        }
+                    }
+                }
+                c.touch_fire = c.touches.len() >= 2;
+            }
+        }
     }
 
     /// Advances the simulation to `t` seconds since the start (never backwards).
@@ -139,14 +238,22 @@ impl DemoScene {
             a.y = (a.y + a.vy * dt).rem_euclid(h);
             a.angle += a.spin * dt;
         }
-        // Autopilot until input arrives: a Lissajous path, nose along the velocity.
-        let t = self.time;
-        let x = w / 2.0 + w * 0.32 * (t * 0.5).sin();
-        let y = h / 2.0 + h * 0.28 * (t * 0.8).sin();
-        let dx = w * 0.32 * 0.5 * (t * 0.5).cos();
-        let dy = h * 0.28 * 0.8 * (t * 0.8).cos();
-        self.ship = (x, y, dy.atan2(dx));
-        while self.time >= self.next_shot {
+        if self.controls.manual {
+            self.steer(dt, scale);
+        } else {
+            // Autopilot until input arrives: a Lissajous path, nose along the velocity.
+            let t = self.time;
+            let x = w / 2.0 + w * 0.32 * (t * 0.5).sin();
+            let y = h / 2.0 + h * 0.28 * (t * 0.8).sin();
+            let dx = w * 0.32 * 0.5 * (t * 0.5).cos();
+            let dy = h * 0.28 * 0.8 * (t * 0.8).cos();
+            self.ship = (x, y, dy.atan2(dx));
+        }
+        let firing = !self.controls.manual || self.controls.firing();
+        if !firing {
+            self.next_shot = self.next_shot.max(self.time);
+        }
+        while firing && self.time >= self.next_shot {
             let (sx, sy, a) = self.ship;
             let speed = 700.0 * scale;
             self.bullets.push(Bullet { x: sx, y: sy, vx: a.cos() * speed, vy: a.sin() * speed, age: 0.0 });
@@ -158,6 +265,62 @@ impl DemoScene {
             b.age += dt;
         }
         self.bullets.retain(|b| b.age < 1.5 && (0.0..w).contains(&b.x) && (0.0..h).contains(&b.y));
+        // Hits: the bullet is spent, the asteroid respawns at the left edge.
+        let mut hits = 0;
+        for a in &mut self.asteroids {
+            let hit = self.bullets.iter().position(|b| (b.x - a.x).powi(2) + (b.y - a.y).powi(2) < a.radius * a.radius);
+            if let Some(i) = hit {
+                self.bullets.swap_remove(i);
+                hits += 1;
+                a.x = 0.0;
+                a.y = (a.y * 7.3 + 131.0).rem_euclid(h);
+            }
+        }
+        self.score += 10 * hits;
+    }
+
+    /// Manual flight: turn, thrust, aim and drag, wrapping at the edges.
+    fn steer(&mut self, dt: f32, scale: f32) {
+        let (w, h) = (self.width, self.height);
+        let c = &self.controls;
+        let (mut x, mut y, mut heading) = self.ship;
+        let turn = 3.5;
+        let mut thrust = 0.0;
+        if c.key(&["ArrowLeft", "KeyA"]) {
+            heading -= turn * dt;
+        }
+        if c.key(&["ArrowRight", "KeyD"]) {
+            heading += turn * dt;
+        }
+        if c.key(&["ArrowUp", "KeyW"]) {
+            thrust = 1.0;
+        }
+        let brake = c.key(&["ArrowDown", "KeyS"]);
+        let target = c.touch_target.or(c.mouse_aim);
+        if let Some((tx, ty)) = target {
+            heading = (ty - y).atan2(tx - x);
+            if c.touch_target.is_some() && (tx - x).hypot(ty - y) > 20.0 * scale {
+                thrust = 1.0;
+            }
+        }
+        let (sx, sy) = c.stick;
+        let stick = sx.hypot(sy);
+        if stick > 0.15 {
+            heading = sy.atan2(sx);
+            thrust = stick.min(1.0);
+        }
+        let accel = 900.0 * scale * thrust;
+        let (mut vx, mut vy) = self.velocity;
+        vx += heading.cos() * accel * dt;
+        vy += heading.sin() * accel * dt;
+        let drag = if brake { 6.0 } else { 1.2 };
+        let keep = (-drag * dt).exp();
+        vx *= keep;
+        vy *= keep;
+        x = (x + vx * dt).rem_euclid(w);
+        y = (y + vy * dt).rem_euclid(h);
+        self.velocity = (vx, vy);
+        self.ship = (x, y, heading);
     }
 
     /// The triangles of the current state, in clip space.
@@ -212,14 +375,111 @@ impl DemoScene {
         tri(&mut out, [at(1.0, 0.0), at(-0.8, 0.7), at(-0.5, 0.0)], HULL);
         tri(&mut out, [at(1.0, 0.0), at(-0.5, 0.0), at(-0.8, -0.7)], HULL);
         tri(&mut out, [at(0.55, 0.0), at(0.05, 0.18), at(0.05, -0.18)], [0.55, 0.85, 1.0, 1.0]);
+        // The score, in seven-segment digits, top left.
+        let digit_w = 14.0 * scale;
+        let text = self.score.to_string();
+        for (i, ch) in text.chars().enumerate() {
+            let ox = 16.0 * scale + i as f32 * digit_w * 1.5;
+            let oy = 14.0 * scale;
+            for seg in segments(ch) {
+                let (x0, y0, x1, y1) = seg;
+                let (ax, ay) = (ox + x0 * digit_w, oy + y0 * digit_w);
+                let (bx, by) = (ox + x1 * digit_w, oy + y1 * digit_w);
+                let color = [0.92, 0.95, 1.0, 1.0];
+                tri(&mut out, [(ax, ay), (bx, ay), (bx, by)], color);
+                tri(&mut out, [(ax, ay), (bx, by), (ax, by)], color);
+            }
+        }
         self.vertices = out;
         &self.vertices
     }
 }
 
+/// Rectangles (x0, y0, x1, y1), in digit widths, of a seven-segment digit.
+fn segments(ch: char) -> Vec<(f32, f32, f32, f32)> {
+    const T: f32 = 0.18;
+    let seg = [
+        (0.0, 0.0, 1.0, T),             // a: top
+        (1.0 - T, 0.0, 1.0, 1.0),       // b: top right
+        (1.0 - T, 1.0, 1.0, 2.0),       // c: bottom right
+        (0.0, 2.0 - T, 1.0, 2.0),       // d: bottom
+        (0.0, 1.0, T, 2.0),             // e: bottom left
+        (0.0, 0.0, T, 1.0),             // f: top left
+        (0.0, 1.0 - T / 2.0, 1.0, 1.0 + T / 2.0), // g: middle
+    ];
+    let on: &[usize] = match ch {
+        '0' => &[0, 1, 2, 3, 4, 5],
+        '1' => &[1, 2],
+        '2' => &[0, 1, 6, 4, 3],
+        '3' => &[0, 1, 6, 2, 3],
+        '4' => &[5, 6, 1, 2],
+        '5' => &[0, 5, 6, 2, 3],
+        '6' => &[0, 5, 6, 4, 2, 3],
+        '7' => &[0, 1, 2],
+        '8' => &[0, 1, 2, 3, 4, 5, 6],
+        '9' => &[0, 1, 2, 3, 5, 6],
+        _ => &[],
+    };
+    on.iter().filter_map(|i| seg.get(*i).copied()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pylon_proto::input::{TouchPoint, key_index};
+
+    fn key(code: &str, down: bool) -> InputEvent {
+        let key = key_index(code).unwrap();
+        if down { InputEvent::KeyDown { key, modifiers: 0 } } else { InputEvent::KeyUp { key, modifiers: 0 } }
+    }
+
+    #[test]
+    fn keyboard_thrust_moves_the_ship_and_release_stops_thrust() {
+        let mut s = DemoScene::new(1280, 720, 3);
+        s.apply(&key("KeyX", true));
+        s.advance(0.1);
+        let start = s.ship();
+        s.apply(&key("ArrowUp", true));
+        for i in 2..=20 {
+            s.advance(i as f32 * 0.05);
+        }
+        let moved = s.ship();
+        assert!((moved.0 - start.0).hypot(moved.1 - start.1) > 50.0, "{start:?} → {moved:?}");
+        s.apply(&key("ArrowUp", false));
+        s.apply(&key("KeyX", false));
+        assert_eq!(s.keys_held(), 0);
+        s.apply(&key("ArrowLeft", true));
+        s.advance(1.2);
+        assert!((s.ship().2 - moved.2).abs() > 0.3, "turning changes the heading");
+    }
+
+    #[test]
+    fn gamepad_stick_and_touch_steer() {
+        let mut s = DemoScene::new(1280, 720, 3);
+        s.apply(&InputEvent::Gamepad { pad: 0, connected: true, buttons: vec![], axes: vec![0, 32767] });
+        s.advance(0.5);
+        assert!((s.ship().2 - std::f32::consts::FRAC_PI_2).abs() < 0.01, "stick down points the ship down");
+        assert!(s.ship().1 > 360.0);
+        s.apply(&InputEvent::Gamepad { pad: 0, connected: false, buttons: vec![], axes: vec![] });
+        s.apply(&InputEvent::Touch { phase: TouchPhase::Start, points: vec![TouchPoint { id: 1, x: 100, y: 100 }] });
+        let before = s.ship();
+        s.advance(1.5);
+        let after = s.ship();
+        let d = |p: (f32, f32, f32)| (p.0 - 100.0).hypot(p.1 - 100.0);
+        assert!(d(after) < d(before), "the ship flies towards the touch");
+    }
+
+    #[test]
+    fn shooting_asteroids_scores() {
+        let mut s = DemoScene::new(1280, 720, 9);
+        s.apply(&key("Space", true));
+        for i in 1..=600 {
+            s.apply(&key(if i % 120 < 60 { "ArrowLeft" } else { "ArrowRight" }, true));
+            s.advance(i as f32 / 60.0);
+        }
+        assert!(s.score() > 0, "a minute of shooting around hits something");
+        assert!(s.vertices().len() < pylon_gpu::MAX_VERTICES);
+    }
 
     #[test]
     fn same_seed_same_time_same_picture() {
