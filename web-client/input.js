@@ -29,6 +29,8 @@ export class InputEncoder {
     this.seq = 0;
     /** client time (ms) of each sent sequence number, for click-to-photon. */
     this.sentAt = new Map();
+    /** sequence numbers of presses (key, button, touch start): the click-to-photon samples. */
+    this.presses = new Set();
   }
 
   message(type, bodyLen, fill) {
@@ -42,7 +44,14 @@ export class InputEncoder {
     v.setUint32(6, Math.floor(now) >>> 0);
     fill(v, 10);
     this.sentAt.set(seq, now);
-    if (this.sentAt.size > 512) this.sentAt.delete(this.sentAt.keys().next().value);
+    const press = type === T.KeyDown || (type === T.MouseButton && v.getUint8(11) === 1)
+      || (type === T.Touch && v.getUint8(10) === 0);
+    if (press) this.presses.add(seq);
+    if (this.sentAt.size > 512) {
+      const oldest = this.sentAt.keys().next().value;
+      this.sentAt.delete(oldest);
+      this.presses.delete(oldest);
+    }
     return buf;
   }
 

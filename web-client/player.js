@@ -1,13 +1,21 @@
 // The Pylon player: asks the relay for a WebRTC session over the signalling WebSocket,
-// plays the video as soon as it arrives, and reconnects if the session drops.
+// plays the video as soon as it arrives, sends the player's input on DataChannels,
+// measures click-to-photon, and reconnects if the session drops.
 import { watchStats } from './stats.js';
+import { captureInput } from './input.js';
+import { LatencyTracker } from './latency.js';
 
 const video = document.getElementById('video');
 const statsEl = document.getElementById('stats');
 const statusEl = document.getElementById('status');
+const fullscreenBtn = document.getElementById('fullscreen');
+
+// `?role=spectator` watches without sending input.
+const params = new URLSearchParams(location.search);
+const wantedRole = params.get('role') === 'spectator' ? 'spectator' : 'player';
 
 // State the page exposes for dashboards and automated checks.
-const pylon = { state: 'connecting', stats: null, viewer: null, pc: null };
+const pylon = { state: 'connecting', stats: null, viewer: null, role: null, pc: null, latency: null, input: null };
 window.pylon = pylon;
 
 function setStatus(text) {
@@ -19,19 +27,50 @@ function signallingUrl() {
   return `${scheme}://${location.host}/ws`;
 }
 
+let detachInput = () => {};
+
 async function connect() {
   const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
   pylon.pc = pc;
   const transceiver = pc.addTransceiver('video', { direction: 'recvonly' });
   // Render frames as soon as they are decoded; the relay also sends playout-delay 0.
   if ('jitterBufferTarget' in transceiver.receiver) transceiver.receiver.jitterBufferTarget = 0;
+  // Keys, buttons, gamepads, touch (and frame info back): reliable and ordered.
+  const inputChannel = pc.createDataChannel('input', { ordered: true });
+  // Mouse motion: a lost move is superseded by the next, so never retransmitted.
+  const motionChannel = pc.createDataChannel('input-motion', { ordered: false, maxRetransmits: 0 });
+  inputChannel.binaryType = 'arraybuffer';
+  motionChannel.binaryType = 'arraybuffer';
+
   pc.ontrack = (event) => {
     video.srcObject = event.streams[0] ?? new MediaStream([event.track]);
     video.play().catch(() => {});
   };
+
+  detachInput();
+  const input = captureInput(video, (buf, reliable) => {
+    if (pylon.role !== 'player') return;
+    const ch = reliable || motionChannel.readyState !== 'open' ? inputChannel : motionChannel;
+    if (ch.readyState === 'open') ch.send(buf);
+  });
+  detachInput = input.detach;
+  pylon.input = input;
+  const latency = new LatencyTracker(input.encoder);
+  pylon.latency = latency;
+  inputChannel.onmessage = (event) => {
+    if (typeof event.data !== 'string') return;
+    const msg = JSON.parse(event.data);
+    if (msg.type === 'frame') latency.onInfo(msg);
+  };
+  const onVideoFrame = (now, metadata) => {
+    latency.onFrame(now, metadata);
+    if (pc.connectionState !== 'closed') video.requestVideoFrameCallback(onVideoFrame);
+  };
+  if ('requestVideoFrameCallback' in HTMLVideoElement.prototype) video.requestVideoFrameCallback(onVideoFrame);
+
   const stopStats = watchStats(pc, statsEl, (s) => {
     pylon.stats = s;
-  });
+  }, () => latency.summary());
 
   const ws = new WebSocket(signallingUrl());
   let retried = false;
@@ -40,6 +79,7 @@ async function connect() {
     retried = true;
     pylon.state = 'reconnecting';
     setStatus(`${why} — reconnecting…`);
+    input.releaseAll();
     stopStats();
     pc.close();
     ws.close();
@@ -49,12 +89,13 @@ async function connect() {
   ws.onopen = async () => {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
-    ws.send(JSON.stringify({ type: 'offer', sdp: pc.localDescription.sdp }));
+    ws.send(JSON.stringify({ type: 'offer', sdp: pc.localDescription.sdp, role: wantedRole }));
   };
   ws.onmessage = async (event) => {
     const msg = JSON.parse(event.data);
     if (msg.type === 'answer') {
       pylon.viewer = msg.viewer;
+      pylon.role = msg.role;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
     } else if (msg.type === 'error') {
       retry(`Relay refused: ${msg.message}`);
@@ -64,17 +105,36 @@ async function connect() {
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === 'connected') {
       pylon.state = 'playing';
-      setStatus('');
+      setStatus(pylon.role === 'player' ? '' : 'Watching (another player has the controls)');
     } else if (pc.connectionState === 'failed' || pc.connectionState === 'disconnected') {
       retry(`Connection ${pc.connectionState}`);
     }
   };
 }
 
-// Show the stream at its native resolution: one video pixel per CSS pixel.
+// Show the stream at its native resolution: one video pixel per device pixel.
 video.addEventListener('resize', () => {
+  if (document.fullscreenElement) return;
   video.style.width = `${video.videoWidth / devicePixelRatio}px`;
   video.style.height = `${video.videoHeight / devicePixelRatio}px`;
+});
+
+// Fullscreen from a button or the F key's neighbour that no browser claims: Ctrl+Shift+F.
+const toggleFullscreen = () => {
+  if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+  else document.documentElement.requestFullscreen().catch(() => {});
+};
+fullscreenBtn.addEventListener('click', toggleFullscreen);
+window.addEventListener('keydown', (e) => {
+  if (e.ctrlKey && e.shiftKey && e.code === 'KeyF') toggleFullscreen();
+});
+document.addEventListener('fullscreenchange', () => {
+  video.style.width = document.fullscreenElement ? '100vw' : `${video.videoWidth / devicePixelRatio}px`;
+  video.style.height = document.fullscreenElement ? '100vh' : `${video.videoHeight / devicePixelRatio}px`;
+  // Keep shortcuts (Escape, Ctrl+W…) in the game while fullscreen, where the browser allows.
+  if (document.fullscreenElement && navigator.keyboard && navigator.keyboard.lock) {
+    navigator.keyboard.lock().catch(() => {});
+  }
 });
 
 connect();

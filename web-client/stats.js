@@ -13,6 +13,7 @@ export function summarize(report, previous) {
     pliCount: report.pliCount ?? 0,
     freezeCount: report.freezeCount ?? 0,
     jitterBufferMs: 0,
+    rttMs: 0,
     decodeMs: 0,
     bitrateKbps: 0,
   };
@@ -33,18 +34,30 @@ export function summarize(report, previous) {
   return s;
 }
 
-export function format(s) {
-  return [
+export function format(s, latency) {
+  const lines = [
     `${s.width}×${s.height}  ${s.fps.toFixed(0)} fps`,
     `${(s.bitrateKbps / 1000).toFixed(2)} Mb/s`,
     `jitter buffer ${s.jitterBufferMs.toFixed(1)} ms`,
     `decode ${s.decodeMs.toFixed(1)} ms`,
     `lost ${s.packetsLost}  nack ${s.nackCount}  pli ${s.pliCount}  freezes ${s.freezeCount}`,
-  ].join('\n');
+    `network rtt ${s.rttMs.toFixed(1)} ms`,
+  ];
+  if (latency && latency.count > 0) {
+    lines.push(`click-to-photon p50 ${latency.p50.toFixed(1)} ms  p95 ${latency.p95.toFixed(1)} ms  (${latency.count})`);
+  }
+  if (latency && latency.node) {
+    const n = latency.node;
+    lines.push(`node: render ${n.render_ms.toFixed(1)}  encode ${n.encode_ms.toFixed(1)}  input→sent ${n.node_ms.toFixed(1)} ms`);
+  }
+  return lines.join('\n');
 }
 
-/** Polls `pc` every second; calls `onStats(summary)` and writes the overlay into `element`. */
-export function watchStats(pc, element, onStats) {
+/**
+ * Polls `pc` every second; calls `onStats(summary)` and writes the overlay into `element`.
+ * `latency()` gives the click-to-photon summary to show.
+ */
+export function watchStats(pc, element, onStats, latency = () => null) {
   let previous = null;
   const timer = setInterval(async () => {
     if (pc.connectionState === 'closed') {
@@ -52,11 +65,19 @@ export function watchStats(pc, element, onStats) {
       return;
     }
     const stats = await pc.getStats();
+    let rttMs = 0;
+    for (const report of stats.values()) {
+      if (report.type === 'candidate-pair' && report.nominated && report.currentRoundTripTime !== undefined) {
+        rttMs = 1000 * report.currentRoundTripTime;
+      }
+    }
     for (const report of stats.values()) {
       if (report.type === 'inbound-rtp' && report.kind === 'video') {
         const s = summarize(report, previous);
+        s.rttMs = rttMs;
+        s.latency = latency();
         previous = report;
-        element.textContent = format(s);
+        element.textContent = format(s, s.latency);
         onStats(s);
       }
     }

@@ -9,10 +9,11 @@
 //! when the node reconnects, and the playout-delay extension set to min = max = 0 so the
 //! browser renders each frame as soon as it is decoded.
 
-use crate::ingest::IngestEvent;
+use crate::ingest::{IngestEvent, ToNode};
 use crate::metrics::RelayMetrics;
 use anyhow::Context;
-use pylon_proto::framing::{ControlMessage, StreamHello};
+use pylon_proto::framing::{ControlMessage, FrameInfo, StreamHello};
+use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
 use pylon_proto::rtp::RtpPacket;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use str0m::format::Codec;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, SeqNo};
+use str0m::channel::ChannelId;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -41,8 +43,10 @@ pub enum ViewerCommand {
     Offer {
         /// The offer's SDP text.
         sdp: String,
-        /// Where the answer goes.
-        reply: oneshot::Sender<Result<(u64, String), String>>,
+        /// Whether the viewer asks to play (granted when nobody else holds the role).
+        wants_player: bool,
+        /// Where the answer goes: viewer id, SDP answer, whether the viewer is the player.
+        reply: oneshot::Sender<Result<(u64, String, bool), String>>,
     },
     /// The browser's signalling connection closed.
     Leave {
@@ -71,10 +75,61 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::UdpSocket> {
     Ok(tokio::net::UdpSocket::from_std(big_buffer_socket(addr, SOCKET_BUFFER)?)?)
 }
 
+/// Sustained input messages per second a player may send, and the burst allowed.
+pub const INPUT_RATE: f64 = 600.0;
+/// See [`INPUT_RATE`].
+pub const INPUT_BURST: f64 = 1200.0;
+
+/// A token bucket on input messages, driven by an explicit `now`.
+#[derive(Debug, Clone)]
+pub struct InputRateLimiter {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl InputRateLimiter {
+    /// A full bucket refilling at `rate` per second, holding at most `burst`.
+    pub fn new(now: Instant, rate: f64, burst: f64) -> Self {
+        Self { tokens: burst, last: now, rate, burst }
+    }
+
+    /// Takes one token if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Label of the reliable, ordered input channel (keys, buttons, gamepads, touch; and
+/// frame information back to the player).
+pub const INPUT_CHANNEL: &str = "input";
+/// Label of the unordered, unreliable channel for supersedable input (mouse motion).
+pub const MOTION_CHANNEL: &str = "input-motion";
+
+/// What polling a viewer produced for the rest of the relay.
+#[derive(Debug, Default)]
+struct Drained {
+    wants_keyframe: bool,
+    to_node: Vec<ToNode>,
+}
+
 /// A viewer's RTC session and forwarding state.
 struct Viewer {
     id: u64,
     rtc: Rtc,
+    player: bool,
+    input_channel: Option<ChannelId>,
+    motion_channel: Option<ChannelId>,
+    limiter: InputRateLimiter,
     mid: Option<Mid>,
     pt: Option<Pt>,
     connected: bool,
@@ -91,7 +146,7 @@ struct Viewer {
 struct Source {
     node: u64,
     hello: StreamHello,
-    control: mpsc::Sender<ControlMessage>,
+    control: mpsc::Sender<ToNode>,
     last_seq: Option<u64>,
     last_keyframe_request: Option<Instant>,
     keyframe_pending: bool,
@@ -124,7 +179,7 @@ impl Source {
         }
         self.keyframe_pending = false;
         self.last_keyframe_request = Some(now);
-        if self.control.try_send(ControlMessage::KeyframeRequest).is_ok() {
+        if self.control.try_send(ToNode::Control(ControlMessage::KeyframeRequest)).is_ok() {
             metrics.keyframe_requests_upstream.inc();
         }
     }
@@ -164,11 +219,8 @@ pub async fn run(
             if v.next_timeout <= now {
                 let _ = v.rtc.handle_input(Input::Timeout(now));
             }
-            if drain(v, &socket, &metrics)
-                && let Some(s) = source.as_mut()
-            {
-                s.request_keyframe(now, &metrics);
-            }
+            let drained = drain(v, &socket, &metrics);
+            forward(drained, &mut source, now, &metrics);
         }
         retain_alive(&mut viewers, &metrics);
         if let Some(s) = source.as_mut() {
@@ -199,10 +251,8 @@ pub async fn run(
                             tracing::debug!(viewer = v.id, "viewer input error: {e}");
                             v.rtc.disconnect();
                         }
-                        if drain(v, &socket, &metrics)
-                            && let Some(s) = source.as_mut() {
-                                s.request_keyframe(now, &metrics);
-                            }
+                        let drained = drain(v, &socket, &metrics);
+                        forward(drained, &mut source, now, &metrics);
                     }
                     None => {
                         metrics.udp_unknown.inc();
@@ -216,18 +266,19 @@ pub async fn run(
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    ViewerCommand::Offer { sdp, reply } => {
+                    ViewerCommand::Offer { sdp, wants_player, reply } => {
+                        let player = wants_player && !viewers.iter().any(|v| v.player && v.rtc.is_alive());
                         let result = if viewers.len() >= MAX_VIEWERS {
                             Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
                         } else {
-                            accept_offer(&sdp, advertise, next_id)
+                            accept_offer(&sdp, advertise, next_id, player)
                         };
                         match result {
                             Ok(viewer) => {
                                 let answer = viewer.1;
                                 viewers.push(viewer.0);
                                 metrics.viewer_sessions.inc();
-                                let _ = reply.send(Ok((next_id, answer)));
+                                let _ = reply.send(Ok((next_id, answer, player)));
                                 next_id += 1;
                             }
                             Err(e) => {
@@ -269,7 +320,7 @@ fn retain_alive(viewers: &mut Vec<Viewer>, metrics: &RelayMetrics) {
     });
 }
 
-fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64) -> Result<(Viewer, String), String> {
+fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Result<(Viewer, String), String> {
     let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("malformed SDP offer: {e}"))?;
     let now = Instant::now();
     let mut rtc = rtc_config().build(now);
@@ -279,6 +330,10 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64) -> Result<(Viewer, St
     let viewer = Viewer {
         id,
         rtc,
+        player,
+        input_channel: None,
+        motion_channel: None,
+        limiter: InputRateLimiter::new(now, INPUT_RATE, INPUT_BURST),
         mid: None,
         pt: None,
         connected: false,
@@ -291,24 +346,25 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64) -> Result<(Viewer, St
     Ok((viewer, answer.to_sdp_string()))
 }
 
-/// Polls a viewer until it only waits for time, sending its datagrams. Returns whether
-/// the viewer needs a keyframe (it just connected, or sent PLI/FIR).
+/// Polls a viewer until it only waits for time, sending its datagrams. Returns what the
+/// node must hear: a keyframe request (the viewer just connected, or sent PLI/FIR) and
+/// the player's input.
 #[must_use]
-fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics) -> bool {
-    let mut wants_keyframe = false;
+fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics) -> Drained {
+    let mut out = Drained::default();
     loop {
         let output = match v.rtc.poll_output() {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(viewer = v.id, "viewer session failed: {e}");
                 v.rtc.disconnect();
-                return wants_keyframe;
+                return out;
             }
         };
         match output {
             Output::Timeout(t) => {
                 v.next_timeout = t;
-                return wants_keyframe;
+                return out;
             }
             Output::Transmit(t) => {
                 if socket.try_send_to(&t.contents, t.destination).is_err() {
@@ -320,7 +376,7 @@ fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics)
                     v.connected = true;
                     metrics.viewers.inc();
                     tracing::info!(viewer = v.id, "viewer connected");
-                    wants_keyframe = true;
+                    out.wants_keyframe = true;
                 }
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                     tracing::info!(viewer = v.id, "viewer unreachable (ICE disconnected)");
@@ -334,12 +390,86 @@ fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics)
                         .find(|p| p.spec().codec == Codec::H264 && p.spec().format.packetization_mode == Some(1))
                         .map(|p| p.pt());
                 }
+                Event::ChannelOpen(id, label) => match label.as_str() {
+                    INPUT_CHANNEL => v.input_channel = Some(id),
+                    MOTION_CHANNEL => v.motion_channel = Some(id),
+                    _ => tracing::debug!(viewer = v.id, "ignoring data channel {label:?}"),
+                },
+                Event::ChannelData(data) => {
+                    let reliable = Some(data.id) != v.motion_channel;
+                    if let Some(msg) = check_input(v, &data.data, Instant::now(), metrics) {
+                        metrics.input_forwarded.inc();
+                        out.to_node.push(if reliable {
+                            ToNode::Control(ControlMessage::Input(msg))
+                        } else {
+                            ToNode::InputDatagram(msg)
+                        });
+                    }
+                }
                 Event::KeyframeRequest(_) => {
                     metrics.viewer_keyframe_requests.inc();
-                    wants_keyframe = true;
+                    out.wants_keyframe = true;
                 }
                 _ => {}
             },
+        }
+    }
+}
+
+/// The relay's checks on player input: role, size, header, rate. The message itself is
+/// forwarded unchanged; the node validates its contents.
+fn check_input(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics) -> Option<Vec<u8>> {
+    let refuse = |reason: &'static str| {
+        metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason }).inc();
+        None
+    };
+    if !v.player {
+        return refuse("spectator");
+    }
+    if data.len() > MAX_INPUT_MESSAGE || data.len() < INPUT_HEADER_LEN {
+        return refuse("size");
+    }
+    if peek_header(data).is_err() {
+        return refuse("malformed");
+    }
+    if !v.limiter.allow(now) {
+        return refuse("rate_limited");
+    }
+    Some(data.to_vec())
+}
+
+/// Hands what a viewer produced to the node.
+fn forward(drained: Drained, source: &mut Option<Source>, now: Instant, metrics: &RelayMetrics) {
+    let Some(s) = source.as_mut() else {
+        if !drained.to_node.is_empty() {
+            metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "no_node" }).inc();
+        }
+        return;
+    };
+    if drained.wants_keyframe {
+        s.request_keyframe(now, metrics);
+    }
+    for msg in drained.to_node {
+        if s.control.try_send(msg).is_err() {
+            metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "node_busy" }).inc();
+        }
+    }
+}
+
+/// Tells the player which input a frame reflects, in the player's own RTP timestamps.
+fn send_frame_info(viewers: &mut [Viewer], info: FrameInfo) {
+    for v in viewers.iter_mut().filter(|v| v.player && v.connected && v.seq_offset.is_some()) {
+        let Some(id) = v.input_channel else { continue };
+        let ts = info.rtp_timestamp.wrapping_add(v.ts_offset);
+        let text = format!(
+            r#"{{"type":"frame","ts":{ts},"seq":{},"render_ms":{:.2},"encode_ms":{:.2},"node_ms":{:.2}}}"#,
+            info.input_seq,
+            f64::from(info.render_us) / 1000.0,
+            f64::from(info.encode_us) / 1000.0,
+            f64::from(info.node_us) / 1000.0
+        );
+        if let Some(mut channel) = v.rtc.channel(id) {
+            let _ = channel.write(false, text.as_bytes());
         }
     }
 }
@@ -364,6 +494,14 @@ fn handle_ingest(
                 Source { node, hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
             s.request_keyframe(Instant::now(), metrics);
             *source = Some(s);
+        }
+        IngestEvent::FrameInfo { node, info } => {
+            if source.as_ref().is_some_and(|s| s.node == node) {
+                send_frame_info(viewers, info);
+                for v in viewers.iter_mut().filter(|v| v.player) {
+                    let _ = drain(v, socket, metrics);
+                }
+            }
         }
         IngestEvent::StreamEnded { node } => {
             if source.as_ref().is_some_and(|s| s.node == node) {
@@ -408,10 +546,35 @@ fn handle_ingest(
                     v.last_ts = ts;
                 }
                 metrics.rtp_out_packets.inc();
-                if drain(v, socket, metrics) {
+                let drained = drain(v, socket, metrics);
+                if drained.wants_keyframe {
                     s.request_keyframe(arrival, metrics);
+                }
+                for msg in drained.to_node {
+                    let _ = s.control.try_send(msg);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut l = InputRateLimiter::new(t0, 100.0, 10.0);
+        assert_eq!((0..20).filter(|_| l.allow(t0)).count(), 10, "the burst");
+        assert!(!l.allow(t0));
+        // 100 ms later: ten more tokens.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!((0..20).filter(|_| l.allow(t1)).count(), 10);
+        // A clock that goes backwards grants nothing.
+        assert!(!l.allow(t0));
+        // A long pause refills only up to the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..50).filter(|_| l.allow(t2)).count(), 10);
     }
 }

@@ -34,6 +34,8 @@ const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const PLAYER_JS: &str = include_str!("../../web-client/player.js");
 const STATS_JS: &str = include_str!("../../web-client/stats.js");
 const STYLE_CSS: &str = include_str!("../../web-client/style.css");
+const INPUT_JS: &str = include_str!("../../web-client/input.js");
+const LATENCY_JS: &str = include_str!("../../web-client/latency.js");
 
 /// The relay's routes.
 pub fn router(state: AppState) -> Router {
@@ -41,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/player.js", get(|| async { asset("text/javascript; charset=utf-8", PLAYER_JS) }))
         .route("/stats.js", get(|| async { asset("text/javascript; charset=utf-8", STATS_JS) }))
+        .route("/input.js", get(|| async { asset("text/javascript; charset=utf-8", INPUT_JS) }))
+        .route("/latency.js", get(|| async { asset("text/javascript; charset=utf-8", LATENCY_JS) }))
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
         .route("/ws", get(ws_upgrade))
         .route("/metrics", get(metrics))
@@ -64,13 +68,18 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Resp
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ClientMessage {
-    Offer { sdp: String },
+    Offer {
+        sdp: String,
+        /// `player` (default: granted if nobody holds it) or `spectator`.
+        #[serde(default)]
+        role: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ServerMessage {
-    Answer { sdp: String, viewer: u64 },
+    Answer { sdp: String, viewer: u64, role: &'static str },
     Error { message: String },
 }
 
@@ -95,16 +104,18 @@ async fn signal(mut socket: WebSocket, state: AppState) {
             Ok(ClientMessage::Offer { .. }) if viewer.is_some() => {
                 ServerMessage::Error { message: "this connection already has a session".into() }
             }
-            Ok(ClientMessage::Offer { sdp }) => {
+            Ok(ClientMessage::Offer { sdp, role }) => {
                 let (tx, rx) = oneshot::channel();
-                if state.viewers.send(ViewerCommand::Offer { sdp, reply: tx }).await.is_err() {
+                let wants_player = role.as_deref() != Some("spectator");
+                if state.viewers.send(ViewerCommand::Offer { sdp, wants_player, reply: tx }).await.is_err() {
                     break;
                 }
                 match tokio::time::timeout(Duration::from_secs(5), rx).await {
-                    Ok(Ok(Ok((id, sdp)))) => {
+                    Ok(Ok(Ok((id, sdp, player)))) => {
                         viewer = Some(id);
-                        tracing::info!(viewer = id, "viewer offer accepted");
-                        ServerMessage::Answer { sdp, viewer: id }
+                        let role = if player { "player" } else { "spectator" };
+                        tracing::info!(viewer = id, role, "viewer offer accepted");
+                        ServerMessage::Answer { sdp, viewer: id, role }
                     }
                     Ok(Ok(Err(message))) => ServerMessage::Error { message },
                     _ => ServerMessage::Error { message: "the relay is not answering".into() },

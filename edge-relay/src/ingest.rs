@@ -9,7 +9,7 @@ use crate::metrics::RelayMetrics;
 use crate::tls::Identity;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
-use pylon_proto::framing::{self, ControlDecoder, ControlMessage, StreamHello};
+use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, FrameInfo, StreamHello};
 use pylon_proto::rtp::RtpPacket;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,8 +29,15 @@ pub enum IngestEvent {
         node: u64,
         /// The stream's description.
         hello: StreamHello,
-        /// Sends control messages (keyframe requests) back to the node.
-        control: mpsc::Sender<ControlMessage>,
+        /// Sends keyframe requests and player input back to the node.
+        control: mpsc::Sender<ToNode>,
+    },
+    /// The node says which input a frame first reflects.
+    FrameInfo {
+        /// Connection id.
+        node: u64,
+        /// The facts.
+        info: FrameInfo,
     },
     /// One RTP packet (already checked to parse).
     Rtp {
@@ -46,6 +53,15 @@ pub enum IngestEvent {
         /// Connection id.
         node: u64,
     },
+}
+
+/// What the egress side sends a node.
+#[derive(Debug, Clone)]
+pub enum ToNode {
+    /// On the reliable control stream (keyframe requests, key and button input).
+    Control(ControlMessage),
+    /// As a datagram: supersedable input (mouse motion), unchanged.
+    InputDatagram(Vec<u8>),
 }
 
 /// Binds the QUIC endpoint with a large UDP buffer and the relay's certificate.
@@ -155,7 +171,7 @@ async fn serve_node(
         hello.fps,
         hello.encoder
     );
-    let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
+    let (control_tx, mut control_rx) = mpsc::channel::<ToNode>(256);
     events
         .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
         .await
@@ -175,15 +191,25 @@ async fn serve_node(
                             metrics.dropped("egress_queue_full");
                         }
                     }
-                    Ok(_) => metrics.dropped("bad_rtp"),
+                    Ok((DatagramKind::VideoRtp, _)) => metrics.dropped("bad_rtp"),
+                    Ok(_) => metrics.dropped("bad_datagram"),
                     Err(_) => metrics.dropped("bad_datagram"),
                 }
             }
             msg = control_rx.recv() => {
-                let Some(msg) = msg else { continue };
-                out.clear();
-                msg.encode(&mut out);
-                send.write_all(&out).await.context("writing to the control stream")?;
+                match msg {
+                    None => continue,
+                    Some(ToNode::Control(msg)) => {
+                        out.clear();
+                        msg.encode(&mut out);
+                        send.write_all(&out).await.context("writing to the control stream")?;
+                    }
+                    Some(ToNode::InputDatagram(input)) => {
+                        out.clear();
+                        framing::encode_datagram(DatagramKind::Input, &input, &mut out);
+                        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&out));
+                    }
+                }
             }
             read = recv.read(&mut buf) => {
                 match read.context("reading the control stream")? {
@@ -195,6 +221,9 @@ async fn serve_node(
                                 Ok(Some(ControlMessage::Goodbye(reason))) => {
                                     tracing::info!(node, "render node says goodbye: {reason}");
                                     return Ok(());
+                                }
+                                Ok(Some(ControlMessage::FrameInfo(info))) => {
+                                    let _ = events.try_send(IngestEvent::FrameInfo { node, info });
                                 }
                                 Ok(Some(other)) => {
                                     metrics.bad_control_messages.inc();

@@ -41,6 +41,11 @@ pub struct RelayMetrics {
     pub viewer_keyframe_requests: Counter,
     /// Keyframe requests sent to nodes.
     pub keyframe_requests_upstream: Counter,
+    /// Player input messages forwarded to the node.
+    pub input_forwarded: Counter,
+    /// Input messages refused, by reason (`spectator`, `size`, `malformed`,
+    /// `rate_limited`, `no_node`, `node_busy`).
+    pub input_refused: Family<DropReason, Counter>,
     /// UDP datagrams to viewers that the socket refused.
     pub udp_send_errors: Counter,
     /// UDP datagrams that no viewer session accepted.
@@ -71,6 +76,8 @@ impl RelayMetrics {
             bad_offers: Counter::default(),
             viewer_keyframe_requests: Counter::default(),
             keyframe_requests_upstream: Counter::default(),
+            input_forwarded: Counter::default(),
+            input_refused: Family::default(),
             udp_send_errors: Counter::default(),
             udp_unknown: Counter::default(),
             registry: Arc::new(Registry::default()),
@@ -91,6 +98,8 @@ impl RelayMetrics {
             "Keyframe requests sent to nodes",
             m.keyframe_requests_upstream.clone(),
         );
+        r.register("input_forwarded", "Player input forwarded to the node", m.input_forwarded.clone());
+        r.register("input_refused", "Input messages refused", m.input_refused.clone());
         r.register("udp_send_errors", "UDP sends to viewers that failed", m.udp_send_errors.clone());
         r.register("udp_unknown", "UDP datagrams no viewer accepted", m.udp_unknown.clone());
         RelayMetrics { registry: Arc::new(r), ..m }

@@ -11,8 +11,9 @@ use std::sync::Arc;
 /// Why a frame was dropped at the source.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropReason {
-    /// `late` (the render loop missed its tick), `gpu_behind` (every ring slot busy),
-    /// `encoder_behind` (no free input frame), `encode_error`.
+    /// Frames: `late` (the render loop missed its tick), `gpu_behind` (every ring slot
+    /// busy), `encoder_behind` (no free input frame), `encode_error`. Input: the decode
+    /// error (`malformed`).
     pub reason: &'static str,
 }
 
@@ -58,6 +59,14 @@ pub struct ServerMetrics {
     pub relay_connected: Gauge,
     /// Malformed control messages from the relay.
     pub bad_control_messages: Counter,
+    /// Frames started early because input arrived.
+    pub early_frames: Counter,
+    /// Input messages applied to the game.
+    pub input_applied: Counter,
+    /// Input messages refused, by reason.
+    pub input_rejected: Family<DropReason, Counter>,
+    /// Keys the game believes are held.
+    pub keys_held: Gauge,
     /// Per-stage time of the frame path, in seconds.
     pub stage_seconds: Family<Stage, Histogram>,
     registry: Arc<Registry>,
@@ -86,6 +95,10 @@ impl ServerMetrics {
             relay_disconnects: Counter::default(),
             relay_connected: Gauge::default(),
             bad_control_messages: Counter::default(),
+            early_frames: Counter::default(),
+            input_applied: Counter::default(),
+            input_rejected: Family::default(),
+            keys_held: Gauge::default(),
             stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 1.6, 16))),
             registry: Arc::new(Registry::default()),
         };
@@ -101,6 +114,10 @@ impl ServerMetrics {
         r.register("relay_disconnects", "QUIC connections to the relay that ended", m.relay_disconnects.clone());
         r.register("relay_connected", "Whether the relay connection is up", m.relay_connected.clone());
         r.register("bad_control_messages", "Malformed control messages received", m.bad_control_messages.clone());
+        r.register("early_frames", "Frames started early by input", m.early_frames.clone());
+        r.register("input_applied", "Input messages applied", m.input_applied.clone());
+        r.register("input_rejected", "Input messages refused", m.input_rejected.clone());
+        r.register("keys_held", "Keys held in the game", m.keys_held.clone());
         r.register("stage_seconds", "Time per frame-path stage", m.stage_seconds.clone());
         ServerMetrics { registry: Arc::new(r), ..m }
     }

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use ffmpeg_next::frame;
 use pylon_gpu::{FrameRenderer, GpuError, RendererConfig, Work};
 use pylon_proto::VIDEO_CLOCK_RATE;
+use pylon_proto::framing::FrameInfo;
 use pylon_proto::h264::H264Packetizer;
+use pylon_proto::input::InputMessage;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -30,6 +32,9 @@ use tokio::sync::mpsc::error::TrySendError;
 
 /// RTP payload type used between node and relay (the relay rewrites it per viewer).
 pub const RTP_PAYLOAD_TYPE: u8 = 102;
+/// An early frame (started by input) comes at least this fraction of a frame interval
+/// after the previous one.
+const EARLY_FRAME_MIN_GAP: f64 = 0.5;
 /// Input frames circulating between the render and encode threads. Two lets the render
 /// thread fill one while the encoder works on the other; more would only add queueing.
 const INPUT_FRAMES: usize = 2;
@@ -83,11 +88,22 @@ pub enum PipelineError {
     Thread(String),
 }
 
-/// One RTP packet ready for the network, with the time its frame's tick was due.
+/// What the frame path hands to the network task, in order.
 #[derive(Debug, Clone)]
-pub struct OutgoingPacket {
-    /// The RTP packet.
-    pub rtp: Bytes,
+pub enum Outgoing {
+    /// One RTP packet.
+    Rtp(Bytes),
+    /// After a frame's packets: the input it is the first to reflect.
+    FrameInfo(FrameInfo),
+}
+
+/// A player input message as it reached the node.
+#[derive(Debug, Clone)]
+pub struct ReceivedInput {
+    /// The validated message.
+    pub message: InputMessage,
+    /// When it arrived.
+    pub arrived: Instant,
 }
 
 /// Where the time of one frame went, reported per frame to an optional observer
@@ -119,6 +135,7 @@ pub struct FrameTiming {
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
     keyframe: Arc<AtomicBool>,
+    inputs: mpsc::Sender<ReceivedInput>,
     threads: Vec<JoinHandle<()>>,
     info: PipelineInfo,
 }
@@ -127,6 +144,8 @@ struct EncodeJob {
     frame: frame::Video,
     index: u64,
     tick: Instant,
+    media_time: Duration,
+    reflects: Option<(u32, Instant)>,
     render: Duration,
     readback: Duration,
     queued_at: Instant,
@@ -138,7 +157,7 @@ impl Pipeline {
     pub fn start(
         config: PipelineConfig,
         metrics: ServerMetrics,
-        packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+        packets: tokio::sync::mpsc::Sender<Outgoing>,
     ) -> Result<Self, PipelineError> {
         Self::start_observed(config, metrics, packets, None)
     }
@@ -147,7 +166,7 @@ impl Pipeline {
     pub fn start_observed(
         config: PipelineConfig,
         metrics: ServerMetrics,
-        packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+        packets: tokio::sync::mpsc::Sender<Outgoing>,
         timings: Option<mpsc::Sender<FrameTiming>>,
     ) -> Result<Self, PipelineError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -162,11 +181,12 @@ impl Pipeline {
         let encoder_probe = encoder.probe_log().to_vec();
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String), GpuError>>();
+        let (input_tx, input_rx) = mpsc::channel::<ReceivedInput>();
         let render = {
             let (stop, metrics, config) = (stop.clone(), metrics.clone(), config.clone());
             std::thread::Builder::new()
                 .name("pylon-render".into())
-                .spawn(move || render_thread(config, metrics, stop, pool_rx, job_tx, ready_tx))
+                .spawn(move || render_thread(config, metrics, stop, pool_rx, job_tx, ready_tx, input_rx))
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
         let (gpu_name, gpu_reason) = match ready_rx.recv() {
@@ -192,6 +212,7 @@ impl Pipeline {
         Ok(Pipeline {
             stop,
             keyframe,
+            inputs: input_tx,
             threads: vec![render, encode],
             info: PipelineInfo { gpu_name, gpu_reason, encoder: encoder_name, encoder_probe },
         })
@@ -205,6 +226,11 @@ impl Pipeline {
     /// A flag that, once set, makes the next encoded frame a keyframe.
     pub fn keyframe_flag(&self) -> Arc<AtomicBool> {
         self.keyframe.clone()
+    }
+
+    /// Where validated player input goes; it is applied before the next frame renders.
+    pub fn input_sender(&self) -> mpsc::Sender<ReceivedInput> {
+        self.inputs.clone()
     }
 
     /// Whether both threads are still running.
@@ -238,9 +264,14 @@ struct InFlight {
     slot: usize,
     index: u64,
     tick: Instant,
+    media_time: Duration,
     submitted: Instant,
+    /// Highest input sequence number this frame is the first to reflect, and when the
+    /// oldest input it reflects arrived.
+    reflects: Option<(u32, Instant)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render_thread(
     config: PipelineConfig,
     metrics: ServerMetrics,
@@ -248,6 +279,7 @@ fn render_thread(
     pool: mpsc::Receiver<frame::Video>,
     jobs: mpsc::Sender<EncodeJob>,
     ready: mpsc::Sender<Result<(String, String), GpuError>>,
+    inputs: mpsc::Receiver<ReceivedInput>,
 ) {
     let renderer = FrameRenderer::new(&RendererConfig {
         width: config.width,
@@ -268,58 +300,107 @@ fn render_thread(
     };
     let mut scene = DemoScene::new(config.width, config.height, config.seed);
     let interval = Duration::from_secs_f64(1.0 / f64::from(config.fps.max(1)));
+    // An input may start a frame early, but never sooner than this after the previous one,
+    // so the encoder and the viewer's decoder are never asked for bursts.
+    let min_gap = interval.mul_f64(EARLY_FRAME_MIN_GAP);
     let start = Instant::now();
+    let mut next_due = start;
+    let mut last_submit: Option<Instant> = None;
     let mut index: u64 = 0;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut input = InputState::default();
     while !stop.load(Ordering::Relaxed) {
-        let due = start + interval.mul_f64(index as f64);
-        // Until the tick is due, collect finished frames (oldest first, so order holds).
-        loop {
-            let now = Instant::now();
-            if now >= due {
-                break;
+        // Until the tick is due (or an input arrives and pacing allows an early frame),
+        // apply input and collect finished frames, oldest first so order holds.
+        let early = loop {
+            while let Ok(i) = inputs.try_recv() {
+                input.apply(&mut scene, i, &metrics);
             }
-            let Some(front) = in_flight.front() else {
-                std::thread::sleep(due - now);
-                break;
+            let now = Instant::now();
+            if now >= next_due {
+                break false;
+            }
+            if input.unreflected.is_some() && last_submit.is_none_or(|t| now - t >= min_gap) {
+                break true;
+            }
+            // Short waits while frames are in flight or input is pending, so neither
+            // waits behind the other.
+            let wait = if input.unreflected.is_some() {
+                last_submit.map_or(Duration::ZERO, |t| (t + min_gap).saturating_duration_since(now))
+            } else {
+                next_due - now
             };
-            match renderer.poll(front.slot, due - now) {
-                Ok(true) => {
-                    if let Some(done) = in_flight.pop_front() {
-                        finish(&renderer, done, &pool, &jobs, &metrics);
+            if let Some(front) = in_flight.front() {
+                match renderer.poll(front.slot, wait.min(Duration::from_millis(1))) {
+                    Ok(true) => {
+                        if let Some(done) = in_flight.pop_front() {
+                            finish(&renderer, done, &pool, &jobs, &metrics);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!("GPU failure, stopping the render loop: {e}");
+                        return;
                     }
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!("GPU failure, stopping the render loop: {e}");
-                    return;
+            } else {
+                match inputs.recv_timeout(wait) {
+                    Ok(i) => input.apply(&mut scene, i, &metrics),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
                 }
             }
-        }
+        };
         let now = Instant::now();
+        let tick = if early { now } else { next_due };
         // A tick missed by more than a whole interval is skipped, not caught up in a burst.
-        let late = now.saturating_duration_since(due);
+        let late = now.saturating_duration_since(tick);
         if late > interval {
             let skipped = (late.as_secs_f64() / interval.as_secs_f64()) as u64;
             for _ in 0..skipped {
                 metrics.drop_frame("late");
             }
-            index += skipped.max(1);
+            next_due = now;
             continue;
         }
+        next_due = tick + interval;
         let slot = (index % renderer.slot_count() as u64) as usize;
         if renderer.in_flight(slot) {
             metrics.drop_frame("gpu_behind");
             index += 1;
             continue;
         }
-        scene.advance(index as f32 / config.fps as f32);
+        if early {
+            metrics.early_frames.inc();
+        }
+        let media_time = tick - start;
+        scene.advance(media_time.as_secs_f32());
         if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
             tracing::error!("GPU failure, stopping the render loop: {e}");
             return;
         }
-        in_flight.push_back(InFlight { slot, index, tick: due, submitted: now });
+        let reflects = input.unreflected.take().map(|arrival| (input.applied_seq, arrival));
+        in_flight.push_back(InFlight { slot, index, tick, media_time, submitted: now, reflects });
+        last_submit = Some(now);
         index += 1;
+    }
+}
+
+/// Input applied to the scene and not yet in a rendered frame.
+#[derive(Debug, Default)]
+struct InputState {
+    applied_seq: u32,
+    /// Arrival of the oldest input applied since the last frame was submitted.
+    unreflected: Option<Instant>,
+}
+
+impl InputState {
+    fn apply(&mut self, scene: &mut DemoScene, input: ReceivedInput, metrics: &ServerMetrics) {
+        scene.apply(&input.message.event);
+        metrics.input_applied.inc();
+        metrics.keys_held.set(scene.keys_held() as i64);
+        self.applied_seq = self.applied_seq.max(input.message.seq);
+        self.unreflected.get_or_insert(input.arrived);
     }
 }
 
@@ -346,8 +427,16 @@ fn finish(
     }
     let readback = rendered.elapsed();
     metrics.observe("readback", readback);
-    let _ =
-        jobs.send(EncodeJob { frame, index: done.index, tick: done.tick, render, readback, queued_at: Instant::now() });
+    let _ = jobs.send(EncodeJob {
+        frame,
+        index: done.index,
+        tick: done.tick,
+        media_time: done.media_time,
+        reflects: done.reflects,
+        render,
+        readback,
+        queued_at: Instant::now(),
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -360,11 +449,11 @@ fn encode_thread(
     keyframe: Arc<AtomicBool>,
     jobs: mpsc::Receiver<EncodeJob>,
     pool: mpsc::Sender<frame::Video>,
-    packets: tokio::sync::mpsc::Sender<OutgoingPacket>,
+    packets: tokio::sync::mpsc::Sender<Outgoing>,
     timings: Option<mpsc::Sender<FrameTiming>>,
 ) {
     let rtp_base = rand_u32();
-    let ticks_per_frame = f64::from(VIDEO_CLOCK_RATE) / f64::from(fps.max(1));
+    let _ = fps;
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
             continue;
@@ -392,11 +481,13 @@ fn encode_thread(
         if au.keyframe {
             metrics.keyframes.inc();
         }
-        let timestamp = rtp_base.wrapping_add((job.index as f64 * ticks_per_frame) as u64 as u32);
+        // RTP time follows the frame's media time, so early frames get their true timestamp.
+        let ticks = (job.media_time.as_secs_f64() * f64::from(VIDEO_CLOCK_RATE)) as u64;
+        let timestamp = rtp_base.wrapping_add(ticks as u32);
         let mut lost = false;
         packetizer.packetize(&au.data, timestamp, |rtp| {
             let len = rtp.len() as u64;
-            match packets.try_send(OutgoingPacket { rtp: Bytes::copy_from_slice(rtp) }) {
+            match packets.try_send(Outgoing::Rtp(Bytes::copy_from_slice(rtp))) {
                 Ok(()) => {
                     metrics.rtp_packets_sent.inc();
                     metrics.rtp_bytes_sent.inc_by(len);
@@ -415,6 +506,18 @@ fn encode_thread(
             keyframe.store(true, Ordering::Relaxed);
         }
         let done = Instant::now();
+        if let Some((input_seq, arrival)) = job.reflects {
+            let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+            let info = FrameInfo {
+                rtp_timestamp: timestamp,
+                input_seq,
+                render_us: us(job.render),
+                encode_us: us(encoded_at - started),
+                node_us: us(done.saturating_duration_since(arrival)),
+            };
+            metrics.observe("input_to_packets", done.saturating_duration_since(arrival));
+            let _ = packets.try_send(Outgoing::FrameInfo(info));
+        }
         metrics.observe("packetize", done - encoded_at);
         metrics.observe("frame_path", done - job.tick);
         if let Some(t) = &timings {

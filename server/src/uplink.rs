@@ -6,7 +6,8 @@
 //! backoff; every new connection starts with a keyframe.
 
 use crate::metrics::{PacketDrop, ServerMetrics};
-use crate::pipeline::OutgoingPacket;
+use crate::pipeline::{Outgoing, ReceivedInput};
+use pylon_proto::input::InputMessage;
 use anyhow::{Context, anyhow};
 use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
 use std::net::SocketAddr;
@@ -104,8 +105,9 @@ pub fn transport_config() -> quinn::TransportConfig {
 pub async fn run(
     config: UplinkConfig,
     hello: StreamHello,
-    mut packets: mpsc::Receiver<OutgoingPacket>,
+    mut packets: mpsc::Receiver<Outgoing>,
     keyframe: Arc<AtomicBool>,
+    inputs: std::sync::mpsc::Sender<ReceivedInput>,
     metrics: ServerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -138,7 +140,7 @@ pub async fn run(
         metrics.relay_connected.set(1);
         tracing::info!("connected to the relay");
         keyframe.store(true, Ordering::Relaxed);
-        let result = serve_connection(&conn, &hello, &mut packets, &keyframe, &metrics, &mut shutdown).await;
+        let result = serve_connection(&conn, &hello, &mut packets, &keyframe, &inputs, &metrics, &mut shutdown).await;
         metrics.relay_connected.set(0);
         metrics.relay_disconnects.inc();
         match result {
@@ -155,7 +157,7 @@ pub async fn run(
 
 /// Discards packets (counted) for `wait`; returns true if shutdown was asked meanwhile.
 async fn discard_for(
-    packets: &mut mpsc::Receiver<OutgoingPacket>,
+    packets: &mut mpsc::Receiver<Outgoing>,
     wait: Duration,
     metrics: &ServerMetrics,
     shutdown: &mut watch::Receiver<bool>,
@@ -177,11 +179,25 @@ async fn discard_for(
 async fn serve_connection(
     conn: &quinn::Connection,
     hello: &StreamHello,
-    packets: &mut mpsc::Receiver<OutgoingPacket>,
+    packets: &mut mpsc::Receiver<Outgoing>,
     keyframe: &AtomicBool,
+    inputs: &std::sync::mpsc::Sender<ReceivedInput>,
     metrics: &ServerMetrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // Player input, checked again here (the relay checked size, role and rate).
+    let deliver = |bytes: &[u8]| {
+        let arrived = std::time::Instant::now();
+        match InputMessage::decode(bytes) {
+            Ok(message) => {
+                let _ = inputs.send(ReceivedInput { message, arrived });
+            }
+            Err(e) => {
+                tracing::debug!("refused input: {e}");
+                metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "malformed" }).inc();
+            }
+        }
+    };
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
     let mut buf = Vec::new();
     ControlMessage::StreamHello(hello.clone()).encode(&mut buf);
@@ -192,13 +208,22 @@ async fn serve_connection(
     loop {
         tokio::select! {
             packet = packets.recv() => {
-                let Some(packet) = packet else { return Ok(()) };
+                let rtp = match packet {
+                    None => return Ok(()),
+                    Some(Outgoing::Rtp(rtp)) => rtp,
+                    Some(Outgoing::FrameInfo(info)) => {
+                        buf.clear();
+                        ControlMessage::FrameInfo(info).encode(&mut buf);
+                        send.write_all(&buf).await.context("writing frame info")?;
+                        continue;
+                    }
+                };
                 datagram.clear();
-                framing::encode_datagram(DatagramKind::VideoRtp, &packet.rtp, &mut datagram);
+                framing::encode_datagram(DatagramKind::VideoRtp, &rtp, &mut datagram);
                 if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
                     metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
                     match e {
-                        quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", packet.rtp.len()),
+                        quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
                         e => return Err(e.into()),
                     }
                 }
@@ -217,6 +242,7 @@ async fn serve_connection(
                                 Ok(Some(ControlMessage::Goodbye(reason))) => {
                                     return Err(anyhow!("the relay said goodbye: {reason}"));
                                 }
+                                Ok(Some(ControlMessage::Input(bytes))) => deliver(&bytes),
                                 Ok(Some(other)) => {
                                     metrics.bad_control_messages.inc();
                                     tracing::warn!("unexpected control message from the relay: {other:?}");
@@ -228,6 +254,15 @@ async fn serve_connection(
                                 }
                             }
                         }
+                    }
+                }
+            }
+            d = conn.read_datagram() => {
+                let d = d.context("reading datagrams")?;
+                match framing::decode_datagram(&d) {
+                    Ok((DatagramKind::Input, input)) => deliver(input),
+                    _ => {
+                        metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "bad_datagram" }).inc();
                     }
                 }
             }

@@ -107,7 +107,15 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
     };
     let uplink_config =
         UplinkConfig { relay: relay.quic_addr, relay_cert: relay.cert_path.clone(), server_name: "pylon-relay".into() };
-    tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), metrics.clone(), shutdown_rx));
+    tokio::spawn(uplink::run(
+        uplink_config,
+        hello,
+        packet_rx,
+        pipeline.keyframe_flag(),
+        pipeline.input_sender(),
+        metrics.clone(),
+        shutdown_rx,
+    ));
     Platform { relay, server_metrics: metrics, pipeline: Some(pipeline), shutdown, relay_shutdown, data_dir }
 }
 
