@@ -1,0 +1,139 @@
+//! Playing from the browser: keyboard, gamepad and touch reach the game through the
+//! DataChannels, the relay and QUIC; a blur releases held keys; click-to-photon samples
+//! are collected from requestVideoFrameCallback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Browser, start_platform};
+use std::time::Duration;
+
+/// Centroid of the ship's orange hull in the playing video, or null.
+const SHIP: &str = r#"
+const v = document.getElementById('video');
+if (!v || v.videoWidth === 0) return null;
+const c = document.createElement('canvas');
+c.width = v.videoWidth; c.height = v.videoHeight;
+const g = c.getContext('2d', { willReadFrequently: true });
+g.drawImage(v, 0, 0);
+const d = g.getImageData(0, 0, c.width, c.height).data;
+let n = 0, sx = 0, sy = 0;
+for (let i = 0; i < d.length; i += 4) {
+  if (d[i] > 190 && d[i + 1] > 110 && d[i + 1] < 200 && d[i + 2] < 90) {
+    const p = i / 4; n++; sx += p % c.width; sy += Math.floor(p / c.width);
+  }
+}
+return n > 30 ? { x: sx / n, y: sy / n, n } : null;
+"#;
+
+fn key(kind: &str, code: &str) -> String {
+    format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}', bubbles: true }})); return true;")
+}
+
+async fn ship(b: &Browser) -> (f64, f64) {
+    let v = b.wait_for(SHIP, Duration::from_secs(10)).await;
+    (v["x"].as_f64().unwrap(), v["y"].as_f64().unwrap())
+}
+
+async fn settled_ship(b: &Browser) -> (f64, f64) {
+    let mut last = ship(b).await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = ship(b).await;
+        if (now.0 - last.0).hypot(now.1 - last.1) < 1.5 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
+    (a.0 - b.0).hypot(a.1 - b.1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyboard_gamepad_and_touch_reach_the_game() {
+    let platform = start_platform(1280, 720, 60).await;
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return window.pylon && pylon.role === 'player' && pylon.stats && pylon.stats.framesDecoded > 20", Duration::from_secs(60))
+        .await;
+    b.wait_for("return pylon.pc.sctp && pylon.pc.sctp.state === 'connected'", Duration::from_secs(10)).await;
+
+    // Any input turns the autopilot off; the ship then holds still.
+    b.eval(&key("keydown", "KeyX")).await;
+    b.eval(&key("keyup", "KeyX")).await;
+    let wait_applied = |n: f64| {
+        let platform = &platform;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while platform.server_metrics_value("pylon_server_input_applied") < n {
+                assert!(std::time::Instant::now() < deadline, "input did not reach the game");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_applied(2.0).await;
+    let before = settled_ship(&b).await;
+
+    // Keyboard: thrust forward for half a second.
+    b.eval(&key("keydown", "ArrowUp")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.eval(&key("keyup", "ArrowUp")).await;
+    let after = settled_ship(&b).await;
+    assert!(dist(before, after) > 40.0, "thrust moves the ship: {before:?} → {after:?}");
+    assert_eq!(platform.server_metrics_value("pylon_server_keys_held"), 0.0);
+
+    // A key held when the window loses focus is released.
+    b.eval(&key("keydown", "ArrowLeft")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while platform.server_metrics_value("pylon_server_keys_held") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "key down never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.eval("window.dispatchEvent(new Event('blur')); return true;").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while platform.server_metrics_value("pylon_server_keys_held") > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "blur did not release the held key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Gamepad: a synthetic pad with the left stick pushed down flies the ship down.
+    let start = settled_ship(&b).await;
+    b.eval(
+        "const pad = { connected: true, buttons: Array.from({ length: 17 }, () => ({ value: 0, pressed: false })), \
+         axes: [0, 1, 0, 0] }; navigator.getGamepads = () => [pad, null, null, null]; return true;",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
+    let moved = settled_ship(&b).await;
+    assert!(moved.1 - start.1 > 30.0 || moved.1 < start.1 - 300.0, "the stick flies the ship down (wrapping): {start:?} → {moved:?}");
+
+    // Touch: a finger far from the ship draws it closer.
+    let start = settled_ship(&b).await;
+    let target = if start.0 > 640.0 { (200.0, 360.0) } else { (1080.0, 360.0) };
+    let touch = |kind: &str| {
+        format!(
+            "const v = document.getElementById('video'); const r = v.getBoundingClientRect(); \
+             const t = new Touch({{ identifier: 1, target: v, clientX: r.left + {x} * r.width / 1280, clientY: r.top + {y} * r.height / 720 }}); \
+             v.dispatchEvent(new TouchEvent('{kind}', {{ touches: '{kind}' === 'touchend' ? [] : [t], changedTouches: [t], bubbles: true, cancelable: true }})); return true;",
+            x = target.0,
+            y = target.1
+        )
+    };
+    b.eval(&touch("touchstart")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.eval(&touch("touchend")).await;
+    let end = settled_ship(&b).await;
+    assert!(dist(end, target) < dist(start, target) - 40.0, "touch steers towards the finger: {start:?} → {end:?}");
+
+    // Click-to-photon samples were measured for the presses.
+    let latency = b.wait_for("const s = pylon.latency.summary(); return s.count >= 2 ? s : null", Duration::from_secs(10)).await;
+    eprintln!("click-to-photon: {latency}");
+    assert!(latency["p50"].as_f64().unwrap() > 0.0);
+    b.close().await;
+    platform.stop().await;
+}
