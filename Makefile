@@ -54,7 +54,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 test: build
-	cargo test --workspace --all-targets -- --test-threads=2
+	cargo test --workspace --all-targets
 	@$(MAKE) --no-print-directory lint
 
 bench: deps

@@ -18,11 +18,11 @@ use pylon_proto::rtp::RtpPacket;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, SeqNo};
-use str0m::channel::ChannelId;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 

@@ -58,8 +58,11 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     let platform = start_platform(1280, 720, 60).await;
     let b = Browser::start().await;
     b.client.goto(&platform.url()).await.unwrap();
-    b.wait_for("return window.pylon && pylon.role === 'player' && pylon.stats && pylon.stats.framesDecoded > 20", Duration::from_secs(60))
-        .await;
+    b.wait_for(
+        "return window.pylon && pylon.role === 'player' && pylon.stats && pylon.stats.framesDecoded > 20",
+        Duration::from_secs(60),
+    )
+    .await;
     b.wait_for("return pylon.pc.sctp && pylon.pc.sctp.state === 'connected'", Duration::from_secs(10)).await;
 
     // Any input turns the autopilot off; the ship then holds still.
@@ -110,7 +113,10 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
     let moved = settled_ship(&b).await;
-    assert!(moved.1 - start.1 > 30.0 || moved.1 < start.1 - 300.0, "the stick flies the ship down (wrapping): {start:?} → {moved:?}");
+    assert!(
+        moved.1 - start.1 > 30.0 || moved.1 < start.1 - 300.0,
+        "the stick flies the ship down (wrapping): {start:?} → {moved:?}"
+    );
 
     // Touch: a finger far from the ship draws it closer.
     let start = settled_ship(&b).await;
@@ -131,7 +137,8 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     assert!(dist(end, target) < dist(start, target) - 40.0, "touch steers towards the finger: {start:?} → {end:?}");
 
     // Click-to-photon samples were measured for the presses.
-    let latency = b.wait_for("const s = pylon.latency.summary(); return s.count >= 2 ? s : null", Duration::from_secs(10)).await;
+    let latency =
+        b.wait_for("const s = pylon.latency.summary(); return s.count >= 2 ? s : null", Duration::from_secs(10)).await;
     eprintln!("click-to-photon: {latency}");
     assert!(latency["p50"].as_f64().unwrap() > 0.0);
     b.close().await;

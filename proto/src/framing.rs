@@ -151,7 +151,9 @@ impl ControlMessage {
             }
             ControlMessage::KeyframeRequest => 2,
             ControlMessage::Input(bytes) => {
-                body.extend_from_slice(bytes.get(..bytes.len().min(crate::input::MAX_INPUT_MESSAGE)).unwrap_or_default());
+                body.extend_from_slice(
+                    bytes.get(..bytes.len().min(crate::input::MAX_INPUT_MESSAGE)).unwrap_or_default(),
+                );
                 4
             }
             ControlMessage::FrameInfo(f) => {
@@ -293,7 +295,13 @@ mod tests {
             ControlMessage::KeyframeRequest,
             ControlMessage::Goodbye("bye ✓".into()),
             ControlMessage::Input(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
-            ControlMessage::FrameInfo(FrameInfo { rtp_timestamp: 9, input_seq: 8, render_us: 7, encode_us: 6, node_us: 5 }),
+            ControlMessage::FrameInfo(FrameInfo {
+                rtp_timestamp: 9,
+                input_seq: 8,
+                render_us: 7,
+                encode_us: 6,
+                node_us: 5,
+            }),
         ];
         let mut wire = Vec::new();
         for m in &msgs {

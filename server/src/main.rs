@@ -141,8 +141,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         encoder: info.encoder.to_string(),
     };
     let uplink_config = UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name };
-    let uplink =
-        tokio::spawn(uplink::run(uplink_config, hello, packet_rx, pipeline.keyframe_flag(), pipeline.input_sender(), metrics, shutdown_rx));
+    let uplink = tokio::spawn(uplink::run(
+        uplink_config,
+        hello,
+        packet_rx,
+        pipeline.keyframe_flag(),
+        pipeline.input_sender(),
+        metrics,
+        shutdown_rx,
+    ));
     tokio::select! {
         r = tokio::signal::ctrl_c() => {
             r?;

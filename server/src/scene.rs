@@ -399,12 +399,12 @@ impl DemoScene {
 fn segments(ch: char) -> Vec<(f32, f32, f32, f32)> {
     const T: f32 = 0.18;
     let seg = [
-        (0.0, 0.0, 1.0, T),             // a: top
-        (1.0 - T, 0.0, 1.0, 1.0),       // b: top right
-        (1.0 - T, 1.0, 1.0, 2.0),       // c: bottom right
-        (0.0, 2.0 - T, 1.0, 2.0),       // d: bottom
-        (0.0, 1.0, T, 2.0),             // e: bottom left
-        (0.0, 0.0, T, 1.0),             // f: top left
+        (0.0, 0.0, 1.0, T),                       // a: top
+        (1.0 - T, 0.0, 1.0, 1.0),                 // b: top right
+        (1.0 - T, 1.0, 1.0, 2.0),                 // c: bottom right
+        (0.0, 2.0 - T, 1.0, 2.0),                 // d: bottom
+        (0.0, 1.0, T, 2.0),                       // e: bottom left
+        (0.0, 0.0, T, 1.0),                       // f: top left
         (0.0, 1.0 - T / 2.0, 1.0, 1.0 + T / 2.0), // g: middle
     ];
     let on: &[usize] = match ch {

@@ -7,9 +7,9 @@
 
 use crate::metrics::{PacketDrop, ServerMetrics};
 use crate::pipeline::{Outgoing, ReceivedInput};
-use pylon_proto::input::InputMessage;
 use anyhow::{Context, anyhow};
 use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
+use pylon_proto::input::InputMessage;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
