@@ -41,6 +41,7 @@ async function connect() {
   const motionChannel = pc.createDataChannel('input-motion', { ordered: false, maxRetransmits: 0 });
   inputChannel.binaryType = 'arraybuffer';
   motionChannel.binaryType = 'arraybuffer';
+  pylon.channels = { input: inputChannel, motion: motionChannel };
 
   pc.ontrack = (event) => {
     video.srcObject = event.streams[0] ?? new MediaStream([event.track]);

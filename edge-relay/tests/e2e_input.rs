@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Browser, start_platform};
+use common::{Browser, start_platform, wait_metric};
 use std::time::Duration;
 
 /// Centroid of the ship's orange hull in the playing video, or null.
@@ -141,6 +141,76 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
         b.wait_for("const s = pylon.latency.summary(); return s.count >= 2 ? s : null", Duration::from_secs(10)).await;
     eprintln!("click-to-photon: {latency}");
     assert!(latency["p50"].as_f64().unwrap() > 0.0);
+    b.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_and_spectators_are_refused_and_counted() {
+    let platform = start_platform(640, 360, 30).await;
+    let http = platform.relay.http_addr;
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for(
+        "return window.pylon && pylon.role === 'player' && pylon.stats && pylon.stats.framesDecoded > 10",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.wait_for("return pylon.channels && pylon.channels.input.readyState === 'open'", Duration::from_secs(10)).await;
+
+    // Hostile messages straight onto the input channel.
+    let hostile = r#"
+const ch = pylon.channels.input;
+const hdr = (type, extra) => { const b = new Uint8Array(10 + extra); b[0] = 1; b[1] = type; b[5] = 1; return b; };
+const send = (b) => ch.send(b.buffer);
+send(new Uint8Array([1, 1, 0]));                       // truncated
+send(new Uint8Array(5000));                            // oversized
+const v2 = hdr(1, 3); v2[0] = 9; send(v2);              // unknown version
+send(hdr(42, 0));                                      // unknown type
+const key = hdr(1, 3); key[10] = 0xff; key[11] = 0xff; send(key);   // key out of range
+const wheel = hdr(5, 8); const dv = new DataView(wheel.buffer);
+dv.setFloat32(10, NaN); dv.setFloat32(14, 1e30); send(wheel);        // NaN and 1e30
+const pad = hdr(6, 6); pad[10] = 0; pad[11] = 1; pad[12] = 0; pad[13] = 1; pad[14] = 0x80; pad[15] = 0; send(pad); // axis -32768
+const touch = hdr(7, 2); touch[10] = 0; touch[11] = 255; send(touch); // 255 (of 10,000) touch points
+return true;
+"#;
+    b.eval(hostile).await;
+    let refused = |reason: &str| format!("pylon_relay_input_refused_total{{reason=\"{reason}\"}}");
+    wait_metric(http, &refused("size"), 2.0).await;
+    wait_metric(http, &refused("malformed"), 2.0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while platform.server_metrics_value("pylon_server_input_rejected") < 4.0 {
+        assert!(std::time::Instant::now() < deadline, "the node did not refuse out-of-range input");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A flood is rate-limited at the relay and the video keeps playing.
+    let decoded = b.eval("return pylon.stats.framesDecoded").await.as_f64().unwrap();
+    b.eval(
+        "const ch = pylon.channels.input; const m = new Uint8Array([1, 4, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0]); \
+         for (let i = 0; i < 5000; i++) ch.send(m.buffer); return true;",
+    )
+    .await;
+    wait_metric(http, &refused("rate_limited"), 100.0).await;
+    b.wait_for(&format!("return pylon.stats.framesDecoded > {} + 30", decoded), Duration::from_secs(20)).await;
+
+    // A second viewer is a spectator: its input is refused and counted.
+    b.client.new_window(true).await.unwrap();
+    let handles = b.client.windows().await.unwrap();
+    b.client.switch_to_window(handles.last().unwrap().clone()).await.unwrap();
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for(
+        "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > 10",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.wait_for("return pylon.channels && pylon.channels.input.readyState === 'open'", Duration::from_secs(10)).await;
+    b.eval(
+        "const ch = pylon.channels.input; const m = new Uint8Array([1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 22, 0]); \
+         for (let i = 0; i < 3; i++) ch.send(m.buffer); return true;",
+    )
+    .await;
+    wait_metric(http, &refused("spectator"), 3.0).await;
     b.close().await;
     platform.stop().await;
 }
