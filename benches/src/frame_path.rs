@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             encoder: encoder_config.clone(),
             max_rtp_packet: 1200,
             seed: SEED,
+            early_frames: true,
         },
         metrics.clone(),
         packet_tx,

@@ -27,12 +27,16 @@ struct Args {
     /// Frame rate.
     #[arg(long, default_value_t = 60)]
     fps: u32,
+    /// Render strictly on the frame clock (the node's `--pacing strict`), to compare
+    /// with frames started by input.
+    #[arg(long)]
+    strict_pacing: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let platform = common::start_platform(1280, 720, args.fps).await;
+    let platform = common::start_platform_with(1280, 720, args.fps, !args.strict_pacing).await;
     let b = common::Browser::start().await;
     b.client.goto(&platform.url()).await.unwrap();
     b.wait_for(

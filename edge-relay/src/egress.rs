@@ -22,7 +22,7 @@ use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, SeqNo};
+use str0m::rtp::{AbsCaptureTime, ExtensionValues, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -140,6 +140,8 @@ struct Viewer {
     ts_offset: u32,
     last_seq: u64,
     last_ts: u32,
+    /// Arrival to sent of the last frame's last packet, µs (shown in the player's overlay).
+    relay_us: u32,
 }
 
 /// The node stream being relayed.
@@ -198,6 +200,7 @@ fn rtc_config() -> RtcConfig {
         .set_extension(4, str0m::rtp::Extension::RtpMid)
         .set_extension(3, str0m::rtp::Extension::TransportSequenceNumber)
         .set_extension(12, str0m::rtp::Extension::PlayoutDelay)
+        .set_extension(13, str0m::rtp::Extension::AbsoluteCaptureTime)
 }
 
 /// Runs the egress loop until shutdown.
@@ -342,6 +345,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         ts_offset: 0,
         last_seq: 0,
         last_ts: 0,
+        relay_us: 0,
     };
     Ok((viewer, answer.to_sdp_string()))
 }
@@ -462,11 +466,12 @@ fn send_frame_info(viewers: &mut [Viewer], info: FrameInfo) {
         let Some(id) = v.input_channel else { continue };
         let ts = info.rtp_timestamp.wrapping_add(v.ts_offset);
         let text = format!(
-            r#"{{"type":"frame","ts":{ts},"seq":{},"render_ms":{:.2},"encode_ms":{:.2},"node_ms":{:.2}}}"#,
+            r#"{{"type":"frame","ts":{ts},"seq":{},"render_ms":{:.2},"encode_ms":{:.2},"node_ms":{:.2},"relay_ms":{:.3}}}"#,
             info.input_seq,
             f64::from(info.render_us) / 1000.0,
             f64::from(info.encode_us) / 1000.0,
-            f64::from(info.node_us) / 1000.0
+            f64::from(info.node_us) / 1000.0,
+            f64::from(v.relay_us) / 1000.0
         );
         if let Some(mut channel) = v.rtc.channel(id) {
             let _ = channel.write(false, text.as_bytes());
@@ -508,7 +513,7 @@ fn handle_ingest(
                 *source = None;
             }
         }
-        IngestEvent::Rtp { node, packet, arrival } => {
+        IngestEvent::Rtp { node, packet, arrival, capture_ntp } => {
             let Some(s) = source.as_mut().filter(|s| s.node == node) else {
                 metrics.dropped("no_viewer_stream");
                 return;
@@ -523,6 +528,10 @@ fn handle_ingest(
             let exts = ExtensionValues {
                 play_delay_min: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
                 play_delay_max: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
+                // The node's capture time, so the browser knows each frame's age.
+                abs_capture_time: capture_ntp
+                    .and_then(pylon_proto::framing::from_ntp)
+                    .map(|capture_time| AbsCaptureTime { capture_time, clock_offset: None }),
                 ..Default::default()
             };
             for v in viewers.iter_mut().filter(|v| v.connected) {
@@ -547,6 +556,10 @@ fn handle_ingest(
                 }
                 metrics.rtp_out_packets.inc();
                 let drained = drain(v, socket, metrics);
+                if rtp.header.marker {
+                    // Relay time of the frame's last packet: arrival to handed to the socket.
+                    v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
+                }
                 if drained.wants_keyframe {
                     s.request_keyframe(arrival, metrics);
                 }

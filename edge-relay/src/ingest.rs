@@ -47,6 +47,8 @@ pub enum IngestEvent {
         packet: Bytes,
         /// When it arrived.
         arrival: Instant,
+        /// The frame's capture time (NTP), on the first packet of each frame.
+        capture_ntp: Option<u64>,
     },
     /// The node's connection ended.
     StreamEnded {
@@ -182,16 +184,16 @@ async fn serve_node(
             d = conn.read_datagram() => {
                 let d = d.context("reading datagrams")?;
                 let arrival = Instant::now();
-                match framing::decode_datagram(&d) {
-                    Ok((_, rtp)) if RtpPacket::parse(rtp).is_ok() => {
+                match framing::decode_media_datagram(&d) {
+                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, capture_ntp, rtp)) if RtpPacket::parse(rtp).is_ok() => {
                         metrics.rtp_in_packets.inc();
                         metrics.rtp_in_bytes.inc_by(rtp.len() as u64);
-                        let packet = d.slice(framing::DATAGRAM_HEADER_LEN..);
-                        if events.try_send(IngestEvent::Rtp { node, packet, arrival }).is_err() {
+                        let packet = d.slice(d.len() - rtp.len()..);
+                        if events.try_send(IngestEvent::Rtp { node, packet, arrival, capture_ntp }).is_err() {
                             metrics.dropped("egress_queue_full");
                         }
                     }
-                    Ok((DatagramKind::VideoRtp, _)) => metrics.dropped("bad_rtp"),
+                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, _, _)) => metrics.dropped("bad_rtp"),
                     Ok(_) => metrics.dropped("bad_datagram"),
                     Err(_) => metrics.dropped("bad_datagram"),
                 }

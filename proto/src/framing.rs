@@ -14,8 +14,10 @@
 //! | `Input`            | 4    | relay → node   | one player input message (`input.rs` format), forwarded unchanged     |
 //! | `FrameInfo`        | 5    | node → relay   | rtp timestamp u32, input seq u32, render µs u32, encode µs u32, input age µs u32 |
 //!
-//! Datagram kinds: 1 = video RTP (node → relay), 2 = supersedable player input such as
-//! mouse motion (relay → node), forwarded unchanged.
+//! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
+//! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
+//! abs-capture-time extension); 2 = supersedable player input such as mouse motion
+//! (relay → node), forwarded unchanged.
 
 use thiserror::Error;
 
@@ -36,6 +38,47 @@ pub enum DatagramKind {
     VideoRtp = 1,
     /// A supersedable player input message (mouse motion).
     Input = 2,
+    /// An RTP packet of the video stream preceded by an 8-byte NTP capture time.
+    VideoRtpCaptured = 3,
+}
+
+/// Seconds between the NTP epoch (1900) and the Unix epoch (1970).
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+/// A wall-clock time as a 64-bit NTP timestamp (Q32.32 seconds since 1900).
+pub fn to_ntp(t: std::time::SystemTime) -> u64 {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() + NTP_UNIX_OFFSET;
+    let frac = (u64::from(d.subsec_nanos()) << 32) / 1_000_000_000;
+    (secs << 32) | frac
+}
+
+/// The inverse of [`to_ntp`]; `None` before the Unix epoch.
+pub fn from_ntp(ntp: u64) -> Option<std::time::SystemTime> {
+    let secs = (ntp >> 32).checked_sub(NTP_UNIX_OFFSET)?;
+    let nanos = ((ntp & 0xffff_ffff) * 1_000_000_000) >> 32;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos as u32))
+}
+
+/// Writes a video datagram whose RTP packet is the first of a frame captured at `capture`.
+pub fn encode_captured_datagram(capture: std::time::SystemTime, rtp: &[u8], out: &mut Vec<u8>) {
+    out.reserve(DATAGRAM_HEADER_LEN + 8 + rtp.len());
+    out.push(FRAMING_VERSION);
+    out.push(DatagramKind::VideoRtpCaptured as u8);
+    out.extend_from_slice(&to_ntp(capture).to_be_bytes());
+    out.extend_from_slice(rtp);
+}
+
+/// Parses a datagram into its kind, the capture time (kind 3 only) and the payload.
+pub fn decode_media_datagram(buf: &[u8]) -> Result<(DatagramKind, Option<u64>, &[u8]), FramingError> {
+    match buf {
+        [FRAMING_VERSION, 3, rest @ ..] => {
+            let (ntp, rtp) = rest.split_at_checked(8).ok_or(FramingError::Truncated)?;
+            let ntp = u64::from_be_bytes(ntp.try_into().map_err(|_| FramingError::Truncated)?);
+            Ok((DatagramKind::VideoRtpCaptured, Some(ntp), rtp))
+        }
+        _ => decode_datagram(buf).map(|(k, p)| (k, None, p)),
+    }
 }
 
 /// Why a datagram or control message was refused.
@@ -277,6 +320,24 @@ mod tests {
             let mut buf = Vec::new();
             encode_datagram(DatagramKind::VideoRtp, &rtp, &mut buf);
             assert_eq!(decode_datagram(&buf), Ok((DatagramKind::VideoRtp, &rtp[..])));
+        }
+    }
+
+    #[test]
+    fn captured_datagrams_round_trip() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_456_789);
+        let mut buf = Vec::new();
+        encode_captured_datagram(t, b"rtp", &mut buf);
+        let (kind, ntp, rtp) = decode_media_datagram(&buf).unwrap();
+        assert_eq!((kind, rtp), (DatagramKind::VideoRtpCaptured, &b"rtp"[..]));
+        let back = from_ntp(ntp.unwrap()).unwrap();
+        let err = back.duration_since(t).unwrap_or_else(|e| e.duration());
+        assert!(err < std::time::Duration::from_nanos(2), "{err:?}");
+        assert_eq!(decode_media_datagram(&[1, 3, 0, 0]), Err(FramingError::Truncated));
+        assert_eq!(decode_media_datagram(&[1, 1, 7]).unwrap(), (DatagramKind::VideoRtp, None, &[7u8][..]));
+        for len in 0..64 {
+            let junk: Vec<u8> = std::iter::once(1).chain(std::iter::once(3)).chain((0..len).map(|i| i as u8)).collect();
+            let _ = decode_media_datagram(&junk);
         }
     }
 

@@ -10,6 +10,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, watch};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Pacing {
+    /// Frames on the clock, plus an early frame when input arrives.
+    Input,
+    /// Frames on the clock only.
+    Strict,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum EncoderArg {
     /// Probe h264_nvenc, fall back to libx264.
@@ -63,6 +71,10 @@ struct Args {
     /// viewers' path MTU after the relay adds its headers).
     #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(200..=1300))]
     max_rtp_packet: u32,
+    /// Frame pacing: `input` starts a frame as soon as player input arrives (at least half
+    /// a frame interval after the previous one), `strict` renders only on the frame clock.
+    #[arg(long, env = "PYLON_PACING", value_enum, default_value = "input")]
+    pacing: Pacing,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(long, env = "PYLON_METRICS_ADDR", default_value = "127.0.0.1:9100")]
     metrics_addr: SocketAddr,
@@ -120,6 +132,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         max_rtp_packet: args.max_rtp_packet as usize,
         seed: 0x5eed,
+        early_frames: args.pacing == Pacing::Input,
     };
     let pipeline = tokio::task::spawn_blocking({
         let metrics = metrics.clone();

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::error::TrySendError;
 
 /// RTP payload type used between node and relay (the relay rewrites it per viewer).
@@ -58,6 +58,9 @@ pub struct PipelineConfig {
     pub max_rtp_packet: usize,
     /// Seed of the demo scene.
     pub seed: u32,
+    /// Start a frame as soon as input arrives (at least half an interval after the
+    /// previous one) instead of waiting for the next tick.
+    pub early_frames: bool,
 }
 
 /// What the pipeline found when it started, for logs and the stream description.
@@ -91,8 +94,8 @@ pub enum PipelineError {
 /// What the frame path hands to the network task, in order.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    /// One RTP packet.
-    Rtp(Bytes),
+    /// One RTP packet; the first packet of each frame carries the frame's capture time.
+    Rtp(Bytes, Option<SystemTime>),
     /// After a frame's packets: the input it is the first to reflect.
     FrameInfo(FrameInfo),
 }
@@ -320,12 +323,13 @@ fn render_thread(
             if now >= next_due {
                 break false;
             }
-            if input.unreflected.is_some() && last_submit.is_none_or(|t| now - t >= min_gap) {
+            let input_waiting = config.early_frames && input.unreflected.is_some();
+            if input_waiting && last_submit.is_none_or(|t| now - t >= min_gap) {
                 break true;
             }
             // Short waits while frames are in flight or input is pending, so neither
             // waits behind the other.
-            let wait = if input.unreflected.is_some() {
+            let wait = if input_waiting {
                 last_submit.map_or(Duration::ZERO, |t| (t + min_gap).saturating_duration_since(now))
             } else {
                 next_due - now
@@ -485,9 +489,11 @@ fn encode_thread(
         let ticks = (job.media_time.as_secs_f64() * f64::from(VIDEO_CLOCK_RATE)) as u64;
         let timestamp = rtp_base.wrapping_add(ticks as u32);
         let mut lost = false;
+        // Wall-clock time of the frame's tick, for the abs-capture-time extension.
+        let mut capture = SystemTime::now().checked_sub(job.tick.elapsed());
         packetizer.packetize(&au.data, timestamp, |rtp| {
             let len = rtp.len() as u64;
-            match packets.try_send(Outgoing::Rtp(Bytes::copy_from_slice(rtp))) {
+            match packets.try_send(Outgoing::Rtp(Bytes::copy_from_slice(rtp), capture.take())) {
                 Ok(()) => {
                     metrics.rtp_packets_sent.inc();
                     metrics.rtp_bytes_sent.inc_by(len);

@@ -210,7 +210,7 @@ async fn serve_connection(
             packet = packets.recv() => {
                 let rtp = match packet {
                     None => return Ok(()),
-                    Some(Outgoing::Rtp(rtp)) => rtp,
+                    Some(Outgoing::Rtp(rtp, capture)) => (rtp, capture),
                     Some(Outgoing::FrameInfo(info)) => {
                         buf.clear();
                         ControlMessage::FrameInfo(info).encode(&mut buf);
@@ -218,8 +218,12 @@ async fn serve_connection(
                         continue;
                     }
                 };
+                let (rtp, capture) = rtp;
                 datagram.clear();
-                framing::encode_datagram(DatagramKind::VideoRtp, &rtp, &mut datagram);
+                match capture {
+                    Some(t) => framing::encode_captured_datagram(t, &rtp, &mut datagram),
+                    None => framing::encode_datagram(DatagramKind::VideoRtp, &rtp, &mut datagram),
+                }
                 if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
                     metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
                     match e {

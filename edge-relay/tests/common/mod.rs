@@ -59,6 +59,11 @@ fn localhost() -> std::net::SocketAddr {
 
 /// Starts a relay on free loopback ports and a render node streaming to it at `width`×`height`.
 pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
+    start_platform_with(width, height, fps, true).await
+}
+
+/// Like [`start_platform`], choosing whether input starts frames early.
+pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
     let _ = tracing_subscriber_init();
     let data_dir = std::env::temp_dir().join(format!("pylon-e2e-{}-{}", std::process::id(), rand_suffix()));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -92,6 +97,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
         },
         max_rtp_packet: 1200,
         seed: 0x5eed,
+        early_frames,
     };
     let m = metrics.clone();
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(pipeline_config, m, packet_tx))
