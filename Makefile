@@ -43,7 +43,7 @@ build: deps
 	cargo build --workspace --all-targets
 
 release: deps
-	cargo build --release --bins
+	cargo build --release -p pylon-server -p pylon-relay --bins
 
 demo: release
 	@mkdir -p $(DATA_DIR)/logs

@@ -38,6 +38,10 @@ async fn chromium_plays_the_demo_title_at_720p() {
         assert!(mean > 8.0 && mean < 120.0, "neither black nor a bright test pattern: mean {mean}");
     }
     assert_ne!(first["hash"], second["hash"], "the scene moves");
+    // `PYLON_SCREENSHOT=path.png` keeps a picture of the page for a human to look at.
+    if let Ok(path) = std::env::var("PYLON_SCREENSHOT") {
+        std::fs::write(&path, browser.client.screenshot().await.unwrap()).unwrap();
+    }
 
     // The browser goes away mid-stream: the relay notices, the node keeps rendering.
     let http = platform.relay.http_addr;

@@ -8,7 +8,7 @@
 //! Until the first input arrives the ship flies on autopilot. Then the player steers:
 //! arrows/WASD turn and thrust, Space or a left click fires, the mouse aims, a gamepad's
 //! left stick steers and its A button fires, a touch sets where to fly and a second finger
-//! fires. Bullets that hit an asteroid score 10 points, shown top left.
+//! fires. Bullets that hit an asteroid score 10 points, shown at the top.
 
 use pylon_gpu::Vertex;
 use pylon_proto::input::{InputEvent, KEY_CODES, TouchPhase};
@@ -375,11 +375,12 @@ impl DemoScene {
         tri(&mut out, [at(1.0, 0.0), at(-0.8, 0.7), at(-0.5, 0.0)], HULL);
         tri(&mut out, [at(1.0, 0.0), at(-0.5, 0.0), at(-0.8, -0.7)], HULL);
         tri(&mut out, [at(0.55, 0.0), at(0.05, 0.18), at(0.05, -0.18)], [0.55, 0.85, 1.0, 1.0]);
-        // The score, in seven-segment digits, top left.
+        // The score, in seven-segment digits, top centre.
         let digit_w = 14.0 * scale;
         let text = self.score.to_string();
+        let text_w = text.len() as f32 * digit_w * 1.5 - digit_w * 0.5;
         for (i, ch) in text.chars().enumerate() {
-            let ox = 16.0 * scale + i as f32 * digit_w * 1.5;
+            let ox = (w - text_w) / 2.0 + i as f32 * digit_w * 1.5;
             let oy = 14.0 * scale;
             for seg in segments(ch) {
                 let (x0, y0, x1, y1) = seg;
