@@ -2,11 +2,17 @@
 //!
 //! 1. Runs the real frame path (paced render thread → readback → encode thread →
 //!    packetizer → network queue) for `--frames` frames and records each frame's stages.
-//! 2. On the same frames (same scene, same timestamps, a fresh encoder), measures render
-//!    alone (draw only, submit to fence) and encode alone (the encoder on pictures already
-//!    in memory).
+//! 2. On the same frames (same scene, same timestamps, a fresh encoder, the same pacing),
+//!    measures render alone (submit to fence) and encode alone (the encoder on pictures
+//!    already in memory), each stage by itself with nothing around it.
 //! 3. Reports per-stage medians, the sustained frame rate, and the glue ratio
 //!    `whole frame path ÷ (render alone + encode alone)`; the last line is one JSON object.
+//!
+//! "Render alone" is the GPU's whole work on a frame, drawing plus the NV12 compute pass,
+//! submitted and waited for on its own: colour conversion is rendering work, not glue.
+//! What remains in the ratio is the glue — synchronisation with the render thread,
+//! readback, copies, queueing, packetizing. The ratio against drawing only is reported
+//! too (`draw_only_ratio`), since on a CPU renderer the conversion is expensive.
 
 use anyhow::Context;
 use clap::Parser;
@@ -133,34 +139,44 @@ fn main() -> anyhow::Result<()> {
     let mut encoder = VideoEncoder::open(&encoder_config)?;
     let mut frame = encoder.new_input_frame();
     let mut scene = DemoScene::new(args.width, args.height, SEED);
-    let (mut render_alone, mut convert_alone, mut encode_alone) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut draw_alone, mut render_alone, mut encode_alone) = (Vec::new(), Vec::new(), Vec::new());
     let mut first = true;
-    for &index in &indices {
+    // Paced like the pipeline (one frame per tick), so both runs see the same machine:
+    // caches, clock speed and thread wake-ups after an idle gap.
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.fps));
+    let paced_start = Instant::now();
+    for (n, &index) in indices.iter().enumerate() {
+        let due = paced_start + interval.mul_f64(n as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
         scene.advance(index as f32 / args.fps as f32);
+        // The whole GPU stage first, as in the pipeline (nothing warms it up).
         let t0 = Instant::now();
-        renderer.submit(0, scene.vertices(), Work::RenderOnly)?;
-        renderer.wait(0, Duration::from_secs(5))?;
-        let t1 = Instant::now();
         renderer.submit(0, scene.vertices(), Work::RenderAndConvert)?;
         renderer.wait(0, Duration::from_secs(5))?;
-        let t2 = Instant::now();
+        let t1 = Instant::now();
         load_nv12(&mut frame, renderer.nv12(0).unwrap_or_default())?;
-        let t3 = Instant::now();
+        let t2 = Instant::now();
         encoder.encode(&mut frame, index as i64, first)?;
-        let t4 = Instant::now();
+        let t3 = Instant::now();
         first = false;
+        // Drawing without the conversion, for the draw-only figure.
+        renderer.submit(0, scene.vertices(), Work::RenderOnly)?;
+        renderer.wait(0, Duration::from_secs(5))?;
         render_alone.push(t1 - t0);
-        convert_alone.push((t2 - t1).saturating_sub(t1 - t0));
-        encode_alone.push(t4 - t3);
+        encode_alone.push(t3 - t2);
+        draw_alone.push(t3.elapsed());
     }
 
     // 3. Report.
     let stage = |f: fn(&FrameTiming) -> Duration| median(measured.iter().map(f).collect());
     let whole = stage(|t| t.total);
     let whole_p95 = percentile(measured.iter().map(|t| t.total).collect(), 0.95);
-    let (render_alone, encode_alone, convert_alone) =
-        (median(render_alone), median(encode_alone), median(convert_alone));
+    let (draw_alone, render_alone, encode_alone) = (median(draw_alone), median(render_alone), median(encode_alone));
+    let convert_alone = render_alone.saturating_sub(draw_alone);
     let alone = render_alone + encode_alone;
+    let draw_only_ratio = ms(whole) / ms(draw_alone + encode_alone);
     let ratio = ms(whole) / ms(alone);
     let fps = total_frames as f64 / elapsed.as_secs_f64();
     let bytes: usize = measured.iter().map(|t| t.bytes).sum();
@@ -177,7 +193,8 @@ fn main() -> anyhow::Result<()> {
     println!("{:<34} {:>9.3}", "encode", ms(stage(|t| t.encode)));
     println!("{:<34} {:>9.3}", "packetize + hand to network", ms(stage(|t| t.packetize)));
     println!("{:<34} {:>9.3}  (p95 {:.3})", "whole frame path (tick → packets)", ms(whole), ms(whole_p95));
-    println!("{:<34} {:>9.3}", "render alone", ms(render_alone));
+    println!("{:<34} {:>9.3}", "render alone (draw + NV12, GPU)", ms(render_alone));
+    println!("{:<34} {:>9.3}", "  draw only", ms(draw_alone));
     println!("{:<34} {:>9.3}", "encode alone", ms(encode_alone));
     println!(
         "sustained: {:.1} fps over {:.1} s, {} RTP packets, {:.0} kbit/s",
@@ -190,6 +207,7 @@ fn main() -> anyhow::Result<()> {
         println!("{d}");
     }
     println!("glue ratio (whole ÷ (render alone + encode alone)): {ratio:.3}  (target ≤ 1.15)");
+    println!("draw-only ratio (whole ÷ (draw only + encode alone)): {draw_only_ratio:.3}");
     println!(
         "{}",
         serde_json::json!({
@@ -198,7 +216,8 @@ fn main() -> anyhow::Result<()> {
             "render_ms": ms(stage(|t| t.render)), "readback_ms": ms(stage(|t| t.readback)),
             "encode_ms": ms(stage(|t| t.encode)), "packetize_ms": ms(stage(|t| t.packetize)),
             "whole_ms": ms(whole), "whole_p95_ms": ms(whole_p95), "render_alone_ms": ms(render_alone), "encode_alone_ms": ms(encode_alone),
-            "sustained_fps": fps, "glue_ratio": ratio,
+            "draw_only_ms": ms(draw_alone), "convert_alone_ms": ms(convert_alone),
+            "sustained_fps": fps, "glue_ratio": ratio, "draw_only_ratio": draw_only_ratio,
         })
     );
     Ok(())

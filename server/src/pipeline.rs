@@ -35,6 +35,8 @@ pub const RTP_PAYLOAD_TYPE: u8 = 102;
 /// An early frame (started by input) comes at least this fraction of a frame interval
 /// after the previous one.
 const EARLY_FRAME_MIN_GAP: f64 = 0.5;
+/// The render thread sleeps until this long before a tick, then yields until it is due.
+const WAKE_SPIN: Duration = Duration::from_micros(300);
 /// Input frames circulating between the render and encode threads. Two lets the render
 /// thread fill one while the encoder works on the other; more would only add queueing.
 const INPUT_FRAMES: usize = 2;
@@ -347,12 +349,16 @@ fn render_thread(
                         return;
                     }
                 }
-            } else {
-                match inputs.recv_timeout(wait) {
+            } else if wait > WAKE_SPIN {
+                // Sleep until just before the tick: the OS wakes threads late by tens to
+                // hundreds of microseconds, which would otherwise delay every frame.
+                match inputs.recv_timeout(wait - WAKE_SPIN) {
                     Ok(i) => input.apply(&mut scene, i, &metrics),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait - WAKE_SPIN),
                 }
+            } else {
+                std::thread::yield_now();
             }
         };
         let now = Instant::now();
