@@ -3,6 +3,7 @@
 //! * [`rtp`]: RTP fixed-header parsing and writing (RFC 3550).
 //! * [`h264`]: H.264 Annex B splitting and RTP packetization, mode 1 (RFC 6184).
 //! * [`input`]: the player input format (keyboard, mouse, gamepad, touch).
+//! * [`token`]: ed25519-signed session tokens, verified offline.
 //! * [`framing`]: how RTP travels in QUIC datagrams from render node to relay, and the
 //!   length-prefixed control messages on the QUIC control stream.
 //!
@@ -15,6 +16,7 @@ pub mod framing;
 pub mod h264;
 pub mod input;
 pub mod rtp;
+pub mod token;
 
 /// The RTP clock rate of video, in Hz (RFC 6184 §8.2.1).
 pub const VIDEO_CLOCK_RATE: u32 = 90_000;
