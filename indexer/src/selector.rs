@@ -109,7 +109,7 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
                 NodeState::Gone => Some("node gone"),
                 NodeState::Draining => Some("node draining"),
                 NodeState::Ready if n.sessions >= n.capacity => Some("node full"),
-                NodeState::Ready if !n.titles.iter().any(|t| *t == req.title) => Some("node lacks the title"),
+                NodeState::Ready if !n.titles.contains(&req.title) => Some("node lacks the title"),
                 NodeState::Ready if n.gpu_class < req.min_gpu_class => Some("node GPU too small"),
                 NodeState::Ready if req.max_price_per_hour.is_some_and(|max| n.price_per_hour > max) => {
                     Some("node over the price limit")
