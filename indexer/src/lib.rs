@@ -3,8 +3,16 @@
 //!
 //! * [`selector`]: matching a player to the relay and render node that minimise expected
 //!   click-to-photon, I/O-free and unit-tested on synthetic topologies.
+//! * [`store`]: SQLite (default) or PostgreSQL through sqlx, one set of migrations.
+//! * [`api`]: the REST API under `/api/v1` (axum), its OpenAPI document, `/metrics`.
+//! * [`keys`]: the indexer's token-signing key, created once in the data directory.
 //!
 //! Session tokens are minted with `pylon_proto::token` (the format lives in `proto`
 //! because relays and nodes verify it too).
+//!
+//! **Invariant:** the indexer never touches media.
 
+pub mod api;
+pub mod keys;
 pub mod selector;
+pub mod store;

@@ -1,0 +1,726 @@
+//! The REST API under `/api/v1`, its OpenAPI document and `/metrics`.
+//!
+//! Nodes and relays sign every request after registration with their own ed25519 key:
+//! headers `x-pylon-timestamp` (Unix seconds, within [`MAX_SKEW_SECS`]) and
+//! `x-pylon-signature` (base64 of the signature over `"{METHOD} {PATH}\n{timestamp}\n{body}"`).
+//! A revoked node or relay is refused on every request. Errors are JSON `{"error": "…"}`;
+//! a client's mistake is a 4xx, an internal failure a 500 whose detail is only logged.
+
+use crate::selector::{self, MatchRequest, NodeCandidate, NodeState, RelayCandidate};
+use crate::store::{NodeFlag, NodeRecord, RelayRecord, SessionRecord, Store, StoreError, Title, Usage};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use pylon_proto::token::{Claims, Role};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use utoipa::{OpenApi, ToSchema};
+
+/// Largest clock difference accepted on a signed request.
+pub const MAX_SKEW_SECS: i64 = 60;
+/// A node or relay silent for this long is gone: no new sessions.
+pub const HEARTBEAT_TIMEOUT_SECS: i64 = 15;
+/// How long a session token is valid for joining.
+pub const TOKEN_LIFETIME_SECS: u64 = 120;
+
+/// The current Unix time in seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// An API error: status and a message for the client.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn unauthorized(msg: impl Into<String>) -> Self {
+        Self(StatusCode::UNAUTHORIZED, msg.into())
+    }
+    fn not_found(what: &str) -> Self {
+        Self(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("{e}");
+        Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Why a match failed, as a metric label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureReason {
+    /// The selector's leading rejection reason.
+    pub reason: String,
+}
+
+/// Node health, as a metric label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabel {
+    /// `ready`, `draining`, `gone`, `revoked`.
+    pub state: &'static str,
+}
+
+/// Indexer metrics.
+#[derive(Debug, Clone)]
+pub struct IndexerMetrics {
+    sessions_created: Counter,
+    sessions_ended: Counter,
+    match_seconds: Histogram,
+    match_failures: Family<FailureReason, Counter>,
+    nodes: Family<NodeStateLabel, Gauge>,
+    refused_requests: Counter,
+    registry: Arc<Registry>,
+}
+
+impl Default for IndexerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IndexerMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("pylon_indexer");
+        let m = IndexerMetrics {
+            sessions_created: Counter::default(),
+            sessions_ended: Counter::default(),
+            match_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            match_failures: Family::default(),
+            nodes: Family::default(),
+            refused_requests: Counter::default(),
+            registry: Arc::new(Registry::default()),
+        };
+        r.register("sessions_created", "Sessions created", m.sessions_created.clone());
+        r.register("sessions_ended", "Sessions ended", m.sessions_ended.clone());
+        r.register("match_seconds", "Time to choose a relay and node", m.match_seconds.clone());
+        r.register("match_failures", "Matches that found no capacity, by reason", m.match_failures.clone());
+        r.register("nodes", "Render nodes by state", m.nodes.clone());
+        r.register("refused_requests", "Unsigned, forged, stale or revoked requests", m.refused_requests.clone());
+        IndexerMetrics { registry: Arc::new(r), ..m }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Storage.
+    pub store: Store,
+    /// The key session tokens are signed with.
+    pub signing_key: Arc<SigningKey>,
+    /// Bearer token for administrative calls (titles, revocation).
+    pub admin_token: Arc<String>,
+    /// Metrics.
+    pub metrics: IndexerMetrics,
+}
+
+/// The API routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/api/v1/public-key", get(public_key))
+        .route("/api/v1/titles", get(list_titles).post(put_title))
+        .route("/api/v1/nodes", get(list_nodes).post(register_node))
+        .route("/api/v1/nodes/{id}/heartbeat", post(node_heartbeat))
+        .route("/api/v1/nodes/{id}/drain", post(drain_node))
+        .route("/api/v1/nodes/{id}/revoke", post(revoke_node))
+        .route("/api/v1/relays", get(list_relays).post(register_relay))
+        .route("/api/v1/relays/{id}/heartbeat", post(relay_heartbeat))
+        .route("/api/v1/candidates/{title}", get(candidates))
+        .route("/api/v1/sessions", post(create_session))
+        .route("/api/v1/sessions/{id}/end", post(end_session))
+        .route("/api/v1/usage", get(usage))
+        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .with_state(state)
+}
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Pylon indexer",
+        description = "The pool of render nodes and relays, the catalog, matching and session tokens."
+    ),
+    paths(
+        public_key,
+        list_titles,
+        put_title,
+        list_nodes,
+        register_node,
+        node_heartbeat,
+        drain_node,
+        revoke_node,
+        list_relays,
+        register_relay,
+        relay_heartbeat,
+        candidates,
+        create_session,
+        end_session,
+        usage
+    ),
+    components(schemas(
+        Title,
+        NodeRecord,
+        RelayRecord,
+        Usage,
+        RegisterNode,
+        NodeHeartbeat,
+        RegisterRelay,
+        RelayHeartbeat,
+        NodeStatus,
+        CreateSession,
+        SessionCreated,
+        Candidate,
+        PublicKey
+    ))
+)]
+pub struct ApiDoc;
+
+fn json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request: {e}")))
+}
+
+fn decode_key(b64: &str) -> ApiResult<VerifyingKey> {
+    let bytes = STANDARD.decode(b64).map_err(|_| ApiError::bad("public_key is not base64"))?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| ApiError::bad("public_key must be 32 bytes"))?;
+    VerifyingKey::from_bytes(&arr).map_err(|_| ApiError::bad("public_key is not an ed25519 key"))
+}
+
+/// Checks a signed request from the holder of `public_key`.
+fn check_signature(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    public_key: &str,
+) -> ApiResult<()> {
+    let refuse = |msg: &str| {
+        state.metrics.refused_requests.inc();
+        ApiError::unauthorized(msg)
+    };
+    let ts = headers
+        .get("x-pylon-timestamp")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or_else(|| refuse("missing x-pylon-timestamp"))?;
+    if (unix_now() - ts).abs() > MAX_SKEW_SECS {
+        return Err(refuse("request timestamp too far from the indexer's clock"));
+    }
+    let sig = headers
+        .get("x-pylon-signature")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| STANDARD.decode(v).ok())
+        .and_then(|v| Signature::from_slice(&v).ok())
+        .ok_or_else(|| refuse("missing or malformed x-pylon-signature"))?;
+    let key = decode_key(public_key)?;
+    key.verify(&signed_message(method.as_str(), path, ts, body), &sig).map_err(|_| refuse("bad request signature"))
+}
+
+/// What a node or relay signs for a request.
+pub fn signed_message(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let mut m = format!("{method} {path}\n{timestamp}\n").into_bytes();
+    m.extend_from_slice(body);
+    m
+}
+
+fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if state.admin_token.is_empty() || given != Some(state.admin_token.as_str()) {
+        state.metrics.refused_requests.inc();
+        return Err(ApiError::unauthorized("administrative call needs the indexer's admin token"));
+    }
+    Ok(())
+}
+
+/// The indexer's public key, which relays and nodes verify session tokens with.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PublicKey {
+    /// Base64 ed25519 public key.
+    pub public_key: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/public-key", responses((status = 200, body = PublicKey)))]
+async fn public_key(State(s): State<AppState>) -> Json<PublicKey> {
+    Json(PublicKey { public_key: STANDARD.encode(s.signing_key.verifying_key().as_bytes()) })
+}
+
+#[utoipa::path(get, path = "/api/v1/titles", responses((status = 200, body = [Title])))]
+async fn list_titles(State(s): State<AppState>) -> ApiResult<Json<Vec<Title>>> {
+    Ok(Json(s.store.titles().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/titles", request_body = Title, responses((status = 201), (status = 401)))]
+async fn put_title(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<StatusCode> {
+    check_admin(&s, &headers)?;
+    let t: Title = json(&body)?;
+    if t.id.is_empty() || t.id.len() > 64 || t.width <= 0 || t.height <= 0 || t.fps <= 0 {
+        return Err(ApiError::bad("a title needs an id of 1-64 bytes and a positive size and frame rate"));
+    }
+    s.store.put_title(&t).await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// A node's registration.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterNode {
+    /// Node id (stable across restarts).
+    pub id: String,
+    /// Provider account.
+    pub provider: String,
+    /// Base64 ed25519 public key; later requests are signed with its private half.
+    pub public_key: String,
+    /// GPU model.
+    pub gpu_model: String,
+    /// GPU memory, MiB.
+    pub gpu_memory_mb: u64,
+    /// Vulkan device name.
+    pub vulkan_device: String,
+    /// Encoders that opened when probed (`h264_nvenc`, `libx264`…).
+    pub encoders: Vec<String>,
+    /// Sessions it can run.
+    pub capacity: u32,
+    /// Region name.
+    pub region: String,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Price per GPU-hour.
+    pub price_per_hour: f64,
+    /// GPU class.
+    pub gpu_class: u8,
+    /// Titles installed and ready.
+    pub titles: Vec<String>,
+}
+
+/// A node's health as listed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The stored record.
+    #[serde(flatten)]
+    pub node: NodeRecord,
+    /// `ready`, `draining`, `gone` or `revoked`.
+    pub state: String,
+}
+
+fn node_state(n: &NodeRecord, now: i64) -> &'static str {
+    if n.revoked {
+        "revoked"
+    } else if now - n.last_heartbeat > HEARTBEAT_TIMEOUT_SECS {
+        "gone"
+    } else if n.draining {
+        "draining"
+    } else {
+        "ready"
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes", request_body = RegisterNode, responses((status = 200, body = PublicKey), (status = 400), (status = 409)))]
+async fn register_node(State(s): State<AppState>, body: Bytes) -> ApiResult<Json<PublicKey>> {
+    let r: RegisterNode = json(&body)?;
+    decode_key(&r.public_key)?;
+    if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.price_per_hour.is_finite() || r.price_per_hour < 0.0
+    {
+        return Err(ApiError::bad("a node needs an id of 1-64 bytes, a capacity and a non-negative price"));
+    }
+    if let Some(old) = s.store.node(&r.id).await? {
+        if old.public_key != r.public_key {
+            return Err(ApiError(StatusCode::CONFLICT, "this node id is registered with another key".into()));
+        }
+        if old.revoked {
+            s.metrics.refused_requests.inc();
+            return Err(ApiError(StatusCode::FORBIDDEN, "this node is revoked".into()));
+        }
+    }
+    // NVENC halves encode time; a GPU without it (H100, A100) encodes on the CPU.
+    let encode_ms = if r.encoders.iter().any(|e| e.contains("nvenc")) { 1.5 } else { 4.0 };
+    let record = NodeRecord {
+        id: r.id.clone(),
+        provider: r.provider.clone(),
+        public_key: r.public_key.clone(),
+        info: serde_json::json!({
+            "gpu_model": r.gpu_model, "gpu_memory_mb": r.gpu_memory_mb, "vulkan_device": r.vulkan_device,
+            "encoders": r.encoders, "region": r.region, "lat": r.lat, "lon": r.lon,
+        }),
+        capacity: i64::from(r.capacity),
+        sessions: 0,
+        price_per_hour: r.price_per_hour,
+        gpu_class: i64::from(r.gpu_class),
+        encode_ms,
+        titles: r.titles,
+        draining: false,
+        revoked: false,
+        last_heartbeat: unix_now(),
+    };
+    s.store.put_node(&record).await?;
+    tracing::info!(node = %r.id, provider = %r.provider, "node registered");
+    Ok(public_key(State(s)).await)
+}
+
+/// A node's heartbeat.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeHeartbeat {
+    /// Sessions running.
+    pub sessions: u32,
+    /// Titles installed and ready.
+    pub titles: Vec<String>,
+}
+
+async fn signed_node(
+    s: &AppState,
+    id: &str,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeRecord> {
+    let node = s.store.node(id).await?.ok_or_else(|| ApiError::not_found("node"))?;
+    check_signature(s, &method, path, headers, body, &node.public_key)?;
+    if node.revoked {
+        s.metrics.refused_requests.inc();
+        return Err(ApiError(StatusCode::FORBIDDEN, "this node is revoked".into()));
+    }
+    Ok(node)
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/heartbeat", request_body = NodeHeartbeat, responses((status = 204), (status = 401), (status = 403)))]
+async fn node_heartbeat(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let path = format!("/api/v1/nodes/{id}/heartbeat");
+    signed_node(&s, &id, Method::POST, &path, &headers, &body).await?;
+    let hb: NodeHeartbeat = json(&body)?;
+    s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.titles, unix_now()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", responses((status = 204), (status = 401)))]
+async fn drain_node(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let path = format!("/api/v1/nodes/{id}/drain");
+    signed_node(&s, &id, Method::POST, &path, &headers, &body).await?;
+    s.store.set_node_flag(&id, NodeFlag::Draining, true).await?;
+    tracing::info!(node = %id, "node draining: no new sessions");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/revoke", responses((status = 204), (status = 401), (status = 404)))]
+async fn revoke_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    check_admin(&s, &headers)?;
+    s.store.node(&id).await?.ok_or_else(|| ApiError::not_found("node"))?;
+    s.store.set_node_flag(&id, NodeFlag::Revoked, true).await?;
+    tracing::warn!(node = %id, "node revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/nodes", responses((status = 200, body = [NodeStatus])))]
+async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>>> {
+    let now = unix_now();
+    let nodes = s.store.nodes().await?;
+    for state in ["ready", "draining", "gone", "revoked"] {
+        let n = nodes.iter().filter(|n| node_state(n, now) == state).count();
+        s.metrics.nodes.get_or_create(&NodeStateLabel { state }).set(n as i64);
+    }
+    Ok(Json(nodes.into_iter().map(|n| NodeStatus { state: node_state(&n, now).into(), node: n }).collect()))
+}
+
+/// A relay's registration.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterRelay {
+    /// Relay id.
+    pub id: String,
+    /// Owner account.
+    pub owner: String,
+    /// Base64 ed25519 public key.
+    pub public_key: String,
+    /// Where browsers reach it.
+    pub public_url: String,
+    /// Where nodes reach it over QUIC.
+    pub quic_addr: String,
+    /// Region name.
+    pub region: String,
+    /// Viewers it can serve.
+    pub capacity: u32,
+}
+
+#[utoipa::path(post, path = "/api/v1/relays", request_body = RegisterRelay, responses((status = 200, body = PublicKey), (status = 400), (status = 409)))]
+async fn register_relay(State(s): State<AppState>, body: Bytes) -> ApiResult<Json<PublicKey>> {
+    let r: RegisterRelay = json(&body)?;
+    decode_key(&r.public_key)?;
+    if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.public_url.starts_with("http") {
+        return Err(ApiError::bad("a relay needs an id of 1-64 bytes, a capacity and an http(s) public_url"));
+    }
+    if let Some(old) = s.store.relays().await?.into_iter().find(|x| x.id == r.id) {
+        if old.public_key != r.public_key {
+            return Err(ApiError(StatusCode::CONFLICT, "this relay id is registered with another key".into()));
+        }
+    }
+    s.store
+        .put_relay(&RelayRecord {
+            id: r.id.clone(),
+            owner: r.owner,
+            public_key: r.public_key,
+            public_url: r.public_url,
+            quic_addr: r.quic_addr,
+            region: r.region,
+            capacity: i64::from(r.capacity),
+            viewers: 0,
+            node_rtt_ms: BTreeMap::new(),
+            revoked: false,
+            last_heartbeat: unix_now(),
+        })
+        .await?;
+    tracing::info!(relay = %r.id, "relay registered");
+    Ok(public_key(State(s)).await)
+}
+
+/// A relay's heartbeat.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RelayHeartbeat {
+    /// Viewers now.
+    pub viewers: u32,
+    /// RTT measured to each node, ms.
+    pub node_rtt_ms: BTreeMap<String, f64>,
+}
+
+#[utoipa::path(post, path = "/api/v1/relays/{id}/heartbeat", request_body = RelayHeartbeat, responses((status = 204), (status = 401)))]
+async fn relay_heartbeat(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let relay = s.store.relays().await?.into_iter().find(|r| r.id == id).ok_or_else(|| ApiError::not_found("relay"))?;
+    check_signature(&s, &Method::POST, &format!("/api/v1/relays/{id}/heartbeat"), &headers, &body, &relay.public_key)?;
+    if relay.revoked {
+        return Err(ApiError(StatusCode::FORBIDDEN, "this relay is revoked".into()));
+    }
+    let hb: RelayHeartbeat = json(&body)?;
+    if hb.node_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ApiError::bad("RTTs must be finite and non-negative"));
+    }
+    s.store.relay_heartbeat(&id, i64::from(hb.viewers), &hb.node_rtt_ms, unix_now()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/relays", responses((status = 200, body = [RelayRecord])))]
+async fn list_relays(State(s): State<AppState>) -> ApiResult<Json<Vec<RelayRecord>>> {
+    Ok(Json(s.store.relays().await?))
+}
+
+/// A relay the client should measure its RTT to.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Candidate {
+    /// Relay id.
+    pub relay: String,
+    /// Its public URL (ping `{url}/healthz`).
+    pub url: String,
+    /// Region.
+    pub region: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/candidates/{title}", responses((status = 200, body = [Candidate])))]
+async fn candidates(State(s): State<AppState>, Path(_title): Path<String>) -> ApiResult<Json<Vec<Candidate>>> {
+    let now = unix_now();
+    let relays = s.store.relays().await?;
+    Ok(Json(
+        relays
+            .into_iter()
+            .filter(|r| !r.revoked && now - r.last_heartbeat <= HEARTBEAT_TIMEOUT_SECS && r.viewers < r.capacity)
+            .map(|r| Candidate { relay: r.id, url: r.public_url, region: r.region })
+            .collect(),
+    ))
+}
+
+/// A player's session request.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateSession {
+    /// Title id.
+    pub title: String,
+    /// RTT the client measured to each candidate relay, ms.
+    pub client_rtt_ms: BTreeMap<String, f64>,
+    /// Highest price per GPU-hour accepted.
+    #[serde(default)]
+    pub max_price_per_hour: Option<f64>,
+    /// `player` (default) or `spectator`.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// A created session.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionCreated {
+    /// Session id.
+    pub session: String,
+    /// Signed token for the relay and node.
+    pub token: String,
+    /// Relay id.
+    pub relay: String,
+    /// Where to play.
+    pub relay_url: String,
+    /// Node id.
+    pub node: String,
+    /// Expected path latency, ms.
+    pub expected_ms: f64,
+    /// Why this pair won.
+    pub reason: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/sessions", request_body = CreateSession,
+    responses((status = 201, body = SessionCreated), (status = 400), (status = 404), (status = 503, description = "no capacity")))]
+async fn create_session(State(s): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
+    let req: CreateSession = json(&body)?;
+    let role = match req.role.as_deref() {
+        None | Some("player") => Role::Player,
+        Some("spectator") => Role::Spectator,
+        Some(other) => return Err(ApiError::bad(format!("unknown role {other:?}"))),
+    };
+    let title =
+        s.store.titles().await?.into_iter().find(|t| t.id == req.title).ok_or_else(|| ApiError::not_found("title"))?;
+    let now = unix_now();
+    let nodes = s.store.nodes().await?;
+    let relays = s.store.relays().await?;
+    let started = Instant::now();
+    let candidates: Vec<NodeCandidate> = nodes
+        .iter()
+        .map(|n| NodeCandidate {
+            id: n.id.clone(),
+            state: match node_state(n, now) {
+                "ready" => NodeState::Ready,
+                "draining" => NodeState::Draining,
+                _ => NodeState::Gone,
+            },
+            capacity: n.capacity.max(0) as u32,
+            sessions: n.sessions.max(0) as u32,
+            titles: n.titles.clone(),
+            gpu_class: n.gpu_class.clamp(0, 255) as u8,
+            price_per_hour: n.price_per_hour,
+            encode_ms: n.encode_ms,
+        })
+        .collect();
+    let relay_candidates: Vec<RelayCandidate> = relays
+        .iter()
+        .map(|r| RelayCandidate {
+            id: r.id.clone(),
+            healthy: !r.revoked && now - r.last_heartbeat <= HEARTBEAT_TIMEOUT_SECS,
+            capacity: r.capacity.max(0) as u32,
+            viewers: r.viewers.max(0) as u32,
+            node_rtt_ms: r.node_rtt_ms.clone(),
+        })
+        .collect();
+    let request = MatchRequest {
+        title: title.id.clone(),
+        min_gpu_class: title.min_gpu_class.clamp(0, 255) as u8,
+        max_price_per_hour: req.max_price_per_hour,
+        client_rtt_ms: req.client_rtt_ms,
+    };
+    let chosen = selector::select(&request, &candidates, &relay_candidates);
+    s.metrics.match_seconds.observe(started.elapsed().as_secs_f64());
+    let m = match chosen {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = e.rejected.iter().max_by_key(|(_, n)| **n).map(|(r, _)| r.to_string()).unwrap_or_default();
+            s.metrics.match_failures.get_or_create(&FailureReason { reason }).inc();
+            tracing::info!(title = %title.id, "no match: {}", e.summary);
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+        }
+    };
+    let mut session = [0u8; 16];
+    getrandom::fill(&mut session).map_err(|e| {
+        tracing::error!("no randomness: {e}");
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    })?;
+    let claims = Claims {
+        session,
+        role,
+        issued_at: now as u64,
+        expires_at: now as u64 + TOKEN_LIFETIME_SECS,
+        title: title.id.clone(),
+        node: m.node.clone(),
+        relay: m.relay.clone(),
+    };
+    let token = claims.sign(&s.signing_key).map_err(|e| ApiError::bad(e.to_string()))?;
+    let node = nodes.iter().find(|n| n.id == m.node);
+    let relay_url = relays.iter().find(|r| r.id == m.relay).map(|r| r.public_url.clone()).unwrap_or_default();
+    s.store
+        .start_session(&SessionRecord {
+            id: claims.session_hex(),
+            title: title.id.clone(),
+            node: m.node.clone(),
+            provider: node.map(|n| n.provider.clone()).unwrap_or_default(),
+            relay: m.relay.clone(),
+            gpu_class: node.map(|n| n.gpu_class).unwrap_or_default(),
+            started_at: now,
+        })
+        .await?;
+    s.metrics.sessions_created.inc();
+    tracing::info!(session = %claims.session_hex(), node = %m.node, relay = %m.relay, "matched: {}", m.reason);
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionCreated {
+            session: claims.session_hex(),
+            token,
+            relay: m.relay,
+            relay_url,
+            node: m.node,
+            expected_ms: m.expected_ms,
+            reason: m.reason,
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/end", responses((status = 204), (status = 404)))]
+async fn end_session(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    if !s.store.end_session(&id, unix_now(), "ended").await? {
+        return Err(ApiError::not_found("running session"));
+    }
+    s.metrics.sessions_ended.inc();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/usage", responses((status = 200, body = [Usage])))]
+async fn usage(State(s): State<AppState>) -> ApiResult<Json<Vec<Usage>>> {
+    Ok(Json(s.store.usage(unix_now()).await?))
+}

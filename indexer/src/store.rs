@@ -1,0 +1,418 @@
+//! Storage: SQLite by default (a file in the data directory), PostgreSQL when the URL
+//! names one; the same migrations (`indexer/migrations/`) and queries run on both through
+//! sqlx's `Any` driver.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+use std::collections::BTreeMap;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored JSON column did not parse.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// A title in the catalog.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Title {
+    /// Stable id (`demo`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// One paragraph for the catalog.
+    pub description: String,
+    /// How a node launches it (`builtin:demo` now; a command or image later).
+    pub launch: String,
+    /// Minimum GPU class.
+    pub min_gpu_class: i64,
+    /// Default width.
+    pub width: i64,
+    /// Default height.
+    pub height: i64,
+    /// Default frame rate.
+    pub fps: i64,
+}
+
+/// A registered render node as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// Provider account.
+    pub provider: String,
+    /// Base64 ed25519 public key the node signs its requests with.
+    pub public_key: String,
+    /// Hardware and location facts (GPU model and memory, Vulkan device, encoders,
+    /// region, coordinates), as the node reported them.
+    #[schema(value_type = Object)]
+    pub info: serde_json::Value,
+    /// Sessions it can run.
+    pub capacity: i64,
+    /// Sessions it runs now.
+    pub sessions: i64,
+    /// Price per GPU-hour.
+    pub price_per_hour: f64,
+    /// GPU class.
+    pub gpu_class: i64,
+    /// Expected encode time per frame, ms.
+    pub encode_ms: f64,
+    /// Titles installed and ready.
+    pub titles: Vec<String>,
+    /// Draining: no new sessions.
+    pub draining: bool,
+    /// Revoked: refused everywhere.
+    pub revoked: bool,
+    /// Last heartbeat, Unix seconds.
+    pub last_heartbeat: i64,
+}
+
+/// A registered relay as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct RelayRecord {
+    /// Relay id.
+    pub id: String,
+    /// Owner account.
+    pub owner: String,
+    /// Base64 ed25519 public key.
+    pub public_key: String,
+    /// Where browsers reach it (`http://host:8080`).
+    pub public_url: String,
+    /// Where nodes reach it over QUIC.
+    pub quic_addr: String,
+    /// Region name.
+    pub region: String,
+    /// Viewers it can serve.
+    pub capacity: i64,
+    /// Viewers now.
+    pub viewers: i64,
+    /// Measured RTT to nodes, ms.
+    pub node_rtt_ms: BTreeMap<String, f64>,
+    /// Revoked.
+    pub revoked: bool,
+    /// Last heartbeat, Unix seconds.
+    pub last_heartbeat: i64,
+}
+
+/// Seconds of play per provider, for payouts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Usage {
+    /// Provider account.
+    pub provider: String,
+    /// Sessions started.
+    pub sessions: i64,
+    /// Seconds played (ended sessions, plus running ones up to now).
+    pub seconds: i64,
+}
+
+/// The indexer's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+fn b(v: bool) -> i64 {
+    i64::from(v)
+}
+
+impl Store {
+    /// Connects (creating a SQLite file if needed) and applies the migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        install_default_drivers();
+        // One connection for SQLite in memory, so every query sees the same database.
+        let max = if url.contains(":memory:") { 1 } else { 8 };
+        let pool = AnyPoolOptions::new().max_connections(max).connect(url).await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Adds or replaces a title.
+    pub async fn put_title(&self, t: &Title) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM titles WHERE id = $1").bind(&t.id).execute(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO titles (id, name, description, launch, min_gpu_class, width, height, fps) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.description)
+        .bind(&t.launch)
+        .bind(t.min_gpu_class)
+        .bind(t.width)
+        .bind(t.height)
+        .bind(t.fps)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The catalog.
+    pub async fn titles(&self) -> Result<Vec<Title>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, description, launch, min_gpu_class, width, height, fps FROM titles ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Title {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    description: r.try_get(2)?,
+                    launch: r.try_get(3)?,
+                    min_gpu_class: r.try_get(4)?,
+                    width: r.try_get(5)?,
+                    height: r.try_get(6)?,
+                    fps: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Inserts or updates a node (keeping its revoked flag).
+    pub async fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        let revoked = self.node(&n.id).await?.is_some_and(|old| old.revoked);
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(&n.id).execute(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO nodes (id, provider, public_key, info, capacity, sessions, price_per_hour, gpu_class, encode_ms, \
+             titles, draining, revoked, last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&n.id)
+        .bind(&n.provider)
+        .bind(&n.public_key)
+        .bind(n.info.to_string())
+        .bind(n.capacity)
+        .bind(n.sessions)
+        .bind(n.price_per_hour)
+        .bind(n.gpu_class)
+        .bind(n.encode_ms)
+        .bind(serde_json::to_string(&n.titles)?)
+        .bind(b(n.draining))
+        .bind(b(n.revoked || revoked))
+        .bind(n.last_heartbeat)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    const NODE_COLUMNS: &'static str = "id, provider, public_key, info, capacity, sessions, price_per_hour, gpu_class, \
+        encode_ms, titles, draining, revoked, last_heartbeat";
+
+    fn node_row(r: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
+        let info: String = r.try_get(3)?;
+        let titles: String = r.try_get(9)?;
+        Ok(NodeRecord {
+            id: r.try_get(0)?,
+            provider: r.try_get(1)?,
+            public_key: r.try_get(2)?,
+            info: serde_json::from_str(&info)?,
+            capacity: r.try_get(4)?,
+            sessions: r.try_get(5)?,
+            price_per_hour: r.try_get(6)?,
+            gpu_class: r.try_get(7)?,
+            encode_ms: r.try_get(8)?,
+            titles: serde_json::from_str(&titles)?,
+            draining: r.try_get::<i64, _>(10)? != 0,
+            revoked: r.try_get::<i64, _>(11)? != 0,
+            last_heartbeat: r.try_get(12)?,
+        })
+    }
+
+    /// One node.
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let q = format!("SELECT {} FROM nodes WHERE id = $1", Self::NODE_COLUMNS);
+        let row = sqlx::query(&q).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(Self::node_row).transpose()
+    }
+
+    /// Every node.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let q = format!("SELECT {} FROM nodes ORDER BY id", Self::NODE_COLUMNS);
+        sqlx::query(&q).fetch_all(&self.pool).await?.iter().map(Self::node_row).collect()
+    }
+
+    /// Records a node heartbeat.
+    pub async fn node_heartbeat(&self, id: &str, sessions: i64, titles: &[String], now: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET sessions = $1, titles = $2, last_heartbeat = $3 WHERE id = $4")
+            .bind(sessions)
+            .bind(serde_json::to_string(titles)?)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets a node's draining or revoked flag.
+    pub async fn set_node_flag(&self, id: &str, flag: NodeFlag, on: bool) -> Result<(), StoreError> {
+        let q = match flag {
+            NodeFlag::Draining => "UPDATE nodes SET draining = $1 WHERE id = $2",
+            NodeFlag::Revoked => "UPDATE nodes SET revoked = $1 WHERE id = $2",
+        };
+        sqlx::query(q).bind(b(on)).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Inserts or updates a relay (keeping its revoked flag).
+    pub async fn put_relay(&self, r: &RelayRecord) -> Result<(), StoreError> {
+        let revoked = self.relays().await?.iter().any(|old| old.id == r.id && old.revoked);
+        sqlx::query("DELETE FROM relays WHERE id = $1").bind(&r.id).execute(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO relays (id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, \
+             last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&r.id)
+        .bind(&r.owner)
+        .bind(&r.public_key)
+        .bind(&r.public_url)
+        .bind(&r.quic_addr)
+        .bind(&r.region)
+        .bind(r.capacity)
+        .bind(r.viewers)
+        .bind(serde_json::to_string(&r.node_rtt_ms)?)
+        .bind(b(r.revoked || revoked))
+        .bind(r.last_heartbeat)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every relay.
+    pub async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, last_heartbeat \
+             FROM relays ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let rtt: String = r.try_get(8)?;
+                Ok(RelayRecord {
+                    id: r.try_get(0)?,
+                    owner: r.try_get(1)?,
+                    public_key: r.try_get(2)?,
+                    public_url: r.try_get(3)?,
+                    quic_addr: r.try_get(4)?,
+                    region: r.try_get(5)?,
+                    capacity: r.try_get(6)?,
+                    viewers: r.try_get(7)?,
+                    node_rtt_ms: serde_json::from_str(&rtt)?,
+                    revoked: r.try_get::<i64, _>(9)? != 0,
+                    last_heartbeat: r.try_get(10)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a relay heartbeat.
+    pub async fn relay_heartbeat(
+        &self,
+        id: &str,
+        viewers: i64,
+        node_rtt_ms: &BTreeMap<String, f64>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE relays SET viewers = $1, node_rtt = $2, last_heartbeat = $3 WHERE id = $4")
+            .bind(viewers)
+            .bind(serde_json::to_string(node_rtt_ms)?)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Meters a session's start.
+    pub async fn start_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sessions (id, title, node, provider, relay, gpu_class, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&s.id)
+        .bind(&s.title)
+        .bind(&s.node)
+        .bind(&s.provider)
+        .bind(&s.relay)
+        .bind(s.gpu_class)
+        .bind(s.started_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Meters a session's end; `false` if it was unknown or already ended.
+    pub async fn end_session(&self, id: &str, now: i64, reason: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
+            .bind(now)
+            .bind(reason)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether a session exists and has not ended.
+    pub async fn session_running(&self, id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT id FROM sessions WHERE id = $1 AND ended_at IS NULL")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Seconds and sessions per provider, running sessions counted up to `now`.
+    pub async fn usage(&self, now: i64) -> Result<Vec<Usage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT provider, COUNT(*), SUM(COALESCE(ended_at, $1) - started_at) FROM sessions GROUP BY provider ORDER BY provider",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Usage {
+                    provider: r.try_get(0)?,
+                    sessions: r.try_get(1)?,
+                    seconds: r.try_get::<Option<i64>, _>(2)?.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A node flag.
+#[derive(Debug, Clone, Copy)]
+pub enum NodeFlag {
+    /// No new sessions.
+    Draining,
+    /// Refused everywhere.
+    Revoked,
+}
+
+/// A session as metered.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// Session id (hex).
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Node.
+    pub node: String,
+    /// The node's provider.
+    pub provider: String,
+    /// Relay.
+    pub relay: String,
+    /// GPU class used.
+    pub gpu_class: i64,
+    /// Start, Unix seconds.
+    pub started_at: i64,
+}
