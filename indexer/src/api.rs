@@ -492,10 +492,9 @@ async fn register_relay(State(s): State<AppState>, body: Bytes) -> ApiResult<Jso
     if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.public_url.starts_with("http") {
         return Err(ApiError::bad("a relay needs an id of 1-64 bytes, a capacity and an http(s) public_url"));
     }
-    if let Some(old) = s.store.relays().await?.into_iter().find(|x| x.id == r.id) {
-        if old.public_key != r.public_key {
-            return Err(ApiError(StatusCode::CONFLICT, "this relay id is registered with another key".into()));
-        }
+    let relays = s.store.relays().await?;
+    if relays.iter().any(|old| old.id == r.id && old.public_key != r.public_key) {
+        return Err(ApiError(StatusCode::CONFLICT, "this relay id is registered with another key".into()));
     }
     s.store
         .put_relay(&RelayRecord {
