@@ -53,8 +53,11 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+# The indexer's tests run on SQLite and, through deploy/ci-postgres.sh, on PostgreSQL too.
 test: build
-	cargo test --workspace --all-targets
+	@url=$$(bash deploy/ci-postgres.sh) || { echo "could not start PostgreSQL for the indexer tests"; exit 1; }; \
+	echo "PostgreSQL for the indexer tests: $$url"; \
+	PYLON_TEST_POSTGRES="$$url" cargo test --workspace --all-targets
 	@$(MAKE) --no-print-directory lint
 
 bench: deps

@@ -372,7 +372,8 @@ impl Store {
     /// Seconds and sessions per provider, running sessions counted up to `now`.
     pub async fn usage(&self, now: i64) -> Result<Vec<Usage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT provider, COUNT(*), SUM(COALESCE(ended_at, $1) - started_at) FROM sessions GROUP BY provider ORDER BY provider",
+            "SELECT provider, COUNT(*), CAST(SUM(COALESCE(ended_at, $1) - started_at) AS BIGINT) FROM sessions \
+             GROUP BY provider ORDER BY provider",
         )
         .bind(now)
         .fetch_all(&self.pool)

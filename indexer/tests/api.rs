@@ -17,8 +17,27 @@ use tower::ServiceExt;
 
 const ADMIN: &str = "admin-secret";
 
+/// A fresh database per test: SQLite in memory, or a new PostgreSQL database on the
+/// server `PYLON_TEST_POSTGRES` names (`make test` starts one).
 async fn state() -> AppState {
-    let url = std::env::var("PYLON_TEST_POSTGRES").unwrap_or_else(|_| "sqlite::memory:".into());
+    let url = match std::env::var("PYLON_TEST_POSTGRES") {
+        Ok(admin_url) if !admin_url.is_empty() => {
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let name = format!(
+                "pylon_test_{}_{}_{}",
+                std::process::id(),
+                unix_now(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            let mut admin = sqlx::AnyConnection::connect(&admin_url).await.expect("PostgreSQL reachable");
+            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+            let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
+            format!("{base}/{name}")
+        }
+        _ => "sqlite::memory:".into(),
+    };
     let store = Store::open(&url).await.unwrap();
     AppState {
         store,
