@@ -3,6 +3,7 @@
 # Idempotent: installs the package if missing, starts the cluster, creates the role.
 set -euo pipefail
 if ! command -v pg_lsclusters >/dev/null; then
+  apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >/dev/null
 fi
 version=$(pg_lsclusters -h | awk 'NR==1 {print $1}')

@@ -122,8 +122,12 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
             why.is_none()
         })
         .collect();
+    let usable: std::collections::HashMap<&str, &NodeCandidate> =
+        usable_nodes.iter().map(|n| (n.id.as_str(), *n)).collect();
     let mut best: Option<(f64, f64, &RelayCandidate, &NodeCandidate)> = None;
     let mut considered = 0usize;
+    // Only relays the client measured, and through each only the nodes it measured: the
+    // cost grows with what was measured, not with the size of the pool.
     for relay in relays {
         let Some(client_rtt) = req.client_rtt_ms.get(&relay.id).copied().filter(|r| r.is_finite() && *r >= 0.0) else {
             reject(&mut rejected, "relay not measured by the client");
@@ -137,11 +141,13 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
             reject(&mut rejected, "relay full");
             continue;
         }
-        for node in &usable_nodes {
-            let Some(node_rtt) = relay.node_rtt_ms.get(&node.id).copied().filter(|r| r.is_finite() && *r >= 0.0) else {
-                reject(&mut rejected, "relay cannot reach the node");
+        let mut reachable = false;
+        for (node_id, node_rtt) in &relay.node_rtt_ms {
+            let Some(node) = usable.get(node_id.as_str()) else { continue };
+            if !node_rtt.is_finite() || *node_rtt < 0.0 {
                 continue;
-            };
+            }
+            reachable = true;
             considered += 1;
             let expected = client_rtt + node_rtt + node.encode_ms.max(0.0);
             let better = match best {
@@ -153,6 +159,9 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
             if better {
                 best = Some((expected, node.price_per_hour, relay, node));
             }
+        }
+        if !reachable {
+            reject(&mut rejected, "relay cannot reach a usable node");
         }
     }
     match best {
@@ -275,7 +284,7 @@ mod tests {
         let err = select(&req, &nodes, &[sick, full, blind, unmeasured]).unwrap_err();
         assert_eq!(err.rejected.get("relay unhealthy"), Some(&1));
         assert_eq!(err.rejected.get("relay full"), Some(&1));
-        assert_eq!(err.rejected.get("relay cannot reach the node"), Some(&1));
+        assert_eq!(err.rejected.get("relay cannot reach a usable node"), Some(&1));
         assert_eq!(err.rejected.get("relay not measured by the client"), Some(&1));
         assert!(select(&request(&[]), &[], &[]).unwrap_err().summary.contains("no node registered"));
     }
