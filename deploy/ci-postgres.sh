@@ -2,6 +2,8 @@
 # Starts Debian's PostgreSQL for the indexer's tests and prints the URL they use.
 # Idempotent: installs the package if missing, starts the cluster, creates the role.
 set -euo pipefail
+# Only the URL goes to standard output; everything else to standard error.
+exec 3>&1 1>&2
 if ! command -v pg_lsclusters >/dev/null; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >/dev/null
@@ -14,4 +16,4 @@ fi
 pg_ctlcluster "$version" main start 2>/dev/null || true
 for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 && break; sleep 0.2; done
 su postgres -c "psql -q -tc \"SELECT 1 FROM pg_roles WHERE rolname='pylon'\" | grep -q 1 || psql -q -c \"CREATE ROLE pylon LOGIN SUPERUSER PASSWORD 'pylon'\"" >/dev/null
-echo "postgres://pylon:pylon@127.0.0.1:5432/postgres"
+echo "postgres://pylon:pylon@127.0.0.1:5432/postgres" >&3
