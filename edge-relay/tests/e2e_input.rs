@@ -49,6 +49,28 @@ async fn settled_ship(b: &Browser) -> (f64, f64) {
     last
 }
 
+/// Waits (up to 10 s) until the game's held-key count is `n`.
+async fn wait_keys_held(platform: &common::Platform, n: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while platform.server_metrics_value("pylon_server_keys_held") != n {
+        assert!(std::time::Instant::now() < deadline, "the game never had {n} keys held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ship's position once it is at least `min` pixels from `from` (up to 10 s, so a
+/// loaded machine only slows the test down), or its settled position after that.
+async fn ship_moved_from(b: &Browser, from: (f64, f64), min: f64) -> (f64, f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = settled_ship(b).await;
+        if dist(now, from) > min || std::time::Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
     (a.0 - b.0).hypot(a.1 - b.1)
 }
@@ -81,27 +103,20 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     wait_applied(2.0).await;
     let before = settled_ship(&b).await;
 
-    // Keyboard: thrust forward for half a second.
+    // Keyboard: thrust forward for half a second once the game has the key.
     b.eval(&key("keydown", "ArrowUp")).await;
+    wait_keys_held(&platform, 1.0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.eval(&key("keyup", "ArrowUp")).await;
-    let after = settled_ship(&b).await;
+    wait_keys_held(&platform, 0.0).await;
+    let after = ship_moved_from(&b, before, 40.0).await;
     assert!(dist(before, after) > 40.0, "thrust moves the ship: {before:?} → {after:?}");
-    assert_eq!(platform.server_metrics_value("pylon_server_keys_held"), 0.0);
 
     // A key held when the window loses focus is released.
     b.eval(&key("keydown", "ArrowLeft")).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while platform.server_metrics_value("pylon_server_keys_held") < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "key down never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_keys_held(&platform, 1.0).await;
     b.eval("window.dispatchEvent(new Event('blur')); return true;").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while platform.server_metrics_value("pylon_server_keys_held") > 0.0 {
-        assert!(std::time::Instant::now() < deadline, "blur did not release the held key");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_keys_held(&platform, 0.0).await;
 
     // Gamepad: a synthetic pad with the left stick pushed down flies the ship down.
     let start = settled_ship(&b).await;
@@ -112,7 +127,7 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
-    let moved = settled_ship(&b).await;
+    let moved = ship_moved_from(&b, start, 30.0).await;
     assert!(
         moved.1 - start.1 > 30.0 || moved.1 < start.1 - 300.0,
         "the stick flies the ship down (wrapping): {start:?} → {moved:?}"
@@ -133,6 +148,7 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     b.eval(&touch("touchstart")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.eval(&touch("touchend")).await;
+    let _ = ship_moved_from(&b, start, 40.0).await;
     let end = settled_ship(&b).await;
     assert!(dist(end, target) < dist(start, target) - 40.0, "touch steers towards the finger: {start:?} → {end:?}");
 

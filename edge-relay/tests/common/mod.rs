@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// A relay and a render node, running in this process.
 pub struct Platform {
+    /// Held while the platform runs: tests in one binary run one platform at a time, so
+    /// two render nodes and two Chromiums never share the machine's two cores.
+    _exclusive: tokio::sync::OwnedMutexGuard<()>,
     pub relay: RelayHandle,
     pub server_metrics: ServerMetrics,
     pipeline: Option<Pipeline>,
@@ -64,6 +67,8 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
+    static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
+    let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
     let data_dir = std::env::temp_dir().join(format!("pylon-e2e-{}-{}", std::process::id(), rand_suffix()));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -122,7 +127,15 @@ pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames
         metrics.clone(),
         shutdown_rx,
     ));
-    Platform { relay, server_metrics: metrics, pipeline: Some(pipeline), shutdown, relay_shutdown, data_dir }
+    Platform {
+        _exclusive: exclusive,
+        relay,
+        server_metrics: metrics,
+        pipeline: Some(pipeline),
+        shutdown,
+        relay_shutdown,
+        data_dir,
+    }
 }
 
 fn tracing_subscriber_init() -> Option<()> {
