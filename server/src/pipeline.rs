@@ -206,11 +206,10 @@ impl Pipeline {
             let (stop, keyframe, metrics) = (stop.clone(), keyframe.clone(), metrics.clone());
             let packetizer =
                 H264Packetizer::new(config.max_rtp_packet, RTP_PAYLOAD_TYPE, rand_u32(), rand_u32() as u16);
-            let fps = config.fps;
             std::thread::Builder::new()
                 .name("pylon-encode".into())
                 .spawn(move || {
-                    encode_thread(encoder, packetizer, fps, metrics, stop, keyframe, job_rx, pool_tx, packets, timings)
+                    encode_thread(encoder, packetizer, metrics, stop, keyframe, job_rx, pool_tx, packets, timings)
                 })
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
@@ -453,7 +452,6 @@ fn finish(
 fn encode_thread(
     mut encoder: VideoEncoder,
     mut packetizer: H264Packetizer,
-    fps: u32,
     metrics: ServerMetrics,
     stop: Arc<AtomicBool>,
     keyframe: Arc<AtomicBool>,
@@ -463,7 +461,6 @@ fn encode_thread(
     timings: Option<mpsc::Sender<FrameTiming>>,
 ) {
     let rtp_base = rand_u32();
-    let _ = fps;
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
             continue;
