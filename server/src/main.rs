@@ -111,6 +111,13 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let (width, height) = args.size;
+    // Fail now, not after the GPU and encoder are up, if the relay cannot be trusted.
+    std::fs::metadata(&args.relay_cert).with_context(|| {
+        format!(
+            "cannot read the relay certificate {} (the relay writes relay-cert.der into its --data-dir on start)",
+            args.relay_cert.display()
+        )
+    })?;
     let metrics = ServerMetrics::new();
     let metrics_task = tokio::spawn(pylon_server::metrics::serve(args.metrics_addr, metrics.clone()));
     let (packet_tx, packet_rx) = mpsc::channel(4096);
@@ -156,7 +163,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         encoder: info.encoder.to_string(),
     };
     let uplink_config = UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name };
-    let uplink = tokio::spawn(uplink::run(
+    let mut uplink = tokio::spawn(uplink::run(
         uplink_config,
         hello,
         packet_rx,
@@ -166,12 +173,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_rx,
     ));
     tokio::select! {
-        r = tokio::signal::ctrl_c() => {
-            r?;
-            tracing::info!("shutting down");
-        }
+        _ = shutdown_signal() => tracing::info!("shutting down"),
         r = metrics_task => {
             r?.context("the metrics endpoint failed")?;
+        }
+        r = &mut uplink => {
+            // The uplink only returns on its own when it cannot work at all.
+            return r?.context("the relay connection failed");
         }
     }
     let _ = shutdown_tx.send(true);
@@ -181,4 +189,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Err(_) => bail!("the relay connection did not close in time"),
     }
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
