@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 #[path = "../../edge-relay/tests/common/mod.rs"]
 mod common;
 

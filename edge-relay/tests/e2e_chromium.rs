@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::{Browser, Platform, SAMPLE_VIDEO, metric, relay_metrics, start_platform, wait_metric};

@@ -4,20 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::{Browser, start_platform, wait_metric};
 use std::time::Duration;
 
 /// Centroid of the ship's orange hull in the playing video, or null.
-const SHIP: &str = r#"
-const v = document.getElementById('video');
-if (!v || v.videoWidth === 0) return null;
-const c = document.createElement('canvas');
-c.width = v.videoWidth; c.height = v.videoHeight;
-const g = c.getContext('2d', { willReadFrequently: true });
-g.drawImage(v, 0, 0);
-const d = g.getImageData(0, 0, c.width, c.height).data;
+const SHIP: &str = concat!(
+    video_pixels!(),
+    r#"
 let n = 0, sx = 0, sy = 0;
 for (let i = 0; i < d.length; i += 4) {
   if (d[i] > 190 && d[i + 1] > 110 && d[i + 1] < 200 && d[i + 2] < 90) {
@@ -25,7 +21,8 @@ for (let i = 0; i < d.length; i += 4) {
   }
 }
 return n > 30 ? { x: sx / n, y: sy / n, n } : null;
-"#;
+"#
+);
 
 fn key(kind: &str, code: &str) -> String {
     format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}', bubbles: true }})); return true;")
@@ -125,9 +122,10 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
          axes: [0, 1, 0, 0] }; navigator.getGamepads = () => [pad, null, null, null]; return true;",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
+    // Held until the ship has moved: gamepads are polled per animation frame, which a
+    // loaded machine may delay.
     let moved = ship_moved_from(&b, start, 30.0).await;
+    b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
     assert!(
         moved.1 - start.1 > 30.0 || moved.1 < start.1 - 300.0,
         "the stick flies the ship down (wrapping): {start:?} → {moved:?}"
@@ -146,9 +144,8 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
         )
     };
     b.eval(&touch("touchstart")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = ship_moved_from(&b, start, 60.0).await;
     b.eval(&touch("touchend")).await;
-    let _ = ship_moved_from(&b, start, 40.0).await;
     let end = settled_ship(&b).await;
     assert!(dist(end, target) < dist(start, target) - 40.0, "touch steers towards the finger: {start:?} → {end:?}");
 

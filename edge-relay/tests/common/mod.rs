@@ -252,8 +252,12 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
 }
 
-/// Samples the playing video into a canvas and classifies its pixels.
-pub const SAMPLE_VIDEO: &str = r#"
+/// Draws the playing video into a canvas: `c` is the canvas, `d` its RGBA pixels. Returns
+/// null from the script while no frame has arrived.
+#[macro_export]
+macro_rules! video_pixels {
+    () => {
+        r#"
 const v = document.getElementById('video');
 if (!v || v.videoWidth === 0) return null;
 const c = document.createElement('canvas');
@@ -261,6 +265,14 @@ c.width = v.videoWidth; c.height = v.videoHeight;
 const g = c.getContext('2d', { willReadFrequently: true });
 g.drawImage(v, 0, 0);
 const d = g.getImageData(0, 0, c.width, c.height).data;
+"#
+    };
+}
+
+/// Samples the playing video into a canvas and classifies its pixels.
+pub const SAMPLE_VIDEO: &str = concat!(
+    video_pixels!(),
+    r#"
 let space = 0, hull = 0, rock = 0, sum = 0, hash = 0;
 for (let i = 0; i < d.length; i += 4) {
   const r = d[i], gr = d[i + 1], b = d[i + 2];
@@ -272,7 +284,8 @@ for (let i = 0; i < d.length; i += 4) {
 }
 const n = d.length / 4;
 return { width: c.width, height: c.height, space: space / n, hull, rock, mean: sum / (3 * n), hash };
-"#;
+"#
+);
 
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
