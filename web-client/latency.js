@@ -1,15 +1,21 @@
 // Click-to-photon: from an input event to the requestVideoFrameCallback of the first
-// frame that reflects it. The node tells the player, per frame, the highest input
-// sequence number the frame reflects (by RTP timestamp, over the input channel); the
-// page knows when it sent each input and when each frame was presented.
+// frame shown that reflects it. The node tells the player, for the first frame that
+// reflects new input, that frame's RTP timestamp and the highest input sequence number it
+// reflects (over the input channel). Every later frame reflects that input too, so the
+// photon is the first frame *presented* whose timestamp is not before it: when two frames
+// land in one display refresh the browser shows only the second, and that is the one the
+// player sees.
 
 const WINDOW = 100;
+
+/** RTP timestamps compared modulo 2^32: whether `a` is at or after `b`. */
+const notBefore = (a, b) => ((a - b) >>> 0) < 0x80000000;
 
 export class LatencyTracker {
   constructor(encoder) {
     this.encoder = encoder;
-    this.frames = new Map(); // rtpTimestamp → presentation time (ms)
-    this.infos = new Map(); // rtpTimestamp → frame info from the node
+    this.frames = []; // presented frames, in order: {ts, shown}
+    this.pending = []; // frame infos not yet seen on screen, in order
     this.measured = 0; // highest input seq already measured
     this.samples = []; // click-to-photon, ms
     this.breakdown = null;
@@ -18,25 +24,26 @@ export class LatencyTracker {
   /** A frame reached the screen (requestVideoFrameCallback). */
   onFrame(now, metadata) {
     if (metadata.rtpTimestamp === undefined) return;
-    const shown = metadata.expectedDisplayTime ?? now;
-    this.frames.set(metadata.rtpTimestamp, shown);
-    this.match(metadata.rtpTimestamp);
-    if (this.frames.size > 600) this.frames.delete(this.frames.keys().next().value);
+    const frame = { ts: metadata.rtpTimestamp, shown: metadata.expectedDisplayTime ?? now };
+    this.frames.push(frame);
+    if (this.frames.length > 600) this.frames.shift();
+    while (this.pending.length > 0 && notBefore(frame.ts, this.pending[0].ts)) {
+      this.resolve(this.pending.shift(), frame.shown);
+    }
   }
 
-  /** The node's {ts, seq, render_ms, encode_ms, node_ms} for a frame. */
+  /** The node's {ts, seq, render_ms, encode_ms, node_ms, relay_ms} for a frame. */
   onInfo(info) {
-    this.infos.set(info.ts, info);
-    if (this.infos.size > 600) this.infos.delete(this.infos.keys().next().value);
-    this.match(info.ts);
+    const shown = this.frames.find((f) => notBefore(f.ts, info.ts));
+    if (shown && this.pending.length === 0) this.resolve(info, shown.shown);
+    else this.pending.push(info);
+    if (this.pending.length > 600) this.pending.shift();
   }
 
-  match(ts) {
-    const shown = this.frames.get(ts);
-    const info = this.infos.get(ts);
-    if (shown === undefined || info === undefined || info.seq <= this.measured) return;
-    // Every input up to info.seq shows for the first time in this frame; the newest
-    // "press" among them is the sample (moves are not clicks).
+  resolve(info, shown) {
+    if (info.seq <= this.measured) return;
+    // Every input up to info.seq is on screen for the first time; presses (not moves or
+    // releases) are the samples.
     for (let seq = this.measured + 1; seq <= info.seq; seq++) {
       const sent = this.encoder.sentAt.get(seq);
       if (sent !== undefined && this.encoder.presses.has(seq)) {

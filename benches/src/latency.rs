@@ -63,6 +63,7 @@ async fn main() {
     let mut v: Vec<f64> = samples.as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    eprintln!("samples (ms, sorted): {:?}", v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>());
     let stats = b.eval("return pylon.stats").await;
     eprintln!("player stats: {stats}");
     eprintln!(
