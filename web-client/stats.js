@@ -41,6 +41,7 @@ export function format(s, latency) {
     `jitter buffer ${s.jitterBufferMs.toFixed(1)} ms`,
     `decode ${s.decodeMs.toFixed(1)} ms`,
     `lost ${s.packetsLost}  nack ${s.nackCount}  pli ${s.pliCount}  freezes ${s.freezeCount}`,
+    `network rtt ${s.rttMs.toFixed(1)} ms`,
   ];
   if (latency && latency.count > 0) {
     lines.push(`click-to-photon p50 ${latency.p50.toFixed(1)} ms  p95 ${latency.p95.toFixed(1)} ms  (${latency.count})`);
@@ -48,7 +49,7 @@ export function format(s, latency) {
   if (latency && latency.node) {
     const n = latency.node;
     lines.push(`node: render ${n.render_ms.toFixed(1)}  encode ${n.encode_ms.toFixed(1)}  input→sent ${n.node_ms.toFixed(1)} ms`);
-    lines.push(`relay ${(n.relay_ms ?? 0).toFixed(2)} ms  network rtt ${s.rttMs.toFixed(1)} ms`);
+    lines.push(`relay ${(n.relay_ms ?? 0).toFixed(2)} ms`);
   }
   return lines.join('\n');
 }
