@@ -6,11 +6,12 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= /var/tmp/pylon-target
 export CARGO_TERM_COLOR ?= never
 
-# Debian 12 packages the build, the demo and the tests need (the Dockerfile installs the same).
+# Debian 12 packages the build and the demo need (the Dockerfile's build stage installs the same)…
 DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
-	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
-	chromium chromium-driver
+	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl
+# …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
+TEST_PACKAGES := chromium chromium-driver
 
 RELAY_HTTP ?= 127.0.0.1:8080
 DATA_DIR ?= .pylon
@@ -27,11 +28,11 @@ help:
 
 # Installs only the Debian packages that are missing (idempotent; needs root for apt-get).
 deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "Installing missing Debian packages: $$missing"; \
 		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
-		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
 	else echo "Debian packages: all present"; fi
 	@$(MAKE) --no-print-directory rust
 
@@ -40,7 +41,8 @@ rust:
 	@v=$$(rustc --version | awk '{print $$2}'); \
 	if [ "$$(printf '%s\n1.88.0\n' "$$v" | sort -V | head -1)" != 1.88.0 ]; then echo "Rust $$v is too old: Pylon needs 1.88 or newer (rustup update)"; exit 1; fi
 
-build: deps
+build:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --workspace --all-targets
 
 release: deps
@@ -67,7 +69,8 @@ bench: deps
 frame-path: deps
 	cargo run --release -p pylon-benches --bin frame-path -- --frames 600
 
-latency: deps
+latency:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --release -p pylon-benches --bin latency
 	"$(CARGO_TARGET_DIR)/release/latency" --presses 80
 
