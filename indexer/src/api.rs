@@ -492,8 +492,7 @@ async fn register_relay(State(s): State<AppState>, body: Bytes) -> ApiResult<Jso
     if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.public_url.starts_with("http") {
         return Err(ApiError::bad("a relay needs an id of 1-64 bytes, a capacity and an http(s) public_url"));
     }
-    let relays = s.store.relays().await?;
-    if relays.iter().any(|old| old.id == r.id && old.public_key != r.public_key) {
+    if s.store.relay(&r.id).await?.is_some_and(|old| old.public_key != r.public_key) {
         return Err(ApiError(StatusCode::CONFLICT, "this relay id is registered with another key".into()));
     }
     s.store
@@ -531,7 +530,7 @@ async fn relay_heartbeat(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    let relay = s.store.relays().await?.into_iter().find(|r| r.id == id).ok_or_else(|| ApiError::not_found("relay"))?;
+    let relay = s.store.relay(&id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
     check_signature(&s, &Method::POST, &format!("/api/v1/relays/{id}/heartbeat"), &headers, &body, &relay.public_key)?;
     if relay.revoked {
         return Err(ApiError(StatusCode::FORBIDDEN, "this relay is revoked".into()));

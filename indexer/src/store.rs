@@ -282,7 +282,7 @@ impl Store {
 
     /// Inserts or updates a relay (keeping its revoked flag).
     pub async fn put_relay(&self, r: &RelayRecord) -> Result<(), StoreError> {
-        let revoked = self.relays().await?.iter().any(|old| old.id == r.id && old.revoked);
+        let revoked = self.relay(&r.id).await?.is_some_and(|old| old.revoked);
         sqlx::query("DELETE FROM relays WHERE id = $1").bind(&r.id).execute(&self.pool).await?;
         sqlx::query(
             "INSERT INTO relays (id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, \
@@ -304,32 +304,37 @@ impl Store {
         Ok(())
     }
 
+    const RELAY_COLUMNS: &'static str =
+        "id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, last_heartbeat";
+
+    fn relay_row(r: &sqlx::any::AnyRow) -> Result<RelayRecord, StoreError> {
+        let rtt: String = r.try_get(8)?;
+        Ok(RelayRecord {
+            id: r.try_get(0)?,
+            owner: r.try_get(1)?,
+            public_key: r.try_get(2)?,
+            public_url: r.try_get(3)?,
+            quic_addr: r.try_get(4)?,
+            region: r.try_get(5)?,
+            capacity: r.try_get(6)?,
+            viewers: r.try_get(7)?,
+            node_rtt_ms: serde_json::from_str(&rtt)?,
+            revoked: r.try_get::<i64, _>(9)? != 0,
+            last_heartbeat: r.try_get(10)?,
+        })
+    }
+
+    /// One relay.
+    pub async fn relay(&self, id: &str) -> Result<Option<RelayRecord>, StoreError> {
+        let q = format!("SELECT {} FROM relays WHERE id = $1", Self::RELAY_COLUMNS);
+        let row = sqlx::query(&q).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(Self::relay_row).transpose()
+    }
+
     /// Every relay.
     pub async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, last_heartbeat \
-             FROM relays ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let rtt: String = r.try_get(8)?;
-                Ok(RelayRecord {
-                    id: r.try_get(0)?,
-                    owner: r.try_get(1)?,
-                    public_key: r.try_get(2)?,
-                    public_url: r.try_get(3)?,
-                    quic_addr: r.try_get(4)?,
-                    region: r.try_get(5)?,
-                    capacity: r.try_get(6)?,
-                    viewers: r.try_get(7)?,
-                    node_rtt_ms: serde_json::from_str(&rtt)?,
-                    revoked: r.try_get::<i64, _>(9)? != 0,
-                    last_heartbeat: r.try_get(10)?,
-                })
-            })
-            .collect()
+        let q = format!("SELECT {} FROM relays ORDER BY id", Self::RELAY_COLUMNS);
+        sqlx::query(&q).fetch_all(&self.pool).await?.iter().map(Self::relay_row).collect()
     }
 
     /// Records a relay heartbeat.
