@@ -186,6 +186,18 @@ impl Source {
         }
     }
 
+    /// Passes on what a viewer produced: its keyframe request and its input.
+    fn deliver(&mut self, drained: Drained, now: Instant, metrics: &RelayMetrics) {
+        if drained.wants_keyframe {
+            self.request_keyframe(now, metrics);
+        }
+        for msg in drained.to_node {
+            if self.control.try_send(msg).is_err() {
+                metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "node_busy" }).inc();
+            }
+        }
+    }
+
     fn flush_keyframe_request(&mut self, now: Instant, metrics: &RelayMetrics) {
         if self.keyframe_pending {
             self.request_keyframe(now, metrics);
@@ -450,14 +462,7 @@ fn forward(drained: Drained, source: &mut Option<Source>, now: Instant, metrics:
         }
         return;
     };
-    if drained.wants_keyframe {
-        s.request_keyframe(now, metrics);
-    }
-    for msg in drained.to_node {
-        if s.control.try_send(msg).is_err() {
-            metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "node_busy" }).inc();
-        }
-    }
+    s.deliver(drained, now, metrics);
 }
 
 /// Tells the player which input a frame reflects, in the player's own RTP timestamps.
@@ -560,12 +565,7 @@ fn handle_ingest(
                     // Relay time of the frame's last packet: arrival to handed to the socket.
                     v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
                 }
-                if drained.wants_keyframe {
-                    s.request_keyframe(arrival, metrics);
-                }
-                for msg in drained.to_node {
-                    let _ = s.control.try_send(msg);
-                }
+                s.deliver(drained, arrival, metrics);
             }
         }
     }
