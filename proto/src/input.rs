@@ -368,15 +368,7 @@ impl InputMessage {
 
     /// Parses and validates one message.
     pub fn decode(buf: &[u8]) -> Result<Self, InputError> {
-        if buf.len() > MAX_INPUT_MESSAGE {
-            return Err(InputError::TooLong(buf.len()));
-        }
-        let mut r = Reader(buf);
-        let version = r.u8()?;
-        if version != INPUT_VERSION {
-            return Err(InputError::Version(version));
-        }
-        let kind = r.u8()?;
+        let (mut r, kind) = start(buf)?;
         let seq = r.u32()?;
         let time_ms = r.u32()?;
         let event = match kind {
@@ -458,9 +450,8 @@ impl InputEvent {
     }
 }
 
-/// Reads only the header: version, type, sequence number and client time. The relay
-/// uses this to check and count input without interpreting it.
-pub fn peek_header(buf: &[u8]) -> Result<(u8, u32, u32), InputError> {
+/// Checks the size and version and reads the type; the reader is left at `seq`.
+fn start(buf: &[u8]) -> Result<(Reader<'_>, u8), InputError> {
     if buf.len() > MAX_INPUT_MESSAGE {
         return Err(InputError::TooLong(buf.len()));
     }
@@ -470,6 +461,13 @@ pub fn peek_header(buf: &[u8]) -> Result<(u8, u32, u32), InputError> {
         return Err(InputError::Version(version));
     }
     let kind = r.u8()?;
+    Ok((r, kind))
+}
+
+/// Reads only the header: version, type, sequence number and client time. The relay
+/// uses this to check and count input without interpreting it.
+pub fn peek_header(buf: &[u8]) -> Result<(u8, u32, u32), InputError> {
+    let (mut r, kind) = start(buf)?;
     if !(1..=7).contains(&kind) {
         return Err(InputError::UnknownType(kind));
     }
