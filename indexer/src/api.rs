@@ -31,6 +31,12 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use utoipa::{OpenApi, ToSchema};
 
+pub use pylon_indexer_client::api::{
+    Candidate, CreateSession, EndSession, NodeHeartbeat, PublicKey, RegisterNode, RegisterRelay, RelayHeartbeat,
+    RelayHeartbeatReply, SessionCreated,
+};
+pub use pylon_indexer_client::signed_message;
+
 /// Largest clock difference accepted on a signed request.
 pub const MAX_SKEW_SECS: i64 = 60;
 /// A node or relay silent for this long is gone: no new sessions.
@@ -205,7 +211,9 @@ pub fn router(state: AppState) -> Router {
         CreateSession,
         SessionCreated,
         Candidate,
-        PublicKey
+        PublicKey,
+        RelayHeartbeatReply,
+        EndSession
     ))
 )]
 pub struct ApiDoc;
@@ -221,6 +229,20 @@ fn decode_key(b64: &str) -> ApiResult<VerifyingKey> {
 }
 
 /// Checks a signed request from the holder of `public_key`.
+/// Whether a request is signed by `public_key`, without counting a refusal.
+fn check_signature_quiet(method: &Method, path: &str, headers: &HeaderMap, body: &[u8], public_key: &str) -> bool {
+    let ts = headers.get("x-pylon-timestamp").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    let sig = headers
+        .get("x-pylon-signature")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| STANDARD.decode(v).ok())
+        .and_then(|v| Signature::from_slice(&v).ok());
+    let (Some(ts), Some(sig)) = (ts, sig) else { return false };
+    (unix_now() - ts).abs() <= MAX_SKEW_SECS
+        && decode_key(public_key)
+            .is_ok_and(|k| k.verify(&signed_message(method.as_str(), path, ts, body), &sig).is_ok())
+}
+
 fn check_signature(
     state: &AppState,
     method: &Method,
@@ -251,13 +273,6 @@ fn check_signature(
     key.verify(&signed_message(method.as_str(), path, ts, body), &sig).map_err(|_| refuse("bad request signature"))
 }
 
-/// What a node or relay signs for a request.
-pub fn signed_message(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
-    let mut m = format!("{method} {path}\n{timestamp}\n").into_bytes();
-    m.extend_from_slice(body);
-    m
-}
-
 fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if state.admin_token.is_empty() || given != Some(state.admin_token.as_str()) {
@@ -265,13 +280,6 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         return Err(ApiError::unauthorized("administrative call needs the indexer's admin token"));
     }
     Ok(())
-}
-
-/// The indexer's public key, which relays and nodes verify session tokens with.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct PublicKey {
-    /// Base64 ed25519 public key.
-    pub public_key: String,
 }
 
 #[utoipa::path(get, path = "/api/v1/public-key", responses((status = 200, body = PublicKey)))]
@@ -293,39 +301,6 @@ async fn put_title(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -
     }
     s.store.put_title(&t).await?;
     Ok(StatusCode::CREATED)
-}
-
-/// A node's registration.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RegisterNode {
-    /// Node id (stable across restarts).
-    pub id: String,
-    /// Provider account.
-    pub provider: String,
-    /// Base64 ed25519 public key; later requests are signed with its private half.
-    pub public_key: String,
-    /// GPU model.
-    pub gpu_model: String,
-    /// GPU memory, MiB.
-    pub gpu_memory_mb: u64,
-    /// Vulkan device name.
-    pub vulkan_device: String,
-    /// Encoders that opened when probed (`h264_nvenc`, `libx264`…).
-    pub encoders: Vec<String>,
-    /// Sessions it can run.
-    pub capacity: u32,
-    /// Region name.
-    pub region: String,
-    /// Latitude.
-    pub lat: f64,
-    /// Longitude.
-    pub lon: f64,
-    /// Price per GPU-hour.
-    pub price_per_hour: f64,
-    /// GPU class.
-    pub gpu_class: u8,
-    /// Titles installed and ready.
-    pub titles: Vec<String>,
 }
 
 /// A node's health as listed.
@@ -392,15 +367,6 @@ async fn register_node(State(s): State<AppState>, body: Bytes) -> ApiResult<Json
     Ok(public_key(State(s)).await)
 }
 
-/// A node's heartbeat.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct NodeHeartbeat {
-    /// Sessions running.
-    pub sessions: u32,
-    /// Titles installed and ready.
-    pub titles: Vec<String>,
-}
-
 async fn signed_node(
     s: &AppState,
     id: &str,
@@ -428,7 +394,15 @@ async fn node_heartbeat(
     let path = format!("/api/v1/nodes/{id}/heartbeat");
     signed_node(&s, &id, Method::POST, &path, &headers, &body).await?;
     let hb: NodeHeartbeat = json(&body)?;
-    s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.titles, unix_now()).await?;
+    let now = unix_now();
+    s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.titles, now).await?;
+    // A session the node does not run once its token could no longer be used to join
+    // never started or was not reported ended: stop metering it.
+    let swept = s.store.end_sessions_not_running(&id, &hb.running, now - TOKEN_LIFETIME_SECS as i64, now).await?;
+    if swept > 0 {
+        s.metrics.sessions_ended.inc_by(swept);
+        tracing::info!(node = %id, swept, "ended sessions the node does not run");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -466,25 +440,6 @@ async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>
     Ok(Json(nodes.into_iter().map(|n| NodeStatus { state: node_state(&n, now).into(), node: n }).collect()))
 }
 
-/// A relay's registration.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RegisterRelay {
-    /// Relay id.
-    pub id: String,
-    /// Owner account.
-    pub owner: String,
-    /// Base64 ed25519 public key.
-    pub public_key: String,
-    /// Where browsers reach it.
-    pub public_url: String,
-    /// Where nodes reach it over QUIC.
-    pub quic_addr: String,
-    /// Region name.
-    pub region: String,
-    /// Viewers it can serve.
-    pub capacity: u32,
-}
-
 #[utoipa::path(post, path = "/api/v1/relays", request_body = RegisterRelay, responses((status = 200, body = PublicKey), (status = 400), (status = 409)))]
 async fn register_relay(State(s): State<AppState>, body: Bytes) -> ApiResult<Json<PublicKey>> {
     let r: RegisterRelay = json(&body)?;
@@ -514,22 +469,13 @@ async fn register_relay(State(s): State<AppState>, body: Bytes) -> ApiResult<Jso
     Ok(public_key(State(s)).await)
 }
 
-/// A relay's heartbeat.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RelayHeartbeat {
-    /// Viewers now.
-    pub viewers: u32,
-    /// RTT measured to each node, ms.
-    pub node_rtt_ms: BTreeMap<String, f64>,
-}
-
-#[utoipa::path(post, path = "/api/v1/relays/{id}/heartbeat", request_body = RelayHeartbeat, responses((status = 204), (status = 401)))]
+#[utoipa::path(post, path = "/api/v1/relays/{id}/heartbeat", request_body = RelayHeartbeat, responses((status = 200, body = RelayHeartbeatReply), (status = 401), (status = 403)))]
 async fn relay_heartbeat(
     State(s): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<RelayHeartbeatReply>> {
     let relay = s.store.relay(&id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
     check_signature(&s, &Method::POST, &format!("/api/v1/relays/{id}/heartbeat"), &headers, &body, &relay.public_key)?;
     if relay.revoked {
@@ -539,24 +485,20 @@ async fn relay_heartbeat(
     if hb.node_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
         return Err(ApiError::bad("RTTs must be finite and non-negative"));
     }
-    s.store.relay_heartbeat(&id, i64::from(hb.viewers), &hb.node_rtt_ms, unix_now()).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let now = unix_now();
+    s.store.relay_heartbeat(&id, i64::from(hb.viewers), &hb.node_rtt_ms, now).await?;
+    // Tokens live TOKEN_LIFETIME_SECS: a session ended longer ago than that (plus the
+    // clock skew allowed) cannot be joined again anyway.
+    let since = now - TOKEN_LIFETIME_SECS as i64 - MAX_SKEW_SECS;
+    Ok(Json(RelayHeartbeatReply {
+        ended_sessions: s.store.ended_sessions_on_relay(&id, since).await?,
+        revoked_nodes: s.store.nodes().await?.into_iter().filter(|n| n.revoked).map(|n| n.id).collect(),
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/relays", responses((status = 200, body = [RelayRecord])))]
 async fn list_relays(State(s): State<AppState>) -> ApiResult<Json<Vec<RelayRecord>>> {
     Ok(Json(s.store.relays().await?))
-}
-
-/// A relay the client should measure its RTT to.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Candidate {
-    /// Relay id.
-    pub relay: String,
-    /// Its public URL (ping `{url}/healthz`).
-    pub url: String,
-    /// Region.
-    pub region: String,
 }
 
 #[utoipa::path(get, path = "/api/v1/candidates/{title}", responses((status = 200, body = [Candidate])))]
@@ -570,40 +512,6 @@ async fn candidates(State(s): State<AppState>, Path(_title): Path<String>) -> Ap
             .map(|r| Candidate { relay: r.id, url: r.public_url, region: r.region })
             .collect(),
     ))
-}
-
-/// A player's session request.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CreateSession {
-    /// Title id.
-    pub title: String,
-    /// RTT the client measured to each candidate relay, ms.
-    pub client_rtt_ms: BTreeMap<String, f64>,
-    /// Highest price per GPU-hour accepted.
-    #[serde(default)]
-    pub max_price_per_hour: Option<f64>,
-    /// `player` (default) or `spectator`.
-    #[serde(default)]
-    pub role: Option<String>,
-}
-
-/// A created session.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SessionCreated {
-    /// Session id.
-    pub session: String,
-    /// Signed token for the relay and node.
-    pub token: String,
-    /// Relay id.
-    pub relay: String,
-    /// Where to play.
-    pub relay_url: String,
-    /// Node id.
-    pub node: String,
-    /// Expected path latency, ms.
-    pub expected_ms: f64,
-    /// Why this pair won.
-    pub reason: String,
 }
 
 #[utoipa::path(post, path = "/api/v1/sessions", request_body = CreateSession,
@@ -620,6 +528,8 @@ async fn create_session(State(s): State<AppState>, body: Bytes) -> ApiResult<(St
     let now = unix_now();
     let nodes = s.store.nodes().await?;
     let relays = s.store.relays().await?;
+    // Players matched since the node's last report hold their place until it reports them.
+    let pending = s.store.recent_sessions_per_node(now - TOKEN_LIFETIME_SECS as i64).await?;
     let started = Instant::now();
     let candidates: Vec<NodeCandidate> = nodes
         .iter()
@@ -631,7 +541,7 @@ async fn create_session(State(s): State<AppState>, body: Bytes) -> ApiResult<(St
                 _ => NodeState::Gone,
             },
             capacity: n.capacity.max(0) as u32,
-            sessions: n.sessions.max(0) as u32,
+            sessions: n.sessions.max(pending.get(&n.id).copied().unwrap_or(0)).max(0) as u32,
             titles: n.titles.clone(),
             gpu_class: n.gpu_class.clamp(0, 255) as u8,
             price_per_hour: n.price_per_hour,
@@ -709,9 +619,35 @@ async fn create_session(State(s): State<AppState>, body: Bytes) -> ApiResult<(St
     ))
 }
 
-#[utoipa::path(post, path = "/api/v1/sessions/{id}/end", responses((status = 204), (status = 404)))]
-async fn end_session(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    if !s.store.end_session(&id, unix_now(), "ended").await? {
+/// Ends a session: called, signed, by the session's relay (the player left) or node, or
+/// with the admin token.
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/end", request_body = EndSession,
+    responses((status = 204), (status = 401), (status = 404)))]
+async fn end_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
+    if headers.contains_key("authorization") {
+        check_admin(&s, &headers)?;
+    } else {
+        let path = format!("/api/v1/sessions/{id}/end");
+        let relay_key = s.store.relay(&relay).await?.map(|r| r.public_key);
+        let node_key = s.store.node(&node).await?.map(|n| n.public_key);
+        let signed_by_either = [relay_key, node_key]
+            .into_iter()
+            .flatten()
+            .any(|key| check_signature_quiet(&Method::POST, &path, &headers, &body, &key));
+        if !signed_by_either {
+            s.metrics.refused_requests.inc();
+            return Err(ApiError::unauthorized("only the session's relay or node (signed) or an admin may end it"));
+        }
+    }
+    let req: EndSession = if body.is_empty() { EndSession::default() } else { json(&body)? };
+    let reason = if req.reason.is_empty() { "ended".to_string() } else { req.reason.chars().take(128).collect() };
+    if ended || !s.store.end_session(&id, unix_now(), &reason).await? {
         return Err(ApiError::not_found("running session"));
     }
     s.metrics.sessions_ended.inc();

@@ -5,7 +5,8 @@
 //!   click-to-photon, I/O-free and unit-tested on synthetic topologies.
 //! * [`store`]: SQLite (default) or PostgreSQL through sqlx, one set of migrations.
 //! * [`api`]: the REST API under `/api/v1` (axum), its OpenAPI document, `/metrics`.
-//! * [`keys`]: the indexer's token-signing key, created once in the data directory.
+//! * [`keys`]: the indexer's token-signing key, created once in the data directory (the
+//!   same code as nodes' and relays' identities, from `pylon-indexer-client`).
 //!
 //! Session tokens are minted with `pylon_proto::token` (the format lives in `proto`
 //! because relays and nodes verify it too).
@@ -13,6 +14,6 @@
 //! **Invariant:** the indexer never touches media.
 
 pub mod api;
-pub mod keys;
+pub use pylon_indexer_client::keys;
 pub mod selector;
 pub mod store;

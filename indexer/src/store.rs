@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -390,6 +390,61 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.is_some())
+    }
+
+    /// A session's relay, node and whether it ended.
+    pub async fn session(&self, id: &str) -> Result<Option<(String, String, bool)>, StoreError> {
+        let row = sqlx::query("SELECT relay, node, ended_at FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<Option<i64>, _>(2)?.is_some()))).transpose()
+    }
+
+    /// Running sessions started at or after `since`, counted per node: places taken by
+    /// players who were matched but whose node has not reported them yet.
+    pub async fn recent_sessions_per_node(&self, since: i64) -> Result<HashMap<String, i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node, COUNT(*) FROM sessions WHERE ended_at IS NULL AND started_at >= $1 GROUP BY node",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    /// Ends the node's sessions that started before `before` and that the node no longer
+    /// runs (the player never joined, or the relay could not report the end).
+    pub async fn end_sessions_not_running(
+        &self,
+        node: &str,
+        running: &[String],
+        before: i64,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let open = sqlx::query("SELECT id FROM sessions WHERE node = $1 AND ended_at IS NULL AND started_at < $2")
+            .bind(node)
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut ended = 0;
+        for row in open {
+            let id: String = row.try_get(0)?;
+            if !running.contains(&id) && self.end_session(&id, now, "not running on the node").await? {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Sessions on `relay` that ended at or after `since`.
+    pub async fn ended_sessions_on_relay(&self, relay: &str, since: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM sessions WHERE relay = $1 AND ended_at >= $2")
+            .bind(relay)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     /// Seconds and sessions per provider, running sessions counted up to `now`.

@@ -98,7 +98,8 @@ async fn add_relay(s: &AppState, id: &str, key: &SigningKey, rtts: Value) {
     assert_eq!(call(s, post("/api/v1/relays", &body)).await.0, StatusCode::OK);
     let hb = json!({"viewers": 0, "node_rtt_ms": rtts});
     let (status, reply) = call(s, signed(&format!("/api/v1/relays/{id}/heartbeat"), &hb, key)).await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{reply}");
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert!(reply["ended_sessions"].is_array() && reply["revoked_nodes"].is_array(), "{reply}");
 }
 
 fn indexer_key(s: &AppState) -> VerifyingKey {
@@ -138,14 +139,21 @@ async fn match_mint_and_meter_a_session() {
     .await;
     assert!(!verify(spec["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap().may_send_input());
 
-    // Ending is metered once.
+    // Only the session's relay or node (signed) ends it, and it is metered once.
     let id = created["session"].as_str().unwrap().to_string();
     assert!(s.store.session_running(&id).await.unwrap());
-    let end = Request::post(format!("/api/v1/sessions/{id}/end")).body(Body::empty()).unwrap();
-    assert_eq!(call(&s, end).await.0, StatusCode::NO_CONTENT);
-    let end = Request::post(format!("/api/v1/sessions/{id}/end")).body(Body::empty()).unwrap();
-    assert_eq!(call(&s, end).await.0, StatusCode::NOT_FOUND);
-    assert!(!s.store.session_running(&id).await.unwrap(), "a replayed token for an ended session can be refused");
+    let path = format!("/api/v1/sessions/{id}/end");
+    let why = json!({"reason": "player left"});
+    assert_eq!(call(&s, post(&path, &why)).await.0, StatusCode::UNAUTHORIZED, "an unsigned end is refused");
+    assert_eq!(call(&s, signed(&path, &why, &nb)).await.0, StatusCode::UNAUTHORIZED, "another node cannot end it");
+    assert_eq!(call(&s, signed(&path, &why, &relay)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed(&path, &why, &relay)).await.0, StatusCode::NOT_FOUND);
+    assert!(!s.store.session_running(&id).await.unwrap());
+    // The relay learns of the end on its next heartbeat, so a replayed token is refused.
+    let hb = json!({"viewers": 0, "node_rtt_ms": {"node-a": 2.0}});
+    let (status, reply) = call(&s, signed("/api/v1/relays/relay-1/heartbeat", &hb, &relay)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["ended_sessions"], json!([id]), "{reply}");
     let (_, usage) = call(&s, Request::get("/api/v1/usage").body(Body::empty()).unwrap()).await;
     assert_eq!(usage[0]["provider"], "alice");
     assert_eq!(usage[0]["sessions"], 2);
@@ -184,6 +192,9 @@ async fn a_node_that_leaves_or_drains_gets_no_new_sessions() {
     let (status, err) = call(&s, post("/api/v1/sessions", &req)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(err["error"].as_str().unwrap().starts_with("no capacity in your region"), "{err}");
+    let (_, reply) =
+        call(&s, signed("/api/v1/relays/relay-1/heartbeat", &json!({"viewers": 0, "node_rtt_ms": {}}), &relay)).await;
+    assert_eq!(reply["revoked_nodes"], json!(["node-b"]), "relays learn of revocations to close connections");
     let metrics = router(s.clone()).oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     let text = String::from_utf8(axum::body::to_bytes(metrics.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
     assert!(text.contains("pylon_indexer_match_failures_total"), "{text}");
@@ -237,4 +248,32 @@ async fn openapi_document_lists_the_api() {
     {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
+}
+
+#[tokio::test]
+async fn sessions_a_node_does_not_run_stop_being_metered() {
+    let s = state().await;
+    let key = SigningKey::from_bytes(&[1; 32]);
+    add_node(&s, "node-a", "alice", 1.0, &key).await;
+    let now = unix_now();
+    for (id, age) in [("old-running", 600), ("old-gone", 600), ("fresh", 5)] {
+        s.store
+            .start_session(&pylon_indexer::store::SessionRecord {
+                id: id.into(),
+                title: "demo".into(),
+                node: "node-a".into(),
+                provider: "alice".into(),
+                relay: "relay-1".into(),
+                gpu_class: 3,
+                started_at: now - age,
+            })
+            .await
+            .unwrap();
+    }
+    // The node runs only "old-running": "old-gone" ends; "fresh" may still be joining.
+    let hb = json!({"sessions": 1, "titles": ["demo"], "running": ["old-running"]});
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::NO_CONTENT);
+    assert!(s.store.session_running("old-running").await.unwrap());
+    assert!(!s.store.session_running("old-gone").await.unwrap());
+    assert!(s.store.session_running("fresh").await.unwrap());
 }

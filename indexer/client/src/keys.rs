@@ -1,5 +1,5 @@
-//! The indexer's ed25519 signing key, generated on first start and kept (mode 0600) in
-//! the data directory.
+//! An ed25519 key (the indexer's token key, a node's or relay's identity), generated on
+//! first start and kept (mode 0600) in the data directory.
 
 use ed25519_dalek::SigningKey;
 use std::path::Path;
@@ -42,6 +42,6 @@ pub fn load_or_create(dir: &Path, name: &str) -> Result<SigningKey, KeyError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options.open(&path).and_then(|mut f| f.write_all(&seed)).map_err(io)?;
-    tracing::info!(path = %path.display(), "created a new signing key");
+    tracing::info!(path = %path.display(), "created a new key");
     Ok(SigningKey::from_bytes(&seed))
 }

@@ -1,0 +1,206 @@
+//! How render nodes and relays join the Pylon pool.
+//!
+//! * [`keys`]: an ed25519 key generated on first start and kept (mode 0600) in the data
+//!   directory; the indexer uses the same code for its token-signing key.
+//! * [`api`]: the request and reply bodies of the indexer's REST API (the indexer serves
+//!   exactly these types, so the two cannot drift apart).
+//! * [`Client`]: registration, signed heartbeats, drain and session end over HTTP.
+//!
+//! Every request after registration is signed: headers `x-pylon-timestamp` (Unix
+//! seconds) and `x-pylon-signature` (base64 ed25519 signature over
+//! [`signed_message`]).
+
+pub mod api;
+pub mod keys;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What a node or relay signs for a request: `"{METHOD} {PATH}\n{timestamp}\n{body}"`.
+pub fn signed_message(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let mut m = format!("{method} {path}\n{timestamp}\n").into_bytes();
+    m.extend_from_slice(body);
+    m
+}
+
+/// Base64 of a public key, as the API carries it.
+pub fn encode_key(key: &VerifyingKey) -> String {
+    STANDARD.encode(key.as_bytes())
+}
+
+/// A public key from its base64 form.
+pub fn decode_key(text: &str) -> Result<VerifyingKey, ClientError> {
+    let bytes: [u8; 32] = STANDARD
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ClientError::BadKey("not 32 bytes of base64".into()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| ClientError::BadKey(e.to_string()))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Talking to the indexer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The indexer could not be reached or did not answer in time.
+    #[error("indexer unreachable: {0}")]
+    Unreachable(String),
+    /// The indexer answered with an error.
+    #[error("indexer refused {path}: {status} {message}")]
+    Refused {
+        /// The API path.
+        path: String,
+        /// HTTP status.
+        status: u16,
+        /// The indexer's message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("indexer answered {path} with a malformed body: {reason}")]
+    Malformed {
+        /// The API path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A key in the wrong form.
+    #[error("bad public key: {0}")]
+    BadKey(String),
+}
+
+impl ClientError {
+    /// Whether the indexer refused this caller for good (revoked, unknown, or another key
+    /// owns the id), as opposed to a passing failure worth retrying.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused { status: 401 | 403 | 409, .. })
+    }
+}
+
+/// A node's or relay's connection to the indexer.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    key: std::sync::Arc<SigningKey>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for the indexer at `base` (e.g. `http://127.0.0.1:8090`), signing with `key`.
+    pub fn new(base: &str, key: SigningKey) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        Ok(Self { base: base.trim_end_matches('/').to_string(), key: std::sync::Arc::new(key), http })
+    }
+
+    /// The indexer's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// This caller's public key, base64.
+    pub fn public_key(&self) -> String {
+        encode_key(&self.key.verifying_key())
+    }
+
+    /// Registers a render node; returns the indexer's token key.
+    pub async fn register_node(&self, node: &api::RegisterNode) -> Result<VerifyingKey, ClientError> {
+        let reply: api::PublicKey = self.call("POST", "/api/v1/nodes", Some(node), false).await?;
+        decode_key(&reply.public_key)
+    }
+
+    /// Registers a relay; returns the indexer's token key.
+    pub async fn register_relay(&self, relay: &api::RegisterRelay) -> Result<VerifyingKey, ClientError> {
+        let reply: api::PublicKey = self.call("POST", "/api/v1/relays", Some(relay), false).await?;
+        decode_key(&reply.public_key)
+    }
+
+    /// A node's signed heartbeat.
+    pub async fn node_heartbeat(&self, id: &str, hb: &api::NodeHeartbeat) -> Result<(), ClientError> {
+        self.call_empty("POST", &format!("/api/v1/nodes/{id}/heartbeat"), Some(hb)).await
+    }
+
+    /// A node asks for no new sessions.
+    pub async fn drain_node(&self, id: &str) -> Result<(), ClientError> {
+        self.call_empty::<()>("POST", &format!("/api/v1/nodes/{id}/drain"), None).await
+    }
+
+    /// A relay's signed heartbeat; the reply names sessions that ended and nodes revoked.
+    pub async fn relay_heartbeat(
+        &self,
+        id: &str,
+        hb: &api::RelayHeartbeat,
+    ) -> Result<api::RelayHeartbeatReply, ClientError> {
+        self.call("POST", &format!("/api/v1/relays/{id}/heartbeat"), Some(hb), true).await
+    }
+
+    /// Reports that a session ended (signed by its relay or node).
+    pub async fn end_session(&self, session: &str, reason: &str) -> Result<(), ClientError> {
+        let body = api::EndSession { reason: reason.to_string() };
+        self.call_empty("POST", &format!("/api/v1/sessions/{session}/end"), Some(&body)).await
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        signed: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b)
+                .map_err(|e| ClientError::Malformed { path: path.into(), reason: e.to_string() })?,
+            None => Vec::new(),
+        };
+        let method_value = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Malformed { path: path.into(), reason: e.to_string() })?;
+        let mut req = self.http.request(method_value, format!("{}{path}", self.base));
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        if signed {
+            let ts = unix_now();
+            let sig = self.key.sign(&signed_message(method, path, ts, &bytes));
+            req = req
+                .header("x-pylon-timestamp", ts.to_string())
+                .header("x-pylon-signature", STANDARD.encode(sig.to_bytes()));
+        }
+        let resp = req.body(bytes).send().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let message = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        Err(ClientError::Refused { path: path.into(), status, message })
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        signed: bool,
+    ) -> Result<R, ClientError> {
+        let resp = self.send(method, path, body, signed).await?;
+        resp.json().await.map_err(|e| ClientError::Malformed { path: path.into(), reason: e.to_string() })
+    }
+
+    async fn call_empty<B: Serialize>(&self, method: &str, path: &str, body: Option<&B>) -> Result<(), ClientError> {
+        self.send(method, path, body, true).await.map(|_| ())
+    }
+}
