@@ -13,9 +13,16 @@ const fullscreenBtn = document.getElementById('fullscreen');
 // `?role=spectator` watches without sending input.
 const params = new URLSearchParams(location.search);
 const wantedRole = params.get('role') === 'spectator' ? 'spectator' : 'player';
+// In a pool the catalog sends us here as /play/<session>#token=…&catalog=…: the token
+// (signed by the indexer) decides the role; the fragment never reaches a server log.
+const fragment = new URLSearchParams(location.hash.slice(1));
+const token = fragment.get('token');
+const catalog = fragment.get('catalog');
 
 // State the page exposes for dashboards and automated checks.
-const pylon = { state: 'connecting', stats: null, viewer: null, role: null, pc: null, latency: null, input: null };
+const pylon = {
+  state: 'connecting', stats: null, viewer: null, role: null, pc: null, latency: null, input: null, error: null,
+};
 window.pylon = pylon;
 
 function setStatus(text) {
@@ -28,6 +35,19 @@ function signallingUrl() {
 }
 
 let detachInput = () => {};
+
+/** Shows why the relay will not play this link, with a way back to the catalog. */
+function refused(message) {
+  pylon.state = 'refused';
+  pylon.error = message;
+  statusEl.textContent = `${message}. `;
+  if (catalog && /^https?:\/\//.test(catalog)) {
+    const a = document.createElement('a');
+    a.href = catalog;
+    a.textContent = 'Pick a game';
+    statusEl.append(a);
+  }
+}
 
 async function connect() {
   const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
@@ -90,7 +110,9 @@ async function connect() {
   ws.onopen = async () => {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
-    ws.send(JSON.stringify({ type: 'offer', sdp: pc.localDescription.sdp, role: wantedRole }));
+    const msg = { type: 'offer', sdp: pc.localDescription.sdp, role: wantedRole };
+    if (token) msg.token = token;
+    ws.send(JSON.stringify(msg));
   };
   ws.onmessage = async (event) => {
     const msg = JSON.parse(event.data);
@@ -99,7 +121,16 @@ async function connect() {
       pylon.role = msg.role;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
     } else if (msg.type === 'error') {
-      retry(`Relay refused: ${msg.message}`);
+      if (/session token/.test(msg.message)) {
+        // Retrying cannot help: the session is over, or the link is not valid here.
+        refused(msg.message);
+        retried = true;
+        stopStats();
+        pc.close();
+        ws.close();
+      } else {
+        retry(`Relay refused: ${msg.message}`);
+      }
     }
   };
   ws.onclose = () => retry('Signalling closed');

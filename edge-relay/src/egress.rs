@@ -11,6 +11,7 @@
 
 use crate::ingest::{IngestEvent, ToNode};
 use crate::metrics::RelayMetrics;
+use crate::pool::{Admission, Pool};
 use anyhow::Context;
 use pylon_proto::framing::{ControlMessage, FrameInfo, StreamHello};
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
@@ -45,6 +46,9 @@ pub enum ViewerCommand {
         sdp: String,
         /// Whether the viewer asks to play (granted when nobody else holds the role).
         wants_player: bool,
+        /// In a pool: the session the viewer's token admits it to, and the token (which
+        /// the node verifies itself when the player starts).
+        admitted: Option<(Admission, String)>,
         /// Where the answer goes: viewer id, SDP answer, whether the viewer is the player.
         reply: oneshot::Sender<Result<(u64, String, bool), String>>,
     },
@@ -142,6 +146,8 @@ struct Viewer {
     last_ts: u32,
     /// Arrival to sent of the last frame's last packet, µs (shown in the player's overlay).
     relay_us: u32,
+    /// In a pool, the player's session id and token.
+    session: Option<(String, String)>,
 }
 
 /// The node stream being relayed.
@@ -198,6 +204,13 @@ impl Source {
         }
     }
 
+    /// Sends a control message to the node on its reliable stream.
+    fn send_control(&mut self, msg: ControlMessage, metrics: &RelayMetrics) {
+        if self.control.try_send(ToNode::Control(msg)).is_err() {
+            metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "node_busy" }).inc();
+        }
+    }
+
     fn flush_keyframe_request(&mut self, now: Instant, metrics: &RelayMetrics) {
         if self.keyframe_pending {
             self.request_keyframe(now, metrics);
@@ -222,6 +235,7 @@ pub async fn run(
     mut ingest: mpsc::Receiver<IngestEvent>,
     mut commands: mpsc::Receiver<ViewerCommand>,
     metrics: RelayMetrics,
+    pool: Option<Pool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut viewers: Vec<Viewer> = Vec::new();
@@ -237,7 +251,7 @@ pub async fn run(
             let drained = drain(v, &socket, &metrics);
             forward(drained, &mut source, now, &metrics);
         }
-        retain_alive(&mut viewers, &metrics);
+        retain_alive(&mut viewers, &mut source, pool.as_ref(), &metrics);
         if let Some(s) = source.as_mut() {
             s.flush_keyframe_request(now, &metrics);
         }
@@ -281,16 +295,26 @@ pub async fn run(
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    ViewerCommand::Offer { sdp, wants_player, reply } => {
-                        let player = wants_player && !viewers.iter().any(|v| v.player && v.rtc.is_alive());
+                    ViewerCommand::Offer { sdp, wants_player, admitted, reply } => {
+                        let seat_taken = viewers.iter().any(|v| v.player && v.rtc.is_alive());
+                        let player = wants_player && !seat_taken;
                         let result = if viewers.len() >= MAX_VIEWERS {
                             Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
+                        } else if let Some(why) = admitted.as_ref().and_then(|(a, _)| refuse_admission(a, seat_taken, source.as_ref())) {
+                            Err(why)
                         } else {
                             accept_offer(&sdp, advertise, next_id, player)
                         };
                         match result {
-                            Ok(viewer) => {
+                            Ok(mut viewer) => {
                                 let answer = viewer.1;
+                                if let Some((a, token)) = admitted.filter(|(a, _)| a.player) {
+                                    // The node verifies the token itself before it takes input.
+                                    if let Some(s) = source.as_mut() {
+                                        s.send_control(ControlMessage::SessionStart(token.clone()), &metrics);
+                                    }
+                                    viewer.0.session = Some((a.session, token));
+                                }
                                 viewers.push(viewer.0);
                                 metrics.viewer_sessions.inc();
                                 let _ = reply.send(Ok((next_id, answer, player)));
@@ -318,11 +342,24 @@ pub async fn run(
         v.rtc.disconnect();
         let _ = drain(v, &socket, &metrics);
     }
-    retain_alive(&mut viewers, &metrics);
+    retain_alive(&mut viewers, &mut source, pool.as_ref(), &metrics);
     Ok(())
 }
 
-fn retain_alive(viewers: &mut Vec<Viewer>, metrics: &RelayMetrics) {
+/// Why a viewer admitted by token cannot join now, if it cannot.
+fn refuse_admission(a: &Admission, seat_taken: bool, source: Option<&Source>) -> Option<String> {
+    if a.player && seat_taken {
+        return Some("another viewer is already playing this session".into());
+    }
+    match source {
+        Some(s) if !s.hello.node.is_empty() && s.hello.node != a.node => {
+            Some(format!("the session's render node {} is not streaming through this relay", a.node))
+        }
+        _ => None,
+    }
+}
+
+fn retain_alive(viewers: &mut Vec<Viewer>, source: &mut Option<Source>, pool: Option<&Pool>, metrics: &RelayMetrics) {
     viewers.retain(|v| {
         if v.rtc.is_alive() {
             return true;
@@ -331,6 +368,16 @@ fn retain_alive(viewers: &mut Vec<Viewer>, metrics: &RelayMetrics) {
             metrics.viewers.dec();
         }
         tracing::info!(viewer = v.id, "viewer session closed");
+        if let Some((session, _)) = &v.session {
+            // The player left: the node stops taking input, the token is spent, the
+            // indexer stops metering.
+            if let Some(s) = source.as_mut() {
+                s.send_control(ControlMessage::SessionEnd(session.clone()), metrics);
+            }
+            if let Some(pool) = pool {
+                pool.session_ended(session, "player left");
+            }
+        }
         false
     });
 }
@@ -358,6 +405,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         last_seq: 0,
         last_ts: 0,
         relay_us: 0,
+        session: None,
     };
     Ok((viewer, answer.to_sdp_string()))
 }
@@ -503,6 +551,10 @@ fn handle_ingest(
             let mut s =
                 Source { node, hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
             s.request_keyframe(Instant::now(), metrics);
+            // A player already here starts its session on the new stream.
+            if let Some((_, token)) = viewers.iter().filter(|v| v.rtc.is_alive()).find_map(|v| v.session.as_ref()) {
+                s.send_control(ControlMessage::SessionStart(token.clone()), metrics);
+            }
             *source = Some(s);
         }
         IngestEvent::FrameInfo { node, info } => {

@@ -1,12 +1,17 @@
 //! HTTP side of the relay: the web player, WebSocket signalling and `/metrics`.
 //!
 //! Signalling protocol (JSON text messages on `/ws`):
-//! browser → relay `{"type":"offer","sdp":"…"}`; relay → browser
-//! `{"type":"answer","sdp":"…","viewer":N}` or `{"type":"error","message":"…"}`.
-//! Closing the WebSocket ends the viewer's session.
+//! browser → relay `{"type":"offer","sdp":"…","role":"player"|"spectator","token":"…"}`;
+//! relay → browser `{"type":"answer","sdp":"…","viewer":N,"role":"…"}` or
+//! `{"type":"error","message":"…"}`. In a pool the token (from the indexer) is required
+//! and decides the role. Closing the WebSocket ends the viewer's session.
+//!
+//! `/play/<session>` serves the player page (the token travels in the URL fragment, which
+//! never reaches a server log); `/ping` answers at once, for the client's RTT probes.
 
 use crate::egress::ViewerCommand;
 use crate::metrics::RelayMetrics;
+use crate::pool::Pool;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -27,6 +32,8 @@ pub struct AppState {
     pub viewers: mpsc::Sender<ViewerCommand>,
     /// Relay metrics.
     pub metrics: RelayMetrics,
+    /// The pool, when the relay is in one: offers need a session token.
+    pub pool: Option<Pool>,
 }
 
 /// The web player's files, built into the binary so a relay is one file to deploy.
@@ -41,6 +48,8 @@ const LATENCY_JS: &str = include_str!("../../web-client/latency.js");
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/play/{session}", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/ping", get(ping))
         .route("/player.js", get(|| async { asset("text/javascript; charset=utf-8", PLAYER_JS) }))
         .route("/stats.js", get(|| async { asset("text/javascript; charset=utf-8", STATS_JS) }))
         .route("/input.js", get(|| async { asset("text/javascript; charset=utf-8", INPUT_JS) }))
@@ -54,6 +63,19 @@ pub fn router(state: AppState) -> Router {
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+/// Answers RTT probes from pages of other origins (the catalog is served by the indexer).
+async fn ping() -> Response {
+    (
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::HeaderName::from_static("timing-allow-origin"), "*"),
+        ],
+        "pong",
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -73,6 +95,9 @@ enum ClientMessage {
         /// `player` (default: granted if nobody holds it) or `spectator`.
         #[serde(default)]
         role: Option<String>,
+        /// The session token from the indexer (required in a pool).
+        #[serde(default)]
+        token: Option<String>,
     },
 }
 
@@ -104,10 +129,31 @@ async fn signal(mut socket: WebSocket, state: AppState) {
             Ok(ClientMessage::Offer { .. }) if viewer.is_some() => {
                 ServerMessage::Error { message: "this connection already has a session".into() }
             }
-            Ok(ClientMessage::Offer { sdp, role }) => {
+            Ok(ClientMessage::Offer { sdp, role, token }) => {
+                let admitted = match (&state.pool, token) {
+                    (None, _) => Ok(None),
+                    (Some(_), None) => {
+                        Err("this relay admits viewers with a session token: start from the catalog".into())
+                    }
+                    (Some(pool), Some(token)) => pool.admit(&token, crate::pool::unix_now()).map(|a| Some((a, token))),
+                };
+                let admitted = match admitted {
+                    Ok(a) => a,
+                    Err(message) => {
+                        state.metrics.tokens_refused.inc();
+                        tracing::info!("viewer refused: {message}");
+                        if !send(&mut socket, &ServerMessage::Error { message }).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 let (tx, rx) = oneshot::channel();
-                let wants_player = role.as_deref() != Some("spectator");
-                if state.viewers.send(ViewerCommand::Offer { sdp, wants_player, reply: tx }).await.is_err() {
+                let wants_player = match &admitted {
+                    Some((a, _)) => a.player,
+                    None => role.as_deref() != Some("spectator"),
+                };
+                if state.viewers.send(ViewerCommand::Offer { sdp, wants_player, admitted, reply: tx }).await.is_err() {
                     break;
                 }
                 match tokio::time::timeout(Duration::from_secs(5), rx).await {
@@ -140,7 +186,7 @@ mod tests {
 
     fn app() -> Router {
         let (tx, _rx) = mpsc::channel(1);
-        router(AppState { viewers: tx, metrics: RelayMetrics::new() })
+        router(AppState { viewers: tx, metrics: RelayMetrics::new(), pool: None })
     }
 
     #[tokio::test]

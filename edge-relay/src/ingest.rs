@@ -6,6 +6,7 @@
 //! come back on the control stream.
 
 use crate::metrics::RelayMetrics;
+use crate::pool::Pool;
 use crate::tls::Identity;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
@@ -97,6 +98,7 @@ pub async fn run(
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<IngestEvent>,
     metrics: RelayMetrics,
+    pool: Option<Pool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
@@ -107,7 +109,7 @@ pub async fn run(
         };
         let Some(incoming) = incoming else { break };
         let node = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
-        let (events, metrics, shutdown) = (events.clone(), metrics.clone(), shutdown.clone());
+        let (events, metrics, shutdown, pool) = (events.clone(), metrics.clone(), shutdown.clone(), pool.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -118,7 +120,7 @@ pub async fn run(
                 }
             };
             metrics.nodes_connected.inc();
-            let result = serve_node(node, &conn, &events, &metrics, shutdown).await;
+            let result = serve_node(node, &conn, &events, &metrics, pool.as_ref(), shutdown).await;
             metrics.nodes_connected.dec();
             let _ = events.send(IngestEvent::StreamEnded { node }).await;
             match result {
@@ -132,11 +134,23 @@ pub async fn run(
     Ok(())
 }
 
+/// Drops a node's RTT from the pool view when its connection ends, however it ends.
+struct ForgetRtt<'a>(Option<&'a Pool>, &'a str);
+
+impl Drop for ForgetRtt<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0 {
+            pool.node_gone(self.1);
+        }
+    }
+}
+
 async fn serve_node(
     node: u64,
     conn: &quinn::Connection,
     events: &mpsc::Sender<IngestEvent>,
     metrics: &RelayMetrics,
+    pool: Option<&Pool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
@@ -167,12 +181,24 @@ async fn serve_node(
     };
     tracing::info!(
         node,
+        id = %hello.node,
         "render node streaming {}x{} at {} fps with {}",
         hello.width,
         hello.height,
         hello.fps,
         hello.encoder
     );
+    let node_id = hello.node.clone();
+    let _forget_rtt = ForgetRtt(pool, &node_id);
+    if let Some(pool) = pool {
+        if pool.is_revoked(&node_id) {
+            conn.close(2u32.into(), b"this node is revoked");
+            return Err(anyhow!("refused revoked node {node_id}"));
+        }
+        pool.set_node_rtt(&node_id, conn.rtt());
+    }
+    // RTT to the node for the indexer's matching; revocations close the connection.
+    let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
     let (control_tx, mut control_rx) = mpsc::channel::<ToNode>(256);
     events
         .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
@@ -241,6 +267,17 @@ async fn serve_node(
                         }
                     }
                 }
+            }
+            _ = pool_tick.tick(), if pool.is_some() => {
+                let Some(pool) = pool else { continue };
+                if pool.is_revoked(&node_id) {
+                    out.clear();
+                    ControlMessage::Goodbye("this node is revoked".into()).encode(&mut out);
+                    let _ = send.write_all(&out).await;
+                    conn.close(2u32.into(), b"this node is revoked");
+                    return Err(anyhow!("node {node_id} revoked by the indexer: connection closed"));
+                }
+                pool.set_node_rtt(&node_id, conn.rtt());
             }
             _ = crate::stopped(&mut shutdown) => {
                 out.clear();

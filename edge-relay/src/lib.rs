@@ -6,6 +6,7 @@
 //! * [`http`]: the web player, the WebSocket signalling endpoint and `/metrics` (axum).
 //! * [`metrics`]: Prometheus metrics.
 //! * [`tls`]: the relay's QUIC certificate, created once and kept in the data directory.
+//! * [`pool`]: registration and heartbeats to the indexer, admission by session token.
 //!
 //! **Invariant:** the relay never decodes video; it reads RTP headers only.
 
@@ -13,6 +14,7 @@ pub mod egress;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod pool;
 pub mod tls;
 
 use anyhow::Context;
@@ -33,6 +35,9 @@ pub struct RelayConfig {
     pub quic_addr: SocketAddr,
     /// Where the certificate and key live.
     pub data_dir: PathBuf,
+    /// Join this pool (register with its indexer, admit viewers by token); `None` runs
+    /// the relay on its own.
+    pub pool: Option<pool::PoolConfig>,
 }
 
 /// A running relay's bound addresses.
@@ -46,6 +51,8 @@ pub struct RelayHandle {
     pub quic_addr: SocketAddr,
     /// Path of the certificate render nodes must trust.
     pub cert_path: PathBuf,
+    /// The relay's id in the pool, if in one.
+    pub pool_id: Option<String>,
 }
 
 /// Binds every socket and runs the relay until `shutdown` turns true.
@@ -68,11 +75,24 @@ pub async fn run(
     let advertise = config.advertise_addr.unwrap_or(webrtc_addr);
     tracing::info!(http = %http_addr, webrtc_udp = %webrtc_addr, advertised = %advertise, quic = %quic_addr, "relay listening");
 
+    let membership = match &config.pool {
+        Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &metrics, shutdown.clone())?),
+        None => None,
+    };
+    let pool = membership.as_ref().map(|(pool, _)| pool.clone());
     let (ingest_tx, ingest_rx) = mpsc::channel(16_384);
     let (viewer_tx, viewer_rx) = mpsc::channel(64);
-    let egress = tokio::spawn(egress::run(udp, advertise, ingest_rx, viewer_rx, metrics.clone(), shutdown.clone()));
-    let ingest = tokio::spawn(ingest::run(quic, ingest_tx, metrics.clone(), shutdown.clone()));
-    let app = http::router(http::AppState { viewers: viewer_tx, metrics: metrics.clone() });
+    let egress = tokio::spawn(egress::run(
+        udp,
+        advertise,
+        ingest_rx,
+        viewer_rx,
+        metrics.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    let ingest = tokio::spawn(ingest::run(quic, ingest_tx, metrics.clone(), pool.clone(), shutdown.clone()));
+    let app = http::router(http::AppState { viewers: viewer_tx, metrics: metrics.clone(), pool: pool.clone() });
     let mut http_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(http, app)
@@ -82,13 +102,65 @@ pub async fn run(
             .await
     });
     if let Some(started) = started {
-        let _ = started.send(RelayHandle { http_addr, webrtc_addr, quic_addr, cert_path: identity.cert_path.clone() });
+        let _ = started.send(RelayHandle {
+            http_addr,
+            webrtc_addr,
+            quic_addr,
+            cert_path: identity.cert_path.clone(),
+            pool_id: pool.as_ref().map(|p| p.id().to_string()),
+        });
     }
-    let (e, i, s) = tokio::join!(egress, ingest, server);
+    let membership = async move {
+        match membership {
+            Some((_, task)) => task.await?.context("the indexer refused this relay"),
+            None => Ok(()),
+        }
+    };
+    let (e, i, s, m) = tokio::join!(egress, ingest, server, membership);
     e??;
     i??;
     s??;
+    m?;
     Ok(())
+}
+
+type Membership = (pool::Pool, tokio::task::JoinHandle<Result<(), pylon_indexer_client::ClientError>>);
+
+/// Loads the relay's identity key and starts registering and heartbeating.
+fn join_pool(
+    config: &pool::PoolConfig,
+    data_dir: &std::path::Path,
+    http_addr: SocketAddr,
+    quic_addr: SocketAddr,
+    metrics: &metrics::RelayMetrics,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Membership> {
+    let key = pylon_indexer_client::keys::load_or_create(data_dir, "relay-key").context("loading the relay's key")?;
+    let id = config.id.clone().unwrap_or_else(|| {
+        let pk = pylon_indexer_client::encode_key(&key.verifying_key());
+        format!("relay-{}", pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase())
+    });
+    let client = pylon_indexer_client::Client::new(&config.indexer, key).context("creating the indexer client")?;
+    let registration = pylon_indexer_client::api::RegisterRelay {
+        id: id.clone(),
+        owner: config.owner.clone(),
+        public_key: client.public_key(),
+        public_url: config.public_url.clone().unwrap_or_else(|| format!("http://{http_addr}")),
+        quic_addr: config.public_quic.clone().unwrap_or_else(|| quic_addr.to_string()),
+        region: config.region.clone(),
+        capacity: config.capacity,
+    };
+    let (pool, ended) = pool::Pool::new(&id);
+    let viewers = metrics.viewers.clone();
+    let task = tokio::spawn(pool::run(
+        client,
+        registration,
+        pool.clone(),
+        move || viewers.get().max(0) as u32,
+        ended,
+        shutdown,
+    ));
+    Ok((pool, task))
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

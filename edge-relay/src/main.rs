@@ -27,6 +27,29 @@ struct Args {
     /// Directory for the relay's certificate and key (created on first start).
     #[arg(long, env = "PYLON_DATA_DIR", default_value = ".pylon/relay")]
     data_dir: PathBuf,
+    /// Join the pool of the indexer at this URL (e.g. http://127.0.0.1:8090): register,
+    /// heartbeat, report RTT to nodes, and admit viewers only with a session token it
+    /// signed. Without it the relay runs alone and any browser may watch or play.
+    #[arg(long, env = "PYLON_INDEXER")]
+    indexer: Option<String>,
+    /// The relay's id in the pool (default: `relay-` and the start of its public key).
+    #[arg(long, env = "PYLON_RELAY_ID")]
+    relay_id: Option<String>,
+    /// Owner account the relay's traffic is credited to.
+    #[arg(long, env = "PYLON_OWNER", default_value = "local")]
+    owner: String,
+    /// Region name shown to the indexer.
+    #[arg(long, env = "PYLON_REGION", default_value = "local")]
+    region: String,
+    /// URL browsers reach this relay at (default: http://<--http-addr>).
+    #[arg(long, env = "PYLON_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// QUIC address render nodes reach this relay at (default: --quic-addr).
+    #[arg(long, env = "PYLON_PUBLIC_QUIC")]
+    public_quic: Option<String>,
+    /// Viewers this relay serves at most (told to the indexer).
+    #[arg(long, env = "PYLON_CAPACITY", default_value_t = 200)]
+    capacity: u32,
 }
 
 #[tokio::main]
@@ -52,6 +75,15 @@ async fn main() -> anyhow::Result<()> {
         advertise_addr: args.advertise_addr,
         quic_addr: args.quic_addr,
         data_dir: args.data_dir,
+        pool: args.indexer.map(|indexer| pylon_relay::pool::PoolConfig {
+            indexer,
+            id: args.relay_id,
+            owner: args.owner,
+            region: args.region,
+            public_url: args.public_url,
+            public_quic: args.public_quic,
+            capacity: args.capacity,
+        }),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let relay = tokio::spawn(pylon_relay::run(config, shutdown_rx, None));

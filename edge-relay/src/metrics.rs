@@ -37,6 +37,8 @@ pub struct RelayMetrics {
     pub viewer_sessions: Counter,
     /// Offers that could not be accepted.
     pub bad_offers: Counter,
+    /// Viewers refused for their session token (missing, forged, expired, wrong relay, ended).
+    pub tokens_refused: Counter,
     /// Keyframe requests (PLI/FIR) from viewers.
     pub viewer_keyframe_requests: Counter,
     /// Keyframe requests sent to nodes.
@@ -74,6 +76,7 @@ impl RelayMetrics {
             viewers: Gauge::default(),
             viewer_sessions: Counter::default(),
             bad_offers: Counter::default(),
+            tokens_refused: Counter::default(),
             viewer_keyframe_requests: Counter::default(),
             keyframe_requests_upstream: Counter::default(),
             input_forwarded: Counter::default(),
@@ -92,6 +95,7 @@ impl RelayMetrics {
         r.register("viewers", "Viewers connected", m.viewers.clone());
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
         r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
+        r.register("tokens_refused", "Viewers refused for their session token", m.tokens_refused.clone());
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
         r.register(
             "keyframe_requests_upstream",

@@ -64,6 +64,7 @@ async fn garbage_on_every_socket_is_counted_and_the_stream_goes_on() {
         fps: 30,
         profile_level_id: 0x42e01f,
         encoder: "junk".into(),
+        node: String::new(),
     })
     .encode(&mut hello);
     send.write_all(&hello).await.unwrap();
@@ -111,6 +112,7 @@ async fn a_restarted_relay_gets_the_render_node_back() {
         advertise_addr: None,
         quic_addr: relay.quic_addr,
         data_dir: relay.cert_path.parent().unwrap().to_path_buf(),
+        pool: None,
     };
     tokio::spawn(pylon_relay::run(config, shutdown_rx, Some(started_tx)));
     let restarted = started_rx.await.unwrap();

@@ -171,6 +171,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sessions/{id}/end", post(end_session))
         .route("/api/v1/usage", get(usage))
         .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .merge(crate::web::router())
         .with_state(state)
 }
 

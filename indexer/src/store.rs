@@ -372,7 +372,8 @@ impl Store {
         Ok(())
     }
 
-    /// Meters a session's end; `false` if it was unknown or already ended.
+    /// Meters a session's end; `false` if it was unknown or already ended. The node's
+    /// place is free at once (its next heartbeat confirms the count).
     pub async fn end_session(&self, id: &str, now: i64, reason: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
             .bind(now)
@@ -380,7 +381,16 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE nodes SET sessions = sessions - 1 WHERE sessions > 0 AND id = (SELECT node FROM sessions WHERE id = $1)",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(true)
     }
 
     /// Whether a session exists and has not ended.

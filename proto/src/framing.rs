@@ -8,11 +8,13 @@
 //!
 //! | message            | type | direction      | body                                                                  |
 //! |--------------------|------|----------------|-----------------------------------------------------------------------|
-//! | `StreamHello`      | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name (rest, UTF-8, ≤ 64 bytes) |
+//! | `StreamHello`      | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name length u8, encoder name (UTF-8, ≤ 64 bytes), node id (rest, UTF-8, ≤ 64 bytes; empty for a node outside a pool) |
 //! | `KeyframeRequest`  | 2    | relay → node   | empty                                                                 |
 //! | `Goodbye`          | 3    | either         | reason (rest, UTF-8, ≤ 256 bytes)                                     |
 //! | `Input`            | 4    | relay → node   | one player input message (`input.rs` format), forwarded unchanged     |
 //! | `FrameInfo`        | 5    | node → relay   | rtp timestamp u32, input seq u32, render µs u32, encode µs u32, input age µs u32 |
+//! | `SessionStart`     | 6    | relay → node   | the player's session token (UTF-8, ≤ 1024 bytes), which the node verifies itself |
+//! | `SessionEnd`       | 7    | relay → node   | session id, hex (UTF-8, ≤ 64 bytes): the player left                  |
 //!
 //! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
 //! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
@@ -134,6 +136,8 @@ pub struct StreamHello {
     pub profile_level_id: u32,
     /// Name of the encoder in use (`h264_nvenc`, `libx264`...), for logs and dashboards.
     pub encoder: String,
+    /// The node's id in the pool (empty outside one): relays report their RTT to it.
+    pub node: String,
 }
 
 /// A message on the control stream.
@@ -151,6 +155,10 @@ pub enum ControlMessage {
     /// Node → relay: which input the frame with this RTP timestamp is the first to reflect,
     /// and what the node spent on it (for click-to-photon and its breakdown).
     FrameInfo(FrameInfo),
+    /// Relay → node: a player joined with this session token (the node verifies it).
+    SessionStart(String),
+    /// Relay → node: the player of this session (hex id) left.
+    SessionEnd(String),
 }
 
 /// Latency facts about one frame, known to the node.
@@ -169,6 +177,9 @@ pub struct FrameInfo {
 }
 
 const MAX_ENCODER_NAME: usize = 64;
+const MAX_NODE_ID: usize = 64;
+const MAX_TOKEN: usize = 1024;
+const MAX_SESSION_ID: usize = 64;
 const MAX_REASON: usize = 256;
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -189,7 +200,10 @@ impl ControlMessage {
                 body.extend_from_slice(&h.height.to_be_bytes());
                 body.extend_from_slice(&h.fps.to_be_bytes());
                 body.extend_from_slice(&h.profile_level_id.to_be_bytes());
-                body.extend_from_slice(truncate_utf8(&h.encoder, MAX_ENCODER_NAME).as_bytes());
+                let encoder = truncate_utf8(&h.encoder, MAX_ENCODER_NAME);
+                body.push(encoder.len() as u8);
+                body.extend_from_slice(encoder.as_bytes());
+                body.extend_from_slice(truncate_utf8(&h.node, MAX_NODE_ID).as_bytes());
                 1
             }
             ControlMessage::KeyframeRequest => 2,
@@ -208,6 +222,14 @@ impl ControlMessage {
             ControlMessage::Goodbye(reason) => {
                 body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
                 3
+            }
+            ControlMessage::SessionStart(token) => {
+                body.extend_from_slice(truncate_utf8(token, MAX_TOKEN).as_bytes());
+                6
+            }
+            ControlMessage::SessionEnd(session) => {
+                body.extend_from_slice(truncate_utf8(session, MAX_SESSION_ID).as_bytes());
+                7
             }
         };
         out.push(kind);
@@ -231,19 +253,24 @@ impl ControlMessage {
         };
         let msg = match kind {
             1 => {
-                let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, name @ ..] = body else {
-                    return Err(FramingError::Malformed("StreamHello"));
+                let bad = || FramingError::Malformed("StreamHello");
+                let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, name_len, rest @ ..] = body else {
+                    return Err(bad());
                 };
-                if name.len() > MAX_ENCODER_NAME {
-                    return Err(FramingError::Malformed("StreamHello"));
+                let name_len = usize::from(*name_len);
+                if name_len > MAX_ENCODER_NAME || rest.len() < name_len || rest.len() - name_len > MAX_NODE_ID {
+                    return Err(bad());
                 }
-                let encoder = std::str::from_utf8(name).map_err(|_| FramingError::Malformed("StreamHello"))?;
+                let (name, node) = rest.split_at(name_len);
+                let encoder = std::str::from_utf8(name).map_err(|_| bad())?;
+                let node = std::str::from_utf8(node).map_err(|_| bad())?;
                 ControlMessage::StreamHello(StreamHello {
                     width: u16::from_be_bytes([*w0, *w1]),
                     height: u16::from_be_bytes([*h0, *h1]),
                     fps: u16::from_be_bytes([*f0, *f1]),
                     profile_level_id: u32::from_be_bytes([*p0, *p1, *p2, *p3]),
                     encoder: encoder.to_owned(),
+                    node: node.to_owned(),
                 })
             }
             2 if body.is_empty() => ControlMessage::KeyframeRequest,
@@ -267,6 +294,14 @@ impl ControlMessage {
                     return Err(FramingError::Malformed("FrameInfo"));
                 };
                 ControlMessage::FrameInfo(FrameInfo { rtp_timestamp, input_seq, render_us, encode_us, node_us })
+            }
+            6 | 7 => {
+                let (max, what) = if *kind == 6 { (MAX_TOKEN, "SessionStart") } else { (MAX_SESSION_ID, "SessionEnd") };
+                if body.len() > max {
+                    return Err(FramingError::Malformed(what));
+                }
+                let text = std::str::from_utf8(body).map_err(|_| FramingError::Malformed(what))?.to_owned();
+                if *kind == 6 { ControlMessage::SessionStart(text) } else { ControlMessage::SessionEnd(text) }
             }
             other => return Err(FramingError::UnknownType(*other)),
         };
@@ -310,6 +345,7 @@ mod tests {
             fps: 60,
             profile_level_id: 0x42e01f,
             encoder: "libx264".into(),
+            node: "node-7".into(),
         })
     }
 
@@ -355,6 +391,16 @@ mod tests {
             hello(),
             ControlMessage::KeyframeRequest,
             ControlMessage::Goodbye("bye ✓".into()),
+            ControlMessage::SessionStart("token.text".into()),
+            ControlMessage::SessionEnd("00ff".into()),
+            ControlMessage::StreamHello(StreamHello {
+                width: 1,
+                height: 2,
+                fps: 3,
+                profile_level_id: 4,
+                encoder: String::new(),
+                node: String::new(),
+            }),
             ControlMessage::Input(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
             ControlMessage::FrameInfo(FrameInfo {
                 rtp_timestamp: 9,

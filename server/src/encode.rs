@@ -93,14 +93,16 @@ fn options(name: &str, config: &EncoderConfig) -> Dictionary<'static> {
     // One frame of VBV: a frame never takes more than one frame interval to send.
     let per_frame = (config.bitrate / u64::from(config.fps.max(1))).max(1);
     match name {
-        "h264_nvenc" => {
+        n if n.ends_with("_nvenc") => {
             o.set("preset", "p1");
             o.set("tune", "ull");
             o.set("zerolatency", "1");
             o.set("delay", "0");
             o.set("rc-lookahead", "0");
             o.set("rc", "cbr");
-            o.set("profile", "baseline");
+            if n == "h264_nvenc" {
+                o.set("profile", "baseline");
+            }
             o.set("forced-idr", "1");
             o.set("bufsize", &per_frame.to_string());
         }
@@ -149,6 +151,20 @@ impl VideoEncoder {
             }
         }
         Err(EncodeError::NoEncoder(probe_log.join("; ")))
+    }
+
+    /// The encoders that actually open on this machine (a GPU without NVENC, such as an
+    /// H100, lists only the CPU ones), probed at a small size: what a node advertises.
+    pub fn available(config: &EncoderConfig) -> Vec<String> {
+        if ffmpeg::init().is_err() {
+            return Vec::new();
+        }
+        let small = EncoderConfig { width: 320, height: 180, ..config.clone() };
+        ["h264_nvenc", "hevc_nvenc", "av1_nvenc", "libx264"]
+            .into_iter()
+            .filter(|name| Self::try_open(name, &small).is_ok())
+            .map(str::to_string)
+            .collect()
     }
 
     fn try_open(name: &str, config: &EncoderConfig) -> Result<ffmpeg::encoder::Video, String> {

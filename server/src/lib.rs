@@ -5,10 +5,13 @@
 //! * [`encode`]: the FFmpeg encoder, probing NVENC before libx264.
 //! * [`pipeline`]: the frame path threads: paced render → readback → encode → packetize.
 //! * [`uplink`]: the QUIC connection to the relay, reconnecting with backoff.
+//! * [`pool`]: registration and heartbeats to the indexer, draining, and the session
+//!   gate that admits a player only with a token the node verifies itself.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
 pub mod encode;
 pub mod metrics;
 pub mod pipeline;
+pub mod pool;
 pub mod scene;
 pub mod uplink;

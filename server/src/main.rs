@@ -2,9 +2,11 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
+use pylon_indexer_client::api::RegisterNode;
+use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID, VideoEncoder};
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
+use pylon_server::pool::{self, SessionGate};
 use pylon_server::uplink::{self, UplinkConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +80,47 @@ struct Args {
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(long, env = "PYLON_METRICS_ADDR", default_value = "127.0.0.1:9100")]
     metrics_addr: SocketAddr,
+    /// Join the pool of the indexer at this URL (e.g. http://127.0.0.1:8090): register,
+    /// heartbeat, and admit players only with a session token it signed. Without it the
+    /// node streams to its relay alone and any player there may play.
+    #[arg(long, env = "PYLON_INDEXER")]
+    indexer: Option<String>,
+    /// Directory for the node's identity key (created on first start).
+    #[arg(long, env = "PYLON_DATA_DIR", default_value = ".pylon/node")]
+    data_dir: PathBuf,
+    /// The node's id in the pool (default: `node-` and the start of its public key).
+    #[arg(long, env = "PYLON_NODE_ID")]
+    node_id: Option<String>,
+    /// Provider account the node's sessions are metered to.
+    #[arg(long, env = "PYLON_PROVIDER", default_value = "local")]
+    provider: String,
+    /// Region name shown to the indexer.
+    #[arg(long, env = "PYLON_REGION", default_value = "local")]
+    region: String,
+    /// Latitude,longitude of the node, e.g. 48.85,2.35.
+    #[arg(long, env = "PYLON_COORDS", default_value = "0,0", value_parser = parse_coords)]
+    coords: (f64, f64),
+    /// Price per GPU-hour asked.
+    #[arg(long, env = "PYLON_PRICE_PER_HOUR", default_value_t = 0.0)]
+    price_per_hour: f64,
+    /// GPU class advertised (0: CPU renderer, 1: integrated, 2: discrete; titles state the
+    /// least they need). Default: from the Vulkan device.
+    #[arg(long, env = "PYLON_GPU_CLASS")]
+    gpu_class: Option<u8>,
+    /// On SIGTERM in a pool, how long to wait for the running session to end after
+    /// draining (a second signal stops at once).
+    #[arg(long, env = "PYLON_DRAIN_SECONDS", default_value_t = 600)]
+    drain_seconds: u64,
+}
+
+fn parse_coords(s: &str) -> Result<(f64, f64), String> {
+    let (lat, lon) = s.split_once(',').ok_or("expected LAT,LON, e.g. 48.85,2.35")?;
+    let lat: f64 = lat.trim().parse().map_err(|_| format!("bad latitude {lat:?}"))?;
+    let lon: f64 = lon.trim().parse().map_err(|_| format!("bad longitude {lon:?}"))?;
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(format!("{lat},{lon} is not a place on Earth"));
+    }
+    Ok((lat, lon))
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -118,27 +161,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.relay_cert.display()
         )
     })?;
+    // The pool identity, before the GPU: a node that cannot join should say so at once.
+    let pool = match &args.indexer {
+        Some(url) => {
+            let key = pylon_indexer_client::keys::load_or_create(&args.data_dir, "node-key")
+                .context("loading the node's identity key")?;
+            let id = args.node_id.clone().unwrap_or_else(|| {
+                let pk = pylon_indexer_client::encode_key(&key.verifying_key());
+                format!(
+                    "node-{}",
+                    pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase()
+                )
+            });
+            let client = pylon_indexer_client::Client::new(url, key).context("creating the indexer client")?;
+            Some((client, id))
+        }
+        None => None,
+    };
+    let gate = match &pool {
+        Some((_, id)) => SessionGate::pooled(id),
+        None => SessionGate::open(),
+    };
     let metrics = ServerMetrics::new();
     let metrics_task = tokio::spawn(pylon_server::metrics::serve(args.metrics_addr, metrics.clone()));
     let (packet_tx, packet_rx) = mpsc::channel(4096);
+    let encoder_config = EncoderConfig {
+        width,
+        height,
+        fps: args.fps,
+        bitrate: args.bitrate_kbps * 1000,
+        keyframe_interval: args.keyframe_seconds * args.fps,
+        choice: match args.encoder {
+            EncoderArg::Auto => EncoderChoice::Auto,
+            EncoderArg::Nvenc => EncoderChoice::Nvenc,
+            EncoderArg::X264 => EncoderChoice::X264,
+        },
+    };
     let config = PipelineConfig {
         width,
         height,
         fps: args.fps,
         gpu: args.gpu.clone(),
         slots: args.ring_slots as usize,
-        encoder: EncoderConfig {
-            width,
-            height,
-            fps: args.fps,
-            bitrate: args.bitrate_kbps * 1000,
-            keyframe_interval: args.keyframe_seconds * args.fps,
-            choice: match args.encoder {
-                EncoderArg::Auto => EncoderChoice::Auto,
-                EncoderArg::Nvenc => EncoderChoice::Nvenc,
-                EncoderArg::X264 => EncoderChoice::X264,
-            },
-        },
+        encoder: encoder_config.clone(),
         max_rtp_packet: args.max_rtp_packet as usize,
         seed: 0x5eed,
         early_frames: args.pacing == Pacing::Input,
@@ -161,19 +226,61 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fps: u16::try_from(args.fps)?,
         profile_level_id: PROFILE_LEVEL_ID,
         encoder: info.encoder.to_string(),
+        node: gate.node().unwrap_or_default().to_string(),
     };
-    let uplink_config = UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name };
+    let mut membership = match &pool {
+        Some((client, id)) => {
+            let encoders = EncoderConfig { width, height, fps: args.fps, ..encoder_config.clone() };
+            let registration = RegisterNode {
+                id: id.clone(),
+                provider: args.provider.clone(),
+                public_key: client.public_key(),
+                gpu_model: info.gpu_name.clone(),
+                gpu_memory_mb: info.gpu_memory_mb,
+                vulkan_device: info.gpu_name.clone(),
+                encoders: tokio::task::spawn_blocking(move || VideoEncoder::available(&encoders)).await?,
+                capacity: 1,
+                region: args.region.clone(),
+                lat: args.coords.0,
+                lon: args.coords.1,
+                price_per_hour: args.price_per_hour,
+                gpu_class: args.gpu_class.unwrap_or(info.gpu_class),
+                titles: vec!["demo".into()],
+            };
+            tracing::info!(node = %id, encoders = ?registration.encoders, "joining the pool");
+            tokio::spawn(pool::run_membership(client.clone(), registration, gate.clone(), shutdown_rx.clone()))
+        }
+        None => tokio::spawn(std::future::pending()),
+    };
+    let uplink_config =
+        UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name, hello };
     let mut uplink = tokio::spawn(uplink::run(
         uplink_config,
-        hello,
         packet_rx,
         pipeline.keyframe_flag(),
         pipeline.input_sender(),
+        gate.clone(),
         metrics,
         shutdown_rx,
     ));
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = shutdown_signal() => {
+            if let Some((client, id)) = &pool {
+                // Drain: no new players; the running one may finish (a second signal stops now).
+                tokio::select! {
+                    finished = pool::drain(client, id, &gate, std::time::Duration::from_secs(args.drain_seconds)) => {
+                        if !finished {
+                            tracing::warn!("the session did not end within --drain-seconds; stopping anyway");
+                        }
+                    }
+                    _ = shutdown_signal() => tracing::warn!("second signal: stopping without waiting"),
+                }
+            }
+            tracing::info!("shutting down");
+        }
+        r = &mut membership => {
+            r?.context("the indexer refused this node")?;
+        }
         r = metrics_task => {
             r?.context("the metrics endpoint failed")?;
         }

@@ -45,6 +45,10 @@ pub struct ServerMetrics {
     pub frames_dropped: Family<DropReason, Counter>,
     /// Keyframe requests received from the relay.
     pub keyframe_requests: Counter,
+    /// Player sessions started with a verified token.
+    pub sessions_started: Counter,
+    /// Session tokens refused (forged, expired, another node's, spectator).
+    pub sessions_refused: Counter,
     /// RTP packets handed to QUIC.
     pub rtp_packets_sent: Counter,
     /// RTP bytes handed to QUIC.
@@ -88,6 +92,8 @@ impl ServerMetrics {
             keyframes: Counter::default(),
             frames_dropped: Family::default(),
             keyframe_requests: Counter::default(),
+            sessions_started: Counter::default(),
+            sessions_refused: Counter::default(),
             rtp_packets_sent: Counter::default(),
             rtp_bytes_sent: Counter::default(),
             rtp_packets_dropped: Family::default(),
@@ -107,6 +113,8 @@ impl ServerMetrics {
         r.register("keyframes", "Keyframes encoded", m.keyframes.clone());
         r.register("frames_dropped", "Frames dropped at the source", m.frames_dropped.clone());
         r.register("keyframe_requests", "Keyframe requests from the relay", m.keyframe_requests.clone());
+        r.register("sessions_started", "Player sessions started with a verified token", m.sessions_started.clone());
+        r.register("sessions_refused", "Session tokens refused", m.sessions_refused.clone());
         r.register("rtp_packets_sent", "RTP packets sent to the relay", m.rtp_packets_sent.clone());
         r.register("rtp_bytes_sent", "RTP bytes sent to the relay", m.rtp_bytes_sent.clone());
         r.register("rtp_packets_dropped", "RTP packets dropped before the network", m.rtp_packets_dropped.clone());

@@ -72,6 +72,10 @@ pub struct PipelineInfo {
     pub gpu_name: String,
     /// Why that device was chosen.
     pub gpu_reason: String,
+    /// Its device-local memory, MiB.
+    pub gpu_memory_mb: u64,
+    /// GPU class for matching: 2 discrete, 1 integrated or virtual, 0 CPU renderer.
+    pub gpu_class: u8,
     /// Encoder in use.
     pub encoder: &'static str,
     /// What encoder probing found.
@@ -185,7 +189,7 @@ impl Pipeline {
         let encoder_name = encoder.name();
         let encoder_probe = encoder.probe_log().to_vec();
 
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String), GpuError>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String, u64, u8), GpuError>>();
         let (input_tx, input_rx) = mpsc::channel::<ReceivedInput>();
         let render = {
             let (stop, metrics, config) = (stop.clone(), metrics.clone(), config.clone());
@@ -194,7 +198,7 @@ impl Pipeline {
                 .spawn(move || render_thread(config, metrics, stop, pool_rx, job_tx, ready_tx, input_rx))
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
-        let (gpu_name, gpu_reason) = match ready_rx.recv() {
+        let (gpu_name, gpu_reason, gpu_memory_mb, gpu_class) = match ready_rx.recv() {
             Ok(Ok(names)) => names,
             Ok(Err(e)) => {
                 let _ = render.join();
@@ -218,7 +222,7 @@ impl Pipeline {
             keyframe,
             inputs: input_tx,
             threads: vec![render, encode],
-            info: PipelineInfo { gpu_name, gpu_reason, encoder: encoder_name, encoder_probe },
+            info: PipelineInfo { gpu_name, gpu_reason, gpu_memory_mb, gpu_class, encoder: encoder_name, encoder_probe },
         })
     }
 
@@ -282,7 +286,7 @@ fn render_thread(
     stop: Arc<AtomicBool>,
     pool: mpsc::Receiver<frame::Video>,
     jobs: mpsc::Sender<EncodeJob>,
-    ready: mpsc::Sender<Result<(String, String), GpuError>>,
+    ready: mpsc::Sender<Result<(String, String, u64, u8), GpuError>>,
     inputs: mpsc::Receiver<ReceivedInput>,
 ) {
     let renderer = FrameRenderer::new(&RendererConfig {
@@ -294,7 +298,13 @@ fn render_thread(
     });
     let mut renderer = match renderer {
         Ok(r) => {
-            let _ = ready.send(Ok((r.device_info().name.clone(), r.choice_reason().to_owned())));
+            let info = r.device_info();
+            let class = match info.kind {
+                pylon_gpu::DeviceKind::Discrete => 2,
+                pylon_gpu::DeviceKind::Integrated | pylon_gpu::DeviceKind::Virtual => 1,
+                _ => 0,
+            };
+            let _ = ready.send(Ok((info.name.clone(), r.choice_reason().to_owned(), info.memory_mb, class)));
             r
         }
         Err(e) => {

@@ -7,6 +7,7 @@
 
 use crate::metrics::{PacketDrop, ServerMetrics};
 use crate::pipeline::{Outgoing, ReceivedInput};
+use crate::pool::SessionGate;
 use anyhow::{Context, anyhow};
 use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
 use pylon_proto::input::InputMessage;
@@ -30,6 +31,8 @@ pub struct UplinkConfig {
     pub relay_cert: PathBuf,
     /// Server name in the relay's certificate.
     pub server_name: String,
+    /// The stream description sent first on every connection.
+    pub hello: StreamHello,
 }
 
 /// Creates a UDP socket with large kernel buffers and a quinn endpoint on it.
@@ -103,10 +106,10 @@ pub fn transport_config() -> quinn::TransportConfig {
 /// Runs the uplink until `shutdown` becomes true: connect, send, reconnect.
 pub async fn run(
     config: UplinkConfig,
-    hello: StreamHello,
     mut packets: mpsc::Receiver<Outgoing>,
     keyframe: Arc<AtomicBool>,
     inputs: std::sync::mpsc::Sender<ReceivedInput>,
+    gate: SessionGate,
     metrics: ServerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -139,7 +142,10 @@ pub async fn run(
         metrics.relay_connected.set(1);
         tracing::info!("connected to the relay");
         keyframe.store(true, Ordering::Relaxed);
-        let result = serve_connection(&conn, &hello, &mut packets, &keyframe, &inputs, &metrics, &mut shutdown).await;
+        let link = Link { keyframe: &keyframe, inputs: &inputs, gate: &gate, metrics: &metrics };
+        let result = serve_connection(&conn, &config.hello, &mut packets, &link, &mut shutdown).await;
+        // The relay's viewers are gone with the connection: so is the session.
+        gate.end(None);
         metrics.relay_connected.set(0);
         metrics.relay_disconnects.inc();
         match result {
@@ -174,18 +180,30 @@ async fn discard_for(
     }
 }
 
+/// What the connection hands incoming control to.
+struct Link<'a> {
+    keyframe: &'a AtomicBool,
+    inputs: &'a std::sync::mpsc::Sender<ReceivedInput>,
+    gate: &'a SessionGate,
+    metrics: &'a ServerMetrics,
+}
+
 /// Sends media and handles control until the connection fails (`Err`) or shutdown (`Ok`).
 async fn serve_connection(
     conn: &quinn::Connection,
     hello: &StreamHello,
     packets: &mut mpsc::Receiver<Outgoing>,
-    keyframe: &AtomicBool,
-    inputs: &std::sync::mpsc::Sender<ReceivedInput>,
-    metrics: &ServerMetrics,
+    link: &Link<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // Player input, checked again here (the relay checked size, role and rate).
+    let Link { keyframe, inputs, gate, metrics } = *link;
+    // Player input, checked again here (the relay checked size, role and rate), and only
+    // inside a session this node verified when it is in a pool.
     let deliver = |bytes: &[u8]| {
+        if !gate.accepts_input() {
+            metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
+            return;
+        }
         let arrived = std::time::Instant::now();
         match InputMessage::decode(bytes) {
             Ok(message) => {
@@ -246,6 +264,23 @@ async fn serve_connection(
                                     return Err(anyhow!("the relay said goodbye: {reason}"));
                                 }
                                 Ok(Some(ControlMessage::Input(bytes))) => deliver(&bytes),
+                                Ok(Some(ControlMessage::SessionStart(token))) => {
+                                    match gate.start(&token, crate::pool::now()) {
+                                        Ok(session) => {
+                                            metrics.sessions_started.inc();
+                                            tracing::info!(session, "player session started");
+                                            keyframe.store(true, Ordering::Relaxed);
+                                        }
+                                        Err(e) => {
+                                            metrics.sessions_refused.inc();
+                                            tracing::warn!("refused a session token from the relay: {e}");
+                                        }
+                                    }
+                                }
+                                Ok(Some(ControlMessage::SessionEnd(session))) => {
+                                    tracing::info!(session, "player session ended");
+                                    gate.end(Some(&session));
+                                }
                                 Ok(Some(other)) => {
                                     metrics.bad_control_messages.inc();
                                     tracing::warn!("unexpected control message from the relay: {other:?}");

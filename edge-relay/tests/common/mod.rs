@@ -7,6 +7,7 @@ use pylon_relay::{RelayConfig, RelayHandle};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
+use pylon_server::pool::SessionGate;
 use pylon_server::uplink::{self, UplinkConfig};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -24,6 +25,8 @@ pub struct Platform {
     shutdown: watch::Sender<bool>,
     relay_shutdown: watch::Sender<bool>,
     data_dir: PathBuf,
+    /// The indexer's HTTP address, when the platform runs as a pool.
+    pub indexer: Option<std::net::SocketAddr>,
 }
 
 impl Platform {
@@ -67,6 +70,52 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
+    start(width, height, fps, early_frames, false).await
+}
+
+/// The node id and relay id of a pooled platform.
+pub const POOL_NODE: &str = "node-e2e";
+pub const POOL_RELAY: &str = "relay-e2e";
+
+/// The whole platform as a pool: an indexer (SQLite, the demo title), a relay and a render
+/// node that register and heartbeat with it, and admit players by session token.
+pub async fn start_pool(width: u32, height: u32, fps: u32) -> Platform {
+    start(width, height, fps, true, true).await
+}
+
+/// Starts an indexer on a free loopback port; returns its address.
+async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
+    use pylon_indexer::api::{AppState, IndexerMetrics, router};
+    use pylon_indexer::store::{Store, Title};
+    std::fs::create_dir_all(data_dir).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", data_dir.join("indexer.db").display());
+    let store = Store::open(&url).await.unwrap();
+    store
+        .put_title(&Title {
+            id: "demo".into(),
+            name: "Pylon Asteroids".into(),
+            description: "Fly a ship through a drifting asteroid field.".into(),
+            launch: "builtin:demo".into(),
+            min_gpu_class: 0,
+            width: 1280,
+            height: 720,
+            fps: 60,
+        })
+        .await
+        .unwrap();
+    let state = AppState {
+        store,
+        signing_key: std::sync::Arc::new(pylon_indexer::keys::load_or_create(data_dir, "indexer-key").unwrap()),
+        admin_token: std::sync::Arc::new("e2e-admin".into()),
+        metrics: IndexerMetrics::new(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    addr
+}
+
+async fn start(width: u32, height: u32, fps: u32, early_frames: bool, pooled: bool) -> Platform {
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -74,12 +123,22 @@ pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (relay_shutdown, relay_shutdown_rx) = watch::channel(false);
     let (started_tx, started_rx) = oneshot::channel();
+    let indexer = if pooled { Some(start_indexer(&data_dir.join("indexer")).await) } else { None };
     let config = RelayConfig {
         http_addr: localhost(),
         webrtc_addr: localhost(),
         advertise_addr: None,
         quic_addr: localhost(),
         data_dir: data_dir.clone(),
+        pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {
+            indexer: format!("http://{addr}"),
+            id: Some(POOL_RELAY.into()),
+            owner: "e2e".into(),
+            region: "local".into(),
+            public_url: None,
+            public_quic: None,
+            capacity: 10,
+        }),
     };
     tokio::spawn(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx)));
     let relay = started_rx.await.expect("relay started");
@@ -115,15 +174,42 @@ pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames
         fps: fps as u16,
         profile_level_id: PROFILE_LEVEL_ID,
         encoder: pipeline.info().encoder.into(),
+        node: if pooled { POOL_NODE.into() } else { String::new() },
     };
-    let uplink_config =
-        UplinkConfig { relay: relay.quic_addr, relay_cert: relay.cert_path.clone(), server_name: "pylon-relay".into() };
+    let gate = if pooled { SessionGate::pooled(POOL_NODE) } else { SessionGate::open() };
+    if let Some(addr) = indexer {
+        let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
+        let client = pylon_indexer_client::Client::new(&format!("http://{addr}"), key).unwrap();
+        let registration = pylon_indexer_client::api::RegisterNode {
+            id: POOL_NODE.into(),
+            provider: "e2e-provider".into(),
+            public_key: client.public_key(),
+            gpu_model: pipeline.info().gpu_name.clone(),
+            gpu_memory_mb: pipeline.info().gpu_memory_mb,
+            vulkan_device: pipeline.info().gpu_name.clone(),
+            encoders: vec![pipeline.info().encoder.into()],
+            capacity: 1,
+            region: "local".into(),
+            lat: 0.0,
+            lon: 0.0,
+            price_per_hour: 0.1,
+            gpu_class: pipeline.info().gpu_class,
+            titles: vec!["demo".into()],
+        };
+        tokio::spawn(pylon_server::pool::run_membership(client, registration, gate.clone(), shutdown_rx.clone()));
+    }
+    let uplink_config = UplinkConfig {
+        relay: relay.quic_addr,
+        relay_cert: relay.cert_path.clone(),
+        server_name: "pylon-relay".into(),
+        hello,
+    };
     tokio::spawn(uplink::run(
         uplink_config,
-        hello,
         packet_rx,
         pipeline.keyframe_flag(),
         pipeline.input_sender(),
+        gate,
         metrics.clone(),
         shutdown_rx,
     ));
@@ -135,6 +221,7 @@ pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames
         shutdown,
         relay_shutdown,
         data_dir,
+        indexer,
     }
 }
 
@@ -295,9 +382,14 @@ pub fn metric(text: &str, name: &str) -> f64 {
 }
 
 pub async fn relay_metrics(http: std::net::SocketAddr) -> String {
+    http_get(http, "/metrics").await
+}
+
+/// The whole HTTP/1.0 response (status line, headers, body) to `GET path`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out

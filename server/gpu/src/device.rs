@@ -54,6 +54,8 @@ pub struct DeviceInfo {
     pub vendor_id: u32,
     /// Vulkan API version the device supports, as `major.minor.patch`.
     pub api_version: String,
+    /// Device-local memory, MiB (the sum of the device-local heaps).
+    pub memory_mb: u64,
     /// Index of a queue family that supports graphics and compute, if any.
     pub(crate) queue_family: Option<u32>,
     pub(crate) handle: vk::PhysicalDevice,
@@ -79,6 +81,14 @@ pub(crate) fn probe(instance: &ash::Instance) -> Result<Vec<DeviceInfo>, GpuErro
         let wanted = vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE;
         let queue_family =
             families.iter().position(|f| f.queue_flags.contains(wanted)).and_then(|i| u32::try_from(i).ok());
+        // SAFETY: as above.
+        let memory = unsafe { instance.get_physical_device_memory_properties(handle) };
+        let memory_mb = memory
+            .memory_heaps_as_slice()
+            .iter()
+            .filter(|h| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size >> 20)
+            .sum();
         let name = props
             .device_name_as_c_str()
             .map(CStr::to_string_lossy)
@@ -94,6 +104,7 @@ pub(crate) fn probe(instance: &ash::Instance) -> Result<Vec<DeviceInfo>, GpuErro
                 vk::api_version_minor(props.api_version),
                 vk::api_version_patch(props.api_version)
             ),
+            memory_mb,
             queue_family,
             handle,
         });
@@ -151,6 +162,7 @@ mod tests {
             kind,
             vendor_id: 0,
             api_version: "1.3.0".into(),
+            memory_mb: 0,
             queue_family: queue.then_some(0),
             handle: vk::PhysicalDevice::null(),
         }

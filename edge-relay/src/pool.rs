@@ -1,0 +1,268 @@
+//! The relay as a member of the pool: registration and signed heartbeats to the indexer
+//! (viewers, RTT to each connected render node), admission of viewers by session token,
+//! refusal of tokens of ended sessions, and closing revoked nodes' connections.
+//!
+//! Outside a pool (no `--indexer`) none of this runs and any browser may watch or play.
+
+use ed25519_dalek::VerifyingKey;
+use pylon_indexer_client::api::{RegisterRelay, RelayHeartbeat};
+use pylon_indexer_client::{Client, ClientError};
+use pylon_proto::token::{self, Role};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+
+/// How often the relay tells the indexer it is alive (the indexer gives up after 15 s).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+/// An ended session is remembered this long: past it, its token has expired anyway.
+const ENDED_MEMORY_SECS: u64 = 600;
+
+/// The current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// How to join the pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The indexer's base URL.
+    pub indexer: String,
+    /// The relay's id (default: from its key).
+    pub id: Option<String>,
+    /// Owner account.
+    pub owner: String,
+    /// Region name.
+    pub region: String,
+    /// Where browsers reach the relay (default: its HTTP address).
+    pub public_url: Option<String>,
+    /// Where nodes reach its QUIC ingest (default: its bound QUIC address).
+    pub public_quic: Option<String>,
+    /// Viewers it serves at most.
+    pub capacity: u32,
+}
+
+/// A viewer admitted by token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Session id, hex.
+    pub session: String,
+    /// Whether the token is a player's.
+    pub player: bool,
+    /// The node the session runs on.
+    pub node: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    key: Option<VerifyingKey>,
+    ended: HashMap<String, u64>,
+    revoked: HashSet<String>,
+    node_rtt_ms: HashMap<String, f64>,
+}
+
+/// The relay's view of the pool, shared by signalling, ingest and egress.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    id: String,
+    inner: Arc<Mutex<Inner>>,
+    ended_tx: mpsc::UnboundedSender<(String, String)>,
+}
+
+impl Pool {
+    /// A pool view for relay `id`; the receiver yields sessions to report ended.
+    pub fn new(id: &str) -> (Self, mpsc::UnboundedReceiver<(String, String)>) {
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        (Self { id: id.to_string(), inner: Arc::default(), ended_tx }, ended_rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This relay's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sets the indexer's token key.
+    pub fn set_key(&self, key: VerifyingKey) {
+        self.lock().key = Some(key);
+    }
+
+    /// Checks a viewer's token at `now`: signed by the indexer, unexpired, for this relay,
+    /// of a session that has not ended.
+    pub fn admit(&self, token_text: &str, now: u64) -> Result<Admission, String> {
+        let inner = self.lock();
+        let key = inner.key.ok_or("this relay has not registered with the indexer yet; try again shortly")?;
+        let claims = token::verify(token_text, &key, now).map_err(|e| format!("session token refused: {e}"))?;
+        claims.check_relay(&self.id).map_err(|e| format!("session token refused: {e}"))?;
+        let session = claims.session_hex();
+        if inner.ended.contains_key(&session) {
+            return Err("session token refused: this session has ended".into());
+        }
+        Ok(Admission { session, player: claims.role == Role::Player, node: claims.node })
+    }
+
+    /// The player of `session` left: its token is refused from now on, and the indexer
+    /// is told (metering) with `reason`.
+    pub fn session_ended(&self, session: &str, reason: &str) {
+        let first = self.lock().ended.insert(session.to_string(), unix_now()).is_none();
+        if first {
+            let _ = self.ended_tx.send((session.to_string(), reason.to_string()));
+        }
+    }
+
+    /// Records the RTT to a connected node.
+    pub fn set_node_rtt(&self, node: &str, rtt: Duration) {
+        if !node.is_empty() {
+            self.lock().node_rtt_ms.insert(node.to_string(), rtt.as_secs_f64() * 1000.0);
+        }
+    }
+
+    /// A node's connection ended.
+    pub fn node_gone(&self, node: &str) {
+        self.lock().node_rtt_ms.remove(node);
+    }
+
+    /// Whether the indexer revoked this node.
+    pub fn is_revoked(&self, node: &str) -> bool {
+        self.lock().revoked.contains(node)
+    }
+
+    fn apply(&self, ended: Vec<String>, revoked: Vec<String>, now: u64) {
+        let mut inner = self.lock();
+        for s in ended {
+            inner.ended.entry(s).or_insert(now);
+        }
+        inner.ended.retain(|_, at| now.saturating_sub(*at) < ENDED_MEMORY_SECS);
+        inner.revoked = revoked.into_iter().collect();
+    }
+
+    fn node_rtts(&self) -> BTreeMap<String, f64> {
+        self.lock().node_rtt_ms.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// Registers the relay, heartbeats, and reports ended sessions until `shutdown`. Returns
+/// `Err` when the indexer refuses the relay for good.
+pub async fn run(
+    client: Client,
+    registration: RegisterRelay,
+    pool: Pool,
+    viewers: impl Fn() -> u32,
+    mut ended: mpsc::UnboundedReceiver<(String, String)>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ClientError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match client.register_relay(&registration).await {
+            Ok(key) => {
+                pool.set_key(key);
+                tracing::info!(relay = %registration.id, indexer = %client.base(), "registered with the indexer");
+                break;
+            }
+            Err(e) if e.is_refusal() => return Err(e),
+            Err(e) => {
+                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = crate::stopped(&mut shutdown) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let hb = RelayHeartbeat { viewers: viewers(), node_rtt_ms: pool.node_rtts() };
+                match client.relay_heartbeat(&registration.id, &hb).await {
+                    Ok(reply) => pool.apply(reply.ended_sessions, reply.revoked_nodes, unix_now()),
+                    Err(e) if e.is_refusal() => return Err(e),
+                    Err(e) => tracing::warn!("heartbeat failed: {e}"),
+                }
+            }
+            Some((session, reason)) = ended.recv() => {
+                match client.end_session(&session, &reason).await {
+                    Ok(()) => tracing::info!(session, reason, "session ended"),
+                    Err(e) => tracing::warn!(session, "could not report the session's end: {e}"),
+                }
+            }
+            _ = crate::stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use pylon_proto::token::Claims;
+
+    fn token(key: &SigningKey, session: u8, relay: &str, role: Role, expires_at: u64) -> String {
+        Claims {
+            session: [session; 16],
+            role,
+            issued_at: 1_000,
+            expires_at,
+            title: "demo".into(),
+            node: "node-a".into(),
+            relay: relay.into(),
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_are_checked_and_ended_sessions_refused() {
+        let indexer = SigningKey::from_bytes(&[1; 32]);
+        let (pool, mut ended) = Pool::new("relay-1");
+        assert!(pool.admit(&token(&indexer, 1, "relay-1", Role::Player, 2_000), 1_500).is_err(), "no key yet");
+        pool.set_key(indexer.verifying_key());
+        let forger = SigningKey::from_bytes(&[2; 32]);
+        for (text, why) in [
+            (token(&forger, 1, "relay-1", Role::Player, 2_000), "forged"),
+            (token(&indexer, 1, "relay-1", Role::Player, 1_400), "expired"),
+            (token(&indexer, 1, "relay-2", Role::Player, 2_000), "another relay's"),
+            ("x.y".into(), "malformed"),
+        ] {
+            assert!(pool.admit(&text, 1_500).is_err(), "{why} token admitted");
+        }
+        let player = pool.admit(&token(&indexer, 1, "relay-1", Role::Player, 2_000), 1_500).unwrap();
+        assert!(player.player);
+        assert_eq!(player.node, "node-a");
+        let spectator = pool.admit(&token(&indexer, 1, "relay-1", Role::Spectator, 2_000), 1_500).unwrap();
+        assert!(!spectator.player, "a spectator token never plays");
+
+        // The player leaves: reported once, and the token cannot be replayed.
+        pool.session_ended(&player.session, "player left");
+        pool.session_ended(&player.session, "player left");
+        assert_eq!(ended.try_recv().unwrap(), (player.session.clone(), "player left".into()));
+        assert!(ended.try_recv().is_err());
+        let replay = pool.admit(&token(&indexer, 1, "relay-1", Role::Player, 2_000), 1_500);
+        assert!(replay.unwrap_err().contains("ended"));
+
+        // Sessions ended elsewhere arrive with the heartbeat; revocations too.
+        let other = Claims { session: [2; 16], ..verify_claims(&indexer) }.session_hex();
+        pool.apply(vec![other], vec!["node-x".into()], unix_now());
+        assert!(pool.admit(&token(&indexer, 2, "relay-1", Role::Player, 2_000), 1_500).is_err());
+        assert!(pool.is_revoked("node-x") && !pool.is_revoked("node-a"));
+    }
+
+    fn verify_claims(key: &SigningKey) -> Claims {
+        token::verify(&token(key, 9, "relay-1", Role::Player, 2_000), &key.verifying_key(), 1_500).unwrap()
+    }
+
+    #[test]
+    fn node_rtts_follow_connections() {
+        let (pool, _ended) = Pool::new("relay-1");
+        pool.set_node_rtt("node-a", Duration::from_micros(1500));
+        pool.set_node_rtt("", Duration::from_millis(1));
+        assert_eq!(pool.node_rtts(), BTreeMap::from([("node-a".to_string(), 1.5)]));
+        pool.node_gone("node-a");
+        assert!(pool.node_rtts().is_empty());
+    }
+}

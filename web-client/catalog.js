@@ -1,0 +1,115 @@
+// The catalog: lists the titles the indexer knows, and starts a game ("second on"):
+// ask for candidate relays, measure the RTT to each in parallel (within ~300 ms), let
+// the indexer pick the relay and render node, then go to the relay's player page with
+// the signed session token in the URL fragment (never sent to a server).
+
+const titlesEl = document.getElementById('titles');
+const matchEl = document.getElementById('match');
+
+// State exposed for automated checks.
+const state = { titles: [], rtt: null, session: null, error: null };
+window.pylonCatalog = state;
+
+/** RTT budget for measuring every candidate, ms. */
+const PROBE_BUDGET_MS = 300;
+/** Pings per candidate: the first pays for the connection, the minimum is the RTT. */
+const PINGS = 3;
+
+async function api(path, init) {
+  const res = await fetch(`/api/v1${path}`, init);
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error || `${res.status} ${res.statusText}`);
+  return body;
+}
+
+/** Measures the RTT to one relay: the best of a few `/ping`s, or null if it never answers. */
+async function probe(url, deadline) {
+  let best = null;
+  for (let i = 0; i < PINGS && performance.now() < deadline; i++) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), Math.max(1, deadline - performance.now()));
+    const t0 = performance.now();
+    try {
+      await fetch(`${url.replace(/\/$/, '')}/ping`, { cache: 'no-store', signal: ctl.signal });
+      const rtt = performance.now() - t0;
+      best = best === null ? rtt : Math.min(best, rtt);
+    } catch {
+      break;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  return best;
+}
+
+/** Measures every candidate in parallel; returns { relayId: ms } for those that answered. */
+export async function measure(candidates) {
+  const deadline = performance.now() + PROBE_BUDGET_MS;
+  const results = await Promise.all(candidates.map((c) => probe(c.url, deadline)));
+  const rtt = {};
+  candidates.forEach((c, i) => {
+    if (results[i] !== null) rtt[c.relay] = Number(results[i].toFixed(2));
+  });
+  return rtt;
+}
+
+async function play(titleId) {
+  state.error = null;
+  matchEl.textContent = 'Finding the nearest relay…';
+  try {
+    const candidates = await api(`/candidates/${encodeURIComponent(titleId)}`);
+    if (candidates.length === 0) throw new Error('no relay is online right now');
+    state.rtt = await measure(candidates);
+    if (Object.keys(state.rtt).length === 0) throw new Error('no relay answered: check your connection');
+    matchEl.textContent = 'Starting your game…';
+    const session = await api('/sessions', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ title: titleId, client_rtt_ms: state.rtt }),
+    });
+    state.session = session;
+    const fragment = new URLSearchParams({ token: session.token, catalog: location.origin });
+    location.href = `${session.relay_url.replace(/\/$/, '')}/play/${session.session}#${fragment}`;
+  } catch (e) {
+    state.error = e.message;
+    matchEl.textContent = `Could not start: ${e.message}`;
+  }
+}
+
+function render(titles) {
+  titlesEl.replaceChildren(...titles.map((t) => {
+    const li = document.createElement('li');
+    const h = document.createElement('h2');
+    h.textContent = t.name;
+    const p = document.createElement('p');
+    p.textContent = `${t.description} (${t.width}×${t.height}, ${t.fps} fps)`;
+    const a = document.createElement('a');
+    a.href = `/play/${encodeURIComponent(t.id)}`;
+    a.textContent = 'Play';
+    a.className = 'play';
+    a.dataset.title = t.id;
+    a.addEventListener('click', (e) => {
+      e.preventDefault();
+      history.pushState(null, '', a.href);
+      play(t.id);
+    });
+    li.append(h, p, a);
+    return li;
+  }));
+}
+
+async function main() {
+  try {
+    state.titles = await api('/titles');
+    render(state.titles);
+    if (state.titles.length === 0) matchEl.textContent = 'No games are deployed yet.';
+  } catch (e) {
+    state.error = e.message;
+    matchEl.textContent = `The catalog is unavailable: ${e.message}`;
+  }
+  // `/play/<title>` starts that title at once.
+  const m = location.pathname.match(/^\/play\/([^/]+)$/);
+  if (m) play(decodeURIComponent(m[1]));
+}
+
+main();
