@@ -13,13 +13,14 @@ DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
 TEST_PACKAGES := chromium chromium-driver
 
-RELAY_HTTP ?= 127.0.0.1:8080
+CATALOG_HTTP ?= 127.0.0.1:8080
+RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
 .PHONY: help deps rust build release demo test lint fmt bench frame-path latency bench-indexer clean
 
 help:
-	@echo "make demo        install what is missing, build, start relay + render node, print the URL to play"
+	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
 	@echo "make test        every test (unit, Vulkan/FFmpeg integration, Chromium end to end) plus fmt and clippy"
 	@echo "make frame-path  per-stage frame timing report (benchmark)"
 	@echo "make bench       criterion benchmarks of the frame stages"
@@ -46,11 +47,11 @@ build:
 	cargo build --workspace --all-targets
 
 release: deps
-	cargo build --release -p pylon-server -p pylon-relay --bins
+	cargo build --release -p pylon-server -p pylon-relay -p pylon-indexer --bins
 
 demo: release
 	@mkdir -p $(DATA_DIR)/logs
-	@bash deploy/demo.sh "$(CARGO_TARGET_DIR)/release" "$(DATA_DIR)" "$(RELAY_HTTP)"
+	@bash deploy/demo.sh "$(CARGO_TARGET_DIR)/release" "$(DATA_DIR)" "$(CATALOG_HTTP)" "$(RELAY_HTTP)"
 
 lint:
 	cargo fmt --all -- --check

@@ -27,7 +27,7 @@ struct Args {
     /// those calls are refused.
     #[arg(long, env = "PYLON_ADMIN_TOKEN", default_value = "")]
     admin_token: String,
-    /// Register the built-in demo title on start.
+    /// Register the built-in demo title ("Pylon Asteroids", id `demo`) on start.
     #[arg(long)]
     demo_title: bool,
 }
@@ -73,9 +73,21 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
     tracing::info!(addr = %args.addr, "indexer API at /api/v1, OpenAPI at /api/v1/openapi.json, metrics at /metrics");
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
