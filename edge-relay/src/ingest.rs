@@ -11,6 +11,7 @@ use crate::tls::Identity;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, FrameInfo, StreamHello};
+use pylon_proto::repair::{RepairConfig, UpstreamRepair};
 use pylon_proto::rtp::RtpPacket;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -199,6 +200,10 @@ async fn serve_node(
     }
     // RTT to the node for the indexer's matching; revocations close the connection.
     let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
+    // Losses between node and relay are asked for once, for every viewer.
+    let mut repair = UpstreamRepair::new(RepairConfig::default());
+    repair.set_rtt(conn.rtt());
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let (control_tx, mut control_rx) = mpsc::channel::<ToNode>(256);
     events
         .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
@@ -211,7 +216,15 @@ async fn serve_node(
                 let d = d.context("reading datagrams")?;
                 let arrival = Instant::now();
                 match framing::decode_media_datagram(&d) {
-                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, capture_ntp, rtp)) if RtpPacket::parse(rtp).is_ok() => {
+                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, capture_ntp, rtp)) if let Ok(parsed) = RtpPacket::parse(rtp) => {
+                        let before = repair.stats().repaired;
+                        if !repair.on_packet(parsed.header.sequence, arrival) {
+                            metrics.dropped("duplicate");
+                            continue;
+                        }
+                        if repair.stats().repaired > before {
+                            metrics.upstream_repaired.inc();
+                        }
                         metrics.rtp_in_packets.inc();
                         metrics.rtp_in_bytes.inc_by(rtp.len() as u64);
                         let packet = d.slice(d.len() - rtp.len()..);
@@ -268,7 +281,19 @@ async fn serve_node(
                     }
                 }
             }
-            _ = pool_tick.tick(), if pool.is_some() => {
+            _ = tokio::time::sleep_until(repair.next_timeout().map_or_else(far, tokio::time::Instant::from_std)) => {
+                let given_up = repair.stats().given_up;
+                let seqs = repair.poll_requests(Instant::now(), framing::MAX_NACK_SEQS);
+                metrics.upstream_given_up.inc_by(repair.stats().given_up - given_up);
+                if !seqs.is_empty() {
+                    metrics.upstream_nacks.inc_by(seqs.len() as u64);
+                    out.clear();
+                    ControlMessage::Nack(seqs).encode(&mut out);
+                    send.write_all(&out).await.context("writing to the control stream")?;
+                }
+            }
+            _ = pool_tick.tick() => {
+                repair.set_rtt(conn.rtt());
                 let Some(pool) = pool else { continue };
                 if pool.is_revoked(&node_id) {
                     out.clear();

@@ -7,11 +7,13 @@
 //! * [`metrics`]: Prometheus metrics.
 //! * [`tls`]: the relay's QUIC certificate, created once and kept in the data directory.
 //! * [`pool`]: registration and heartbeats to the indexer, admission by session token.
+//! * [`impair`]: the UDP impairment proxy (`pylon-impair`) for testing links.
 //!
 //! **Invariant:** the relay never decodes video; it reads RTP headers only.
 
 pub mod egress;
 pub mod http;
+pub mod impair;
 pub mod ingest;
 pub mod metrics;
 pub mod pool;

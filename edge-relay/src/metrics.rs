@@ -23,6 +23,12 @@ pub struct RelayMetrics {
     pub node_handshake_failures: Counter,
     /// RTP packets received from nodes.
     pub rtp_in_packets: Counter,
+    /// RTP packets asked again from nodes (each try counts)
+    pub upstream_nacks: Counter,
+    /// Upstream losses repaired by a resend
+    pub upstream_repaired: Counter,
+    /// Upstream losses given up (too old, or out of tries)
+    pub upstream_given_up: Counter,
     /// RTP bytes received from nodes.
     pub rtp_in_bytes: Counter,
     /// RTP packets written to viewers.
@@ -69,6 +75,9 @@ impl RelayMetrics {
             nodes_connected: Gauge::default(),
             node_handshake_failures: Counter::default(),
             rtp_in_packets: Counter::default(),
+            upstream_nacks: Counter::default(),
+            upstream_repaired: Counter::default(),
+            upstream_given_up: Counter::default(),
             rtp_in_bytes: Counter::default(),
             rtp_out_packets: Counter::default(),
             ingest_dropped: Family::default(),
@@ -88,6 +97,13 @@ impl RelayMetrics {
         r.register("nodes_connected", "Render nodes connected", m.nodes_connected.clone());
         r.register("node_handshake_failures", "Failed QUIC handshakes", m.node_handshake_failures.clone());
         r.register("rtp_in_packets", "RTP packets received from nodes", m.rtp_in_packets.clone());
+        r.register(
+            "upstream_nacks",
+            "RTP packets asked again from nodes after an upstream loss",
+            m.upstream_nacks.clone(),
+        );
+        r.register("upstream_repaired", "Upstream losses repaired by the node resending", m.upstream_repaired.clone());
+        r.register("upstream_given_up", "Upstream losses given up", m.upstream_given_up.clone());
         r.register("rtp_in_bytes", "RTP bytes received from nodes", m.rtp_in_bytes.clone());
         r.register("rtp_out_packets", "RTP packets written to viewers", m.rtp_out_packets.clone());
         r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());

@@ -15,6 +15,8 @@
 //! | `FrameInfo`        | 5    | node → relay   | rtp timestamp u32, input seq u32, render µs u32, encode µs u32, input age µs u32 |
 //! | `SessionStart`     | 6    | relay → node   | the player's session token (UTF-8, ≤ 1024 bytes), which the node verifies itself |
 //! | `SessionEnd`       | 7    | relay → node   | session id, hex (UTF-8, ≤ 64 bytes): the player left                  |
+//! | `Nack`             | 8    | relay → node   | RTP sequence numbers the relay did not receive, u16 each (≤ 256): resend them |
+//! | `Bitrate`          | 9    | relay → node   | target video bitrate, bit/s u32, from the player's congestion feedback |
 //!
 //! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
 //! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
@@ -159,7 +161,14 @@ pub enum ControlMessage {
     SessionStart(String),
     /// Relay → node: the player of this session (hex id) left.
     SessionEnd(String),
+    /// Relay → node: resend these RTP packets (lost between node and relay).
+    Nack(Vec<u16>),
+    /// Relay → node: encode at this many bit/s (the player's bandwidth estimate).
+    Bitrate(u32),
 }
+
+/// Most sequence numbers in one `Nack`.
+pub const MAX_NACK_SEQS: usize = 256;
 
 /// Latency facts about one frame, known to the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +239,16 @@ impl ControlMessage {
             ControlMessage::SessionEnd(session) => {
                 body.extend_from_slice(truncate_utf8(session, MAX_SESSION_ID).as_bytes());
                 7
+            }
+            ControlMessage::Nack(seqs) => {
+                for seq in seqs.iter().take(MAX_NACK_SEQS) {
+                    body.extend_from_slice(&seq.to_be_bytes());
+                }
+                8
+            }
+            ControlMessage::Bitrate(bps) => {
+                body.extend_from_slice(&bps.to_be_bytes());
+                9
             }
         };
         out.push(kind);
@@ -302,6 +321,20 @@ impl ControlMessage {
                 }
                 let text = std::str::from_utf8(body).map_err(|_| FramingError::Malformed(what))?.to_owned();
                 if *kind == 6 { ControlMessage::SessionStart(text) } else { ControlMessage::SessionEnd(text) }
+            }
+            8 => {
+                if body.len() % 2 != 0 || body.len() / 2 > MAX_NACK_SEQS {
+                    return Err(FramingError::Malformed("Nack"));
+                }
+                ControlMessage::Nack(
+                    body.chunks_exact(2).map(|c| u16::from_be_bytes(c.try_into().unwrap_or([0; 2]))).collect(),
+                )
+            }
+            9 => {
+                let Ok(bytes) = <[u8; 4]>::try_from(body) else {
+                    return Err(FramingError::Malformed("Bitrate"));
+                };
+                ControlMessage::Bitrate(u32::from_be_bytes(bytes))
             }
             other => return Err(FramingError::UnknownType(*other)),
         };
@@ -393,6 +426,9 @@ mod tests {
             ControlMessage::Goodbye("bye ✓".into()),
             ControlMessage::SessionStart("token.text".into()),
             ControlMessage::SessionEnd("00ff".into()),
+            ControlMessage::Nack(vec![0, 1, 65535]),
+            ControlMessage::Nack(vec![]),
+            ControlMessage::Bitrate(2_500_000),
             ControlMessage::StreamHello(StreamHello {
                 width: 1,
                 height: 2,

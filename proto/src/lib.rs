@@ -6,15 +6,21 @@
 //! * [`token`]: ed25519-signed session tokens, verified offline.
 //! * [`framing`]: how RTP travels in QUIC datagrams from render node to relay, and the
 //!   length-prefixed control messages on the QUIC control stream.
+//! * [`repair`]: the node's retransmit cache and the relay's upstream gap detector,
+//!   sans-IO, driven by an explicit `now`.
+//! * [`impair`]: a seeded lossy-path model (random and Gilbert–Elliott loss, delay,
+//!   jitter, reordering) for simulated-clock tests and the impairment proxy.
 //!
 //! Everything here takes bytes and returns values or errors: a malformed input is an
 //! error, never a panic (see the length-sweep tests in each module).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod framing;
 pub mod h264;
+pub mod impair;
 pub mod input;
+pub mod repair;
 pub mod rtp;
 pub mod token;
 

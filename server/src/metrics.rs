@@ -45,6 +45,10 @@ pub struct ServerMetrics {
     pub frames_dropped: Family<DropReason, Counter>,
     /// Keyframe requests received from the relay.
     pub keyframe_requests: Counter,
+    /// RTP packets resent at the relay's request
+    pub rtp_resent: Counter,
+    /// Resend requests for packets no longer cached
+    pub rtp_resend_missed: Counter,
     /// Player sessions started with a verified token.
     pub sessions_started: Counter,
     /// Session tokens refused (forged, expired, another node's, spectator).
@@ -92,6 +96,8 @@ impl ServerMetrics {
             keyframes: Counter::default(),
             frames_dropped: Family::default(),
             keyframe_requests: Counter::default(),
+            rtp_resent: Counter::default(),
+            rtp_resend_missed: Counter::default(),
             sessions_started: Counter::default(),
             sessions_refused: Counter::default(),
             rtp_packets_sent: Counter::default(),
@@ -113,6 +119,8 @@ impl ServerMetrics {
         r.register("keyframes", "Keyframes encoded", m.keyframes.clone());
         r.register("frames_dropped", "Frames dropped at the source", m.frames_dropped.clone());
         r.register("keyframe_requests", "Keyframe requests from the relay", m.keyframe_requests.clone());
+        r.register("rtp_resent", "RTP packets resent at the relay's request", m.rtp_resent.clone());
+        r.register("rtp_resend_missed", "Resend requests for packets no longer cached", m.rtp_resend_missed.clone());
         r.register("sessions_started", "Player sessions started with a verified token", m.sessions_started.clone());
         r.register("sessions_refused", "Session tokens refused", m.sessions_refused.clone());
         r.register("rtp_packets_sent", "RTP packets sent to the relay", m.rtp_packets_sent.clone());

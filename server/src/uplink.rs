@@ -11,12 +11,16 @@ use crate::pool::SessionGate;
 use anyhow::{Context, anyhow};
 use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
 use pylon_proto::input::InputMessage;
+use pylon_proto::repair::RetransmitCache;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+
+/// How long sent RTP packets are kept for resends: past it, their frame is too old to show.
+pub const RESEND_WINDOW: Duration = Duration::from_secs(1);
 
 /// Kernel socket buffer size: QUIC datagram bursts (a keyframe is dozens of packets)
 /// overflow the default of a few hundred KB.
@@ -222,6 +226,8 @@ async fn serve_connection(
     let mut decoder = ControlDecoder::default();
     let mut read_buf = vec![0u8; 4096];
     let mut datagram = Vec::with_capacity(1500);
+    // What was sent in the last second, for the relay's resend requests.
+    let mut sent = RetransmitCache::new(RESEND_WINDOW, 4096);
     loop {
         tokio::select! {
             packet = packets.recv() => {
@@ -236,6 +242,9 @@ async fn serve_connection(
                     }
                 };
                 let (rtp, capture) = rtp;
+                if let Some([s0, s1]) = rtp.get(2..4).and_then(|s| <[u8; 2]>::try_from(s).ok()) {
+                    sent.insert(std::time::Instant::now(), u16::from_be_bytes([s0, s1]), &rtp);
+                }
                 datagram.clear();
                 match capture {
                     Some(t) => framing::encode_captured_datagram(t, &rtp, &mut datagram),
@@ -274,6 +283,20 @@ async fn serve_connection(
                                         Err(e) => {
                                             metrics.sessions_refused.inc();
                                             tracing::warn!("refused a session token from the relay: {e}");
+                                        }
+                                    }
+                                }
+                                Ok(Some(ControlMessage::Nack(seqs))) => {
+                                    // Lost between here and the relay: resend once, for every viewer.
+                                    for seq in seqs {
+                                        let Some(rtp) = sent.get(seq) else {
+                                            metrics.rtp_resend_missed.inc();
+                                            continue;
+                                        };
+                                        datagram.clear();
+                                        framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut datagram);
+                                        if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_ok() {
+                                            metrics.rtp_resent.inc();
                                         }
                                     }
                                 }
