@@ -148,6 +148,8 @@ struct Viewer {
     relay_us: u32,
     /// In a pool, the player's session id and token.
     session: Option<(String, String)>,
+    /// NACKs the viewer had sent at the last stats event.
+    nacks_seen: u64,
 }
 
 /// The node stream being relayed.
@@ -219,7 +221,9 @@ impl Source {
 }
 
 fn rtc_config() -> RtcConfig {
-    let mut config = RtcConfig::new().clear_codecs().set_rtp_mode(true).set_stats_interval(None);
+    // Stats once a second: the viewers' NACK counts for /metrics.
+    let mut config =
+        RtcConfig::new().clear_codecs().set_rtp_mode(true).set_stats_interval(Some(Duration::from_secs(1)));
     config.codec_config().add_h264(H264_PT.into(), Some(H264_RTX_PT.into()), true, 0x42e01f);
     config
         .set_extension(4, str0m::rtp::Extension::RtpMid)
@@ -406,6 +410,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         last_ts: 0,
         relay_us: 0,
         session: None,
+        nacks_seen: 0,
     };
     Ok((viewer, answer.to_sdp_string()))
 }
@@ -469,6 +474,11 @@ fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics)
                             ToNode::InputDatagram(msg)
                         });
                     }
+                }
+                Event::MediaEgressStats(stats) => {
+                    // Answered by str0m from this viewer's send buffer (RTX), never upstream.
+                    metrics.viewer_nacks.inc_by(stats.nacks.saturating_sub(v.nacks_seen));
+                    v.nacks_seen = v.nacks_seen.max(stats.nacks);
                 }
                 Event::KeyframeRequest(_) => {
                     metrics.viewer_keyframe_requests.inc();

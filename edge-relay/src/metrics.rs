@@ -47,6 +47,8 @@ pub struct RelayMetrics {
     pub tokens_refused: Counter,
     /// Keyframe requests (PLI/FIR) from viewers.
     pub viewer_keyframe_requests: Counter,
+    /// NACKs from viewers, answered from their send buffers (RTX)
+    pub viewer_nacks: Counter,
     /// Keyframe requests sent to nodes.
     pub keyframe_requests_upstream: Counter,
     /// Player input messages forwarded to the node.
@@ -87,6 +89,7 @@ impl RelayMetrics {
             bad_offers: Counter::default(),
             tokens_refused: Counter::default(),
             viewer_keyframe_requests: Counter::default(),
+            viewer_nacks: Counter::default(),
             keyframe_requests_upstream: Counter::default(),
             input_forwarded: Counter::default(),
             input_refused: Family::default(),
@@ -113,6 +116,7 @@ impl RelayMetrics {
         r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
         r.register("tokens_refused", "Viewers refused for their session token", m.tokens_refused.clone());
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
+        r.register("viewer_nacks", "NACKs received from viewers, answered from the relay send buffers", m.viewer_nacks.clone());
         r.register(
             "keyframe_requests_upstream",
             "Keyframe requests sent to nodes",

@@ -70,7 +70,13 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
-    start(width, height, fps, early_frames, false).await
+    start(width, height, fps, early_frames, false, None).await
+}
+
+/// Like [`start_platform`], with the relay announcing `advertise` as its ICE candidate (an
+/// impairment proxy in front of it).
+pub async fn start_platform_advertising(width: u32, height: u32, fps: u32, advertise: std::net::SocketAddr) -> Platform {
+    start(width, height, fps, true, false, Some(advertise)).await
 }
 
 /// The node id and relay id of a pooled platform.
@@ -80,7 +86,7 @@ pub const POOL_RELAY: &str = "relay-e2e";
 /// The whole platform as a pool: an indexer (SQLite, the demo title), a relay and a render
 /// node that register and heartbeat with it, and admit players by session token.
 pub async fn start_pool(width: u32, height: u32, fps: u32) -> Platform {
-    start(width, height, fps, true, true).await
+    start(width, height, fps, true, true, None).await
 }
 
 /// Starts an indexer on a free loopback port; returns its address.
@@ -115,7 +121,14 @@ async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
     addr
 }
 
-async fn start(width: u32, height: u32, fps: u32, early_frames: bool, pooled: bool) -> Platform {
+async fn start(
+    width: u32,
+    height: u32,
+    fps: u32,
+    early_frames: bool,
+    pooled: bool,
+    advertise_addr: Option<std::net::SocketAddr>,
+) -> Platform {
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -127,7 +140,7 @@ async fn start(width: u32, height: u32, fps: u32, early_frames: bool, pooled: bo
     let config = RelayConfig {
         http_addr: localhost(),
         webrtc_addr: localhost(),
-        advertise_addr: None,
+        advertise_addr,
         quic_addr: localhost(),
         data_dir: data_dir.clone(),
         pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {

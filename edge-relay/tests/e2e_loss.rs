@@ -1,0 +1,130 @@
+//! Playing over a bad last hop: Chromium reaches the relay through `pylon-impair` (the
+//! relay announces the proxy's address as its ICE candidate), and the browser's NACKs are
+//! answered from the relay's send buffers. Each run prints one JSON line of figures.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use common::{Browser, metric, relay_metrics, start_platform_advertising};
+use pylon_proto::impair::LossModel;
+use pylon_relay::impair::{ImpairConfig, start};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long each run plays, once the first frames are decoded.
+const PLAY: Duration = Duration::from_secs(20);
+
+const INBOUND: &str = r#"
+const stats = await pylon.pc.getStats();
+for (const s of stats.values()) {
+  if (s.type === 'inbound-rtp' && s.kind === 'video') {
+    return { framesDecoded: s.framesDecoded, freezeCount: s.freezeCount || 0,
+             totalFreezesDuration: s.totalFreezesDuration || 0, nackCount: s.nackCount || 0,
+             packetsLost: s.packetsLost, packetsReceived: s.packetsReceived,
+             pliCount: s.pliCount || 0, keyFramesDecoded: s.keyFramesDecoded,
+             retransmittedPacketsReceived: s.retransmittedPacketsReceived || 0, framesDropped: s.framesDropped || 0 };
+  }
+}
+return null;
+"#;
+
+async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
+    // Reserve the proxy's port so the relay can announce it before the proxy starts.
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let platform = start_platform_advertising(1280, 720, 60, listen).await;
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let proxy = start(listen, platform.relay.webrtc_addr, config, stop_rx).await.unwrap();
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30", Duration::from_secs(60)).await;
+    let start_stats = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    tokio::time::sleep(PLAY).await;
+    let end = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let n = |k: &str| end[k].as_f64().unwrap_or(0.0) - start_stats[k].as_f64().unwrap_or(0.0);
+    let relay = relay_metrics(platform.relay.http_addr).await;
+    let freeze_share = n("totalFreezesDuration") / PLAY.as_secs_f64();
+    let report = serde_json::json!({
+        "run": name,
+        "seconds": PLAY.as_secs(),
+        "frames_decoded": n("framesDecoded"),
+        "fps": n("framesDecoded") / PLAY.as_secs_f64(),
+        "freezes": n("freezeCount"),
+        "freeze_seconds": n("totalFreezesDuration"),
+        "freeze_share_pct": freeze_share * 100.0,
+        "nacks_sent_by_browser": n("nackCount"),
+        "packets_lost_after_repair": n("packetsLost"),
+        "plis": n("pliCount"),
+        "retransmissions_received": n("retransmittedPacketsReceived"),
+        "frames_dropped": n("framesDropped"),
+        "relay_viewer_nacks": metric(&relay, "pylon_relay_viewer_nacks"),
+        "proxy_lost": proxy.stats.lost.load(Ordering::Relaxed),
+        "proxy_over_cap": proxy.stats.overflow.load(Ordering::Relaxed),
+        "encoder_bitrate_kbps": platform.server_metrics_value("pylon_server_target_bitrate_bps") / 1000.0,
+    });
+    println!("{report}");
+    b.close().await;
+    platform.stop().await;
+    report
+}
+
+/// Lost media packets came back as retransmissions from the relay, the game kept its frame
+/// rate, and freezes stayed short (the goal, under 0.5 % of the time, is not met yet: see
+/// ARCHITECTURE.md).
+fn assert_repaired(r: &serde_json::Value) {
+    let lost = r["packets_lost_after_repair"].as_f64().unwrap();
+    let resent = r["retransmissions_received"].as_f64().unwrap();
+    assert!(resent >= 0.8 * lost, "the relay resent what was lost: {r}");
+    assert!(r["fps"].as_f64().unwrap() > 40.0, "the game keeps playing: {r}");
+    assert_eq!(r["plis"].as_f64().unwrap(), 0.0, "no loss needed a keyframe: {r}");
+    assert!(r["freeze_share_pct"].as_f64().unwrap() < 10.0, "freezes stay short: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_percent_random_loss_is_repaired_at_the_edge() {
+    let config = ImpairConfig {
+        loss: LossModel::Random(0.05),
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(2),
+        reorder: 0.0,
+        rate_bps: None,
+        seed: 5,
+    };
+    let r = play_through("5% random loss", config).await;
+    assert!(r["proxy_lost"].as_u64().unwrap() > 100, "the proxy did lose packets: {r}");
+    assert!(r["nacks_sent_by_browser"].as_f64().unwrap() > 50.0, "the browser asked for them: {r}");
+    assert_repaired(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_percent_bursty_loss_with_40_ms_delay() {
+    let config = ImpairConfig {
+        loss: LossModel::bursty(0.02, 3.0),
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(2),
+        reorder: 0.0,
+        rate_bps: None,
+        seed: 2,
+    };
+    let r = play_through("2% bursty loss, 40 ms", config).await;
+    assert!(r["proxy_lost"].as_u64().unwrap() > 30, "the proxy did lose packets: {r}");
+    assert_repaired(&r);
+}
+
+/// The same path without impairment: the baseline the loss runs compare with (this
+/// machine's own hiccups — two cores shared by the render node, the relay and Chromium —
+/// show here too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_without_impairment() {
+    let config = ImpairConfig {
+        loss: LossModel::None,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(2),
+        reorder: 0.0,
+        rate_bps: None,
+        seed: 1,
+    };
+    let r = play_through("baseline", config).await;
+    assert!(r["fps"].as_f64().unwrap() > 40.0, "{r}");
+}
