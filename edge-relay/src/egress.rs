@@ -12,12 +12,14 @@
 use crate::ingest::{IngestEvent, ToNode};
 use crate::metrics::RelayMetrics;
 use crate::pool::{Admission, Pool};
+use crate::rate::RateController;
 use anyhow::Context;
 use pylon_proto::framing::{ControlMessage, FrameInfo, StreamHello};
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
 use pylon_proto::rtp::RtpPacket;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
@@ -126,6 +128,12 @@ struct Drained {
     to_node: Vec<ToNode>,
 }
 
+/// The player's bitrate bounds the relay asks for (the node clamps to its own).
+const PLAYER_MIN_BPS: u64 = 300_000;
+const PLAYER_MAX_BPS: u64 = 50_000_000;
+/// Where the player's bandwidth estimate starts.
+const PLAYER_START_BPS: u64 = 6_000_000;
+
 /// A viewer's RTC session and forwarding state.
 struct Viewer {
     id: u64,
@@ -150,6 +158,8 @@ struct Viewer {
     session: Option<(String, String)>,
     /// NACKs the viewer had sent at the last stats event.
     nacks_seen: u64,
+    /// The player's bandwidth estimate → encoder bitrate (spectators have none).
+    rate: Option<RateController>,
 }
 
 /// The node stream being relayed.
@@ -220,7 +230,7 @@ impl Source {
     }
 }
 
-fn rtc_config() -> RtcConfig {
+fn rtc_config(player: bool) -> RtcConfig {
     // Stats once a second: the viewers' NACK counts for /metrics.
     let mut config =
         RtcConfig::new().clear_codecs().set_rtp_mode(true).set_stats_interval(Some(Duration::from_secs(1)));
@@ -230,6 +240,8 @@ fn rtc_config() -> RtcConfig {
         .set_extension(3, str0m::rtp::Extension::TransportSequenceNumber)
         .set_extension(12, str0m::rtp::Extension::PlayoutDelay)
         .set_extension(13, str0m::rtp::Extension::AbsoluteCaptureTime)
+        // Congestion control (TWCC) for the player only: its path sets the bitrate.
+        .enable_bwe(player.then(|| Bitrate::bps(PLAYER_START_BPS)))
 }
 
 /// Runs the egress loop until shutdown.
@@ -389,7 +401,10 @@ fn retain_alive(viewers: &mut Vec<Viewer>, source: &mut Option<Source>, pool: Op
 fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Result<(Viewer, String), String> {
     let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("malformed SDP offer: {e}"))?;
     let now = Instant::now();
-    let mut rtc = rtc_config().build(now);
+    let mut rtc = rtc_config(player).build(now);
+    if player {
+        rtc.bwe().set_desired_bitrate(Bitrate::bps(PLAYER_MAX_BPS));
+    }
     let candidate = Candidate::host(advertise, "udp").map_err(|e| format!("bad relay address: {e}"))?;
     rtc.add_local_candidate(candidate);
     let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| format!("cannot answer the offer: {e}"))?;
@@ -411,6 +426,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         relay_us: 0,
         session: None,
         nacks_seen: 0,
+        rate: player.then(|| RateController::new(PLAYER_MIN_BPS, PLAYER_MAX_BPS)),
     };
     Ok((viewer, answer.to_sdp_string()))
 }
@@ -473,6 +489,16 @@ fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics)
                         } else {
                             ToNode::InputDatagram(msg)
                         });
+                    }
+                }
+                Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                    if let Some(rate) = v.rate.as_mut() {
+                        metrics.player_estimate_bps.set(estimate.as_u64() as i64);
+                        if let Some(bps) = rate.on_estimate(Instant::now(), estimate.as_u64()) {
+                            metrics.player_target_bps.set(bps as i64);
+                            out.to_node
+                                .push(ToNode::Control(ControlMessage::Bitrate(u32::try_from(bps).unwrap_or(u32::MAX))));
+                        }
                     }
                 }
                 Event::MediaEgressStats(stats) => {

@@ -8,6 +8,7 @@
 //! * [`tls`]: the relay's QUIC certificate, created once and kept in the data directory.
 //! * [`pool`]: registration and heartbeats to the indexer, admission by session token.
 //! * [`impair`]: the UDP impairment proxy (`pylon-impair`) for testing links.
+//! * [`rate`]: the player's bandwidth estimate (TWCC) → the encoder's bitrate, sans-IO.
 //!
 //! **Invariant:** the relay never decodes video; it reads RTP headers only.
 
@@ -17,6 +18,7 @@ pub mod impair;
 pub mod ingest;
 pub mod metrics;
 pub mod pool;
+pub mod rate;
 pub mod tls;
 
 use anyhow::Context;

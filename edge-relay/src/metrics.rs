@@ -39,6 +39,10 @@ pub struct RelayMetrics {
     pub bad_control_messages: Counter,
     /// Viewers connected now (WebRTC up).
     pub viewers: Gauge,
+    /// The player's bandwidth estimate (TWCC), bit/s.
+    pub player_estimate_bps: Gauge,
+    /// The bitrate last asked of the node for the player, bit/s.
+    pub player_target_bps: Gauge,
     /// Viewer sessions created (offers accepted).
     pub viewer_sessions: Counter,
     /// Offers that could not be accepted.
@@ -85,6 +89,8 @@ impl RelayMetrics {
             ingest_dropped: Family::default(),
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
+            player_estimate_bps: Gauge::default(),
+            player_target_bps: Gauge::default(),
             viewer_sessions: Counter::default(),
             bad_offers: Counter::default(),
             tokens_refused: Counter::default(),
@@ -112,11 +118,17 @@ impl RelayMetrics {
         r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());
         r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
         r.register("viewers", "Viewers connected", m.viewers.clone());
+        r.register("player_estimate_bps", "The player's bandwidth estimate (TWCC)", m.player_estimate_bps.clone());
+        r.register("player_target_bps", "Bitrate last asked of the node for the player", m.player_target_bps.clone());
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
         r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
         r.register("tokens_refused", "Viewers refused for their session token", m.tokens_refused.clone());
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
-        r.register("viewer_nacks", "NACKs received from viewers, answered from the relay send buffers", m.viewer_nacks.clone());
+        r.register(
+            "viewer_nacks",
+            "NACKs received from viewers, answered from the relay send buffers",
+            m.viewer_nacks.clone(),
+        );
         r.register(
             "keyframe_requests_upstream",
             "Keyframe requests sent to nodes",

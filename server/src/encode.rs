@@ -107,6 +107,8 @@ fn options(name: &str, config: &EncoderConfig) -> Dictionary<'static> {
             o.set("bufsize", &per_frame.to_string());
         }
         _ => {
+            // rc_buffer_size too: FFmpeg re-applies it (and the max rate) to x264 on every frame.
+            o.set("bufsize", &per_frame.to_string());
             o.set("preset", "ultrafast");
             o.set("tune", "zerolatency");
             o.set("profile", "baseline");
@@ -186,6 +188,21 @@ impl VideoEncoder {
         enc.set_color_range(color::Range::MPEG);
         enc.open_with(options(name, config))
             .map_err(|e| format!("failed to open ({e}): no usable device, driver or setting"))
+    }
+
+    /// The target bitrate, bit/s.
+    pub fn bitrate(&self) -> u64 {
+        self.config.bitrate
+    }
+
+    /// Changes the target (and maximum) bitrate from the next frame on, without a keyframe:
+    /// both libx264 and NVENC reconfigure their rate control when these change. The VBV
+    /// buffer stays one frame of the starting rate.
+    pub fn set_bitrate(&mut self, bps: u64) {
+        let bps = bps.max(1);
+        self.encoder.set_bit_rate(bps as usize);
+        self.encoder.set_max_bit_rate(bps as usize);
+        self.config.bitrate = bps;
     }
 
     /// The encoder in use (`h264_nvenc` or `libx264`).

@@ -7,7 +7,7 @@ use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID, Video
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
 use pylon_server::pool::{self, SessionGate};
-use pylon_server::uplink::{self, UplinkConfig};
+use pylon_server::uplink::{self, BitrateControl, UplinkConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, watch};
@@ -60,9 +60,13 @@ struct Args {
     /// Which H.264 encoder to use.
     #[arg(long, env = "PYLON_ENCODER", value_enum, default_value = "auto")]
     encoder: EncoderArg,
-    /// Target video bitrate in kbit/s.
+    /// Starting and highest video bitrate in kbit/s; the relay lowers it to what the
+    /// player's network carries (congestion feedback) and raises it back when it can.
     #[arg(long, env = "PYLON_BITRATE_KBPS", default_value_t = 6000)]
     bitrate_kbps: u64,
+    /// Lowest video bitrate in kbit/s the relay may ask for.
+    #[arg(long, env = "PYLON_MIN_BITRATE_KBPS", default_value_t = 800)]
+    min_bitrate_kbps: u64,
     /// Force a keyframe at least every this many seconds (0: only when a viewer asks).
     #[arg(long, env = "PYLON_KEYFRAME_SECONDS", default_value_t = 10)]
     keyframe_seconds: u32,
@@ -252,8 +256,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => tokio::spawn(std::future::pending()),
     };
-    let uplink_config =
-        UplinkConfig { relay: args.relay, relay_cert: args.relay_cert, server_name: args.relay_name, hello };
+    let uplink_config = UplinkConfig {
+        relay: args.relay,
+        relay_cert: args.relay_cert,
+        server_name: args.relay_name,
+        hello,
+        bitrate: Some(BitrateControl {
+            target: pipeline.bitrate_target(),
+            min: args.min_bitrate_kbps.min(args.bitrate_kbps) * 1000,
+            max: args.bitrate_kbps * 1000,
+        }),
+    };
     let mut uplink = tokio::spawn(uplink::run(
         uplink_config,
         packet_rx,

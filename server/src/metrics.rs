@@ -65,6 +65,8 @@ pub struct ServerMetrics {
     pub relay_disconnects: Counter,
     /// Whether a relay connection is up (0 or 1).
     pub relay_connected: Gauge,
+    /// The encoder's target bitrate, bit/s (follows the player's bandwidth estimate).
+    pub target_bitrate_bps: Gauge,
     /// Malformed control messages from the relay.
     pub bad_control_messages: Counter,
     /// Frames started early because input arrived.
@@ -106,6 +108,7 @@ impl ServerMetrics {
             relay_connects: Counter::default(),
             relay_disconnects: Counter::default(),
             relay_connected: Gauge::default(),
+            target_bitrate_bps: Gauge::default(),
             bad_control_messages: Counter::default(),
             early_frames: Counter::default(),
             input_applied: Counter::default(),
@@ -129,6 +132,7 @@ impl ServerMetrics {
         r.register("relay_connects", "QUIC connections established to the relay", m.relay_connects.clone());
         r.register("relay_disconnects", "QUIC connections to the relay that ended", m.relay_disconnects.clone());
         r.register("relay_connected", "Whether the relay connection is up", m.relay_connected.clone());
+        r.register("target_bitrate_bps", "Encoder target bitrate", m.target_bitrate_bps.clone());
         r.register("bad_control_messages", "Malformed control messages received", m.bad_control_messages.clone());
         r.register("early_frames", "Frames started early by input", m.early_frames.clone());
         r.register("input_applied", "Input messages applied", m.input_applied.clone());

@@ -23,7 +23,7 @@ use pylon_proto::framing::FrameInfo;
 use pylon_proto::h264::H264Packetizer;
 use pylon_proto::input::InputMessage;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -144,6 +144,7 @@ pub struct FrameTiming {
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
     keyframe: Arc<AtomicBool>,
+    bitrate: Arc<AtomicU64>,
     inputs: mpsc::Sender<ReceivedInput>,
     threads: Vec<JoinHandle<()>>,
     info: PipelineInfo,
@@ -180,6 +181,7 @@ impl Pipeline {
     ) -> Result<Self, PipelineError> {
         let stop = Arc::new(AtomicBool::new(false));
         let keyframe = Arc::new(AtomicBool::new(true));
+        let bitrate = Arc::new(AtomicU64::new(config.encoder.bitrate));
         let encoder = VideoEncoder::open(&config.encoder)?;
         let (pool_tx, pool_rx) = mpsc::channel::<frame::Video>();
         for _ in 0..INPUT_FRAMES {
@@ -207,7 +209,7 @@ impl Pipeline {
             Err(_) => return Err(PipelineError::Thread("render thread exited during start-up".into())),
         };
         let encode = {
-            let (stop, keyframe, metrics) = (stop.clone(), keyframe.clone(), metrics.clone());
+            let (stop, keyframe, metrics) = (stop.clone(), (keyframe.clone(), bitrate.clone()), metrics.clone());
             let packetizer =
                 H264Packetizer::new(config.max_rtp_packet, RTP_PAYLOAD_TYPE, rand_u32(), rand_u32() as u16);
             std::thread::Builder::new()
@@ -220,6 +222,7 @@ impl Pipeline {
         Ok(Pipeline {
             stop,
             keyframe,
+            bitrate,
             inputs: input_tx,
             threads: vec![render, encode],
             info: PipelineInfo { gpu_name, gpu_reason, gpu_memory_mb, gpu_class, encoder: encoder_name, encoder_probe },
@@ -234,6 +237,12 @@ impl Pipeline {
     /// A flag that, once set, makes the next encoded frame a keyframe.
     pub fn keyframe_flag(&self) -> Arc<AtomicBool> {
         self.keyframe.clone()
+    }
+
+    /// The encoder's target bitrate, bit/s: what the player's network allows (set from the
+    /// relay's congestion feedback), applied from the next frame on.
+    pub fn bitrate_target(&self) -> Arc<AtomicU64> {
+        self.bitrate.clone()
     }
 
     /// Where validated player input goes; it is applied before the next frame renders.
@@ -464,18 +473,24 @@ fn encode_thread(
     mut packetizer: H264Packetizer,
     metrics: ServerMetrics,
     stop: Arc<AtomicBool>,
-    keyframe: Arc<AtomicBool>,
+    (keyframe, bitrate): (Arc<AtomicBool>, Arc<AtomicU64>),
     jobs: mpsc::Receiver<EncodeJob>,
     pool: mpsc::Sender<frame::Video>,
     packets: tokio::sync::mpsc::Sender<Outgoing>,
     timings: Option<mpsc::Sender<FrameTiming>>,
 ) {
     let rtp_base = rand_u32();
+    metrics.target_bitrate_bps.set(encoder.bitrate() as i64);
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
             continue;
         };
         let want_key = keyframe.swap(false, Ordering::Relaxed);
+        let target = bitrate.load(Ordering::Relaxed);
+        if target != encoder.bitrate() {
+            encoder.set_bitrate(target);
+            metrics.target_bitrate_bps.set(target as i64);
+        }
         let started = Instant::now();
         let queued = started - job.queued_at;
         let encoded = encoder.encode(&mut job.frame, job.index as i64, want_key);

@@ -15,7 +15,7 @@ use pylon_proto::repair::RetransmitCache;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -37,6 +37,20 @@ pub struct UplinkConfig {
     pub server_name: String,
     /// The stream description sent first on every connection.
     pub hello: StreamHello,
+    /// Where the relay's bitrate requests go, and their bounds.
+    pub bitrate: Option<BitrateControl>,
+}
+
+/// The encoder's target bitrate as the relay may set it (from the player's congestion
+/// feedback), within the node's bounds.
+#[derive(Debug, Clone)]
+pub struct BitrateControl {
+    /// The pipeline's target, bit/s ([`crate::pipeline::Pipeline::bitrate_target`]).
+    pub target: Arc<AtomicU64>,
+    /// Lowest target accepted, bit/s.
+    pub min: u64,
+    /// Highest target accepted, bit/s.
+    pub max: u64,
 }
 
 /// Creates a UDP socket with large kernel buffers and a quinn endpoint on it.
@@ -147,7 +161,8 @@ pub async fn run(
         tracing::info!("connected to the relay");
         keyframe.store(true, Ordering::Relaxed);
         let link = Link { keyframe: &keyframe, inputs: &inputs, gate: &gate, metrics: &metrics };
-        let result = serve_connection(&conn, &config.hello, &mut packets, &link, &mut shutdown).await;
+        let result =
+            serve_connection(&conn, &config.hello, config.bitrate.as_ref(), &mut packets, &link, &mut shutdown).await;
         // The relay's viewers are gone with the connection: so is the session.
         gate.end(None);
         metrics.relay_connected.set(0);
@@ -196,6 +211,7 @@ struct Link<'a> {
 async fn serve_connection(
     conn: &quinn::Connection,
     hello: &StreamHello,
+    bitrate: Option<&BitrateControl>,
     packets: &mut mpsc::Receiver<Outgoing>,
     link: &Link<'_>,
     shutdown: &mut watch::Receiver<bool>,
@@ -284,6 +300,13 @@ async fn serve_connection(
                                             metrics.sessions_refused.inc();
                                             tracing::warn!("refused a session token from the relay: {e}");
                                         }
+                                    }
+                                }
+                                Ok(Some(ControlMessage::Bitrate(bps))) => {
+                                    if let Some(b) = bitrate {
+                                        let target = u64::from(bps).clamp(b.min, b.max);
+                                        tracing::debug!(requested = bps, target, "bitrate from the relay");
+                                        b.target.store(target, Ordering::Relaxed);
                                     }
                                 }
                                 Ok(Some(ControlMessage::Nack(seqs))) => {

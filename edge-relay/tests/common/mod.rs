@@ -75,7 +75,12 @@ pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames
 
 /// Like [`start_platform`], with the relay announcing `advertise` as its ICE candidate (an
 /// impairment proxy in front of it).
-pub async fn start_platform_advertising(width: u32, height: u32, fps: u32, advertise: std::net::SocketAddr) -> Platform {
+pub async fn start_platform_advertising(
+    width: u32,
+    height: u32,
+    fps: u32,
+    advertise: std::net::SocketAddr,
+) -> Platform {
     start(width, height, fps, true, false, Some(advertise)).await
 }
 
@@ -168,7 +173,7 @@ async fn start(
             width,
             height,
             fps,
-            bitrate: 4_000_000,
+            bitrate: 6_000_000,
             keyframe_interval: fps * 10,
             choice: EncoderChoice::Auto,
         },
@@ -216,6 +221,7 @@ async fn start(
         relay_cert: relay.cert_path.clone(),
         server_name: "pylon-relay".into(),
         hello,
+        bitrate: Some(uplink::BitrateControl { target: pipeline.bitrate_target(), min: 500_000, max: 6_000_000 }),
     };
     tokio::spawn(uplink::run(
         uplink_config,
