@@ -10,9 +10,9 @@ const statsEl = document.getElementById('stats');
 const statusEl = document.getElementById('status');
 const fullscreenBtn = document.getElementById('fullscreen');
 
-// `?role=spectator` watches without sending input.
+// `/watch/<session>` or `?role=spectator` watches without sending input.
 const params = new URLSearchParams(location.search);
-const wantedRole = params.get('role') === 'spectator' ? 'spectator' : 'player';
+const wantedRole = params.get('role') === 'spectator' || location.pathname.startsWith('/watch/') ? 'spectator' : 'player';
 // In a pool the catalog sends us here as /play/<session>#token=…&catalog=…: the token
 // (signed by the indexer) decides the role; the fragment never reaches a server log.
 const fragment = new URLSearchParams(location.hash.slice(1));

@@ -7,7 +7,7 @@
 //! and decides the role. Closing the WebSocket ends the viewer's session.
 //!
 //! `/play/<session>` serves the player page (the token travels in the URL fragment, which
-//! never reaches a server log); `/ping` answers at once, for the client's RTT probes.
+//! never reaches a server log), `/watch/<session>` the same page as a spectator; `/ping` answers at once, for the client's RTT probes.
 
 use crate::egress::ViewerCommand;
 use crate::metrics::RelayMetrics;
@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/play/{session}", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/watch/{session}", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/ping", get(ping))
         .route("/player.js", get(|| async { asset("text/javascript; charset=utf-8", PLAYER_JS) }))
         .route("/stats.js", get(|| async { asset("text/javascript; charset=utf-8", STATS_JS) }))

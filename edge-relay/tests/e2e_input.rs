@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, start_platform, wait_metric};
+use common::{Browser, metric, relay_metrics, start_platform, wait_metric};
 use std::time::Duration;
 
 /// Centroid of the ship's orange hull in the playing video, or null.
@@ -235,6 +235,26 @@ return true;
     )
     .await;
     wait_metric(http, &refused("spectator"), 3.0).await;
+
+    // A second spectator, from the /watch/ link: it decodes too, and its key presses do
+    // not reach the game.
+    b.client.new_window(true).await.unwrap();
+    let handles = b.client.windows().await.unwrap();
+    b.client.switch_to_window(handles.last().unwrap().clone()).await.unwrap();
+    b.client.goto(&format!("{}watch/demo", platform.url())).await.unwrap();
+    b.wait_for(
+        "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > 10",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.wait_for("return pylon.channels && pylon.channels.input.readyState === 'open'", Duration::from_secs(10)).await;
+    // (The page does not even capture a spectator's input; the relay would refuse it.)
+    b.eval("window.dispatchEvent(new KeyboardEvent('keydown', { code: 'ArrowUp', bubbles: true })); return true;")
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(platform.server_metrics_value("pylon_server_keys_held"), 0.0, "a spectator's key reached the game");
+    b.eval("window.dispatchEvent(new KeyboardEvent('keyup', { code: 'ArrowUp', bubbles: true })); return true;").await;
+    assert_eq!(metric(&relay_metrics(http).await, "pylon_relay_viewers"), 3.0, "player and two spectators");
     b.close().await;
     platform.stop().await;
 }
