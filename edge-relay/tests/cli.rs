@@ -61,3 +61,52 @@ fn starts_serves_and_stops_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_impairment_proxy_explains_itself_and_forwards() {
+    let help = Command::new(env!("CARGO_BIN_EXE_pylon-impair")).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--target",
+        "--loss",
+        "--bursty-loss",
+        "--burst",
+        "--delay-ms",
+        "--jitter-ms",
+        "--reorder",
+        "--rate-kbps",
+        "--seed",
+    ] {
+        assert!(text.contains(flag), "--help does not explain {flag}:\n{text}");
+    }
+    // A real run: a UDP echo behind the proxy answers through it.
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pylon-impair"))
+        .args(["--listen", &listen.to_string(), "--target", &target.to_string(), "--delay-ms", "5"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let n = loop {
+        assert!(Instant::now() < deadline, "no echo through the proxy");
+        client.send_to(b"ping", listen).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break n;
+        }
+    };
+    assert_eq!(&buf[..n], b"ping");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
