@@ -160,11 +160,29 @@ struct Viewer {
     nacks_seen: u64,
     /// The player's bandwidth estimate → encoder bitrate (spectators have none).
     rate: Option<RateController>,
+    /// The node stream (ingest connection) this viewer watches, once there is one.
+    source: Option<u64>,
+    /// In a pool, the node its session runs on: it watches that node's stream only.
+    wants_node: Option<String>,
+}
+
+impl Viewer {
+    /// Whether this viewer may watch a stream from `node` (pool id, empty outside one).
+    fn matches(&self, node: &str) -> bool {
+        self.wants_node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+/// The relay's node streams, by ingest connection.
+type Sources = std::collections::BTreeMap<u64, Source>;
+
+/// The stream a new viewer should watch: its node's, or the newest.
+fn pick_source(sources: &Sources, wants_node: Option<&str>) -> Option<u64> {
+    sources.iter().rev().find(|(_, s)| wants_node.is_none_or(|n| n == s.hello.node)).map(|(id, _)| *id)
 }
 
 /// The node stream being relayed.
 struct Source {
-    node: u64,
     hello: StreamHello,
     control: mpsc::Sender<ToNode>,
     last_seq: Option<u64>,
@@ -255,7 +273,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut viewers: Vec<Viewer> = Vec::new();
-    let mut source: Option<Source> = None;
+    let mut sources = Sources::new();
     let mut next_id: u64 = 1;
     let mut buf = vec![0u8; 2048];
     loop {
@@ -265,10 +283,10 @@ pub async fn run(
                 let _ = v.rtc.handle_input(Input::Timeout(now));
             }
             let drained = drain(v, &socket, &metrics);
-            forward(drained, &mut source, now, &metrics);
+            forward(drained, v.source, &mut sources, now, &metrics);
         }
-        retain_alive(&mut viewers, &mut source, pool.as_ref(), &metrics);
-        if let Some(s) = source.as_mut() {
+        retain_alive(&mut viewers, &mut sources, pool.as_ref(), &metrics);
+        for s in sources.values_mut() {
             s.flush_keyframe_request(now, &metrics);
         }
         let next = viewers.iter().map(|v| v.next_timeout).min().unwrap_or(now + Duration::from_millis(100));
@@ -297,7 +315,7 @@ pub async fn run(
                             v.rtc.disconnect();
                         }
                         let drained = drain(v, &socket, &metrics);
-                        forward(drained, &mut source, now, &metrics);
+                        forward(drained, v.source, &mut sources, now, &metrics);
                     }
                     None => {
                         metrics.udp_unknown.inc();
@@ -306,32 +324,43 @@ pub async fn run(
             }
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
-                handle_ingest(ev, &mut viewers, &mut source, &socket, &metrics);
+                handle_ingest(ev, &mut viewers, &mut sources, &socket, &metrics);
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
                     ViewerCommand::Offer { sdp, wants_player, admitted, reply } => {
-                        let seat_taken = viewers.iter().any(|v| v.player && v.rtc.is_alive());
+                        // One player per stream: in a pool per node, alone per stream watched.
+                        let wants_node = admitted.as_ref().map(|(a, _)| a.node.clone());
+                        let source = pick_source(&sources, wants_node.as_deref());
+                        let seat_taken = viewers.iter().any(|v| {
+                            v.player && v.rtc.is_alive() && match &wants_node {
+                                Some(n) => v.wants_node.as_ref() == Some(n),
+                                None => v.source == source,
+                            }
+                        });
                         let player = wants_player && !seat_taken;
                         let result = if viewers.len() >= MAX_VIEWERS {
                             Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
-                        } else if let Some(why) = admitted.as_ref().and_then(|(a, _)| refuse_admission(a, seat_taken, source.as_ref())) {
-                            Err(why)
+                        } else if admitted.as_ref().is_some_and(|(a, _)| a.player) && seat_taken {
+                            Err("another viewer is already playing this session".into())
                         } else {
                             accept_offer(&sdp, advertise, next_id, player)
                         };
                         match result {
                             Ok(mut viewer) => {
                                 let answer = viewer.1;
+                                viewer.0.source = source;
+                                viewer.0.wants_node = wants_node;
                                 if let Some((a, token)) = admitted.filter(|(a, _)| a.player) {
                                     // The node verifies the token itself before it takes input.
-                                    if let Some(s) = source.as_mut() {
+                                    if let Some(s) = source.and_then(|id| sources.get_mut(&id)) {
                                         s.send_control(ControlMessage::SessionStart(token.clone()), &metrics);
                                     }
                                     viewer.0.session = Some((a.session, token));
                                 }
                                 viewers.push(viewer.0);
+                                update_stream_gauges(&viewers, &sources, &metrics);
                                 metrics.viewer_sessions.inc();
                                 let _ = reply.send(Ok((next_id, answer, player)));
                                 next_id += 1;
@@ -358,24 +387,22 @@ pub async fn run(
         v.rtc.disconnect();
         let _ = drain(v, &socket, &metrics);
     }
-    retain_alive(&mut viewers, &mut source, pool.as_ref(), &metrics);
+    retain_alive(&mut viewers, &mut sources, pool.as_ref(), &metrics);
     Ok(())
 }
 
-/// Why a viewer admitted by token cannot join now, if it cannot.
-fn refuse_admission(a: &Admission, seat_taken: bool, source: Option<&Source>) -> Option<String> {
-    if a.player && seat_taken {
-        return Some("another viewer is already playing this session".into());
-    }
-    match source {
-        Some(s) if !s.hello.node.is_empty() && s.hello.node != a.node => {
-            Some(format!("the session's render node {} is not streaming through this relay", a.node))
-        }
-        _ => None,
+/// Viewers per stream, labelled by the node's pool id (or the connection number).
+fn update_stream_gauges(viewers: &[Viewer], sources: &Sources, metrics: &RelayMetrics) {
+    metrics.stream_viewers.clear();
+    for (id, s) in sources {
+        let n = viewers.iter().filter(|v| v.source == Some(*id) && v.rtc.is_alive()).count();
+        let stream = if s.hello.node.is_empty() { format!("connection-{id}") } else { s.hello.node.clone() };
+        metrics.stream_viewers.get_or_create(&crate::metrics::StreamLabel { stream }).set(n as i64);
     }
 }
 
-fn retain_alive(viewers: &mut Vec<Viewer>, source: &mut Option<Source>, pool: Option<&Pool>, metrics: &RelayMetrics) {
+fn retain_alive(viewers: &mut Vec<Viewer>, sources: &mut Sources, pool: Option<&Pool>, metrics: &RelayMetrics) {
+    let before = viewers.len();
     viewers.retain(|v| {
         if v.rtc.is_alive() {
             return true;
@@ -387,7 +414,7 @@ fn retain_alive(viewers: &mut Vec<Viewer>, source: &mut Option<Source>, pool: Op
         if let Some((session, _)) = &v.session {
             // The player left: the node stops taking input, the token is spent, the
             // indexer stops metering.
-            if let Some(s) = source.as_mut() {
+            if let Some(s) = v.source.and_then(|id| sources.get_mut(&id)) {
                 s.send_control(ControlMessage::SessionEnd(session.clone()), metrics);
             }
             if let Some(pool) = pool {
@@ -396,6 +423,9 @@ fn retain_alive(viewers: &mut Vec<Viewer>, source: &mut Option<Source>, pool: Op
         }
         false
     });
+    if viewers.len() != before {
+        update_stream_gauges(viewers, sources, metrics);
+    }
 }
 
 fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Result<(Viewer, String), String> {
@@ -427,6 +457,8 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         session: None,
         nacks_seen: 0,
         rate: player.then(|| RateController::new(PLAYER_MIN_BPS, PLAYER_MAX_BPS)),
+        source: None,
+        wants_node: None,
     };
     Ok((viewer, answer.to_sdp_string()))
 }
@@ -538,9 +570,9 @@ fn check_input(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics
     Some(data.to_vec())
 }
 
-/// Hands what a viewer produced to the node.
-fn forward(drained: Drained, source: &mut Option<Source>, now: Instant, metrics: &RelayMetrics) {
-    let Some(s) = source.as_mut() else {
+/// Hands what a viewer produced to the node it watches.
+fn forward(drained: Drained, source: Option<u64>, sources: &mut Sources, now: Instant, metrics: &RelayMetrics) {
+    let Some(s) = source.and_then(|id| sources.get_mut(&id)) else {
         if !drained.to_node.is_empty() {
             metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "no_node" }).inc();
         }
@@ -549,9 +581,11 @@ fn forward(drained: Drained, source: &mut Option<Source>, now: Instant, metrics:
     s.deliver(drained, now, metrics);
 }
 
-/// Tells the player which input a frame reflects, in the player's own RTP timestamps.
-fn send_frame_info(viewers: &mut [Viewer], info: FrameInfo) {
-    for v in viewers.iter_mut().filter(|v| v.player && v.connected && v.seq_offset.is_some()) {
+/// Tells the stream's player which input a frame reflects, in the player's own RTP timestamps.
+fn send_frame_info(viewers: &mut [Viewer], source: u64, info: FrameInfo) {
+    for v in
+        viewers.iter_mut().filter(|v| v.player && v.connected && v.seq_offset.is_some() && v.source == Some(source))
+    {
         let Some(id) = v.input_channel else { continue };
         let ts = info.rtp_timestamp.wrapping_add(v.ts_offset);
         let text = format!(
@@ -571,43 +605,51 @@ fn send_frame_info(viewers: &mut [Viewer], info: FrameInfo) {
 fn handle_ingest(
     ev: IngestEvent,
     viewers: &mut [Viewer],
-    source: &mut Option<Source>,
+    sources: &mut Sources,
     socket: &tokio::net::UdpSocket,
     metrics: &RelayMetrics,
 ) {
     match ev {
         IngestEvent::StreamStarted { node, hello, control } => {
-            if let Some(old) = source.as_ref() {
-                tracing::info!(old = old.node, new = node, "a new render node replaces the current stream");
-            }
-            // Viewers rebase their sequence numbers and timestamps on the new stream.
-            for v in viewers.iter_mut() {
-                v.seq_offset = None;
-            }
-            let mut s =
-                Source { node, hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
+            let mut s = Source { hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
             s.request_keyframe(Instant::now(), metrics);
-            // A player already here starts its session on the new stream.
-            if let Some((_, token)) = viewers.iter().filter(|v| v.rtc.is_alive()).find_map(|v| v.session.as_ref()) {
-                s.send_control(ControlMessage::SessionStart(token.clone()), metrics);
+            // Viewers move to the new stream: those of its node in a pool (it reconnected),
+            // every viewer outside one (the newest node is the stream). They rebase their
+            // sequence numbers and timestamps on it.
+            let pooled = !s.hello.node.is_empty();
+            for v in viewers.iter_mut().filter(|v| v.rtc.is_alive()) {
+                let moves = if pooled { v.wants_node.as_deref() == Some(s.hello.node.as_str()) } else { v.matches("") };
+                if !moves {
+                    continue;
+                }
+                if let Some(old) = v.source.filter(|old| *old != node) {
+                    tracing::info!(viewer = v.id, old, new = node, "viewer moves to the node's new stream");
+                }
+                v.source = Some(node);
+                v.seq_offset = None;
+                // A player already here starts its session on the new stream.
+                if let Some((_, token)) = &v.session {
+                    s.send_control(ControlMessage::SessionStart(token.clone()), metrics);
+                }
             }
-            *source = Some(s);
+            sources.insert(node, s);
+            update_stream_gauges(viewers, sources, metrics);
         }
         IngestEvent::FrameInfo { node, info } => {
-            if source.as_ref().is_some_and(|s| s.node == node) {
-                send_frame_info(viewers, info);
-                for v in viewers.iter_mut().filter(|v| v.player) {
-                    let _ = drain(v, socket, metrics);
-                }
+            send_frame_info(viewers, node, info);
+            for v in viewers.iter_mut().filter(|v| v.player && v.source == Some(node)) {
+                let _ = drain(v, socket, metrics);
             }
         }
         IngestEvent::StreamEnded { node } => {
-            if source.as_ref().is_some_and(|s| s.node == node) {
-                *source = None;
+            sources.remove(&node);
+            for v in viewers.iter_mut().filter(|v| v.source == Some(node)) {
+                v.source = None;
             }
+            update_stream_gauges(viewers, sources, metrics);
         }
         IngestEvent::Rtp { node, packet, arrival, capture_ntp } => {
-            let Some(s) = source.as_mut().filter(|s| s.node == node) else {
+            let Some(s) = sources.get_mut(&node) else {
                 metrics.dropped("no_viewer_stream");
                 return;
             };
@@ -627,7 +669,7 @@ fn handle_ingest(
                     .map(|capture_time| AbsCaptureTime { capture_time, clock_offset: None }),
                 ..Default::default()
             };
-            for v in viewers.iter_mut().filter(|v| v.connected) {
+            for v in viewers.iter_mut().filter(|v| v.connected && v.source == Some(node)) {
                 let (Some(mid), Some(pt)) = (v.mid, v.pt) else { continue };
                 let offset = *v.seq_offset.get_or_insert_with(|| {
                     // Continue this viewer's numbering where it left off.

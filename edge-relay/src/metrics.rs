@@ -7,6 +7,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+/// Which node stream a per-stream metric is about.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    /// The node's pool id, or `connection-N` outside a pool.
+    pub stream: String,
+}
+
 /// Why an ingest packet was dropped.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropReason {
@@ -39,6 +46,8 @@ pub struct RelayMetrics {
     pub bad_control_messages: Counter,
     /// Viewers connected now (WebRTC up).
     pub viewers: Gauge,
+    /// Viewers per node stream.
+    pub stream_viewers: Family<StreamLabel, Gauge>,
     /// The player's bandwidth estimate (TWCC), bit/s.
     pub player_estimate_bps: Gauge,
     /// The bitrate last asked of the node for the player, bit/s.
@@ -89,6 +98,7 @@ impl RelayMetrics {
             ingest_dropped: Family::default(),
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
+            stream_viewers: Family::default(),
             player_estimate_bps: Gauge::default(),
             player_target_bps: Gauge::default(),
             viewer_sessions: Counter::default(),
@@ -118,6 +128,7 @@ impl RelayMetrics {
         r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());
         r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
         r.register("viewers", "Viewers connected", m.viewers.clone());
+        r.register("stream_viewers", "Viewers per node stream", m.stream_viewers.clone());
         r.register("player_estimate_bps", "The player's bandwidth estimate (TWCC)", m.player_estimate_bps.clone());
         r.register("player_target_bps", "Bitrate last asked of the node for the player", m.player_target_bps.clone());
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());

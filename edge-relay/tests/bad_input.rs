@@ -7,27 +7,13 @@
 #[macro_use]
 mod common;
 
-use common::{metric, relay_metrics, start_platform, wait_metric};
+use common::{metric, quic_client, relay_metrics, start_platform, wait_metric};
 use futures_util::{SinkExt, StreamExt};
-use pylon_proto::framing::{self, ControlMessage, StreamHello};
+use pylon_proto::framing::{ControlMessage, StreamHello};
 use pylon_relay::RelayConfig;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
-
-fn quic_client(cert: &std::path::Path) -> (quinn::Endpoint, quinn::ClientConfig) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(std::fs::read(cert).unwrap())).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![framing::ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
-    (quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(), config)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_every_socket_is_counted_and_the_stream_goes_on() {

@@ -8,7 +8,8 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, POOL_NODE, http_get, metric, relay_metrics, start_pool};
+use common::{Browser, POOL_NODE, SAMPLE_VIDEO, http_get, metric, quic_client, relay_metrics, start_pool};
+use pylon_proto::framing::{self, ControlMessage, StreamHello};
 use std::time::{Duration, Instant};
 
 fn key(kind: &str, code: &str) -> String {
@@ -43,6 +44,10 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     let nodes = http_get(indexer, "/api/v1/nodes").await;
     assert!(nodes.contains("\"state\":\"ready\""), "{nodes}");
 
+    // Another node streams through the same relay (a second session): the player below
+    // must get its own node's stream, not this one.
+    let impostor = tokio::spawn(other_node(platform.relay.cert_path.clone(), platform.relay.quic_addr));
+
     // The relay's own page without a token is refused with a clear message.
     let b = Browser::start().await;
     b.client.goto(&platform.url()).await.unwrap();
@@ -60,6 +65,14 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
         assert!(Instant::now() < deadline, "the node never started the session");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each viewer watches its own session's stream.
+    let relay = relay_metrics(relay_http).await;
+    assert_eq!(metric(&relay, &format!("pylon_relay_stream_viewers{{stream=\"{POOL_NODE}\"}}")), 1.0, "{relay}");
+    assert_eq!(metric(&relay, "pylon_relay_stream_viewers{stream=\"node-other\"}"), 0.0, "{relay}");
+    assert_eq!(metric(&relay, "pylon_relay_nodes_connected"), 2.0, "{relay}");
+    let sample = b.eval(SAMPLE_VIDEO).await;
+    assert!(sample["hull"].as_u64().unwrap_or(0) > 100, "the player sees its own game: {sample}");
+
     // Input reaches the game through the verified session.
     b.eval(&key("keydown", "ArrowLeft")).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -89,6 +102,39 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     assert_ne!(again["href"], link, "a new session, with a new token");
     let usage = http_get(indexer, "/api/v1/usage").await;
     assert!(usage.contains("\"provider\":\"e2e-provider\"") && usage.contains("\"sessions\":2"), "{usage}");
+    impostor.abort();
     b.close().await;
     platform.stop().await;
+}
+
+/// A second render node, "node-other", streaming RTP (valid headers, meaningless payload)
+/// to the relay until aborted.
+async fn other_node(cert: std::path::PathBuf, relay: std::net::SocketAddr) {
+    let (endpoint, config) = quic_client(&cert);
+    let conn = endpoint.connect_with(config, relay, "pylon-relay").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut hello = Vec::new();
+    ControlMessage::StreamHello(StreamHello {
+        width: 1280,
+        height: 720,
+        fps: 60,
+        profile_level_id: 0x42e01f,
+        encoder: "none".into(),
+        node: "node-other".into(),
+    })
+    .encode(&mut hello);
+    send.write_all(&hello).await.unwrap();
+    let mut seq: u16 = 0;
+    loop {
+        let mut rtp = vec![0x80, 108];
+        rtp.extend_from_slice(&seq.to_be_bytes());
+        rtp.extend_from_slice(&(u32::from(seq) * 1500).to_be_bytes());
+        rtp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        rtp.extend_from_slice(&[0x41, 0x9a, 0x55, 0x55, 0x55, 0x55]);
+        let mut datagram = Vec::new();
+        framing::encode_datagram(framing::DatagramKind::VideoRtp, &rtp, &mut datagram);
+        let _ = conn.send_datagram(datagram.into());
+        seq = seq.wrapping_add(1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

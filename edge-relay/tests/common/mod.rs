@@ -425,3 +425,19 @@ pub async fn wait_metric(http: std::net::SocketAddr, name: &str, at_least: f64) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A QUIC client trusting the relay's certificate, as a render node (or an impostor) uses.
+pub fn quic_client(cert: &std::path::Path) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(std::fs::read(cert).unwrap())).unwrap();
+    let mut tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    tls.alpn_protocols = vec![pylon_proto::framing::ALPN.to_vec()];
+    let config =
+        quinn::ClientConfig::new(std::sync::Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    (quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(), config)
+}
