@@ -17,7 +17,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path latency bench-indexer clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path latency bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -25,6 +25,7 @@ help:
 	@echo "make frame-path  per-stage frame timing report (benchmark)"
 	@echo "make bench       criterion benchmarks of the frame stages"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
+	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
 
 # Installs only the Debian packages that are missing (idempotent; needs root for apt-get).
@@ -74,6 +75,16 @@ latency:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --release -p pylon-benches --bin latency
 	"$(CARGO_TARGET_DIR)/release/latency" --presses 80
+
+# The relay under N synthetic WebRTC viewers, side by side with Debian's Janus; the last
+# line is one JSON object. VIEWERS=50 BENCH_SECONDS=30 to change the load; SOAK=600 adds a soak.
+VIEWERS ?= 20
+BENCH_SECONDS ?= 20
+SOAK ?= 0
+bench-relay:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="janus"
+	cargo build --release -p pylon-relay -p pylon-benches --bin pylon-relay --bin relay-bench
+	"$(CARGO_TARGET_DIR)/release/relay-bench" --viewers $(VIEWERS) --seconds $(BENCH_SECONDS) --soak-seconds $(SOAK)
 
 bench-indexer: deps
 	cargo build --release -p pylon-benches --bin indexer-bench

@@ -90,7 +90,8 @@ pub fn big_buffer_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket
     Ok(socket.into())
 }
 
-fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig> {
+/// A QUIC client configuration that trusts the relay certificate at `cert_path`.
+pub fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig> {
     let der = std::fs::read(cert_path).with_context(|| {
         format!("reading the relay certificate {} (the relay writes it on start)", cert_path.display())
     })?;

@@ -1,0 +1,640 @@
+//! `make bench-relay`: the edge relay under load, side by side with Janus.
+//!
+//! Records a 720p60 stream from the real frame path (about 6 Mbit/s), then for each relay
+//! — Pylon's `pylon-relay` and Debian's Janus (streaming plugin, plain RTP in) — replays
+//! it in a loop and connects N synthetic WebRTC viewers (str0m clients, not browsers).
+//! Measured per relay process: CPU per viewer (from /proc), memory per viewer (RSS growth
+//! ÷ viewers), and added latency (feeder send → viewer receive, matched by payload, both
+//! in this process on one clock). The last line is one JSON object.
+//!
+//! With `--soak-seconds`, Pylon's relay also runs that long with the viewers connected,
+//! sampling its RSS, then checks that every viewer is released when they leave.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use pylon_proto::framing::{self, ControlMessage, DatagramKind, StreamHello};
+use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
+use pylon_server::metrics::ServerMetrics;
+use pylon_server::pipeline::{Outgoing, Pipeline, PipelineConfig};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The relay load harness: Pylon and Janus, the same stream, the same viewers.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Synthetic WebRTC viewers per relay.
+    #[arg(long, default_value_t = 20)]
+    viewers: usize,
+    /// Seconds of stream to record (replayed in a loop).
+    #[arg(long, default_value_t = 8)]
+    record_seconds: u64,
+    /// Seconds measured per relay, after the viewers connected and warmed up.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Video bitrate of the recording, kbit/s.
+    #[arg(long, default_value_t = 6000)]
+    bitrate_kbps: u64,
+    /// Skip Janus (Pylon only).
+    #[arg(long)]
+    no_janus: bool,
+    /// Also soak Pylon's relay this long with the viewers connected, then check release.
+    #[arg(long, default_value_t = 0)]
+    soak_seconds: u64,
+}
+
+/// RTP packets with their offsets from the start of the recording.
+struct Recording {
+    packets: Vec<(Duration, Vec<u8>)>,
+    duration: Duration,
+}
+
+fn payload_key(payload: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
+/// When each payload was handed to the relay, and what viewers measured.
+#[derive(Default)]
+struct Clock {
+    sent: Mutex<HashMap<u64, Instant>>,
+    samples_us: Mutex<Vec<u32>>,
+    received: std::sync::atomic::AtomicU64,
+    measuring: std::sync::atomic::AtomicBool,
+}
+
+async fn record(args: &Args) -> anyhow::Result<Recording> {
+    let (width, height, fps) = (1280, 720, 60);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(65_536);
+    let config = PipelineConfig {
+        width,
+        height,
+        fps,
+        gpu: None,
+        slots: 3,
+        encoder: EncoderConfig {
+            width,
+            height,
+            fps,
+            bitrate: args.bitrate_kbps * 1000,
+            keyframe_interval: fps * 2,
+            choice: EncoderChoice::Auto,
+        },
+        max_rtp_packet: 1200,
+        seed: 7,
+        early_frames: false,
+    };
+    let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(config, ServerMetrics::new(), tx)).await??;
+    eprintln!("recording {} s of 720p60 from the frame path ({})…", args.record_seconds, pipeline.info().encoder);
+    let start = Instant::now();
+    let mut packets = Vec::new();
+    let mut bytes = 0usize;
+    while start.elapsed() < Duration::from_secs(args.record_seconds) {
+        if let Ok(Some(Outgoing::Rtp(rtp, _))) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            bytes += rtp.len();
+            packets.push((start.elapsed(), rtp.to_vec()));
+        }
+    }
+    drop(pipeline);
+    let duration = start.elapsed();
+    eprintln!("recorded {} packets, {:.1} Mbit/s", packets.len(), bytes as f64 * 8.0 / duration.as_secs_f64() / 1e6);
+    Ok(Recording { packets, duration })
+}
+
+/// Replays the recording in a loop through `send`, sequence numbers and timestamps kept
+/// continuous across loops, noting each payload's send time.
+async fn replay(
+    rec: Arc<Recording>,
+    clock: Arc<Clock>,
+    mut stop: watch::Receiver<bool>,
+    mut send: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let first_seq = rec.packets.first().map(|(_, p)| u16::from_be_bytes([p[2], p[3]])).unwrap_or(0);
+    let ticks = (rec.duration.as_secs_f64() * 90_000.0) as u32;
+    let start = tokio::time::Instant::now();
+    for round in 0u32.. {
+        for (i, (offset, packet)) in rec.packets.iter().enumerate() {
+            let at = start + rec.duration * round + *offset;
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+            let mut p = packet.clone();
+            let n = rec.packets.len() as u32 * round + i as u32;
+            let seq = first_seq.wrapping_add(n as u16);
+            p[2..4].copy_from_slice(&seq.to_be_bytes());
+            let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]).wrapping_add(ticks.wrapping_mul(round));
+            p[4..8].copy_from_slice(&ts.to_be_bytes());
+            let header = 12 + 4 * usize::from(p[0] & 0x0f);
+            clock.sent.lock().unwrap().insert(payload_key(&p[header..]), Instant::now());
+            send(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// One synthetic viewer: a str0m client on its own UDP socket.
+struct Viewer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl Viewer {
+    async fn new() -> anyhow::Result<Self> {
+        Self::on("127.0.0.1".parse()?).await
+    }
+
+    /// A viewer whose socket is bound to `ip` (one of this machine's addresses).
+    async fn on(ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+        let local = socket.local_addr()?;
+        let mut rtc = RtcConfig::new().set_rtp_mode(true).build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp")?);
+        Ok(Self { rtc, socket, local })
+    }
+
+    /// Drives the session until `stop`, timing every RTP packet that arrives.
+    async fn run(mut self, clock: Arc<Clock>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let timeout = match self.rtc.poll_output()? {
+                Output::Timeout(t) => t,
+                Output::Transmit(t) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination).await;
+                    continue;
+                }
+                Output::Event(Event::RtpPacket(p)) => {
+                    let now = Instant::now();
+                    clock.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if clock.measuring.load(std::sync::atomic::Ordering::Relaxed)
+                        && let Some(sent) = clock.sent.lock().unwrap().get(&payload_key(&p.payload))
+                    {
+                        let us = now.saturating_duration_since(*sent).as_micros() as u32;
+                        clock.samples_us.lock().unwrap().push(us);
+                    }
+                    continue;
+                }
+                Output::Event(_) => continue,
+            };
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = r?;
+                    if let Ok(receive) = Receive::new(Protocol::Udp, from, self.local, &buf[..n]) {
+                        self.rtc.handle_input(Input::Receive(Instant::now(), receive))?;
+                    }
+                }
+                _ = tokio::time::sleep_until(timeout.into()) => {
+                    self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+                }
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Connects a viewer to Pylon's relay through its signalling WebSocket.
+async fn pylon_viewer(http: SocketAddr, clock: Arc<Clock>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut v = Viewer::new().await?;
+    let mut change = v.rtc.sdp_api();
+    change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    let (offer, pending) = change.apply().ok_or_else(|| anyhow!("no offer"))?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws")).await?;
+    let msg = serde_json::json!({"type": "offer", "sdp": offer.to_sdp_string(), "role": "spectator"});
+    ws.send(Message::Text(msg.to_string().into())).await?;
+    let answer = loop {
+        let Some(Ok(Message::Text(text))) = ws.next().await else { bail!("signalling closed") };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        match v["type"].as_str() {
+            Some("answer") => break v["sdp"].as_str().unwrap_or_default().to_string(),
+            Some("error") => bail!("relay refused: {}", v["message"]),
+            _ => {}
+        }
+    };
+    v.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer)?)?;
+    // The WebSocket stays open for the whole session: closing it ends the viewer.
+    let result = v.run(clock, stop).await;
+    drop(ws);
+    result
+}
+
+/// Janus's HTTP API, enough to watch a streaming mountpoint.
+struct Janus {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Janus {
+    async fn post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value =
+            self.http.post(format!("{}{path}", self.base)).json(&body).send().await?.json().await?;
+        if v["janus"] == "error" {
+            bail!("janus: {}", v["error"]);
+        }
+        Ok(v)
+    }
+
+    /// Waits for the session's next event that carries a JSEP offer.
+    async fn offer(&self, session: u64) -> anyhow::Result<String> {
+        for _ in 0..20 {
+            let v: serde_json::Value =
+                self.http.get(format!("{}/{session}?maxev=1", self.base)).send().await?.json().await?;
+            let jsep = if v.is_array() { v[0]["jsep"].clone() } else { v["jsep"].clone() };
+            if let Some(sdp) = jsep["sdp"].as_str() {
+                return Ok(sdp.to_string());
+            }
+        }
+        bail!("janus sent no offer")
+    }
+}
+
+/// Connects a viewer to Janus's streaming mountpoint 1.
+async fn janus_viewer(base: String, clock: Arc<Clock>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let janus = Janus { http: reqwest::Client::new(), base };
+    let tx = || serde_json::json!(format!("{:x}", rand_u64()));
+    let session = janus.post("", serde_json::json!({"janus": "create", "transaction": tx()})).await?["data"]["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no janus session"))?;
+    let handle = janus
+        .post(
+            &format!("/{session}"),
+            serde_json::json!({"janus": "attach", "plugin": "janus.plugin.streaming", "transaction": tx()}),
+        )
+        .await?["data"]["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no janus handle"))?;
+    janus
+        .post(
+            &format!("/{session}/{handle}"),
+            serde_json::json!({"janus": "message", "transaction": tx(), "body": {"request": "watch", "id": 1}}),
+        )
+        .await?;
+    let offer = janus.offer(session).await?;
+    // libnice leaves out loopback: answer from the local address Janus offers (IPv4).
+    let ip = offer
+        .lines()
+        .filter(|l| l.starts_with("a=candidate:") && l.contains(" udp ") && l.contains("typ host"))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse::<std::net::IpAddr>().ok())
+        .find(|ip| ip.is_ipv4())
+        .ok_or_else(|| anyhow!("janus offered no IPv4 host candidate"))?;
+    let mut v = Viewer::on(ip).await?;
+    let answer = v.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer)?)?;
+    janus
+        .post(
+            &format!("/{session}/{handle}"),
+            serde_json::json!({"janus": "message", "transaction": tx(), "body": {"request": "start"},
+                "jsep": {"type": "answer", "sdp": answer.to_sdp_string()}}),
+        )
+        .await?;
+    // Janus drops sessions nobody polls: keep polling while the viewer runs.
+    let mut keep_stop = stop.clone();
+    let keepalive = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = janus.http.get(format!("{}/{session}?maxev=1", janus.base)).send() => {}
+                _ = keep_stop.changed() => break,
+            }
+        }
+        let _ = janus.post(&format!("/{session}"), serde_json::json!({"janus": "destroy", "transaction": "bye"})).await;
+    });
+    let result = v.run(clock, stop).await;
+    let _ = keepalive.await;
+    result
+}
+
+fn rand_u64() -> u64 {
+    let mut h = DefaultHasher::new();
+    Instant::now().hash(&mut h);
+    std::thread::current().id().hash(&mut h);
+    h.finish()
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS"))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// What one relay did under the load.
+#[derive(Debug)]
+struct Measured {
+    cpu_per_viewer: f64,
+    rss_per_viewer_kib: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    packets_per_second: f64,
+}
+
+/// Connects the viewers, warms up, measures the relay process `pid` for `seconds`.
+async fn measure<F, Fut>(
+    args: &Args,
+    pid: u32,
+    clock: Arc<Clock>,
+    connect: F,
+) -> anyhow::Result<(Measured, watch::Sender<bool>, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>)>
+where
+    F: Fn(Arc<Clock>, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = rss_kib(pid)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..args.viewers {
+        tasks.push(tokio::spawn(connect(clock.clone(), stop_rx.clone())));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Warm-up: every viewer connected and receiving.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    if let Some(failed) = tasks.iter().find(|t| t.is_finished()) {
+        let _ = failed;
+        bail!("a viewer failed to connect");
+    }
+    let received_before = clock.received.load(std::sync::atomic::Ordering::Relaxed);
+    clock.samples_us.lock().unwrap().clear();
+    clock.measuring.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cpu_before = cpu_seconds(pid)?;
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let elapsed = t0.elapsed().as_secs_f64();
+    clock.measuring.store(false, std::sync::atomic::Ordering::Relaxed);
+    let received = clock.received.load(std::sync::atomic::Ordering::Relaxed) - received_before;
+    let rss_after = rss_kib(pid)?;
+    let mut samples = clock.samples_us.lock().unwrap().clone();
+    samples.sort_unstable();
+    let n = args.viewers.max(1) as f64;
+    Ok((
+        Measured {
+            cpu_per_viewer: cpu / elapsed / n,
+            rss_per_viewer_kib: (rss_after - rss_before) / n,
+            p50_ms: percentile(&samples, 0.5),
+            p99_ms: percentile(&samples, 0.99),
+            packets_per_second: received as f64 / elapsed,
+        },
+        stop_tx,
+        tasks,
+    ))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.join(name);
+    if !path.exists() {
+        bail!("{} not found: build it with `cargo build --release -p pylon-relay`", path.display());
+    }
+    Ok(path)
+}
+
+async fn metric(http: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{http}/metrics")).await.ok();
+    let text = match text {
+        Some(r) => r.text().await.unwrap_or_default(),
+        None => String::new(),
+    };
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Result<Measured> {
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let quic: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut relay = tokio::process::Command::new(sibling_binary("pylon-relay")?)
+        .args(["--http-addr", &http.to_string(), "--webrtc-addr", "127.0.0.1:0", "--quic-addr", &quic.to_string()])
+        .arg("--data-dir")
+        .arg(dir.join("relay"))
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting pylon-relay")?;
+    let pid = relay.id().ok_or_else(|| anyhow!("relay exited"))?;
+    let cert = dir.join("relay/relay-cert.der");
+    for _ in 0..100 {
+        if cert.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The feeder: a render node replaying the recording over QUIC.
+    let endpoint = pylon_server::uplink::endpoint("127.0.0.1:0".parse()?)?;
+    let conn = endpoint.connect_with(pylon_server::uplink::client_config(&cert)?, quic, "pylon-relay")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut hello = Vec::new();
+    ControlMessage::StreamHello(StreamHello {
+        width: 1280,
+        height: 720,
+        fps: 60,
+        profile_level_id: PROFILE_LEVEL_ID,
+        encoder: "recording".into(),
+        node: String::new(),
+    })
+    .encode(&mut hello);
+    send.write_all(&hello).await?;
+    tokio::spawn(async move { while let Ok(Some(_)) = recv.read_chunk(65536, true).await {} });
+    let clock = Arc::new(Clock::default());
+    let (feed_stop, feed_rx) = watch::channel(false);
+    let feed = {
+        let (conn, clock) = (conn.clone(), clock.clone());
+        tokio::spawn(replay(rec, clock, feed_rx, move |rtp| {
+            let mut d = Vec::with_capacity(rtp.len() + 1);
+            framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut d);
+            let _ = conn.send_datagram(d.into());
+            Ok(())
+        }))
+    };
+    eprintln!("pylon-relay: {} viewers…", args.viewers);
+    let (m, stop, tasks) =
+        measure(args, pid, clock.clone(), move |clock, stop| pylon_viewer(http, clock, stop)).await?;
+    eprintln!("pylon-relay: {m:?}");
+    if args.soak_seconds > 0 {
+        eprintln!("soaking {} s…", args.soak_seconds);
+        let base = rss_kib(pid)?;
+        let mut max_growth: f64 = 0.0;
+        let end = Instant::now() + Duration::from_secs(args.soak_seconds);
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            max_growth = max_growth.max(rss_kib(pid)? - base);
+        }
+        eprintln!("soak: RSS {base} KiB after warm-up, at most {max_growth:+.0} KiB more over {} s", args.soak_seconds);
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(http, "pylon_relay_viewers").await > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "after the viewers left: {} viewers, RSS {} KiB",
+        metric(http, "pylon_relay_viewers").await,
+        rss_kib(pid)?
+    );
+    let _ = feed_stop.send(true);
+    let _ = feed.await;
+    conn.close(0u32.into(), b"bench done");
+    let _ = relay.kill().await;
+    Ok(m)
+}
+
+fn janus_config(dir: &Path, http_port: u16, rtp_port: u16) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let lib = "/usr/lib/x86_64-linux-gnu/janus";
+    std::fs::write(
+        dir.join("janus.jcfg"),
+        format!(
+            r#"general: {{
+	configs_folder = "{d}"
+	plugins_folder = "{lib}/plugins"
+	transports_folder = "{lib}/transports"
+	events_folder = "{lib}/events"
+	loggers_folder = "{lib}/loggers"
+	debug_level = 2
+	session_timeout = 120
+}}
+media: {{
+	rtp_port_range = "30000-40000"
+}}
+nat: {{
+	ice_enforce_list = "lo"
+}}
+plugins: {{
+	disable = "libjanus_audiobridge.so,libjanus_duktape.so,libjanus_echotest.so,libjanus_lua.so,libjanus_nosip.so,libjanus_recordplay.so,libjanus_sip.so,libjanus_textroom.so,libjanus_videocall.so,libjanus_videoroom.so,libjanus_voicemail.so"
+}}
+transports: {{
+	disable = "libjanus_websockets.so,libjanus_mqtt.so,libjanus_nanomsg.so,libjanus_pfunix.so,libjanus_rabbitmq.so"
+}}
+loggers: {{
+	disable = "libjanus_jsonlog.so"
+}}
+"#,
+            d = dir.display()
+        ),
+    )?;
+    std::fs::write(
+        dir.join("janus.transport.http.jcfg"),
+        format!(
+            "general: {{\n\tjson = \"compact\"\n\tbase_path = \"/janus\"\n\thttp = true\n\tport = {http_port}\n\tip = \"127.0.0.1\"\n\thttps = false\n}}\nadmin: {{\n\tadmin_http = false\n}}\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("janus.plugin.streaming.jcfg"),
+        format!(
+            "general: {{\n}}\npylon: {{\n\ttype = \"rtp\"\n\tid = 1\n\tdescription = \"Pylon bench\"\n\tmedia = (\n\t\t{{\n\t\t\ttype = \"video\"\n\t\t\tmid = \"v\"\n\t\t\tport = {rtp_port}\n\t\t\tpt = 108\n\t\t\tcodec = \"h264\"\n\t\t\tfmtp = \"profile-level-id=42e01f;packetization-mode=1\"\n\t\t}}\n\t)\n}}\n"
+        ),
+    )?;
+    Ok(())
+}
+
+async fn bench_janus(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Result<Measured> {
+    let (http_port, rtp_port) = (free_port(), 5004 + (free_port() % 1000) * 2);
+    let conf = dir.join("janus");
+    janus_config(&conf, http_port, rtp_port)?;
+    let mut janus = tokio::process::Command::new("janus")
+        .args(["-F"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting janus (apt-get install janus)")?;
+    let pid = janus.id().ok_or_else(|| anyhow!("janus exited"))?;
+    let base = format!("http://127.0.0.1:{http_port}/janus");
+    for _ in 0..100 {
+        if reqwest::Client::new().get(format!("{base}/info")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let feeder = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let target: SocketAddr = format!("127.0.0.1:{rtp_port}").parse()?;
+    let clock = Arc::new(Clock::default());
+    let (feed_stop, feed_rx) = watch::channel(false);
+    let feed = tokio::spawn(replay(rec, clock.clone(), feed_rx, move |rtp| {
+        let _ = feeder.send_to(rtp, target);
+        Ok(())
+    }));
+    eprintln!("janus: {} viewers…", args.viewers);
+    let (m, stop, tasks) =
+        measure(args, pid, clock, move |clock, stop| janus_viewer(base.clone(), clock, stop)).await?;
+    eprintln!("janus: {m:?}");
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = feed_stop.send(true);
+    let _ = feed.await;
+    let _ = janus.kill().await;
+    Ok(m)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("pylon-relay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let rec = Arc::new(record(&args).await?);
+    let pylon = bench_pylon(&args, rec.clone(), &dir).await?;
+    let janus = if args.no_janus { None } else { Some(bench_janus(&args, rec, &dir).await?) };
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut out = serde_json::json!({
+        "viewers": args.viewers,
+        "seconds": args.seconds,
+        "pylon_cpu_per_viewer": pylon.cpu_per_viewer,
+        "pylon_rss_per_viewer_kib": pylon.rss_per_viewer_kib,
+        "pylon_added_latency_p50_ms": pylon.p50_ms,
+        "pylon_added_latency_p99_ms": pylon.p99_ms,
+        "pylon_packets_per_second_to_viewers": pylon.packets_per_second,
+        "pylon_forwarded_packets_per_core_second": pylon.packets_per_second / (pylon.cpu_per_viewer * args.viewers as f64),
+    });
+    if let Some(j) = janus {
+        out["janus_cpu_per_viewer"] = j.cpu_per_viewer.into();
+        out["janus_rss_per_viewer_kib"] = j.rss_per_viewer_kib.into();
+        out["janus_added_latency_p50_ms"] = j.p50_ms.into();
+        out["janus_added_latency_p99_ms"] = j.p99_ms.into();
+        out["janus_packets_per_second_to_viewers"] = j.packets_per_second.into();
+        out["cpu_per_viewer_ratio_vs_janus"] = (pylon.cpu_per_viewer / j.cpu_per_viewer).into();
+    }
+    println!("{out}");
+    Ok(())
+}
