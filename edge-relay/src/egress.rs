@@ -36,8 +36,9 @@ pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// Payload type of H.264 (constrained baseline, packetization mode 1) in our SDP, and its RTX.
 const H264_PT: u8 = 108;
 const H264_RTX_PT: u8 = 109;
-/// Packets kept per viewer to answer NACKs from (RTX).
-pub const RTX_BUFFER_PACKETS: usize = 700;
+/// Packets kept per viewer to answer NACKs from (RTX): ~0.5 s at 6 Mbit/s, and most of a
+/// viewer's memory (about 1.6 KiB each).
+pub const RTX_BUFFER_PACKETS: usize = 300;
 /// Kernel UDP buffer size for the viewer socket.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -252,8 +253,8 @@ impl Source {
 
 fn rtc_config(player: bool) -> RtcConfig {
     // Stats once a second: the viewers' NACK counts for /metrics.
-    // The RTX send buffer: about one second of a 6–7 Mbit/s stream (NACKs for older
-    // packets are useless to a game anyway).
+    // The RTX send buffer: about half a second of a 6 Mbit/s stream — many round trips of
+    // any last hop; a packet older than that belongs to a frame too old to show.
     let mut config = RtcConfig::new()
         .clear_codecs()
         .set_rtp_mode(true)
@@ -467,7 +468,16 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         source: None,
         wants_node: None,
     };
-    Ok((viewer, answer.to_sdp_string()))
+    Ok((viewer, with_rrtr(&answer.to_sdp_string())))
+}
+
+/// Adds `a=rtcp-fb:<H.264> rrtr` to an answer: the browser then sends RTCP XR receiver
+/// reference times, str0m answers with DLRR, and the browser learns its RTT to the relay.
+/// Without it a receive-only browser assumes 100 ms and waits that long before asking
+/// again for a retransmission that was lost too — a visible freeze.
+fn with_rrtr(sdp: &str) -> String {
+    let nack = format!("a=rtcp-fb:{H264_PT} nack\r\n");
+    sdp.replacen(&nack, &format!("{nack}a=rtcp-fb:{H264_PT} rrtr\r\n"), 1)
 }
 
 /// Polls a viewer until it only waits for time, sending its datagrams. Returns what the
@@ -711,6 +721,14 @@ fn handle_ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_ask_the_browser_for_rtt_reports() {
+        let sdp = "m=video 9 UDP/TLS/RTP/SAVPF 108 109\r\na=rtcp-fb:108 nack\r\na=rtcp-fb:108 nack pli\r\n";
+        let out = with_rrtr(sdp);
+        assert_eq!(out.matches("a=rtcp-fb:108 rrtr\r\n").count(), 1, "{out}");
+        assert!(out.contains("a=rtcp-fb:108 nack pli\r\n"));
+    }
 
     #[test]
     fn rate_limiter_allows_the_burst_then_the_rate() {

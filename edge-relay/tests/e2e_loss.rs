@@ -71,15 +71,16 @@ async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
 }
 
 /// Lost media packets came back as retransmissions from the relay, the game kept its frame
-/// rate, and freezes stayed short (the goal, under 0.5 % of the time, is not met yet: see
-/// ARCHITECTURE.md).
+/// rate, no loss needed a keyframe, and freezes stayed rare. (Measured: none at all in
+/// 20 s at 5 % random loss; the bound leaves room for one short freeze on a loaded
+/// machine, the goal being under 0.5 % of the time.)
 fn assert_repaired(r: &serde_json::Value) {
     let lost = r["packets_lost_after_repair"].as_f64().unwrap();
     let resent = r["retransmissions_received"].as_f64().unwrap();
     assert!(resent >= 0.8 * lost, "the relay resent what was lost: {r}");
     assert!(r["fps"].as_f64().unwrap() > 40.0, "the game keeps playing: {r}");
     assert_eq!(r["plis"].as_f64().unwrap(), 0.0, "no loss needed a keyframe: {r}");
-    assert!(r["freeze_share_pct"].as_f64().unwrap() < 20.0, "freezes stay short: {r}");
+    assert!(r["freeze_share_pct"].as_f64().unwrap() < 2.5, "freezes stay rare: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
