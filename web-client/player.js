@@ -120,6 +120,8 @@ async function connect() {
       pylon.viewer = msg.viewer;
       pylon.role = msg.role;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+    } else if (msg.type === 'bye') {
+      retry(`${msg.reason}`);
     } else if (msg.type === 'error') {
       if (/session token/.test(msg.message)) {
         // Retrying cannot help: the session is over, or the link is not valid here.

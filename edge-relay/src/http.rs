@@ -3,7 +3,7 @@
 //! Signalling protocol (JSON text messages on `/ws`):
 //! browser → relay `{"type":"offer","sdp":"…","role":"player"|"spectator","token":"…"}`;
 //! relay → browser `{"type":"answer","sdp":"…","viewer":N,"role":"…"}` or
-//! `{"type":"error","message":"…"}`. In a pool the token (from the indexer) is required
+//! `{"type":"error","message":"…"}`; when the relay shuts down, `{"type":"bye","reason":"…"}`. In a pool the token (from the indexer) is required
 //! and decides the role. Closing the WebSocket ends the viewer's session.
 //!
 //! `/play/<session>` serves the player page (the token travels in the URL fragment, which
@@ -34,6 +34,8 @@ pub struct AppState {
     pub metrics: RelayMetrics,
     /// The pool, when the relay is in one: offers need a session token.
     pub pool: Option<Pool>,
+    /// Turns true when the relay shuts down: viewers are told before it closes.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The web player's files, built into the binary so a relay is one file to deploy.
@@ -107,6 +109,7 @@ enum ClientMessage {
 enum ServerMessage {
     Answer { sdp: String, viewer: u64, role: &'static str },
     Error { message: String },
+    Bye { reason: String },
 }
 
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
@@ -118,7 +121,18 @@ async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
 
 async fn signal(mut socket: WebSocket, state: AppState) {
     let mut viewer: Option<u64> = None;
-    while let Some(msg) = socket.recv().await {
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let msg = tokio::select! {
+            m = socket.recv() => m,
+            _ = crate::stopped(&mut shutdown) => {
+                let bye = ServerMessage::Bye { reason: "the relay is shutting down".into() };
+                let _ = send(&mut socket, &bye).await;
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
+        };
+        let Some(msg) = msg else { break };
         let text = match msg {
             Ok(Message::Text(t)) => t,
             Ok(Message::Close(_)) | Err(_) => break,
@@ -183,11 +197,12 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
+    use tokio::sync::watch;
     use tower::ServiceExt;
 
     fn app() -> Router {
         let (tx, _rx) = mpsc::channel(1);
-        router(AppState { viewers: tx, metrics: RelayMetrics::new(), pool: None })
+        router(AppState { viewers: tx, metrics: RelayMetrics::new(), pool: None, shutdown: watch::channel(false).1 })
     }
 
     #[tokio::test]

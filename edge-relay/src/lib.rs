@@ -96,7 +96,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     let ingest = tokio::spawn(ingest::run(quic, ingest_tx, metrics.clone(), pool.clone(), shutdown.clone()));
-    let app = http::router(http::AppState { viewers: viewer_tx, metrics: metrics.clone(), pool: pool.clone() });
+    let app = http::router(http::AppState {
+        viewers: viewer_tx,
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        shutdown: shutdown.clone(),
+    });
     let mut http_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(http, app)

@@ -86,7 +86,12 @@ async fn a_restarted_relay_gets_the_render_node_back() {
     wait_metric(platform.relay.http_addr, "pylon_relay_rtp_in_packets", 20.0).await;
     let relay = platform.relay.clone();
     // Stop the relay only (the render node keeps running).
+    // A browser's signalling connection is told before the relay goes away.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", relay.http_addr)).await.unwrap();
     platform.stop_relay().await;
+    let bye = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    let bye: serde_json::Value = serde_json::from_str(bye.to_text().unwrap()).unwrap();
+    assert_eq!(bye["type"], "bye", "{bye}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(platform.server_metrics_value("pylon_server_relay_connected"), 0.0);
 
