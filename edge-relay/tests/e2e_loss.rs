@@ -74,13 +74,13 @@ async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
 /// rate, no loss needed a keyframe, and freezes stayed rare. (Measured: none at all in
 /// 20 s at 5 % random loss; the bound leaves room for one short freeze on a loaded
 /// machine, the goal being under 0.5 % of the time.)
-fn assert_repaired(r: &serde_json::Value) {
+fn assert_repaired(r: &serde_json::Value, max_freeze_pct: f64) {
     let lost = r["packets_lost_after_repair"].as_f64().unwrap();
     let resent = r["retransmissions_received"].as_f64().unwrap();
     assert!(resent >= 0.8 * lost, "the relay resent what was lost: {r}");
     assert!(r["fps"].as_f64().unwrap() > 40.0, "the game keeps playing: {r}");
     assert_eq!(r["plis"].as_f64().unwrap(), 0.0, "no loss needed a keyframe: {r}");
-    assert!(r["freeze_share_pct"].as_f64().unwrap() < 2.5, "freezes stay rare: {r}");
+    assert!(r["freeze_share_pct"].as_f64().unwrap() < max_freeze_pct, "freezes stay rare: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +96,7 @@ async fn five_percent_random_loss_is_repaired_at_the_edge() {
     let r = play_through("5% random loss", config).await;
     assert!(r["proxy_lost"].as_u64().unwrap() > 100, "the proxy did lose packets: {r}");
     assert!(r["nacks_sent_by_browser"].as_f64().unwrap() > 50.0, "the browser asked for them: {r}");
-    assert_repaired(&r);
+    assert_repaired(&r, 2.5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +111,9 @@ async fn two_percent_bursty_loss_with_40_ms_delay() {
     };
     let r = play_through("2% bursty loss, 40 ms", config).await;
     assert!(r["proxy_lost"].as_u64().unwrap() > 30, "the proxy did lose packets: {r}");
-    assert_repaired(&r);
+    // An 80 ms round trip: a packet whose resend is lost in the same burst waits two,
+    // past Chromium's 150 ms freeze threshold. Freezes are counted, bounded loosely.
+    assert_repaired(&r, 10.0);
 }
 
 /// The same path without impairment: the baseline the loss runs compare with (this
