@@ -76,6 +76,19 @@ async function play(titleId) {
   }
 }
 
+async function watch(sessionId) {
+  matchEl.textContent = 'Joining as a spectator…';
+  try {
+    const session = await api(`/sessions/${sessionId}/spectate`, { method: 'POST' });
+    state.session = session;
+    const fragment = new URLSearchParams({ token: session.token, catalog: location.origin });
+    location.href = `${session.relay_url.replace(/\/$/, '')}/watch/${session.session}#${fragment}`;
+  } catch (e) {
+    state.error = e.message;
+    matchEl.textContent = `Cannot watch: ${e.message}`;
+  }
+}
+
 function render(titles) {
   titlesEl.replaceChildren(...titles.map((t) => {
     const li = document.createElement('li');
@@ -107,9 +120,11 @@ async function main() {
     state.error = e.message;
     matchEl.textContent = `The catalog is unavailable: ${e.message}`;
   }
-  // `/play/<title>` starts that title at once.
+  // `/play/<title>` starts that title at once; `/watch/<session>` joins one as a spectator.
   const m = location.pathname.match(/^\/play\/([^/]+)$/);
   if (m) play(decodeURIComponent(m[1]));
+  const w = location.pathname.match(/^\/watch\/([0-9a-f]{32})$/);
+  if (w) watch(w[1]);
 }
 
 main();

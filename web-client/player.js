@@ -18,6 +18,14 @@ const wantedRole = params.get('role') === 'spectator' || location.pathname.start
 const fragment = new URLSearchParams(location.hash.slice(1));
 const token = fragment.get('token');
 const catalog = fragment.get('catalog');
+// The player can share a link that lets others watch this session (as spectators).
+const playing = location.pathname.match(/^\/play\/([0-9a-f]{32})$/);
+if (playing && catalog && /^https?:\/\//.test(catalog)) {
+  const share = document.getElementById('share');
+  share.href = `${catalog}/watch/${playing[1]}`;
+  share.title = 'Others can watch this game with this link';
+  share.hidden = false;
+}
 
 // State the page exposes for dashboards and automated checks.
 const pylon = {

@@ -82,6 +82,27 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     }
     b.eval(&key("keyup", "ArrowLeft")).await;
 
+    // A spectator joins through the player's watch link: it decodes the same game, and its
+    // keys never reach it.
+    let share = b.eval("return document.getElementById('share').href").await;
+    let session = link.split("/play/").nth(1).unwrap().split('#').next().unwrap().to_string();
+    assert_eq!(share.as_str().unwrap(), format!("http://{indexer}/watch/{session}"));
+    let player_window = b.client.window().await.unwrap();
+    b.client.new_window(true).await.unwrap();
+    let spectator_window = b.client.windows().await.unwrap().into_iter().find(|w| *w != player_window).unwrap();
+    b.client.switch_to_window(spectator_window.clone()).await.unwrap();
+    b.client.goto(share.as_str().unwrap()).await.unwrap();
+    b.wait_for(
+        "return location.pathname.startsWith('/watch/') && window.pylon && pylon.role === 'spectator'          && pylon.stats && pylon.stats.framesDecoded > 10",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.eval(&key("keydown", "ArrowRight")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(platform.server_metrics_value("pylon_server_keys_held"), 0.0, "a spectator's key reached the game");
+    b.client.close_window().await.unwrap();
+    b.client.switch_to_window(player_window).await.unwrap();
+
     // The player leaves: the relay ends the session (node, indexer), and the same link is
     // refused afterwards.
     b.client.goto("about:blank").await.unwrap();

@@ -169,6 +169,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/candidates/{title}", get(candidates))
         .route("/api/v1/sessions", post(create_session))
         .route("/api/v1/sessions/{id}/end", post(end_session))
+        .route("/api/v1/sessions/{id}/spectate", post(spectate))
         .route("/api/v1/usage", get(usage))
         .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
         .merge(crate::web::router())
@@ -197,6 +198,7 @@ pub fn router(state: AppState) -> Router {
         candidates,
         create_session,
         end_session,
+        spectate,
         usage
     ),
     components(schemas(
@@ -616,6 +618,46 @@ async fn create_session(State(s): State<AppState>, body: Bytes) -> ApiResult<(St
             node: m.node,
             expected_ms: m.expected_ms,
             reason: m.reason,
+        }),
+    ))
+}
+
+/// A spectator's token for a running session: whoever has the session's id (the player
+/// shares `/watch/<session>`) may watch; a spectator token never carries input.
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/spectate", responses((status = 201, body = SessionCreated), (status = 404)))]
+async fn spectate(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
+    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
+    let session: [u8; 16] = (id.len() == 32)
+        .then(|| (0..16).map(|i| u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<Vec<u8>>>())
+        .flatten()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| ApiError::not_found("session"))?;
+    if ended {
+        return Err(ApiError::not_found("running session"));
+    }
+    let title = s.store.session_title(&id).await?.unwrap_or_default();
+    let now = unix_now();
+    let claims = Claims {
+        session,
+        role: Role::Spectator,
+        issued_at: now as u64,
+        expires_at: now as u64 + TOKEN_LIFETIME_SECS,
+        title,
+        node: node.clone(),
+        relay: relay.clone(),
+    };
+    let token = claims.sign(&s.signing_key).map_err(|e| ApiError::bad(e.to_string()))?;
+    let relay_url = s.store.relay(&relay).await?.map(|r| r.public_url).unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionCreated {
+            session: id,
+            token,
+            relay,
+            relay_url,
+            node,
+            expected_ms: 0.0,
+            reason: "spectator of a running session".into(),
         }),
     ))
 }

@@ -411,6 +411,12 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<Option<i64>, _>(2)?.is_some()))).transpose()
     }
 
+    /// A session's title.
+    pub async fn session_title(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT title FROM sessions WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok(r.try_get(0)?)).transpose()
+    }
+
     /// Running sessions started at or after `since`, counted per node: places taken by
     /// players who were matched but whose node has not reported them yet.
     pub async fn recent_sessions_per_node(&self, since: i64) -> Result<HashMap<String, i64>, StoreError> {

@@ -1,5 +1,6 @@
 //! The catalog page players start from: `/` lists the titles, `/play/<title>` matches
-//! and sends the browser to its relay. Plain ES modules from `web-client/`, built into
+//! and sends the browser to its relay, `/watch/<session>` sends a spectator to a running
+//! session's relay. Plain ES modules from `web-client/`, built into
 //! the binary.
 
 use axum::Router;
@@ -20,6 +21,7 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", CATALOG_HTML) }))
         .route("/play/{title}", get(|| async { asset("text/html; charset=utf-8", CATALOG_HTML) }))
+        .route("/watch/{session}", get(|| async { asset("text/html; charset=utf-8", CATALOG_HTML) }))
         .route("/catalog.js", get(|| async { asset("text/javascript; charset=utf-8", CATALOG_JS) }))
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
 }

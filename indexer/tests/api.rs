@@ -139,8 +139,16 @@ async fn match_mint_and_meter_a_session() {
     .await;
     assert!(!verify(spec["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap().may_send_input());
 
-    // Only the session's relay or node (signed) ends it, and it is metered once.
+    // Anyone with the session id may watch it, never play it.
     let id = created["session"].as_str().unwrap().to_string();
+    let (status, watch) = call(&s, post(&format!("/api/v1/sessions/{id}/spectate"), &json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{watch}");
+    let claims = verify(watch["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap();
+    assert_eq!((claims.role, claims.session_hex(), claims.relay.as_str()), (Role::Spectator, id.clone(), "relay-1"));
+    let (status, _) = call(&s, post("/api/v1/sessions/00000000000000000000000000000000/spectate", &json!({}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Only the session's relay or node (signed) ends it, and it is metered once.
     assert!(s.store.session_running(&id).await.unwrap());
     let path = format!("/api/v1/sessions/{id}/end");
     let why = json!({"reason": "player left"});
@@ -154,6 +162,8 @@ async fn match_mint_and_meter_a_session() {
     let (status, reply) = call(&s, signed("/api/v1/relays/relay-1/heartbeat", &hb, &relay)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(reply["ended_sessions"], json!([id]), "{reply}");
+    let (status, _) = call(&s, post(&format!("/api/v1/sessions/{id}/spectate"), &json!({}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an ended session cannot be watched");
     let (_, usage) = call(&s, Request::get("/api/v1/usage").body(Body::empty()).unwrap()).await;
     assert_eq!(usage[0]["provider"], "alice");
     assert_eq!(usage[0]["sessions"], 2);
