@@ -191,6 +191,8 @@ struct Source {
     last_seq: Option<u64>,
     last_keyframe_request: Option<Instant>,
     keyframe_pending: bool,
+    /// This stream's counters (Prometheus, labelled by stream).
+    counters: crate::metrics::StreamCounters,
 }
 
 impl Source {
@@ -222,6 +224,7 @@ impl Source {
         self.last_keyframe_request = Some(now);
         if self.control.try_send(ToNode::Control(ControlMessage::KeyframeRequest)).is_ok() {
             metrics.keyframe_requests_upstream.inc();
+            self.counters.keyframe_requests.inc();
         }
     }
 
@@ -399,13 +402,18 @@ pub async fn run(
     Ok(())
 }
 
+/// A stream's label: the node's pool id, or its connection number outside a pool.
+fn stream_label(connection: u64, hello: &StreamHello) -> String {
+    if hello.node.is_empty() { format!("connection-{connection}") } else { hello.node.clone() }
+}
+
 /// Viewers per stream, labelled by the node's pool id (or the connection number).
 fn update_stream_gauges(viewers: &[Viewer], sources: &Sources, metrics: &RelayMetrics) {
     metrics.stream_viewers.clear();
     for (id, s) in sources {
         let n = viewers.iter().filter(|v| v.source == Some(*id) && v.rtc.is_alive()).count();
-        let stream = if s.hello.node.is_empty() { format!("connection-{id}") } else { s.hello.node.clone() };
-        metrics.stream_viewers.get_or_create(&crate::metrics::StreamLabel { stream }).set(n as i64);
+        let label = crate::metrics::StreamLabel { stream: stream_label(*id, &s.hello) };
+        metrics.stream_viewers.get_or_create(&label).set(n as i64);
     }
 }
 
@@ -628,7 +636,14 @@ fn handle_ingest(
 ) {
     match ev {
         IngestEvent::StreamStarted { node, hello, control } => {
-            let mut s = Source { hello, control, last_seq: None, last_keyframe_request: None, keyframe_pending: false };
+            let mut s = Source {
+                counters: metrics.stream_counters(&stream_label(node, &hello)),
+                hello,
+                control,
+                last_seq: None,
+                last_keyframe_request: None,
+                keyframe_pending: false,
+            };
             s.request_keyframe(Instant::now(), metrics);
             // Viewers move to the new stream: those of its node in a pool (it reconnected),
             // every viewer outside one (the newest node is the stream). They rebase their
@@ -674,6 +689,8 @@ fn handle_ingest(
                 metrics.dropped("bad_rtp");
                 return;
             };
+            s.counters.packets_in.inc();
+            s.counters.bytes_in.inc_by(packet.len() as u64);
             let ext_seq = s.extend(rtp.header.sequence);
             let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
             // Playout delay min = max = 0: render each frame as soon as it is decoded.
@@ -707,6 +724,7 @@ fn handle_ingest(
                     v.last_ts = ts;
                 }
                 metrics.rtp_out_packets.inc();
+                s.counters.packets_out.inc();
                 let drained = drain(v, socket, metrics);
                 if rtp.header.marker {
                     // Relay time of the frame's last packet: arrival to handed to the socket.

@@ -7,6 +7,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+/// One stream's counters, resolved once so the packet path only increments atomics.
+#[derive(Debug, Clone)]
+pub struct StreamCounters {
+    /// Packets in.
+    pub packets_in: Counter,
+    /// Bytes in.
+    pub bytes_in: Counter,
+    /// Packets out (all viewers).
+    pub packets_out: Counter,
+    /// Keyframe requests upstream.
+    pub keyframe_requests: Counter,
+}
+
 /// Which node stream a per-stream metric is about.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabel {
@@ -48,6 +61,14 @@ pub struct RelayMetrics {
     pub viewers: Gauge,
     /// Viewers per node stream.
     pub stream_viewers: Family<StreamLabel, Gauge>,
+    /// RTP packets received per node stream.
+    pub stream_packets_in: Family<StreamLabel, Counter>,
+    /// RTP bytes received per node stream.
+    pub stream_bytes_in: Family<StreamLabel, Counter>,
+    /// RTP packets sent to viewers per node stream.
+    pub stream_packets_out: Family<StreamLabel, Counter>,
+    /// Keyframe requests sent to each node stream.
+    pub stream_keyframe_requests: Family<StreamLabel, Counter>,
     /// The player's bandwidth estimate (TWCC), bit/s.
     pub player_estimate_bps: Gauge,
     /// The bitrate last asked of the node for the player, bit/s.
@@ -99,6 +120,10 @@ impl RelayMetrics {
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
             stream_viewers: Family::default(),
+            stream_packets_in: Family::default(),
+            stream_bytes_in: Family::default(),
+            stream_packets_out: Family::default(),
+            stream_keyframe_requests: Family::default(),
             player_estimate_bps: Gauge::default(),
             player_target_bps: Gauge::default(),
             viewer_sessions: Counter::default(),
@@ -129,6 +154,14 @@ impl RelayMetrics {
         r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
         r.register("viewers", "Viewers connected", m.viewers.clone());
         r.register("stream_viewers", "Viewers per node stream", m.stream_viewers.clone());
+        r.register("stream_packets_in", "RTP packets received per node stream", m.stream_packets_in.clone());
+        r.register("stream_bytes_in", "RTP bytes received per node stream", m.stream_bytes_in.clone());
+        r.register("stream_packets_out", "RTP packets sent to viewers per node stream", m.stream_packets_out.clone());
+        r.register(
+            "stream_keyframe_requests",
+            "Keyframe requests sent per node stream",
+            m.stream_keyframe_requests.clone(),
+        );
         r.register("player_estimate_bps", "The player's bandwidth estimate (TWCC)", m.player_estimate_bps.clone());
         r.register("player_target_bps", "Bitrate last asked of the node for the player", m.player_target_bps.clone());
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
@@ -150,6 +183,17 @@ impl RelayMetrics {
         r.register("udp_send_errors", "UDP sends to viewers that failed", m.udp_send_errors.clone());
         r.register("udp_unknown", "UDP datagrams no viewer accepted", m.udp_unknown.clone());
         RelayMetrics { registry: Arc::new(r), ..m }
+    }
+
+    /// The counters of stream `stream`.
+    pub fn stream_counters(&self, stream: &str) -> StreamCounters {
+        let label = StreamLabel { stream: stream.to_string() };
+        StreamCounters {
+            packets_in: self.stream_packets_in.get_or_create(&label).clone(),
+            bytes_in: self.stream_bytes_in.get_or_create(&label).clone(),
+            packets_out: self.stream_packets_out.get_or_create(&label).clone(),
+            keyframe_requests: self.stream_keyframe_requests.get_or_create(&label).clone(),
+        }
     }
 
     /// Counts a dropped ingest packet.

@@ -70,6 +70,10 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     assert_eq!(metric(&relay, &format!("pylon_relay_stream_viewers{{stream=\"{POOL_NODE}\"}}")), 1.0, "{relay}");
     assert_eq!(metric(&relay, "pylon_relay_stream_viewers{stream=\"node-other\"}"), 0.0, "{relay}");
     assert_eq!(metric(&relay, "pylon_relay_nodes_connected"), 2.0, "{relay}");
+    let out = |stream: &str| metric(&relay, &format!("pylon_relay_stream_packets_out_total{{stream=\"{stream}\"}}"));
+    let inn = |stream: &str| metric(&relay, &format!("pylon_relay_stream_packets_in_total{{stream=\"{stream}\"}}"));
+    assert!(out(POOL_NODE) > 0.0 && inn("node-other") > 0.0, "{relay}");
+    assert_eq!(out("node-other"), 0.0, "nobody watches the other node's stream: {relay}");
     let sample = b.eval(SAMPLE_VIDEO).await;
     assert!(sample["hull"].as_u64().unwrap_or(0) > 100, "the player sees its own game: {sample}");
 
