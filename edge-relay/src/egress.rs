@@ -36,6 +36,8 @@ pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// Payload type of H.264 (constrained baseline, packetization mode 1) in our SDP, and its RTX.
 const H264_PT: u8 = 108;
 const H264_RTX_PT: u8 = 109;
+/// Ingest events handled before the viewers are drained.
+const INGEST_BATCH: usize = 64;
 /// Packets kept per viewer to answer NACKs from (RTX): ~0.5 s at 6 Mbit/s, and most of a
 /// viewer's memory (about 1.6 KiB each).
 pub const RTX_BUFFER_PACKETS: usize = 300;
@@ -167,6 +169,10 @@ struct Viewer {
     source: Option<u64>,
     /// In a pool, the node its session runs on: it watches that node's stream only.
     wants_node: Option<String>,
+    /// Packets were written since the last drain (drained once per batch of ingest).
+    dirty: bool,
+    /// Arrival of the last frame's last packet written, for `relay_us` once it is sent.
+    frame_arrival: Option<Instant>,
 }
 
 impl Viewer {
@@ -335,7 +341,24 @@ pub async fn run(
             }
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
+                // A frame arrives as a burst of packets: take what is queued (up to a bound),
+                // then drain each viewer once — one pass over str0m's output per burst
+                // rather than per packet.
                 handle_ingest(ev, &mut viewers, &mut sources, &socket, &metrics);
+                for _ in 0..INGEST_BATCH {
+                    let Ok(ev) = ingest.try_recv() else { break };
+                    handle_ingest(ev, &mut viewers, &mut sources, &socket, &metrics);
+                }
+                let now = Instant::now();
+                for v in viewers.iter_mut().filter(|v| v.dirty) {
+                    v.dirty = false;
+                    let drained = drain(v, &socket, &metrics);
+                    if let Some(arrival) = v.frame_arrival.take() {
+                        // Relay time of the frame's last packet: arrival to handed to the socket.
+                        v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    }
+                    forward(drained, v.source, &mut sources, now, &metrics);
+                }
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
@@ -475,6 +498,8 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         rate: player.then(|| RateController::new(PLAYER_MIN_BPS, PLAYER_MAX_BPS)),
         source: None,
         wants_node: None,
+        dirty: false,
+        frame_arrival: None,
     };
     Ok((viewer, with_rrtr(&answer.to_sdp_string())))
 }
@@ -725,12 +750,10 @@ fn handle_ingest(
                 }
                 metrics.rtp_out_packets.inc();
                 s.counters.packets_out.inc();
-                let drained = drain(v, socket, metrics);
+                v.dirty = true;
                 if rtp.header.marker {
-                    // Relay time of the frame's last packet: arrival to handed to the socket.
-                    v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    v.frame_arrival = Some(arrival);
                 }
-                s.deliver(drained, arrival, metrics);
             }
         }
     }
