@@ -173,6 +173,68 @@ struct Viewer {
     dirty: bool,
     /// Arrival of the last frame's last packet written, for `relay_us` once it is sent.
     frame_arrival: Option<Instant>,
+    /// Datagrams waiting to leave in one send (reused).
+    tx_buf: Vec<u8>,
+}
+
+/// The viewers' UDP socket and its segmentation-offload state (quinn-udp).
+pub struct UdpOut {
+    socket: tokio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    max_segments: usize,
+}
+
+impl UdpOut {
+    fn new(socket: tokio::net::UdpSocket) -> anyhow::Result<Self> {
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).context("preparing the viewer socket")?;
+        let max_segments = state.max_gso_segments().clamp(1, 16);
+        Ok(Self { socket, state, max_segments })
+    }
+}
+
+/// Consecutive datagrams to one destination, all the same size but the last: one
+/// `sendmsg` with UDP_SEGMENT (GSO) where the kernel supports it.
+#[derive(Default)]
+struct GsoBatch {
+    destination: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn push(&mut self, udp: &UdpOut, buf: &mut Vec<u8>, destination: SocketAddr, data: &[u8], metrics: &RelayMetrics) {
+        let fits = self.destination == Some(destination)
+            && !self.closed
+            && data.len() <= self.segment
+            && self.count < udp.max_segments;
+        if !fits {
+            self.flush(udp, buf, metrics);
+            self.destination = Some(destination);
+            self.segment = data.len();
+        }
+        buf.extend_from_slice(data);
+        self.count += 1;
+        // A shorter datagram can only be the last of a batch.
+        self.closed = data.len() < self.segment;
+    }
+
+    fn flush(&mut self, udp: &UdpOut, buf: &mut Vec<u8>, metrics: &RelayMetrics) {
+        if let Some(destination) = self.destination.filter(|_| self.count > 0) {
+            let transmit = quinn_udp::Transmit {
+                destination,
+                ecn: None,
+                contents: buf,
+                segment_size: (self.count > 1).then_some(self.segment),
+                src_ip: None,
+            };
+            if udp.state.send((&udp.socket).into(), &transmit).is_err() {
+                metrics.udp_send_errors.inc();
+            }
+        }
+        buf.clear();
+        *self = Self::default();
+    }
 }
 
 impl Viewer {
@@ -289,6 +351,7 @@ pub async fn run(
     pool: Option<Pool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let udp = UdpOut::new(socket)?;
     let mut viewers: Vec<Viewer> = Vec::new();
     let mut sources = Sources::new();
     let mut next_id: u64 = 1;
@@ -299,7 +362,7 @@ pub async fn run(
         // input, so this loop stays O(due viewers) per event, not O(all viewers).
         for v in viewers.iter_mut().filter(|v| v.next_timeout <= now) {
             let _ = v.rtc.handle_input(Input::Timeout(now));
-            let drained = drain(v, &socket, &metrics);
+            let drained = drain(v, &udp, &metrics);
             forward(drained, v.source, &mut sources, now, &metrics);
         }
         retain_alive(&mut viewers, &mut sources, pool.as_ref(), &metrics);
@@ -309,7 +372,7 @@ pub async fn run(
         let next = viewers.iter().map(|v| v.next_timeout).min().unwrap_or(now + Duration::from_millis(100));
         let next = next.min(now + Duration::from_millis(100)).max(now);
         tokio::select! {
-            r = socket.recv_from(&mut buf) => {
+            r = udp.socket.recv_from(&mut buf) => {
                 let (n, from) = match r {
                     Ok(r) => r,
                     Err(e) => {
@@ -331,7 +394,7 @@ pub async fn run(
                             tracing::debug!(viewer = v.id, "viewer input error: {e}");
                             v.rtc.disconnect();
                         }
-                        let drained = drain(v, &socket, &metrics);
+                        let drained = drain(v, &udp, &metrics);
                         forward(drained, v.source, &mut sources, now, &metrics);
                     }
                     None => {
@@ -344,15 +407,15 @@ pub async fn run(
                 // A frame arrives as a burst of packets: take what is queued (up to a bound),
                 // then drain each viewer once — one pass over str0m's output per burst
                 // rather than per packet.
-                handle_ingest(ev, &mut viewers, &mut sources, &socket, &metrics);
+                handle_ingest(ev, &mut viewers, &mut sources, &udp, &metrics);
                 for _ in 0..INGEST_BATCH {
                     let Ok(ev) = ingest.try_recv() else { break };
-                    handle_ingest(ev, &mut viewers, &mut sources, &socket, &metrics);
+                    handle_ingest(ev, &mut viewers, &mut sources, &udp, &metrics);
                 }
                 let now = Instant::now();
                 for v in viewers.iter_mut().filter(|v| v.dirty) {
                     v.dirty = false;
-                    let drained = drain(v, &socket, &metrics);
+                    let drained = drain(v, &udp, &metrics);
                     if let Some(arrival) = v.frame_arrival.take() {
                         // Relay time of the frame's last packet: arrival to handed to the socket.
                         v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
@@ -419,7 +482,7 @@ pub async fn run(
     }
     for v in viewers.iter_mut() {
         v.rtc.disconnect();
-        let _ = drain(v, &socket, &metrics);
+        let _ = drain(v, &udp, &metrics);
     }
     retain_alive(&mut viewers, &mut sources, pool.as_ref(), &metrics);
     Ok(())
@@ -500,6 +563,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         wants_node: None,
         dirty: false,
         frame_arrival: None,
+        tx_buf: Vec::with_capacity(16 * 1500),
     };
     Ok((viewer, with_rrtr(&answer.to_sdp_string())))
 }
@@ -517,27 +581,28 @@ fn with_rrtr(sdp: &str) -> String {
 /// node must hear: a keyframe request (the viewer just connected, or sent PLI/FIR) and
 /// the player's input.
 #[must_use]
-fn drain(v: &mut Viewer, socket: &tokio::net::UdpSocket, metrics: &RelayMetrics) -> Drained {
+fn drain(v: &mut Viewer, udp: &UdpOut, metrics: &RelayMetrics) -> Drained {
     let mut out = Drained::default();
+    // A frame's packets to one viewer leave in as few segmentation-offload sends as the
+    // kernel allows, rather than one system call each.
+    let mut batch = GsoBatch::default();
     loop {
         let output = match v.rtc.poll_output() {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(viewer = v.id, "viewer session failed: {e}");
                 v.rtc.disconnect();
+                batch.flush(udp, &mut v.tx_buf, metrics);
                 return out;
             }
         };
         match output {
             Output::Timeout(t) => {
                 v.next_timeout = t;
+                batch.flush(udp, &mut v.tx_buf, metrics);
                 return out;
             }
-            Output::Transmit(t) => {
-                if socket.try_send_to(&t.contents, t.destination).is_err() {
-                    metrics.udp_send_errors.inc();
-                }
-            }
+            Output::Transmit(t) => batch.push(udp, &mut v.tx_buf, t.destination, &t.contents, metrics),
             Output::Event(e) => match e {
                 Event::Connected => {
                     v.connected = true;
@@ -656,7 +721,7 @@ fn handle_ingest(
     ev: IngestEvent,
     viewers: &mut [Viewer],
     sources: &mut Sources,
-    socket: &tokio::net::UdpSocket,
+    socket: &UdpOut,
     metrics: &RelayMetrics,
 ) {
     match ev {
