@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, metric, relay_metrics, start_platform_advertising};
+use common::{Browser, metric, relay_metrics, start_platform_advertising, start_platform_impaired_uplink};
 use pylon_proto::impair::LossModel;
 use pylon_relay::impair::{ImpairConfig, start};
 use std::sync::atomic::Ordering;
@@ -149,4 +149,48 @@ async fn a_four_megabit_cap_brings_the_encoder_down() {
     let kbps = r["encoder_bitrate_kbps"].as_f64().unwrap();
     assert!(kbps > 0.0 && kbps <= 4000.0, "the encoder settled under the cap: {r}");
     assert!(r["fps"].as_f64().unwrap() > 30.0, "the game keeps playing: {r}");
+}
+
+/// Loss between the render node and the relay (QUIC datagrams through the proxy): the relay
+/// asks the node once per gap, the node resends from its cache, and the browser never
+/// notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_loss_is_repaired_once_for_every_viewer() {
+    let config = ImpairConfig {
+        loss: LossModel::Random(0.03),
+        delay: Duration::from_millis(5),
+        jitter: Duration::ZERO,
+        reorder: 0.0,
+        rate_bps: None,
+        seed: 3,
+    };
+    let platform = start_platform_impaired_uplink(1280, 720, 60, config).await;
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30", Duration::from_secs(60)).await;
+    let start_stats = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let end = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let n = |k: &str| end[k].as_f64().unwrap_or(0.0) - start_stats[k].as_f64().unwrap_or(0.0);
+    let relay = relay_metrics(platform.relay.http_addr).await;
+    let report = serde_json::json!({
+        "run": "3% upstream loss",
+        "proxy_lost": platform.uplink_proxy.as_ref().unwrap().stats.lost.load(Ordering::Relaxed),
+        "relay_upstream_nacks": metric(&relay, "pylon_relay_upstream_nacks"),
+        "relay_upstream_repaired": metric(&relay, "pylon_relay_upstream_repaired"),
+        "relay_upstream_given_up": metric(&relay, "pylon_relay_upstream_given_up"),
+        "node_resent": platform.server_metrics_value("pylon_server_rtp_resent"),
+        "fps": n("framesDecoded") / 10.0,
+        "freezes": n("freezeCount"),
+        "browser_nacks": n("nackCount"),
+        "plis": n("pliCount"),
+    });
+    println!("{report}");
+    assert!(report["proxy_lost"].as_u64().unwrap() > 50, "the proxy did lose datagrams: {report}");
+    assert!(report["relay_upstream_repaired"].as_f64().unwrap() > 20.0, "the relay got them back: {report}");
+    assert!(report["node_resent"].as_f64().unwrap() >= report["relay_upstream_repaired"].as_f64().unwrap());
+    assert!(report["fps"].as_f64().unwrap() > 40.0, "the game keeps playing: {report}");
+    assert_eq!(report["plis"].as_f64().unwrap(), 0.0, "no keyframe was needed: {report}");
+    b.close().await;
+    platform.stop().await;
 }

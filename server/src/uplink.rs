@@ -119,6 +119,10 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.datagram_receive_buffer_size(Some(SOCKET_BUFFER));
     // Start at a size that fits a whole RTP packet; MTU discovery may raise it.
     t.initial_mtu(1400);
+    // BBR, not a loss-based controller: a few percent of random loss on the way to the
+    // relay must not throttle the stream below the video's bitrate (the relay repairs
+    // the loss; the player's own congestion feedback sets the bitrate).
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     t
 }
 

@@ -27,6 +27,8 @@ pub struct Platform {
     data_dir: PathBuf,
     /// The indexer's HTTP address, when the platform runs as a pool.
     pub indexer: Option<std::net::SocketAddr>,
+    /// The impairment proxy between node and relay, when the platform has one.
+    pub uplink_proxy: Option<pylon_relay::impair::ImpairHandle>,
 }
 
 impl Platform {
@@ -70,7 +72,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
-    start(width, height, fps, early_frames, false, None).await
+    start(width, height, fps, early_frames, false, None, None).await
 }
 
 /// Like [`start_platform`], with the relay announcing `advertise` as its ICE candidate (an
@@ -81,7 +83,7 @@ pub async fn start_platform_advertising(
     fps: u32,
     advertise: std::net::SocketAddr,
 ) -> Platform {
-    start(width, height, fps, true, false, Some(advertise)).await
+    start(width, height, fps, true, false, Some(advertise), None).await
 }
 
 /// The node id and relay id of a pooled platform.
@@ -91,7 +93,18 @@ pub const POOL_RELAY: &str = "relay-e2e";
 /// The whole platform as a pool: an indexer (SQLite, the demo title), a relay and a render
 /// node that register and heartbeat with it, and admit players by session token.
 pub async fn start_pool(width: u32, height: u32, fps: u32) -> Platform {
-    start(width, height, fps, true, true, None).await
+    start(width, height, fps, true, true, None, None).await
+}
+
+/// Like [`start_platform`], with the node reaching the relay through an impairment proxy
+/// (its QUIC datagrams lost, delayed… as `impair` says).
+pub async fn start_platform_impaired_uplink(
+    width: u32,
+    height: u32,
+    fps: u32,
+    impair: pylon_relay::impair::ImpairConfig,
+) -> Platform {
+    start(width, height, fps, true, false, None, Some(impair)).await
 }
 
 /// Starts an indexer on a free loopback port; returns its address.
@@ -133,6 +146,7 @@ async fn start(
     early_frames: bool,
     pooled: bool,
     advertise_addr: Option<std::net::SocketAddr>,
+    uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
 ) -> Platform {
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
@@ -160,6 +174,14 @@ async fn start(
     };
     tokio::spawn(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx)));
     let relay = started_rx.await.expect("relay started");
+    let uplink_proxy = match uplink_impair {
+        Some(config) => Some(
+            pylon_relay::impair::start(localhost(), relay.quic_addr, config, relay_shutdown.subscribe())
+                .await
+                .expect("impairment proxy starts"),
+        ),
+        None => None,
+    };
 
     let metrics = ServerMetrics::new();
     let (packet_tx, packet_rx) = mpsc::channel(4096);
@@ -217,7 +239,7 @@ async fn start(
         tokio::spawn(pylon_server::pool::run_membership(client, registration, gate.clone(), shutdown_rx.clone()));
     }
     let uplink_config = UplinkConfig {
-        relay: relay.quic_addr,
+        relay: uplink_proxy.as_ref().map_or(relay.quic_addr, |p| p.listen),
         relay_cert: relay.cert_path.clone(),
         server_name: "pylon-relay".into(),
         hello,
@@ -241,6 +263,7 @@ async fn start(
         relay_shutdown,
         data_dir,
         indexer,
+        uplink_proxy,
     }
 }
 
