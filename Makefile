@@ -11,7 +11,7 @@ DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
 	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
-TEST_PACKAGES := chromium chromium-driver
+TEST_PACKAGES := chromium chromium-driver procps
 
 CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081

@@ -377,6 +377,21 @@ impl Browser {
     }
 }
 
+/// Chromium outlives chromedriver when a test fails before `close`: kill every process
+/// that uses this browser's profile (`pkill`, from Debian's procps).
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self.profile.as_os_str())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
 }
