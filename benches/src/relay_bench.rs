@@ -360,6 +360,30 @@ struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     packets_per_second: f64,
+    /// The relay's own p50/p99 forwarding delay (upper bucket bounds), ms, where it reports one.
+    internal: Option<(f64, f64)>,
+}
+
+/// The cumulative buckets of `pylon_relay_forward_seconds`: (upper bound s, count).
+async fn buckets(http: SocketAddr) -> Vec<(f64, f64)> {
+    let text = match reqwest::get(format!("http://{http}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter(|l| l.starts_with("pylon_relay_forward_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The upper bound (ms) of the bucket holding quantile `q` of cumulative buckets.
+fn bucket_quantile(cumulative: &[(f64, f64)], q: f64) -> f64 {
+    let total = cumulative.last().map_or(0.0, |(_, n)| *n);
+    cumulative.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |(le, _)| le * 1000.0)
 }
 
 /// Connects the viewers, warms up, measures the relay process `pid` for `seconds`.
@@ -408,6 +432,7 @@ where
             p50_ms: percentile(&samples, 0.5),
             p99_ms: percentile(&samples, 0.99),
             packets_per_second: received as f64 / elapsed,
+            internal: None,
         },
         stop_tx,
         tasks,
@@ -483,8 +508,21 @@ async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
         }))
     };
     eprintln!("pylon-relay: {} viewers…", args.viewers);
-    let (m, stop, tasks) =
+    // The relay's own forwarding delay, from its histogram over the measured window.
+    let window_start = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            while !clock.measuring.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            buckets(http).await
+        })
+    };
+    let (mut m, stop, tasks) =
         measure(args, pid, clock.clone(), move |clock, stop| pylon_viewer(http, clock, stop)).await?;
+    let (before, after) = (window_start.await?, buckets(http).await);
+    let delta: Vec<(f64, f64)> = after.iter().zip(&before).map(|((le, a), (_, b))| (*le, a - b)).collect();
+    m.internal = Some((bucket_quantile(&delta, 0.5), bucket_quantile(&delta, 0.99)));
     eprintln!("pylon-relay: {m:?}");
     if args.soak_seconds > 0 {
         eprintln!("soaking {} s…", args.soak_seconds);
@@ -625,6 +663,8 @@ async fn main() -> anyhow::Result<()> {
         "pylon_added_latency_p50_ms": pylon.p50_ms,
         "pylon_added_latency_p99_ms": pylon.p99_ms,
         "pylon_packets_per_second_to_viewers": pylon.packets_per_second,
+        "pylon_relay_internal_p50_ms": pylon.internal.map(|i| i.0),
+        "pylon_relay_internal_p99_ms": pylon.internal.map(|i| i.1),
         "pylon_forwarded_packets_per_core_second": pylon.packets_per_second / (pylon.cpu_per_viewer * args.viewers as f64),
     });
     if let Some(j) = janus {

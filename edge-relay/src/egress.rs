@@ -173,6 +173,8 @@ struct Viewer {
     dirty: bool,
     /// Arrival of the last frame's last packet written, for `relay_us` once it is sent.
     frame_arrival: Option<Instant>,
+    /// Arrival of the oldest packet written since the last drain (the relay's own delay).
+    first_arrival: Option<Instant>,
     /// Datagrams waiting to leave in one send (reused).
     tx_buf: Vec<u8>,
 }
@@ -416,6 +418,10 @@ pub async fn run(
                 for v in viewers.iter_mut().filter(|v| v.dirty) {
                     v.dirty = false;
                     let drained = drain(v, &udp, &metrics);
+                    if let Some(first) = v.first_arrival.take() {
+                        // Ingest arrival → handed to the kernel, for the batch's oldest packet.
+                        metrics.forward_seconds.observe(first.elapsed().as_secs_f64());
+                    }
                     if let Some(arrival) = v.frame_arrival.take() {
                         // Relay time of the frame's last packet: arrival to handed to the socket.
                         v.relay_us = u32::try_from(arrival.elapsed().as_micros()).unwrap_or(u32::MAX);
@@ -563,6 +569,7 @@ fn accept_offer(sdp: &str, advertise: SocketAddr, id: u64, player: bool) -> Resu
         wants_node: None,
         dirty: false,
         frame_arrival: None,
+        first_arrival: None,
         tx_buf: Vec::with_capacity(16 * 1500),
     };
     Ok((viewer, with_rrtr(&answer.to_sdp_string())))
@@ -816,6 +823,7 @@ fn handle_ingest(
                 metrics.rtp_out_packets.inc();
                 s.counters.packets_out.inc();
                 v.dirty = true;
+                v.first_arrival.get_or_insert(arrival);
                 if rtp.header.marker {
                     v.frame_arrival = Some(arrival);
                 }

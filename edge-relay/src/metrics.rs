@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
@@ -59,6 +60,9 @@ pub struct RelayMetrics {
     pub bad_control_messages: Counter,
     /// Viewers connected now (WebRTC up).
     pub viewers: Gauge,
+    /// Time from a packet's arrival from the node to its hand-off to the kernel for a
+    /// viewer (the oldest packet of each batch), seconds.
+    pub forward_seconds: Histogram,
     /// Viewers per node stream.
     pub stream_viewers: Family<StreamLabel, Gauge>,
     /// RTP packets received per node stream.
@@ -119,6 +123,7 @@ impl RelayMetrics {
             ingest_dropped: Family::default(),
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
+            forward_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
             stream_viewers: Family::default(),
             stream_packets_in: Family::default(),
             stream_bytes_in: Family::default(),
@@ -153,6 +158,11 @@ impl RelayMetrics {
         r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());
         r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
         r.register("viewers", "Viewers connected", m.viewers.clone());
+        r.register(
+            "forward_seconds",
+            "Node packet arrival to hand-off to the kernel for a viewer",
+            m.forward_seconds.clone(),
+        );
         r.register("stream_viewers", "Viewers per node stream", m.stream_viewers.clone());
         r.register("stream_packets_in", "RTP packets received per node stream", m.stream_packets_in.clone());
         r.register("stream_bytes_in", "RTP bytes received per node stream", m.stream_bytes_in.clone());
