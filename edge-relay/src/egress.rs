@@ -268,16 +268,7 @@ struct Source {
 impl Source {
     /// Unwraps a 16-bit sequence number into a 64-bit one near the last seen.
     fn extend(&mut self, seq: u16) -> u64 {
-        let ext = match self.last_seq {
-            None => u64::from(seq) + (1 << 16),
-            Some(last) => {
-                let base = (last & !0xffff) | u64::from(seq);
-                [base.wrapping_sub(1 << 16), base, base + (1 << 16)]
-                    .into_iter()
-                    .min_by_key(|c| c.abs_diff(last))
-                    .unwrap_or(base)
-            }
-        };
+        let ext = pylon_proto::rtp::extend_sequence(self.last_seq, seq);
         if self.last_seq.is_none_or(|l| ext > l) {
             self.last_seq = Some(ext);
         }

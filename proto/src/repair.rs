@@ -139,23 +139,10 @@ impl UpstreamRepair {
         self.missing.len()
     }
 
-    fn extend(&self, seq: u16) -> u64 {
-        match self.highest {
-            None => u64::from(seq) + (1 << 16),
-            Some(last) => {
-                let base = (last & !0xffff) | u64::from(seq);
-                [base.wrapping_sub(1 << 16), base, base + (1 << 16)]
-                    .into_iter()
-                    .min_by_key(|c| c.abs_diff(last))
-                    .unwrap_or(base)
-            }
-        }
-    }
-
     /// Records packet `seq` arriving at `now`; returns `false` for a duplicate, which the
     /// caller should drop.
     pub fn on_packet(&mut self, seq: u16, now: Instant) -> bool {
-        let ext = self.extend(seq);
+        let ext = crate::rtp::extend_sequence(self.highest, seq);
         let Some(highest) = self.highest else {
             self.highest = Some(ext);
             return true;

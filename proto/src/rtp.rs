@@ -109,9 +109,32 @@ impl<'a> RtpPacket<'a> {
     }
 }
 
+/// Unwraps a 16-bit RTP sequence number into a 64-bit one: the candidate nearest to
+/// `highest`, the largest extended number seen so far (`None` before the first packet).
+pub fn extend_sequence(highest: Option<u64>, seq: u16) -> u64 {
+    match highest {
+        None => u64::from(seq) + (1 << 16),
+        Some(last) => {
+            let base = (last & !0xffff) | u64::from(seq);
+            [base.wrapping_sub(1 << 16), base, base + (1 << 16)]
+                .into_iter()
+                .min_by_key(|c| c.abs_diff(last))
+                .unwrap_or(base)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_numbers_extend_across_the_wrap_and_back() {
+        let first = extend_sequence(None, 65_535);
+        assert_eq!(extend_sequence(Some(first), 0), first + 1, "forward across the wrap");
+        assert_eq!(extend_sequence(Some(first + 1), 65_534), first - 1, "a late packet from before it");
+        assert_eq!(extend_sequence(Some(first), 65_535), first, "a duplicate");
+    }
 
     #[test]
     fn round_trip() {
