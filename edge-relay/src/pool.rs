@@ -6,7 +6,7 @@
 
 use ed25519_dalek::VerifyingKey;
 use pylon_indexer_client::api::{RegisterRelay, RelayHeartbeat};
-use pylon_indexer_client::{Client, ClientError};
+use pylon_indexer_client::{Client, ClientError, register_until_accepted};
 use pylon_proto::token::{self, Role};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -154,25 +154,11 @@ pub async fn run(
     mut ended: mpsc::UnboundedReceiver<(String, String)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        match client.register_relay(&registration).await {
-            Ok(key) => {
-                pool.set_key(key);
-                tracing::info!(relay = %registration.id, indexer = %client.base(), "registered with the indexer");
-                break;
-            }
-            Err(e) if e.is_refusal() => return Err(e),
-            Err(e) => {
-                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = crate::stopped(&mut shutdown) => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let Some(key) = register_until_accepted(|| client.register_relay(&registration), &mut shutdown).await? else {
+        return Ok(());
+    };
+    pool.set_key(key);
+    tracing::info!(relay = %registration.id, indexer = %client.base(), "registered with the indexer");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -7,7 +7,7 @@
 
 use ed25519_dalek::VerifyingKey;
 use pylon_indexer_client::api::{NodeHeartbeat, RegisterNode};
-use pylon_indexer_client::{Client, ClientError};
+use pylon_indexer_client::{Client, ClientError, register_until_accepted};
 use pylon_proto::token::{self, Role, TokenError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -121,25 +121,11 @@ pub async fn run_membership(
     gate: SessionGate,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        match client.register_node(&registration).await {
-            Ok(key) => {
-                gate.set_key(key);
-                tracing::info!(node = %registration.id, indexer = %client.base(), "registered with the indexer");
-                break;
-            }
-            Err(e) if e.is_refusal() => return Err(e),
-            Err(e) => {
-                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let Some(key) = register_until_accepted(|| client.register_node(&registration), &mut shutdown).await? else {
+        return Ok(());
+    };
+    gate.set_key(key);
+    tracing::info!(node = %registration.id, indexer = %client.base(), "registered with the indexer");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

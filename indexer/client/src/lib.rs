@@ -84,6 +84,34 @@ impl ClientError {
     }
 }
 
+/// Calls `register` until the indexer accepts (returning its token key), backing off from
+/// 250 ms to 5 s between passing failures. `Ok(None)`: `shutdown` turned true first;
+/// `Err`: the indexer refused for good (see [`ClientError::is_refusal`]).
+pub async fn register_until_accepted<F, Fut>(
+    mut register: F,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<VerifyingKey>, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<VerifyingKey, ClientError>>,
+{
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match register().await {
+            Ok(key) => return Ok(Some(key)),
+            Err(e) if e.is_refusal() => return Err(e),
+            Err(e) => {
+                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(None),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// A node's or relay's connection to the indexer.
 #[derive(Debug, Clone)]
 pub struct Client {
