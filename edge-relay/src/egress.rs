@@ -38,9 +38,16 @@ const H264_PT: u8 = 108;
 const H264_RTX_PT: u8 = 109;
 /// Ingest events handled before the viewers are drained.
 const INGEST_BATCH: usize = 64;
-/// Packets kept per viewer to answer NACKs from (RTX): ~0.5 s at 6 Mbit/s, and most of a
-/// viewer's memory (about 1.6 KiB each).
-pub const RTX_BUFFER_PACKETS: usize = 300;
+/// How long a sent packet stays available to answer a viewer's NACK (RTX): many round
+/// trips of any last hop; a packet older than that belongs to a frame too old to show.
+pub const RTX_CACHE_AGE: Duration = Duration::from_secs(1);
+/// Upper bound on the packets that cache holds per viewer (1 s of a ~25 Mbit/s stream).
+/// The payloads are shared by every viewer of a stream (one `Arc` per node packet), so
+/// a viewer's share is only str0m's packet header state (a few hundred bytes each).
+pub const RTX_CACHE_PACKETS: usize = 2500;
+/// str0m's default: queued resends are dropped while retransmissions exceed 15 % of a
+/// viewer's bytes (a hopeless link is not flooded further).
+const RTX_RATIO_CAP: Option<f32> = Some(0.15);
 /// Kernel UDP buffer size for the viewer socket.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -316,18 +323,22 @@ impl Source {
 }
 
 fn rtc_config(player: bool) -> RtcConfig {
-    // Stats once a second: the viewers' NACK counts for /metrics.
-    // The RTX send buffer: about half a second of a 6 Mbit/s stream — many round trips of
-    // any last hop; a packet older than that belongs to a frame too old to show.
+    // Stats once a second: the viewers' NACK counts for /metrics. The RTX cache is sized
+    // by time once the video stream exists (see `RTX_CACHE_AGE`).
     let mut config = RtcConfig::new()
         .clear_codecs()
         .set_rtp_mode(true)
         .set_stats_interval(Some(Duration::from_secs(1)))
-        .set_send_buffer_video(RTX_BUFFER_PACKETS);
+        .set_send_buffer_video(RTX_CACHE_PACKETS);
     config.codec_config().add_h264(H264_PT.into(), Some(H264_RTX_PT.into()), true, 0x42e01f);
+    if !player {
+        // Transport-wide sequence numbers only feed the bandwidth estimate, which only the
+        // player drives; without them a spectator's session keeps no send history for
+        // TWCC (about 90 KiB each).
+        config = config.clear_extension_map();
+    }
     config
         .set_extension(4, str0m::rtp::Extension::RtpMid)
-        .set_extension(3, str0m::rtp::Extension::TransportSequenceNumber)
         .set_extension(12, str0m::rtp::Extension::PlayoutDelay)
         .set_extension(13, str0m::rtp::Extension::AbsoluteCaptureTime)
         // Congestion control (TWCC) for the player only: its path sets the bitrate.
@@ -614,6 +625,9 @@ fn drain(v: &mut Viewer, udp: &UdpOut, metrics: &RelayMetrics) -> Drained {
                 }
                 Event::MediaAdded(m) if m.kind == MediaKind::Video => {
                     v.mid = Some(m.mid);
+                    if let Some(stream) = v.rtc.direct_api().stream_tx_by_mid(m.mid, None) {
+                        stream.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, RTX_RATIO_CAP);
+                    }
                     v.pt = v
                         .rtc
                         .codec_config()
@@ -781,6 +795,8 @@ fn handle_ingest(
             s.counters.bytes_in.inc_by(packet.len() as u64);
             let ext_seq = s.extend(rtp.header.sequence);
             let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
+            // One copy of the payload for every viewer (and every viewer's RTX cache).
+            let payload: std::sync::Arc<[u8]> = rtp.payload.into();
             // Playout delay min = max = 0: render each frame as soon as it is decoded.
             let exts = ExtensionValues {
                 play_delay_min: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
@@ -802,7 +818,7 @@ fn handle_ingest(
                 let ts = rtp.header.timestamp.wrapping_add(v.ts_offset);
                 let mut api = v.rtc.direct_api();
                 let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
-                let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, arrival, rtp.payload.to_vec())
+                let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, arrival, payload.clone())
                     .marker(rtp.header.marker)
                     .ext_vals(exts.clone())
                     .nackable(true);

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Largest signalling message accepted (an SDP offer is a few KB).
 pub const MAX_SIGNAL_MESSAGE: usize = 64 * 1024;
+/// Read buffer of a signalling WebSocket.
+const SIGNAL_READ_BUFFER: usize = 4 * 1024;
 
 /// Shared state of the HTTP handlers.
 #[derive(Debug, Clone)]
@@ -87,7 +89,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
-    ws.max_message_size(MAX_SIGNAL_MESSAGE).on_upgrade(move |socket| signal(socket, state))
+    // Signalling is a few small JSON messages per viewer: a 4 KiB read buffer instead of
+    // tungstenite's 128 KiB default keeps it from being the largest part of a viewer's
+    // memory (messages larger than the buffer are still read, up to the size limit).
+    ws.max_message_size(MAX_SIGNAL_MESSAGE)
+        .max_frame_size(MAX_SIGNAL_MESSAGE)
+        .read_buffer_size(SIGNAL_READ_BUFFER)
+        .on_upgrade(move |socket| signal(socket, state))
 }
 
 #[derive(Debug, Deserialize)]
