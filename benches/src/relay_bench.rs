@@ -170,9 +170,15 @@ impl Viewer {
         Ok(Self { rtc, socket, local })
     }
 
-    /// Drives the session until `stop`, timing every RTP packet that arrives.
+    /// Drives the session until `stop`, timing every RTP packet that arrives. A packet's
+    /// arrival is the kernel's receive timestamp of its datagram (SO_TIMESTAMPNS), so the
+    /// figure is the relay's added delay plus loopback, not this client's own scheduling
+    /// and decryption on a busy machine.
     async fn run(mut self, clock: Arc<Clock>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
         let mut buf = vec![0u8; 2048];
+        nix::sys::socket::setsockopt(&self.socket, nix::sys::socket::sockopt::ReceiveTimestampns, &true)?;
+        let mut arrival = Instant::now();
         loop {
             let timeout = match self.rtc.poll_output()? {
                 Output::Timeout(t) => t,
@@ -181,7 +187,8 @@ impl Viewer {
                     continue;
                 }
                 Output::Event(Event::RtpPacket(p)) => {
-                    let now = Instant::now();
+                    // Decrypted from the datagram just handled.
+                    let now = arrival;
                     clock.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if clock.measuring.load(std::sync::atomic::Ordering::Relaxed)
                         && let Some(sent) = clock.sent.lock().unwrap().get(&payload_key(&p.payload))
@@ -194,8 +201,13 @@ impl Viewer {
                 Output::Event(_) => continue,
             };
             tokio::select! {
-                r = self.socket.recv_from(&mut buf) => {
-                    let (n, from) = r?;
+                r = self.socket.readable() => {
+                    r?;
+                    let fd = self.socket.as_raw_fd();
+                    let Ok((n, from, at)) = self.socket.try_io(tokio::io::Interest::READABLE, || recv_timestamped(fd, &mut buf)) else {
+                        continue;
+                    };
+                    arrival = at;
                     if let Ok(receive) = Receive::new(Protocol::Udp, from, self.local, &buf[..n]) {
                         self.rtc.handle_input(Input::Receive(Instant::now(), receive))?;
                     }
@@ -207,6 +219,30 @@ impl Viewer {
             }
         }
     }
+}
+
+/// Receives one datagram with its kernel receive time (SO_TIMESTAMPNS, wall clock)
+/// mapped onto `Instant`.
+fn recv_timestamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Instant)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let mut at = now;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmTimestampns(ts) = c {
+            let kernel = std::time::UNIX_EPOCH + Duration::from(ts);
+            // How long ago the kernel took it, on the wall clock read just now.
+            at = now.checked_sub(wall.duration_since(kernel).unwrap_or_default()).unwrap_or(now);
+        }
+    }
+    let from = msg
+        .address
+        .and_then(|a| a.as_sockaddr_in().map(|a| SocketAddr::V4((*a).into())))
+        .ok_or_else(|| std::io::Error::other("datagram without an IPv4 source"))?;
+    Ok((msg.bytes, from, at))
 }
 
 /// Connects a viewer to Pylon's relay through its signalling WebSocket.

@@ -205,6 +205,7 @@ async fn serve_node(
     repair.set_rtt(conn.rtt());
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let (control_tx, mut control_rx) = mpsc::channel::<ToNode>(256);
+    let stream = metrics.stream_counters(&crate::forward::stream_label(node, &hello));
     events
         .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
         .await
@@ -224,6 +225,7 @@ async fn serve_node(
                         }
                         if repair.stats().repaired > before {
                             metrics.upstream_repaired.inc();
+                            stream.upstream_repaired.inc();
                         }
                         metrics.rtp_in_packets.inc();
                         metrics.rtp_in_bytes.inc_by(rtp.len() as u64);
@@ -287,6 +289,7 @@ async fn serve_node(
                 metrics.upstream_given_up.inc_by(repair.stats().given_up - given_up);
                 if !seqs.is_empty() {
                     metrics.upstream_nacks.inc_by(seqs.len() as u64);
+                    stream.upstream_nacks.inc_by(seqs.len() as u64);
                     out.clear();
                     ControlMessage::Nack(seqs).encode(&mut out);
                     send.write_all(&out).await.context("writing to the control stream")?;

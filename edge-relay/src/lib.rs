@@ -1,8 +1,10 @@
 //! The Pylon edge relay.
 //!
 //! * [`ingest`]: accepts render nodes over QUIC (RTP in datagrams, control on a stream).
-//! * [`egress`]: one task driving every viewer's `str0m` WebRTC session over one UDP
-//!   socket, forwarding RTP without decoding it.
+//! * [`forward`]: the sans-IO forwarding core — every viewer's `str0m` session, per-viewer
+//!   rewriting, keyframe coalescing, input checks — driven with an explicit `now`.
+//! * [`egress`]: the task around that core: one UDP socket for every viewer, the nodes'
+//!   control channels.
 //! * [`http`]: the web player, the WebSocket signalling endpoint and `/metrics` (axum).
 //! * [`metrics`]: Prometheus metrics.
 //! * [`tls`]: the relay's QUIC certificate, created once and kept in the data directory.
@@ -13,6 +15,7 @@
 //! **Invariant:** the relay never decodes video; it reads RTP headers only.
 
 pub mod egress;
+pub mod forward;
 pub mod http;
 pub mod impair;
 pub mod ingest;

@@ -19,6 +19,14 @@ pub struct StreamCounters {
     pub packets_out: Counter,
     /// Keyframe requests upstream.
     pub keyframe_requests: Counter,
+    /// NACKs from this stream's viewers (answered from their RTX caches).
+    pub viewer_nacks: Counter,
+    /// PLI/FIR from this stream's viewers (coalesced before going upstream).
+    pub viewer_plis: Counter,
+    /// Packets this relay lost from the node and asked again (once for all viewers).
+    pub upstream_nacks: Counter,
+    /// Of those, packets the node resent in time.
+    pub upstream_repaired: Counter,
 }
 
 /// Which node stream a per-stream metric is about.
@@ -73,6 +81,14 @@ pub struct RelayMetrics {
     pub stream_packets_out: Family<StreamLabel, Counter>,
     /// Keyframe requests sent to each node stream.
     pub stream_keyframe_requests: Family<StreamLabel, Counter>,
+    /// NACKs from each stream's viewers.
+    pub stream_viewer_nacks: Family<StreamLabel, Counter>,
+    /// PLI/FIR from each stream's viewers.
+    pub stream_viewer_plis: Family<StreamLabel, Counter>,
+    /// Upstream losses asked again, per stream.
+    pub stream_upstream_nacks: Family<StreamLabel, Counter>,
+    /// Upstream losses repaired, per stream.
+    pub stream_upstream_repaired: Family<StreamLabel, Counter>,
     /// The player's bandwidth estimate (TWCC), bit/s.
     pub player_estimate_bps: Gauge,
     /// The bitrate last asked of the node for the player, bit/s.
@@ -85,7 +101,7 @@ pub struct RelayMetrics {
     pub tokens_refused: Counter,
     /// Keyframe requests (PLI/FIR) from viewers.
     pub viewer_keyframe_requests: Counter,
-    /// NACKs from viewers, answered from their send buffers (RTX)
+    /// NACKs from viewers, answered from their RTX caches
     pub viewer_nacks: Counter,
     /// Keyframe requests sent to nodes.
     pub keyframe_requests_upstream: Counter,
@@ -129,6 +145,10 @@ impl RelayMetrics {
             stream_bytes_in: Family::default(),
             stream_packets_out: Family::default(),
             stream_keyframe_requests: Family::default(),
+            stream_viewer_nacks: Family::default(),
+            stream_viewer_plis: Family::default(),
+            stream_upstream_nacks: Family::default(),
+            stream_upstream_repaired: Family::default(),
             player_estimate_bps: Gauge::default(),
             player_target_bps: Gauge::default(),
             viewer_sessions: Counter::default(),
@@ -172,6 +192,22 @@ impl RelayMetrics {
             "Keyframe requests sent per node stream",
             m.stream_keyframe_requests.clone(),
         );
+        r.register(
+            "stream_viewer_nacks",
+            "NACKs from each stream's viewers, answered from their RTX caches",
+            m.stream_viewer_nacks.clone(),
+        );
+        r.register("stream_viewer_plis", "PLI/FIR from each stream's viewers", m.stream_viewer_plis.clone());
+        r.register(
+            "stream_upstream_nacks",
+            "Packets lost between node and relay and asked again, per stream",
+            m.stream_upstream_nacks.clone(),
+        );
+        r.register(
+            "stream_upstream_repaired",
+            "Upstream losses the node resent in time, per stream",
+            m.stream_upstream_repaired.clone(),
+        );
         r.register("player_estimate_bps", "The player's bandwidth estimate (TWCC)", m.player_estimate_bps.clone());
         r.register("player_target_bps", "Bitrate last asked of the node for the player", m.player_target_bps.clone());
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
@@ -180,7 +216,7 @@ impl RelayMetrics {
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
         r.register(
             "viewer_nacks",
-            "NACKs received from viewers, answered from the relay send buffers",
+            "NACKs received from viewers, answered from their RTX caches",
             m.viewer_nacks.clone(),
         );
         r.register(
@@ -203,6 +239,10 @@ impl RelayMetrics {
             bytes_in: self.stream_bytes_in.get_or_create(&label).clone(),
             packets_out: self.stream_packets_out.get_or_create(&label).clone(),
             keyframe_requests: self.stream_keyframe_requests.get_or_create(&label).clone(),
+            viewer_nacks: self.stream_viewer_nacks.get_or_create(&label).clone(),
+            viewer_plis: self.stream_viewer_plis.get_or_create(&label).clone(),
+            upstream_nacks: self.stream_upstream_nacks.get_or_create(&label).clone(),
+            upstream_repaired: self.stream_upstream_repaired.get_or_create(&label).clone(),
         }
     }
 
