@@ -4,8 +4,14 @@
 //! — Pylon's `pylon-relay` and Debian's Janus (streaming plugin, plain RTP in) — replays
 //! it in a loop and connects N synthetic WebRTC viewers (str0m clients, not browsers).
 //! Measured per relay process: CPU per viewer (from /proc), memory per viewer (RSS growth
-//! ÷ viewers), and added latency (feeder send → viewer receive, matched by payload, both
-//! in this process on one clock). The last line is one JSON object.
+//! ÷ viewers), and added latency seen from outside: feeder send → the kernel's receive
+//! timestamp at the viewer's socket, matched by payload, on one clock. Each feeder runs on
+//! its own thread. For Pylon that outside figure also holds the node's own QUIC uplink
+//! (quinn's encryption and pacing on the feeder side, decryption at the relay), which
+//! Janus's plain-RTP feed does not have; Pylon's own ingest → egress delay (node packet
+//! handed over by quinn → datagram handed to the kernel for a viewer) comes from the
+//! relay's `pylon_relay_forward_seconds` histogram over the same window (bucket upper
+//! bounds). The last line is one JSON object.
 //!
 //! With `--soak-seconds`, Pylon's relay also runs that long with the viewers connected,
 //! sampling its RSS, then checks that every viewer is released when they leave.
@@ -227,8 +233,8 @@ fn recv_timestamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<(
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
     let mut iov = [std::io::IoSliceMut::new(buf)];
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        .map_err(std::io::Error::from)?;
+    let msg =
+        recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(std::io::Error::from)?;
     let (now, wall) = (Instant::now(), std::time::SystemTime::now());
     let mut at = now;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
@@ -422,6 +428,14 @@ fn bucket_quantile(cumulative: &[(f64, f64)], q: f64) -> f64 {
     cumulative.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |(le, _)| le * 1000.0)
 }
 
+/// Runs a feeder on a thread of its own with a current-thread runtime: both relays get
+/// their packets as soon as they are due, whatever the synthetic viewers are doing.
+fn feeder_thread(
+    feed: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    std::thread::spawn(move || tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(feed))
+}
+
 /// Connects the viewers, warms up, measures the relay process `pid` for `seconds`.
 async fn measure<F, Fut>(
     args: &Args,
@@ -516,33 +530,56 @@ async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The feeder: a render node replaying the recording over QUIC.
-    let endpoint = pylon_server::uplink::endpoint("127.0.0.1:0".parse()?)?;
-    let conn = endpoint.connect_with(pylon_server::uplink::client_config(&cert)?, quic, "pylon-relay")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut hello = Vec::new();
-    ControlMessage::StreamHello(StreamHello {
-        width: 1280,
-        height: 720,
-        fps: 60,
-        profile_level_id: PROFILE_LEVEL_ID,
-        encoder: "recording".into(),
-        node: String::new(),
-    })
-    .encode(&mut hello);
-    send.write_all(&hello).await?;
-    tokio::spawn(async move { while let Ok(Some(_)) = recv.read_chunk(65536, true).await {} });
+    // The feeder: a render node replaying the recording over QUIC, on its own thread and
+    // runtime (with its QUIC endpoint), so its sends do not wait behind the viewers' work.
     let clock = Arc::new(Clock::default());
     let (feed_stop, feed_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
     let feed = {
-        let (conn, clock) = (conn.clone(), clock.clone());
-        tokio::spawn(replay(rec, clock, feed_rx, move |rtp| {
-            let mut d = Vec::with_capacity(rtp.len() + 1);
-            framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut d);
-            let _ = conn.send_datagram(d.into());
-            Ok(())
-        }))
+        let clock = clock.clone();
+        feeder_thread(async move {
+            let setup = async {
+                let endpoint = pylon_server::uplink::endpoint("127.0.0.1:0".parse()?)?;
+                let conn =
+                    endpoint.connect_with(pylon_server::uplink::client_config(&cert)?, quic, "pylon-relay")?.await?;
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let mut hello = Vec::new();
+                ControlMessage::StreamHello(StreamHello {
+                    width: 1280,
+                    height: 720,
+                    fps: 60,
+                    profile_level_id: PROFILE_LEVEL_ID,
+                    encoder: "recording".into(),
+                    node: String::new(),
+                })
+                .encode(&mut hello);
+                send.write_all(&hello).await?;
+                tokio::spawn(async move { while let Ok(Some(_)) = recv.read_chunk(65536, true).await {} });
+                anyhow::Ok((endpoint, conn, send))
+            };
+            let (_endpoint, conn, _send) = match setup.await {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let sender = conn.clone();
+            let result = replay(rec, clock, feed_rx, move |rtp| {
+                let mut d = Vec::with_capacity(rtp.len() + 1);
+                framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut d);
+                let _ = sender.send_datagram(d.into());
+                Ok(())
+            })
+            .await;
+            conn.close(0u32.into(), b"bench done");
+            result
+        })
     };
+    ready_rx.await.map_err(|_| anyhow!("feeder thread ended"))??;
     eprintln!("pylon-relay: {} viewers…", args.viewers);
     // The relay's own forwarding delay, from its histogram over the measured window.
     let window_start = {
@@ -585,8 +622,7 @@ async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
         rss_kib(pid)?
     );
     let _ = feed_stop.send(true);
-    let _ = feed.await;
-    conn.close(0u32.into(), b"bench done");
+    let _ = tokio::task::spawn_blocking(move || feed.join()).await;
     let _ = relay.kill().await;
     Ok(m)
 }
@@ -664,7 +700,7 @@ async fn bench_janus(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
     let target: SocketAddr = format!("127.0.0.1:{rtp_port}").parse()?;
     let clock = Arc::new(Clock::default());
     let (feed_stop, feed_rx) = watch::channel(false);
-    let feed = tokio::spawn(replay(rec, clock.clone(), feed_rx, move |rtp| {
+    let feed = feeder_thread(replay(rec, clock.clone(), feed_rx, move |rtp| {
         let _ = feeder.send_to(rtp, target);
         Ok(())
     }));
@@ -677,7 +713,7 @@ async fn bench_janus(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
         let _ = t.await;
     }
     let _ = feed_stop.send(true);
-    let _ = feed.await;
+    let _ = tokio::task::spawn_blocking(move || feed.join()).await;
     let _ = janus.kill().await;
     Ok(m)
 }
@@ -699,8 +735,8 @@ async fn main() -> anyhow::Result<()> {
         "pylon_added_latency_p50_ms": pylon.p50_ms,
         "pylon_added_latency_p99_ms": pylon.p99_ms,
         "pylon_packets_per_second_to_viewers": pylon.packets_per_second,
-        "pylon_relay_internal_p50_ms": pylon.internal.map(|i| i.0),
-        "pylon_relay_internal_p99_ms": pylon.internal.map(|i| i.1),
+        "pylon_ingest_to_egress_p50_ms": pylon.internal.map(|i| i.0),
+        "pylon_ingest_to_egress_p99_ms": pylon.internal.map(|i| i.1),
         "pylon_forwarded_packets_per_core_second": pylon.packets_per_second / (pylon.cpu_per_viewer * args.viewers as f64),
     });
     if let Some(j) = janus {
