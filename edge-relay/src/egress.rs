@@ -15,8 +15,6 @@ use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use crate::forward::{INPUT_BURST, INPUT_CHANNEL, INPUT_RATE, MAX_VIEWERS, MOTION_CHANNEL};
-
 /// Ingest events handled before the viewers are drained.
 const INGEST_BATCH: usize = 64;
 /// Kernel UDP buffer size for the viewer socket.

@@ -306,16 +306,6 @@ impl Core {
         }
     }
 
-    /// Viewer sessions held (connecting, connected or closing).
-    pub fn viewer_sessions(&self) -> usize {
-        self.viewers.len()
-    }
-
-    /// Node streams known.
-    pub fn streams(&self) -> usize {
-        self.sources.len()
-    }
-
     /// Messages for nodes since the last call: (ingest connection, message).
     pub fn poll_to_node(&mut self) -> std::vec::Drain<'_, (u64, ToNode)> {
         self.to_node.drain(..)

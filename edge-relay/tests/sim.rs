@@ -84,10 +84,9 @@ impl Sink for Outbox {
 
 struct Sim {
     now: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    queue: BinaryHeap<Reverse<(Instant, usize)>>,
     packets: BTreeMap<usize, Packet>,
     next_packet: usize,
-    order: u64,
     core: Core,
     metrics: RelayMetrics,
     viewers: Vec<Viewer>,
@@ -120,7 +119,6 @@ impl Sim {
             queue: BinaryHeap::new(),
             packets: BTreeMap::new(),
             next_packet: 0,
-            order: 0,
             core: Core::new(relay_addr(), metrics.clone()),
             metrics,
             viewers: Vec::new(),
@@ -182,9 +180,8 @@ impl Sim {
     fn schedule(&mut self, at: Instant, packet: Packet) {
         let id = self.next_packet;
         self.next_packet += 1;
-        self.order += 1;
         self.packets.insert(id, packet);
-        self.queue.push(Reverse((at, self.order, id)));
+        self.queue.push(Reverse((at, id)));
     }
 
     /// The relay's datagrams onto each viewer's downlink.
@@ -240,7 +237,7 @@ impl Sim {
 
     fn next_event(&self) -> Instant {
         let mut t = self.core.next_timeout(self.now);
-        if let Some(Reverse((at, _, _))) = self.queue.peek() {
+        if let Some(Reverse((at, _))) = self.queue.peek() {
             t = t.min(*at);
         }
         for v in &self.viewers {
@@ -260,7 +257,7 @@ impl Sim {
             self.now = self.next_event().min(end);
             let now = self.now;
             // Network deliveries due now.
-            while let Some(Reverse((at, _, id))) = self.queue.peek().copied() {
+            while let Some(Reverse((at, id))) = self.queue.peek().copied() {
                 if at > now {
                     break;
                 }
