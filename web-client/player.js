@@ -14,10 +14,16 @@ const fullscreenBtn = document.getElementById('fullscreen');
 const params = new URLSearchParams(location.search);
 const wantedRole = params.get('role') === 'spectator' || location.pathname.startsWith('/watch/') ? 'spectator' : 'player';
 // In a pool the catalog sends us here as /play/<session>#token=…&catalog=…: the token
-// (signed by the indexer) decides the role; the fragment never reaches a server log.
+// (signed by the indexer) decides the role; the fragment never reaches a server log. It
+// is moved out of the address bar at once (into this history entry's state, which a
+// reload keeps) so it is not shown, shared by copying the URL or kept in the history.
 const fragment = new URLSearchParams(location.hash.slice(1));
-const token = fragment.get('token');
-const catalog = fragment.get('catalog');
+const saved = history.state || {};
+const token = fragment.get('token') || saved.token || null;
+const catalog = fragment.get('catalog') || saved.catalog || null;
+if (fragment.has('token')) {
+  history.replaceState({ token, catalog }, '', location.pathname + location.search);
+}
 // The player can share a link that lets others watch this session (as spectators).
 const playing = location.pathname.match(/^\/play\/([0-9a-f]{32})$/);
 if (playing && catalog && /^https?:\/\//.test(catalog)) {

@@ -10,11 +10,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clap::Parser;
-use pylon_indexer::api::{AppState, IndexerMetrics, router, unix_now};
+use pylon_indexer::api::{AppState, Policy, router, unix_now};
 use pylon_indexer::selector::{MatchRequest, NodeCandidate, NodeState, RelayCandidate, select};
 use pylon_indexer::store::{NodeRecord, RelayRecord, Store, Title};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Indexer throughput.
@@ -74,7 +73,8 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
     let now = unix_now();
     for i in 0..100 {
         store
-            .put_node(&NodeRecord {
+            .register_node(
+                &NodeRecord {
                 id: format!("node-{i}"),
                 provider: format!("provider-{}", i % 7),
                 public_key: String::new(),
@@ -87,14 +87,20 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
                 titles: vec!["demo".into()],
                 draining: false,
                 revoked: false,
+                approved: true,
+                seats: 0,
                 last_heartbeat: now + 3600,
-            })
+            },
+                1,
+            )
             .await
             .unwrap();
     }
     for r in 0..10 {
+        let rtts = (0..20).map(|k| (format!("node-{}", (r * 10 + k) % 100), 1.0 + k as f64)).collect();
         store
-            .put_relay(&RelayRecord {
+            .register_relay(
+                &RelayRecord {
                 id: format!("relay-{r}"),
                 owner: "o".into(),
                 public_key: String::new(),
@@ -103,19 +109,21 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
                 region: "eu".into(),
                 capacity: 1_000_000,
                 viewers: 0,
-                node_rtt_ms: (0..20).map(|k| (format!("node-{}", (r * 10 + k) % 100), 1.0 + k as f64)).collect(),
+                node_rtt_ms: Default::default(),
                 revoked: false,
+                approved: true,
                 last_heartbeat: now + 3600,
-            })
+            },
+                1,
+            )
             .await
             .unwrap();
+        store.relay_heartbeat(&format!("relay-{r}"), 0, &rtts, now + 3600).await.unwrap();
     }
-    let state = AppState {
-        store,
-        signing_key: Arc::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32])),
-        admin_token: Arc::new(String::new()),
-        metrics: IndexerMetrics::new(),
-    };
+    // The benchmark measures matching and booking, not the rate limits a real caller meets.
+    let unlimited = pylon_indexer::limit::Rate::new(1e12, 1e12);
+    let policy = Policy { sessions_per_address: unlimited, sessions_per_title: unlimited, ..Policy::default() };
+    let state = AppState::new(store, ed25519_dalek::SigningKey::from_bytes(&[7; 32]), String::new(), policy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

@@ -21,7 +21,8 @@
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use pylon_proto::framing::{self, ControlMessage, DatagramKind, StreamHello};
+use pylon_proto::framing::{self, DatagramKind, StreamHello};
+use pylon_proto::link::{self, NodeConfig, NodeSide, PlayerGate};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Outgoing, Pipeline, PipelineConfig};
@@ -542,18 +543,28 @@ async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
                 let endpoint = pylon_server::uplink::endpoint("127.0.0.1:0".parse()?)?;
                 let conn =
                     endpoint.connect_with(pylon_server::uplink::client_config(&cert)?, quic, "pylon-relay")?.await?;
-                let (mut send, mut recv) = conn.open_bi().await?;
-                let mut hello = Vec::new();
-                ControlMessage::StreamHello(StreamHello {
+                // The node's side of the link: an anonymous hello (the relay runs alone, on
+                // loopback), then media once the relay welcomes it.
+                let mut exporter = [0u8; link::EXPORTER_LEN];
+                conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"")
+                    .map_err(|_| anyhow!("no TLS exporter"))?;
+                let stream = StreamHello {
                     width: 1280,
                     height: 720,
                     fps: 60,
                     profile_level_id: PROFILE_LEVEL_ID,
                     encoder: "recording".into(),
                     node: String::new(),
-                })
-                .encode(&mut hello);
-                send.write_all(&hello).await?;
+                };
+                let config = NodeConfig { stream, identity: None, bitrate_bounds: None };
+                let mut node = NodeSide::new(config, PlayerGate::open(), &exporter, std::time::Instant::now(), 0);
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.write_all(&node.poll_transmit().unwrap_or_default()).await?;
+                let mut buf = vec![0u8; 4096];
+                while !node.is_established() {
+                    let n = recv.read(&mut buf).await?.ok_or_else(|| anyhow!("the relay closed the link"))?;
+                    node.handle_control(std::time::Instant::now(), &buf[..n])?;
+                }
                 tokio::spawn(async move { while let Ok(Some(_)) = recv.read_chunk(65536, true).await {} });
                 anyhow::Ok((endpoint, conn, send))
             };

@@ -6,16 +6,18 @@
 //! control channels), and feeds it node packets, viewer datagrams, offers and timers.
 
 use crate::forward::{Core, Sink};
-use crate::ingest::{IngestEvent, ToNode};
+use crate::ingest::{IngestEvent, NodeControl, NodeMedia};
 use crate::metrics::{DropReason, RelayMetrics};
 use crate::pool::{Admission, Pool};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-/// Ingest events handled before the viewers are drained.
+/// Packets taken from one node's queue per turn before the next node's: each node gets
+/// its fair share of the egress task, however fast another one sends.
 const INGEST_BATCH: usize = 64;
 /// Kernel UDP buffer size for the viewer socket.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -34,6 +36,8 @@ pub enum ViewerCommand {
         admitted: Option<(Admission, String)>,
         /// Where the answer goes: viewer id, SDP answer, whether the viewer is the player.
         reply: oneshot::Sender<Result<(u64, String, bool), String>>,
+        /// Dropped when the viewer's session closes (its signalling socket then closes).
+        closed: oneshot::Sender<()>,
     },
     /// The browser's signalling connection closed.
     Leave {
@@ -143,14 +147,9 @@ impl Sink for UdpSink<'_> {
 
 /// Sends the core's messages to the nodes' control channels and its ended sessions to
 /// the pool.
-fn dispatch(
-    core: &mut Core,
-    controls: &HashMap<u64, mpsc::Sender<ToNode>>,
-    pool: Option<&Pool>,
-    metrics: &RelayMetrics,
-) {
+fn dispatch(core: &mut Core, nodes: &HashMap<u64, NodeQueue>, pool: Option<&Pool>, metrics: &RelayMetrics) {
     for (node, msg) in core.poll_to_node() {
-        let sent = controls.get(&node).is_some_and(|c| c.try_send(msg).is_ok());
+        let sent = nodes.get(&node).is_some_and(|n| n.control.send(msg));
         if !sent {
             metrics.input_refused.get_or_create(&DropReason { reason: "node_busy" }).inc();
         }
@@ -160,13 +159,22 @@ fn dispatch(
             pool.session_ended(&session, "player left");
         }
     }
+
 }
 
-/// Runs the egress loop until shutdown.
+/// One admitted node, as the egress task holds it.
+struct NodeQueue {
+    control: NodeControl,
+    media: mpsc::Receiver<NodeMedia>,
+}
+
+/// Runs the egress loop until shutdown. `wake` is notified when a node queues media.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     socket: tokio::net::UdpSocket,
     advertise: SocketAddr,
     mut ingest: mpsc::Receiver<IngestEvent>,
+    wake: Arc<Notify>,
     mut commands: mpsc::Receiver<ViewerCommand>,
     metrics: RelayMetrics,
     pool: Option<Pool>,
@@ -176,12 +184,23 @@ pub async fn run(
     let mut sink =
         UdpSink { udp: &udp, buf: Vec::with_capacity(16 * 1500), batch: GsoBatch::default(), metrics: &metrics };
     let mut core = Core::new(advertise, metrics.clone());
-    let mut controls: HashMap<u64, mpsc::Sender<ToNode>> = HashMap::new();
+    let mut nodes: HashMap<u64, NodeQueue> = HashMap::new();
     let mut buf = vec![0u8; 2048];
+    let mut players_reported = Instant::now();
+    // Each viewer's signalling socket learns its session closed when its sender drops.
+    let mut open_sessions: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
     loop {
         let now = Instant::now();
         core.handle_timeout(now, &mut sink);
-        dispatch(&mut core, &controls, pool.as_ref(), &metrics);
+        // The pool's heartbeat reports who really plays (metering follows it); once a
+        // second is fresh enough for a 3 s heartbeat and costs nothing per packet.
+        if let Some(pool) = &pool
+            && now.saturating_duration_since(players_reported) >= std::time::Duration::from_secs(1)
+        {
+            pool.set_players(core.connected_players());
+            players_reported = now;
+        }
+        dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
         let next = core.next_timeout(now);
         tokio::select! {
             r = udp.socket.recv_from(&mut buf) => {
@@ -198,21 +217,43 @@ pub async fn run(
             }
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
-                // A frame arrives as a burst of packets: take what is queued (up to a bound),
-                // then drain each viewer once — one pass over str0m's output per burst
-                // rather than per packet.
-                handle_ingest(ev, &mut core, &mut controls, &mut sink);
-                for _ in 0..INGEST_BATCH {
-                    let Ok(ev) = ingest.try_recv() else { break };
-                    handle_ingest(ev, &mut core, &mut controls, &mut sink);
+                match ev {
+                    IngestEvent::StreamStarted { node, hello, control, media } => {
+                        nodes.insert(node, NodeQueue { control, media });
+                        core.stream_started(Instant::now(), node, hello);
+                    }
+                    IngestEvent::StreamEnded { node } => {
+                        nodes.remove(&node);
+                        core.stream_ended(node);
+                    }
                 }
-                core.flush(Instant::now(), &mut sink);
+            }
+            _ = wake.notified() => {
+                // A frame arrives as a burst of packets: take what each node queued (a
+                // bounded turn each, round robin), then drain each viewer once — one pass
+                // over str0m's output per burst rather than per packet.
+                let mut more = true;
+                while more {
+                    more = false;
+                    for (node, queue) in &mut nodes {
+                        for _ in 0..INGEST_BATCH {
+                            let Ok(m) = queue.media.try_recv() else { break };
+                            handle_media(*node, m, &mut core, &mut sink);
+                            more = true;
+                        }
+                    }
+                    core.flush(Instant::now(), &mut sink);
+                }
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    ViewerCommand::Offer { sdp, wants_player, admitted, reply } => {
-                        let _ = reply.send(core.offer(Instant::now(), &sdp, wants_player, admitted));
+                    ViewerCommand::Offer { sdp, wants_player, admitted, reply, closed } => {
+                        let answer = core.offer(Instant::now(), &sdp, wants_player, admitted);
+                        if let Ok((id, _, _)) = &answer {
+                            open_sessions.insert(*id, closed);
+                        }
+                        let _ = reply.send(answer);
                     }
                     ViewerCommand::Leave { id } => core.leave(id),
                 }
@@ -220,29 +261,19 @@ pub async fn run(
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = crate::stopped(&mut shutdown) => break,
         }
-        dispatch(&mut core, &controls, pool.as_ref(), &metrics);
+        dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
+        for id in core.poll_closed_viewers() {
+            open_sessions.remove(&id);
+        }
     }
     core.close_all(Instant::now(), &mut sink);
-    dispatch(&mut core, &controls, pool.as_ref(), &metrics);
+    dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
     Ok(())
 }
 
-fn handle_ingest(
-    ev: IngestEvent,
-    core: &mut Core,
-    controls: &mut HashMap<u64, mpsc::Sender<ToNode>>,
-    sink: &mut UdpSink<'_>,
-) {
-    match ev {
-        IngestEvent::StreamStarted { node, hello, control } => {
-            controls.insert(node, control);
-            core.stream_started(Instant::now(), node, hello);
-        }
-        IngestEvent::FrameInfo { node, info } => core.frame_info(Instant::now(), node, info, sink),
-        IngestEvent::StreamEnded { node } => {
-            controls.remove(&node);
-            core.stream_ended(node);
-        }
-        IngestEvent::Rtp { node, packet, arrival, capture_ntp } => core.rtp(node, &packet, arrival, capture_ntp),
+fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink<'_>) {
+    match media {
+        NodeMedia::FrameInfo(info) => core.frame_info(Instant::now(), node, info, sink),
+        NodeMedia::Rtp { packet, arrival, capture_ntp } => core.rtp(node, &packet, arrival, capture_ntp),
     }
 }

@@ -25,11 +25,11 @@
 //! * **Input**: the player's only; spectators', oversized, malformed and flooding
 //!   messages are refused and counted.
 
-use crate::ingest::ToNode;
 use crate::metrics::{DropReason, RelayMetrics, StreamCounters, StreamLabel};
 use crate::pool::Admission;
 use crate::rate::RateController;
-use pylon_proto::framing::{ControlMessage, FrameInfo, StreamHello};
+use pylon_proto::framing::{FrameInfo, RelayMessage, StreamHello};
+pub use pylon_proto::link::ToNode;
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
 use pylon_proto::rtp::RtpPacket;
 use std::collections::BTreeMap;
@@ -47,6 +47,12 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig}
 
 /// Most viewers one relay serves at once.
 pub const MAX_VIEWERS: usize = 512;
+/// A viewer whose ICE and DTLS have not completed this long after its offer is dropped:
+/// half-open sessions cannot fill the relay.
+pub const ICE_DEADLINE: Duration = Duration::from_secs(15);
+/// Viewers of one pool session at most (its player and spectators): one spectator link
+/// cannot be shared with the whole internet.
+pub const MAX_VIEWERS_PER_SESSION: usize = 9;
 /// Keyframe requests to the node are at most this frequent; more are coalesced.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// How long a sent packet stays available to answer a viewer's NACK (RTX): many round
@@ -217,6 +223,10 @@ struct Viewer {
     relay_us: u32,
     /// In a pool, the player's session id and token.
     session: Option<(String, String)>,
+    /// In a pool, the session it watches or plays (its token's).
+    watching: Option<String>,
+    /// When its offer was answered (ICE must complete by [`ICE_DEADLINE`]).
+    created: Instant,
     /// NACKs and PLI/FIRs the viewer had sent at the last stats event.
     nacks_seen: u64,
     plis_seen: u64,
@@ -290,6 +300,8 @@ pub struct Core {
     to_node: Vec<(u64, ToNode)>,
     /// Pool sessions whose player left, until [`Core::poll_ended_sessions`].
     ended: Vec<String>,
+    /// Viewers whose session closed, until [`Core::poll_closed_viewers`].
+    closed: Vec<u64>,
 }
 
 impl Core {
@@ -303,12 +315,28 @@ impl Core {
             next_id: 1,
             to_node: Vec::new(),
             ended: Vec::new(),
+            closed: Vec::new(),
         }
     }
 
     /// Messages for nodes since the last call: (ingest connection, message).
     pub fn poll_to_node(&mut self) -> std::vec::Drain<'_, (u64, ToNode)> {
         self.to_node.drain(..)
+    }
+
+    /// Pool sessions whose player is connected (ICE and DTLS up) now: what the indexer
+    /// meters, rather than what the node claims.
+    pub fn connected_players(&self) -> Vec<String> {
+        self.viewers
+            .iter()
+            .filter(|v| v.connected && v.rtc.is_alive())
+            .filter_map(|v| v.session.as_ref().map(|(s, _)| s.clone()))
+            .collect()
+    }
+
+    /// Viewers whose session closed since the last call.
+    pub fn poll_closed_viewers(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.closed)
     }
 
     /// Pool sessions whose player left since the last call.
@@ -344,8 +372,16 @@ impl Core {
                 }
         });
         let player = wants_player && !seat_taken;
+        let watching = admitted.as_ref().map(|(a, _)| a.session.clone());
+        let session_viewers = self
+            .viewers
+            .iter()
+            .filter(|v| v.rtc.is_alive() && watching.is_some() && v.watching == watching)
+            .count();
         let result = if self.viewers.len() >= MAX_VIEWERS {
             Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
+        } else if session_viewers >= MAX_VIEWERS_PER_SESSION {
+            Err(format!("this session already has {MAX_VIEWERS_PER_SESSION} viewers"))
         } else if admitted.as_ref().is_some_and(|(a, _)| a.player) && seat_taken {
             Err("another viewer is already playing this session".into())
         } else {
@@ -360,10 +396,11 @@ impl Core {
         };
         viewer.source = source;
         viewer.wants_node = wants_node;
+        viewer.watching = watching;
         if let Some((a, token)) = admitted.filter(|(a, _)| a.player) {
             // The node verifies the token itself before it takes any input.
             if let Some(id) = source {
-                self.to_node.push((id, ToNode::Control(ControlMessage::SessionStart(token.clone()))));
+                self.to_node.push((id, ToNode::Control(RelayMessage::SessionStart(token.clone()))));
             }
             viewer.session = Some((a.session, token));
         }
@@ -408,6 +445,11 @@ impl Core {
     pub fn handle_timeout(&mut self, now: Instant, sink: &mut impl Sink) {
         for i in 0..self.viewers.len() {
             let v = &mut self.viewers[i];
+            if !v.connected && now.saturating_duration_since(v.created) >= ICE_DEADLINE && v.rtc.is_alive() {
+                tracing::info!(viewer = v.id, "ICE did not complete within {ICE_DEADLINE:?}: dropped");
+                self.metrics.viewers_timed_out.inc();
+                v.rtc.disconnect();
+            }
             if v.next_timeout > now {
                 continue;
             }
@@ -451,7 +493,7 @@ impl Core {
             v.rewrite.rebase();
             // A player already here starts its session on the new stream.
             if let Some((_, token)) = &v.session {
-                self.to_node.push((node, ToNode::Control(ControlMessage::SessionStart(token.clone()))));
+                self.to_node.push((node, ToNode::Control(RelayMessage::SessionStart(token.clone()))));
             }
         }
         self.sources.insert(node, s);
@@ -460,7 +502,12 @@ impl Core {
 
     /// A node's stream ended: its viewers wait for the node to come back.
     pub fn stream_ended(&mut self, node: u64) {
-        self.sources.remove(&node);
+        if let Some(gone) = self.sources.remove(&node) {
+            let label = stream_label(node, &gone.hello);
+            if !self.sources.iter().any(|(id, s)| stream_label(*id, &s.hello) == label) {
+                self.metrics.forget_stream(&label);
+            }
+        }
         for v in self.viewers.iter_mut().filter(|v| v.source == Some(node)) {
             v.source = None;
         }
@@ -589,10 +636,12 @@ impl Core {
     fn retain_alive(&mut self) {
         let before = self.viewers.len();
         let (sources, metrics, to_node, ended) = (&self.sources, &self.metrics, &mut self.to_node, &mut self.ended);
+        let closed = &mut self.closed;
         self.viewers.retain(|v| {
             if v.rtc.is_alive() {
                 return true;
             }
+            closed.push(v.id);
             if v.connected {
                 metrics.viewers.dec();
             }
@@ -601,7 +650,7 @@ impl Core {
                 // The player left: the node stops taking input, the token is spent, the
                 // indexer stops metering.
                 if let Some(id) = v.source.filter(|id| sources.contains_key(id)) {
-                    to_node.push((id, ToNode::Control(ControlMessage::SessionEnd(session.clone()))));
+                    to_node.push((id, ToNode::Control(RelayMessage::SessionEnd(session.clone()))));
                 }
                 ended.push(session.clone());
             }
@@ -624,7 +673,7 @@ impl Core {
 }
 
 fn send_keyframe_request(id: u64, s: &mut Source, to_node: &mut Vec<(u64, ToNode)>, metrics: &RelayMetrics) {
-    to_node.push((id, ToNode::Control(ControlMessage::KeyframeRequest)));
+    to_node.push((id, ToNode::Control(RelayMessage::KeyframeRequest)));
     metrics.keyframe_requests_upstream.inc();
     s.counters.keyframe_requests.inc();
 }
@@ -703,6 +752,8 @@ fn accept_offer(
         rewrite: Rewrite::default(),
         relay_us: 0,
         session: None,
+        watching: None,
+        created: now,
         nacks_seen: 0,
         plis_seen: 0,
         rate: player.then(|| RateController::new(PLAYER_MIN_BPS, PLAYER_MAX_BPS)),
@@ -779,7 +830,7 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                     if let Some(msg) = check_input(v, &data.data, now, metrics) {
                         metrics.input_forwarded.inc();
                         out.to_node.push(if reliable {
-                            ToNode::Control(ControlMessage::Input(msg))
+                            ToNode::Control(RelayMessage::Input(msg))
                         } else {
                             ToNode::InputDatagram(msg)
                         });
@@ -791,7 +842,7 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                         if let Some(bps) = rate.on_estimate(now, estimate.as_u64()) {
                             metrics.player_target_bps.set(bps as i64);
                             out.to_node
-                                .push(ToNode::Control(ControlMessage::Bitrate(u32::try_from(bps).unwrap_or(u32::MAX))));
+                                .push(ToNode::Control(RelayMessage::Bitrate(u32::try_from(bps).unwrap_or(u32::MAX))));
                         }
                     }
                 }

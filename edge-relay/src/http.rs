@@ -26,6 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_SIGNAL_MESSAGE: usize = 64 * 1024;
 /// Read buffer of a signalling WebSocket.
 const SIGNAL_READ_BUFFER: usize = 4 * 1024;
+/// A signalling WebSocket that has not had an offer accepted within this is closed: a
+/// half-open socket cannot hold a place on the relay.
+pub const OFFER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Shared state of the HTTP handlers.
 #[derive(Debug, Clone)]
@@ -38,6 +41,17 @@ pub struct AppState {
     pub pool: Option<Pool>,
     /// Turns true when the relay shuts down: viewers are told before it closes.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Serves the relay's HTTP routes with the limits every Pylon HTTP server has (per-IP
+/// connection cap, header and request timeouts, body limit).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    pylon_runtime::http::serve(listener, app, pylon_runtime::http::HttpLimits::default(), shutdown).await?;
+    Ok(())
 }
 
 /// The web player's files, built into the binary so a relay is one file to deploy.
@@ -130,9 +144,33 @@ async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
 async fn signal(mut socket: WebSocket, state: AppState) {
     let mut viewer: Option<u64> = None;
     let mut shutdown = state.shutdown.clone();
+    let offer_deadline = tokio::time::Instant::now() + OFFER_DEADLINE;
+    // Resolves when the relay drops the viewer (ICE never completed, or it left).
+    let mut closed: Option<oneshot::Receiver<()>> = None;
     loop {
+        let viewer_gone = async {
+            match closed.as_mut() {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let msg = tokio::select! {
             m = socket.recv() => m,
+            _ = tokio::time::sleep_until(offer_deadline), if viewer.is_none() => {
+                let _ = send(&mut socket, &ServerMessage::Error { message: format!("no session within {OFFER_DEADLINE:?}: closing") }).await;
+                let _ = socket.send(Message::Close(None)).await;
+                state.metrics.signalling_timeouts.inc();
+                break;
+            }
+            _ = viewer_gone => {
+                let bye = ServerMessage::Bye { reason: "the session closed (ICE did not complete, or it ended)".into() };
+                let _ = send(&mut socket, &bye).await;
+                let _ = socket.send(Message::Close(None)).await;
+                viewer = None;
+                break;
+            }
             _ = crate::stopped(&mut shutdown) => {
                 let bye = ServerMessage::Bye { reason: "the relay is shutting down".into() };
                 let _ = send(&mut socket, &bye).await;
@@ -172,13 +210,16 @@ async fn signal(mut socket: WebSocket, state: AppState) {
                     }
                 };
                 let (tx, rx) = oneshot::channel();
+                let (closed_tx, closed_rx) = oneshot::channel();
                 let wants_player = match &admitted {
                     Some((a, _)) => a.player,
                     None => role.as_deref() != Some("spectator"),
                 };
-                if state.viewers.send(ViewerCommand::Offer { sdp, wants_player, admitted, reply: tx }).await.is_err() {
+                let offer = ViewerCommand::Offer { sdp, wants_player, admitted, reply: tx, closed: closed_tx };
+                if state.viewers.send(offer).await.is_err() {
                     break;
                 }
+                closed = Some(closed_rx);
                 match tokio::time::timeout(Duration::from_secs(5), rx).await {
                     Ok(Ok(Ok((id, sdp, player)))) => {
                         viewer = Some(id);
@@ -186,8 +227,14 @@ async fn signal(mut socket: WebSocket, state: AppState) {
                         tracing::info!(viewer = id, role, "viewer offer accepted");
                         ServerMessage::Answer { sdp, viewer: id, role }
                     }
-                    Ok(Ok(Err(message))) => ServerMessage::Error { message },
-                    _ => ServerMessage::Error { message: "the relay is not answering".into() },
+                    Ok(Ok(Err(message))) => {
+                        closed = None;
+                        ServerMessage::Error { message }
+                    }
+                    _ => {
+                        closed = None;
+                        ServerMessage::Error { message: "the relay is not answering".into() }
+                    }
                 }
             }
         };

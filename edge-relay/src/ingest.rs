@@ -1,56 +1,93 @@
-//! QUIC ingest: render nodes connect here and send RTP in datagrams.
+//! QUIC ingest: render nodes connect here and send RTP in datagrams. A thin driver around
+//! [`pylon_proto::link::RelaySide`], which owns the protocol: the node's signed hello,
+//! upstream loss repair, and nothing sent to a node before it is admitted.
 //!
-//! Each connection must open a control stream whose first message is a `StreamHello`.
-//! Datagrams are checked (framing version, RTP header) and handed to the egress task
-//! unchanged; anything malformed is counted and dropped. Keyframe requests from viewers
-//! come back on the control stream.
+//! Admission: in a pool the node's key must be the one the indexer holds for the id it
+//! claims, and the node neither revoked nor awaiting approval. Outside a pool a node is
+//! admitted from loopback only, unless `--allow-anonymous-nodes`.
+//!
+//! Every connection is bounded: one bidirectional stream and no unidirectional ones,
+//! small stream and connection windows, a capped datagram buffer, a handshake deadline,
+//! its own media queue to the egress task (a flooding node fills only its own), and its
+//! session control on a path input cannot crowd out.
 
 use crate::metrics::RelayMetrics;
-use crate::pool::Pool;
+use crate::pool::{NodeCheck, Pool};
 use crate::tls::Identity;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
-use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, FrameInfo, StreamHello};
-use pylon_proto::repair::{RepairConfig, UpstreamRepair};
-use pylon_proto::rtp::RtpPacket;
+use pylon_proto::framing::{self, FrameInfo, StreamHello};
+use pylon_proto::link::{self, LinkError, MediaDrop, RelayEvent, RelaySide, ToNode};
+use pylon_proto::repair::RepairConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// Kernel UDP buffer size for ingest: keyframes arrive as bursts of datagrams.
 pub const SOCKET_BUFFER: usize = 8 << 20;
+/// Datagrams quinn buffers per connection before dropping: a few keyframes' worth.
+pub const DATAGRAM_BUFFER: usize = 2 << 20;
+/// Flow-control window of the control stream: control messages are small.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// Flow-control window of a whole connection (stream data; datagrams have their own).
+pub const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Packets queued from one node to the egress task; past it that node's packets drop.
+pub const NODE_QUEUE: usize = 2048;
+/// Control bytes waiting for a node that does not read its stream; past it, it is closed.
+pub const MAX_PENDING_CONTROL: usize = 1 << 20;
 
-/// What the ingest side tells the egress task.
+/// What one node's connection sends the egress task, in order, on its own queue.
 #[derive(Debug)]
-pub enum IngestEvent {
-    /// A node announced its stream.
-    StreamStarted {
-        /// Connection id.
-        node: u64,
-        /// The stream's description.
-        hello: StreamHello,
-        /// Sends keyframe requests and player input back to the node.
-        control: mpsc::Sender<ToNode>,
-    },
-    /// The node says which input a frame first reflects.
-    FrameInfo {
-        /// Connection id.
-        node: u64,
-        /// The facts.
-        info: FrameInfo,
-    },
-    /// One RTP packet (already checked to parse).
+pub enum NodeMedia {
+    /// One RTP packet (already checked to parse and deduplicated).
     Rtp {
-        /// Connection id.
-        node: u64,
         /// The whole RTP packet.
         packet: Bytes,
         /// When it arrived.
         arrival: Instant,
         /// The frame's capture time (NTP), on the first packet of each frame.
         capture_ntp: Option<u64>,
+    },
+    /// The node says which input a frame first reflects.
+    FrameInfo(FrameInfo),
+}
+
+/// How the egress task reaches one node: session control (player joined or left,
+/// keyframe, bitrate) never waits behind input, and input is dropped, counted, when the
+/// node's connection is behind.
+#[derive(Debug, Clone)]
+pub struct NodeControl {
+    /// Session control, delivered in order; rare by construction (joins, leaves, one
+    /// keyframe request per 300 ms, bitrate steps).
+    pub session: mpsc::UnboundedSender<ToNode>,
+    /// Player input, bounded.
+    pub input: mpsc::Sender<ToNode>,
+}
+
+impl NodeControl {
+    /// Queues `msg` on its path; `false` when input was dropped (the node is behind).
+    pub fn send(&self, msg: ToNode) -> bool {
+        let is_input =
+            matches!(msg, ToNode::InputDatagram(_) | ToNode::Control(pylon_proto::framing::RelayMessage::Input(_)));
+        if is_input { self.input.try_send(msg).is_ok() } else { self.session.send(msg).is_ok() }
+    }
+}
+
+/// A node's stream, as the egress task learns of it.
+#[derive(Debug)]
+pub enum IngestEvent {
+    /// An admitted node announced its stream.
+    StreamStarted {
+        /// Connection id.
+        node: u64,
+        /// The stream's description.
+        hello: StreamHello,
+        /// Sends keyframe requests, session control and player input back to the node.
+        control: NodeControl,
+        /// This node's packets and frame info.
+        media: mpsc::Receiver<NodeMedia>,
     },
     /// The node's connection ended.
     StreamEnded {
@@ -59,13 +96,30 @@ pub enum IngestEvent {
     },
 }
 
-/// What the egress side sends a node.
-#[derive(Debug, Clone)]
-pub enum ToNode {
-    /// On the reliable control stream (keyframe requests, key and button input).
-    Control(ControlMessage),
-    /// As a datagram: supersedable input (mouse motion), unchanged.
-    InputDatagram(Vec<u8>),
+/// Who the relay admits when it has no indexer to ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnonymousNodes {
+    /// Only nodes connecting from a loopback address (development, `make demo`).
+    LoopbackOnly,
+    /// Any node (`--allow-anonymous-nodes`).
+    Allowed,
+}
+
+/// The transport limits of a node's connection.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))))
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW) * 4)
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(1 << 20)
+        .initial_mtu(1400);
+    transport
 }
 
 /// Binds the QUIC endpoint with a large UDP buffer and the relay's certificate.
@@ -80,29 +134,38 @@ pub fn endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<quinn::
     tls.alpn_protocols = vec![framing::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))))
-        .keep_alive_interval(Some(Duration::from_secs(1)))
-        .datagram_receive_buffer_size(Some(SOCKET_BUFFER))
-        .datagram_send_buffer_size(1 << 20)
-        .initial_mtu(1400);
-    server.transport_config(Arc::new(transport));
+    server.transport_config(Arc::new(transport_config()));
     let socket = crate::egress::big_buffer_socket(addr, SOCKET_BUFFER)?;
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
         .context("creating the QUIC endpoint")
 }
 
-/// Accepts node connections until shutdown.
+/// What every node connection shares.
+#[derive(Clone)]
+struct Shared {
+    events: mpsc::Sender<IngestEvent>,
+    wake: Arc<Notify>,
+    metrics: RelayMetrics,
+    pool: Option<Pool>,
+    anonymous: AnonymousNodes,
+    relay_id: String,
+}
+
+/// Accepts node connections until shutdown. `wake` is notified whenever a node queues
+/// media for the egress task.
 pub async fn run(
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<IngestEvent>,
+    wake: Arc<Notify>,
     metrics: RelayMetrics,
     pool: Option<Pool>,
+    anonymous: AnonymousNodes,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
+    let relay_id = pool.as_ref().map_or_else(String::new, |p| p.id().to_string());
+    let shared = Shared { events, wake, metrics, pool, anonymous, relay_id };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -110,20 +173,19 @@ pub async fn run(
         };
         let Some(incoming) = incoming else { break };
         let node = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
-        let (events, metrics, shutdown, pool) = (events.clone(), metrics.clone(), shutdown.clone(), pool.clone());
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    metrics.node_handshake_failures.inc();
+                    shared.metrics.node_handshake_failures.inc();
                     tracing::warn!(node, "node handshake failed: {e}");
                     return;
                 }
             };
-            metrics.nodes_connected.inc();
-            let result = serve_node(node, &conn, &events, &metrics, pool.as_ref(), shutdown).await;
-            metrics.nodes_connected.dec();
-            let _ = events.send(IngestEvent::StreamEnded { node }).await;
+            shared.metrics.nodes_connected.inc();
+            let result = serve_node(node, &conn, &shared, shutdown).await;
+            shared.metrics.nodes_connected.dec();
             match result {
                 Ok(()) => tracing::info!(node, "render node left"),
                 Err(e) => tracing::warn!(node, "render node connection ended: {e:#}"),
@@ -135,13 +197,55 @@ pub async fn run(
     Ok(())
 }
 
-/// Drops a node's RTT from the pool view when its connection ends, however it ends.
-struct ForgetRtt<'a>(Option<&'a Pool>, &'a str);
+/// Tells the egress task and the pool view that a started stream is over, however the
+/// connection ends.
+struct StreamGuard<'a> {
+    shared: &'a Shared,
+    node: u64,
+    node_id: String,
+    started: bool,
+}
 
-impl Drop for ForgetRtt<'_> {
+impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
-        if let Some(pool) = self.0 {
-            pool.node_gone(self.1);
+        if !self.started {
+            return;
+        }
+        if let Some(pool) = &self.shared.pool {
+            pool.node_gone(&self.node_id);
+        }
+        let events = self.shared.events.clone();
+        let node = self.node;
+        tokio::spawn(async move {
+            let _ = events.send(IngestEvent::StreamEnded { node }).await;
+        });
+    }
+}
+
+/// Whether the node whose proven key is `key`, claiming `stream.node`, may stream here.
+async fn admission(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    stream: &StreamHello,
+    key: Option<ed25519_dalek::VerifyingKey>,
+) -> Result<(), String> {
+    match &shared.pool {
+        Some(pool) => {
+            let Some(key) = key else {
+                return Err("this relay is in a pool: a node must sign its hello with its registered key".into());
+            };
+            match pool.check_node(&stream.node, &key).await {
+                NodeCheck::Admitted => Ok(()),
+                refused => Err(refused.to_string()),
+            }
+        }
+        None => {
+            let loopback = conn.remote_address().ip().is_loopback();
+            if loopback || shared.anonymous == AnonymousNodes::Allowed {
+                Ok(())
+            } else {
+                Err("this relay takes nodes from loopback only (start it with --allow-anonymous-nodes)".into())
+            }
         }
     }
 }
@@ -149,172 +253,186 @@ impl Drop for ForgetRtt<'_> {
 async fn serve_node(
     node: u64,
     conn: &quinn::Connection,
-    events: &mpsc::Sender<IngestEvent>,
-    metrics: &RelayMetrics,
-    pool: Option<&Pool>,
+    shared: &Shared,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+    let metrics = &shared.metrics;
+    let mut exporter = [0u8; link::EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow!("the QUIC connection cannot export keying material"))?;
+    let mut link = RelaySide::new(&shared.relay_id, &exporter, RepairConfig::default(), Instant::now());
+    let (mut send, mut recv) = tokio::time::timeout(link::HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
-        .map_err(|_| anyhow!("no control stream within 5 s"))?
+        .map_err(|_| anyhow!("no control stream within {:?}", link::HANDSHAKE_TIMEOUT))?
         .context("accepting the control stream")?;
-    let mut decoder = ControlDecoder::default();
+    let mut guard = StreamGuard { shared, node, node_id: String::new(), started: false };
     let mut buf = vec![0u8; 4096];
-    // The first message must describe the stream.
-    let hello = loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf))
-            .await
-            .map_err(|_| anyhow!("no stream description within 5 s"))??
-            .ok_or_else(|| anyhow!("control stream closed before the stream description"))?;
-        decoder.extend(buf.get(..n).unwrap_or_default());
-        match decoder.next_message() {
-            Ok(Some(ControlMessage::StreamHello(h))) => break h,
-            Ok(Some(other)) => {
-                metrics.bad_control_messages.inc();
-                return Err(anyhow!("expected a stream description, got {other:?}"));
-            }
-            Ok(None) => continue,
-            Err(e) => {
-                metrics.bad_control_messages.inc();
-                return Err(anyhow!("malformed control stream: {e}"));
-            }
-        }
-    };
-    tracing::info!(
-        node,
-        id = %hello.node,
-        "render node streaming {}x{} at {} fps with {}",
-        hello.width,
-        hello.height,
-        hello.fps,
-        hello.encoder
-    );
-    let node_id = hello.node.clone();
-    let _forget_rtt = ForgetRtt(pool, &node_id);
-    if let Some(pool) = pool {
-        if pool.is_revoked(&node_id) {
-            conn.close(2u32.into(), b"this node is revoked");
-            return Err(anyhow!("refused revoked node {node_id}"));
-        }
-        pool.set_node_rtt(&node_id, conn.rtt());
-    }
-    // RTT to the node for the indexer's matching; revocations close the connection.
+    let mut pending: Vec<u8> = Vec::new();
+    let (session_tx, mut session_rx) = mpsc::unbounded_channel::<ToNode>();
+    let (input_tx, mut input_rx) = mpsc::channel::<ToNode>(256);
+    let control = NodeControl { session: session_tx, input: input_tx };
+    let mut media_tx: Option<mpsc::Sender<NodeMedia>> = None;
+    let mut stream: Option<crate::metrics::StreamCounters> = None;
     let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
-    // Losses between node and relay are asked for once, for every viewer.
-    let mut repair = UpstreamRepair::new(RepairConfig::default());
-    repair.set_rtt(conn.rtt());
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
-    let (control_tx, mut control_rx) = mpsc::channel::<ToNode>(256);
-    let stream = metrics.stream_counters(&crate::forward::stream_label(node, &hello));
-    events
-        .send(IngestEvent::StreamStarted { node, hello, control: control_tx })
-        .await
-        .map_err(|_| anyhow!("egress task gone"))?;
-    let mut out = Vec::new();
+    let close = |link_err: &LinkError| {
+        let code: u32 = match link_err {
+            LinkError::Refused(_) => 2,
+            LinkError::Goodbye(_) => 0,
+            _ => 1,
+        };
+        conn.close(code.into(), link_err.to_string().as_bytes());
+    };
     loop {
-        tokio::select! {
+        let timeout = link.poll_timeout().map_or_else(far, tokio::time::Instant::from_std);
+        let result: Result<(), LinkError> = tokio::select! {
             d = conn.read_datagram() => {
                 let d = d.context("reading datagrams")?;
                 let arrival = Instant::now();
-                match framing::decode_media_datagram(&d) {
-                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, capture_ntp, rtp)) if let Ok(parsed) = RtpPacket::parse(rtp) => {
-                        let before = repair.stats().repaired;
-                        if !repair.on_packet(parsed.header.sequence, arrival) {
-                            metrics.dropped("duplicate");
-                            continue;
-                        }
-                        if repair.stats().repaired > before {
+                match link.handle_datagram(arrival, &d) {
+                    Ok(media) => {
+                        if media.repaired {
                             metrics.upstream_repaired.inc();
-                            stream.upstream_repaired.inc();
+                            if let Some(s) = &stream { s.upstream_repaired.inc(); }
                         }
+                        let rtp_len = d.len() - media.rtp_offset;
                         metrics.rtp_in_packets.inc();
-                        metrics.rtp_in_bytes.inc_by(rtp.len() as u64);
-                        let packet = d.slice(d.len() - rtp.len()..);
-                        if events.try_send(IngestEvent::Rtp { node, packet, arrival, capture_ntp }).is_err() {
-                            metrics.dropped("egress_queue_full");
-                        }
+                        metrics.rtp_in_bytes.inc_by(rtp_len as u64);
+                        let packet = d.slice(media.rtp_offset..);
+                        let queued = media_tx.as_ref().is_some_and(|tx| {
+                            tx.try_send(NodeMedia::Rtp { packet, arrival, capture_ntp: media.capture_ntp }).is_ok()
+                        });
+                        if queued { shared.wake.notify_one(); } else { metrics.dropped("egress_queue_full"); }
                     }
-                    Ok((DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured, _, _)) => metrics.dropped("bad_rtp"),
-                    Ok(_) => metrics.dropped("bad_datagram"),
-                    Err(_) => metrics.dropped("bad_datagram"),
+                    Err(MediaDrop::Duplicate) => metrics.dropped("duplicate"),
+                    Err(reason) => metrics.dropped(reason.label()),
                 }
+                Ok(())
             }
-            msg = control_rx.recv() => {
-                match msg {
-                    None => continue,
-                    Some(ToNode::Control(msg)) => {
-                        out.clear();
-                        msg.encode(&mut out);
-                        send.write_all(&out).await.context("writing to the control stream")?;
-                    }
-                    Some(ToNode::InputDatagram(input)) => {
-                        out.clear();
-                        framing::encode_datagram(DatagramKind::Input, &input, &mut out);
-                        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&out));
-                    }
+            Some(msg) = session_rx.recv() => link.send(msg).map(|_| ()),
+            Some(msg) = input_rx.recv() => {
+                if !link.send(msg).unwrap_or(false) {
+                    metrics.input_refused.get_or_create(&crate::metrics::DropReason { reason: "node_busy" }).inc();
                 }
+                Ok(())
             }
             read = recv.read(&mut buf) => {
                 match read.context("reading the control stream")? {
                     None => return Ok(()),
-                    Some(n) => {
-                        decoder.extend(buf.get(..n).unwrap_or_default());
-                        loop {
-                            match decoder.next_message() {
-                                Ok(Some(ControlMessage::Goodbye(reason))) => {
-                                    tracing::info!(node, "render node says goodbye: {reason}");
-                                    return Ok(());
-                                }
-                                Ok(Some(ControlMessage::FrameInfo(info))) => {
-                                    let _ = events.try_send(IngestEvent::FrameInfo { node, info });
-                                }
-                                Ok(Some(other)) => {
-                                    metrics.bad_control_messages.inc();
-                                    tracing::warn!(node, "unexpected control message {other:?}");
-                                }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    metrics.bad_control_messages.inc();
-                                    conn.close(1u32.into(), b"malformed control stream");
-                                    return Err(anyhow!("malformed control stream: {e}"));
-                                }
-                            }
+                    Some(n) => link.handle_control(Instant::now(), buf.get(..n).unwrap_or_default()),
+                }
+            }
+            written = send.write(&pending), if !pending.is_empty() => {
+                let n = written.context("writing to the control stream")?;
+                pending.drain(..n);
+                Ok(())
+            }
+            _ = tokio::time::sleep_until(timeout) => {
+                let given_up = link.repair_stats().given_up;
+                let asked = link.repair_stats().requested;
+                let r = link.handle_timeout(Instant::now());
+                metrics.upstream_given_up.inc_by(link.repair_stats().given_up - given_up);
+                let asked = link.repair_stats().requested - asked;
+                metrics.upstream_nacks.inc_by(asked);
+                if let Some(s) = &stream { s.upstream_nacks.inc_by(asked); }
+                r
+            }
+            _ = pool_tick.tick() => {
+                link.set_rtt(conn.rtt());
+                match &shared.pool {
+                    Some(pool) if link.is_established() => {
+                        if pool.is_revoked(&guard.node_id) {
+                            link.close("this node is revoked");
+                            Err(LinkError::Refused("this node is revoked".into()))
+                        } else {
+                            pool.set_node_rtt(&guard.node_id, conn.rtt());
+                            Ok(())
                         }
+                    }
+                    _ => Ok(()),
+                }
+            }
+            _ = crate::stopped(&mut shutdown) => {
+                link.close("relay shutting down");
+                Err(LinkError::Goodbye("relay shutting down".into()))
+            }
+        };
+        // Carry out what the link decided.
+        while let Some(event) = link.poll_event() {
+            match event {
+                RelayEvent::Hello { stream: hello, key } => {
+                    tracing::info!(
+                        node,
+                        id = %hello.node,
+                        signed = key.is_some(),
+                        "render node says it streams {}x{} at {} fps with {}",
+                        hello.width,
+                        hello.height,
+                        hello.fps,
+                        hello.encoder
+                    );
+                    if let Err(why) = admission(shared, conn, &hello, key).await {
+                        metrics.nodes_refused.inc();
+                        let e = link.refuse(&why);
+                        if let Some(bytes) = link.poll_transmit() {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), send.write_all(&bytes)).await;
+                        }
+                        close(&e);
+                        return Err(anyhow!("refused node {:?}: {why}", hello.node));
+                    }
+                    link.admit(Instant::now());
+                    link.set_rtt(conn.rtt());
+                    guard.node_id = hello.node.clone();
+                    if let Some(pool) = &shared.pool {
+                        pool.set_node_rtt(&hello.node, conn.rtt());
+                    }
+                    stream = Some(metrics.stream_counters(&crate::forward::stream_label(node, &hello)));
+                    let (tx, rx) = mpsc::channel(NODE_QUEUE);
+                    media_tx = Some(tx);
+                    shared
+                        .events
+                        .send(IngestEvent::StreamStarted { node, hello, control: control.clone(), media: rx })
+                        .await
+                        .map_err(|_| anyhow!("egress task gone"))?;
+                    guard.started = true;
+                }
+                RelayEvent::FrameInfo(info) => {
+                    if media_tx.as_ref().is_some_and(|tx| tx.try_send(NodeMedia::FrameInfo(info)).is_ok()) {
+                        shared.wake.notify_one();
                     }
                 }
             }
-            _ = tokio::time::sleep_until(repair.next_timeout().map_or_else(far, tokio::time::Instant::from_std)) => {
-                let given_up = repair.stats().given_up;
-                let seqs = repair.poll_requests(Instant::now(), framing::MAX_NACK_SEQS);
-                metrics.upstream_given_up.inc_by(repair.stats().given_up - given_up);
-                if !seqs.is_empty() {
-                    metrics.upstream_nacks.inc_by(seqs.len() as u64);
-                    stream.upstream_nacks.inc_by(seqs.len() as u64);
-                    out.clear();
-                    ControlMessage::Nack(seqs).encode(&mut out);
-                    send.write_all(&out).await.context("writing to the control stream")?;
+        }
+        while let Some(d) = link.poll_datagram() {
+            let _ = conn.send_datagram(Bytes::from(d));
+        }
+        if let Some(bytes) = link.poll_transmit() {
+            pending.extend_from_slice(&bytes);
+            if pending.len() > MAX_PENDING_CONTROL {
+                metrics.bad_control_messages.inc();
+                conn.close(1u32.into(), b"control stream backed up");
+                return Err(anyhow!("the node does not read its control stream"));
+            }
+        }
+        if let Err(e) = result {
+            if matches!(e, LinkError::Framing(_) | LinkError::HelloExpected | LinkError::DuplicateHello | LinkError::BadSignature)
+            {
+                metrics.bad_control_messages.inc();
+            }
+            if matches!(e, LinkError::BadSignature) {
+                metrics.nodes_refused.inc();
+            }
+            // Say goodbye (bounded in time), then close.
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&pending)).await;
+            let _ = send.finish();
+            close(&e);
+            return match e {
+                LinkError::Goodbye(reason) => {
+                    tracing::info!(node, "link closed: {reason}");
+                    Ok(())
                 }
-            }
-            _ = pool_tick.tick() => {
-                repair.set_rtt(conn.rtt());
-                let Some(pool) = pool else { continue };
-                if pool.is_revoked(&node_id) {
-                    out.clear();
-                    ControlMessage::Goodbye("this node is revoked".into()).encode(&mut out);
-                    let _ = send.write_all(&out).await;
-                    conn.close(2u32.into(), b"this node is revoked");
-                    return Err(anyhow!("node {node_id} revoked by the indexer: connection closed"));
-                }
-                pool.set_node_rtt(&node_id, conn.rtt());
-            }
-            _ = crate::stopped(&mut shutdown) => {
-                out.clear();
-                ControlMessage::Goodbye("relay shutting down".into()).encode(&mut out);
-                let _ = send.write_all(&out).await;
-                let _ = send.finish();
-                conn.close(0u32.into(), b"relay shutting down");
-                return Ok(());
-            }
+                e => Err(anyhow!("{e}")),
+            };
         }
     }
 }

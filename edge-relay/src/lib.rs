@@ -45,6 +45,8 @@ pub struct RelayConfig {
     /// Join this pool (register with its indexer, admit viewers by token); `None` runs
     /// the relay on its own.
     pub pool: Option<pool::PoolConfig>,
+    /// Outside a pool, take render nodes from any address, not only loopback.
+    pub allow_anonymous_nodes: bool,
 }
 
 /// A running relay's bound addresses.
@@ -82,37 +84,41 @@ pub async fn run(
     let advertise = config.advertise_addr.unwrap_or(webrtc_addr);
     tracing::info!(http = %http_addr, webrtc_udp = %webrtc_addr, advertised = %advertise, quic = %quic_addr, "relay listening");
 
+    // Every task stops on this: the caller's shutdown, or any task ending on its own (a
+    // relay with a dead core task serves nobody, so the process must exit and be restarted).
+    let (stop_tx, stop) = watch::channel(false);
+    let mut outer = shutdown.clone();
+    let forward_stop = stop_tx.clone();
+    tokio::spawn(async move {
+        stopped(&mut outer).await;
+        let _ = forward_stop.send(true);
+    });
     let membership = match &config.pool {
-        Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &metrics, shutdown.clone())?),
+        Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &metrics, stop.clone())?),
         None => None,
     };
     let pool = membership.as_ref().map(|(pool, _)| pool.clone());
-    let (ingest_tx, ingest_rx) = mpsc::channel(16_384);
+    let (ingest_tx, ingest_rx) = mpsc::channel(64);
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let (viewer_tx, viewer_rx) = mpsc::channel(64);
-    let egress = tokio::spawn(egress::run(
-        udp,
-        advertise,
-        ingest_rx,
-        viewer_rx,
-        metrics.clone(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    let ingest = tokio::spawn(ingest::run(quic, ingest_tx, metrics.clone(), pool.clone(), shutdown.clone()));
+    let anonymous =
+        if config.allow_anonymous_nodes { ingest::AnonymousNodes::Allowed } else { ingest::AnonymousNodes::LoopbackOnly };
+    let mut tasks = pylon_runtime::tasks::CoreTasks::new();
+    tasks.spawn(
+        "egress",
+        egress::run(udp, advertise, ingest_rx, wake.clone(), viewer_rx, metrics.clone(), pool.clone(), stop.clone()),
+    );
+    tasks.spawn("ingest", ingest::run(quic, ingest_tx, wake, metrics.clone(), pool.clone(), anonymous, stop.clone()));
     let app = http::router(http::AppState {
         viewers: viewer_tx,
         metrics: metrics.clone(),
         pool: pool.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: stop.clone(),
     });
-    let mut http_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                stopped(&mut http_shutdown).await;
-            })
-            .await
-    });
+    tasks.spawn("http", http::serve(http, app, stop.clone()));
+    if let Some((_, task)) = membership {
+        tasks.spawn("pool membership", async move { task.await?.context("the indexer refused this relay") });
+    }
     if let Some(started) = started {
         let _ = started.send(RelayHandle {
             http_addr,
@@ -122,18 +128,7 @@ pub async fn run(
             pool_id: pool.as_ref().map(|p| p.id().to_string()),
         });
     }
-    let membership = async move {
-        match membership {
-            Some((_, task)) => task.await?.context("the indexer refused this relay"),
-            None => Ok(()),
-        }
-    };
-    let (e, i, s, m) = tokio::join!(egress, ingest, server, membership);
-    e??;
-    i??;
-    s??;
-    m?;
-    Ok(())
+    tasks.supervise(&stop_tx).await
 }
 
 type Membership = (pool::Pool, tokio::task::JoinHandle<Result<(), pylon_indexer_client::ClientError>>);
@@ -162,7 +157,7 @@ fn join_pool(
         region: config.region.clone(),
         capacity: config.capacity,
     };
-    let (pool, ended) = pool::Pool::new(&id);
+    let (pool, ended) = pool::Pool::new(&id, Some(client.clone()));
     let viewers = metrics.viewers.clone();
     let task = tokio::spawn(pool::run(
         client,

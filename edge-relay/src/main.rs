@@ -50,18 +50,15 @@ struct Args {
     /// Viewers this relay serves at most (told to the indexer).
     #[arg(long, env = "PYLON_CAPACITY", default_value_t = 200)]
     capacity: u32,
+    /// Without --indexer, take render nodes from any address (default: loopback only,
+    /// since nothing can check who they are). In a pool every node proves its key.
+    #[arg(long, env = "PYLON_ALLOW_ANONYMOUS_NODES")]
+    allow_anonymous_nodes: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,str0m=warn,quinn=warn".into()),
-        )
-        .init();
+    pylon_runtime::init_tracing("info,str0m=warn,quinn=warn");
     let args = Args::parse();
     if args.webrtc_addr.ip().is_unspecified() && args.advertise_addr.is_none() {
         anyhow::bail!(
@@ -84,31 +81,16 @@ async fn main() -> anyhow::Result<()> {
             public_quic: args.public_quic,
             capacity: args.capacity,
         }),
+        allow_anonymous_nodes: args.allow_anonymous_nodes,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let relay = tokio::spawn(pylon_relay::run(config, shutdown_rx, None));
     tokio::select! {
+        // A relay that stops on its own failed (a core task ended): exit non-zero.
         r = relay => return r?,
-        _ = shutdown_signal() => tracing::info!("shutting down: telling viewers and nodes"),
+        _ = pylon_runtime::shutdown_signal() => tracing::info!("shutting down: telling viewers and nodes"),
     }
     let _ = shutdown_tx.send(true);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -99,6 +99,12 @@ pub struct RelayMetrics {
     pub bad_offers: Counter,
     /// Viewers refused for their session token (missing, forged, expired, wrong relay, ended).
     pub tokens_refused: Counter,
+    /// Viewers dropped because ICE did not complete in time.
+    pub viewers_timed_out: Counter,
+    /// Signalling sockets closed for having no session in time.
+    pub signalling_timeouts: Counter,
+    /// Node connections refused: bad or unregistered key, revoked, not approved, anonymous.
+    pub nodes_refused: Counter,
     /// Keyframe requests (PLI/FIR) from viewers.
     pub viewer_keyframe_requests: Counter,
     /// NACKs from viewers, answered from their RTX caches
@@ -154,6 +160,9 @@ impl RelayMetrics {
             viewer_sessions: Counter::default(),
             bad_offers: Counter::default(),
             tokens_refused: Counter::default(),
+            nodes_refused: Counter::default(),
+            viewers_timed_out: Counter::default(),
+            signalling_timeouts: Counter::default(),
             viewer_keyframe_requests: Counter::default(),
             viewer_nacks: Counter::default(),
             keyframe_requests_upstream: Counter::default(),
@@ -213,6 +222,21 @@ impl RelayMetrics {
         r.register("viewer_sessions", "Viewer sessions created", m.viewer_sessions.clone());
         r.register("bad_offers", "SDP offers refused", m.bad_offers.clone());
         r.register("tokens_refused", "Viewers refused for their session token", m.tokens_refused.clone());
+        r.register(
+            "signalling_timeouts",
+            "Signalling sockets closed for having no session in time",
+            m.signalling_timeouts.clone(),
+        );
+        r.register(
+            "viewers_timed_out",
+            "Viewers dropped because ICE did not complete in time",
+            m.viewers_timed_out.clone(),
+        );
+        r.register(
+            "nodes_refused",
+            "Node connections refused (unproven, unregistered, mismatched, revoked or unapproved key)",
+            m.nodes_refused.clone(),
+        );
         r.register("viewer_keyframe_requests", "PLI/FIR from viewers", m.viewer_keyframe_requests.clone());
         r.register(
             "viewer_nacks",
@@ -244,6 +268,25 @@ impl RelayMetrics {
             upstream_nacks: self.stream_upstream_nacks.get_or_create(&label).clone(),
             upstream_repaired: self.stream_upstream_repaired.get_or_create(&label).clone(),
         }
+    }
+
+    /// Removes every per-stream series of `stream` (its node left): labels of streams
+    /// that are gone must not pile up in `/metrics`.
+    pub fn forget_stream(&self, stream: &str) {
+        let label = StreamLabel { stream: stream.to_string() };
+        for family in [
+            &self.stream_packets_in,
+            &self.stream_bytes_in,
+            &self.stream_packets_out,
+            &self.stream_keyframe_requests,
+            &self.stream_viewer_nacks,
+            &self.stream_viewer_plis,
+            &self.stream_upstream_nacks,
+            &self.stream_upstream_repaired,
+        ] {
+            family.remove(&label);
+        }
+        self.stream_viewers.remove(&label);
     }
 
     /// Counts a dropped ingest packet.

@@ -53,12 +53,54 @@ pub struct Admission {
     pub node: String,
 }
 
+/// How long a node's key, as the indexer holds it, is trusted before asking again.
+/// Revocations reach the relay sooner, with every heartbeat.
+pub const NODE_KEY_TTL: Duration = Duration::from_secs(60);
+
+/// Whether a node may stream to this relay, after checking its proven key against the
+/// indexer's record of the id it claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCheck {
+    /// The key is the registered one; the node is approved and not revoked.
+    Admitted,
+    /// The hello names no node id.
+    NoId,
+    /// The indexer knows no node of that id.
+    Unknown,
+    /// The id is registered with another key: an impostor.
+    KeyMismatch,
+    /// The indexer revoked the node.
+    Revoked,
+    /// The operator has not approved the node yet.
+    NotApproved,
+    /// The indexer could not be asked (the node retries).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for NodeCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeCheck::Admitted => write!(f, "admitted"),
+            NodeCheck::NoId => write!(f, "a node in a pool must name its id"),
+            NodeCheck::Unknown => write!(f, "no node of this id is registered with the indexer"),
+            NodeCheck::KeyMismatch => write!(f, "this node id is registered with another key"),
+            NodeCheck::Revoked => write!(f, "this node is revoked"),
+            NodeCheck::NotApproved => write!(f, "this node awaits the operator's approval"),
+            NodeCheck::Unreachable(e) => write!(f, "cannot check the node with the indexer: {e}"),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     key: Option<VerifyingKey>,
     ended: HashMap<String, u64>,
     revoked: HashSet<String>,
     node_rtt_ms: HashMap<String, f64>,
+    /// The indexer's record of nodes that connected: key (base64), state, when fetched.
+    node_keys: HashMap<String, (String, String, std::time::Instant)>,
+    /// Sessions whose player is connected here (metering follows this, not the node).
+    players: HashSet<String>,
 }
 
 /// The relay's view of the pool, shared by signalling, ingest and egress.
@@ -67,13 +109,68 @@ pub struct Pool {
     id: String,
     inner: Arc<Mutex<Inner>>,
     ended_tx: mpsc::UnboundedSender<(String, String)>,
+    client: Option<Client>,
 }
 
 impl Pool {
-    /// A pool view for relay `id`; the receiver yields sessions to report ended.
-    pub fn new(id: &str) -> (Self, mpsc::UnboundedReceiver<(String, String)>) {
+    /// A pool view for relay `id`, asking the indexer through `client` about nodes; the
+    /// receiver yields sessions to report ended.
+    pub fn new(id: &str, client: Option<Client>) -> (Self, mpsc::UnboundedReceiver<(String, String)>) {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
-        (Self { id: id.to_string(), inner: Arc::default(), ended_tx }, ended_rx)
+        (Self { id: id.to_string(), inner: Arc::default(), ended_tx, client }, ended_rx)
+    }
+
+    /// Checks a node's proven `key` against the indexer's record of `node` (cached for
+    /// [`NODE_KEY_TTL`]) and the revocations heard with heartbeats.
+    pub async fn check_node(&self, node: &str, key: &VerifyingKey) -> NodeCheck {
+        if node.is_empty() {
+            return NodeCheck::NoId;
+        }
+        if self.is_revoked(node) {
+            return NodeCheck::Revoked;
+        }
+        let cached = self
+            .lock()
+            .node_keys
+            .get(node)
+            .filter(|(_, _, at)| at.elapsed() < NODE_KEY_TTL)
+            .map(|(k, st, _)| (k.clone(), st.clone()));
+        let (registered, state) = match cached {
+            Some(c) => c,
+            None => {
+                let Some(client) = &self.client else { return NodeCheck::Unknown };
+                match client.node(node).await {
+                    Ok(Some(record)) => {
+                        self.lock().node_keys.insert(
+                            node.to_string(),
+                            (record.public_key.clone(), record.state.clone(), std::time::Instant::now()),
+                        );
+                        (record.public_key, record.state)
+                    }
+                    Ok(None) => return NodeCheck::Unknown,
+                    Err(e) => return NodeCheck::Unreachable(e.to_string()),
+                }
+            }
+        };
+        if pylon_indexer_client::decode_key(&registered).ok().as_ref() != Some(key) {
+            return NodeCheck::KeyMismatch;
+        }
+        match state.as_str() {
+            "revoked" => NodeCheck::Revoked,
+            "pending" => NodeCheck::NotApproved,
+            _ => NodeCheck::Admitted,
+        }
+    }
+
+    /// The sessions whose player is connected here now.
+    pub fn set_players(&self, sessions: Vec<String>) {
+        self.lock().players = sessions.into_iter().collect();
+    }
+
+    fn players(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().players.iter().cloned().collect();
+        v.sort();
+        v
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -107,7 +204,11 @@ impl Pool {
     /// The player of `session` left: its token is refused from now on, and the indexer
     /// is told (metering) with `reason`.
     pub fn session_ended(&self, session: &str, reason: &str) {
-        let first = self.lock().ended.insert(session.to_string(), unix_now()).is_none();
+        let first = {
+            let mut inner = self.lock();
+            inner.players.remove(session);
+            inner.ended.insert(session.to_string(), unix_now()).is_none()
+        };
         if first {
             let _ = self.ended_tx.send((session.to_string(), reason.to_string()));
         }
@@ -132,6 +233,9 @@ impl Pool {
 
     fn apply(&self, ended: Vec<String>, revoked: Vec<String>, now: u64) {
         let mut inner = self.lock();
+        for node in &revoked {
+            inner.node_keys.remove(node);
+        }
         for s in ended {
             inner.ended.entry(s).or_insert(now);
         }
@@ -161,23 +265,51 @@ pub async fn run(
     tracing::info!(relay = %registration.id, indexer = %client.base(), "registered with the indexer");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Session ends the indexer has not acknowledged yet: retried with every heartbeat
+    // (metering stops only when the indexer knows).
+    let mut unreported: Vec<(String, String)> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let hb = RelayHeartbeat { viewers: viewers(), node_rtt_ms: pool.node_rtts() };
+                let hb = RelayHeartbeat { viewers: viewers(), node_rtt_ms: pool.node_rtts(), players: pool.players() };
                 match client.relay_heartbeat(&registration.id, &hb).await {
                     Ok(reply) => pool.apply(reply.ended_sessions, reply.revoked_nodes, unix_now()),
                     Err(e) if e.is_refusal() => return Err(e),
                     Err(e) => tracing::warn!("heartbeat failed: {e}"),
                 }
+                let mut still = Vec::new();
+                for (session, reason) in unreported.drain(..) {
+                    if !report_end(&client, &session, &reason).await {
+                        still.push((session, reason));
+                    }
+                }
+                unreported = still;
             }
             Some((session, reason)) = ended.recv() => {
-                match client.end_session(&session, &reason).await {
-                    Ok(()) => tracing::info!(session, reason, "session ended"),
-                    Err(e) => tracing::warn!(session, "could not report the session's end: {e}"),
+                if !report_end(&client, &session, &reason).await && unreported.len() < MAX_UNREPORTED {
+                    unreported.push((session, reason));
                 }
             }
             _ = crate::stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}
+
+/// Session ends kept for retrying at most (each is a few dozen bytes).
+const MAX_UNREPORTED: usize = 10_000;
+
+/// Tells the indexer a session ended; `true` once it is acknowledged (or the indexer says
+/// the session is unknown or already ended, which needs no retry).
+async fn report_end(client: &Client, session: &str, reason: &str) -> bool {
+    match client.end_session(session, reason).await {
+        Ok(()) => {
+            tracing::info!(session, reason, "session ended");
+            true
+        }
+        Err(ClientError::Refused { status: 404, .. }) => true,
+        Err(e) => {
+            tracing::warn!(session, "could not report the session's end (will retry): {e}");
+            false
         }
     }
 }
@@ -205,7 +337,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_and_ended_sessions_refused() {
         let indexer = SigningKey::from_bytes(&[1; 32]);
-        let (pool, mut ended) = Pool::new("relay-1");
+        let (pool, mut ended) = Pool::new("relay-1", None);
         assert!(pool.admit(&token(&indexer, 1, "relay-1", Role::Player, 2_000), 1_500).is_err(), "no key yet");
         pool.set_key(indexer.verifying_key());
         let forger = SigningKey::from_bytes(&[2; 32]);
@@ -244,7 +376,7 @@ mod tests {
 
     #[test]
     fn node_rtts_follow_connections() {
-        let (pool, _ended) = Pool::new("relay-1");
+        let (pool, _ended) = Pool::new("relay-1", None);
         pool.set_node_rtt("node-a", Duration::from_micros(1500));
         pool.set_node_rtt("", Duration::from_millis(1));
         assert_eq!(pool.node_rtts(), BTreeMap::from([("node-a".to_string(), 1.5)]));

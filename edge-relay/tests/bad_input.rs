@@ -9,7 +9,7 @@ mod common;
 
 use common::{metric, quic_client, relay_metrics, start_platform, wait_metric};
 use futures_util::{SinkExt, StreamExt};
-use pylon_proto::framing::{ControlMessage, StreamHello};
+use pylon_proto::framing::{NodeHello, NodeMessage, StreamHello, WireMessage};
 use pylon_relay::RelayConfig;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -44,13 +44,16 @@ async fn garbage_on_every_socket_is_counted_and_the_stream_goes_on() {
     let conn = endpoint.connect_with(config, platform.relay.quic_addr, "pylon-relay").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     let mut hello = Vec::new();
-    ControlMessage::StreamHello(StreamHello {
-        width: 64,
-        height: 64,
-        fps: 30,
-        profile_level_id: 0x42e01f,
-        encoder: "junk".into(),
-        node: String::new(),
+    NodeMessage::Hello(NodeHello {
+        stream: StreamHello {
+            width: 64,
+            height: 64,
+            fps: 30,
+            profile_level_id: 0x42e01f,
+            encoder: "junk".into(),
+            node: String::new(),
+        },
+        auth: None,
     })
     .encode(&mut hello);
     send.write_all(&hello).await.unwrap();
@@ -104,6 +107,7 @@ async fn a_restarted_relay_gets_the_render_node_back() {
         quic_addr: relay.quic_addr,
         data_dir: relay.cert_path.parent().unwrap().to_path_buf(),
         pool: None,
+        allow_anonymous_nodes: false,
     };
     tokio::spawn(pylon_relay::run(config, shutdown_rx, Some(started_tx)));
     let restarted = started_rx.await.unwrap();

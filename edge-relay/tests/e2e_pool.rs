@@ -9,7 +9,8 @@
 mod common;
 
 use common::{Browser, POOL_NODE, SAMPLE_VIDEO, http_get, metric, quic_client, relay_metrics, start_pool};
-use pylon_proto::framing::{self, ControlMessage, StreamHello};
+use pylon_proto::framing::{self, StreamHello};
+use pylon_proto::link::{self, NodeConfig, NodeSide, PlayerGate};
 use std::time::{Duration, Instant};
 
 fn key(kind: &str, code: &str) -> String {
@@ -21,12 +22,17 @@ async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_
     b.client.goto(&format!("http://{indexer}/")).await.unwrap();
     b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
     b.eval("document.querySelector('a.play[data-title=demo]').click(); return true;").await;
-    b.wait_for(
-        "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \
-         ? { href: location.href, role: pylon.role } : null",
-        Duration::from_secs(60),
-    )
-    .await
+    let played = b
+        .wait_for(
+            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \
+             ? { href: location.href, role: pylon.role, token: history.state && history.state.token } : null",
+            Duration::from_secs(60),
+        )
+        .await;
+    // The token left the address bar (it lives in the history entry's state).
+    assert!(!played["href"].as_str().unwrap().contains("token"), "{played}");
+    assert!(played["token"].as_str().is_some_and(|t| !t.is_empty()), "{played}");
+    played
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +52,7 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
 
     // Another node streams through the same relay (a second session): the player below
     // must get its own node's stream, not this one.
-    let impostor = tokio::spawn(other_node(platform.relay.cert_path.clone(), platform.relay.quic_addr));
+    let other = tokio::spawn(other_node(platform.relay.cert_path.clone(), platform.relay.quic_addr, indexer));
 
     // The relay's own page without a token is refused with a clear message.
     let b = Browser::start().await;
@@ -58,8 +64,10 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     // From the catalog: matched, token checked at the relay and at the node, playing.
     let played = play_from_catalog(&b, indexer).await;
     assert_eq!(played["role"], "player");
-    let link = played["href"].as_str().unwrap().to_string();
-    assert!(link.starts_with(&format!("http://{relay_http}/play/")) && link.contains("#token="), "{link}");
+    let page = played["href"].as_str().unwrap().to_string();
+    assert!(page.starts_with(&format!("http://{relay_http}/play/")), "{page}");
+    // The link the catalog sent the player to, token and all (to replay it below).
+    let link = format!("{page}#token={}", played["token"].as_str().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     while platform.server_metrics_value("pylon_server_sessions_started") < 1.0 {
         assert!(Instant::now() < deadline, "the node never started the session");
@@ -89,7 +97,7 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     // A spectator joins through the player's watch link: it decodes the same game, and its
     // keys never reach it.
     let share = b.eval("return document.getElementById('share').href").await;
-    let session = link.split("/play/").nth(1).unwrap().split('#').next().unwrap().to_string();
+    let session = page.split("/play/").nth(1).unwrap().to_string();
     assert_eq!(share.as_str().unwrap(), format!("http://{indexer}/watch/{session}"));
     let player_window = b.client.window().await.unwrap();
     b.client.new_window(true).await.unwrap();
@@ -124,31 +132,60 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     // The node's one slot is free again: the next player is matched onto it.
     let again = play_from_catalog(&b, indexer).await;
     assert_eq!(again["role"], "player");
-    assert_ne!(again["href"], link, "a new session, with a new token");
+    assert_ne!(again["token"], played["token"], "a new session, with a new token");
     let usage = http_get(indexer, "/api/v1/usage").await;
     assert!(usage.contains("\"provider\":\"e2e-provider\"") && usage.contains("\"sessions\":2"), "{usage}");
-    impostor.abort();
+    other.abort();
     b.close().await;
     platform.stop().await;
 }
 
-/// A second render node, "node-other", streaming RTP (valid headers, meaningless payload)
-/// to the relay until aborted.
-async fn other_node(cert: std::path::PathBuf, relay: std::net::SocketAddr) {
+/// A second render node, "node-other", registered with the indexer under its own key,
+/// which signs its hello; it streams RTP (valid headers, meaningless payload) until aborted.
+async fn other_node(cert: std::path::PathBuf, relay: std::net::SocketAddr, indexer: std::net::SocketAddr) {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[77; 32]);
+    let client = pylon_indexer_client::Client::new(&format!("http://{indexer}"), key.clone()).unwrap();
+    client
+        .register_node(&pylon_indexer_client::api::RegisterNode {
+            id: "node-other".into(),
+            provider: "other".into(),
+            public_key: client.public_key(),
+            gpu_model: "none".into(),
+            gpu_memory_mb: 0,
+            vulkan_device: "none".into(),
+            encoders: vec![],
+            capacity: 1,
+            region: "local".into(),
+            lat: 0.0,
+            lon: 0.0,
+            price_per_hour: 99.0,
+            gpu_class: 0,
+            titles: vec![],
+        })
+        .await
+        .unwrap();
     let (endpoint, config) = quic_client(&cert);
     let conn = endpoint.connect_with(config, relay, "pylon-relay").unwrap().await.unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let mut hello = Vec::new();
-    ControlMessage::StreamHello(StreamHello {
+    let mut exporter = [0u8; link::EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"").unwrap();
+    let stream = StreamHello {
         width: 1280,
         height: 720,
         fps: 60,
         profile_level_id: 0x42e01f,
         encoder: "none".into(),
         node: "node-other".into(),
-    })
-    .encode(&mut hello);
-    send.write_all(&hello).await.unwrap();
+    };
+    let config = NodeConfig { stream, identity: Some(key), bitrate_bounds: None };
+    let mut node = NodeSide::new(config, PlayerGate::pooled("node-other"), &exporter, std::time::Instant::now(), 0);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&node.poll_transmit().unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    while !node.is_established() {
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        node.handle_control(std::time::Instant::now(), &buf[..n]).unwrap();
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = recv.read_chunk(65536, true).await {} });
     let mut seq: u16 = 0;
     loop {
         let mut rtp = vec![0x80, 108];

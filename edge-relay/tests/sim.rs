@@ -1,17 +1,19 @@
-//! The relay's forwarding core on a simulated clock: a render node (with its resend cache),
-//! a lossy node→relay path, the relay (`forward::Core` and the ingest side's
-//! `UpstreamRepair`), and str0m WebRTC viewers behind lossy last hops — every part sans-IO,
-//! every path a seeded `proto::impair` model, time moved by hand. A few simulated seconds
-//! run in well under a real second, and the same seed gives the same run.
+//! The relay's forwarding core on a simulated clock: a render node (the real
+//! `link::NodeSide`, with its resend cache), a lossy node→relay path, the relay (the real
+//! `link::RelaySide` with its upstream repair, and `forward::Core`), and str0m WebRTC
+//! viewers behind lossy last hops — every part sans-IO, every path a seeded
+//! `proto::impair` model, time moved by hand. The node↔relay handshake runs as in
+//! production. A few simulated seconds run in well under a real second, and the same seed
+//! gives the same run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use pylon_proto::framing::{ControlMessage, MAX_NACK_SEQS, StreamHello};
+use pylon_proto::framing::StreamHello;
 use pylon_proto::impair::{Impairment, LossModel};
-use pylon_proto::repair::{RepairConfig, RetransmitCache, UpstreamRepair};
+use pylon_proto::link::{MediaDrop, NodeConfig, NodeEvent, NodeSide, PlayerGate, RelayEvent, RelaySide};
+use pylon_proto::repair::RepairConfig;
 use pylon_proto::rtp::RtpHeader;
 use pylon_relay::forward::{Core, Sink};
-use pylon_relay::ingest::ToNode;
 use pylon_relay::metrics::RelayMetrics;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -33,10 +35,10 @@ fn relay_addr() -> SocketAddr {
 
 /// What travels on the simulated network.
 enum Packet {
-    /// Node → relay: one RTP packet (a QUIC datagram in the real relay).
-    NodeRtp(Vec<u8>),
-    /// Relay → node on the reliable control stream.
-    ToNode(ControlMessage),
+    /// Node → relay: one QUIC datagram (an RTP packet behind the link's header).
+    NodeDatagram(Vec<u8>),
+    /// Relay → node: bytes of the reliable control stream.
+    ToNode(Vec<u8>),
     /// A UDP datagram between a viewer and the relay.
     Udp { from: SocketAddr, to: SocketAddr, data: Vec<u8> },
 }
@@ -90,8 +92,8 @@ struct Sim {
     core: Core,
     metrics: RelayMetrics,
     viewers: Vec<Viewer>,
-    // The node.
-    node_cache: RetransmitCache,
+    // The node's side of the link.
+    node: NodeSide,
     node_up: Impairment,
     node_next_frame: Instant,
     node_sent: u64,
@@ -100,8 +102,8 @@ struct Sim {
     /// Sequence numbers the node was asked to resend, however they were asked.
     node_nacks: u64,
     keyframe_requests: u64,
-    // The relay's ingest side.
-    repair: UpstreamRepair,
+    // The relay's side of the link (ingest).
+    link: RelaySide,
     /// Node sequence numbers the upstream path lost (an original or a resend).
     upstream_lost: BTreeSet<u64>,
     /// Losses on the upstream path, resends included.
@@ -114,28 +116,6 @@ impl Sim {
     fn new(seed: u64, upstream: Path, last_hops: &[Path], stream_seconds: u64) -> Self {
         let now = Instant::now();
         let metrics = RelayMetrics::new();
-        let mut sim = Sim {
-            now,
-            queue: BinaryHeap::new(),
-            packets: BTreeMap::new(),
-            next_packet: 0,
-            core: Core::new(relay_addr(), metrics.clone()),
-            metrics,
-            viewers: Vec::new(),
-            node_cache: RetransmitCache::new(Duration::from_secs(1), 4096),
-            node_up: Impairment::new(seed, upstream.loss, upstream.delay, Duration::ZERO, 0.0),
-            node_next_frame: now + Duration::from_secs(1),
-            node_sent: 0,
-            node_stop: now + Duration::from_secs(1 + stream_seconds),
-            node_control_delay: upstream.delay,
-            node_nacks: 0,
-            keyframe_requests: 0,
-            repair: UpstreamRepair::new(RepairConfig::default()),
-            upstream_lost: BTreeSet::new(),
-            upstream_loss_events: 0,
-            asked: BTreeSet::new(),
-        };
-        sim.repair.set_rtt(upstream.delay * 2);
         let hello = StreamHello {
             width: 1280,
             height: 720,
@@ -144,6 +124,39 @@ impl Sim {
             encoder: "sim".into(),
             node: String::new(),
         };
+        let exporter = [7u8; pylon_proto::link::EXPORTER_LEN];
+        let config = NodeConfig { stream: hello.clone(), identity: None, bitrate_bounds: None };
+        let mut sim = Sim {
+            now,
+            queue: BinaryHeap::new(),
+            packets: BTreeMap::new(),
+            next_packet: 0,
+            core: Core::new(relay_addr(), metrics.clone()),
+            metrics,
+            viewers: Vec::new(),
+            node: NodeSide::new(config, PlayerGate::open(), &exporter, now, 0),
+            node_up: Impairment::new(seed, upstream.loss, upstream.delay, Duration::ZERO, 0.0),
+            node_next_frame: now + Duration::from_secs(1),
+            node_sent: 0,
+            node_stop: now + Duration::from_secs(1 + stream_seconds),
+            node_control_delay: upstream.delay,
+            node_nacks: 0,
+            keyframe_requests: 0,
+            link: RelaySide::new("sim-relay", &exporter, RepairConfig::default(), now),
+            upstream_lost: BTreeSet::new(),
+            upstream_loss_events: 0,
+            asked: BTreeSet::new(),
+        };
+        // The handshake, as the drivers carry it: hello, admission, welcome.
+        let hello_bytes = sim.node.poll_transmit().unwrap();
+        sim.link.handle_control(now, &hello_bytes).unwrap();
+        assert!(matches!(sim.link.poll_event(), Some(RelayEvent::Hello { key: None, .. })));
+        sim.link.admit(now);
+        let welcome = sim.link.poll_transmit().unwrap();
+        sim.node.handle_control(now, &welcome).unwrap();
+        assert!(sim.node.is_established());
+        while sim.node.poll_event().is_some() {}
+        sim.link.set_rtt(upstream.delay * 2);
         sim.core.stream_started(now, NODE_CONNECTION, hello);
         for (i, hop) in last_hops.iter().enumerate() {
             sim.add_viewer(seed.wrapping_mul(31).wrapping_add(i as u64 * 7 + 1), *hop, i == 0);
@@ -195,18 +208,25 @@ impl Sim {
         let to_node: Vec<_> = self.core.poll_to_node().collect();
         for (node, msg) in to_node {
             assert_eq!(node, NODE_CONNECTION);
-            if let ToNode::Control(msg) = msg {
-                self.schedule(self.now + self.node_control_delay, Packet::ToNode(msg));
-            }
+            self.link.send(msg).unwrap();
+        }
+        self.relay_transmit();
+    }
+
+    /// What the relay's link queued for the node goes onto the control stream.
+    fn relay_transmit(&mut self) {
+        if let Some(bytes) = self.link.poll_transmit() {
+            self.schedule(self.now + self.node_control_delay, Packet::ToNode(bytes));
         }
     }
 
-    /// A node packet leaves the node (an original or a resend).
-    fn node_send(&mut self, packet: Vec<u8>) {
+    /// A datagram leaves the node (an original or a resend).
+    fn node_send(&mut self, datagram: Vec<u8>) {
         match self.node_up.on_packet(self.now) {
-            Some(at) => self.schedule(at, Packet::NodeRtp(packet)),
+            Some(at) => self.schedule(at, Packet::NodeDatagram(datagram)),
             None => {
-                let seq = u16::from_be_bytes([packet[2], packet[3]]);
+                // The datagram's two-byte link header, then the RTP header.
+                let seq = u16::from_be_bytes([datagram[4], datagram[5]]);
                 self.upstream_lost.insert(u64::from(seq));
                 self.upstream_loss_events += 1;
             }
@@ -228,8 +248,9 @@ impl Sim {
             .write(&mut packet);
             packet.extend_from_slice(&n.to_be_bytes());
             packet.resize(12 + PAYLOAD, 0xab);
-            self.node_cache.insert(self.now, n as u16, &packet);
-            self.node_send(packet);
+            let mut datagram = Vec::new();
+            self.node.send_rtp(self.now, &packet, None, &mut datagram).unwrap();
+            self.node_send(datagram);
             self.node_sent += 1;
         }
         self.node_next_frame += Duration::from_micros(1_000_000 / FPS);
@@ -246,7 +267,7 @@ impl Sim {
         if self.node_next_frame < self.node_stop {
             t = t.min(self.node_next_frame);
         }
-        if let Some(r) = self.repair.next_timeout() {
+        if let Some(r) = self.link.poll_timeout() {
             t = t.min(r);
         }
         t.max(self.now)
@@ -268,12 +289,10 @@ impl Sim {
             if self.node_next_frame <= now && now < self.node_stop {
                 self.node_frame();
             }
-            // The ingest side's repair asks the node for what it lost, once for all viewers.
-            if self.repair.next_timeout().is_some_and(|t| t <= now) {
-                let seqs = self.repair.poll_requests(now, MAX_NACK_SEQS);
-                if !seqs.is_empty() {
-                    self.schedule(now + self.node_control_delay, Packet::ToNode(ControlMessage::Nack(seqs)));
-                }
+            // The relay's link asks the node for what it lost, once for all viewers.
+            if self.link.poll_timeout().is_some_and(|t| t <= now) {
+                self.link.handle_timeout(now).unwrap();
+                self.relay_transmit();
             }
             let mut out = Outbox::default();
             self.core.handle_timeout(now, &mut out);
@@ -290,26 +309,33 @@ impl Sim {
     fn deliver(&mut self, packet: Packet) {
         let now = self.now;
         match packet {
-            Packet::NodeRtp(packet) => {
-                let seq = u16::from_be_bytes([packet[2], packet[3]]);
-                if self.repair.on_packet(seq, now) {
-                    self.core.rtp(NODE_CONNECTION, &packet, now, None);
+            Packet::NodeDatagram(datagram) => match self.link.handle_datagram(now, &datagram) {
+                Ok(media) => {
+                    self.core.rtp(NODE_CONNECTION, &datagram[media.rtp_offset..], now, None);
                     let mut out = Outbox::default();
                     self.core.flush(now, &mut out);
                     self.route(out);
                 }
-            }
-            Packet::ToNode(ControlMessage::Nack(seqs)) => {
-                self.node_nacks += seqs.len() as u64;
-                for seq in seqs {
-                    self.asked.insert(u64::from(seq));
-                    if let Some(p) = self.node_cache.get(seq).map(<[u8]>::to_vec) {
-                        self.node_send(p);
+                Err(MediaDrop::Duplicate) => {}
+                Err(other) => panic!("the relay dropped a node datagram: {other:?}"),
+            },
+            Packet::ToNode(bytes) => {
+                self.node.handle_control(now, &bytes).unwrap();
+                while let Some(event) = self.node.poll_event() {
+                    match event {
+                        NodeEvent::KeyframeRequested => self.keyframe_requests += 1,
+                        NodeEvent::Resent { sent, missed } => {
+                            assert_eq!(missed, 0, "asked for a packet the node no longer holds");
+                            self.node_nacks += u64::from(sent);
+                        }
+                        _ => {}
                     }
                 }
+                while let Some(resend) = self.node.poll_datagram() {
+                    self.asked.insert(u64::from(u16::from_be_bytes([resend[4], resend[5]])));
+                    self.node_send(resend);
+                }
             }
-            Packet::ToNode(ControlMessage::KeyframeRequest) => self.keyframe_requests += 1,
-            Packet::ToNode(_) => {}
             Packet::Udp { from, to, data } if to == relay_addr() => {
                 let mut out = Outbox::default();
                 self.core.receive(now, from, &data, &mut out);
@@ -426,7 +452,7 @@ fn upstream_losses_are_repaired_once_for_every_viewer() {
         }
         // One request per lost packet (a retry only when the resend was lost too), however
         // many viewers there are, and only for packets that were lost.
-        let stats = sim.repair.stats();
+        let stats = sim.link.repair_stats();
         assert_eq!(stats.given_up, 0);
         assert!(sim.node_nacks <= lost, "{} requests for {lost} losses", sim.node_nacks);
         eprintln!(
@@ -467,4 +493,51 @@ fn a_nack_storm_from_one_viewer_does_not_amplify_upstream() {
         "NACK storm: {storm_nacks} NACKs from one viewer at 30% loss; upstream requests {} (quiet run: {})",
         storm.node_nacks, quiet.node_nacks
     );
+}
+
+/// A str0m offer for one receive-only video m-line, as a browser's.
+fn offer_sdp(now: Instant) -> String {
+    let mut rtc = RtcConfig::new().set_rtp_mode(true).build(now);
+    rtc.add_local_candidate(Candidate::host("10.0.9.9:5000".parse().unwrap(), "udp").unwrap());
+    let mut change = rtc.sdp_api();
+    change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    change.apply().unwrap().0.to_sdp_string()
+}
+
+#[test]
+fn a_viewer_whose_ice_never_completes_is_dropped_after_the_deadline() {
+    let t0 = Instant::now();
+    let metrics = RelayMetrics::new();
+    let mut core = Core::new(relay_addr(), metrics.clone());
+    let (id, _, _) = core.offer(t0, &offer_sdp(t0), false, None).unwrap();
+    let mut out = Outbox::default();
+    core.handle_timeout(t0 + Duration::from_secs(10), &mut out);
+    assert!(core.poll_closed_viewers().is_empty(), "dropped before the deadline");
+    let deadline = t0 + pylon_relay::forward::ICE_DEADLINE;
+    let mut now = t0 + Duration::from_secs(10);
+    while now <= deadline + Duration::from_secs(1) {
+        core.handle_timeout(now, &mut out);
+        now += Duration::from_millis(100);
+    }
+    assert_eq!(core.poll_closed_viewers(), vec![id]);
+    assert!(metrics.render().contains("pylon_relay_viewers_timed_out_total 1"));
+}
+
+#[test]
+fn one_session_holds_a_bounded_number_of_viewers() {
+    let t0 = Instant::now();
+    let mut core = Core::new(relay_addr(), RelayMetrics::new());
+    let admission = |session: &str| {
+        Some((
+            pylon_relay::pool::Admission { session: session.into(), player: false, node: "node-a".into() },
+            "token".to_string(),
+        ))
+    };
+    let cap = pylon_relay::forward::MAX_VIEWERS_PER_SESSION;
+    for i in 0..cap {
+        assert!(core.offer(t0, &offer_sdp(t0), false, admission("s1")).is_ok(), "viewer {i}");
+    }
+    let refused = core.offer(t0, &offer_sdp(t0), false, admission("s1")).unwrap_err();
+    assert!(refused.contains("already has"), "{refused}");
+    assert!(core.offer(t0, &offer_sdp(t0), false, admission("s2")).is_ok(), "another session is not affected");
 }

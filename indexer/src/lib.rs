@@ -5,6 +5,7 @@
 //!   click-to-photon, I/O-free and unit-tested on synthetic topologies.
 //! * [`store`]: SQLite (default) or PostgreSQL through sqlx, one set of migrations.
 //! * [`api`]: the REST API under `/api/v1` (axum), its OpenAPI document, `/metrics`.
+//! * [`limit`]: per-address and per-title rate limits, sans-IO.
 //! * [`web`]: the catalog page players start from (`/`, `/play/<title>`).
 //! * [`keys`]: the indexer's token-signing key, created once in the data directory (the
 //!   same code as nodes' and relays' identities, from `pylon-indexer-client`).
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub use pylon_indexer_client::keys;
+pub mod limit;
 pub mod selector;
 pub mod store;
 pub mod web;

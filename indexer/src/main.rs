@@ -2,11 +2,11 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pylon_indexer::api::{AppState, IndexerMetrics, router};
+use pylon_indexer::api::{AppState, Policy, router};
+use pylon_indexer::limit::Rate;
 use pylon_indexer::store::{Store, Title};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// Pylon indexer: registers render nodes and relays, lists titles, matches players to the
 /// best node and nearest relay, and signs their session tokens.
@@ -23,25 +23,50 @@ struct Args {
     /// data directory.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// Bearer token for administrative calls (adding titles, revoking nodes). Without it
-    /// those calls are refused.
-    #[arg(long, env = "PYLON_ADMIN_TOKEN", default_value = "")]
-    admin_token: String,
+    /// File holding the bearer token for administrative calls (titles, revocation,
+    /// approval); or set PYLON_ADMIN_TOKEN in the environment. Never on the command line,
+    /// where every user of the machine can read it. Without either those calls are refused.
+    #[arg(long, env = "PYLON_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// New render nodes and relays wait for the operator's approval
+    /// (POST /api/v1/nodes/{id}/approve, /relays/{id}/approve) before they are used. By
+    /// default the pool is open.
+    #[arg(long, env = "PYLON_APPROVE_NEW")]
+    approve_new: bool,
+    /// Session requests one client address may make per minute (a burst of half as many
+    /// at once).
+    #[arg(long, env = "PYLON_SESSIONS_PER_ADDRESS", default_value_t = 10.0)]
+    sessions_per_address: f64,
+    /// Session requests per minute for one title, all callers together.
+    #[arg(long, env = "PYLON_SESSIONS_PER_TITLE", default_value_t = 1200.0)]
+    sessions_per_title: f64,
+    /// Connections one client address may hold open to the API.
+    #[arg(long, env = "PYLON_CONNECTIONS_PER_ADDRESS", default_value_t = 64)]
+    connections_per_address: usize,
     /// Register the built-in demo title ("Pylon Asteroids", id `demo`) on start.
     #[arg(long)]
     demo_title: bool,
 }
 
+/// The admin token: from the file named, or from `PYLON_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    match file {
+        Some(path) => Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token file {}", path.display()))?
+            .trim()
+            .to_string()),
+        None => Ok(std::env::var("PYLON_ADMIN_TOKEN").unwrap_or_default()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    pylon_runtime::init_tracing("info,sqlx=warn");
     let args = Args::parse();
+    let admin_token = admin_token(args.admin_token_file.as_deref())?;
+    if admin_token.is_empty() {
+        tracing::warn!("no admin token (PYLON_ADMIN_TOKEN or --admin-token-file): administrative calls are refused");
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let url = args
         .database_url
@@ -64,28 +89,34 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     let key = pylon_indexer::keys::load_or_create(&args.data_dir, "indexer-key")?;
-    let state = AppState {
-        store,
-        signing_key: Arc::new(key),
-        admin_token: Arc::new(args.admin_token),
-        metrics: IndexerMetrics::new(),
+    let policy = Policy {
+        approve_new: args.approve_new,
+        sessions_per_address: Rate::new(args.sessions_per_address, (args.sessions_per_address / 2.0).max(1.0)),
+        sessions_per_title: Rate::new(args.sessions_per_title, (args.sessions_per_title / 6.0).max(1.0)),
+        ..Policy::default()
     };
+    if policy.approve_new {
+        tracing::info!("new nodes and relays wait for approval");
+    }
+    let state = AppState::new(store, key, admin_token, policy);
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
     tracing::info!(addr = %args.addr, "indexer API at /api/v1, OpenAPI at /api/v1/openapi.json, metrics at /metrics");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
-    Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(pylon_indexer::api::run_sweeper(state.clone(), stop.clone()));
+    let limits = pylon_runtime::http::HttpLimits {
+        per_address: args.connections_per_address,
+        max_body: 1 << 20,
+        ..Default::default()
+    };
+    let server = tokio::spawn(pylon_runtime::http::serve(listener, router(state), limits, stop));
+    tokio::select! {
+        _ = pylon_runtime::shutdown_signal() => tracing::info!("shutting down"),
+        r = server => {
+            r??;
+            anyhow::bail!("the HTTP server stopped on its own");
         }
-        tracing::info!("shutting down");
-        return;
     }
-    let _ = tokio::signal::ctrl_c().await;
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +72,18 @@ pub struct NodeRecord {
     pub draining: bool,
     /// Revoked: refused everywhere.
     pub revoked: bool,
+    /// Approved by the operator (always, unless the indexer runs with `--approve-new`).
+    #[serde(default = "yes")]
+    pub approved: bool,
+    /// Seats held by matched, running sessions (what matching counts).
+    #[serde(default)]
+    pub seats: i64,
     /// Last heartbeat, Unix seconds.
     pub last_heartbeat: i64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A registered relay as stored.
@@ -99,6 +109,9 @@ pub struct RelayRecord {
     pub node_rtt_ms: BTreeMap<String, f64>,
     /// Revoked.
     pub revoked: bool,
+    /// Approved by the operator (always, unless the indexer runs with `--approve-new`).
+    #[serde(default = "yes")]
+    pub approved: bool,
     /// Last heartbeat, Unix seconds.
     pub last_heartbeat: i64,
 }
@@ -196,34 +209,60 @@ impl Store {
             .collect()
     }
 
-    /// Inserts or updates a node (keeping its revoked flag).
-    pub async fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
-        let revoked = self.node(&n.id).await?.is_some_and(|old| old.revoked);
-        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(&n.id).execute(&self.pool).await?;
-        sqlx::query(
+    /// Registers node `n` or updates what its holder may change, in one statement: a
+    /// new id is inserted (approved or not, as `n.approved` says); an existing one is
+    /// updated only if `n.public_key` is its key and `nonce` is newer than the last one
+    /// it signed. Draining, revocation, approval and seats are never touched here.
+    /// Returns whether the write happened.
+    pub async fn register_node(&self, n: &NodeRecord, nonce: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "INSERT INTO nodes (id, provider, public_key, info, capacity, sessions, price_per_hour, gpu_class, encode_ms, \
-             titles, draining, revoked, last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             titles, draining, revoked, last_heartbeat, last_nonce, approved, seats) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, 0, 0, $10, $11, $12, 0) \
+             ON CONFLICT (id) DO UPDATE SET provider = excluded.provider, info = excluded.info, \
+             capacity = excluded.capacity, price_per_hour = excluded.price_per_hour, gpu_class = excluded.gpu_class, \
+             encode_ms = excluded.encode_ms, titles = excluded.titles, last_heartbeat = excluded.last_heartbeat, \
+             last_nonce = excluded.last_nonce \
+             WHERE nodes.public_key = excluded.public_key AND nodes.last_nonce < excluded.last_nonce",
         )
         .bind(&n.id)
         .bind(&n.provider)
         .bind(&n.public_key)
         .bind(n.info.to_string())
         .bind(n.capacity)
-        .bind(n.sessions)
         .bind(n.price_per_hour)
         .bind(n.gpu_class)
         .bind(n.encode_ms)
         .bind(serde_json::to_string(&n.titles)?)
-        .bind(b(n.draining))
-        .bind(b(n.revoked || revoked))
         .bind(n.last_heartbeat)
+        .bind(nonce)
+        .bind(b(n.approved))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Accepts `nonce` for `table`'s record `id` if it is newer than the last one (one
+    /// statement, so two copies of a request cannot both pass). `false`: a replay.
+    pub async fn bump_nonce(&self, table: Member, id: &str, nonce: i64) -> Result<bool, StoreError> {
+        let q = match table {
+            Member::Node => "UPDATE nodes SET last_nonce = $1 WHERE id = $2 AND last_nonce < $1",
+            Member::Relay => "UPDATE relays SET last_nonce = $1 WHERE id = $2 AND last_nonce < $1",
+        };
+        Ok(sqlx::query(q).bind(nonce).bind(id).execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    /// The operator approves a node or relay registered while new ones need approval.
+    pub async fn approve(&self, table: Member, id: &str) -> Result<bool, StoreError> {
+        let q = match table {
+            Member::Node => "UPDATE nodes SET approved = 1 WHERE id = $1",
+            Member::Relay => "UPDATE relays SET approved = 1 WHERE id = $1",
+        };
+        Ok(sqlx::query(q).bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
     const NODE_COLUMNS: &'static str = "id, provider, public_key, info, capacity, sessions, price_per_hour, gpu_class, \
-        encode_ms, titles, draining, revoked, last_heartbeat";
+        encode_ms, titles, draining, revoked, last_heartbeat, approved, seats";
 
     fn node_row(r: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
         let info: String = r.try_get(3)?;
@@ -242,6 +281,8 @@ impl Store {
             draining: r.try_get::<i64, _>(10)? != 0,
             revoked: r.try_get::<i64, _>(11)? != 0,
             last_heartbeat: r.try_get(12)?,
+            approved: r.try_get::<i64, _>(13)? != 0,
+            seats: r.try_get(14)?,
         })
     }
 
@@ -280,13 +321,16 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts or updates a relay (keeping its revoked flag).
-    pub async fn put_relay(&self, r: &RelayRecord) -> Result<(), StoreError> {
-        let revoked = self.relay(&r.id).await?.is_some_and(|old| old.revoked);
-        sqlx::query("DELETE FROM relays WHERE id = $1").bind(&r.id).execute(&self.pool).await?;
-        sqlx::query(
+    /// Registers relay `r` or updates what its holder may change (see
+    /// [`Store::register_node`]): revocation and approval are never touched here.
+    pub async fn register_relay(&self, r: &RelayRecord, nonce: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "INSERT INTO relays (id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, \
-             last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             last_heartbeat, last_nonce, approved) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '{}', 0, $8, $9, $10) \
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, public_url = excluded.public_url, \
+             quic_addr = excluded.quic_addr, region = excluded.region, capacity = excluded.capacity, \
+             last_heartbeat = excluded.last_heartbeat, last_nonce = excluded.last_nonce \
+             WHERE relays.public_key = excluded.public_key AND relays.last_nonce < excluded.last_nonce",
         )
         .bind(&r.id)
         .bind(&r.owner)
@@ -295,17 +339,16 @@ impl Store {
         .bind(&r.quic_addr)
         .bind(&r.region)
         .bind(r.capacity)
-        .bind(r.viewers)
-        .bind(serde_json::to_string(&r.node_rtt_ms)?)
-        .bind(b(r.revoked || revoked))
         .bind(r.last_heartbeat)
+        .bind(nonce)
+        .bind(b(r.approved))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
-    const RELAY_COLUMNS: &'static str =
-        "id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, last_heartbeat";
+    const RELAY_COLUMNS: &'static str = "id, owner, public_key, public_url, quic_addr, region, capacity, viewers, \
+        node_rtt, revoked, last_heartbeat, approved";
 
     fn relay_row(r: &sqlx::any::AnyRow) -> Result<RelayRecord, StoreError> {
         let rtt: String = r.try_get(8)?;
@@ -321,6 +364,7 @@ impl Store {
             node_rtt_ms: serde_json::from_str(&rtt)?,
             revoked: r.try_get::<i64, _>(9)? != 0,
             last_heartbeat: r.try_get(10)?,
+            approved: r.try_get::<i64, _>(11)? != 0,
         })
     }
 
@@ -355,8 +399,20 @@ impl Store {
         Ok(())
     }
 
-    /// Meters a session's start.
-    pub async fn start_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+    /// Books a seat on the session's node and meters the session's start, in one
+    /// transaction: the seat is taken only while the node has one free, so two players
+    /// matched at once can never book the same last seat. `false`: the node is full.
+    pub async fn start_session(&self, s: &SessionRecord, capacity: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seat = sqlx::query("UPDATE nodes SET seats = seats + 1 WHERE id = $1 AND seats < $2")
+            .bind(&s.node)
+            .bind(capacity)
+            .execute(&mut *tx)
+            .await?;
+        if seat.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO sessions (id, title, node, provider, relay, gpu_class, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -367,30 +423,77 @@ impl Store {
         .bind(&s.relay)
         .bind(s.gpu_class)
         .bind(s.started_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(true)
     }
 
-    /// Meters a session's end; `false` if it was unknown or already ended. The node's
-    /// place is free at once (its next heartbeat confirms the count).
+    /// Meters a session's end and frees its seat, in one transaction; `false` if it was
+    /// unknown or already ended.
     pub async fn end_session(&self, id: &str, now: i64, reason: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query("UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL")
             .bind(now)
             .bind(reason)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() != 1 {
+            tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query(
-            "UPDATE nodes SET sessions = sessions - 1 WHERE sessions > 0 AND id = (SELECT node FROM sessions WHERE id = $1)",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("UPDATE nodes SET seats = seats - 1 WHERE seats > 0 AND id = (SELECT node FROM sessions WHERE id = $1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(true)
+    }
+
+    /// The relay reports these sessions' players connected at `now`.
+    pub async fn players_seen(&self, relay: &str, sessions: &[String], now: i64) -> Result<(), StoreError> {
+        for id in sessions {
+            sqlx::query("UPDATE sessions SET player_seen = $1 WHERE id = $2 AND relay = $3 AND ended_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .bind(relay)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends running sessions nobody plays: the relay never saw the player connect within
+    /// `join_grace` of the match, or has not seen it for `gone_after`, or the session's
+    /// relay itself went silent for `gone_after`. Metering follows the relay's record of
+    /// a connected player, not the node's claim. Returns how many ended.
+    pub async fn sweep_unplayed(&self, now: i64, join_grace: i64, gone_after: i64) -> Result<u64, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.player_seen, s.started_at, r.last_heartbeat FROM sessions s LEFT JOIN relays r ON r.id = s.relay \
+             WHERE s.ended_at IS NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ended = 0;
+        for r in rows {
+            let id: String = r.try_get(0)?;
+            let seen: Option<i64> = r.try_get(1)?;
+            let started: i64 = r.try_get(2)?;
+            let relay_alive: Option<i64> = r.try_get(3)?;
+            let reason = match seen {
+                _ if relay_alive.is_none_or(|t| now.saturating_sub(t) > gone_after) => Some("relay gone"),
+                None if now.saturating_sub(started) > join_grace => Some("player never connected"),
+                Some(t) if now.saturating_sub(t) > gone_after => Some("player gone"),
+                _ => None,
+            };
+            if let Some(reason) = reason
+                && self.end_session(&id, now, reason).await?
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// Whether a session exists and has not ended.
@@ -415,18 +518,6 @@ impl Store {
     pub async fn session_title(&self, id: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT title FROM sessions WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
         row.map(|r| Ok(r.try_get(0)?)).transpose()
-    }
-
-    /// Running sessions started at or after `since`, counted per node: places taken by
-    /// players who were matched but whose node has not reported them yet.
-    pub async fn recent_sessions_per_node(&self, since: i64) -> Result<HashMap<String, i64>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT node, COUNT(*) FROM sessions WHERE ended_at IS NULL AND started_at >= $1 GROUP BY node",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
     }
 
     /// Ends the node's sessions that started before `before` and that the node no longer
@@ -482,6 +573,15 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Which kind of pool member a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// A render node.
+    Node,
+    /// A relay.
+    Relay,
 }
 
 /// A node flag.

@@ -8,11 +8,11 @@ use axum::http::{Request, StatusCode};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use pylon_indexer::api::{AppState, IndexerMetrics, router, signed_message, unix_now};
+use pylon_indexer::api::{AppState, Policy, router, signed_message, unix_now};
+use pylon_indexer::limit::Rate;
 use pylon_indexer::store::Store;
 use pylon_proto::token::{Role, verify};
 use serde_json::{Value, json};
-use std::sync::Arc;
 use tower::ServiceExt;
 
 const ADMIN: &str = "admin-secret";
@@ -20,6 +20,12 @@ const ADMIN: &str = "admin-secret";
 /// A fresh database per test: SQLite in memory, or a new PostgreSQL database on the
 /// server `PYLON_TEST_POSTGRES` names (`make test` starts one).
 async fn state() -> AppState {
+    // Most tests are not about rate limits: every request comes from one address here.
+    let relaxed = Rate::new(1e6, 1e6);
+    state_with(Policy { sessions_per_address: relaxed, spectate_per_address: relaxed, ..Policy::default() }).await
+}
+
+async fn state_with(policy: Policy) -> AppState {
     let url = match std::env::var("PYLON_TEST_POSTGRES") {
         Ok(admin_url) if !admin_url.is_empty() => {
             use sqlx::Connection;
@@ -39,12 +45,7 @@ async fn state() -> AppState {
         _ => "sqlite::memory:".into(),
     };
     let store = Store::open(&url).await.unwrap();
-    AppState {
-        store,
-        signing_key: Arc::new(SigningKey::from_bytes(&[42; 32])),
-        admin_token: Arc::new(ADMIN.into()),
-        metrics: IndexerMetrics::new(),
-    }
+    AppState::new(store, SigningKey::from_bytes(&[42; 32]), ADMIN.into(), policy)
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
@@ -58,15 +59,39 @@ fn post(path: &str, body: &Value) -> Request<Body> {
     Request::post(path).header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()
 }
 
+/// Strictly increasing nonces, as a real client's.
+static NONCES: pylon_indexer_client::NonceCounter = pylon_indexer_client::NonceCounter::new();
+
 fn signed(path: &str, body: &Value, key: &SigningKey) -> Request<Body> {
+    signed_with(path, body, key, NONCES.next())
+}
+
+fn signed_with(path: &str, body: &Value, key: &SigningKey, nonce: i64) -> Request<Body> {
     let body = body.to_string();
     let ts = unix_now();
-    let sig = key.sign(&signed_message("POST", path, ts, body.as_bytes()));
+    let sig = key.sign(&signed_message("POST", path, ts, nonce, body.as_bytes()));
     Request::post(path)
+        .header("content-type", "application/json")
         .header("x-pylon-timestamp", ts.to_string())
+        .header("x-pylon-nonce", nonce.to_string())
         .header("x-pylon-signature", STANDARD.encode(sig.to_bytes()))
         .body(Body::from(body))
         .unwrap()
+}
+
+fn admin(mut req: Request<Body>) -> Request<Body> {
+    req.headers_mut().insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    req
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn node_body(id: &str, provider: &str, price: f64, key: &SigningKey) -> Value {
+    json!({"id": id, "provider": provider, "public_key": pk(key), "gpu_model": "NVIDIA H100",
+        "gpu_memory_mb": 81920, "vulkan_device": "NVIDIA H100", "encoders": ["libx264"], "capacity": 2,
+        "region": "eu", "lat": 48.8, "lon": 2.3, "price_per_hour": price, "gpu_class": 3, "titles": ["demo"]})
 }
 
 fn pk(key: &SigningKey) -> String {
@@ -84,10 +109,8 @@ async fn add_demo_title(s: &AppState) {
 }
 
 async fn add_node(s: &AppState, id: &str, provider: &str, price: f64, key: &SigningKey) {
-    let body = json!({"id": id, "provider": provider, "public_key": pk(key), "gpu_model": "NVIDIA H100",
-        "gpu_memory_mb": 81920, "vulkan_device": "NVIDIA H100", "encoders": ["libx264"], "capacity": 2,
-        "region": "eu", "lat": 48.8, "lon": 2.3, "price_per_hour": price, "gpu_class": 3, "titles": ["demo"]});
-    let (status, reply) = call(s, post("/api/v1/nodes", &body)).await;
+    let body = node_body(id, provider, price, key);
+    let (status, reply) = call(s, signed("/api/v1/nodes", &body, key)).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     assert_eq!(reply["public_key"], STANDARD.encode(s.signing_key.verifying_key().as_bytes()));
 }
@@ -95,7 +118,7 @@ async fn add_node(s: &AppState, id: &str, provider: &str, price: f64, key: &Sign
 async fn add_relay(s: &AppState, id: &str, key: &SigningKey, rtts: Value) {
     let body = json!({"id": id, "owner": "box-owner", "public_key": pk(key), "public_url": format!("http://{id}.example:8080"),
         "quic_addr": "127.0.0.1:4433", "region": "eu", "capacity": 50});
-    assert_eq!(call(s, post("/api/v1/relays", &body)).await.0, StatusCode::OK);
+    assert_eq!(call(s, signed("/api/v1/relays", &body, key)).await.0, StatusCode::OK);
     let hb = json!({"viewers": 0, "node_rtt_ms": rtts});
     let (status, reply) = call(s, signed(&format!("/api/v1/relays/{id}/heartbeat"), &hb, key)).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
@@ -227,7 +250,8 @@ async fn forged_unsigned_and_malformed_requests_are_4xx() {
     let body = json!({"id": "node-a", "provider": "mallory", "public_key": pk(&forger), "gpu_model": "x", "gpu_memory_mb": 1,
         "vulkan_device": "x", "encoders": [], "capacity": 1, "region": "eu", "lat": 0.0, "lon": 0.0, "price_per_hour": 0.0,
         "gpu_class": 0, "titles": []});
-    assert_eq!(call(&s, post("/api/v1/nodes", &body)).await.0, StatusCode::CONFLICT);
+    assert_eq!(call(&s, signed("/api/v1/nodes", &body, &forger)).await.0, StatusCode::CONFLICT);
+    assert_eq!(call(&s, post("/api/v1/nodes", &body)).await.0, StatusCode::UNAUTHORIZED, "unsigned registration");
     // Malformed input is a 4xx with a JSON message, never a 5xx.
     for (path, body) in [
         ("/api/v1/nodes", "{not json"),
@@ -276,7 +300,7 @@ async fn sessions_a_node_does_not_run_stop_being_metered() {
                 relay: "relay-1".into(),
                 gpu_class: 3,
                 started_at: now - age,
-            })
+            }, 10)
             .await
             .unwrap();
     }
@@ -286,4 +310,186 @@ async fn sessions_a_node_does_not_run_stop_being_metered() {
     assert!(s.store.session_running("old-running").await.unwrap());
     assert!(!s.store.session_running("old-gone").await.unwrap());
     assert!(s.store.session_running("fresh").await.unwrap());
+}
+
+#[tokio::test]
+async fn registration_proves_the_key_and_only_its_holder_changes_the_record() {
+    let s = state().await;
+    let key = SigningKey::from_bytes(&[1; 32]);
+    let forger = SigningKey::from_bytes(&[9; 32]);
+    let body = node_body("node-a", "alice", 1.0, &key);
+    // Unsigned, or signed by someone else than the key it registers: refused.
+    assert_eq!(call(&s, post("/api/v1/nodes", &body)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, signed("/api/v1/nodes", &body, &forger)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, get("/api/v1/nodes/node-a")).await.0, StatusCode::NOT_FOUND, "nothing was stored");
+    add_node(&s, "node-a", "alice", 1.0, &key).await;
+    // The public key is public: re-registering with it, but without its signature, is
+    // refused and changes nothing (provider, price: usage stays credited to alice).
+    let mut takeover = node_body("node-a", "mallory", 0.0, &key);
+    assert_eq!(call(&s, post("/api/v1/nodes", &takeover)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, signed("/api/v1/nodes", &takeover, &forger)).await.0, StatusCode::UNAUTHORIZED);
+    takeover["public_key"] = json!(pk(&forger));
+    assert_eq!(call(&s, signed("/api/v1/nodes", &takeover, &forger)).await.0, StatusCode::CONFLICT);
+    let (_, nodes) = call(&s, get("/api/v1/nodes")).await;
+    assert_eq!((nodes[0]["provider"].as_str(), nodes[0]["price_per_hour"].as_f64()), (Some("alice"), Some(1.0)));
+    // Anyone may look up a node's key (relays do, to check a connecting node).
+    let (status, info) = call(&s, get("/api/v1/nodes/node-a")).await;
+    assert_eq!((status, info["public_key"].as_str(), info["state"].as_str()), (StatusCode::OK, Some(pk(&key).as_str()), Some("ready")));
+
+    // Draining and revocation survive re-registration by the holder itself.
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/drain", &json!({}), &key)).await.0, StatusCode::NO_CONTENT);
+    add_node(&s, "node-a", "alice", 1.0, &key).await;
+    assert_eq!(call(&s, get("/api/v1/nodes")).await.1[0]["state"], "draining", "re-registering reset draining");
+    assert_eq!(call(&s, admin(Request::post("/api/v1/nodes/node-a/revoke").body(Body::empty()).unwrap())).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes", &node_body("node-a", "alice", 1.0, &key), &key)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(call(&s, get("/api/v1/nodes/node-a")).await.1["state"], "revoked");
+    // Relays likewise.
+    let relay = SigningKey::from_bytes(&[3; 32]);
+    add_relay(&s, "relay-1", &relay, json!({})).await;
+    let hijack = json!({"id": "relay-1", "owner": "mallory", "public_key": pk(&relay), "public_url": "http://evil.example",
+        "quic_addr": "127.0.0.1:1", "region": "eu", "capacity": 50});
+    assert_eq!(call(&s, post("/api/v1/relays", &hijack)).await.0, StatusCode::UNAUTHORIZED);
+    let (_, relays) = call(&s, get("/api/v1/relays")).await;
+    assert_eq!(relays[0]["public_url"], "http://relay-1.example:8080", "players are never sent to the hijacker");
+}
+
+#[tokio::test]
+async fn a_replayed_signed_request_is_refused() {
+    let s = state().await;
+    let key = SigningKey::from_bytes(&[1; 32]);
+    add_node(&s, "node-a", "alice", 1.0, &key).await;
+    let hb = json!({"sessions": 0, "titles": ["demo"]});
+    let nonce = NONCES.next();
+    let first = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce);
+    let replay = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce);
+    assert_eq!(call(&s, first).await.0, StatusCode::NO_CONTENT);
+    let (status, err) = call(&s, replay).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(err["error"].as_str().unwrap().contains("replayed"), "{err}");
+    // An older nonce is refused too; a newer one passes.
+    let older = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce - 1);
+    assert_eq!(call(&s, older).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::NO_CONTENT);
+    // A replayed registration and a hostile timestamp (no overflow) are refused.
+    let body = node_body("node-a", "alice", 1.0, &key);
+    assert_eq!(call(&s, signed_with("/api/v1/nodes", &body, &key, nonce)).await.0, StatusCode::UNAUTHORIZED);
+    let mut hostile = signed("/api/v1/nodes/node-a/heartbeat", &hb, &key);
+    hostile.headers_mut().insert("x-pylon-timestamp", i64::MIN.to_string().parse().unwrap());
+    assert_eq!(call(&s, hostile).await.0, StatusCode::UNAUTHORIZED);
+}
+
+fn from(addr: &str, req: Request<Body>) -> Request<Body> {
+    let mut req = req;
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+    req
+}
+
+#[tokio::test]
+async fn anonymous_session_requests_from_one_address_hold_at_most_the_limit() {
+    let s = state_with(Policy::default()).await;
+    add_demo_title(&s).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    let mut body = node_body("node-a", "alice", 1.0, &node);
+    body["capacity"] = json!(1000);
+    assert_eq!(call(&s, signed("/api/v1/nodes", &body, &node)).await.0, StatusCode::OK);
+    add_relay(&s, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let (mut created, mut limited) = (0, 0);
+    for _ in 0..200 {
+        let res = router(s.clone()).oneshot(from("198.51.100.7:40000", post("/api/v1/sessions", &req))).await.unwrap();
+        match res.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(res.headers().contains_key("retry-after"));
+                limited += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let burst = Policy::default().sessions_per_address.burst as usize;
+    assert_eq!((created, limited), (burst, 200 - burst));
+    let seats = s.store.node("node-a").await.unwrap().unwrap().seats;
+    assert_eq!(seats, burst as i64, "the flood holds no more seats than the limit");
+    // Another address is not punished for it.
+    let res = router(s.clone()).oneshot(from("203.0.113.9:1", post("/api/v1/sessions", &req))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    // Spectator links are rate-limited the same way.
+    let (_, one) = call(&s, from("203.0.113.9:1", post("/api/v1/sessions", &req))).await;
+    let path = format!("/api/v1/sessions/{}/spectate", one["session"].as_str().unwrap_or("x"));
+    let spectators = {
+        let mut n = 0;
+        for _ in 0..100 {
+            if call(&s, from("192.0.2.1:1", post(&path, &json!({})))).await.0 == StatusCode::CREATED {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert_eq!(spectators, Policy::default().spectate_per_address.burst as usize);
+}
+
+#[tokio::test]
+async fn a_seat_is_freed_when_the_relay_never_sees_the_player_or_stops_seeing_it() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let ghost = call(&s, post("/api/v1/sessions", &req)).await.1["session"].as_str().unwrap().to_string();
+    let played = call(&s, post("/api/v1/sessions", &req)).await.1["session"].as_str().unwrap().to_string();
+    assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 2);
+    assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.0, StatusCode::SERVICE_UNAVAILABLE, "full");
+    // The relay reports only one player connected; the node may claim both (it is not asked).
+    let hb = json!({"viewers": 1, "node_rtt_ms": {"node-a": 2.0}, "players": [played]});
+    assert_eq!(call(&s, signed("/api/v1/relays/relay-1/heartbeat", &hb, &relay)).await.0, StatusCode::OK);
+    let claim = json!({"sessions": 2, "titles": ["demo"], "running": [ghost, played]});
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &claim, &node)).await.0, StatusCode::NO_CONTENT);
+    let now = unix_now();
+    let grace = pylon_indexer::api::PLAYER_JOIN_GRACE_SECS;
+    let gone = pylon_indexer::api::PLAYER_GONE_SECS;
+    assert_eq!(s.store.sweep_unplayed(now + 1, grace, gone).await.unwrap(), 0, "within the grace");
+    // The relay keeps heartbeating; the ghost's player never shows up.
+    s.store.relay_heartbeat("relay-1", 1, &Default::default(), now + grace + 1).await.unwrap();
+    s.store.players_seen("relay-1", std::slice::from_ref(&played), now + grace + 1).await.unwrap();
+    assert_eq!(s.store.sweep_unplayed(now + grace + 1, grace, gone).await.unwrap(), 1);
+    assert!(!s.store.session_running(&ghost).await.unwrap(), "the unplayed session stops being metered");
+    assert!(s.store.session_running(&played).await.unwrap());
+    assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 1, "its seat is free again");
+    // The player leaves without the relay's end report arriving: swept once unseen.
+    s.store.relay_heartbeat("relay-1", 0, &Default::default(), now + grace + gone + 2).await.unwrap();
+    assert_eq!(s.store.sweep_unplayed(now + grace + gone + 2, grace, gone).await.unwrap(), 1);
+    assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 0);
+}
+
+#[tokio::test]
+async fn with_approve_new_the_operator_admits_members_before_they_are_used() {
+    let s = state_with(Policy { approve_new: true, ..Policy::default() }).await;
+    add_demo_title(&s).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    assert_eq!(call(&s, get("/api/v1/nodes/node-a")).await.1["state"], "pending");
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(call(&s, get("/api/v1/candidates/demo")).await.1.as_array().unwrap().is_empty());
+    let approve = |path: &str| Request::post(path).body(Body::empty()).unwrap();
+    assert_eq!(call(&s, approve("/api/v1/nodes/node-a/approve")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, admin(approve("/api/v1/nodes/node-a/approve"))).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, admin(approve("/api/v1/relays/relay-1/approve"))).await.0, StatusCode::NO_CONTENT);
+    // Approval survives the member re-registering.
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    let (status, created) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+}
+
+#[tokio::test]
+async fn the_admin_token_is_compared_whole() {
+    let s = state().await;
+    for token in ["", "admin", "admin-secre", "admin-secretX", "ADMIN-SECRET"] {
+        let mut req = Request::post("/api/v1/nodes/x/revoke").body(Body::empty()).unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        assert_eq!(call(&s, req).await.0, StatusCode::UNAUTHORIZED, "{token:?}");
+    }
 }

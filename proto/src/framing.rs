@@ -3,12 +3,15 @@
 //! One QUIC connection per node–relay pair carries:
 //! * **datagrams**: one RTP packet each, behind a two-byte header
 //!   (`version`, `kind`), so that loss is never turned into head-of-line blocking;
-//! * **a bidirectional control stream** of length-prefixed [`ControlMessage`]s:
-//!   `type: u8`, `length: u16` (big endian), then `length` bytes of body.
+//! * **one bidirectional control stream** (opened by the node; the only stream a link
+//!   may have) of length-prefixed messages: `type: u8`, `length: u16` (big endian), then
+//!   `length` bytes of body. Each direction has its own message enum —
+//!   [`NodeMessage`] node → relay, [`RelayMessage`] relay → node — so a message arriving
+//!   in the wrong direction is a decoding error, not a case to handle.
 //!
 //! | message            | type | direction      | body                                                                  |
 //! |--------------------|------|----------------|-----------------------------------------------------------------------|
-//! | `StreamHello`      | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name length u8, encoder name (UTF-8, ≤ 64 bytes), node id (rest, UTF-8, ≤ 64 bytes; empty for a node outside a pool) |
+//! | `Hello`            | 1    | node → relay   | width u16, height u16, fps u16, profile-level-id u32, encoder name length u8, encoder name (UTF-8, ≤ 64 bytes), node id length u8, node id (UTF-8, ≤ 64 bytes; empty for a node outside a pool), then either nothing (anonymous) or the node's ed25519 public key (32) and its signature (64) over the TLS exporter and everything before it (see [`crate::link`]) |
 //! | `KeyframeRequest`  | 2    | relay → node   | empty                                                                 |
 //! | `Goodbye`          | 3    | either         | reason (rest, UTF-8, ≤ 256 bytes)                                     |
 //! | `Input`            | 4    | relay → node   | one player input message (`input.rs` format), forwarded unchanged     |
@@ -17,6 +20,7 @@
 //! | `SessionEnd`       | 7    | relay → node   | session id, hex (UTF-8, ≤ 64 bytes): the player left                  |
 //! | `Nack`             | 8    | relay → node   | RTP sequence numbers the relay did not receive, u16 each (≤ 256): resend them |
 //! | `Bitrate`          | 9    | relay → node   | target video bitrate, bit/s u32, from the player's congestion feedback |
+//! | `Welcome`          | 10   | relay → node   | the relay's id (UTF-8, ≤ 64 bytes): the node's hello was verified and admitted |
 //!
 //! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
 //! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
@@ -142,28 +146,75 @@ pub struct StreamHello {
     pub node: String,
 }
 
-/// A message on the control stream.
+/// The node's proof of identity in its hello: its registered key and a signature over the
+/// connection's TLS exporter and the stream description (see [`crate::link`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAuth {
+    /// The node's ed25519 public key.
+    pub public_key: [u8; 32],
+    /// The signature.
+    pub signature: [u8; 64],
+}
+
+/// The node's first message: what it streams and who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHello {
+    /// The stream's description.
+    pub stream: StreamHello,
+    /// Proof of the node's key; `None` for an anonymous node (development, loopback).
+    pub auth: Option<HelloAuth>,
+}
+
+impl NodeHello {
+    /// The signed part of the body: everything before the key and signature.
+    pub fn signed_body(stream: &StreamHello) -> Vec<u8> {
+        let mut body = Vec::with_capacity(16 + stream.encoder.len() + stream.node.len());
+        body.extend_from_slice(&stream.width.to_be_bytes());
+        body.extend_from_slice(&stream.height.to_be_bytes());
+        body.extend_from_slice(&stream.fps.to_be_bytes());
+        body.extend_from_slice(&stream.profile_level_id.to_be_bytes());
+        let encoder = truncate_utf8(&stream.encoder, MAX_ENCODER_NAME);
+        body.push(encoder.len() as u8);
+        body.extend_from_slice(encoder.as_bytes());
+        let node = truncate_utf8(&stream.node, MAX_NODE_ID);
+        body.push(node.len() as u8);
+        body.extend_from_slice(node.as_bytes());
+        body
+    }
+}
+
+/// A message from the node to the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ControlMessage {
-    /// Node → relay: the stream's parameters; first message on the stream.
-    StreamHello(StreamHello),
-    /// Relay → node: send a keyframe as soon as possible.
-    KeyframeRequest,
-    /// Either way: the sender is closing the connection on purpose.
-    Goodbye(String),
-    /// Relay → node: one player input message, unchanged from the browser.
-    Input(Vec<u8>),
-    /// Node → relay: which input the frame with this RTP timestamp is the first to reflect,
-    /// and what the node spent on it (for click-to-photon and its breakdown).
+pub enum NodeMessage {
+    /// The stream's parameters and the node's identity; first message on the stream.
+    Hello(NodeHello),
+    /// Which input the frame with this RTP timestamp is the first to reflect, and what the
+    /// node spent on it (for click-to-photon and its breakdown).
     FrameInfo(FrameInfo),
-    /// Relay → node: a player joined with this session token (the node verifies it).
+    /// The node is closing the connection on purpose.
+    Goodbye(String),
+}
+
+/// A message from the relay to the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayMessage {
+    /// The node's hello was verified and admitted; carries the relay's id.
+    Welcome(String),
+    /// Send a keyframe as soon as possible.
+    KeyframeRequest,
+    /// The relay is closing the connection on purpose (shutdown, refusal, revocation).
+    Goodbye(String),
+    /// One player input message, unchanged from the browser.
+    Input(Vec<u8>),
+    /// A player joined with this session token (the node verifies it).
     SessionStart(String),
-    /// Relay → node: the player of this session (hex id) left.
+    /// The player of this session (hex id) left.
     SessionEnd(String),
-    /// Relay → node: resend these RTP packets (lost between node and relay).
+    /// Resend these RTP packets (lost between node and relay).
     Nack(Vec<u16>),
-    /// Relay → node: encode at this many bit/s (the player's bandwidth estimate).
+    /// Encode at this many bit/s (the player's bandwidth estimate).
     Bitrate(u32),
 }
 
@@ -190,6 +241,7 @@ const MAX_NODE_ID: usize = 64;
 const MAX_TOKEN: usize = 1024;
 const MAX_SESSION_ID: usize = 64;
 const MAX_REASON: usize = 256;
+const MAX_RELAY_ID: usize = 64;
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -199,67 +251,16 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     s.get(..end).unwrap_or_default()
 }
 
-impl ControlMessage {
+/// A message of one direction of the control stream.
+pub trait WireMessage: Sized {
     /// Appends the framed message to `out`. Strings longer than their limit are truncated.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let mut body = Vec::new();
-        let kind = match self {
-            ControlMessage::StreamHello(h) => {
-                body.extend_from_slice(&h.width.to_be_bytes());
-                body.extend_from_slice(&h.height.to_be_bytes());
-                body.extend_from_slice(&h.fps.to_be_bytes());
-                body.extend_from_slice(&h.profile_level_id.to_be_bytes());
-                let encoder = truncate_utf8(&h.encoder, MAX_ENCODER_NAME);
-                body.push(encoder.len() as u8);
-                body.extend_from_slice(encoder.as_bytes());
-                body.extend_from_slice(truncate_utf8(&h.node, MAX_NODE_ID).as_bytes());
-                1
-            }
-            ControlMessage::KeyframeRequest => 2,
-            ControlMessage::Input(bytes) => {
-                body.extend_from_slice(
-                    bytes.get(..bytes.len().min(crate::input::MAX_INPUT_MESSAGE)).unwrap_or_default(),
-                );
-                4
-            }
-            ControlMessage::FrameInfo(f) => {
-                for v in [f.rtp_timestamp, f.input_seq, f.render_us, f.encode_us, f.node_us] {
-                    body.extend_from_slice(&v.to_be_bytes());
-                }
-                5
-            }
-            ControlMessage::Goodbye(reason) => {
-                body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
-                3
-            }
-            ControlMessage::SessionStart(token) => {
-                body.extend_from_slice(truncate_utf8(token, MAX_TOKEN).as_bytes());
-                6
-            }
-            ControlMessage::SessionEnd(session) => {
-                body.extend_from_slice(truncate_utf8(session, MAX_SESSION_ID).as_bytes());
-                7
-            }
-            ControlMessage::Nack(seqs) => {
-                for seq in seqs.iter().take(MAX_NACK_SEQS) {
-                    body.extend_from_slice(&seq.to_be_bytes());
-                }
-                8
-            }
-            ControlMessage::Bitrate(bps) => {
-                body.extend_from_slice(&bps.to_be_bytes());
-                9
-            }
-        };
-        out.push(kind);
-        // Bodies are bounded by the truncations above, far below u16::MAX.
-        out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
-        out.extend_from_slice(&body);
-    }
+    fn encode(&self, out: &mut Vec<u8>);
+    /// Decodes the body of a message of type `kind`.
+    fn decode_body(kind: u8, body: &[u8]) -> Result<Self, FramingError>;
 
     /// Decodes one message from the front of `buf`. `Ok(None)` means more bytes are
     /// needed; `Ok(Some((message, consumed)))` gives the message and its framed length.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, FramingError> {
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, FramingError> {
         let [kind, l0, l1, rest @ ..] = buf else {
             return Ok(None);
         };
@@ -270,63 +271,138 @@ impl ControlMessage {
         let Some(body) = rest.get(..len) else {
             return Ok(None);
         };
-        let msg = match kind {
-            1 => {
-                let bad = || FramingError::Malformed("StreamHello");
-                let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, name_len, rest @ ..] = body else {
-                    return Err(bad());
-                };
-                let name_len = usize::from(*name_len);
-                if name_len > MAX_ENCODER_NAME || rest.len() < name_len || rest.len() - name_len > MAX_NODE_ID {
-                    return Err(bad());
+        Ok(Some((Self::decode_body(*kind, body)?, 3 + len)))
+    }
+}
+
+fn frame(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
+    out.push(kind);
+    // Bodies are bounded by the truncations of their fields, far below u16::MAX.
+    out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+fn text(body: &[u8], max: usize, what: &'static str) -> Result<String, FramingError> {
+    if body.len() > max {
+        return Err(FramingError::Malformed(what));
+    }
+    std::str::from_utf8(body).map(str::to_owned).map_err(|_| FramingError::Malformed(what))
+}
+
+fn take_str<'a>(body: &'a [u8], max: usize, what: &'static str) -> Result<(&'a str, &'a [u8]), FramingError> {
+    let [len, rest @ ..] = body else { return Err(FramingError::Malformed(what)) };
+    let len = usize::from(*len);
+    if len > max {
+        return Err(FramingError::Malformed(what));
+    }
+    let (s, rest) = rest.split_at_checked(len).ok_or(FramingError::Malformed(what))?;
+    Ok((std::str::from_utf8(s).map_err(|_| FramingError::Malformed(what))?, rest))
+}
+
+impl WireMessage for NodeMessage {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            NodeMessage::Hello(h) => {
+                let mut body = NodeHello::signed_body(&h.stream);
+                if let Some(auth) = &h.auth {
+                    body.extend_from_slice(&auth.public_key);
+                    body.extend_from_slice(&auth.signature);
                 }
-                let (name, node) = rest.split_at(name_len);
-                let encoder = std::str::from_utf8(name).map_err(|_| bad())?;
-                let node = std::str::from_utf8(node).map_err(|_| bad())?;
-                ControlMessage::StreamHello(StreamHello {
-                    width: u16::from_be_bytes([*w0, *w1]),
-                    height: u16::from_be_bytes([*h0, *h1]),
-                    fps: u16::from_be_bytes([*f0, *f1]),
-                    profile_level_id: u32::from_be_bytes([*p0, *p1, *p2, *p3]),
-                    encoder: encoder.to_owned(),
-                    node: node.to_owned(),
+                frame(out, 1, &body);
+            }
+            NodeMessage::Goodbye(reason) => frame(out, 3, truncate_utf8(reason, MAX_REASON).as_bytes()),
+            NodeMessage::FrameInfo(f) => {
+                let mut body = [0u8; 20];
+                for (chunk, v) in
+                    body.chunks_exact_mut(4).zip([f.rtp_timestamp, f.input_seq, f.render_us, f.encode_us, f.node_us])
+                {
+                    chunk.copy_from_slice(&v.to_be_bytes());
+                }
+                frame(out, 5, &body);
+            }
+        }
+    }
+
+    fn decode_body(kind: u8, body: &[u8]) -> Result<Self, FramingError> {
+        Ok(match kind {
+            1 => {
+                let bad = FramingError::Malformed("Hello");
+                let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, rest @ ..] = body else {
+                    return Err(bad);
+                };
+                let (encoder, rest) = take_str(rest, MAX_ENCODER_NAME, "Hello")?;
+                let (node, rest) = take_str(rest, MAX_NODE_ID, "Hello")?;
+                let auth = match rest {
+                    [] => None,
+                    _ if rest.len() == 32 + 64 => {
+                        let (key, sig) = rest.split_at(32);
+                        Some(HelloAuth {
+                            public_key: key.try_into().map_err(|_| FramingError::Malformed("Hello"))?,
+                            signature: sig.try_into().map_err(|_| FramingError::Malformed("Hello"))?,
+                        })
+                    }
+                    _ => return Err(bad),
+                };
+                NodeMessage::Hello(NodeHello {
+                    stream: StreamHello {
+                        width: u16::from_be_bytes([*w0, *w1]),
+                        height: u16::from_be_bytes([*h0, *h1]),
+                        fps: u16::from_be_bytes([*f0, *f1]),
+                        profile_level_id: u32::from_be_bytes([*p0, *p1, *p2, *p3]),
+                        encoder: encoder.to_owned(),
+                        node: node.to_owned(),
+                    },
+                    auth,
                 })
             }
-            2 if body.is_empty() => ControlMessage::KeyframeRequest,
-            2 => return Err(FramingError::Malformed("KeyframeRequest")),
-            3 => {
-                if body.len() > MAX_REASON {
-                    return Err(FramingError::Malformed("Goodbye"));
-                }
-                let reason = std::str::from_utf8(body).map_err(|_| FramingError::Malformed("Goodbye"))?;
-                ControlMessage::Goodbye(reason.to_owned())
-            }
-            4 if body.len() <= crate::input::MAX_INPUT_MESSAGE => ControlMessage::Input(body.to_vec()),
-            4 => return Err(FramingError::Malformed("Input")),
+            3 => NodeMessage::Goodbye(text(body, MAX_REASON, "Goodbye")?),
             5 => {
-                if body.len() != 20 {
-                    return Err(FramingError::Malformed("FrameInfo"));
-                }
                 let words: Vec<u32> =
                     body.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().unwrap_or([0; 4]))).collect();
-                let [rtp_timestamp, input_seq, render_us, encode_us, node_us] = words[..] else {
+                let (&[rtp_timestamp, input_seq, render_us, encode_us, node_us], 20) = (&words[..], body.len()) else {
                     return Err(FramingError::Malformed("FrameInfo"));
                 };
-                ControlMessage::FrameInfo(FrameInfo { rtp_timestamp, input_seq, render_us, encode_us, node_us })
+                NodeMessage::FrameInfo(FrameInfo { rtp_timestamp, input_seq, render_us, encode_us, node_us })
             }
-            6 | 7 => {
-                let (max, what) = if *kind == 6 { (MAX_TOKEN, "SessionStart") } else { (MAX_SESSION_ID, "SessionEnd") };
-                if body.len() > max {
-                    return Err(FramingError::Malformed(what));
-                }
-                let text = std::str::from_utf8(body).map_err(|_| FramingError::Malformed(what))?.to_owned();
-                if *kind == 6 { ControlMessage::SessionStart(text) } else { ControlMessage::SessionEnd(text) }
+            other => return Err(FramingError::UnknownType(other)),
+        })
+    }
+}
+
+impl WireMessage for RelayMessage {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            RelayMessage::Welcome(relay) => frame(out, 10, truncate_utf8(relay, MAX_RELAY_ID).as_bytes()),
+            RelayMessage::KeyframeRequest => frame(out, 2, &[]),
+            RelayMessage::Goodbye(reason) => frame(out, 3, truncate_utf8(reason, MAX_REASON).as_bytes()),
+            RelayMessage::Input(bytes) => {
+                frame(out, 4, bytes.get(..bytes.len().min(crate::input::MAX_INPUT_MESSAGE)).unwrap_or_default());
             }
+            RelayMessage::SessionStart(token) => frame(out, 6, truncate_utf8(token, MAX_TOKEN).as_bytes()),
+            RelayMessage::SessionEnd(session) => frame(out, 7, truncate_utf8(session, MAX_SESSION_ID).as_bytes()),
+            RelayMessage::Nack(seqs) => {
+                let body: Vec<u8> = seqs.iter().take(MAX_NACK_SEQS).flat_map(|s| s.to_be_bytes()).collect();
+                frame(out, 8, &body);
+            }
+            RelayMessage::Bitrate(bps) => frame(out, 9, &bps.to_be_bytes()),
+        }
+    }
+
+    fn decode_body(kind: u8, body: &[u8]) -> Result<Self, FramingError> {
+        Ok(match kind {
+            10 => RelayMessage::Welcome(text(body, MAX_RELAY_ID, "Welcome")?),
+            2 if body.is_empty() => RelayMessage::KeyframeRequest,
+            2 => return Err(FramingError::Malformed("KeyframeRequest")),
+            3 => RelayMessage::Goodbye(text(body, MAX_REASON, "Goodbye")?),
+            4 if body.len() <= crate::input::MAX_INPUT_MESSAGE => RelayMessage::Input(body.to_vec()),
+            4 => return Err(FramingError::Malformed("Input")),
+            6 => RelayMessage::SessionStart(text(body, MAX_TOKEN, "SessionStart")?),
+            7 => RelayMessage::SessionEnd(text(body, MAX_SESSION_ID, "SessionEnd")?),
             8 => {
                 if body.len() % 2 != 0 || body.len() / 2 > MAX_NACK_SEQS {
                     return Err(FramingError::Malformed("Nack"));
                 }
-                ControlMessage::Nack(
+                RelayMessage::Nack(
                     body.chunks_exact(2).map(|c| u16::from_be_bytes(c.try_into().unwrap_or([0; 2]))).collect(),
                 )
             }
@@ -334,30 +410,42 @@ impl ControlMessage {
                 let Ok(bytes) = <[u8; 4]>::try_from(body) else {
                     return Err(FramingError::Malformed("Bitrate"));
                 };
-                ControlMessage::Bitrate(u32::from_be_bytes(bytes))
+                RelayMessage::Bitrate(u32::from_be_bytes(bytes))
             }
-            other => return Err(FramingError::UnknownType(*other)),
-        };
-        Ok(Some((msg, 3 + len)))
+            other => return Err(FramingError::UnknownType(other)),
+        })
     }
 }
 
-/// Accumulates bytes from a control stream and yields whole messages.
-#[derive(Debug, Default)]
-pub struct ControlDecoder {
+/// Accumulates bytes from a control stream and yields whole messages of one direction.
+#[derive(Debug)]
+pub struct ControlDecoder<M> {
     buf: Vec<u8>,
+    _direction: std::marker::PhantomData<fn() -> M>,
 }
 
-impl ControlDecoder {
+impl<M> Default for ControlDecoder<M> {
+    fn default() -> Self {
+        Self { buf: Vec::new(), _direction: std::marker::PhantomData }
+    }
+}
+
+impl<M: WireMessage> ControlDecoder<M> {
     /// Adds bytes read from the stream.
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes held that are not yet a whole message (at most one message's worth once
+    /// [`Self::next_message`] has returned `Ok(None)`).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next complete message, if any. After an error the stream is unusable: the
     /// caller should close it, since framing cannot be resynchronised.
-    pub fn next_message(&mut self) -> Result<Option<ControlMessage>, FramingError> {
-        match ControlMessage::decode(&self.buf)? {
+    pub fn next_message(&mut self) -> Result<Option<M>, FramingError> {
+        match M::decode(&self.buf)? {
             Some((msg, used)) => {
                 self.buf.drain(..used);
                 Ok(Some(msg))
@@ -371,15 +459,21 @@ impl ControlDecoder {
 mod tests {
     use super::*;
 
-    fn hello() -> ControlMessage {
-        ControlMessage::StreamHello(StreamHello {
-            width: 1280,
-            height: 720,
-            fps: 60,
-            profile_level_id: 0x42e01f,
-            encoder: "libx264".into(),
-            node: "node-7".into(),
-        })
+    fn stream(encoder: &str, node: &str) -> StreamHello {
+        StreamHello { width: 1280, height: 720, fps: 60, profile_level_id: 0x42e01f, encoder: encoder.into(), node: node.into() }
+    }
+
+    fn feed<M: WireMessage + std::fmt::Debug>(wire: &[u8]) -> Vec<M> {
+        // One byte at a time: messages come out whole and in order.
+        let mut dec = ControlDecoder::<M>::default();
+        let mut got = Vec::new();
+        for b in wire {
+            dec.extend(std::slice::from_ref(b));
+            while let Some(m) = dec.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        got
     }
 
     #[test]
@@ -419,78 +513,85 @@ mod tests {
     }
 
     #[test]
-    fn control_round_trip_and_streaming() {
-        let msgs = [
-            hello(),
-            ControlMessage::KeyframeRequest,
-            ControlMessage::Goodbye("bye ✓".into()),
-            ControlMessage::SessionStart("token.text".into()),
-            ControlMessage::SessionEnd("00ff".into()),
-            ControlMessage::Nack(vec![0, 1, 65535]),
-            ControlMessage::Nack(vec![]),
-            ControlMessage::Bitrate(2_500_000),
-            ControlMessage::StreamHello(StreamHello {
-                width: 1,
-                height: 2,
-                fps: 3,
-                profile_level_id: 4,
-                encoder: String::new(),
-                node: String::new(),
+    fn control_round_trip_and_streaming_in_each_direction() {
+        let from_node = [
+            NodeMessage::Hello(NodeHello { stream: stream("libx264", "node-7"), auth: None }),
+            NodeMessage::Hello(NodeHello {
+                stream: stream("", ""),
+                auth: Some(HelloAuth { public_key: [7; 32], signature: [9; 64] }),
             }),
-            ControlMessage::Input(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
-            ControlMessage::FrameInfo(FrameInfo {
-                rtp_timestamp: 9,
-                input_seq: 8,
-                render_us: 7,
-                encode_us: 6,
-                node_us: 5,
-            }),
+            NodeMessage::Goodbye("bye ✓".into()),
+            NodeMessage::FrameInfo(FrameInfo { rtp_timestamp: 9, input_seq: 8, render_us: 7, encode_us: 6, node_us: 5 }),
         ];
         let mut wire = Vec::new();
-        for m in &msgs {
-            m.encode(&mut wire);
-        }
-        // Feed one byte at a time: messages come out whole and in order.
-        let mut dec = ControlDecoder::default();
-        let mut got = Vec::new();
-        for b in &wire {
-            dec.extend(std::slice::from_ref(b));
-            while let Some(m) = dec.next_message().unwrap() {
-                got.push(m);
-            }
-        }
-        assert_eq!(got, msgs);
+        from_node.iter().for_each(|m| m.encode(&mut wire));
+        assert_eq!(feed::<NodeMessage>(&wire), from_node);
+
+        let from_relay = [
+            RelayMessage::Welcome("relay-1".into()),
+            RelayMessage::KeyframeRequest,
+            RelayMessage::Goodbye("bye ✓".into()),
+            RelayMessage::SessionStart("token.text".into()),
+            RelayMessage::SessionEnd("00ff".into()),
+            RelayMessage::Nack(vec![0, 1, 65535]),
+            RelayMessage::Nack(vec![]),
+            RelayMessage::Bitrate(2_500_000),
+            RelayMessage::Input(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+        ];
+        let mut wire = Vec::new();
+        from_relay.iter().for_each(|m| m.encode(&mut wire));
+        assert_eq!(feed::<RelayMessage>(&wire), from_relay);
+    }
+
+    #[test]
+    fn a_message_of_the_other_direction_is_an_error() {
+        let mut wire = Vec::new();
+        RelayMessage::SessionStart("t".into()).encode(&mut wire);
+        assert_eq!(NodeMessage::decode(&wire), Err(FramingError::UnknownType(6)));
+        wire.clear();
+        NodeMessage::Hello(NodeHello { stream: stream("x", "n"), auth: None }).encode(&mut wire);
+        assert_eq!(RelayMessage::decode(&wire), Err(FramingError::UnknownType(1)));
     }
 
     #[test]
     fn oversized_and_malformed_control_messages_are_errors() {
-        assert_eq!(ControlMessage::decode(&[1, 0xff, 0xff]), Err(FramingError::Oversized(65535)));
-        assert_eq!(ControlMessage::decode(&[1, 0, 2, 0, 0]), Err(FramingError::Malformed("StreamHello")));
-        assert_eq!(ControlMessage::decode(&[2, 0, 1, 0]), Err(FramingError::Malformed("KeyframeRequest")));
-        assert_eq!(ControlMessage::decode(&[3, 0, 1, 0xff]), Err(FramingError::Malformed("Goodbye")));
-        assert_eq!(ControlMessage::decode(&[200, 0, 0]), Err(FramingError::UnknownType(200)));
+        assert_eq!(NodeMessage::decode(&[1, 0xff, 0xff]), Err(FramingError::Oversized(65535)));
+        assert_eq!(NodeMessage::decode(&[1, 0, 2, 0, 0]), Err(FramingError::Malformed("Hello")));
+        assert_eq!(RelayMessage::decode(&[2, 0, 1, 0]), Err(FramingError::Malformed("KeyframeRequest")));
+        assert_eq!(RelayMessage::decode(&[3, 0, 1, 0xff]), Err(FramingError::Malformed("Goodbye")));
+        assert_eq!(RelayMessage::decode(&[200, 0, 0]), Err(FramingError::UnknownType(200)));
+        // A hello whose proof is cut short is not taken as anonymous.
+        let mut wire = Vec::new();
+        let auth = Some(HelloAuth { public_key: [1; 32], signature: [2; 64] });
+        NodeMessage::Hello(NodeHello { stream: stream("x", "n"), auth }).encode(&mut wire);
+        let body_len = wire.len() - 3 - 1;
+        let mut cut = vec![1];
+        cut.extend_from_slice(&(body_len as u16).to_be_bytes());
+        cut.extend_from_slice(&wire[3..wire.len() - 1]);
+        assert_eq!(NodeMessage::decode(&cut), Err(FramingError::Malformed("Hello")));
     }
 
     #[test]
     fn long_strings_are_truncated_on_a_char_boundary() {
-        let m = ControlMessage::Goodbye("é".repeat(500));
         let mut wire = Vec::new();
-        m.encode(&mut wire);
-        let (back, _) = ControlMessage::decode(&wire).unwrap().unwrap();
-        let ControlMessage::Goodbye(reason) = back else { panic!("wrong type") };
-        assert_eq!(reason, "é".repeat(128));
+        RelayMessage::Goodbye("é".repeat(500)).encode(&mut wire);
+        let (back, _) = RelayMessage::decode(&wire).unwrap().unwrap();
+        assert_eq!(back, RelayMessage::Goodbye("é".repeat(128)));
     }
 
     #[test]
     fn control_length_sweep_never_panics() {
-        for kind in 0..=6u8 {
+        for kind in 0..=12u8 {
             for len in 0..1500usize {
                 let mut buf = vec![kind];
                 buf.extend_from_slice(&(len as u16).to_be_bytes());
                 buf.extend((0..len).map(|i| (i * 7) as u8));
-                let _ = ControlMessage::decode(&buf);
-                let _ = ControlMessage::decode(buf.get(..len).unwrap_or(&[]));
-                let _ = decode_datagram(&buf);
+                for b in [&buf[..], buf.get(..len).unwrap_or(&[])] {
+                    let _ = NodeMessage::decode(b);
+                    let _ = RelayMessage::decode(b);
+                    let _ = decode_datagram(b);
+                    let _ = decode_media_datagram(b);
+                }
             }
         }
     }

@@ -6,6 +6,8 @@
 //! * [`token`]: ed25519-signed session tokens, verified offline.
 //! * [`framing`]: how RTP travels in QUIC datagrams from render node to relay, and the
 //!   length-prefixed control messages on the QUIC control stream.
+//! * [`link`]: the node ↔ relay link as two sans-IO state machines (handshake with the
+//!   node's proof of identity, sessions, keyframes, repair, bitrate).
 //! * [`repair`]: the node's retransmit cache and the relay's upstream gap detector,
 //!   sans-IO, driven by an explicit `now`.
 //! * [`impair`]: a seeded lossy-path model (random and Gilbert–Elliott loss, delay,
@@ -20,6 +22,7 @@ pub mod framing;
 pub mod h264;
 pub mod impair;
 pub mod input;
+pub mod link;
 pub mod repair;
 pub mod rtp;
 pub mod token;

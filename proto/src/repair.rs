@@ -9,7 +9,7 @@
 //! Both are driven by an explicit `now` and tested on a simulated clock through a seeded
 //! lossy link (see `tests` and [`crate::impair`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// The node's memory of the RTP packets it sent, by sequence number, for `max_age`.
@@ -85,8 +85,13 @@ impl Default for RepairConfig {
 struct Missing {
     since: Instant,
     tries: u32,
-    last_request: Option<Instant>,
+    /// When this entry is next looked at (its key in `due`).
+    due: Instant,
 }
+
+/// Most packets missing at once; past it the oldest gaps are given up. A peer that jumps
+/// its sequence numbers can cost the relay at most this many entries.
+pub const MAX_MISSING: usize = 2048;
 
 /// Counters of the repair's work.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -95,19 +100,22 @@ pub struct RepairStats {
     pub requested: u64,
     /// Missing packets that arrived after all.
     pub repaired: u64,
-    /// Missing packets given up (too old or out of tries).
+    /// Missing packets given up (too old, out of tries, or past [`MAX_MISSING`]).
     pub given_up: u64,
     /// Packets seen twice (a resend after the original arrived late).
     pub duplicates: u64,
 }
 
-/// The relay's gap detector for one upstream stream.
+/// The relay's gap detector for one upstream stream. Missing packets sit in a queue
+/// ordered by when each is next due (asked for, retried or given up), so a timer costs
+/// only the entries that are due, and their number is bounded by [`MAX_MISSING`].
 #[derive(Debug)]
 pub struct UpstreamRepair {
     config: RepairConfig,
     /// Highest extended sequence number seen.
     highest: Option<u64>,
     missing: BTreeMap<u64, Missing>,
+    due: BTreeSet<(Instant, u64)>,
     rtt: Duration,
     stats: RepairStats,
 }
@@ -119,6 +127,7 @@ impl UpstreamRepair {
             config,
             highest: None,
             missing: BTreeMap::new(),
+            due: BTreeSet::new(),
             rtt: Duration::from_millis(10),
             stats: RepairStats::default(),
         }
@@ -139,6 +148,26 @@ impl UpstreamRepair {
         self.missing.len()
     }
 
+    fn retry(&self) -> Duration {
+        (self.rtt * 3 / 2).max(Duration::from_millis(5))
+    }
+
+    fn forget(&mut self, seq: u64) -> bool {
+        match self.missing.remove(&seq) {
+            Some(m) => {
+                self.due.remove(&(m.due, seq));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.stats.given_up += self.missing.len() as u64;
+        self.missing.clear();
+        self.due.clear();
+    }
+
     /// Records packet `seq` arriving at `now`; returns `false` for a duplicate, which the
     /// caller should drop.
     pub fn on_packet(&mut self, seq: u16, now: Instant) -> bool {
@@ -151,16 +180,25 @@ impl UpstreamRepair {
             let gap = ext - highest - 1;
             if gap > u64::from(self.config.max_gap) {
                 // The stream restarted (a new node connection): nothing to repair.
-                self.stats.given_up += self.missing.len() as u64;
-                self.missing.clear();
+                self.clear();
             } else {
-                for s in highest + 1..ext {
-                    self.missing.insert(s, Missing { since: now, tries: 0, last_request: None });
+                // Only the newest MAX_MISSING gaps are worth anything; older ones go first.
+                let new = gap.min(MAX_MISSING as u64);
+                while self.missing.len() as u64 + new > MAX_MISSING as u64 {
+                    let Some((&oldest, _)) = self.missing.first_key_value() else { break };
+                    self.forget(oldest);
+                    self.stats.given_up += 1;
+                }
+                self.stats.given_up += gap - new;
+                let due = now + self.config.reorder_wait;
+                for s in ext - new..ext {
+                    self.missing.insert(s, Missing { since: now, tries: 0, due });
+                    self.due.insert((due, s));
                 }
             }
             self.highest = Some(ext);
             true
-        } else if self.missing.remove(&ext).is_some() {
+        } else if self.forget(ext) {
             self.stats.repaired += 1;
             true
         } else {
@@ -172,46 +210,36 @@ impl UpstreamRepair {
     /// The sequence numbers to ask the node for now (at most `limit`), marking them asked.
     pub fn poll_requests(&mut self, now: Instant, limit: usize) -> Vec<u16> {
         let config = self.config;
-        let retry = (self.rtt * 3 / 2).max(Duration::from_millis(5));
-        let before = self.missing.len();
-        // Give up on a packet too old to show, or whose last try had time to come back.
-        self.missing.retain(|_, m| {
-            let too_old = now.saturating_duration_since(m.since) > config.max_age;
-            let out_of_tries = m.tries >= config.max_tries
-                && m.last_request.is_some_and(|t| now.saturating_duration_since(t) >= retry);
-            !too_old && !out_of_tries
-        });
-        self.stats.given_up += (before - self.missing.len()) as u64;
+        let retry = self.retry();
         let mut out = Vec::new();
-        for (seq, m) in self.missing.iter_mut() {
-            if out.len() >= limit {
+        while out.len() < limit {
+            let Some(&(due, seq)) = self.due.first() else { break };
+            if due > now {
                 break;
             }
-            let due = match m.last_request {
-                None => now.saturating_duration_since(m.since) >= config.reorder_wait,
-                Some(t) => m.tries < config.max_tries && now.saturating_duration_since(t) >= retry,
-            };
-            if due {
-                m.tries += 1;
-                m.last_request = Some(now);
-                out.push(*seq as u16);
+            self.due.pop_first();
+            let Some(m) = self.missing.get_mut(&seq) else { continue };
+            // Give up on a packet too old to show, or whose last try had time to come back.
+            if now.saturating_duration_since(m.since) > config.max_age || m.tries >= config.max_tries {
+                self.missing.remove(&seq);
+                self.stats.given_up += 1;
+                continue;
             }
+            m.tries += 1;
+            m.due = (now + retry).min(m.since + config.max_age + Duration::from_nanos(1)).max(now);
+            if m.tries >= config.max_tries {
+                m.due = now + retry;
+            }
+            self.due.insert((m.due, seq));
+            out.push(seq as u16);
         }
         self.stats.requested += out.len() as u64;
         out
     }
 
-    /// When [`Self::poll_requests`] next has something to do, if ever.
+    /// When [`Self::poll_requests`] next has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
-        let retry = (self.rtt * 3 / 2).max(Duration::from_millis(5));
-        self.missing
-            .values()
-            .map(|m| match m.last_request {
-                None => m.since + self.config.reorder_wait,
-                Some(t) if m.tries < self.config.max_tries => t + retry,
-                Some(t) => (t + retry).min(m.since + self.config.max_age),
-            })
-            .min()
+        self.due.first().map(|(t, _)| *t)
     }
 }
 
@@ -260,6 +288,32 @@ mod tests {
         assert!(!r.on_packet(12, t0 + Duration::from_millis(41)), "a duplicate is dropped");
         assert_eq!(r.stats(), RepairStats { requested: 2, repaired: 2, given_up: 0, duplicates: 1 });
         assert_eq!(r.next_timeout(), None);
+    }
+
+    #[test]
+    fn sequence_jumps_cost_a_bounded_map_and_timers_touch_only_what_is_due() {
+        let t0 = Instant::now();
+        let mut r = UpstreamRepair::new(RepairConfig::default());
+        let mut seq = 0u16;
+        // An attacker's stream: every datagram jumps 512 ahead (just inside a gap).
+        for i in 0..2_500u64 {
+            seq = seq.wrapping_add(512);
+            r.on_packet(seq, t0 + Duration::from_micros(i * 10));
+            assert!(r.missing() <= MAX_MISSING);
+        }
+        assert_eq!(r.missing(), MAX_MISSING);
+        let asked = r.poll_requests(t0 + Duration::from_millis(60), framing_limit());
+        assert_eq!(asked.len(), framing_limit(), "one bounded batch per timer");
+        assert!(r.next_timeout().is_some());
+        // Everything is given up once too old, and nothing is left behind.
+        for ms in (60..1_000).step_by(10) {
+            r.poll_requests(t0 + Duration::from_millis(ms), usize::MAX);
+        }
+        assert_eq!((r.missing(), r.next_timeout()), (0, None));
+    }
+
+    fn framing_limit() -> usize {
+        crate::framing::MAX_NACK_SEQS
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct Claims {
 }
 
 /// Why a token was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TokenError {
     /// Not base64url, too long, truncated or with bad fields.

@@ -138,13 +138,7 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .init();
+    pylon_runtime::init_tracing("info,quinn=warn");
     let args = Args::parse();
     if args.list_gpus {
         for d in pylon_gpu::list_devices()? {
@@ -177,13 +171,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase()
                 )
             });
-            let client = pylon_indexer_client::Client::new(url, key).context("creating the indexer client")?;
-            Some((client, id))
+            let client =
+                pylon_indexer_client::Client::new(url, key.clone()).context("creating the indexer client")?;
+            Some((client, id, key))
         }
         None => None,
     };
     let gate = match &pool {
-        Some((_, id)) => SessionGate::pooled(id),
+        Some((_, id, _)) => SessionGate::pooled(id),
         None => SessionGate::open(),
     };
     let metrics = ServerMetrics::new();
@@ -233,7 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node: gate.node().unwrap_or_default().to_string(),
     };
     let mut membership = match &pool {
-        Some((client, id)) => {
+        Some((client, id, _)) => {
             let encoders = EncoderConfig { width, height, fps: args.fps, ..encoder_config.clone() };
             let registration = RegisterNode {
                 id: id.clone(),
@@ -266,6 +261,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             min: args.min_bitrate_kbps.min(args.bitrate_kbps) * 1000,
             max: args.bitrate_kbps * 1000,
         }),
+        identity: pool.as_ref().map(|(_, _, key)| key.clone()),
     };
     let mut uplink = tokio::spawn(uplink::run(
         uplink_config,
@@ -277,8 +273,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_rx,
     ));
     tokio::select! {
-        _ = shutdown_signal() => {
-            if let Some((client, id)) = &pool {
+        _ = pylon_runtime::shutdown_signal() => {
+            if let Some((client, id, _)) = &pool {
                 // Drain: no new players; the running one may finish (a second signal stops now).
                 tokio::select! {
                     finished = pool::drain(client, id, &gate, std::time::Duration::from_secs(args.drain_seconds)) => {
@@ -286,7 +282,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             tracing::warn!("the session did not end within --drain-seconds; stopping anyway");
                         }
                     }
-                    _ = shutdown_signal() => tracing::warn!("second signal: stopping without waiting"),
+                    _ = pylon_runtime::shutdown_signal() => tracing::warn!("second signal: stopping without waiting"),
                 }
             }
             tracing::info!("shutting down");
@@ -309,19 +305,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Err(_) => bail!("the relay connection did not close in time"),
     }
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

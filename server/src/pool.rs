@@ -1,14 +1,13 @@
 //! The render node as a member of the pool: registration and signed heartbeats to the
-//! indexer, draining, and the gate that admits a player only with a session token the
-//! node verifies itself.
+//! indexer, draining, and the state it shares with the relay link (the indexer's token
+//! key, the running session). The link itself verifies each player's token
+//! (`pylon_proto::link::PlayerGate`).
 //!
-//! Outside a pool (no `--indexer`) the gate is open: whoever the relay names player may
-//! play, as in development.
+//! Outside a pool (no `--indexer`) any player the relay names may play, as in development.
 
 use ed25519_dalek::VerifyingKey;
 use pylon_indexer_client::api::{NodeHeartbeat, RegisterNode};
 use pylon_indexer_client::{Client, ClientError, register_until_accepted};
-use pylon_proto::token::{self, Role, TokenError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -20,21 +19,6 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Why a session was refused at the node.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum GateError {
-    /// The token did not verify (forged, expired, malformed, another node's).
-    #[error(transparent)]
-    Token(#[from] TokenError),
-    /// A spectator token cannot start the player's session.
-    #[error("a spectator token cannot start a session")]
-    Spectator,
-    /// The node is not yet registered, so it has no key to verify with.
-    #[error("the node has not registered with the indexer yet")]
-    NoKey,
-}
-
 #[derive(Debug, Default)]
 struct GateState {
     /// The indexer's token key, once registered.
@@ -43,7 +27,9 @@ struct GateState {
     session: Option<String>,
 }
 
-/// Who may play on this node.
+/// What the node's membership and its relay link share: the indexer's token key (set at
+/// registration, used by the link's [`pylon_proto::link::PlayerGate`] to verify tokens)
+/// and the session running (reported in heartbeats, waited for when draining).
 #[derive(Debug, Clone)]
 pub struct SessionGate {
     node: Option<String>,
@@ -51,12 +37,12 @@ pub struct SessionGate {
 }
 
 impl SessionGate {
-    /// A gate that admits any input: a node outside a pool.
+    /// A node outside a pool: any player the relay names may play.
     pub fn open() -> Self {
         Self { node: None, state: Arc::default() }
     }
 
-    /// A gate for node `node` of a pool: input only inside a verified session.
+    /// Node `node` of a pool: input only inside a session whose token it verified.
     pub fn pooled(node: &str) -> Self {
         Self { node: Some(node.to_string()), state: Arc::default() }
     }
@@ -75,35 +61,14 @@ impl SessionGate {
         self.lock().key = Some(key);
     }
 
-    /// A player joined at the relay with `token`: verified against the indexer's key, this
-    /// node's id, its expiry at `now` (Unix seconds) and its role. Returns the session id.
-    pub fn start(&self, token_text: &str, now: u64) -> Result<String, GateError> {
-        let Some(node) = &self.node else {
-            return Ok(String::new());
-        };
-        let mut state = self.lock();
-        let key = state.key.ok_or(GateError::NoKey)?;
-        let claims = token::verify(token_text, &key, now)?;
-        claims.check_node(node)?;
-        if claims.role != Role::Player {
-            return Err(GateError::Spectator);
-        }
-        let id = claims.session_hex();
-        state.session = Some(id.clone());
-        Ok(id)
+    /// The indexer's token key, once registered.
+    pub fn key(&self) -> Option<VerifyingKey> {
+        self.lock().key
     }
 
-    /// The player of `session` left (or the relay connection ended: `None`).
-    pub fn end(&self, session: Option<&str>) {
-        let mut state = self.lock();
-        if session.is_none() || state.session.as_deref() == session {
-            state.session = None;
-        }
-    }
-
-    /// Whether player input is accepted now.
-    pub fn accepts_input(&self) -> bool {
-        self.node.is_none() || self.lock().session.is_some()
+    /// The link started (`Some`) or ended (`None`) the player's session.
+    pub fn set_running(&self, session: Option<String>) {
+        self.lock().session = session;
     }
 
     /// The sessions running (for heartbeats).
@@ -160,7 +125,7 @@ pub async fn drain(client: &Client, node: &str, gate: &SessionGate, timeout: Dur
     true
 }
 
-/// The current Unix time, for [`SessionGate::start`].
+/// The current Unix time in seconds (the wall clock the link checks token expiry against).
 pub fn now() -> u64 {
     unix_now()
 }
@@ -169,54 +134,18 @@ pub fn now() -> u64 {
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
-    use pylon_proto::token::Claims;
-
-    fn token(key: &SigningKey, node: &str, role: Role, expires_at: u64) -> String {
-        Claims {
-            session: [7; 16],
-            role,
-            issued_at: 1_000,
-            expires_at,
-            title: "demo".into(),
-            node: node.into(),
-            relay: "relay-1".into(),
-        }
-        .sign(key)
-        .unwrap()
-    }
 
     #[test]
-    fn only_a_verified_player_token_for_this_node_opens_the_gate() {
-        let indexer = SigningKey::from_bytes(&[1; 32]);
+    fn the_gate_shares_the_key_and_the_running_session() {
         let gate = SessionGate::pooled("node-a");
-        assert!(!gate.accepts_input());
-        assert!(matches!(gate.start(&token(&indexer, "node-a", Role::Player, 2_000), 1_500), Err(GateError::NoKey)));
-        gate.set_key(indexer.verifying_key());
-        let forger = SigningKey::from_bytes(&[2; 32]);
-        for (text, why) in [
-            (token(&forger, "node-a", Role::Player, 2_000), "forged"),
-            (token(&indexer, "node-a", Role::Player, 1_400), "expired"),
-            (token(&indexer, "node-b", Role::Player, 2_000), "another node's"),
-            (token(&indexer, "node-a", Role::Spectator, 2_000), "spectator"),
-            ("garbage".into(), "malformed"),
-        ] {
-            assert!(gate.start(&text, 1_500).is_err(), "{why} token accepted");
-            assert!(!gate.accepts_input(), "{why} token opened the gate");
-        }
-        let id = gate.start(&token(&indexer, "node-a", Role::Player, 2_000), 1_500).unwrap();
-        assert!(gate.accepts_input());
-        assert_eq!(gate.running(), vec![id.clone()]);
-        gate.end(Some("another"));
-        assert!(gate.accepts_input(), "ending another session leaves this one");
-        gate.end(Some(&id));
-        assert!(!gate.accepts_input());
+        let link_side = gate.clone();
+        assert!(gate.key().is_none() && gate.running().is_empty());
+        gate.set_key(SigningKey::from_bytes(&[1; 32]).verifying_key());
+        assert!(link_side.key().is_some(), "the link sees the key the membership set");
+        link_side.set_running(Some("ab".into()));
+        assert_eq!(gate.running(), vec!["ab".to_string()]);
+        link_side.set_running(None);
         assert!(gate.running().is_empty());
-    }
-
-    #[test]
-    fn outside_a_pool_the_gate_is_open() {
-        let gate = SessionGate::open();
-        assert!(gate.accepts_input());
-        assert!(gate.running().is_empty());
+        assert_eq!(SessionGate::open().node(), None);
     }
 }

@@ -1,26 +1,25 @@
-//! The render node's QUIC connection to its edge relay.
+//! The render node's QUIC connection to its edge relay: a thin driver around
+//! [`pylon_proto::link::NodeSide`], which owns the protocol (the signed hello, the relay's
+//! welcome, sessions, keyframe requests, resends, bitrate).
 //!
 //! RTP packets travel as QUIC datagrams (unreliable, unordered: a late video packet is
 //! worth nothing), control messages on one bidirectional stream. If the relay goes away
 //! the node keeps rendering, discards packets (counted), and reconnects with exponential
 //! backoff; every new connection starts with a keyframe.
 
-use crate::metrics::{PacketDrop, ServerMetrics};
+use crate::metrics::{DropReason, PacketDrop, ServerMetrics};
 use crate::pipeline::{Outgoing, ReceivedInput};
 use crate::pool::SessionGate;
 use anyhow::{Context, anyhow};
-use pylon_proto::framing::{self, ControlDecoder, ControlMessage, DatagramKind, StreamHello};
-use pylon_proto::input::InputMessage;
-use pylon_proto::repair::RetransmitCache;
+use ed25519_dalek::SigningKey;
+use pylon_proto::framing::{self, StreamHello};
+use pylon_proto::link::{self, LinkError, NodeConfig, NodeEvent, NodeSide, PlayerGate};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-
-/// How long sent RTP packets are kept for resends: past it, their frame is too old to show.
-pub const RESEND_WINDOW: Duration = Duration::from_secs(1);
 
 /// Kernel socket buffer size: QUIC datagram bursts (a keyframe is dozens of packets)
 /// overflow the default of a few hundred KB.
@@ -39,6 +38,9 @@ pub struct UplinkConfig {
     pub hello: StreamHello,
     /// Where the relay's bitrate requests go, and their bounds.
     pub bitrate: Option<BitrateControl>,
+    /// The node's registered key, which signs its hello; `None` connects anonymously
+    /// (only a relay outside a pool accepts that, and only on loopback unless told to).
+    pub identity: Option<SigningKey>,
 }
 
 /// The encoder's target bitrate as the relay may set it (from the player's congestion
@@ -140,6 +142,16 @@ pub async fn run(
     let endpoint = endpoint(bind)?;
     let client = client_config(&config.relay_cert)?;
     let mut backoff = Duration::from_millis(100);
+    // Who may play, carried from one connection to the next (ended sessions stay ended).
+    let mut players = match gate.node() {
+        Some(id) => PlayerGate::pooled(id),
+        None => PlayerGate::open(),
+    };
+    let link_config = NodeConfig {
+        stream: config.hello.clone(),
+        identity: config.identity.clone(),
+        bitrate_bounds: config.bitrate.as_ref().map(|b| (b.min, b.max)),
+    };
     loop {
         if *shutdown.borrow() {
             break;
@@ -160,16 +172,24 @@ pub async fn run(
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        let mut exporter = [0u8; link::EXPORTER_LEN];
+        if conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"").is_err() {
+            return Err(anyhow!("the QUIC connection cannot export keying material"));
+        }
+        let players_now = std::mem::replace(&mut players, PlayerGate::open());
+        let mut node = NodeSide::new(link_config.clone(), players_now, &exporter, Instant::now(), crate::pool::now());
         metrics.relay_connects.inc();
         metrics.relay_connected.set(1);
-        tracing::info!("connected to the relay");
-        keyframe.store(true, Ordering::Relaxed);
-        let link = Link { keyframe: &keyframe, inputs: &inputs, gate: &gate, metrics: &metrics };
-        let result =
-            serve_connection(&conn, &config.hello, config.bitrate.as_ref(), &mut packets, &link, &mut shutdown).await;
+        tracing::info!("connected to the relay; waiting for its welcome");
+        let link = Link { keyframe: &keyframe, inputs: &inputs, gate: &gate, metrics: &metrics, bitrate: config.bitrate.as_ref() };
+        let result = serve_connection(&conn, &mut node, &mut packets, &link, &mut shutdown).await;
         // The relay's viewers are gone with the connection: so is the session.
-        gate.end(None);
+        let (carried, ended) = node.into_gate();
+        players = carried;
+        if let Some(session) = ended {
+            tracing::info!(session, "player session ended with the relay connection");
+        }
+        gate.set_running(None);
         metrics.relay_connected.set(0);
         metrics.relay_disconnects.inc();
         match result {
@@ -177,7 +197,14 @@ pub async fn run(
                 conn.close(0u32.into(), b"render node shutting down");
                 break;
             }
-            Err(e) => tracing::warn!("relay connection lost: {e:#}; reconnecting"),
+            Err(e) => {
+                tracing::warn!("relay connection lost: {e:#}; reconnecting in {backoff:?}");
+                // A relay that refuses this node must not be hammered.
+                if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
     endpoint.wait_idle().await;
@@ -204,164 +231,143 @@ async fn discard_for(
     }
 }
 
-/// What the connection hands incoming control to.
+/// What the connection hands the link's events to.
 struct Link<'a> {
     keyframe: &'a AtomicBool,
     inputs: &'a std::sync::mpsc::Sender<ReceivedInput>,
     gate: &'a SessionGate,
     metrics: &'a ServerMetrics,
+    bitrate: Option<&'a BitrateControl>,
+}
+
+impl Link<'_> {
+    /// Carries out what the state machine decided.
+    fn on_event(&self, event: NodeEvent) {
+        let metrics = self.metrics;
+        match event {
+            NodeEvent::Established { relay } => tracing::info!(relay, "the relay admitted this node; streaming"),
+            NodeEvent::KeyframeRequested => {
+                metrics.keyframe_requests.inc();
+                self.keyframe.store(true, Ordering::Relaxed);
+            }
+            NodeEvent::Input(message) => {
+                let _ = self.inputs.send(ReceivedInput { message, arrived: Instant::now() });
+            }
+            NodeEvent::InputRefused(reason) => {
+                metrics.input_rejected.get_or_create(&DropReason { reason }).inc();
+            }
+            NodeEvent::SessionStarted(session) => {
+                metrics.sessions_started.inc();
+                tracing::info!(session, "player session started");
+                self.gate.set_running(Some(session));
+            }
+            NodeEvent::SessionRefused(e) => {
+                metrics.sessions_refused.inc();
+                tracing::warn!("refused a session token from the relay: {e}");
+            }
+            NodeEvent::SessionEnded(session) => {
+                tracing::info!(session, "player session ended");
+                self.gate.set_running(None);
+            }
+            NodeEvent::Bitrate(target) => {
+                if let Some(b) = self.bitrate {
+                    tracing::debug!(target, "bitrate from the relay");
+                    b.target.store(target, Ordering::Relaxed);
+                }
+            }
+            NodeEvent::Resent { sent, missed } => {
+                metrics.rtp_resent.inc_by(u64::from(sent));
+                metrics.rtp_resend_missed.inc_by(u64::from(missed));
+            }
+        }
+    }
+}
+
+/// Writes what the link queued (control bytes, resends) and hands its events on.
+async fn flush(
+    node: &mut NodeSide,
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    link: &Link<'_>,
+) -> anyhow::Result<()> {
+    if let Some(k) = link.gate.key() {
+        node.gate_mut().set_key(k);
+    }
+    while let Some(event) = node.poll_event() {
+        link.on_event(event);
+    }
+    while let Some(d) = node.poll_datagram() {
+        if conn.send_datagram(d.into()).is_err() {
+            link.metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+        }
+    }
+    if let Some(bytes) = node.poll_transmit() {
+        send.write_all(&bytes).await.context("writing the control stream")?;
+    }
+    Ok(())
 }
 
 /// Sends media and handles control until the connection fails (`Err`) or shutdown (`Ok`).
 async fn serve_connection(
     conn: &quinn::Connection,
-    hello: &StreamHello,
-    bitrate: Option<&BitrateControl>,
+    node: &mut NodeSide,
     packets: &mut mpsc::Receiver<Outgoing>,
     link: &Link<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let Link { keyframe, inputs, gate, metrics } = *link;
-    // Player input, checked again here (the relay checked size, role and rate), and only
-    // inside a session this node verified when it is in a pool.
-    let deliver = |bytes: &[u8]| {
-        if !gate.accepts_input() {
-            metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
-            return;
-        }
-        let arrived = std::time::Instant::now();
-        match InputMessage::decode(bytes) {
-            Ok(message) => {
-                let _ = inputs.send(ReceivedInput { message, arrived });
-            }
-            Err(e) => {
-                tracing::debug!("refused input: {e}");
-                metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "malformed" }).inc();
-            }
-        }
-    };
+    let metrics = link.metrics;
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-    let mut buf = Vec::new();
-    ControlMessage::StreamHello(hello.clone()).encode(&mut buf);
-    send.write_all(&buf).await.context("sending the stream description")?;
-    let mut decoder = ControlDecoder::default();
+    flush(node, &mut send, conn, link).await?;
     let mut read_buf = vec![0u8; 4096];
     let mut datagram = Vec::with_capacity(1500);
-    // What was sent in the last second, for the relay's resend requests.
-    let mut sent = RetransmitCache::new(RESEND_WINDOW, 4096);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
+        let timeout = node.poll_timeout().map_or_else(far, tokio::time::Instant::from_std);
         tokio::select! {
             packet = packets.recv() => {
-                let rtp = match packet {
+                match packet {
                     None => return Ok(()),
-                    Some(Outgoing::Rtp(rtp, capture)) => (rtp, capture),
-                    Some(Outgoing::FrameInfo(info)) => {
-                        buf.clear();
-                        ControlMessage::FrameInfo(info).encode(&mut buf);
-                        send.write_all(&buf).await.context("writing frame info")?;
-                        continue;
-                    }
-                };
-                let (rtp, capture) = rtp;
-                if let Some([s0, s1]) = rtp.get(2..4).and_then(|s| <[u8; 2]>::try_from(s).ok()) {
-                    sent.insert(std::time::Instant::now(), u16::from_be_bytes([s0, s1]), &rtp);
-                }
-                datagram.clear();
-                match capture {
-                    Some(t) => framing::encode_captured_datagram(t, &rtp, &mut datagram),
-                    None => framing::encode_datagram(DatagramKind::VideoRtp, &rtp, &mut datagram),
-                }
-                if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
-                    metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
-                    match e {
-                        quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
-                        e => return Err(e.into()),
-                    }
-                }
-            }
-            read = recv.read(&mut read_buf) => {
-                match read.context("reading the control stream")? {
-                    None => return Err(anyhow!("the relay closed the control stream")),
-                    Some(n) => {
-                        decoder.extend(read_buf.get(..n).unwrap_or_default());
-                        loop {
-                            match decoder.next_message() {
-                                Ok(Some(ControlMessage::KeyframeRequest)) => {
-                                    metrics.keyframe_requests.inc();
-                                    keyframe.store(true, Ordering::Relaxed);
-                                }
-                                Ok(Some(ControlMessage::Goodbye(reason))) => {
-                                    return Err(anyhow!("the relay said goodbye: {reason}"));
-                                }
-                                Ok(Some(ControlMessage::Input(bytes))) => deliver(&bytes),
-                                Ok(Some(ControlMessage::SessionStart(token))) => {
-                                    match gate.start(&token, crate::pool::now()) {
-                                        Ok(session) => {
-                                            metrics.sessions_started.inc();
-                                            tracing::info!(session, "player session started");
-                                            keyframe.store(true, Ordering::Relaxed);
-                                        }
-                                        Err(e) => {
-                                            metrics.sessions_refused.inc();
-                                            tracing::warn!("refused a session token from the relay: {e}");
-                                        }
-                                    }
-                                }
-                                Ok(Some(ControlMessage::Bitrate(bps))) => {
-                                    if let Some(b) = bitrate {
-                                        let target = u64::from(bps).clamp(b.min, b.max);
-                                        tracing::debug!(requested = bps, target, "bitrate from the relay");
-                                        b.target.store(target, Ordering::Relaxed);
-                                    }
-                                }
-                                Ok(Some(ControlMessage::Nack(seqs))) => {
-                                    // Lost between here and the relay: resend once, for every viewer.
-                                    for seq in seqs {
-                                        let Some(rtp) = sent.get(seq) else {
-                                            metrics.rtp_resend_missed.inc();
-                                            continue;
-                                        };
-                                        datagram.clear();
-                                        framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut datagram);
-                                        if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_ok() {
-                                            metrics.rtp_resent.inc();
-                                        }
-                                    }
-                                }
-                                Ok(Some(ControlMessage::SessionEnd(session))) => {
-                                    tracing::info!(session, "player session ended");
-                                    gate.end(Some(&session));
-                                }
-                                Ok(Some(other)) => {
-                                    metrics.bad_control_messages.inc();
-                                    tracing::warn!("unexpected control message from the relay: {other:?}");
-                                }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    metrics.bad_control_messages.inc();
-                                    return Err(anyhow!("malformed control stream from the relay: {e}"));
+                    Some(Outgoing::FrameInfo(info)) => node.send_frame_info(info),
+                    Some(Outgoing::Rtp(rtp, capture)) => match node.send_rtp(Instant::now(), &rtp, capture, &mut datagram) {
+                        Ok(()) => {
+                            if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+                                match e {
+                                    quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
+                                    e => return Err(e.into()),
                                 }
                             }
                         }
+                        Err(_) => {
+                            metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_welcomed" }).inc();
+                        }
+                    },
+                }
+            }
+            read = recv.read(&mut read_buf) => {
+                let n = read.context("reading the control stream")?.ok_or_else(|| anyhow!("the relay closed the control stream"))?;
+                if let Err(e) = node.handle_control(Instant::now(), read_buf.get(..n).unwrap_or_default()) {
+                    if matches!(e, LinkError::Framing(_)) {
+                        metrics.bad_control_messages.inc();
                     }
+                    flush(node, &mut send, conn, link).await?;
+                    return Err(anyhow!("relay link: {e}"));
                 }
             }
             d = conn.read_datagram() => {
                 let d = d.context("reading datagrams")?;
-                match framing::decode_datagram(&d) {
-                    Ok((DatagramKind::Input, input)) => deliver(input),
-                    _ => {
-                        metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "bad_datagram" }).inc();
-                    }
-                }
+                node.handle_datagram(Instant::now(), &d);
+            }
+            _ = tokio::time::sleep_until(timeout) => {
+                node.handle_timeout(Instant::now()).map_err(|e| anyhow!("relay link: {e}"))?;
             }
             _ = shutdown.changed() => {
-                buf.clear();
-                ControlMessage::Goodbye("render node shutting down".into()).encode(&mut buf);
-                let _ = send.write_all(&buf).await;
+                node.close("render node shutting down");
+                let _ = flush(node, &mut send, conn, link).await;
                 let _ = send.finish();
                 return Ok(());
             }
         }
+        flush(node, &mut send, conn, link).await?;
     }
 }

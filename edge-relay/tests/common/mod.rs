@@ -108,8 +108,8 @@ pub async fn start_platform_impaired_uplink(
 }
 
 /// Starts an indexer on a free loopback port; returns its address.
-async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
-    use pylon_indexer::api::{AppState, IndexerMetrics, router};
+pub async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
+    use pylon_indexer::api::{AppState, Policy, router};
     use pylon_indexer::store::{Store, Title};
     std::fs::create_dir_all(data_dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", data_dir.join("indexer.db").display());
@@ -127,15 +127,16 @@ async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
         })
         .await
         .unwrap();
-    let state = AppState {
-        store,
-        signing_key: std::sync::Arc::new(pylon_indexer::keys::load_or_create(data_dir, "indexer-key").unwrap()),
-        admin_token: std::sync::Arc::new("e2e-admin".into()),
-        metrics: IndexerMetrics::new(),
-    };
+    let key = pylon_indexer::keys::load_or_create(data_dir, "indexer-key").unwrap();
+    let state = AppState::new(store, key, "e2e-admin".into(), Policy::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    // Served as the indexer binary serves it (connection limits, client addresses), with
+    // its sweeper; both run until the test process ends.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    std::mem::forget(stop_tx);
+    tokio::spawn(pylon_indexer::api::run_sweeper(state.clone(), stop.clone()));
+    tokio::spawn(pylon_runtime::http::serve(listener, router(state), Default::default(), stop));
     addr
 }
 
@@ -162,6 +163,7 @@ async fn start(
         advertise_addr,
         quic_addr: localhost(),
         data_dir: data_dir.clone(),
+        allow_anonymous_nodes: false,
         pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {
             indexer: format!("http://{addr}"),
             id: Some(POOL_RELAY.into()),
@@ -217,8 +219,10 @@ async fn start(
         node: if pooled { POOL_NODE.into() } else { String::new() },
     };
     let gate = if pooled { SessionGate::pooled(POOL_NODE) } else { SessionGate::open() };
+    let mut identity = None;
     if let Some(addr) = indexer {
         let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
+        identity = Some(key.clone());
         let client = pylon_indexer_client::Client::new(&format!("http://{addr}"), key).unwrap();
         let registration = pylon_indexer_client::api::RegisterNode {
             id: POOL_NODE.into(),
@@ -244,6 +248,7 @@ async fn start(
         server_name: "pylon-relay".into(),
         hello,
         bitrate: Some(uplink::BitrateControl { target: pipeline.bitrate_target(), min: 500_000, max: 6_000_000 }),
+        identity,
     };
     tokio::spawn(uplink::run(
         uplink_config,

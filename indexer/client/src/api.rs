@@ -82,6 +82,21 @@ pub struct RelayHeartbeat {
     pub viewers: u32,
     /// RTT measured to each node, ms.
     pub node_rtt_ms: BTreeMap<String, f64>,
+    /// Sessions whose player is connected to this relay now (metering follows this).
+    #[serde(default)]
+    pub players: Vec<String>,
+}
+
+/// What anyone may know of a node: its key and state (relays check a connecting node's
+/// key against it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeKeyInfo {
+    /// Node id.
+    pub id: String,
+    /// Base64 ed25519 public key.
+    pub public_key: String,
+    /// `ready`, `draining`, `gone`, `revoked` or `pending` (awaiting approval).
+    pub state: String,
 }
 
 /// A relay the client should measure its RTT to.

@@ -6,8 +6,10 @@
 //!   exactly these types, so the two cannot drift apart).
 //! * [`Client`]: registration, signed heartbeats, drain and session end over HTTP.
 //!
-//! Every request after registration is signed: headers `x-pylon-timestamp` (Unix
-//! seconds) and `x-pylon-signature` (base64 ed25519 signature over
+//! Every request of a node or relay is signed, registration included (which proves
+//! possession of the key it registers): headers `x-pylon-timestamp` (Unix seconds),
+//! `x-pylon-nonce` (a number larger than any this key signed before: the indexer refuses
+//! a replayed request) and `x-pylon-signature` (base64 ed25519 signature over
 //! [`signed_message`]).
 
 pub mod api;
@@ -20,11 +22,43 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// What a node or relay signs for a request: `"{METHOD} {PATH}\n{timestamp}\n{body}"`.
-pub fn signed_message(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
-    let mut m = format!("{method} {path}\n{timestamp}\n").into_bytes();
+/// What a node or relay signs for a request:
+/// `"{METHOD} {PATH}\n{timestamp}\n{nonce}\n{body}"`.
+pub fn signed_message(method: &str, path: &str, timestamp: i64, nonce: i64, body: &[u8]) -> Vec<u8> {
+    let mut m = format!("{method} {path}\n{timestamp}\n{nonce}\n").into_bytes();
     m.extend_from_slice(body);
     m
+}
+
+/// Strictly increasing request nonces: microseconds since the Unix epoch, or one more than
+/// the last if the clock has not moved (or went back), so a restarted node or relay keeps
+/// counting up.
+#[derive(Debug, Default)]
+pub struct NonceCounter(std::sync::atomic::AtomicI64);
+
+impl NonceCounter {
+    /// A counter that starts from the clock.
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicI64::new(0))
+    }
+
+    /// The next nonce.
+    pub fn next(&self) -> i64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        let mut last = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.0.compare_exchange_weak(
+                last,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
+    }
 }
 
 /// Base64 of a public key, as the API carries it.
@@ -118,6 +152,7 @@ pub struct Client {
     base: String,
     key: std::sync::Arc<SigningKey>,
     http: reqwest::Client,
+    nonces: std::sync::Arc<NonceCounter>,
 }
 
 impl Client {
@@ -128,7 +163,12 @@ impl Client {
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        Ok(Self { base: base.trim_end_matches('/').to_string(), key: std::sync::Arc::new(key), http })
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            key: std::sync::Arc::new(key),
+            http,
+            nonces: std::sync::Arc::default(),
+        })
     }
 
     /// The indexer's base URL.
@@ -141,16 +181,27 @@ impl Client {
         encode_key(&self.key.verifying_key())
     }
 
-    /// Registers a render node; returns the indexer's token key.
+    /// Registers a render node (signed with the key it registers); returns the
+    /// indexer's token key.
     pub async fn register_node(&self, node: &api::RegisterNode) -> Result<VerifyingKey, ClientError> {
-        let reply: api::PublicKey = self.call("POST", "/api/v1/nodes", Some(node), false).await?;
+        let reply: api::PublicKey = self.call("POST", "/api/v1/nodes", Some(node), true).await?;
         decode_key(&reply.public_key)
     }
 
-    /// Registers a relay; returns the indexer's token key.
+    /// Registers a relay (signed with the key it registers); returns the indexer's token
+    /// key.
     pub async fn register_relay(&self, relay: &api::RegisterRelay) -> Result<VerifyingKey, ClientError> {
-        let reply: api::PublicKey = self.call("POST", "/api/v1/relays", Some(relay), false).await?;
+        let reply: api::PublicKey = self.call("POST", "/api/v1/relays", Some(relay), true).await?;
         decode_key(&reply.public_key)
+    }
+
+    /// The indexer's public record of node `id` (its key and state); `None` if unknown.
+    pub async fn node(&self, id: &str) -> Result<Option<api::NodeKeyInfo>, ClientError> {
+        match self.call::<(), _>("GET", &format!("/api/v1/nodes/{id}"), None, false).await {
+            Ok(info) => Ok(Some(info)),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A node's signed heartbeat.
@@ -198,9 +249,11 @@ impl Client {
         }
         if signed {
             let ts = unix_now();
-            let sig = self.key.sign(&signed_message(method, path, ts, &bytes));
+            let nonce = self.nonces.next();
+            let sig = self.key.sign(&signed_message(method, path, ts, nonce, &bytes));
             req = req
                 .header("x-pylon-timestamp", ts.to_string())
+                .header("x-pylon-nonce", nonce.to_string())
                 .header("x-pylon-signature", STANDARD.encode(sig.to_bytes()));
         }
         let resp = req.body(bytes).send().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;

@@ -1,0 +1,1063 @@
+//! The render node ↔ edge relay link as two I/O-free state machines, [`NodeSide`] and
+//! [`RelaySide`], in the quinn-proto / str0m pattern: the drivers (`server/src/uplink.rs`,
+//! `edge-relay/src/ingest.rs`) feed them the control stream's bytes, datagrams and timer
+//! expiries, each with an explicit `now`, and carry out what they poll: bytes for the
+//! control stream, datagrams, events and the next timeout. Tests drive the same code on a
+//! simulated clock.
+//!
+//! # Handshake and authentication
+//! The relay is authenticated by TLS: the node pins the relay's certificate. The node is
+//! authenticated inside the link's first message, at no extra round trip: its `Hello`
+//! carries its ed25519 public key and a signature over [`HELLO_CONTEXT`], the connection's
+//! TLS exporter value ([`EXPORTER_LABEL`], [`EXPORTER_LEN`] bytes — unique to this QUIC
+//! connection, so a signature cannot be replayed on another one) and the stream
+//! description. The relay checks the signature here, then its driver checks the key
+//! against the pool's record of that node id ([`RelaySide::admit`] or
+//! [`RelaySide::refuse`]). Until admitted, the relay accepts no media and sends the node
+//! nothing — no session token, no input: [`RelaySide::send`] refuses. The node's media
+//! starts with the relay's `Welcome`, one round trip after the QUIC handshake.
+//!
+//! # What each side owns
+//! * Node: the hello, the retransmit cache and resends on `Nack`, the relay's bitrate
+//!   within the node's bounds, keyframe requests, the player's session — tokens verified
+//!   against the indexer's key, this node's id, the relay that sent them, and sessions that
+//!   already ended ([`PlayerGate`]) — and input only inside that session.
+//! * Relay: the handshake deadline, the node's proof, upstream loss repair
+//!   ([`UpstreamRepair`]), frame info, and nothing sent before admission.
+
+use crate::framing::{
+    self, ControlDecoder, DatagramKind, FrameInfo, FramingError, HelloAuth, NodeHello, NodeMessage, RelayMessage,
+    StreamHello, WireMessage,
+};
+use crate::input::InputMessage;
+use crate::repair::{RepairConfig, RepairStats, RetransmitCache, UpstreamRepair};
+use crate::rtp::RtpPacket;
+use crate::token::{self, Role, TokenError};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+use thiserror::Error;
+
+/// The TLS exporter label both ends derive the connection binding with.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-pylon-link/1";
+/// Bytes of exporter output the node signs.
+pub const EXPORTER_LEN: usize = 32;
+/// Domain separation for the hello signature.
+pub const HELLO_CONTEXT: &[u8] = b"pylon-link/1 node hello\0";
+/// How long the relay waits for a hello, and the node for the relay's welcome.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long sent RTP packets are kept for resends: past it, their frame is too old to show.
+pub const RESEND_WINDOW: Duration = Duration::from_secs(1);
+/// Most packets in the node's resend cache.
+pub const RESEND_PACKETS: usize = 4096;
+/// Bytes queued for the control stream past which relay → node input is dropped (a node
+/// that does not read its stream must not grow the relay's memory). Session control is
+/// always queued.
+pub const MAX_QUEUED_CONTROL: usize = 256 * 1024;
+/// Ended sessions the node remembers, so a relay cannot start one again.
+const ENDED_MEMORY: usize = 256;
+
+/// Why a link failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The control stream could not be parsed.
+    #[error("malformed control stream: {0}")]
+    Framing(#[from] FramingError),
+    /// The first message was not a hello.
+    #[error("expected the node's hello first")]
+    HelloExpected,
+    /// The peer sent a second hello.
+    #[error("a second hello on the same link")]
+    DuplicateHello,
+    /// The hello's signature does not verify over this connection.
+    #[error("the node's hello signature does not verify for this connection")]
+    BadSignature,
+    /// The hello was not (or the welcome was not) received in time.
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The relay sent something other than a welcome first.
+    #[error("the relay sent {0} before welcoming the node")]
+    NotWelcomed(&'static str),
+    /// The peer closed the link with a reason.
+    #[error("the peer said goodbye: {0}")]
+    Goodbye(String),
+    /// This side refused the peer.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A message was to be sent before the peer was admitted.
+    #[error("the link is not established")]
+    NotEstablished,
+    /// The link is closed.
+    #[error("the link is closed")]
+    Closed,
+}
+
+/// Why a session token was refused at the node.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GateError {
+    /// The token did not verify (forged, expired, malformed, another node's or relay's).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A spectator token cannot start the player's session.
+    #[error("a spectator token cannot start a session")]
+    Spectator,
+    /// The node is not yet registered, so it has no key to verify with.
+    #[error("the node has not registered with the indexer yet")]
+    NoKey,
+    /// The session already ended here: its token is not taken twice.
+    #[error("session {0} already ended")]
+    Ended(String),
+}
+
+/// Who may play on a node: open outside a pool; in one, only the holder of a player token
+/// signed by the indexer for this node and the relay that forwarded it, of a session that
+/// has not ended here. Kept across links (a reconnect does not forget ended sessions).
+#[derive(Debug, Clone)]
+pub struct PlayerGate {
+    node: Option<String>,
+    key: Option<VerifyingKey>,
+    session: Option<String>,
+    ended: VecDeque<String>,
+}
+
+impl PlayerGate {
+    /// A gate that admits any input: a node outside a pool.
+    pub fn open() -> Self {
+        Self { node: None, key: None, session: None, ended: VecDeque::new() }
+    }
+
+    /// A gate for node `node` of a pool: input only inside a verified session.
+    pub fn pooled(node: &str) -> Self {
+        Self { node: Some(node.to_string()), ..Self::open() }
+    }
+
+    /// Sets the indexer's token key.
+    pub fn set_key(&mut self, key: VerifyingKey) {
+        self.key = Some(key);
+    }
+
+    /// Verifies a player's token forwarded by relay `relay` at `now` (Unix seconds);
+    /// returns the session id it starts.
+    pub fn start(&mut self, token_text: &str, relay: &str, now: u64) -> Result<String, GateError> {
+        let Some(node) = &self.node else {
+            return Ok(String::new());
+        };
+        let key = self.key.ok_or(GateError::NoKey)?;
+        let claims = token::verify(token_text, &key, now)?;
+        claims.check_node(node)?;
+        claims.check_relay(relay)?;
+        if claims.role != Role::Player {
+            return Err(GateError::Spectator);
+        }
+        let id = claims.session_hex();
+        if self.ended.contains(&id) {
+            return Err(GateError::Ended(id));
+        }
+        self.session = Some(id.clone());
+        Ok(id)
+    }
+
+    /// The player of `session` left (`None`: whatever session runs, the link is gone).
+    /// Returns the session that ended, if one did.
+    pub fn end(&mut self, session: Option<&str>) -> Option<String> {
+        let running = self.session.as_deref()?;
+        if session.is_some_and(|s| s != running) {
+            return None;
+        }
+        let ended = self.session.take()?;
+        if self.ended.len() >= ENDED_MEMORY {
+            self.ended.pop_front();
+        }
+        self.ended.push_back(ended.clone());
+        Some(ended)
+    }
+
+    /// Whether player input is accepted now.
+    pub fn accepts_input(&self) -> bool {
+        self.node.is_none() || self.session.is_some()
+    }
+
+    /// The running session, if any.
+    pub fn running(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+}
+
+/// What the node's link tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    /// The relay admitted the node: media may flow (the next frame should be a keyframe).
+    Established {
+        /// The relay's id.
+        relay: String,
+    },
+    /// Encode the next frame as a keyframe.
+    KeyframeRequested,
+    /// Player input inside the admitted session, validated.
+    Input(InputMessage),
+    /// Input refused (counted by reason: `no_session`, `malformed`, `bad_datagram`).
+    InputRefused(&'static str),
+    /// A player session started.
+    SessionStarted(String),
+    /// A session token was refused.
+    SessionRefused(GateError),
+    /// The player's session ended.
+    SessionEnded(String),
+    /// The encoder's target, bit/s, already within the node's bounds.
+    Bitrate(u64),
+    /// Resends: packets asked for and sent, packets no longer held.
+    Resent {
+        /// Packets resent.
+        sent: u32,
+        /// Packets asked for but no longer held.
+        missed: u32,
+    },
+}
+
+/// How the node runs its side of the link.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The stream description sent in the hello.
+    pub stream: StreamHello,
+    /// The node's key; `None` connects anonymously (accepted only by a relay that allows it).
+    pub identity: Option<SigningKey>,
+    /// Bounds of the encoder's bitrate, bit/s; `None` ignores the relay's requests.
+    pub bitrate_bounds: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeState {
+    AwaitingWelcome { deadline: Instant },
+    Established,
+    Closed,
+}
+
+/// The node's side of one link (one QUIC connection to a relay).
+#[derive(Debug)]
+pub struct NodeSide {
+    config: NodeConfig,
+    state: NodeState,
+    relay: String,
+    gate: PlayerGate,
+    decoder: ControlDecoder<RelayMessage>,
+    transmit: Vec<u8>,
+    datagrams: VecDeque<Vec<u8>>,
+    events: VecDeque<NodeEvent>,
+    sent: RetransmitCache,
+    /// `now` and the Unix time (seconds) at the same moment, so tokens' expiries are
+    /// checked against the wall clock without reading it here.
+    epoch: (Instant, u64),
+}
+
+impl NodeSide {
+    /// A link whose TLS exporter value is `exporter`; the hello is queued at once.
+    /// `unix_now` is the wall clock (Unix seconds) at `now`.
+    pub fn new(config: NodeConfig, gate: PlayerGate, exporter: &[u8], now: Instant, unix_now: u64) -> Self {
+        let auth = config.identity.as_ref().map(|key| HelloAuth {
+            public_key: key.verifying_key().to_bytes(),
+            signature: key.sign(&hello_signed_message(exporter, &config.stream)).to_bytes(),
+        });
+        let mut transmit = Vec::new();
+        NodeMessage::Hello(NodeHello { stream: config.stream.clone(), auth }).encode(&mut transmit);
+        Self {
+            config,
+            state: NodeState::AwaitingWelcome { deadline: now + HANDSHAKE_TIMEOUT },
+            relay: String::new(),
+            gate,
+            decoder: ControlDecoder::default(),
+            transmit,
+            datagrams: VecDeque::new(),
+            events: VecDeque::new(),
+            sent: RetransmitCache::new(RESEND_WINDOW, RESEND_PACKETS),
+            epoch: (now, unix_now),
+        }
+    }
+
+    /// Whether the relay admitted the node.
+    pub fn is_established(&self) -> bool {
+        self.state == NodeState::Established
+    }
+
+    /// The player gate (running session), for heartbeats; carried to the next link.
+    pub fn gate(&self) -> &PlayerGate {
+        &self.gate
+    }
+
+    /// The gate, for setting the indexer's key once the node registered.
+    pub fn gate_mut(&mut self) -> &mut PlayerGate {
+        &mut self.gate
+    }
+
+    /// Ends the link's session (the connection is gone) and hands back the gate for the
+    /// next link.
+    pub fn into_gate(mut self) -> (PlayerGate, Option<String>) {
+        let ended = self.gate.end(None);
+        (self.gate, ended)
+    }
+
+    /// Bytes read from the control stream.
+    pub fn handle_control(&mut self, now: Instant, bytes: &[u8]) -> Result<(), LinkError> {
+        if self.state == NodeState::Closed {
+            return Err(LinkError::Closed);
+        }
+        self.decoder.extend(bytes);
+        loop {
+            let msg = match self.decoder.next_message() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            self.on_message(now, msg)?;
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, msg: RelayMessage) -> Result<(), LinkError> {
+        if let RelayMessage::Goodbye(reason) = msg {
+            return Err(self.fail(LinkError::Goodbye(reason)));
+        }
+        if !self.is_established() {
+            return match msg {
+                RelayMessage::Welcome(relay) => {
+                    self.state = NodeState::Established;
+                    self.relay = relay.clone();
+                    self.events.push_back(NodeEvent::Established { relay });
+                    self.events.push_back(NodeEvent::KeyframeRequested);
+                    Ok(())
+                }
+                other => Err(self.fail(LinkError::NotWelcomed(relay_message_name(&other)))),
+            };
+        }
+        match msg {
+            RelayMessage::Welcome(_) => return Err(self.fail(LinkError::DuplicateHello)),
+            RelayMessage::KeyframeRequest => self.events.push_back(NodeEvent::KeyframeRequested),
+            RelayMessage::Input(bytes) => self.deliver_input(&bytes),
+            RelayMessage::SessionStart(token) => {
+                let unix = self.epoch.1 + now.saturating_duration_since(self.epoch.0).as_secs();
+                self.start_session(&token, unix);
+            }
+            RelayMessage::SessionEnd(session) => {
+                if let Some(ended) = self.gate.end(Some(&session)) {
+                    self.events.push_back(NodeEvent::SessionEnded(ended));
+                }
+            }
+            RelayMessage::Nack(seqs) => {
+                let (mut sent, mut missed) = (0, 0);
+                for seq in seqs {
+                    match self.sent.get(seq) {
+                        Some(rtp) => {
+                            let mut d = Vec::with_capacity(framing::DATAGRAM_HEADER_LEN + rtp.len());
+                            framing::encode_datagram(DatagramKind::VideoRtp, rtp, &mut d);
+                            self.datagrams.push_back(d);
+                            sent += 1;
+                        }
+                        None => missed += 1,
+                    }
+                }
+                self.events.push_back(NodeEvent::Resent { sent, missed });
+            }
+            RelayMessage::Bitrate(bps) => {
+                if let Some((min, max)) = self.config.bitrate_bounds {
+                    self.events.push_back(NodeEvent::Bitrate(u64::from(bps).clamp(min, max)));
+                }
+            }
+            RelayMessage::Goodbye(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Verifies a session token at `unix_now`, as a `SessionStart` from the relay does.
+    pub fn start_session(&mut self, token: &str, unix_now: u64) {
+        match self.gate.start(token, &self.relay, unix_now) {
+            Ok(id) => {
+                self.events.push_back(NodeEvent::SessionStarted(id));
+                self.events.push_back(NodeEvent::KeyframeRequested);
+            }
+            Err(e) => self.events.push_back(NodeEvent::SessionRefused(e)),
+        }
+    }
+
+    fn deliver_input(&mut self, bytes: &[u8]) {
+        if !self.gate.accepts_input() {
+            self.events.push_back(NodeEvent::InputRefused("no_session"));
+            return;
+        }
+        match InputMessage::decode(bytes) {
+            Ok(m) => self.events.push_back(NodeEvent::Input(m)),
+            Err(_) => self.events.push_back(NodeEvent::InputRefused("malformed")),
+        }
+    }
+
+    /// A datagram from the relay (supersedable input).
+    pub fn handle_datagram(&mut self, _now: Instant, datagram: &[u8]) {
+        match framing::decode_datagram(datagram) {
+            Ok((DatagramKind::Input, input)) if self.is_established() => self.deliver_input(input),
+            _ => self.events.push_back(NodeEvent::InputRefused("bad_datagram")),
+        }
+    }
+
+    /// Timer expiry: the relay must welcome the node in time.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
+        match self.state {
+            NodeState::AwaitingWelcome { deadline } if now >= deadline => {
+                Err(self.fail(LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// When [`Self::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            NodeState::AwaitingWelcome { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Frames one RTP packet as a datagram into `out` and remembers it for resends;
+    /// `capture` is the frame's capture time on its first packet. Refused before the
+    /// relay's welcome (the caller counts the drop).
+    pub fn send_rtp(
+        &mut self,
+        now: Instant,
+        rtp: &[u8],
+        capture: Option<SystemTime>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), LinkError> {
+        if !self.is_established() {
+            return Err(LinkError::NotEstablished);
+        }
+        if let Some([s0, s1]) = rtp.get(2..4).and_then(|s| <[u8; 2]>::try_from(s).ok()) {
+            self.sent.insert(now, u16::from_be_bytes([s0, s1]), rtp);
+        }
+        out.clear();
+        match capture {
+            Some(t) => framing::encode_captured_datagram(t, rtp, out),
+            None => framing::encode_datagram(DatagramKind::VideoRtp, rtp, out),
+        }
+        Ok(())
+    }
+
+    /// Queues a frame's latency facts.
+    pub fn send_frame_info(&mut self, info: FrameInfo) {
+        if self.is_established() {
+            NodeMessage::FrameInfo(info).encode(&mut self.transmit);
+        }
+    }
+
+    /// Closes the link on purpose, telling the relay why.
+    pub fn close(&mut self, reason: &str) {
+        if self.state != NodeState::Closed {
+            NodeMessage::Goodbye(reason.to_string()).encode(&mut self.transmit);
+            self.state = NodeState::Closed;
+        }
+    }
+
+    fn fail(&mut self, e: LinkError) -> LinkError {
+        self.state = NodeState::Closed;
+        e
+    }
+
+    /// Bytes to write to the control stream, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (!self.transmit.is_empty()).then(|| std::mem::take(&mut self.transmit))
+    }
+
+    /// A datagram to send (resends), if any.
+    pub fn poll_datagram(&mut self) -> Option<Vec<u8>> {
+        self.datagrams.pop_front()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+}
+
+fn relay_message_name(m: &RelayMessage) -> &'static str {
+    match m {
+        RelayMessage::Welcome(_) => "Welcome",
+        RelayMessage::KeyframeRequest => "KeyframeRequest",
+        RelayMessage::Goodbye(_) => "Goodbye",
+        RelayMessage::Input(_) => "Input",
+        RelayMessage::SessionStart(_) => "SessionStart",
+        RelayMessage::SessionEnd(_) => "SessionEnd",
+        RelayMessage::Nack(_) => "Nack",
+        RelayMessage::Bitrate(_) => "Bitrate",
+    }
+}
+
+/// What the node signs in its hello.
+pub fn hello_signed_message(exporter: &[u8], stream: &StreamHello) -> Vec<u8> {
+    let mut m = HELLO_CONTEXT.to_vec();
+    m.extend_from_slice(exporter);
+    m.extend_from_slice(&NodeHello::signed_body(stream));
+    m
+}
+
+/// What the relay's link tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayEvent {
+    /// A hello whose signature (if any) verified over this connection: the driver checks
+    /// the key against the pool and calls [`RelaySide::admit`] or [`RelaySide::refuse`].
+    Hello {
+        /// The stream's description (with the node id it claims).
+        stream: StreamHello,
+        /// The node's key, proven by the signature; `None` for an anonymous node.
+        key: Option<VerifyingKey>,
+    },
+    /// The node's latency facts about a frame.
+    FrameInfo(FrameInfo),
+}
+
+/// A media datagram accepted by the relay: the RTP packet is `datagram[rtp_offset..]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Media {
+    /// Where the RTP packet starts in the datagram.
+    pub rtp_offset: usize,
+    /// The frame's capture time (NTP), on the first packet of each frame.
+    pub capture_ntp: Option<u64>,
+    /// Whether it filled a gap the relay had asked for.
+    pub repaired: bool,
+}
+
+/// Why the relay dropped a datagram (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaDrop {
+    /// Before the node was admitted.
+    NotEstablished,
+    /// Already received.
+    Duplicate,
+    /// Not an RTP packet.
+    BadRtp,
+    /// Not a media datagram.
+    BadDatagram,
+}
+
+impl MediaDrop {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            MediaDrop::NotEstablished => "not_established",
+            MediaDrop::Duplicate => "duplicate",
+            MediaDrop::BadRtp => "bad_rtp",
+            MediaDrop::BadDatagram => "bad_datagram",
+        }
+    }
+}
+
+/// A message the relay sends to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToNode {
+    /// On the reliable control stream.
+    Control(RelayMessage),
+    /// As a datagram: supersedable input (mouse motion), unchanged.
+    InputDatagram(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayState {
+    AwaitingHello { deadline: Instant },
+    AwaitingAdmission { deadline: Instant },
+    Established,
+    Closed,
+}
+
+/// The relay's side of one link.
+#[derive(Debug)]
+pub struct RelaySide {
+    relay_id: String,
+    exporter: Vec<u8>,
+    state: RelayState,
+    decoder: ControlDecoder<NodeMessage>,
+    transmit: Vec<u8>,
+    datagrams: VecDeque<Vec<u8>>,
+    events: VecDeque<RelayEvent>,
+    repair: UpstreamRepair,
+    dropped_control: u64,
+}
+
+impl RelaySide {
+    /// A link for relay `relay_id` on a connection whose TLS exporter value is `exporter`.
+    pub fn new(relay_id: &str, exporter: &[u8], repair: RepairConfig, now: Instant) -> Self {
+        Self {
+            relay_id: relay_id.to_string(),
+            exporter: exporter.to_vec(),
+            state: RelayState::AwaitingHello { deadline: now + HANDSHAKE_TIMEOUT },
+            decoder: ControlDecoder::default(),
+            transmit: Vec::new(),
+            datagrams: VecDeque::new(),
+            events: VecDeque::new(),
+            repair: UpstreamRepair::new(repair),
+            dropped_control: 0,
+        }
+    }
+
+    /// Whether the node was admitted.
+    pub fn is_established(&self) -> bool {
+        self.state == RelayState::Established
+    }
+
+    /// Bytes read from the control stream. An error closes the link (the driver closes
+    /// the connection).
+    pub fn handle_control(&mut self, _now: Instant, bytes: &[u8]) -> Result<(), LinkError> {
+        if self.state == RelayState::Closed {
+            return Err(LinkError::Closed);
+        }
+        self.decoder.extend(bytes);
+        loop {
+            let msg = match self.decoder.next_message() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            match (self.state, msg) {
+                (_, NodeMessage::Goodbye(reason)) => return Err(self.fail(LinkError::Goodbye(reason))),
+                (RelayState::AwaitingHello { deadline }, NodeMessage::Hello(hello)) => {
+                    let key = match &hello.auth {
+                        None => None,
+                        Some(auth) => {
+                            let key = VerifyingKey::from_bytes(&auth.public_key)
+                                .map_err(|_| self.fail(LinkError::BadSignature))?;
+                            let signature = Signature::from_bytes(&auth.signature);
+                            key.verify(&hello_signed_message(&self.exporter, &hello.stream), &signature)
+                                .map_err(|_| self.fail(LinkError::BadSignature))?;
+                            Some(key)
+                        }
+                    };
+                    self.state = RelayState::AwaitingAdmission { deadline };
+                    self.events.push_back(RelayEvent::Hello { stream: hello.stream, key });
+                }
+                (RelayState::AwaitingHello { .. }, _) => return Err(self.fail(LinkError::HelloExpected)),
+                (_, NodeMessage::Hello(_)) => return Err(self.fail(LinkError::DuplicateHello)),
+                (RelayState::Established, NodeMessage::FrameInfo(info)) => {
+                    self.events.push_back(RelayEvent::FrameInfo(info));
+                }
+                // Frame info before admission is worth nothing to anyone.
+                (_, NodeMessage::FrameInfo(_)) => {}
+            }
+        }
+    }
+
+    /// Admits the node whose hello was reported: media is accepted and messages flow.
+    pub fn admit(&mut self, _now: Instant) {
+        if let RelayState::AwaitingAdmission { .. } = self.state {
+            self.state = RelayState::Established;
+            RelayMessage::Welcome(self.relay_id.clone()).encode(&mut self.transmit);
+        }
+    }
+
+    /// Refuses the node (unknown, mismatched or revoked key), telling it why; the driver
+    /// closes the connection once the goodbye is written.
+    pub fn refuse(&mut self, reason: &str) -> LinkError {
+        self.close(reason);
+        LinkError::Refused(reason.to_string())
+    }
+
+    /// Closes the link on purpose (shutdown, revocation), telling the node why.
+    pub fn close(&mut self, reason: &str) {
+        if self.state != RelayState::Closed {
+            RelayMessage::Goodbye(reason.to_string()).encode(&mut self.transmit);
+            self.state = RelayState::Closed;
+        }
+    }
+
+    fn fail(&mut self, e: LinkError) -> LinkError {
+        self.state = RelayState::Closed;
+        e
+    }
+
+    /// A datagram from the node: media is accepted only once admitted, checked as RTP,
+    /// and passed through upstream loss repair.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<Media, MediaDrop> {
+        if !self.is_established() {
+            return Err(MediaDrop::NotEstablished);
+        }
+        let (kind, capture_ntp, rtp) = framing::decode_media_datagram(datagram).map_err(|_| MediaDrop::BadDatagram)?;
+        if !matches!(kind, DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured) {
+            return Err(MediaDrop::BadDatagram);
+        }
+        let parsed = RtpPacket::parse(rtp).map_err(|_| MediaDrop::BadRtp)?;
+        let before = self.repair.stats().repaired;
+        if !self.repair.on_packet(parsed.header.sequence, now) {
+            return Err(MediaDrop::Duplicate);
+        }
+        Ok(Media {
+            rtp_offset: datagram.len() - rtp.len(),
+            capture_ntp,
+            repaired: self.repair.stats().repaired > before,
+        })
+    }
+
+    /// Queues a message for the node. Refused before admission: no token or input ever
+    /// reaches a node that has not proven who it is. Input is dropped (returns `false`)
+    /// while the control stream is backed up; session control is always queued.
+    pub fn send(&mut self, msg: ToNode) -> Result<bool, LinkError> {
+        if !self.is_established() {
+            return Err(LinkError::NotEstablished);
+        }
+        match msg {
+            ToNode::Control(RelayMessage::Input(_)) if self.transmit.len() >= MAX_QUEUED_CONTROL => {
+                self.dropped_control += 1;
+                Ok(false)
+            }
+            ToNode::Control(m) => {
+                m.encode(&mut self.transmit);
+                Ok(true)
+            }
+            ToNode::InputDatagram(input) => {
+                let mut d = Vec::with_capacity(framing::DATAGRAM_HEADER_LEN + input.len());
+                framing::encode_datagram(DatagramKind::Input, &input, &mut d);
+                self.datagrams.push_back(d);
+                Ok(true)
+            }
+        }
+    }
+
+    /// The node↔relay round-trip time, which spaces repair retries.
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.repair.set_rtt(rtt);
+    }
+
+    /// Upstream repair counters.
+    pub fn repair_stats(&self) -> RepairStats {
+        self.repair.stats()
+    }
+
+    /// Timer expiry: the handshake deadline, and lost packets to ask for again.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
+        match self.state {
+            RelayState::AwaitingHello { deadline } | RelayState::AwaitingAdmission { deadline } if now >= deadline => {
+                return Err(self.fail(LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT)));
+            }
+            RelayState::Established => {
+                let seqs = self.repair.poll_requests(now, framing::MAX_NACK_SEQS);
+                if !seqs.is_empty() {
+                    RelayMessage::Nack(seqs).encode(&mut self.transmit);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// When [`Self::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            RelayState::AwaitingHello { deadline } | RelayState::AwaitingAdmission { deadline } => Some(deadline),
+            RelayState::Established => self.repair.next_timeout(),
+            RelayState::Closed => None,
+        }
+    }
+
+    /// Bytes to write to the control stream, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (!self.transmit.is_empty()).then(|| std::mem::take(&mut self.transmit))
+    }
+
+    /// A datagram to send (input), if any.
+    pub fn poll_datagram(&mut self) -> Option<Vec<u8>> {
+        self.datagrams.pop_front()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.events.pop_front()
+    }
+
+    /// Input messages dropped because the control stream was backed up.
+    pub fn dropped_control(&self) -> u64 {
+        self.dropped_control
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Claims;
+
+    fn stream(node: &str) -> StreamHello {
+        StreamHello {
+            width: 1280,
+            height: 720,
+            fps: 60,
+            profile_level_id: 0x42e01f,
+            encoder: "libx264".into(),
+            node: node.into(),
+        }
+    }
+
+    fn rtp(seq: u16) -> Vec<u8> {
+        let mut p = vec![0x80, 108];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(u32::from(seq) * 1500).to_be_bytes());
+        p.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        p.extend_from_slice(&[0x41, 0x9a]);
+        p
+    }
+
+    /// Carries every queued control byte and datagram from one side to the other.
+    fn pump(node: &mut NodeSide, relay: &mut RelaySide, now: Instant) -> (Result<(), LinkError>, Result<(), LinkError>) {
+        let mut n = Ok(());
+        let mut r = Ok(());
+        for _ in 0..4 {
+            if let Some(bytes) = node.poll_transmit() {
+                r = r.and(relay.handle_control(now, &bytes));
+            }
+            if let Some(bytes) = relay.poll_transmit() {
+                n = n.and(node.handle_control(now, &bytes));
+            }
+            while let Some(d) = relay.poll_datagram() {
+                node.handle_datagram(now, &d);
+            }
+        }
+        (n, r)
+    }
+
+    fn config(node: &str, key: Option<SigningKey>) -> NodeConfig {
+        NodeConfig { stream: stream(node), identity: key, bitrate_bounds: Some((500_000, 6_000_000)) }
+    }
+
+    fn hello_key(relay: &mut RelaySide) -> Option<VerifyingKey> {
+        match relay.poll_event() {
+            Some(RelayEvent::Hello { key, .. }) => key,
+            other => panic!("expected a hello, got {other:?}"),
+        }
+    }
+
+    fn drain(node: &mut NodeSide) -> Vec<NodeEvent> {
+        std::iter::from_fn(|| node.poll_event()).collect()
+    }
+
+    #[test]
+    fn a_signed_hello_is_verified_and_media_flows_after_one_round_trip() {
+        let t0 = Instant::now();
+        let exporter = [5u8; EXPORTER_LEN];
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let mut node = NodeSide::new(config("node-a", Some(key.clone())), PlayerGate::pooled("node-a"), &exporter, t0, 1_500);
+        let mut relay = RelaySide::new("relay-1", &exporter, RepairConfig::default(), t0);
+        let mut out = Vec::new();
+        assert_eq!(node.send_rtp(t0, &rtp(1), None, &mut out), Err(LinkError::NotEstablished));
+        let (n, r) = pump(&mut node, &mut relay, t0);
+        assert_eq!((n, r), (Ok(()), Ok(())));
+        assert_eq!(hello_key(&mut relay), Some(key.verifying_key()));
+        assert!(!relay.is_established(), "the driver decides");
+        assert_eq!(relay.send(ToNode::Control(RelayMessage::SessionStart("t".into()))), Err(LinkError::NotEstablished));
+        relay.admit(t0);
+        let _ = pump(&mut node, &mut relay, t0);
+        assert_eq!(
+            drain(&mut node),
+            vec![NodeEvent::Established { relay: "relay-1".into() }, NodeEvent::KeyframeRequested]
+        );
+        node.send_rtp(t0, &rtp(1), None, &mut out).unwrap();
+        let media = relay.handle_datagram(t0, &out).unwrap();
+        assert_eq!(&out[media.rtp_offset..], &rtp(1)[..]);
+    }
+
+    #[test]
+    fn a_hello_signed_for_another_connection_is_refused() {
+        let t0 = Instant::now();
+        let key = SigningKey::from_bytes(&[3; 32]);
+        // An impostor replays a hello it saw on another connection (other exporter value).
+        let mut node = NodeSide::new(config("node-a", Some(key)), PlayerGate::open(), &[1; EXPORTER_LEN], t0, 1_500);
+        let mut relay = RelaySide::new("relay-1", &[2; EXPORTER_LEN], RepairConfig::default(), t0);
+        let (_, r) = pump(&mut node, &mut relay, t0);
+        assert_eq!(r, Err(LinkError::BadSignature));
+        assert!(relay.poll_event().is_none());
+        assert_eq!(relay.send(ToNode::Control(RelayMessage::Input(vec![1]))), Err(LinkError::NotEstablished));
+        assert_eq!(relay.handle_datagram(t0, &[1, 1, 0x80, 0, 0, 1]), Err(MediaDrop::NotEstablished));
+    }
+
+    #[test]
+    fn a_tampered_stream_description_breaks_the_signature() {
+        let t0 = Instant::now();
+        let exporter = [9u8; EXPORTER_LEN];
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let auth = HelloAuth {
+            public_key: key.verifying_key().to_bytes(),
+            signature: key.sign(&hello_signed_message(&exporter, &stream("node-a"))).to_bytes(),
+        };
+        let mut wire = Vec::new();
+        NodeMessage::Hello(NodeHello { stream: stream("node-b"), auth: Some(auth) }).encode(&mut wire);
+        let mut relay = RelaySide::new("relay-1", &exporter, RepairConfig::default(), t0);
+        assert_eq!(relay.handle_control(t0, &wire), Err(LinkError::BadSignature));
+    }
+
+    #[test]
+    fn the_first_message_must_be_a_hello_within_the_deadline() {
+        let t0 = Instant::now();
+        let mut relay = RelaySide::new("relay-1", &[0; 32], RepairConfig::default(), t0);
+        let mut wire = Vec::new();
+        NodeMessage::FrameInfo(FrameInfo { rtp_timestamp: 0, input_seq: 0, render_us: 0, encode_us: 0, node_us: 0 })
+            .encode(&mut wire);
+        assert_eq!(relay.handle_control(t0, &wire), Err(LinkError::HelloExpected));
+
+        let mut silent = RelaySide::new("relay-1", &[0; 32], RepairConfig::default(), t0);
+        assert_eq!(silent.poll_timeout(), Some(t0 + HANDSHAKE_TIMEOUT));
+        assert!(silent.handle_timeout(t0 + Duration::from_secs(1)).is_ok());
+        assert_eq!(silent.handle_timeout(t0 + HANDSHAKE_TIMEOUT), Err(LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT)));
+
+        // A hello that is never admitted times out too.
+        let mut node = NodeSide::new(config("", None), PlayerGate::open(), &[0; 32], t0, 1_500);
+        let mut pending = RelaySide::new("relay-1", &[0; 32], RepairConfig::default(), t0);
+        let _ = pump(&mut node, &mut pending, t0);
+        assert_eq!(hello_key(&mut pending), None, "anonymous");
+        assert!(pending.handle_timeout(t0 + HANDSHAKE_TIMEOUT).is_err());
+        assert!(node.handle_timeout(t0 + HANDSHAKE_TIMEOUT).is_err(), "the node gives up too");
+    }
+
+    #[test]
+    fn a_refused_node_is_told_why_and_gets_nothing_else() {
+        let t0 = Instant::now();
+        let mut node = NodeSide::new(config("node-a", None), PlayerGate::open(), &[0; 32], t0, 1_500);
+        let mut relay = RelaySide::new("relay-1", &[0; 32], RepairConfig::default(), t0);
+        let _ = pump(&mut node, &mut relay, t0);
+        let _ = hello_key(&mut relay);
+        assert_eq!(relay.refuse("unknown node"), LinkError::Refused("unknown node".into()));
+        assert_eq!(relay.send(ToNode::Control(RelayMessage::KeyframeRequest)), Err(LinkError::NotEstablished));
+        let (n, _) = pump(&mut node, &mut relay, t0);
+        assert_eq!(n, Err(LinkError::Goodbye("unknown node".into())));
+        assert!(!node.is_established());
+    }
+
+    #[test]
+    fn the_node_refuses_anything_but_a_welcome_first() {
+        let t0 = Instant::now();
+        let mut node = NodeSide::new(config("node-a", None), PlayerGate::open(), &[0; 32], t0, 1_500);
+        let mut wire = Vec::new();
+        RelayMessage::SessionStart("token".into()).encode(&mut wire);
+        assert_eq!(node.handle_control(t0, &wire), Err(LinkError::NotWelcomed("SessionStart")));
+    }
+
+    fn established(gate: PlayerGate) -> (NodeSide, RelaySide, Instant) {
+        let t0 = Instant::now();
+        let mut node = NodeSide::new(config("node-a", None), gate, &[0; 32], t0, 1_500);
+        let mut relay = RelaySide::new("relay-1", &[0; 32], RepairConfig::default(), t0);
+        let _ = pump(&mut node, &mut relay, t0);
+        let _ = hello_key(&mut relay);
+        relay.admit(t0);
+        let _ = pump(&mut node, &mut relay, t0);
+        let _ = drain(&mut node);
+        (node, relay, t0)
+    }
+
+    fn token(key: &SigningKey, session: u8, node: &str, relay: &str, role: Role) -> String {
+        Claims {
+            session: [session; 16],
+            role,
+            issued_at: 1_000,
+            expires_at: 2_000,
+            title: "demo".into(),
+            node: node.into(),
+            relay: relay.into(),
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    #[test]
+    fn the_node_takes_input_only_inside_a_session_it_verified_for_itself_and_this_relay() {
+        let indexer = SigningKey::from_bytes(&[1; 32]);
+        let mut gate = PlayerGate::pooled("node-a");
+        gate.set_key(indexer.verifying_key());
+        let (mut node, mut relay, t0) = established(gate);
+        let mut key_input = Vec::new();
+        InputMessage { seq: 1, time_ms: 0, event: crate::input::InputEvent::KeyDown { key: 1, modifiers: 0 } }
+            .encode(&mut key_input);
+        relay.send(ToNode::Control(RelayMessage::Input(key_input.clone()))).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        assert_eq!(drain(&mut node), vec![NodeEvent::InputRefused("no_session")]);
+
+        for (text, why) in [
+            (token(&SigningKey::from_bytes(&[2; 32]), 1, "node-a", "relay-1", Role::Player), "forged"),
+            (token(&indexer, 1, "node-b", "relay-1", Role::Player), "another node's"),
+            (token(&indexer, 1, "node-a", "relay-2", Role::Player), "another relay's"),
+            (token(&indexer, 1, "node-a", "relay-1", Role::Spectator), "spectator"),
+        ] {
+            node.start_session(&text, 1_500);
+            assert!(matches!(drain(&mut node)[..], [NodeEvent::SessionRefused(_)]), "{why} token accepted");
+            assert!(!node.gate().accepts_input());
+        }
+        node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
+        let session = "01".repeat(16);
+        assert_eq!(drain(&mut node), vec![NodeEvent::SessionStarted(session.clone()), NodeEvent::KeyframeRequested]);
+        relay.send(ToNode::InputDatagram(key_input.clone())).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        relay.send(ToNode::Control(RelayMessage::SessionEnd(session.clone()))).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        let events = drain(&mut node);
+        assert!(matches!(events[0], NodeEvent::Input(_)), "{events:?}");
+        assert_eq!(events[1], NodeEvent::SessionEnded(session.clone()));
+        // The relay cannot start the ended session again with the same token.
+        node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
+        assert_eq!(drain(&mut node), vec![NodeEvent::SessionRefused(GateError::Ended(session.clone()))]);
+        // Nor after a reconnect: the gate carries over.
+        let (gate, _) = node.into_gate();
+        let mut again = NodeSide::new(config("node-a", None), gate, &[0; 32], t0, 1_500);
+        again.relay = "relay-1".into();
+        again.state = NodeState::Established;
+        again.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
+        assert_eq!(drain(&mut again), vec![NodeEvent::SessionRefused(GateError::Ended(session))]);
+    }
+
+    #[test]
+    fn nacks_are_answered_from_the_cache_and_bitrate_is_clamped() {
+        let (mut node, mut relay, t0) = established(PlayerGate::open());
+        let mut out = Vec::new();
+        for seq in [10u16, 11, 13] {
+            node.send_rtp(t0, &rtp(seq), None, &mut out).unwrap();
+            if seq != 11 {
+                relay.handle_datagram(t0, &out).unwrap();
+            }
+        }
+        // 11 was lost on the way, 12 was never sent at all (the cache restarted at 13).
+        relay.handle_timeout(t0 + Duration::from_millis(5)).unwrap();
+        let nack = relay.poll_transmit().unwrap();
+        node.handle_control(t0, &nack).unwrap();
+        assert_eq!(drain(&mut node), vec![NodeEvent::Resent { sent: 0, missed: 2 }]);
+        relay.send(ToNode::Control(RelayMessage::Bitrate(100))).unwrap();
+        relay.send(ToNode::Control(RelayMessage::Bitrate(u32::MAX))).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        assert_eq!(drain(&mut node), vec![NodeEvent::Bitrate(500_000), NodeEvent::Bitrate(6_000_000)]);
+    }
+
+    #[test]
+    fn a_node_that_does_not_read_cannot_grow_the_relays_queue_with_input() {
+        let (_node, mut relay, _) = established(PlayerGate::open());
+        let input = vec![0u8; 64];
+        let mut refused = 0;
+        for _ in 0..20_000 {
+            if !relay.send(ToNode::Control(RelayMessage::Input(input.clone()))).unwrap() {
+                refused += 1;
+            }
+        }
+        assert!(refused > 0 && relay.dropped_control() == refused);
+        assert!(relay.transmit.len() < MAX_QUEUED_CONTROL + 128);
+        assert!(relay.send(ToNode::Control(RelayMessage::SessionEnd("ab".into()))).unwrap(), "control still goes");
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic_either_side() {
+        let t0 = Instant::now();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..600usize {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let mut relay = RelaySide::new("r", &[0; 32], RepairConfig::default(), t0);
+            let _ = relay.handle_control(t0, &bytes);
+            let _ = relay.handle_datagram(t0, &bytes);
+            let (mut node, mut relay, _) = established(PlayerGate::pooled("n"));
+            let _ = relay.handle_datagram(t0, &bytes);
+            let _ = relay.handle_control(t0, &bytes);
+            let _ = node.handle_control(t0, &bytes);
+            node.handle_datagram(t0, &bytes);
+        }
+    }
+}
