@@ -250,6 +250,18 @@ async fn admission(
     }
 }
 
+/// Writes the last control bytes (a goodbye) and waits, briefly, for the node to have
+/// them: closing the connection at once would discard them, and the node would not learn
+/// why it was refused.
+async fn say_goodbye(send: &mut quinn::SendStream, pending: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let _ = send.write_all(pending).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    })
+    .await;
+}
+
 async fn serve_node(
     node: u64,
     conn: &quinn::Connection,
@@ -374,9 +386,8 @@ async fn serve_node(
                     if let Err(why) = admission(shared, conn, &hello, key).await {
                         metrics.nodes_refused.inc();
                         let e = link.refuse(&why);
-                        if let Some(bytes) = link.poll_transmit() {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), send.write_all(&bytes)).await;
-                        }
+                        pending.extend(link.poll_transmit().unwrap_or_default());
+                        say_goodbye(&mut send, &pending).await;
                         close(&e);
                         return Err(anyhow!("refused node {:?}: {why}", hello.node));
                     }
@@ -422,9 +433,7 @@ async fn serve_node(
             if matches!(e, LinkError::BadSignature) {
                 metrics.nodes_refused.inc();
             }
-            // Say goodbye (bounded in time), then close.
-            let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&pending)).await;
-            let _ = send.finish();
+            say_goodbye(&mut send, &pending).await;
             close(&e);
             return match e {
                 LinkError::Goodbye(reason) => {

@@ -22,6 +22,18 @@ async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_
     b.client.goto(&format!("http://{indexer}/")).await.unwrap();
     b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
     b.eval("document.querySelector('a.play[data-title=demo]').click(); return true;").await;
+    // Either the catalog says why it could not start, or the play page comes up.
+    let first = b
+        .wait_for(
+            "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
+             : (window.pylon ? { ok: true } : null)",
+            Duration::from_secs(30),
+        )
+        .await;
+    if !first["error"].is_null() {
+        let nodes = http_get(indexer, "/api/v1/nodes").await;
+        panic!("the catalog could not start a game: {first}; nodes: {nodes}");
+    }
     let played = b
         .wait_for(
             "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \

@@ -443,10 +443,16 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query("UPDATE nodes SET seats = seats - 1 WHERE seats > 0 AND id = (SELECT node FROM sessions WHERE id = $1)")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        // The seat is free at once; so is the node's own count, which its next heartbeat
+        // confirms (a stale heartbeat must not keep the node looking full).
+        sqlx::query(
+            "UPDATE nodes SET seats = CASE WHEN seats > 0 THEN seats - 1 ELSE 0 END, \
+             sessions = CASE WHEN sessions > 0 THEN sessions - 1 ELSE 0 END \
+             WHERE id = (SELECT node FROM sessions WHERE id = $1)",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }

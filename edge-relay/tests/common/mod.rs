@@ -367,9 +367,13 @@ impl Browser {
                 return v;
             }
             if Instant::now() > deadline {
-                let state =
-                    self.eval("return JSON.stringify(window.pylon && {state: pylon.state, stats: pylon.stats})").await;
-                panic!("timed out waiting for `{script}`; player state: {state}");
+                let state = self
+                    .eval(
+                        "return JSON.stringify({page: location.href, player: window.pylon && {state: pylon.state, \
+                         error: pylon.error, stats: pylon.stats}, text: document.body && document.body.innerText.slice(0, 300)})",
+                    )
+                    .await;
+                panic!("timed out waiting for `{script}`; page and player state: {state}");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
