@@ -12,8 +12,8 @@ use crate::pool::{Admission, Pool};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Packets taken from one node's queue per turn before the next node's: each node gets
@@ -159,7 +159,6 @@ fn dispatch(core: &mut Core, nodes: &HashMap<u64, NodeQueue>, pool: Option<&Pool
             pool.session_ended(&session, "player left");
         }
     }
-
 }
 
 /// One admitted node, as the egress task holds it.

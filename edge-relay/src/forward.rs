@@ -29,8 +29,8 @@ use crate::metrics::{DropReason, RelayMetrics, StreamCounters, StreamLabel};
 use crate::pool::Admission;
 use crate::rate::RateController;
 use pylon_proto::framing::{FrameInfo, RelayMessage, StreamHello};
-pub use pylon_proto::link::ToNode;
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
+pub use pylon_proto::link::ToNode;
 use pylon_proto::rtp::RtpPacket;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -373,11 +373,8 @@ impl Core {
         });
         let player = wants_player && !seat_taken;
         let watching = admitted.as_ref().map(|(a, _)| a.session.clone());
-        let session_viewers = self
-            .viewers
-            .iter()
-            .filter(|v| v.rtc.is_alive() && watching.is_some() && v.watching == watching)
-            .count();
+        let session_viewers =
+            self.viewers.iter().filter(|v| v.rtc.is_alive() && watching.is_some() && v.watching == watching).count();
         let result = if self.viewers.len() >= MAX_VIEWERS {
             Err(format!("this relay is full ({MAX_VIEWERS} viewers)"))
         } else if session_viewers >= MAX_VIEWERS_PER_SESSION {

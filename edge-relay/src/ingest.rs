@@ -227,7 +227,7 @@ async fn admission(
     shared: &Shared,
     conn: &quinn::Connection,
     stream: &StreamHello,
-    key: Option<ed25519_dalek::VerifyingKey>,
+    key: Option<Box<ed25519_dalek::VerifyingKey>>,
 ) -> Result<(), String> {
     match &shared.pool {
         Some(pool) => {
@@ -426,8 +426,10 @@ async fn serve_node(
             }
         }
         if let Err(e) = result {
-            if matches!(e, LinkError::Framing(_) | LinkError::HelloExpected | LinkError::DuplicateHello | LinkError::BadSignature)
-            {
+            if matches!(
+                e,
+                LinkError::Framing(_) | LinkError::HelloExpected | LinkError::DuplicateHello | LinkError::BadSignature
+            ) {
                 metrics.bad_control_messages.inc();
             }
             if matches!(e, LinkError::BadSignature) {

@@ -101,8 +101,11 @@ pub async fn run(
     let (ingest_tx, ingest_rx) = mpsc::channel(64);
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let (viewer_tx, viewer_rx) = mpsc::channel(64);
-    let anonymous =
-        if config.allow_anonymous_nodes { ingest::AnonymousNodes::Allowed } else { ingest::AnonymousNodes::LoopbackOnly };
+    let anonymous = if config.allow_anonymous_nodes {
+        ingest::AnonymousNodes::Allowed
+    } else {
+        ingest::AnonymousNodes::LoopbackOnly
+    };
     let mut tasks = pylon_runtime::tasks::CoreTasks::new();
     tasks.spawn(
         "egress",

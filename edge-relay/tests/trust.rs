@@ -242,13 +242,23 @@ fn cpu_seconds(pid: u32) -> f64 {
 async fn a_hostile_quic_peer_costs_the_relay_a_bounded_amount() {
     // The relay as its own process, so its memory and CPU are its own.
     let dir = temp_dir("flood");
-    let mut child = KillOnDrop(std::process::Command::new(env!("CARGO_BIN_EXE_pylon-relay"))
-        .args(["--http-addr", "127.0.0.1:0", "--webrtc-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap());
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pylon-relay"))
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--webrtc-addr",
+                "127.0.0.1:0",
+                "--quic-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let pid = child.0.id();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.0.stderr.take().unwrap()));
     let line = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("relay listening"))).unwrap().unwrap();
@@ -349,7 +359,9 @@ async fn a_signalling_socket_that_never_starts_a_session_is_closed_on_time() {
     }
     let took = started.elapsed();
     assert!(closed, "the half-open socket was never closed");
-    assert!(took >= pylon_relay::http::OFFER_DEADLINE && took < pylon_relay::http::OFFER_DEADLINE + Duration::from_secs(5));
+    assert!(
+        took >= pylon_relay::http::OFFER_DEADLINE && took < pylon_relay::http::OFFER_DEADLINE + Duration::from_secs(5)
+    );
     let text = relay_metrics(relay.http_addr).await;
     assert_eq!(metric(&text, "pylon_relay_signalling_timeouts_total"), 1.0, "{text}");
     let _ = stop.send(true);

@@ -11,8 +11,8 @@
 //! address and per title. Errors are JSON `{"error": "…"}`; a client's mistake is a 4xx,
 //! an internal failure a 500 whose detail is only logged.
 
-use crate::selector::{self, MatchRequest, NodeCandidate, NodeState, RelayCandidate};
 use crate::limit::{KeyedLimiter, Rate};
+use crate::selector::{self, MatchRequest, NodeCandidate, NodeState, RelayCandidate};
 use crate::store::{Member, NodeFlag, NodeRecord, RelayRecord, SessionRecord, Store, StoreError, Title, Usage};
 use axum::Json;
 use axum::Router;
@@ -358,16 +358,19 @@ fn fresh(ts: i64) -> bool {
     unix_now().checked_sub(ts).is_some_and(|d| d.unsigned_abs() <= MAX_SKEW_SECS as u64)
 }
 
+/// The parts of a request its signature covers.
+#[derive(Clone, Copy)]
+struct SignedRequest<'a> {
+    method: &'a Method,
+    path: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+}
+
 /// Verifies a request signed by `public_key` (its time window and signature; the nonce is
 /// checked against the record by the caller). Returns the nonce.
-fn verify_signed(
-    state: &AppState,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-    public_key: &str,
-) -> ApiResult<i64> {
+fn verify_signed(state: &AppState, req: SignedRequest<'_>, public_key: &str) -> ApiResult<i64> {
+    let SignedRequest { method, path, headers, body } = req;
     let refuse = |msg: &str| {
         state.metrics.refused_requests.inc();
         ApiError::unauthorized(msg)
@@ -388,13 +391,10 @@ async fn check_signature(
     state: &AppState,
     member: Member,
     id: &str,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    body: &[u8],
+    req: SignedRequest<'_>,
     public_key: &str,
 ) -> ApiResult<()> {
-    let nonce = verify_signed(state, method, path, headers, body, public_key)?;
+    let nonce = verify_signed(state, req, public_key)?;
     if !state.store.bump_nonce(member, id, nonce).await? {
         state.metrics.refused_requests.inc();
         return Err(ApiError::unauthorized("replayed request: its nonce is not newer than the last one"));
@@ -488,7 +488,8 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
         return Err(ApiError::bad("a node needs an id of 1-64 bytes, a capacity and a non-negative price"));
     }
     // Proof of possession: the registration is signed by the key it registers.
-    let nonce = verify_signed(&s, &Method::POST, "/api/v1/nodes", &headers, &body, &r.public_key)?;
+    let req = SignedRequest { method: &Method::POST, path: "/api/v1/nodes", headers: &headers, body: &body };
+    let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.node(&r.id).await? {
         if old.public_key != r.public_key {
             s.metrics.refused_requests.inc();
@@ -538,7 +539,8 @@ async fn signed_node(
     body: &[u8],
 ) -> ApiResult<NodeRecord> {
     let node = s.store.node(id).await?.ok_or_else(|| ApiError::not_found("node"))?;
-    check_signature(s, Member::Node, id, &method, path, headers, body, &node.public_key).await?;
+    let req = SignedRequest { method: &method, path, headers, body };
+    check_signature(s, Member::Node, id, req, &node.public_key).await?;
     if node.revoked {
         s.metrics.refused_requests.inc();
         return Err(ApiError::forbidden("this node is revoked"));
@@ -640,7 +642,8 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
     if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.public_url.starts_with("http") {
         return Err(ApiError::bad("a relay needs an id of 1-64 bytes, a capacity and an http(s) public_url"));
     }
-    let nonce = verify_signed(&s, &Method::POST, "/api/v1/relays", &headers, &body, &r.public_key)?;
+    let req = SignedRequest { method: &Method::POST, path: "/api/v1/relays", headers: &headers, body: &body };
+    let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.relay(&r.id).await? {
         if old.public_key != r.public_key {
             s.metrics.refused_requests.inc();
@@ -682,7 +685,8 @@ async fn relay_heartbeat(
 ) -> ApiResult<Json<RelayHeartbeatReply>> {
     let relay = s.store.relay(&id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
     let path = format!("/api/v1/relays/{id}/heartbeat");
-    check_signature(&s, Member::Relay, &id, &Method::POST, &path, &headers, &body, &relay.public_key).await?;
+    let req = SignedRequest { method: &Method::POST, path: &path, headers: &headers, body: &body };
+    check_signature(&s, Member::Relay, &id, req, &relay.public_key).await?;
     if relay.revoked {
         return Err(ApiError::forbidden("this relay is revoked"));
     }

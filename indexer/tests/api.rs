@@ -292,15 +292,18 @@ async fn sessions_a_node_does_not_run_stop_being_metered() {
     let now = unix_now();
     for (id, age) in [("old-running", 600), ("old-gone", 600), ("fresh", 5)] {
         s.store
-            .start_session(&pylon_indexer::store::SessionRecord {
-                id: id.into(),
-                title: "demo".into(),
-                node: "node-a".into(),
-                provider: "alice".into(),
-                relay: "relay-1".into(),
-                gpu_class: 3,
-                started_at: now - age,
-            }, 10)
+            .start_session(
+                &pylon_indexer::store::SessionRecord {
+                    id: id.into(),
+                    title: "demo".into(),
+                    node: "node-a".into(),
+                    provider: "alice".into(),
+                    relay: "relay-1".into(),
+                    gpu_class: 3,
+                    started_at: now - age,
+                },
+                10,
+            )
             .await
             .unwrap();
     }
@@ -334,14 +337,23 @@ async fn registration_proves_the_key_and_only_its_holder_changes_the_record() {
     assert_eq!((nodes[0]["provider"].as_str(), nodes[0]["price_per_hour"].as_f64()), (Some("alice"), Some(1.0)));
     // Anyone may look up a node's key (relays do, to check a connecting node).
     let (status, info) = call(&s, get("/api/v1/nodes/node-a")).await;
-    assert_eq!((status, info["public_key"].as_str(), info["state"].as_str()), (StatusCode::OK, Some(pk(&key).as_str()), Some("ready")));
+    assert_eq!(
+        (status, info["public_key"].as_str(), info["state"].as_str()),
+        (StatusCode::OK, Some(pk(&key).as_str()), Some("ready"))
+    );
 
     // Draining and revocation survive re-registration by the holder itself.
     assert_eq!(call(&s, signed("/api/v1/nodes/node-a/drain", &json!({}), &key)).await.0, StatusCode::NO_CONTENT);
     add_node(&s, "node-a", "alice", 1.0, &key).await;
     assert_eq!(call(&s, get("/api/v1/nodes")).await.1[0]["state"], "draining", "re-registering reset draining");
-    assert_eq!(call(&s, admin(Request::post("/api/v1/nodes/node-a/revoke").body(Body::empty()).unwrap())).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(call(&s, signed("/api/v1/nodes", &node_body("node-a", "alice", 1.0, &key), &key)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        call(&s, admin(Request::post("/api/v1/nodes/node-a/revoke").body(Body::empty()).unwrap())).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&s, signed("/api/v1/nodes", &node_body("node-a", "alice", 1.0, &key), &key)).await.0,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(call(&s, get("/api/v1/nodes/node-a")).await.1["state"], "revoked");
     // Relays likewise.
     let relay = SigningKey::from_bytes(&[3; 32]);

@@ -399,7 +399,7 @@ impl WireMessage for RelayMessage {
             6 => RelayMessage::SessionStart(text(body, MAX_TOKEN, "SessionStart")?),
             7 => RelayMessage::SessionEnd(text(body, MAX_SESSION_ID, "SessionEnd")?),
             8 => {
-                if body.len() % 2 != 0 || body.len() / 2 > MAX_NACK_SEQS {
+                if !body.len().is_multiple_of(2) || body.len() / 2 > MAX_NACK_SEQS {
                     return Err(FramingError::Malformed("Nack"));
                 }
                 RelayMessage::Nack(
@@ -460,7 +460,14 @@ mod tests {
     use super::*;
 
     fn stream(encoder: &str, node: &str) -> StreamHello {
-        StreamHello { width: 1280, height: 720, fps: 60, profile_level_id: 0x42e01f, encoder: encoder.into(), node: node.into() }
+        StreamHello {
+            width: 1280,
+            height: 720,
+            fps: 60,
+            profile_level_id: 0x42e01f,
+            encoder: encoder.into(),
+            node: node.into(),
+        }
     }
 
     fn feed<M: WireMessage + std::fmt::Debug>(wire: &[u8]) -> Vec<M> {
@@ -521,7 +528,13 @@ mod tests {
                 auth: Some(HelloAuth { public_key: [7; 32], signature: [9; 64] }),
             }),
             NodeMessage::Goodbye("bye ✓".into()),
-            NodeMessage::FrameInfo(FrameInfo { rtp_timestamp: 9, input_seq: 8, render_us: 7, encode_us: 6, node_us: 5 }),
+            NodeMessage::FrameInfo(FrameInfo {
+                rtp_timestamp: 9,
+                input_seq: 8,
+                render_us: 7,
+                encode_us: 6,
+                node_us: 5,
+            }),
         ];
         let mut wire = Vec::new();
         from_node.iter().for_each(|m| m.encode(&mut wire));

@@ -505,7 +505,7 @@ pub enum RelayEvent {
         /// The stream's description (with the node id it claims).
         stream: StreamHello,
         /// The node's key, proven by the signature; `None` for an anonymous node.
-        key: Option<VerifyingKey>,
+        key: Option<Box<VerifyingKey>>,
     },
     /// The node's latency facts about a frame.
     FrameInfo(FrameInfo),
@@ -623,7 +623,7 @@ impl RelaySide {
                             let signature = Signature::from_bytes(&auth.signature);
                             key.verify(&hello_signed_message(&self.exporter, &hello.stream), &signature)
                                 .map_err(|_| self.fail(LinkError::BadSignature))?;
-                            Some(key)
+                            Some(Box::new(key))
                         }
                     };
                     self.state = RelayState::AwaitingAdmission { deadline };
@@ -798,7 +798,11 @@ mod tests {
     }
 
     /// Carries every queued control byte and datagram from one side to the other.
-    fn pump(node: &mut NodeSide, relay: &mut RelaySide, now: Instant) -> (Result<(), LinkError>, Result<(), LinkError>) {
+    fn pump(
+        node: &mut NodeSide,
+        relay: &mut RelaySide,
+        now: Instant,
+    ) -> (Result<(), LinkError>, Result<(), LinkError>) {
         let mut n = Ok(());
         let mut r = Ok(());
         for _ in 0..4 {
@@ -821,7 +825,7 @@ mod tests {
 
     fn hello_key(relay: &mut RelaySide) -> Option<VerifyingKey> {
         match relay.poll_event() {
-            Some(RelayEvent::Hello { key, .. }) => key,
+            Some(RelayEvent::Hello { key, .. }) => key.map(|k| *k),
             other => panic!("expected a hello, got {other:?}"),
         }
     }
@@ -835,7 +839,8 @@ mod tests {
         let t0 = Instant::now();
         let exporter = [5u8; EXPORTER_LEN];
         let key = SigningKey::from_bytes(&[3; 32]);
-        let mut node = NodeSide::new(config("node-a", Some(key.clone())), PlayerGate::pooled("node-a"), &exporter, t0, 1_500);
+        let mut node =
+            NodeSide::new(config("node-a", Some(key.clone())), PlayerGate::pooled("node-a"), &exporter, t0, 1_500);
         let mut relay = RelaySide::new("relay-1", &exporter, RepairConfig::default(), t0);
         let mut out = Vec::new();
         assert_eq!(node.send_rtp(t0, &rtp(1), None, &mut out), Err(LinkError::NotEstablished));

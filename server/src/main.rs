@@ -171,8 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase()
                 )
             });
-            let client =
-                pylon_indexer_client::Client::new(url, key.clone()).context("creating the indexer client")?;
+            let client = pylon_indexer_client::Client::new(url, key.clone()).context("creating the indexer client")?;
             Some((client, id, key))
         }
         None => None,

@@ -181,7 +181,13 @@ pub async fn run(
         metrics.relay_connects.inc();
         metrics.relay_connected.set(1);
         tracing::info!("connected to the relay; waiting for its welcome");
-        let link = Link { keyframe: &keyframe, inputs: &inputs, gate: &gate, metrics: &metrics, bitrate: config.bitrate.as_ref() };
+        let link = Link {
+            keyframe: &keyframe,
+            inputs: &inputs,
+            gate: &gate,
+            metrics: &metrics,
+            bitrate: config.bitrate.as_ref(),
+        };
         let result = serve_connection(&conn, &mut node, &mut packets, &link, &mut shutdown).await;
         // The relay's viewers are gone with the connection: so is the session.
         let (carried, ended) = node.into_gate();

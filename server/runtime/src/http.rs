@@ -93,11 +93,12 @@ fn take_place(table: &Arc<Mutex<Connections>>, address: IpAddr, limits: &HttpLim
 
 /// Applies the request-level limits (timeout, body size) to `app`.
 pub fn guard(app: Router, limits: &HttpLimits) -> Router {
-    app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+    app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body)).layer(
+        tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
-        ))
+        ),
+    )
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` turns true.
