@@ -141,10 +141,14 @@ impl Pool {
                 let Some(client) = &self.client else { return NodeCheck::Unknown };
                 match client.node(node).await {
                     Ok(Some(record)) => {
-                        self.lock().node_keys.insert(
-                            node.to_string(),
-                            (record.public_key.clone(), record.state.clone(), std::time::Instant::now()),
-                        );
+                        // A node awaiting approval is asked about again next time, so it is
+                        // admitted as soon as the operator approves it.
+                        if record.state != "pending" {
+                            self.lock().node_keys.insert(
+                                node.to_string(),
+                                (record.public_key.clone(), record.state.clone(), std::time::Instant::now()),
+                            );
+                        }
                         (record.public_key, record.state)
                     }
                     Ok(None) => return NodeCheck::Unknown,

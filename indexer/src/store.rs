@@ -168,10 +168,12 @@ impl Store {
 
     /// Adds or replaces a title.
     pub async fn put_title(&self, t: &Title) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM titles WHERE id = $1").bind(&t.id).execute(&self.pool).await?;
+        // One statement: a reader never sees the title missing while it is replaced.
         sqlx::query(
             "INSERT INTO titles (id, name, description, launch, min_gpu_class, width, height, fps) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+             description = excluded.description, launch = excluded.launch, min_gpu_class = excluded.min_gpu_class, \
+             width = excluded.width, height = excluded.height, fps = excluded.fps",
         )
         .bind(&t.id)
         .bind(&t.name)
