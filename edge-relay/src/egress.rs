@@ -6,19 +6,22 @@
 //! control channels), and feeds it node packets, viewer datagrams, offers and timers.
 
 use crate::forward::{Core, Sink};
-use crate::ingest::{IngestEvent, NodeControl, NodeMedia};
+use crate::ingest::{IngestEvent, NodeControl, NodeMedia, ReadyList};
 use crate::metrics::{DropReason, RelayMetrics};
 use crate::pool::{Admission, Pool};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// Packets taken from one node's queue per turn before the next node's: each node gets
-/// its fair share of the egress task, however fast another one sends.
+/// Packets taken from one node's queue per turn before the next ready node's: each node
+/// gets its fair share of the egress task, however fast another one sends.
 const INGEST_BATCH: usize = 64;
+/// Ready nodes served per wake-up before the viewers are drained.
+const READY_BATCH: usize = 16;
 /// Kernel UDP buffer size for the viewer socket.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -165,15 +168,17 @@ fn dispatch(core: &mut Core, nodes: &HashMap<u64, NodeQueue>, pool: Option<&Pool
 struct NodeQueue {
     control: NodeControl,
     media: mpsc::Receiver<NodeMedia>,
+    scheduled: Arc<AtomicBool>,
 }
 
-/// Runs the egress loop until shutdown. `wake` is notified when a node queues media.
+/// Runs the egress loop until shutdown. Nodes with media waiting arrive on `ready`
+/// (`relist` puts a node back when its turn did not empty its queue).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     socket: tokio::net::UdpSocket,
     advertise: SocketAddr,
     mut ingest: mpsc::Receiver<IngestEvent>,
-    wake: Arc<Notify>,
+    (relist, mut ready): (ReadyList, mpsc::UnboundedReceiver<u64>),
     mut commands: mpsc::Receiver<ViewerCommand>,
     metrics: RelayMetrics,
     pool: Option<Pool>,
@@ -217,8 +222,8 @@ pub async fn run(
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
                 match ev {
-                    IngestEvent::StreamStarted { node, hello, control, media } => {
-                        nodes.insert(node, NodeQueue { control, media });
+                    IngestEvent::StreamStarted { node, hello, control, media, scheduled } => {
+                        nodes.insert(node, NodeQueue { control, media, scheduled });
                         core.stream_started(Instant::now(), node, hello);
                     }
                     IngestEvent::StreamEnded { node } => {
@@ -227,22 +232,35 @@ pub async fn run(
                     }
                 }
             }
-            _ = wake.notified() => {
-                // A frame arrives as a burst of packets: take what each node queued (a
-                // bounded turn each, round robin), then drain each viewer once — one pass
-                // over str0m's output per burst rather than per packet.
-                let mut more = true;
-                while more {
-                    more = false;
-                    for (node, queue) in &mut nodes {
+            Some(first) = ready.recv() => {
+                // A frame arrives as a burst of packets: take a bounded turn from each ready
+                // node (round robin: one that still has packets goes to the back of the
+                // list), then drain each viewer once — one pass over str0m's output per
+                // burst rather than per packet.
+                let mut next = Some(first);
+                for _ in 0..READY_BATCH {
+                    let Some(node) = next.take() else { break };
+                    if let Some(queue) = nodes.get_mut(&node) {
+                        // Cleared before taking, so a packet queued meanwhile lists it again.
+                        queue.scheduled.store(false, Ordering::Release);
                         for _ in 0..INGEST_BATCH {
                             let Ok(m) = queue.media.try_recv() else { break };
-                            handle_media(*node, m, &mut core, &mut sink);
-                            more = true;
+                            handle_media(node, m, &mut core, &mut sink);
+                        }
+                        if !queue.media.is_empty() {
+                            relist.schedule(node, &queue.scheduled);
                         }
                     }
-                    core.flush(Instant::now(), &mut sink);
+                    next = ready.try_recv().ok();
                 }
+                if let Some(node) = next {
+                    // Its turn comes after this flush.
+                    if let Some(queue) = nodes.get(&node) {
+                        queue.scheduled.store(false, Ordering::Release);
+                        relist.schedule(node, &queue.scheduled);
+                    }
+                }
+                core.flush(Instant::now(), &mut sink);
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };

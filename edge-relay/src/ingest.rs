@@ -21,14 +21,16 @@ use pylon_proto::link::{self, LinkError, MediaDrop, RelayEvent, RelaySide, ToNod
 use pylon_proto::repair::RepairConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Kernel UDP buffer size for ingest: keyframes arrive as bursts of datagrams.
 pub const SOCKET_BUFFER: usize = 8 << 20;
-/// Datagrams quinn buffers per connection before dropping: a few keyframes' worth.
-pub const DATAGRAM_BUFFER: usize = 2 << 20;
+/// Datagrams quinn buffers per connection before dropping: bursts of keyframes while the
+/// connection's task is busy (as much as the kernel's socket buffer holds).
+pub const DATAGRAM_BUFFER: usize = SOCKET_BUFFER;
 /// Flow-control window of the control stream: control messages are small.
 pub const STREAM_WINDOW: u32 = 64 * 1024;
 /// Flow-control window of a whole connection (stream data; datagrams have their own).
@@ -88,12 +90,38 @@ pub enum IngestEvent {
         control: NodeControl,
         /// This node's packets and frame info.
         media: mpsc::Receiver<NodeMedia>,
+        /// Whether the node's id is on the ready list (see [`ReadyList`]).
+        scheduled: Arc<AtomicBool>,
     },
     /// The node's connection ended.
     StreamEnded {
         /// Connection id.
         node: u64,
     },
+}
+
+/// Nodes with media waiting for the egress task, each listed once: a node's id goes on the
+/// list when its queue goes from idle to holding packets, and the egress task takes a
+/// bounded turn from each listed node in order (round robin) — one wake-up per burst, and
+/// a node that floods gets its turn, not the others'.
+#[derive(Debug, Clone)]
+pub struct ReadyList {
+    tx: mpsc::UnboundedSender<u64>,
+}
+
+impl ReadyList {
+    /// A list and the egress task's end of it.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<u64>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// Lists `node` unless it is listed already (its length is bounded by the nodes).
+    pub fn schedule(&self, node: u64, scheduled: &AtomicBool) {
+        if !scheduled.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send(node);
+        }
+    }
 }
 
 /// Who the relay admits when it has no indexer to ask.
@@ -145,19 +173,19 @@ pub fn endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<quinn::
 #[derive(Clone)]
 struct Shared {
     events: mpsc::Sender<IngestEvent>,
-    wake: Arc<Notify>,
+    ready: ReadyList,
     metrics: RelayMetrics,
     pool: Option<Pool>,
     anonymous: AnonymousNodes,
     relay_id: String,
 }
 
-/// Accepts node connections until shutdown. `wake` is notified whenever a node queues
-/// media for the egress task.
+/// Accepts node connections until shutdown. A node that queues media for the egress task
+/// is put on `ready`.
 pub async fn run(
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<IngestEvent>,
-    wake: Arc<Notify>,
+    ready: ReadyList,
     metrics: RelayMetrics,
     pool: Option<Pool>,
     anonymous: AnonymousNodes,
@@ -165,7 +193,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
     let relay_id = pool.as_ref().map_or_else(String::new, |p| p.id().to_string());
-    let shared = Shared { events, wake, metrics, pool, anonymous, relay_id };
+    let shared = Shared { events, ready, metrics, pool, anonymous, relay_id };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -284,6 +312,7 @@ async fn serve_node(
     let (input_tx, mut input_rx) = mpsc::channel::<ToNode>(256);
     let control = NodeControl { session: session_tx, input: input_tx };
     let mut media_tx: Option<mpsc::Sender<NodeMedia>> = None;
+    let scheduled = Arc::new(AtomicBool::new(false));
     let mut stream: Option<crate::metrics::StreamCounters> = None;
     let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -314,7 +343,7 @@ async fn serve_node(
                         let queued = media_tx.as_ref().is_some_and(|tx| {
                             tx.try_send(NodeMedia::Rtp { packet, arrival, capture_ntp: media.capture_ntp }).is_ok()
                         });
-                        if queued { shared.wake.notify_one(); } else { metrics.dropped("egress_queue_full"); }
+                        if queued { shared.ready.schedule(node, &scheduled); } else { metrics.dropped("egress_queue_full"); }
                     }
                     Err(MediaDrop::Duplicate) => metrics.dropped("duplicate"),
                     Err(reason) => metrics.dropped(reason.label()),
@@ -402,14 +431,20 @@ async fn serve_node(
                     media_tx = Some(tx);
                     shared
                         .events
-                        .send(IngestEvent::StreamStarted { node, hello, control: control.clone(), media: rx })
+                        .send(IngestEvent::StreamStarted {
+                            node,
+                            hello,
+                            control: control.clone(),
+                            media: rx,
+                            scheduled: scheduled.clone(),
+                        })
                         .await
                         .map_err(|_| anyhow!("egress task gone"))?;
                     guard.started = true;
                 }
                 RelayEvent::FrameInfo(info) => {
                     if media_tx.as_ref().is_some_and(|tx| tx.try_send(NodeMedia::FrameInfo(info)).is_ok()) {
-                        shared.wake.notify_one();
+                        shared.ready.schedule(node, &scheduled);
                     }
                 }
             }

@@ -99,7 +99,7 @@ pub async fn run(
     };
     let pool = membership.as_ref().map(|(pool, _)| pool.clone());
     let (ingest_tx, ingest_rx) = mpsc::channel(64);
-    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (ready, ready_rx) = ingest::ReadyList::new();
     let (viewer_tx, viewer_rx) = mpsc::channel(64);
     let anonymous = if config.allow_anonymous_nodes {
         ingest::AnonymousNodes::Allowed
@@ -109,9 +109,18 @@ pub async fn run(
     let mut tasks = pylon_runtime::tasks::CoreTasks::new();
     tasks.spawn(
         "egress",
-        egress::run(udp, advertise, ingest_rx, wake.clone(), viewer_rx, metrics.clone(), pool.clone(), stop.clone()),
+        egress::run(
+            udp,
+            advertise,
+            ingest_rx,
+            (ready.clone(), ready_rx),
+            viewer_rx,
+            metrics.clone(),
+            pool.clone(),
+            stop.clone(),
+        ),
     );
-    tasks.spawn("ingest", ingest::run(quic, ingest_tx, wake, metrics.clone(), pool.clone(), anonymous, stop.clone()));
+    tasks.spawn("ingest", ingest::run(quic, ingest_tx, ready, metrics.clone(), pool.clone(), anonymous, stop.clone()));
     let app = http::router(http::AppState {
         viewers: viewer_tx,
         metrics: metrics.clone(),
