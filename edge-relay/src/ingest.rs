@@ -315,6 +315,7 @@ async fn serve_node(
     let scheduled = Arc::new(AtomicBool::new(false));
     let mut stream: Option<crate::metrics::StreamCounters> = None;
     let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut counted = link.repair_stats();
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let close = |link_err: &LinkError| {
         let code: u32 = match link_err {
@@ -368,16 +369,7 @@ async fn serve_node(
                 pending.drain(..n);
                 Ok(())
             }
-            _ = tokio::time::sleep_until(timeout) => {
-                let given_up = link.repair_stats().given_up;
-                let asked = link.repair_stats().requested;
-                let r = link.handle_timeout(Instant::now());
-                metrics.upstream_given_up.inc_by(link.repair_stats().given_up - given_up);
-                let asked = link.repair_stats().requested - asked;
-                metrics.upstream_nacks.inc_by(asked);
-                if let Some(s) = &stream { s.upstream_nacks.inc_by(asked); }
-                r
-            }
+            _ = tokio::time::sleep_until(timeout) => link.handle_timeout(Instant::now()),
             _ = pool_tick.tick() => {
                 link.set_rtt(conn.rtt());
                 match &shared.pool {
@@ -398,6 +390,16 @@ async fn serve_node(
                 Err(LinkError::Goodbye("relay shutting down".into()))
             }
         };
+        // Upstream repair's work since the last event (requests on timers; gaps given up on
+        // timers and when a jump overflows the repair map).
+        let stats = link.repair_stats();
+        metrics.upstream_given_up.inc_by(stats.given_up - counted.given_up);
+        let asked = stats.requested - counted.requested;
+        metrics.upstream_nacks.inc_by(asked);
+        if let Some(s) = &stream {
+            s.upstream_nacks.inc_by(asked);
+        }
+        counted = stats;
         // Carry out what the link decided.
         while let Some(event) = link.poll_event() {
             match event {

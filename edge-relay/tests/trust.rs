@@ -352,7 +352,9 @@ async fn a_hostile_quic_peer_costs_the_relay_a_bounded_amount() {
          CPU {cpu:.2} s, upstream losses given up {given_up}",
         sent * 1114 / 1_000_000
     );
-    assert!(rss_after.saturating_sub(rss_before) < 48 * 1024, "RSS grew {rss_before} → {rss_after} KiB");
+    // Bounded: the datagram buffer (8 MiB), the node's queue to egress and the repair map;
+    // quinn's defaults with 100 streams would let one peer buffer ~250 MB.
+    assert!(rss_after.saturating_sub(rss_before) < 64 * 1024, "RSS grew {rss_before} → {rss_after} KiB");
     assert!(given_up > 0.0, "the jumps were not bounded: {text}");
     // SIGTERM: a clean exit.
     let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
