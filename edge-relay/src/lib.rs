@@ -183,6 +183,4 @@ fn join_pool(
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
+pub use pylon_runtime::stopped;

@@ -367,23 +367,36 @@ struct SignedRequest<'a> {
     body: &'a [u8],
 }
 
+/// Whether `req` is signed by `key` within the time window: its nonce, or why not.
+fn signed_by(req: SignedRequest<'_>, key: &VerifyingKey) -> Result<i64, &'static str> {
+    let SignedRequest { method, path, headers, body } = req;
+    let signed = signed_headers(headers)
+        .ok_or("a signed request needs x-pylon-timestamp, x-pylon-nonce and x-pylon-signature")?;
+    if !fresh(signed.timestamp) {
+        return Err("request timestamp too far from the indexer's clock");
+    }
+    key.verify(&signed_message(method.as_str(), path, signed.timestamp, signed.nonce, body), &signed.signature)
+        .map_err(|_| "bad request signature")?;
+    Ok(signed.nonce)
+}
+
 /// Verifies a request signed by `public_key` (its time window and signature; the nonce is
 /// checked against the record by the caller). Returns the nonce.
 fn verify_signed(state: &AppState, req: SignedRequest<'_>, public_key: &str) -> ApiResult<i64> {
-    let SignedRequest { method, path, headers, body } = req;
-    let refuse = |msg: &str| {
-        state.metrics.refused_requests.inc();
-        ApiError::unauthorized(msg)
-    };
-    let signed = signed_headers(headers)
-        .ok_or_else(|| refuse("a signed request needs x-pylon-timestamp, x-pylon-nonce and x-pylon-signature"))?;
-    if !fresh(signed.timestamp) {
-        return Err(refuse("request timestamp too far from the indexer's clock"));
-    }
     let key = decode_key(public_key)?;
-    key.verify(&signed_message(method.as_str(), path, signed.timestamp, signed.nonce, body), &signed.signature)
-        .map_err(|_| refuse("bad request signature"))?;
-    Ok(signed.nonce)
+    signed_by(req, &key).map_err(|why| {
+        state.metrics.refused_requests.inc();
+        ApiError::unauthorized(why)
+    })
+}
+
+/// Spends `nonce` for member `id`: a replay (not newer than the last) is refused.
+async fn spend_nonce(state: &AppState, member: Member, id: &str, nonce: i64) -> ApiResult<()> {
+    if !state.store.bump_nonce(member, id, nonce).await? {
+        state.metrics.refused_requests.inc();
+        return Err(ApiError::unauthorized("replayed request: its nonce is not newer than the last one"));
+    }
+    Ok(())
 }
 
 /// Verifies a request signed by the holder of member `id`'s key and spends its nonce.
@@ -395,11 +408,7 @@ async fn check_signature(
     public_key: &str,
 ) -> ApiResult<()> {
     let nonce = verify_signed(state, req, public_key)?;
-    if !state.store.bump_nonce(member, id, nonce).await? {
-        state.metrics.refused_requests.inc();
-        return Err(ApiError::unauthorized("replayed request: its nonce is not newer than the last one"));
-    }
-    Ok(())
+    spend_nonce(state, member, id, nonce).await
 }
 
 fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
@@ -462,6 +471,11 @@ pub struct NodeStatus {
     pub node: NodeRecord,
     /// `ready`, `draining`, `gone` or `revoked`.
     pub state: String,
+}
+
+/// Whether a relay may be offered to players: approved, not revoked, heard from recently.
+fn relay_healthy(r: &RelayRecord, now: i64) -> bool {
+    !r.revoked && r.approved && now.saturating_sub(r.last_heartbeat) <= HEARTBEAT_TIMEOUT_SECS
 }
 
 fn node_state(n: &NodeRecord, now: i64) -> &'static str {
@@ -741,12 +755,7 @@ async fn candidates(State(s): State<AppState>, Path(_title): Path<String>) -> Ap
     Ok(Json(
         relays
             .into_iter()
-            .filter(|r| {
-                !r.revoked
-                    && r.approved
-                    && now.saturating_sub(r.last_heartbeat) <= HEARTBEAT_TIMEOUT_SECS
-                    && r.viewers < r.capacity
-            })
+            .filter(|r| relay_healthy(r, now) && r.viewers < r.capacity)
             .map(|r| Candidate { relay: r.id, url: r.public_url, region: r.region })
             .collect(),
     ))
@@ -804,7 +813,7 @@ async fn create_session(
         .iter()
         .map(|r| RelayCandidate {
             id: r.id.clone(),
-            healthy: !r.revoked && r.approved && now.saturating_sub(r.last_heartbeat) <= HEARTBEAT_TIMEOUT_SECS,
+            healthy: relay_healthy(r, now),
             capacity: r.capacity.max(0) as u32,
             viewers: r.viewers.max(0) as u32,
             node_rtt_ms: r.node_rtt_ms.clone(),
@@ -945,29 +954,18 @@ async fn end_session(
         let path = format!("/api/v1/sessions/{id}/end");
         let relay_key = s.store.relay(&relay).await?.map(|r| r.public_key);
         let node_key = s.store.node(&node).await?.map(|n| n.public_key);
+        let req = SignedRequest { method: &Method::POST, path: &path, headers: &headers, body: &body };
         let signer = [(Member::Relay, relay.as_str(), relay_key), (Member::Node, node.as_str(), node_key)]
             .into_iter()
             .find_map(|(member, id, key)| {
-                let key = key?;
-                let signed = signed_headers(&headers)?;
-                let ok = fresh(signed.timestamp)
-                    && decode_key(&key).is_ok_and(|k| {
-                        k.verify(
-                            &signed_message("POST", &path, signed.timestamp, signed.nonce, &body),
-                            &signed.signature,
-                        )
-                        .is_ok()
-                    });
-                ok.then_some((member, id.to_string(), signed.nonce))
+                let nonce = signed_by(req, &decode_key(&key?).ok()?).ok()?;
+                Some((member, id.to_string(), nonce))
             });
         let Some((member, signer_id, nonce)) = signer else {
             s.metrics.refused_requests.inc();
             return Err(ApiError::unauthorized("only the session's relay or node (signed) or an admin may end it"));
         };
-        if !s.store.bump_nonce(member, &signer_id, nonce).await? {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::unauthorized("replayed request: its nonce is not newer than the last one"));
-        }
+        spend_nonce(&s, member, &signer_id, nonce).await?;
     }
     let req: EndSession = if body.is_empty() { EndSession::default() } else { json(&body)? };
     let reason = if req.reason.is_empty() { "ended".to_string() } else { req.reason.chars().take(128).collect() };

@@ -296,9 +296,6 @@ async fn flush(
     conn: &quinn::Connection,
     link: &Link<'_>,
 ) -> anyhow::Result<()> {
-    if let Some(k) = link.gate.key() {
-        node.gate_mut().set_key(k);
-    }
     while let Some(event) = node.poll_event() {
         link.on_event(event);
     }
@@ -352,6 +349,11 @@ async fn serve_connection(
             }
             read = recv.read(&mut read_buf) => {
                 let n = read.context("reading the control stream")?.ok_or_else(|| anyhow!("the relay closed the control stream"))?;
+                // Session tokens arrive here: verify them with the indexer's key, which
+                // the membership task learns at registration (not copied per packet).
+                if let Some(k) = link.gate.key() {
+                    node.gate_mut().set_key(k);
+                }
                 if let Err(e) = node.handle_control(Instant::now(), read_buf.get(..n).unwrap_or_default()) {
                     if matches!(e, LinkError::Framing(_)) {
                         metrics.bad_control_messages.inc();
