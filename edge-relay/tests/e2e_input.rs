@@ -154,11 +154,29 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
             y = target.1
         )
     };
+    // Held until the ship is seen near the finger, sampled often: the ship accelerates
+    // towards the finger and may orbit it, so where it ends after the release (momentum,
+    // screen wrap) says nothing; how close it came while the finger was down does.
     b.eval(&touch("touchstart")).await;
-    let _ = ship_moved_from(&b, start, 60.0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut closest = start;
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let now = ship(&b).await;
+        seen.push(now);
+        if dist(now, target) < dist(closest, target) {
+            closest = now;
+        }
+        if dist(closest, target) < 150.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
     b.eval(&touch("touchend")).await;
-    let end = settled_ship(&b).await;
-    assert!(dist(end, target) < dist(start, target) - 40.0, "touch steers towards the finger: {start:?} → {end:?}");
+    assert!(
+        dist(closest, target) < dist(start, target) - 40.0 && dist(closest, target) < 150.0,
+        "touch steers towards the finger {target:?}: from {start:?}, seen {seen:?}"
+    );
 
     // Click-to-photon samples were measured for the presses.
     let latency =
