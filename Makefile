@@ -58,11 +58,13 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# The indexer's tests run on SQLite and, through deploy/ci-postgres.sh, on PostgreSQL too.
+# The indexer's tests run on SQLite and, through deploy/ci-postgres.sh, on PostgreSQL too;
+# its API contract test uses schemathesis from deploy/python-tools.sh.
 test: build
 	@url=$$(bash deploy/ci-postgres.sh) || { echo "could not start PostgreSQL for the indexer tests"; exit 1; }; \
 	echo "PostgreSQL for the indexer tests: $$url"; \
-	PYLON_TEST_POSTGRES="$$url" cargo test --workspace --all-targets
+	tools=$$(bash deploy/python-tools.sh) || { echo "could not install the Python test tools"; exit 1; }; \
+	PYLON_TEST_POSTGRES="$$url" PYLON_PYTHON_TOOLS="$$tools" cargo test --workspace --all-targets
 	@$(MAKE) --no-print-directory lint
 
 bench: deps

@@ -22,6 +22,20 @@ async function api(path, init) {
   return body;
 }
 
+/** Every title: the catalog pages (`next_cursor`) through at most 1000 per request. */
+async function allTitles() {
+  const titles = [];
+  let cursor = null;
+  do {
+    const query = new URLSearchParams({ limit: '1000' });
+    if (cursor) query.set('cursor', cursor);
+    const page = await api(`/titles?${query}`);
+    titles.push(...page.items);
+    cursor = page.next_cursor;
+  } while (cursor);
+  return titles;
+}
+
 /** Measures the RTT to one relay: the best of a few `/ping`s, or null if it never answers. */
 async function probe(url, deadline) {
   let best = null;
@@ -113,7 +127,7 @@ function render(titles) {
 
 async function main() {
   try {
-    state.titles = await api('/titles');
+    state.titles = await allTitles();
     render(state.titles);
     if (state.titles.length === 0) matchEl.textContent = 'No games are deployed yet.';
   } catch (e) {

@@ -35,11 +35,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 pub use pylon_indexer_client::api::{
-    Candidate, CreateSession, EndSession, NodeHeartbeat, NodeKeyInfo, PublicKey, RegisterNode, RegisterRelay,
-    RelayHeartbeat, RelayHeartbeatReply, SessionCreated,
+    Candidate, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat, NodeKeyInfo, PublicKey, RegisterNode,
+    RegisterRelay, RelayHeartbeat, RelayHeartbeatReply, SessionCreated, SessionRole, valid_id,
 };
 pub use pylon_indexer_client::signed_message;
 
@@ -54,6 +54,8 @@ pub const TOKEN_LIFETIME_SECS: u64 = 120;
 pub const PLAYER_JOIN_GRACE_SECS: i64 = 20;
 /// A session whose player (or relay) the relay has not reported for this long is ended.
 pub const PLAYER_GONE_SECS: i64 = 15;
+/// `Retry-After` when no node or relay can take a session now.
+pub const NO_CAPACITY_RETRY_SECS: u64 = 5;
 /// Keys remembered by each rate limiter at most.
 const LIMITER_KEYS: usize = 100_000;
 
@@ -105,43 +107,59 @@ pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// An API error: status and a message for the client (and, for 429/503, when to retry).
+/// An API error: its status and [`ErrorBody`] (for 429 and 503 also `Retry-After`).
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String, Option<u64>);
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
 
 impl ApiError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        Self(status, msg.into(), None)
+    fn new(status: StatusCode, reason: ErrorReason, msg: impl Into<String>) -> Self {
+        Self { status, body: ErrorBody { error: msg.into(), reason, retry_after_secs: None } }
     }
-    fn bad(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, msg)
+    fn malformed(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorReason::Malformed, msg)
     }
-    fn unauthorized(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, msg)
+    fn invalid(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorReason::Invalid, msg)
     }
-    fn forbidden(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, msg)
+    fn unauthorized(reason: ErrorReason, msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, reason, msg)
+    }
+    fn revoked(what: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, ErrorReason::Revoked, format!("this {what} is revoked"))
     }
     fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+        Self::new(StatusCode::NOT_FOUND, ErrorReason::NotFound, format!("{what} not found"))
+    }
+    fn retry_later(status: StatusCode, reason: ErrorReason, msg: impl Into<String>, secs: u64) -> Self {
+        let mut e = Self::new(status, reason, msg);
+        e.body.retry_after_secs = Some(secs);
+        e
     }
     fn too_many(what: &str, wait: std::time::Duration) -> Self {
         let secs = wait.as_secs().max(1);
-        Self(StatusCode::TOO_MANY_REQUESTS, format!("too many {what}: try again in {secs} s"), Some(secs))
+        let msg = format!("too many {what}: try again in {secs} s");
+        Self::retry_later(StatusCode::TOO_MANY_REQUESTS, ErrorReason::RateLimited, msg, secs)
+    }
+    fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorReason::Internal, "internal error")
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!("{e}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        Self::internal()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response();
-        if let Some(secs) = self.2
+        let retry = self.body.retry_after_secs;
+        let mut res = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = retry
             && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
         {
             res.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
@@ -257,6 +275,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/api/v1/public-key", get(public_key))
         .route("/api/v1/titles", get(list_titles).post(put_title))
+        .route("/api/v1/titles/{id}", get(get_title).delete(delete_title))
         .route("/api/v1/nodes", get(list_nodes).post(register_node))
         .route("/api/v1/nodes/{id}", get(node_info))
         .route("/api/v1/nodes/{id}/approve", post(approve_node))
@@ -264,6 +283,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes/{id}/heartbeat", post(node_heartbeat))
         .route("/api/v1/nodes/{id}/drain", post(drain_node))
         .route("/api/v1/nodes/{id}/revoke", post(revoke_node))
+        .route("/api/v1/relays/{id}/revoke", post(revoke_relay))
         .route("/api/v1/relays", get(list_relays).post(register_relay))
         .route("/api/v1/relays/{id}/heartbeat", post(relay_heartbeat))
         .route("/api/v1/candidates/{title}", get(candidates))
@@ -271,22 +291,38 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sessions/{id}/end", post(end_session))
         .route("/api/v1/sessions/{id}/spectate", post(spectate))
         .route("/api/v1/usage", get(usage))
-        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route("/metrics", get(metrics))
         .merge(crate::web::router())
         .with_state(state)
 }
 
-/// The OpenAPI document.
+/// The OpenAPI document (OpenAPI 3.1), served at `/api/v1/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Pylon indexer",
-        description = "The pool of render nodes and relays, the catalog, matching and session tokens."
+        description = "The pool of render nodes and relays, the catalog, matching and session tokens.\n\n\
+            **Authentication.** Administrative calls carry the operator's token (`admin`: \
+            `Authorization: Bearer <token>`). Render nodes and relays sign every request with the \
+            ed25519 key they registered (`pylon_signature` + `pylon_timestamp` + `pylon_nonce`, all \
+            three together): the signature, base64, is over \
+            `\"{METHOD} {PATH}\\n{timestamp}\\n{nonce}\\n{body}\"`; the timestamp is Unix seconds \
+            within 60 s of the indexer's clock; the nonce must be larger than any nonce that key \
+            signed before (a replay is refused). Registration is signed by the key it registers. \
+            Players are anonymous here and rate-limited per address; the session token the indexer \
+            returns (`SessionCreated.token`) is presented to the relay, not to this API.\n\n\
+            **Errors** are `ErrorBody` with a machine-readable `reason`; 429 and 503 carry \
+            `Retry-After` (seconds).\n\n\
+            **Listings** page: `limit` (1–1000, default 100) and `cursor` (the previous page's \
+            `next_cursor`; absent on the last page)."
     ),
+    modifiers(&SecuritySchemes),
     paths(
         public_key,
         list_titles,
         put_title,
+        get_title,
+        delete_title,
         list_nodes,
         register_node,
         node_info,
@@ -295,6 +331,7 @@ pub fn router(state: AppState) -> Router {
         node_heartbeat,
         drain_node,
         revoke_node,
+        revoke_relay,
         list_relays,
         register_relay,
         relay_heartbeat,
@@ -314,25 +351,212 @@ pub fn router(state: AppState) -> Router {
         RegisterRelay,
         RelayHeartbeat,
         NodeStatus,
+        RelayStatus,
+        MemberState,
+        TitlePage,
+        NodePage,
+        RelayPage,
+        UsagePage,
         CreateSession,
+        SessionRole,
         SessionCreated,
         Candidate,
         PublicKey,
         RelayHeartbeatReply,
         EndSession,
-        NodeKeyInfo
+        NodeKeyInfo,
+        ErrorBody,
+        ErrorReason
     ))
 )]
 pub struct ApiDoc;
 
-fn json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request: {e}")))
+/// The security schemes the operations name.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The operator's admin token (PYLON_ADMIN_TOKEN or --admin-token-file)."))
+                    .build(),
+            ),
+        );
+        let header =
+            |name: &str, what: &str| SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(name, what)));
+        components.add_security_scheme(
+            "pylon_signature",
+            header(
+                "x-pylon-signature",
+                "Base64 ed25519 signature, by the caller's registered key, over \
+                 \"{METHOD} {PATH}\\n{x-pylon-timestamp}\\n{x-pylon-nonce}\\n{body}\".",
+            ),
+        );
+        components.add_security_scheme(
+            "pylon_timestamp",
+            header("x-pylon-timestamp", "Unix seconds; refused when more than 60 s from the indexer's clock."),
+        );
+        components.add_security_scheme(
+            "pylon_nonce",
+            header("x-pylon-nonce", "A number larger than any nonce this key signed before; a replay is refused."),
+        );
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("malformed request: {e}")))?;
+    if has_nul(&value) {
+        // PostgreSQL cannot store it, and no name or id needs it.
+        return Err(ApiError::invalid("text may not contain NUL characters"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::malformed(format!("malformed request: {e}")))
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn decode_key(b64: &str) -> ApiResult<VerifyingKey> {
-    let bytes = STANDARD.decode(b64).map_err(|_| ApiError::bad("public_key is not base64"))?;
-    let arr: [u8; 32] = bytes.try_into().map_err(|_| ApiError::bad("public_key must be 32 bytes"))?;
-    VerifyingKey::from_bytes(&arr).map_err(|_| ApiError::bad("public_key is not an ed25519 key"))
+    let bytes = STANDARD.decode(b64).map_err(|_| ApiError::invalid("public_key is not base64"))?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| ApiError::invalid("public_key must be 32 bytes"))?;
+    VerifyingKey::from_bytes(&arr).map_err(|_| ApiError::invalid("public_key is not an ed25519 key"))
+}
+
+/// A listing's query parameters, parsed; a bad one is a 400 [`ErrorBody`] like every
+/// other error (not axum's plain-text rejection).
+pub struct ListQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for ListQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ListQuery(q.0))
+            .map_err(|e| ApiError::malformed(format!("bad query: {}", e.body_text())))
+    }
+}
+
+/// Items per page when the caller does not say.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Most items per page.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Paging of a listing.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
+/// The nodes listing's paging and filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NodeQuery {
+    /// Items per page (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Only nodes in this state.
+    pub state: Option<MemberState>,
+    /// Only nodes in this region.
+    pub region: Option<String>,
+    /// Only nodes that have this title installed.
+    pub title: Option<String>,
+}
+
+/// The relays listing's paging and filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RelayQuery {
+    /// Items per page (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Only relays in this state.
+    pub state: Option<MemberState>,
+    /// Only relays in this region.
+    pub region: Option<String>,
+}
+
+/// The page size `limit` asks for, or why it is refused.
+fn page_size(limit: Option<u32>) -> ApiResult<usize> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok(n as usize),
+        _ => Err(ApiError::invalid(format!("limit must be 1-{MAX_PAGE}"))),
+    }
+}
+
+/// A cursor: the sort key of the last item returned, opaque to callers.
+fn encode_cursor(key: &[&str]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(key).unwrap_or_default())
+}
+
+fn decode_cursor(cursor: Option<&str>, parts: usize) -> ApiResult<Option<Vec<String>>> {
+    let Some(cursor) = cursor else { return Ok(None) };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<String>>(&bytes).ok())
+        .filter(|key| key.len() == parts)
+        .map(Some)
+        .ok_or_else(|| ApiError::malformed("bad cursor: pass a next_cursor this API returned"))
+}
+
+/// Rows read per query while a filtered listing fills a page.
+const SCAN_CHUNK: usize = 500;
+
+/// Fills a page of at most `limit` items from rows read in id order after `after`
+/// (`fetch(after, n)`), keeping those `keep` accepts; the next cursor is the last kept
+/// item's id when more may follow.
+async fn scan_page<R, F, Fut>(
+    after: Option<String>,
+    limit: usize,
+    mut fetch: F,
+    keep: impl Fn(&R) -> bool,
+    id: impl Fn(&R) -> &str,
+) -> ApiResult<(Vec<R>, Option<String>)>
+where
+    F: FnMut(String, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<R>, StoreError>>,
+{
+    let mut items = Vec::new();
+    let mut after = after.unwrap_or_default();
+    loop {
+        let rows = fetch(after.clone(), SCAN_CHUNK).await?;
+        let done = rows.len() < SCAN_CHUNK;
+        if let Some(last) = rows.last() {
+            after = id(last).to_string();
+        }
+        for row in rows {
+            if keep(&row) {
+                if items.len() == limit {
+                    let next = items.last().map(|r| encode_cursor(&[id(r)]));
+                    return Ok((items, next));
+                }
+                items.push(row);
+            }
+        }
+        if done {
+            return Ok((items, None));
+        }
+    }
 }
 
 /// A signed request's headers.
@@ -368,15 +592,17 @@ struct SignedRequest<'a> {
 }
 
 /// Whether `req` is signed by `key` within the time window: its nonce, or why not.
-fn signed_by(req: SignedRequest<'_>, key: &VerifyingKey) -> Result<i64, &'static str> {
+fn signed_by(req: SignedRequest<'_>, key: &VerifyingKey) -> Result<i64, (ErrorReason, &'static str)> {
     let SignedRequest { method, path, headers, body } = req;
-    let signed = signed_headers(headers)
-        .ok_or("a signed request needs x-pylon-timestamp, x-pylon-nonce and x-pylon-signature")?;
+    let signed = signed_headers(headers).ok_or((
+        ErrorReason::Unsigned,
+        "a signed request needs x-pylon-timestamp, x-pylon-nonce and x-pylon-signature",
+    ))?;
     if !fresh(signed.timestamp) {
-        return Err("request timestamp too far from the indexer's clock");
+        return Err((ErrorReason::Stale, "request timestamp too far from the indexer's clock"));
     }
     key.verify(&signed_message(method.as_str(), path, signed.timestamp, signed.nonce, body), &signed.signature)
-        .map_err(|_| "bad request signature")?;
+        .map_err(|_| (ErrorReason::BadSignature, "bad request signature"))?;
     Ok(signed.nonce)
 }
 
@@ -384,17 +610,21 @@ fn signed_by(req: SignedRequest<'_>, key: &VerifyingKey) -> Result<i64, &'static
 /// checked against the record by the caller). Returns the nonce.
 fn verify_signed(state: &AppState, req: SignedRequest<'_>, public_key: &str) -> ApiResult<i64> {
     let key = decode_key(public_key)?;
-    signed_by(req, &key).map_err(|why| {
+    signed_by(req, &key).map_err(|(reason, why)| {
         state.metrics.refused_requests.inc();
-        ApiError::unauthorized(why)
+        ApiError::unauthorized(reason, why)
     })
+}
+
+fn replayed(what: &str) -> ApiError {
+    ApiError::unauthorized(ErrorReason::Replayed, format!("replayed {what}: its nonce is not newer than the last one"))
 }
 
 /// Spends `nonce` for member `id`: a replay (not newer than the last) is refused.
 async fn spend_nonce(state: &AppState, member: Member, id: &str, nonce: i64) -> ApiResult<()> {
     if !state.store.bump_nonce(member, id, nonce).await? {
         state.metrics.refused_requests.inc();
-        return Err(ApiError::unauthorized("replayed request: its nonce is not newer than the last one"));
+        return Err(replayed("request"));
     }
     Ok(())
 }
@@ -422,7 +652,10 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     };
     if !ok {
         state.metrics.refused_requests.inc();
-        return Err(ApiError::unauthorized("administrative call needs the indexer's admin token"));
+        return Err(ApiError::unauthorized(
+            ErrorReason::NotAdmin,
+            "administrative call needs the indexer's admin token",
+        ));
     }
     Ok(())
 }
@@ -442,25 +675,121 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddr {
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/public-key", responses((status = 200, body = PublicKey)))]
+#[utoipa::path(get, path = "/api/v1/public-key", tag = "pool",
+    responses((status = 200, description = "The key session tokens are signed with", body = PublicKey)))]
 async fn public_key(State(s): State<AppState>) -> Json<PublicKey> {
     Json(PublicKey { public_key: STANDARD.encode(s.signing_key.verifying_key().as_bytes()) })
 }
 
-#[utoipa::path(get, path = "/api/v1/titles", responses((status = 200, body = [Title])))]
-async fn list_titles(State(s): State<AppState>) -> ApiResult<Json<Vec<Title>>> {
-    Ok(Json(s.store.titles().await?))
+/// A page of the catalog.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TitlePage {
+    /// Titles, by name.
+    pub items: Vec<Title>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
-#[utoipa::path(post, path = "/api/v1/titles", request_body = Title, responses((status = 201), (status = 401)))]
+/// The catalog, by name.
+#[utoipa::path(get, path = "/api/v1/titles", tag = "catalog", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of titles", body = TitlePage),
+        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+    ))]
+async fn list_titles(State(s): State<AppState>, ListQuery(q): ListQuery<PageQuery>) -> ApiResult<Json<TitlePage>> {
+    let limit = page_size(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref(), 2)?;
+    let after = after.as_ref().map(|k| (k[0].as_str(), k[1].as_str()));
+    let mut items = s.store.titles_page(after, limit + 1).await?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|t| encode_cursor(&[&t.name, &t.id]))
+    } else {
+        None
+    };
+    Ok(Json(TitlePage { items, next_cursor }))
+}
+
+/// Adds a title or replaces the one with its id (a studio deploying a title).
+#[utoipa::path(post, path = "/api/v1/titles", tag = "catalog", request_body = Title, security(("admin" = [])),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 400, description = "Malformed or invalid title", body = ErrorBody),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+    ))]
 async fn put_title(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<StatusCode> {
     check_admin(&s, &headers)?;
     let t: Title = json(&body)?;
-    if t.id.is_empty() || t.id.len() > 64 || t.width <= 0 || t.height <= 0 || t.fps <= 0 {
-        return Err(ApiError::bad("a title needs an id of 1-64 bytes and a positive size and frame rate"));
+    if let Err(why) = t.validate() {
+        return Err(ApiError::invalid(why));
     }
     s.store.put_title(&t).await?;
+    tracing::info!(title = %t.id, "title stored");
     Ok(StatusCode::CREATED)
+}
+
+/// One title.
+#[utoipa::path(get, path = "/api/v1/titles/{id}", tag = "catalog",
+    params(("id" = String, Path, description = "Title id")),
+    responses(
+        (status = 200, description = "The title", body = Title),
+        (status = 404, description = "No such title", body = ErrorBody),
+    ))]
+async fn get_title(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Title>> {
+    Ok(Json(title_named(&s, &id).await?))
+}
+
+async fn title_named(s: &AppState, id: &str) -> ApiResult<Title> {
+    if !valid_id(id) {
+        return Err(ApiError::not_found("title"));
+    }
+    s.store.title(id).await?.ok_or_else(|| ApiError::not_found("title"))
+}
+
+/// Removes a title from the catalog: no new sessions of it (running ones go on).
+#[utoipa::path(delete, path = "/api/v1/titles/{id}", tag = "catalog", security(("admin" = [])),
+    params(("id" = String, Path, description = "Title id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such title", body = ErrorBody),
+    ))]
+async fn delete_title(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    check_admin(&s, &headers)?;
+    if !valid_id(&id) || !s.store.delete_title(&id).await? {
+        return Err(ApiError::not_found("title"));
+    }
+    tracing::info!(title = %id, "title removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The state of a node or relay, as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Takes new sessions.
+    Ready,
+    /// A node finishing its sessions: no new ones.
+    Draining,
+    /// Not heard from for 15 s.
+    Gone,
+    /// Refused everywhere by the operator.
+    Revoked,
+    /// Waiting for the operator's approval.
+    Pending,
+}
+
+impl MemberState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Gone => "gone",
+            Self::Revoked => "revoked",
+            Self::Pending => "pending",
+        }
+    }
 }
 
 /// A node's health as listed.
@@ -469,37 +798,92 @@ pub struct NodeStatus {
     /// The stored record.
     #[serde(flatten)]
     pub node: NodeRecord,
-    /// `ready`, `draining`, `gone` or `revoked`.
-    pub state: String,
+    /// Its state now.
+    pub state: MemberState,
+}
+
+/// A page of nodes.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodePage {
+    /// Nodes, by id.
+    pub items: Vec<NodeStatus>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A relay's health as listed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RelayStatus {
+    /// The stored record.
+    #[serde(flatten)]
+    pub relay: RelayRecord,
+    /// Its state now (never `draining`).
+    pub state: MemberState,
+}
+
+/// A page of relays.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RelayPage {
+    /// Relays, by id.
+    pub items: Vec<RelayStatus>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A relay's state.
+fn relay_state(r: &RelayRecord, now: i64) -> MemberState {
+    if r.revoked {
+        MemberState::Revoked
+    } else if !r.approved {
+        MemberState::Pending
+    } else if now.saturating_sub(r.last_heartbeat) > HEARTBEAT_TIMEOUT_SECS {
+        MemberState::Gone
+    } else {
+        MemberState::Ready
+    }
 }
 
 /// Whether a relay may be offered to players: approved, not revoked, heard from recently.
 fn relay_healthy(r: &RelayRecord, now: i64) -> bool {
-    !r.revoked && r.approved && now.saturating_sub(r.last_heartbeat) <= HEARTBEAT_TIMEOUT_SECS
+    relay_state(r, now) == MemberState::Ready
 }
 
-fn node_state(n: &NodeRecord, now: i64) -> &'static str {
+fn node_state(n: &NodeRecord, now: i64) -> MemberState {
     if n.revoked {
-        "revoked"
+        MemberState::Revoked
     } else if !n.approved {
-        "pending"
+        MemberState::Pending
     } else if now.saturating_sub(n.last_heartbeat) > HEARTBEAT_TIMEOUT_SECS {
-        "gone"
+        MemberState::Gone
     } else if n.draining {
-        "draining"
+        MemberState::Draining
     } else {
-        "ready"
+        MemberState::Ready
     }
 }
 
-#[utoipa::path(post, path = "/api/v1/nodes", request_body = RegisterNode,
-    responses((status = 200, body = PublicKey), (status = 400), (status = 401), (status = 403), (status = 409)))]
+/// Registers a render node, or updates its record (only its key's holder can).
+#[utoipa::path(post, path = "/api/v1/nodes", tag = "pool", request_body = RegisterNode,
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 200, description = "Registered; the key session tokens are signed with", body = PublicKey),
+        (status = 400, description = "Malformed or invalid registration", body = ErrorBody),
+        (status = 401, description = "Not signed by the key it registers, stale or replayed", body = ErrorBody),
+        (status = 403, description = "This node is revoked", body = ErrorBody),
+        (status = 409, description = "The id is registered with another key", body = ErrorBody),
+    ))]
 async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<PublicKey>> {
     let r: RegisterNode = json(&body)?;
     decode_key(&r.public_key)?;
-    if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.price_per_hour.is_finite() || r.price_per_hour < 0.0
-    {
-        return Err(ApiError::bad("a node needs an id of 1-64 bytes, a capacity and a non-negative price"));
+    if !valid_id(&r.id) || r.capacity == 0 || !r.price_per_hour.is_finite() || r.price_per_hour < 0.0 {
+        return Err(ApiError::invalid(
+            "a node needs an id of 1-64 letters, digits or ._:-, a capacity and a non-negative price",
+        ));
+    }
+    if let Some(t) = r.titles.iter().find(|t| !valid_id(t)) {
+        return Err(ApiError::invalid(format!("bad title id {t:?}")));
     }
     // Proof of possession: the registration is signed by the key it registers.
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/nodes", headers: &headers, body: &body };
@@ -507,11 +891,15 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
     if let Some(old) = s.store.node(&r.id).await? {
         if old.public_key != r.public_key {
             s.metrics.refused_requests.inc();
-            return Err(ApiError::new(StatusCode::CONFLICT, "this node id is registered with another key"));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorReason::KeyConflict,
+                "this node id is registered with another key",
+            ));
         }
         if old.revoked {
             s.metrics.refused_requests.inc();
-            return Err(ApiError::forbidden("this node is revoked"));
+            return Err(ApiError::revoked("node"));
         }
     }
     // NVENC halves encode time; a GPU without it (H100, A100) encodes on the CPU.
@@ -538,12 +926,14 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
     };
     if !s.store.register_node(&record, nonce).await? {
         s.metrics.refused_requests.inc();
-        return Err(ApiError::unauthorized("replayed registration: its nonce is not newer than the last one"));
+        return Err(replayed("registration"));
     }
     tracing::info!(node = %r.id, provider = %r.provider, "node registered");
     Ok(public_key(State(s)).await)
 }
 
+/// Node `id`, checked: the request is signed by its key, not replayed, and the node is
+/// not revoked.
 async fn signed_node(
     s: &AppState,
     id: &str,
@@ -552,17 +942,30 @@ async fn signed_node(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult<NodeRecord> {
+    if !valid_id(id) {
+        return Err(ApiError::not_found("node"));
+    }
     let node = s.store.node(id).await?.ok_or_else(|| ApiError::not_found("node"))?;
     let req = SignedRequest { method: &method, path, headers, body };
     check_signature(s, Member::Node, id, req, &node.public_key).await?;
     if node.revoked {
         s.metrics.refused_requests.inc();
-        return Err(ApiError::forbidden("this node is revoked"));
+        return Err(ApiError::revoked("node"));
     }
     Ok(node)
 }
 
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/heartbeat", request_body = NodeHeartbeat, responses((status = 204), (status = 401), (status = 403)))]
+/// A node's heartbeat: its sessions and titles now.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/heartbeat", tag = "pool", request_body = NodeHeartbeat,
+    params(("id" = String, Path, description = "Node id")),
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Malformed heartbeat", body = ErrorBody),
+        (status = 401, description = "Not signed by the node's key, stale or replayed", body = ErrorBody),
+        (status = 403, description = "This node is revoked", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
 async fn node_heartbeat(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -584,7 +987,16 @@ async fn node_heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", responses((status = 204), (status = 401)))]
+/// A node asks for no new sessions (it is about to leave).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "pool",
+    params(("id" = String, Path, description = "Node id")),
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 204, description = "Draining"),
+        (status = 401, description = "Not signed by the node's key, stale or replayed", body = ErrorBody),
+        (status = 403, description = "This node is revoked", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
 async fn drain_node(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -599,73 +1011,145 @@ async fn drain_node(
 }
 
 /// A node's key and state, for relays checking a connecting node.
-#[utoipa::path(get, path = "/api/v1/nodes/{id}", responses((status = 200, body = NodeKeyInfo), (status = 404)))]
+#[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "pool",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "Its key and state", body = NodeKeyInfo),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
 async fn node_info(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<NodeKeyInfo>> {
+    if !valid_id(&id) {
+        return Err(ApiError::not_found("node"));
+    }
     let n = s.store.node(&id).await?.ok_or_else(|| ApiError::not_found("node"))?;
-    let state = node_state(&n, unix_now()).to_string();
+    let state = node_state(&n, unix_now()).as_str().to_string();
     Ok(Json(NodeKeyInfo { id: n.id, public_key: n.public_key, state }))
 }
 
-/// The operator approves a node registered while new ones need approval.
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/approve", responses((status = 204), (status = 401), (status = 404)))]
-async fn approve_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
-    check_admin(&s, &headers)?;
-    if !s.store.approve(Member::Node, &id).await? {
-        return Err(ApiError::not_found("node"));
+/// Admin calls on a member `id`: approve or revoke.
+async fn admin_member(
+    s: &AppState,
+    headers: &HeaderMap,
+    member: Member,
+    id: &str,
+    action: AdminAction,
+) -> ApiResult<StatusCode> {
+    check_admin(s, headers)?;
+    let what = match member {
+        Member::Node => "node",
+        Member::Relay => "relay",
+    };
+    let done = valid_id(id)
+        && match action {
+            AdminAction::Approve => s.store.approve(member, id).await?,
+            AdminAction::Revoke => s.store.revoke(member, id).await?,
+        };
+    if !done {
+        return Err(ApiError::not_found(what));
     }
-    tracing::info!(node = %id, "node approved");
+    match action {
+        AdminAction::Approve => tracing::info!(id, "{what} approved"),
+        AdminAction::Revoke => tracing::warn!(id, "{what} revoked"),
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum AdminAction {
+    Approve,
+    Revoke,
+}
+
+/// The operator approves a node registered while new ones need approval.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/approve", tag = "pool", security(("admin" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 204, description = "Approved"),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
+async fn approve_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    admin_member(&s, &headers, Member::Node, &id, AdminAction::Approve).await
 }
 
 /// The operator approves a relay registered while new ones need approval.
-#[utoipa::path(post, path = "/api/v1/relays/{id}/approve", responses((status = 204), (status = 401), (status = 404)))]
+#[utoipa::path(post, path = "/api/v1/relays/{id}/approve", tag = "pool", security(("admin" = [])),
+    params(("id" = String, Path, description = "Relay id")),
+    responses(
+        (status = 204, description = "Approved"),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such relay", body = ErrorBody),
+    ))]
 async fn approve_relay(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
-    check_admin(&s, &headers)?;
-    if !s.store.approve(Member::Relay, &id).await? {
-        return Err(ApiError::not_found("relay"));
-    }
-    tracing::info!(relay = %id, "relay approved");
-    Ok(StatusCode::NO_CONTENT)
+    admin_member(&s, &headers, Member::Relay, &id, AdminAction::Approve).await
 }
 
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/revoke", responses((status = 204), (status = 401), (status = 404)))]
+/// The operator revokes a node: refused on every request, its relay connections closed.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/revoke", tag = "pool", security(("admin" = [])),
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    ))]
 async fn revoke_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
-    check_admin(&s, &headers)?;
-    s.store.node(&id).await?.ok_or_else(|| ApiError::not_found("node"))?;
-    s.store.set_node_flag(&id, NodeFlag::Revoked, true).await?;
-    tracing::warn!(node = %id, "node revoked");
-    Ok(StatusCode::NO_CONTENT)
+    admin_member(&s, &headers, Member::Node, &id, AdminAction::Revoke).await
 }
 
-#[utoipa::path(get, path = "/api/v1/nodes", responses((status = 200, body = [NodeStatus])))]
-async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Vec<NodeStatus>>> {
+/// The render nodes, by id, with their state; filtered by state, region and title.
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "pool", params(NodeQuery),
+    responses(
+        (status = 200, description = "A page of nodes", body = NodePage),
+        (status = 400, description = "Bad limit, cursor or filter", body = ErrorBody),
+    ))]
+async fn list_nodes(State(s): State<AppState>, ListQuery(q): ListQuery<NodeQuery>) -> ApiResult<Json<NodePage>> {
+    let limit = page_size(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
     let now = unix_now();
-    let nodes = s.store.nodes().await?;
-    for state in ["ready", "draining", "gone", "revoked", "pending"] {
-        let n = nodes.iter().filter(|n| node_state(n, now) == state).count();
-        s.metrics.nodes.get_or_create(&NodeStateLabel { state }).set(n as i64);
-    }
-    Ok(Json(nodes.into_iter().map(|n| NodeStatus { state: node_state(&n, now).into(), node: n }).collect()))
+    let keep = |n: &NodeRecord| {
+        q.state.is_none_or(|st| node_state(n, now) == st)
+            && q.region.as_deref().is_none_or(|r| n.info.get("region").and_then(|v| v.as_str()) == Some(r))
+            && q.title.as_deref().is_none_or(|t| n.titles.iter().any(|x| x == t))
+    };
+    let store = &s.store;
+    let (nodes, next_cursor) =
+        scan_page(after, limit, |after, n| async move { store.nodes_after(&after, n).await }, keep, |n| &n.id).await?;
+    let items = nodes.into_iter().map(|n| NodeStatus { state: node_state(&n, now), node: n }).collect();
+    Ok(Json(NodePage { items, next_cursor }))
 }
 
-#[utoipa::path(post, path = "/api/v1/relays", request_body = RegisterRelay,
-    responses((status = 200, body = PublicKey), (status = 400), (status = 401), (status = 403), (status = 409)))]
+/// Registers an edge relay, or updates its record (only its key's holder can).
+#[utoipa::path(post, path = "/api/v1/relays", tag = "pool", request_body = RegisterRelay,
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 200, description = "Registered; the key session tokens are signed with", body = PublicKey),
+        (status = 400, description = "Malformed or invalid registration", body = ErrorBody),
+        (status = 401, description = "Not signed by the key it registers, stale or replayed", body = ErrorBody),
+        (status = 403, description = "This relay is revoked", body = ErrorBody),
+        (status = 409, description = "The id is registered with another key", body = ErrorBody),
+    ))]
 async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<PublicKey>> {
     let r: RegisterRelay = json(&body)?;
     decode_key(&r.public_key)?;
-    if r.id.is_empty() || r.id.len() > 64 || r.capacity == 0 || !r.public_url.starts_with("http") {
-        return Err(ApiError::bad("a relay needs an id of 1-64 bytes, a capacity and an http(s) public_url"));
+    if !valid_id(&r.id) || r.capacity == 0 || !r.public_url.starts_with("http") {
+        return Err(ApiError::invalid(
+            "a relay needs an id of 1-64 letters, digits or ._:-, a capacity and an http(s) public_url",
+        ));
     }
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/relays", headers: &headers, body: &body };
     let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.relay(&r.id).await? {
         if old.public_key != r.public_key {
             s.metrics.refused_requests.inc();
-            return Err(ApiError::new(StatusCode::CONFLICT, "this relay id is registered with another key"));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorReason::KeyConflict,
+                "this relay id is registered with another key",
+            ));
         }
         if old.revoked {
             s.metrics.refused_requests.inc();
-            return Err(ApiError::forbidden("this relay is revoked"));
+            return Err(ApiError::revoked("relay"));
         }
     }
     let record = RelayRecord {
@@ -684,32 +1168,46 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
     };
     if !s.store.register_relay(&record, nonce).await? {
         s.metrics.refused_requests.inc();
-        return Err(ApiError::unauthorized("replayed registration: its nonce is not newer than the last one"));
+        return Err(replayed("registration"));
     }
     tracing::info!(relay = %r.id, "relay registered");
     Ok(public_key(State(s)).await)
 }
 
-#[utoipa::path(post, path = "/api/v1/relays/{id}/heartbeat", request_body = RelayHeartbeat, responses((status = 200, body = RelayHeartbeatReply), (status = 401), (status = 403)))]
+/// A relay's heartbeat: viewers, RTTs to nodes, connected players; the answer names
+/// ended sessions and revoked nodes.
+#[utoipa::path(post, path = "/api/v1/relays/{id}/heartbeat", tag = "pool", request_body = RelayHeartbeat,
+    params(("id" = String, Path, description = "Relay id")),
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 200, description = "Recorded", body = RelayHeartbeatReply),
+        (status = 400, description = "Malformed heartbeat", body = ErrorBody),
+        (status = 401, description = "Not signed by the relay's key, stale or replayed", body = ErrorBody),
+        (status = 403, description = "This relay is revoked", body = ErrorBody),
+        (status = 404, description = "No such relay", body = ErrorBody),
+    ))]
 async fn relay_heartbeat(
     State(s): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<RelayHeartbeatReply>> {
+    if !valid_id(&id) {
+        return Err(ApiError::not_found("relay"));
+    }
     let relay = s.store.relay(&id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
     let path = format!("/api/v1/relays/{id}/heartbeat");
     let req = SignedRequest { method: &Method::POST, path: &path, headers: &headers, body: &body };
     check_signature(&s, Member::Relay, &id, req, &relay.public_key).await?;
     if relay.revoked {
-        return Err(ApiError::forbidden("this relay is revoked"));
+        return Err(ApiError::revoked("relay"));
     }
     let hb: RelayHeartbeat = json(&body)?;
     if hb.node_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
-        return Err(ApiError::bad("RTTs must be finite and non-negative"));
+        return Err(ApiError::invalid("RTTs must be finite and non-negative"));
     }
     if hb.players.len() > 100_000 {
-        return Err(ApiError::bad("too many players"));
+        return Err(ApiError::invalid("too many players"));
     }
     let now = unix_now();
     s.store.relay_heartbeat(&id, i64::from(hb.viewers), &hb.node_rtt_ms, now).await?;
@@ -719,8 +1217,29 @@ async fn relay_heartbeat(
     let since = now - TOKEN_LIFETIME_SECS as i64 - MAX_SKEW_SECS;
     Ok(Json(RelayHeartbeatReply {
         ended_sessions: s.store.ended_sessions_on_relay(&id, since).await?,
-        revoked_nodes: s.store.nodes().await?.into_iter().filter(|n| n.revoked).map(|n| n.id).collect(),
+        revoked_nodes: s.store.revoked_nodes().await?,
     }))
+}
+
+/// Prometheus metrics; the node gauge is counted at scrape time.
+async fn metrics(State(s): State<AppState>) -> String {
+    let now = unix_now();
+    match s.store.nodes().await {
+        Ok(nodes) => {
+            for state in [
+                MemberState::Ready,
+                MemberState::Draining,
+                MemberState::Gone,
+                MemberState::Revoked,
+                MemberState::Pending,
+            ] {
+                let n = nodes.iter().filter(|n| node_state(n, now) == state).count();
+                s.metrics.nodes.get_or_create(&NodeStateLabel { state: state.as_str() }).set(n as i64);
+            }
+        }
+        Err(e) => tracing::warn!("counting nodes for /metrics: {e}"),
+    }
+    s.metrics.render()
 }
 
 /// Ends, every few seconds, the sessions nobody plays (see [`Store::sweep_unplayed`])
@@ -743,13 +1262,47 @@ pub async fn run_sweeper(state: AppState, mut shutdown: tokio::sync::watch::Rece
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/relays", responses((status = 200, body = [RelayRecord])))]
-async fn list_relays(State(s): State<AppState>) -> ApiResult<Json<Vec<RelayRecord>>> {
-    Ok(Json(s.store.relays().await?))
+/// The operator revokes a relay: refused on every request, no longer offered to players.
+#[utoipa::path(post, path = "/api/v1/relays/{id}/revoke", tag = "pool", security(("admin" = [])),
+    params(("id" = String, Path, description = "Relay id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such relay", body = ErrorBody),
+    ))]
+async fn revoke_relay(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    admin_member(&s, &headers, Member::Relay, &id, AdminAction::Revoke).await
 }
 
-#[utoipa::path(get, path = "/api/v1/candidates/{title}", responses((status = 200, body = [Candidate])))]
-async fn candidates(State(s): State<AppState>, Path(_title): Path<String>) -> ApiResult<Json<Vec<Candidate>>> {
+/// The edge relays, by id, with their state; filtered by state and region.
+#[utoipa::path(get, path = "/api/v1/relays", tag = "pool", params(RelayQuery),
+    responses(
+        (status = 200, description = "A page of relays", body = RelayPage),
+        (status = 400, description = "Bad limit, cursor or filter", body = ErrorBody),
+    ))]
+async fn list_relays(State(s): State<AppState>, ListQuery(q): ListQuery<RelayQuery>) -> ApiResult<Json<RelayPage>> {
+    let limit = page_size(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
+    let now = unix_now();
+    let keep = |r: &RelayRecord| {
+        q.state.is_none_or(|st| relay_state(r, now) == st) && q.region.as_deref().is_none_or(|g| r.region == g)
+    };
+    let store = &s.store;
+    let (relays, next_cursor) =
+        scan_page(after, limit, |after, n| async move { store.relays_after(&after, n).await }, keep, |r| &r.id).await?;
+    let items = relays.into_iter().map(|r| RelayStatus { state: relay_state(&r, now), relay: r }).collect();
+    Ok(Json(RelayPage { items, next_cursor }))
+}
+
+/// The relays a player of `title` should measure its RTT to: healthy, with room.
+#[utoipa::path(get, path = "/api/v1/candidates/{title}", tag = "sessions",
+    params(("title" = String, Path, description = "Title id")),
+    responses(
+        (status = 200, description = "Candidate relays", body = [Candidate]),
+        (status = 404, description = "No such title", body = ErrorBody),
+    ))]
+async fn candidates(State(s): State<AppState>, Path(title): Path<String>) -> ApiResult<Json<Vec<Candidate>>> {
+    title_named(&s, &title).await?;
     let now = unix_now();
     let relays = s.store.relays().await?;
     Ok(Json(
@@ -761,31 +1314,42 @@ async fn candidates(State(s): State<AppState>, Path(_title): Path<String>) -> Ap
     ))
 }
 
-#[utoipa::path(post, path = "/api/v1/sessions", request_body = CreateSession,
-    responses((status = 201, body = SessionCreated), (status = 400), (status = 404), (status = 503, description = "no capacity")))]
+/// Matches a player (or spectator) of a title to a render node and relay and signs its
+/// session token. Anonymous; rate-limited per address and per title.
+#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", request_body = CreateSession,
+    responses(
+        (status = 201, description = "Matched; play at `relay_url` with `token`", body = SessionCreated),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 404, description = "No such title", body = ErrorBody),
+        (status = 429, description = "Too many requests from this address or for this title (`rate_limited`)",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "No capacity for this title now (`no_capacity`, `seat_taken`)",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn create_session(
     State(s): State<AppState>,
     ClientAddr(addr): ClientAddr,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
     let req: CreateSession = json(&body)?;
+    if req.client_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ApiError::invalid("RTTs must be finite and non-negative"));
+    }
     let started_at = Instant::now();
     // A session holds a seat: anonymous callers pay for it in rate, per address and per title.
     if let Err(wait) = s.limiters.sessions_per_address.check(&addr, started_at) {
         s.metrics.rate_limited.inc();
         return Err(ApiError::too_many("session requests from this address", wait));
     }
-    if let Err(wait) = s.limiters.sessions_per_title.check(&req.title, started_at) {
+    let title = title_named(&s, &req.title).await?;
+    if let Err(wait) = s.limiters.sessions_per_title.check(&title.id, started_at) {
         s.metrics.rate_limited.inc();
         return Err(ApiError::too_many("session requests for this title", wait));
     }
-    let role = match req.role.as_deref() {
-        None | Some("player") => Role::Player,
-        Some("spectator") => Role::Spectator,
-        Some(other) => return Err(ApiError::bad(format!("unknown role {other:?}"))),
+    let role = match req.role.unwrap_or_default() {
+        SessionRole::Player => Role::Player,
+        SessionRole::Spectator => Role::Spectator,
     };
-    let title =
-        s.store.titles().await?.into_iter().find(|t| t.id == req.title).ok_or_else(|| ApiError::not_found("title"))?;
     let now = unix_now();
     let nodes = s.store.nodes().await?;
     let relays = s.store.relays().await?;
@@ -795,8 +1359,8 @@ async fn create_session(
         .map(|n| NodeCandidate {
             id: n.id.clone(),
             state: match node_state(n, now) {
-                "ready" => NodeState::Ready,
-                "draining" => NodeState::Draining,
+                MemberState::Ready => NodeState::Ready,
+                MemberState::Draining => NodeState::Draining,
                 _ => NodeState::Gone,
             },
             capacity: n.capacity.max(0) as u32,
@@ -833,13 +1397,18 @@ async fn create_session(
             let reason = e.rejected.iter().max_by_key(|(_, n)| **n).map(|(r, _)| r.to_string()).unwrap_or_default();
             s.metrics.match_failures.get_or_create(&FailureReason { reason }).inc();
             tracing::info!(title = %title.id, "no match: {}", e.summary);
-            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), Some(5)));
+            return Err(ApiError::retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorReason::NoCapacity,
+                e.to_string(),
+                NO_CAPACITY_RETRY_SECS,
+            ));
         }
     };
     let mut session = [0u8; 16];
     getrandom::fill(&mut session).map_err(|e| {
         tracing::error!("no randomness: {e}");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        ApiError::internal()
     })?;
     let claims = Claims {
         session,
@@ -850,7 +1419,10 @@ async fn create_session(
         node: m.node.clone(),
         relay: m.relay.clone(),
     };
-    let token = claims.sign(&s.signing_key).map_err(|e| ApiError::bad(e.to_string()))?;
+    let token = claims.sign(&s.signing_key).map_err(|e| {
+        tracing::error!("signing a token: {e}");
+        ApiError::internal()
+    })?;
     let node = nodes.iter().find(|n| n.id == m.node);
     let relay_url = relays.iter().find(|r| r.id == m.relay).map(|r| r.public_url.clone()).unwrap_or_default();
     let booked = s
@@ -871,7 +1443,12 @@ async fn create_session(
     if !booked {
         // Another player took the last seat between the match and the booking.
         s.metrics.match_failures.get_or_create(&FailureReason { reason: "seat taken".into() }).inc();
-        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the matched node just filled up".into(), Some(1)));
+        return Err(ApiError::retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorReason::SeatTaken,
+            "the matched node just filled up",
+            1,
+        ));
     }
     s.metrics.sessions_created.inc();
     tracing::info!(session = %claims.session_hex(), node = %m.node, relay = %m.relay, "matched: {}", m.reason);
@@ -891,7 +1468,14 @@ async fn create_session(
 
 /// A spectator's token for a running session: whoever has the session's id (the player
 /// shares `/watch/<session>`) may watch; a spectator token never carries input.
-#[utoipa::path(post, path = "/api/v1/sessions/{id}/spectate", responses((status = 201, body = SessionCreated), (status = 404)))]
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/spectate", tag = "sessions",
+    params(("id" = String, Path, description = "Session id (32 hex digits)")),
+    responses(
+        (status = 201, description = "A spectator token", body = SessionCreated),
+        (status = 404, description = "No such running session", body = ErrorBody),
+        (status = 429, description = "Too many requests from this address (`rate_limited`)",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn spectate(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -901,12 +1485,12 @@ async fn spectate(
         s.metrics.rate_limited.inc();
         return Err(ApiError::too_many("spectator requests from this address", wait));
     }
-    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
     let session: [u8; 16] = (id.len() == 32)
         .then(|| (0..16).map(|i| u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<Vec<u8>>>())
         .flatten()
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| ApiError::not_found("session"))?;
+    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
     if ended {
         return Err(ApiError::not_found("running session"));
     }
@@ -921,7 +1505,10 @@ async fn spectate(
         node: node.clone(),
         relay: relay.clone(),
     };
-    let token = claims.sign(&s.signing_key).map_err(|e| ApiError::bad(e.to_string()))?;
+    let token = claims.sign(&s.signing_key).map_err(|e| {
+        tracing::error!("signing a token: {e}");
+        ApiError::internal()
+    })?;
     let relay_url = s.store.relay(&relay).await?.map(|r| r.public_url).unwrap_or_default();
     Ok((
         StatusCode::CREATED,
@@ -939,14 +1526,24 @@ async fn spectate(
 
 /// Ends a session: called, signed, by the session's relay (the player left) or node, or
 /// with the admin token.
-#[utoipa::path(post, path = "/api/v1/sessions/{id}/end", request_body = EndSession,
-    responses((status = 204), (status = 401), (status = 404)))]
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/end", tag = "sessions", request_body(content = EndSession, description = "Optional: why"),
+    params(("id" = String, Path, description = "Session id (32 hex digits)")),
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = []), ("admin" = [])),
+    responses(
+        (status = 204, description = "Ended"),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Neither the session's relay or node (signed) nor an admin", body = ErrorBody),
+        (status = 404, description = "No such running session", body = ErrorBody),
+    ))]
 async fn end_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
+    if !valid_id(&id) {
+        return Err(ApiError::not_found("session"));
+    }
     let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
     if headers.contains_key("authorization") {
         check_admin(&s, &headers)?;
@@ -963,7 +1560,10 @@ async fn end_session(
             });
         let Some((member, signer_id, nonce)) = signer else {
             s.metrics.refused_requests.inc();
-            return Err(ApiError::unauthorized("only the session's relay or node (signed) or an admin may end it"));
+            return Err(ApiError::unauthorized(
+                ErrorReason::NotAllowed,
+                "only the session's relay or node (signed) or an admin may end it",
+            ));
         };
         spend_nonce(&s, member, &signer_id, nonce).await?;
     }
@@ -976,7 +1576,31 @@ async fn end_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/api/v1/usage", responses((status = 200, body = [Usage])))]
-async fn usage(State(s): State<AppState>) -> ApiResult<Json<Vec<Usage>>> {
-    Ok(Json(s.store.usage(unix_now()).await?))
+/// A page of usage.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsagePage {
+    /// Usage per provider, by provider.
+    pub items: Vec<Usage>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Seconds played per provider (running sessions count up to now), for payouts.
+#[utoipa::path(get, path = "/api/v1/usage", tag = "sessions", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of usage", body = UsagePage),
+        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+    ))]
+async fn usage(State(s): State<AppState>, ListQuery(q): ListQuery<PageQuery>) -> ApiResult<Json<UsagePage>> {
+    let limit = page_size(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
+    let mut items = s.store.usage_page(unix_now(), after.as_deref(), limit + 1).await?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|u| encode_cursor(&[&u.provider]))
+    } else {
+        None
+    };
+    Ok(Json(UsagePage { items, next_cursor }))
 }

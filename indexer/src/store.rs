@@ -26,21 +26,51 @@ pub enum StoreError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Title {
     /// Stable id (`demo`).
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
     pub id: String,
     /// Display name.
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// One paragraph for the catalog.
+    #[schema(max_length = 4096)]
     pub description: String,
     /// How a node launches it (`builtin:demo` now; a command or image later).
+    #[schema(max_length = 4096)]
     pub launch: String,
     /// Minimum GPU class.
+    #[schema(minimum = 0, maximum = 255)]
     pub min_gpu_class: i64,
     /// Default width.
+    #[schema(minimum = 16, maximum = 7680)]
     pub width: i64,
     /// Default height.
+    #[schema(minimum = 16, maximum = 4320)]
     pub height: i64,
     /// Default frame rate.
+    #[schema(minimum = 1, maximum = 240)]
     pub fps: i64,
+}
+
+impl Title {
+    /// Why this title cannot be stored, if it cannot.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if !pylon_indexer_client::api::valid_id(&self.id) {
+            return Err("a title id is 1-64 letters, digits or ._:-");
+        }
+        if self.name.is_empty() || self.name.chars().count() > 128 {
+            return Err("a title needs a name of 1-128 characters");
+        }
+        if self.description.chars().count() > 4096 || self.launch.chars().count() > 4096 {
+            return Err("description and launch are at most 4096 characters");
+        }
+        if !(0..=255).contains(&self.min_gpu_class) {
+            return Err("min_gpu_class is 0-255");
+        }
+        if !(16..=7680).contains(&self.width) || !(16..=4320).contains(&self.height) || !(1..=240).contains(&self.fps) {
+            return Err("a title runs at 16x16 to 7680x4320 and 1-240 frames per second");
+        }
+        Ok(())
+    }
 }
 
 /// A registered render node as stored.
@@ -188,27 +218,56 @@ impl Store {
         Ok(())
     }
 
-    /// The catalog.
+    const TITLE_COLUMNS: &'static str = "id, name, description, launch, min_gpu_class, width, height, fps";
+
+    fn title_row(r: &sqlx::any::AnyRow) -> Result<Title, StoreError> {
+        Ok(Title {
+            id: r.try_get(0)?,
+            name: r.try_get(1)?,
+            description: r.try_get(2)?,
+            launch: r.try_get(3)?,
+            min_gpu_class: r.try_get(4)?,
+            width: r.try_get(5)?,
+            height: r.try_get(6)?,
+            fps: r.try_get(7)?,
+        })
+    }
+
+    /// The whole catalog, by name.
     pub async fn titles(&self) -> Result<Vec<Title>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, description, launch, min_gpu_class, width, height, fps FROM titles ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Title {
-                    id: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    description: r.try_get(2)?,
-                    launch: r.try_get(3)?,
-                    min_gpu_class: r.try_get(4)?,
-                    width: r.try_get(5)?,
-                    height: r.try_get(6)?,
-                    fps: r.try_get(7)?,
-                })
-            })
-            .collect()
+        let q = format!("SELECT {} FROM titles ORDER BY name, id", Self::TITLE_COLUMNS);
+        sqlx::query(&q).fetch_all(&self.pool).await?.iter().map(Self::title_row).collect()
+    }
+
+    /// At most `limit` titles by (name, id), after the (name, id) given.
+    pub async fn titles_page(&self, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Title>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            None => {
+                let q = format!("SELECT {} FROM titles ORDER BY name, id LIMIT $1", Self::TITLE_COLUMNS);
+                sqlx::query(&q).bind(limit).fetch_all(&self.pool).await?
+            }
+            Some((name, id)) => {
+                let q = format!(
+                    "SELECT {} FROM titles WHERE name > $1 OR (name = $1 AND id > $2) ORDER BY name, id LIMIT $3",
+                    Self::TITLE_COLUMNS
+                );
+                sqlx::query(&q).bind(name).bind(id).bind(limit).fetch_all(&self.pool).await?
+            }
+        };
+        rows.iter().map(Self::title_row).collect()
+    }
+
+    /// One title.
+    pub async fn title(&self, id: &str) -> Result<Option<Title>, StoreError> {
+        let q = format!("SELECT {} FROM titles WHERE id = $1", Self::TITLE_COLUMNS);
+        let row = sqlx::query(&q).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(Self::title_row).transpose()
+    }
+
+    /// Removes a title; whether it existed.
+    pub async fn delete_title(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM titles WHERE id = $1").bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
     /// Registers node `n` or updates what its holder may change, in one statement: a
@@ -301,6 +360,28 @@ impl Store {
         sqlx::query(&q).fetch_all(&self.pool).await?.iter().map(Self::node_row).collect()
     }
 
+    /// At most `limit` nodes by id, after id `after` (`""`: from the first).
+    pub async fn nodes_after(&self, after: &str, limit: usize) -> Result<Vec<NodeRecord>, StoreError> {
+        let q = format!("SELECT {} FROM nodes WHERE id > $1 ORDER BY id LIMIT $2", Self::NODE_COLUMNS);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        sqlx::query(&q).bind(after).bind(limit).fetch_all(&self.pool).await?.iter().map(Self::node_row).collect()
+    }
+
+    /// The ids of revoked nodes.
+    pub async fn revoked_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM nodes WHERE revoked = 1 ORDER BY id").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Revokes a node or relay; whether it exists.
+    pub async fn revoke(&self, table: Member, id: &str) -> Result<bool, StoreError> {
+        let q = match table {
+            Member::Node => "UPDATE nodes SET revoked = 1 WHERE id = $1",
+            Member::Relay => "UPDATE relays SET revoked = 1 WHERE id = $1",
+        };
+        Ok(sqlx::query(q).bind(id).execute(&self.pool).await?.rows_affected() == 1)
+    }
+
     /// Records a node heartbeat.
     pub async fn node_heartbeat(&self, id: &str, sessions: i64, titles: &[String], now: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE nodes SET sessions = $1, titles = $2, last_heartbeat = $3 WHERE id = $4")
@@ -381,6 +462,13 @@ impl Store {
     pub async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
         let q = format!("SELECT {} FROM relays ORDER BY id", Self::RELAY_COLUMNS);
         sqlx::query(&q).fetch_all(&self.pool).await?.iter().map(Self::relay_row).collect()
+    }
+
+    /// At most `limit` relays by id, after id `after` (`""`: from the first).
+    pub async fn relays_after(&self, after: &str, limit: usize) -> Result<Vec<RelayRecord>, StoreError> {
+        let q = format!("SELECT {} FROM relays WHERE id > $1 ORDER BY id LIMIT $2", Self::RELAY_COLUMNS);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        sqlx::query(&q).bind(after).bind(limit).fetch_all(&self.pool).await?.iter().map(Self::relay_row).collect()
     }
 
     /// Records a relay heartbeat.
@@ -562,13 +650,16 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
-    /// Seconds and sessions per provider, running sessions counted up to `now`.
-    pub async fn usage(&self, now: i64) -> Result<Vec<Usage>, StoreError> {
+    /// Seconds and sessions per provider, running sessions counted up to `now`: at most
+    /// `limit` providers by name, after `after`.
+    pub async fn usage_page(&self, now: i64, after: Option<&str>, limit: usize) -> Result<Vec<Usage>, StoreError> {
         let rows = sqlx::query(
             "SELECT provider, COUNT(*), CAST(SUM(COALESCE(ended_at, $1) - started_at) AS BIGINT) FROM sessions \
-             GROUP BY provider ORDER BY provider",
+             WHERE provider > $2 GROUP BY provider ORDER BY provider LIMIT $3",
         )
         .bind(now)
+        .bind(after.unwrap_or(""))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

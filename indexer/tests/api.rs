@@ -141,7 +141,7 @@ async fn match_mint_and_meter_a_session() {
 
     let (status, titles) = call(&s, Request::get("/api/v1/titles").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(titles[0]["id"], "demo");
+    assert_eq!(titles["items"][0]["id"], "demo");
 
     let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
     let (status, created) = call(&s, post("/api/v1/sessions", &req)).await;
@@ -188,8 +188,8 @@ async fn match_mint_and_meter_a_session() {
     let (status, _) = call(&s, post(&format!("/api/v1/sessions/{id}/spectate"), &json!({}))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "an ended session cannot be watched");
     let (_, usage) = call(&s, Request::get("/api/v1/usage").body(Body::empty()).unwrap()).await;
-    assert_eq!(usage[0]["provider"], "alice");
-    assert_eq!(usage[0]["sessions"], 2);
+    assert_eq!(usage["items"][0]["provider"], "alice");
+    assert_eq!(usage["items"][0]["sessions"], 2);
 }
 
 #[tokio::test]
@@ -208,7 +208,7 @@ async fn a_node_that_leaves_or_drains_gets_no_new_sessions() {
     s.store.node_heartbeat("node-a", 1, &["demo".into()], unix_now() - 60).await.unwrap();
     assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.1["node"], "node-b");
     let (_, nodes) = call(&s, Request::get("/api/v1/nodes").body(Body::empty()).unwrap()).await;
-    assert_eq!(nodes[0]["state"], "gone");
+    assert_eq!(nodes["items"][0]["state"], "gone");
 
     // It comes back (a signed heartbeat) and resumes; then drains.
     let hb = json!({"sessions": 0, "titles": ["demo"]});
@@ -334,7 +334,10 @@ async fn registration_proves_the_key_and_only_its_holder_changes_the_record() {
     takeover["public_key"] = json!(pk(&forger));
     assert_eq!(call(&s, signed("/api/v1/nodes", &takeover, &forger)).await.0, StatusCode::CONFLICT);
     let (_, nodes) = call(&s, get("/api/v1/nodes")).await;
-    assert_eq!((nodes[0]["provider"].as_str(), nodes[0]["price_per_hour"].as_f64()), (Some("alice"), Some(1.0)));
+    assert_eq!(
+        (nodes["items"][0]["provider"].as_str(), nodes["items"][0]["price_per_hour"].as_f64()),
+        (Some("alice"), Some(1.0))
+    );
     // Anyone may look up a node's key (relays do, to check a connecting node).
     let (status, info) = call(&s, get("/api/v1/nodes/node-a")).await;
     assert_eq!(
@@ -345,7 +348,11 @@ async fn registration_proves_the_key_and_only_its_holder_changes_the_record() {
     // Draining and revocation survive re-registration by the holder itself.
     assert_eq!(call(&s, signed("/api/v1/nodes/node-a/drain", &json!({}), &key)).await.0, StatusCode::NO_CONTENT);
     add_node(&s, "node-a", "alice", 1.0, &key).await;
-    assert_eq!(call(&s, get("/api/v1/nodes")).await.1[0]["state"], "draining", "re-registering reset draining");
+    assert_eq!(
+        call(&s, get("/api/v1/nodes")).await.1["items"][0]["state"],
+        "draining",
+        "re-registering reset draining"
+    );
     assert_eq!(
         call(&s, admin(Request::post("/api/v1/nodes/node-a/revoke").body(Body::empty()).unwrap())).await.0,
         StatusCode::NO_CONTENT
@@ -362,7 +369,10 @@ async fn registration_proves_the_key_and_only_its_holder_changes_the_record() {
         "quic_addr": "127.0.0.1:1", "region": "eu", "capacity": 50});
     assert_eq!(call(&s, post("/api/v1/relays", &hijack)).await.0, StatusCode::UNAUTHORIZED);
     let (_, relays) = call(&s, get("/api/v1/relays")).await;
-    assert_eq!(relays[0]["public_url"], "http://relay-1.example:8080", "players are never sent to the hijacker");
+    assert_eq!(
+        relays["items"][0]["public_url"], "http://relay-1.example:8080",
+        "players are never sent to the hijacker"
+    );
 }
 
 #[tokio::test]
@@ -504,4 +514,173 @@ async fn the_admin_token_is_compared_whole() {
         req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         assert_eq!(call(&s, req).await.0, StatusCode::UNAUTHORIZED, "{token:?}");
     }
+}
+
+#[tokio::test]
+async fn errors_carry_a_reason_code_and_busy_answers_retry_after() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let key = SigningKey::from_bytes(&[1; 32]);
+    add_node(&s, "node-a", "alice", 1.0, &key).await;
+    let hb = json!({"sessions": 0, "titles": ["demo"]});
+    let reason = |reply: &Value| reply["reason"].as_str().unwrap_or_default().to_string();
+    let (status, reply) = call(&s, post("/api/v1/nodes/node-a/heartbeat", &hb)).await;
+    assert_eq!((status, reason(&reply).as_str()), (StatusCode::UNAUTHORIZED, "unsigned"));
+    let forger = SigningKey::from_bytes(&[9; 32]);
+    let (status, reply) = call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &forger)).await;
+    assert_eq!((status, reason(&reply).as_str()), (StatusCode::UNAUTHORIZED, "bad_signature"));
+    let mut stale = signed("/api/v1/nodes/node-a/heartbeat", &hb, &key);
+    stale.headers_mut().insert("x-pylon-timestamp", (unix_now() - 3600).to_string().parse().unwrap());
+    assert_eq!(reason(&call(&s, stale).await.1), "stale");
+    let first = signed("/api/v1/nodes/node-a/heartbeat", &hb, &key);
+    let mut copy = Request::post("/api/v1/nodes/node-a/heartbeat").body(Body::from(hb.to_string())).unwrap();
+    *copy.headers_mut() = first.headers().clone();
+    assert_eq!(call(&s, first).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(reason(&call(&s, copy).await.1), "replayed");
+    let body = node_body("node-a", "mallory", 0.0, &forger);
+    assert_eq!(reason(&call(&s, signed("/api/v1/nodes", &body, &forger)).await.1), "key_conflict");
+    assert_eq!(reason(&call(&s, post("/api/v1/nodes/node-a/revoke", &json!({}))).await.1), "not_admin");
+    assert_eq!(reason(&call(&s, get("/api/v1/nodes/nobody")).await.1), "not_found");
+    assert_eq!(reason(&call(&s, post("/api/v1/nodes", &json!({"id": 5}))).await.1), "malformed");
+    let nul = json!({"title": "de\u{0}mo", "client_rtt_ms": {}});
+    assert_eq!(reason(&call(&s, post("/api/v1/sessions", &nul)).await.1), "invalid");
+
+    // No relay knows the node: no capacity, with when to come back.
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let res = router(s.clone()).oneshot(post("/api/v1/sessions", &req)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry = res.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    let reply: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(reason(&reply), "no_capacity");
+    assert_eq!(retry, Some(5));
+    assert_eq!(reply["retry_after_secs"], 5);
+
+    // Rate limits say the same.
+    let strict = state_with(Policy::default()).await;
+    add_demo_title(&strict).await;
+    let mut last = (StatusCode::OK, Value::Null);
+    for _ in 0..20 {
+        last = call(&strict, from("198.51.100.7:1", post("/api/v1/sessions", &req))).await;
+    }
+    assert_eq!((last.0, reason(&last.1).as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+    assert!(last.1["retry_after_secs"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn listings_page_with_a_cursor_and_filter_by_state_region_and_title() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    // 1,200 nodes: more than the largest page.
+    let now = unix_now();
+    for i in 0..1200 {
+        let record = pylon_indexer::store::NodeRecord {
+            id: format!("node-{i:05}"),
+            provider: format!("p{}", i % 7),
+            public_key: pk(&SigningKey::from_bytes(&[(i % 250) as u8 + 1; 32])),
+            info: json!({"region": if i % 3 == 0 { "eu" } else { "us" }}),
+            capacity: 1,
+            sessions: 0,
+            price_per_hour: 1.0,
+            gpu_class: 1,
+            encode_ms: 4.0,
+            titles: if i % 10 == 0 { vec!["demo".into(), "bsu".into()] } else { vec!["demo".into()] },
+            draining: false,
+            revoked: false,
+            approved: true,
+            seats: 0,
+            last_heartbeat: if i % 4 == 0 { now - 3600 } else { now },
+        };
+        assert!(s.store.register_node(&record, 1).await.unwrap());
+    }
+    let (status, first) = call(&s, get("/api/v1/nodes")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["items"].as_array().unwrap().len(), 100, "100 per page by default");
+    let (_, biggest) = call(&s, get("/api/v1/nodes?limit=1000")).await;
+    assert_eq!(biggest["items"].as_array().unwrap().len(), 1000);
+    assert!(biggest["next_cursor"].is_string(), "1,200 nodes are never one response");
+
+    // Walking the cursor visits every node once, in order; filters combine.
+    let walk = |query: &'static str| {
+        let s = s.clone();
+        async move {
+            let mut ids = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/api/v1/nodes?{query}&cursor={c}"),
+                    None => format!("/api/v1/nodes?{query}"),
+                };
+                let (status, page) = call(&s, get(&path)).await;
+                assert_eq!(status, StatusCode::OK, "{path}: {page}");
+                ids.extend(page["items"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()));
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_string()),
+                    None => return ids,
+                }
+            }
+        }
+    };
+    let all = walk("limit=333").await;
+    assert_eq!(all.len(), 1200);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "in id order, no repeats");
+    let eu = walk("limit=50&region=eu").await;
+    assert_eq!(eu.len(), 400);
+    let bsu_ready = walk("limit=7&title=bsu&state=ready").await;
+    // i % 10 == 0 has bsu; of those, i % 4 == 0 (i % 20 == 0) are gone.
+    assert_eq!(bsu_ready.len(), 60);
+    assert_eq!(walk("state=gone").await.len(), 300);
+
+    for bad in [
+        "/api/v1/nodes?limit=0",
+        "/api/v1/nodes?limit=1001",
+        "/api/v1/nodes?cursor=%%%",
+        "/api/v1/nodes?state=asleep",
+        "/api/v1/titles?cursor=eyJ4Ijoi",
+    ] {
+        let (status, reply) = call(&s, get(bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(["malformed", "invalid"].contains(&reply["reason"].as_str().unwrap()), "{bad}: {reply}");
+    }
+
+    // Usage pages by provider, relays by id.
+    let (_, usage) = call(&s, get("/api/v1/usage?limit=3")).await;
+    assert!(usage["items"].as_array().unwrap().is_empty(), "no sessions yet");
+    let relay = SigningKey::from_bytes(&[3; 32]);
+    add_relay(&s, "relay-1", &relay, json!({})).await;
+    let (_, relays) = call(&s, get("/api/v1/relays?region=eu&state=ready")).await;
+    assert_eq!(relays["items"][0]["id"], "relay-1");
+    let (_, none) = call(&s, get("/api/v1/relays?region=mars")).await;
+    assert!(none["items"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn studios_add_read_page_and_remove_titles() {
+    let s = state().await;
+    for i in 0..5 {
+        let title = json!({"id": format!("t{i}"), "name": format!("Game {}", 4 - i), "description": "", "launch": "x",
+                           "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60});
+        assert_eq!(call(&s, admin(post("/api/v1/titles", &title))).await.0, StatusCode::CREATED);
+    }
+    let bad = json!({"id": "no spaces", "name": "x", "description": "", "launch": "x",
+                     "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60});
+    assert_eq!(call(&s, admin(post("/api/v1/titles", &bad))).await.1["reason"], "invalid");
+    let (_, page) = call(&s, get("/api/v1/titles?limit=2")).await;
+    let names: Vec<_> = page["items"].as_array().unwrap().iter().map(|t| t["name"].clone()).collect();
+    assert_eq!(names, ["Game 0", "Game 1"], "by name");
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = call(&s, get(&format!("/api/v1/titles?limit=10&cursor={cursor}"))).await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 3);
+    assert!(rest.get("next_cursor").is_none());
+    assert_eq!(call(&s, get("/api/v1/titles/t2")).await.1["name"], "Game 2");
+    let delete = |id: &str| Request::delete(format!("/api/v1/titles/{id}")).body(Body::empty()).unwrap();
+    assert_eq!(call(&s, delete("t2")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, admin(delete("t2"))).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, get("/api/v1/titles/t2")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(call(&s, admin(delete("t2"))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&s, get("/api/v1/candidates/t2")).await.0,
+        StatusCode::NOT_FOUND,
+        "no candidates for a removed title"
+    );
 }

@@ -4,21 +4,32 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
+/// What an id (node, relay, title, provider-chosen) may look like: 1–64 ASCII letters,
+/// digits, `.`, `_`, `:` or `-`.
+pub const ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,64}$";
+
+/// Whether `id` matches [`ID_PATTERN`].
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
 /// The indexer's public key, which relays and nodes verify session tokens with.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PublicKey {
     /// Base64 ed25519 public key.
     pub public_key: String,
 }
 
 /// A node's registration.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterNode {
     /// Node id (stable across restarts).
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
     pub id: String,
     /// Provider account.
     pub provider: String,
     /// Base64 ed25519 public key; later requests are signed with its private half.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub public_key: String,
     /// GPU model.
     pub gpu_model: String,
@@ -29,6 +40,7 @@ pub struct RegisterNode {
     /// Encoders that opened when probed (`h264_nvenc`, `libx264`…).
     pub encoders: Vec<String>,
     /// Sessions it can run.
+    #[schema(minimum = 1)]
     pub capacity: u32,
     /// Region name.
     pub region: String,
@@ -37,6 +49,7 @@ pub struct RegisterNode {
     /// Longitude.
     pub lon: f64,
     /// Price per GPU-hour.
+    #[schema(minimum = 0)]
     pub price_per_hour: f64,
     /// GPU class.
     pub gpu_class: u8,
@@ -45,7 +58,7 @@ pub struct RegisterNode {
 }
 
 /// A node's heartbeat.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NodeHeartbeat {
     /// Sessions running.
     pub sessions: u32,
@@ -57,26 +70,30 @@ pub struct NodeHeartbeat {
 }
 
 /// A relay's registration.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterRelay {
     /// Relay id.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
     pub id: String,
     /// Owner account.
     pub owner: String,
     /// Base64 ed25519 public key.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub public_key: String,
     /// Where browsers reach it.
+    #[schema(pattern = "^https?://")]
     pub public_url: String,
     /// Where nodes reach it over QUIC.
     pub quic_addr: String,
     /// Region name.
     pub region: String,
     /// Viewers it can serve.
+    #[schema(minimum = 1)]
     pub capacity: u32,
 }
 
 /// A relay's heartbeat.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RelayHeartbeat {
     /// Viewers now.
     pub viewers: u32,
@@ -89,7 +106,7 @@ pub struct RelayHeartbeat {
 
 /// What anyone may know of a node: its key and state (relays check a connecting node's
 /// key against it).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NodeKeyInfo {
     /// Node id.
     pub id: String,
@@ -100,7 +117,7 @@ pub struct NodeKeyInfo {
 }
 
 /// A relay the client should measure its RTT to.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Candidate {
     /// Relay id.
     pub relay: String,
@@ -110,8 +127,19 @@ pub struct Candidate {
     pub region: String,
 }
 
+/// Who a session token is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionRole {
+    /// Plays: input is carried to the game.
+    #[default]
+    Player,
+    /// Watches: never carries input.
+    Spectator,
+}
+
 /// A player's session request.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateSession {
     /// Title id.
     pub title: String,
@@ -122,11 +150,11 @@ pub struct CreateSession {
     pub max_price_per_hour: Option<f64>,
     /// `player` (default) or `spectator`.
     #[serde(default)]
-    pub role: Option<String>,
+    pub role: Option<SessionRole>,
 }
 
 /// A created session.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SessionCreated {
     /// Session id.
     pub session: String,
@@ -145,7 +173,7 @@ pub struct SessionCreated {
 }
 
 /// The indexer's answer to a relay's heartbeat.
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RelayHeartbeatReply {
     /// Sessions on this relay that ended recently: their tokens must not be used again.
     pub ended_sessions: Vec<String>,
@@ -154,9 +182,59 @@ pub struct RelayHeartbeatReply {
 }
 
 /// Why a session ended.
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EndSession {
     /// For example `player left`, `node drained`.
     #[serde(default)]
     pub reason: String,
+}
+
+/// Why the indexer refused a request: a stable, machine-readable code beside the
+/// human-readable message of [`ErrorBody`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorReason {
+    /// The body or a query parameter does not parse (400).
+    Malformed,
+    /// It parses but a value is out of range or inconsistent (400).
+    Invalid,
+    /// A signed request lacks `x-pylon-timestamp`, `x-pylon-nonce` or `x-pylon-signature` (401).
+    Unsigned,
+    /// The signature does not verify with the registered key (401).
+    BadSignature,
+    /// The request's timestamp is too far from the indexer's clock (401).
+    Stale,
+    /// The request's nonce is not newer than the last one this key signed (401).
+    Replayed,
+    /// An administrative call without the admin token (401).
+    NotAdmin,
+    /// The caller is neither a party allowed to make this call nor an admin (401).
+    NotAllowed,
+    /// The node or relay is revoked (403).
+    Revoked,
+    /// The id is registered with another key (409).
+    KeyConflict,
+    /// No such title, node, relay or (running) session (404).
+    NotFound,
+    /// Too many requests from this address or for this title; see `Retry-After` (429).
+    RateLimited,
+    /// No ready node with the title and a free seat, or no healthy relay; see `Retry-After` (503).
+    NoCapacity,
+    /// The matched node filled up before the seat was booked; retry at once (503).
+    SeatTaken,
+    /// The indexer failed; the detail is in its log (500).
+    Internal,
+}
+
+/// Every error answer's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+    /// What went wrong, for programs.
+    pub reason: ErrorReason,
+    /// For 429 and 503: seconds to wait before retrying (also in `Retry-After`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }

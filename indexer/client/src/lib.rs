@@ -96,6 +96,8 @@ pub enum ClientError {
         status: u16,
         /// The indexer's message.
         message: String,
+        /// Its machine-readable reason, when the body carried one.
+        reason: Option<api::ErrorReason>,
     },
     /// The answer was not what the API promises.
     #[error("indexer answered {path} with a malformed body: {reason}")]
@@ -261,13 +263,10 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
-        let message = resp
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_default();
-        Err(ClientError::Refused { path: path.into(), status, message })
+        let body = resp.json::<api::ErrorBody>().await.ok();
+        let reason = body.as_ref().map(|b| b.reason);
+        let message = body.map(|b| b.error).unwrap_or_default();
+        Err(ClientError::Refused { path: path.into(), status, message, reason })
     }
 
     async fn call<B: Serialize, R: DeserializeOwned>(
