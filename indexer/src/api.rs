@@ -17,7 +17,7 @@ use crate::store::{Member, NodeFlag, NodeRecord, RelayRecord, SessionRecord, Sto
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -447,6 +447,21 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
     }
 }
 
+/// A path's one id. One that does not decode (not UTF-8) names nothing that exists: a 404
+/// [`ErrorBody`], as the operation documents, not axum's plain-text 400.
+pub struct IdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|_| ApiError::not_found("resource"))
+    }
+}
+
 /// Items per page when the caller does not say.
 pub const DEFAULT_PAGE: u32 = 100;
 /// Most items per page.
@@ -736,7 +751,7 @@ async fn put_title(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -
         (status = 200, description = "The title", body = Title),
         (status = 404, description = "No such title", body = ErrorBody),
     ))]
-async fn get_title(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Title>> {
+async fn get_title(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Title>> {
     Ok(Json(title_named(&s, &id).await?))
 }
 
@@ -755,7 +770,7 @@ async fn title_named(s: &AppState, id: &str) -> ApiResult<Title> {
         (status = 401, description = "No or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such title", body = ErrorBody),
     ))]
-async fn delete_title(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn delete_title(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
     check_admin(&s, &headers)?;
     if !valid_id(&id) || !s.store.delete_title(&id).await? {
         return Err(ApiError::not_found("title"));
@@ -968,7 +983,7 @@ async fn signed_node(
     ))]
 async fn node_heartbeat(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
@@ -999,7 +1014,7 @@ async fn node_heartbeat(
     ))]
 async fn drain_node(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
@@ -1017,7 +1032,7 @@ async fn drain_node(
         (status = 200, description = "Its key and state", body = NodeKeyInfo),
         (status = 404, description = "No such node", body = ErrorBody),
     ))]
-async fn node_info(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<NodeKeyInfo>> {
+async fn node_info(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<NodeKeyInfo>> {
     if !valid_id(&id) {
         return Err(ApiError::not_found("node"));
     }
@@ -1068,7 +1083,7 @@ enum AdminAction {
         (status = 401, description = "No or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
     ))]
-async fn approve_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn approve_node(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
     admin_member(&s, &headers, Member::Node, &id, AdminAction::Approve).await
 }
 
@@ -1080,7 +1095,7 @@ async fn approve_node(State(s): State<AppState>, Path(id): Path<String>, headers
         (status = 401, description = "No or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such relay", body = ErrorBody),
     ))]
-async fn approve_relay(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn approve_relay(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
     admin_member(&s, &headers, Member::Relay, &id, AdminAction::Approve).await
 }
 
@@ -1092,7 +1107,7 @@ async fn approve_relay(State(s): State<AppState>, Path(id): Path<String>, header
         (status = 401, description = "No or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
     ))]
-async fn revoke_node(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn revoke_node(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
     admin_member(&s, &headers, Member::Node, &id, AdminAction::Revoke).await
 }
 
@@ -1188,7 +1203,7 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
     ))]
 async fn relay_heartbeat(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<RelayHeartbeatReply>> {
@@ -1270,7 +1285,7 @@ pub async fn run_sweeper(state: AppState, mut shutdown: tokio::sync::watch::Rece
         (status = 401, description = "No or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such relay", body = ErrorBody),
     ))]
-async fn revoke_relay(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn revoke_relay(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
     admin_member(&s, &headers, Member::Relay, &id, AdminAction::Revoke).await
 }
 
@@ -1301,7 +1316,7 @@ async fn list_relays(State(s): State<AppState>, ListQuery(q): ListQuery<RelayQue
         (status = 200, description = "Candidate relays", body = [Candidate]),
         (status = 404, description = "No such title", body = ErrorBody),
     ))]
-async fn candidates(State(s): State<AppState>, Path(title): Path<String>) -> ApiResult<Json<Vec<Candidate>>> {
+async fn candidates(State(s): State<AppState>, IdPath(title): IdPath) -> ApiResult<Json<Vec<Candidate>>> {
     title_named(&s, &title).await?;
     let now = unix_now();
     let relays = s.store.relays().await?;
@@ -1478,7 +1493,7 @@ async fn create_session(
     ))]
 async fn spectate(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     ClientAddr(addr): ClientAddr,
 ) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
     if let Err(wait) = s.limiters.spectate_per_address.check(&addr, Instant::now()) {
@@ -1537,7 +1552,7 @@ async fn spectate(
     ))]
 async fn end_session(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<StatusCode> {

@@ -541,6 +541,7 @@ async fn errors_carry_a_reason_code_and_busy_answers_retry_after() {
     assert_eq!(reason(&call(&s, signed("/api/v1/nodes", &body, &forger)).await.1), "key_conflict");
     assert_eq!(reason(&call(&s, post("/api/v1/nodes/node-a/revoke", &json!({}))).await.1), "not_admin");
     assert_eq!(reason(&call(&s, get("/api/v1/nodes/nobody")).await.1), "not_found");
+    assert_eq!(reason(&call(&s, get("/api/v1/nodes/%FF")).await.1), "not_found", "an id that is not UTF-8");
     assert_eq!(reason(&call(&s, post("/api/v1/nodes", &json!({"id": 5}))).await.1), "malformed");
     let nul = json!({"title": "de\u{0}mo", "client_rtt_ms": {}});
     assert_eq!(reason(&call(&s, post("/api/v1/sessions", &nul)).await.1), "invalid");
