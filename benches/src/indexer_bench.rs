@@ -67,6 +67,7 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
             width: 1280,
             height: 720,
             fps: 60,
+            ..Default::default()
         })
         .await
         .unwrap();

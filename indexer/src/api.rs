@@ -13,11 +13,13 @@
 
 use crate::limit::{KeyedLimiter, Rate};
 use crate::selector::{self, MatchRequest, NodeCandidate, NodeState, RelayCandidate};
-use crate::store::{Member, NodeFlag, NodeRecord, RelayRecord, SessionRecord, Store, StoreError, Title, Usage};
+use crate::store::{
+    InputKind, Member, NodeFlag, NodeRecord, RelayRecord, SessionRecord, Store, StoreError, Title, Usage,
+};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -247,6 +249,8 @@ pub struct AppState {
     pub signing_key: Arc<SigningKey>,
     /// Bearer token for administrative calls (titles, revocation, approval).
     pub admin_token: Arc<String>,
+    /// Bearer token studios deploy titles with (empty: only the admin may).
+    pub studio_token: Arc<String>,
     /// Metrics.
     pub metrics: IndexerMetrics,
     /// The operator's policy.
@@ -262,10 +266,19 @@ impl AppState {
             store,
             signing_key: Arc::new(signing_key),
             admin_token: Arc::new(admin_token),
+            studio_token: Arc::default(),
             metrics: IndexerMetrics::new(),
             limiters: Arc::new(Limiters::new(&policy)),
             policy,
         }
+    }
+}
+
+impl AppState {
+    /// Also accepts `token` from studios for adding, changing and removing titles.
+    pub fn with_studio_token(mut self, token: String) -> Self {
+        self.studio_token = Arc::new(token);
+        self
     }
 }
 
@@ -343,6 +356,7 @@ pub fn router(state: AppState) -> Router {
     ),
     components(schemas(
         Title,
+        InputKind,
         NodeRecord,
         RelayRecord,
         Usage,
@@ -384,6 +398,15 @@ impl utoipa::Modify for SecuritySchemes {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("The operator's admin token (PYLON_ADMIN_TOKEN or --admin-token-file)."))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "studio",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The studio token (PYLON_STUDIO_TOKEN or --studio-token-file): deploys titles."))
                     .build(),
             ),
         );
@@ -656,15 +679,28 @@ async fn check_signature(
     spend_nonce(state, member, id, nonce).await
 }
 
-fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+/// Whether the request's bearer token is `token` (compared in constant time; an empty
+/// `token` matches nothing).
+fn bearer_is(headers: &HeaderMap, token: &str) -> bool {
     use subtle::ConstantTimeEq;
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match given {
-        Some(given) if !state.admin_token.is_empty() => {
-            bool::from(given.as_bytes().ct_eq(state.admin_token.as_bytes()))
-        }
+    match given {
+        Some(given) if !token.is_empty() => bool::from(given.as_bytes().ct_eq(token.as_bytes())),
         _ => false,
-    };
+    }
+}
+
+/// Title changes: the admin or a studio.
+fn check_studio(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    if bearer_is(headers, &state.admin_token) || bearer_is(headers, &state.studio_token) {
+        return Ok(());
+    }
+    state.metrics.refused_requests.inc();
+    Err(ApiError::unauthorized(ErrorReason::NotAdmin, "deploying titles needs the studio or admin token"))
+}
+
+fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let ok = bearer_is(headers, &state.admin_token);
     if !ok {
         state.metrics.refused_requests.inc();
         return Err(ApiError::unauthorized(
@@ -727,14 +763,14 @@ async fn list_titles(State(s): State<AppState>, ListQuery(q): ListQuery<PageQuer
 }
 
 /// Adds a title or replaces the one with its id (a studio deploying a title).
-#[utoipa::path(post, path = "/api/v1/titles", tag = "catalog", request_body = Title, security(("admin" = [])),
+#[utoipa::path(post, path = "/api/v1/titles", tag = "catalog", request_body = Title, security(("studio" = []), ("admin" = [])),
     responses(
         (status = 201, description = "Stored"),
         (status = 400, description = "Malformed or invalid title", body = ErrorBody),
-        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 401, description = "No or wrong studio or admin token", body = ErrorBody),
     ))]
 async fn put_title(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<StatusCode> {
-    check_admin(&s, &headers)?;
+    check_studio(&s, &headers)?;
     let t: Title = json(&body)?;
     if let Err(why) = t.validate() {
         return Err(ApiError::invalid(why));
@@ -763,15 +799,15 @@ async fn title_named(s: &AppState, id: &str) -> ApiResult<Title> {
 }
 
 /// Removes a title from the catalog: no new sessions of it (running ones go on).
-#[utoipa::path(delete, path = "/api/v1/titles/{id}", tag = "catalog", security(("admin" = [])),
+#[utoipa::path(delete, path = "/api/v1/titles/{id}", tag = "catalog", security(("studio" = []), ("admin" = [])),
     params(("id" = String, Path, description = "Title id")),
     responses(
         (status = 204, description = "Removed"),
-        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 401, description = "No or wrong studio or admin token", body = ErrorBody),
         (status = 404, description = "No such title", body = ErrorBody),
     ))]
 async fn delete_title(State(s): State<AppState>, IdPath(id): IdPath, headers: HeaderMap) -> ApiResult<StatusCode> {
-    check_admin(&s, &headers)?;
+    check_studio(&s, &headers)?;
     if !valid_id(&id) || !s.store.delete_title(&id).await? {
         return Err(ApiError::not_found("title"));
     }

@@ -28,6 +28,10 @@ struct Args {
     /// where every user of the machine can read it. Without either those calls are refused.
     #[arg(long, env = "PYLON_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// File holding the bearer token studios deploy titles with (POST/DELETE
+    /// /api/v1/titles); or set PYLON_STUDIO_TOKEN. Without either only the admin may.
+    #[arg(long, env = "PYLON_STUDIO_TOKEN_FILE")]
+    studio_token_file: Option<PathBuf>,
     /// New render nodes and relays wait for the operator's approval
     /// (POST /api/v1/nodes/{id}/approve, /relays/{id}/approve) before they are used. By
     /// default the pool is open.
@@ -48,14 +52,14 @@ struct Args {
     demo_title: bool,
 }
 
-/// The admin token: from the file named, or from `PYLON_ADMIN_TOKEN`.
-fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+/// A token: from the file named, or from environment variable `var`.
+fn token(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<String> {
     match file {
         Some(path) => Ok(std::fs::read_to_string(path)
-            .with_context(|| format!("reading the admin token file {}", path.display()))?
+            .with_context(|| format!("reading the token file {}", path.display()))?
             .trim()
             .to_string()),
-        None => Ok(std::env::var("PYLON_ADMIN_TOKEN").unwrap_or_default()),
+        None => Ok(std::env::var(var).unwrap_or_default()),
     }
 }
 
@@ -63,7 +67,8 @@ fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     pylon_runtime::init_tracing("info,sqlx=warn");
     let args = Args::parse();
-    let admin_token = admin_token(args.admin_token_file.as_deref())?;
+    let admin_token = token(args.admin_token_file.as_deref(), "PYLON_ADMIN_TOKEN")?;
+    let studio_token = token(args.studio_token_file.as_deref(), "PYLON_STUDIO_TOKEN")?;
     if admin_token.is_empty() {
         tracing::warn!("no admin token (PYLON_ADMIN_TOKEN or --admin-token-file): administrative calls are refused");
     }
@@ -85,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
                 width: 1280,
                 height: 720,
                 fps: 60,
+                ..Default::default()
             })
             .await?;
     }
@@ -98,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     if policy.approve_new {
         tracing::info!("new nodes and relays wait for approval");
     }
-    let state = AppState::new(store, key, admin_token, policy);
+    let state = AppState::new(store, key, admin_token, policy).with_studio_token(studio_token);
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
     tracing::info!(addr = %args.addr, "indexer API at /api/v1, OpenAPI at /api/v1/openapi.json, metrics at /metrics");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -22,56 +22,7 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
 }
 
-/// A title in the catalog.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct Title {
-    /// Stable id (`demo`).
-    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
-    pub id: String,
-    /// Display name.
-    #[schema(min_length = 1, max_length = 128)]
-    pub name: String,
-    /// One paragraph for the catalog.
-    #[schema(max_length = 4096)]
-    pub description: String,
-    /// How a node launches it (`builtin:demo` now; a command or image later).
-    #[schema(max_length = 4096)]
-    pub launch: String,
-    /// Minimum GPU class.
-    #[schema(minimum = 0, maximum = 255)]
-    pub min_gpu_class: i64,
-    /// Default width.
-    #[schema(minimum = 16, maximum = 7680)]
-    pub width: i64,
-    /// Default height.
-    #[schema(minimum = 16, maximum = 4320)]
-    pub height: i64,
-    /// Default frame rate.
-    #[schema(minimum = 1, maximum = 240)]
-    pub fps: i64,
-}
-
-impl Title {
-    /// Why this title cannot be stored, if it cannot.
-    pub fn validate(&self) -> Result<(), &'static str> {
-        if !pylon_indexer_client::api::valid_id(&self.id) {
-            return Err("a title id is 1-64 letters, digits or ._:-");
-        }
-        if self.name.is_empty() || self.name.chars().count() > 128 {
-            return Err("a title needs a name of 1-128 characters");
-        }
-        if self.description.chars().count() > 4096 || self.launch.chars().count() > 4096 {
-            return Err("description and launch are at most 4096 characters");
-        }
-        if !(0..=255).contains(&self.min_gpu_class) {
-            return Err("min_gpu_class is 0-255");
-        }
-        if !(16..=7680).contains(&self.width) || !(16..=4320).contains(&self.height) || !(1..=240).contains(&self.fps) {
-            return Err("a title runs at 16x16 to 7680x4320 and 1-240 frames per second");
-        }
-        Ok(())
-    }
-}
+pub use pylon_indexer_client::api::{InputKind, Title};
 
 /// A registered render node as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -200,10 +151,13 @@ impl Store {
     pub async fn put_title(&self, t: &Title) -> Result<(), StoreError> {
         // One statement: a reader never sees the title missing while it is replaced.
         sqlx::query(
-            "INSERT INTO titles (id, name, description, launch, min_gpu_class, width, height, fps) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
-             description = excluded.description, launch = excluded.launch, min_gpu_class = excluded.min_gpu_class, \
-             width = excluded.width, height = excluded.height, fps = excluded.fps",
+            "INSERT INTO titles (id, name, description, launch, min_gpu_class, width, height, fps, command, args, \
+             workdir, env, needs_gpu, input_kinds) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (id) DO UPDATE SET \
+             name = excluded.name, description = excluded.description, launch = excluded.launch, \
+             min_gpu_class = excluded.min_gpu_class, width = excluded.width, height = excluded.height, \
+             fps = excluded.fps, command = excluded.command, args = excluded.args, workdir = excluded.workdir, \
+             env = excluded.env, needs_gpu = excluded.needs_gpu, input_kinds = excluded.input_kinds",
         )
         .bind(&t.id)
         .bind(&t.name)
@@ -213,12 +167,19 @@ impl Store {
         .bind(t.width)
         .bind(t.height)
         .bind(t.fps)
+        .bind(&t.command)
+        .bind(serde_json::to_string(&t.args)?)
+        .bind(&t.workdir)
+        .bind(serde_json::to_string(&t.env)?)
+        .bind(b(t.needs_gpu))
+        .bind(serde_json::to_string(&t.input_kinds)?)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    const TITLE_COLUMNS: &'static str = "id, name, description, launch, min_gpu_class, width, height, fps";
+    const TITLE_COLUMNS: &'static str = "id, name, description, launch, min_gpu_class, width, height, fps, command, \
+        args, workdir, env, needs_gpu, input_kinds";
 
     fn title_row(r: &sqlx::any::AnyRow) -> Result<Title, StoreError> {
         Ok(Title {
@@ -230,6 +191,12 @@ impl Store {
             width: r.try_get(5)?,
             height: r.try_get(6)?,
             fps: r.try_get(7)?,
+            command: r.try_get(8)?,
+            args: serde_json::from_str(&r.try_get::<String, _>(9)?)?,
+            workdir: r.try_get(10)?,
+            env: serde_json::from_str(&r.try_get::<String, _>(11)?)?,
+            needs_gpu: r.try_get::<i64, _>(12)? != 0,
+            input_kinds: serde_json::from_str(&r.try_get::<String, _>(13)?)?,
         })
     }
 

@@ -659,11 +659,11 @@ async fn listings_page_with_a_cursor_and_filter_by_state_region_and_title() {
 async fn studios_add_read_page_and_remove_titles() {
     let s = state().await;
     for i in 0..5 {
-        let title = json!({"id": format!("t{i}"), "name": format!("Game {}", 4 - i), "description": "", "launch": "x",
+        let title = json!({"id": format!("t{i}"), "name": format!("Game {}", 4 - i), "description": "", "launch": "builtin:demo",
                            "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60});
         assert_eq!(call(&s, admin(post("/api/v1/titles", &title))).await.0, StatusCode::CREATED);
     }
-    let bad = json!({"id": "no spaces", "name": "x", "description": "", "launch": "x",
+    let bad = json!({"id": "no spaces", "name": "x", "description": "", "launch": "builtin:demo",
                      "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60});
     assert_eq!(call(&s, admin(post("/api/v1/titles", &bad))).await.1["reason"], "invalid");
     let (_, page) = call(&s, get("/api/v1/titles?limit=2")).await;

@@ -41,6 +41,7 @@ async fn seeded_indexer(dir: &std::path::Path) -> (std::net::SocketAddr, String)
             width: 1280,
             height: 720,
             fps: 60,
+            ..Default::default()
         })
         .await
         .unwrap();

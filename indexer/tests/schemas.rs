@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pylon_indexer::api::*;
-use pylon_indexer::store::{NodeRecord, RelayRecord, Title, Usage};
+use pylon_indexer::store::{InputKind, NodeRecord, RelayRecord, Title, Usage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -53,6 +53,7 @@ fn title() -> Title {
         width: 1280,
         height: 720,
         fps: 60,
+        ..Default::default()
     }
 }
 
@@ -102,6 +103,22 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     let spec = serde_json::to_value(ApiDoc::openapi()).unwrap();
     let mut c = Checker { spec, checked: Default::default() };
     c.check("Title", title());
+    c.check(
+        "Title",
+        Title {
+            id: "chromium-bsu".into(),
+            name: "Chromium B.S.U.".into(),
+            launch: "exec".into(),
+            command: "/usr/games/chromium-bsu".into(),
+            args: vec!["--nosound".into()],
+            workdir: "/tmp".into(),
+            env: BTreeMap::from([("SDL_AUDIODRIVER".to_string(), "dummy".to_string())]),
+            needs_gpu: false,
+            input_kinds: vec![InputKind::Keyboard, InputKind::Mouse],
+            ..title()
+        },
+    );
+    c.check("InputKind", InputKind::Gamepad);
     c.check("NodeRecord", node());
     c.check("RelayRecord", relay());
     c.check("Usage", usage());
@@ -224,4 +241,5 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.rejects("Title", serde_json::to_value(Title { fps: 0, ..title() }).unwrap());
     c.rejects("RegisterRelay", json!({ "id": "r", "owner": "", "public_key": "k", "public_url": "ftp://x", "quic_addr": "", "region": "", "capacity": 1 }));
     c.rejects("MemberState", json!("asleep"));
+    c.rejects("Title", serde_json::to_value(Title { launch: "docker".into(), ..title() }).unwrap());
 }

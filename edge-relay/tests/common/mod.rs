@@ -124,6 +124,7 @@ pub async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
             width: 1280,
             height: 720,
             fps: 60,
+            ..Default::default()
         })
         .await
         .unwrap();

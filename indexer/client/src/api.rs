@@ -238,3 +238,151 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
 }
+
+/// What a player may use in a title.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// Keys, by `KeyboardEvent.code`.
+    Keyboard,
+    /// Pointer, buttons and wheel (relative motion under pointer lock).
+    Mouse,
+    /// Xbox-style gamepads.
+    Gamepad,
+    /// Touch, delivered as the pointer.
+    Touch,
+}
+
+/// How a title is launched: the node's built-in demo.
+pub const LAUNCH_BUILTIN_DEMO: &str = "builtin:demo";
+/// How a title is launched: `command` runs in a session sandbox (its own X server).
+pub const LAUNCH_EXEC: &str = "exec";
+/// Environment variables the node sets for every title; a spec may not override them.
+pub const RESERVED_ENV: &[&str] =
+    &["DISPLAY", "HOME", "XDG_RUNTIME_DIR", "LD_PRELOAD", "LD_LIBRARY_PATH", "PULSE_SERVER", "VK_INSTANCE_LAYERS"];
+
+fn all_inputs() -> Vec<InputKind> {
+    vec![InputKind::Keyboard, InputKind::Mouse, InputKind::Gamepad, InputKind::Touch]
+}
+
+/// A title in the catalog: what players see, and the launch spec a node runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Title {
+    /// Stable id (`demo`).
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
+    pub id: String,
+    /// Display name.
+    #[schema(min_length = 1, max_length = 128)]
+    pub name: String,
+    /// One paragraph for the catalog.
+    #[schema(max_length = 4096)]
+    pub description: String,
+    /// `builtin:demo` (the node's own demo) or `exec` (`command` runs in a sandbox per
+    /// session: its own X server, home and runtime directory, process group).
+    #[schema(pattern = "^(builtin:demo|exec)$")]
+    pub launch: String,
+    /// For `exec`: the program, an absolute path or a name looked up on the node's `PATH`.
+    /// A node offers the title only when it finds it.
+    #[serde(default)]
+    #[schema(max_length = 4096)]
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Working directory (default: the session's home).
+    #[serde(default)]
+    #[schema(max_length = 4096)]
+    pub workdir: String,
+    /// Extra environment (names `[A-Za-z_][A-Za-z0-9_]*`; the sandbox's own, such as
+    /// `DISPLAY` and `HOME`, cannot be overridden).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// It needs a GPU (Vulkan or OpenGL beyond a CPU renderer).
+    #[serde(default)]
+    pub needs_gpu: bool,
+    /// The input it reads.
+    #[serde(default = "all_inputs")]
+    pub input_kinds: Vec<InputKind>,
+    /// Minimum GPU class.
+    #[schema(minimum = 0, maximum = 255)]
+    pub min_gpu_class: i64,
+    /// Width it runs at.
+    #[schema(minimum = 16, maximum = 7680)]
+    pub width: i64,
+    /// Height it runs at.
+    #[schema(minimum = 16, maximum = 4320)]
+    pub height: i64,
+    /// Frame rate it runs at.
+    #[schema(minimum = 1, maximum = 240)]
+    pub fps: i64,
+}
+
+impl Default for Title {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            name: String::new(),
+            description: String::new(),
+            launch: LAUNCH_BUILTIN_DEMO.into(),
+            command: String::new(),
+            args: Vec::new(),
+            workdir: String::new(),
+            env: BTreeMap::new(),
+            needs_gpu: false,
+            input_kinds: all_inputs(),
+            min_gpu_class: 0,
+            width: 1280,
+            height: 720,
+            fps: 60,
+        }
+    }
+}
+
+impl Title {
+    /// Why this title cannot be stored, if it cannot.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if !valid_id(&self.id) {
+            return Err("a title id is 1-64 letters, digits or ._:-");
+        }
+        if self.name.is_empty() || self.name.chars().count() > 128 {
+            return Err("a title needs a name of 1-128 characters");
+        }
+        let long = |s: &str| s.chars().count() > 4096;
+        if long(&self.description) || long(&self.command) || long(&self.workdir) {
+            return Err("description, command and workdir are at most 4096 characters");
+        }
+        match self.launch.as_str() {
+            LAUNCH_BUILTIN_DEMO => {}
+            LAUNCH_EXEC if self.command.trim().is_empty() => return Err("an exec title needs a command"),
+            LAUNCH_EXEC => {}
+            _ => return Err("launch is builtin:demo or exec"),
+        }
+        if self.args.len() > 64 || self.args.iter().any(|a| long(a)) {
+            return Err("at most 64 arguments of at most 4096 characters");
+        }
+        if self.env.len() > 64 || self.env.values().any(|v| long(v)) {
+            return Err("at most 64 environment variables of at most 4096 characters");
+        }
+        let name_ok = |k: &str| {
+            k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && k.len() <= 128
+        };
+        if !self.env.keys().all(|k| name_ok(k)) {
+            return Err("environment names are [A-Za-z_][A-Za-z0-9_]*");
+        }
+        if self.env.keys().any(|k| RESERVED_ENV.contains(&k.as_str())) {
+            return Err("the sandbox sets DISPLAY, HOME, XDG_RUNTIME_DIR, LD_PRELOAD, PULSE_SERVER itself");
+        }
+        if self.input_kinds.len() > 4 {
+            return Err("input_kinds lists each kind at most once");
+        }
+        if !(0..=255).contains(&self.min_gpu_class) {
+            return Err("min_gpu_class is 0-255");
+        }
+        if !(16..=7680).contains(&self.width) || !(16..=4320).contains(&self.height) || !(1..=240).contains(&self.fps) {
+            return Err("a title runs at 16x16 to 7680x4320 and 1-240 frames per second");
+        }
+        Ok(())
+    }
+}
