@@ -11,7 +11,8 @@ struct Params {
     height: u32,
     // Offset of the interleaved UV plane, in 32-bit words.
     uv_offset_words: u32,
-    _pad: u32,
+    // 1 when the source holds B, G, R in its R, G, B channels (an uploaded BGRX capture).
+    swap_rb: u32,
 };
 
 @group(0) @binding(0) var source: texture_2d<f32>;
@@ -33,6 +34,11 @@ fn pack4(a: f32, b: f32, c: f32, d: f32) -> u32 {
     return u.x | (u.y << 8u) | (u.z << 16u) | (u.w << 24u);
 }
 
+fn px(x: u32, y: u32) -> vec3<f32> {
+    let t = textureLoad(source, vec2<u32>(x, y), 0);
+    return select(t.rgb, t.bgr, params.swap_rb != 0u);
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     let x = id.x * 4u;
@@ -41,14 +47,14 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
         return;
     }
     // Unrolled on purpose: CPU implementations (lavapipe) keep these in registers.
-    let t0 = textureLoad(source, vec2<u32>(x, y), 0).rgb;
-    let t1 = textureLoad(source, vec2<u32>(x + 1u, y), 0).rgb;
-    let t2 = textureLoad(source, vec2<u32>(x + 2u, y), 0).rgb;
-    let t3 = textureLoad(source, vec2<u32>(x + 3u, y), 0).rgb;
-    let b0 = textureLoad(source, vec2<u32>(x, y + 1u), 0).rgb;
-    let b1 = textureLoad(source, vec2<u32>(x + 1u, y + 1u), 0).rgb;
-    let b2 = textureLoad(source, vec2<u32>(x + 2u, y + 1u), 0).rgb;
-    let b3 = textureLoad(source, vec2<u32>(x + 3u, y + 1u), 0).rgb;
+    let t0 = px(x, y);
+    let t1 = px(x + 1u, y);
+    let t2 = px(x + 2u, y);
+    let t3 = px(x + 3u, y);
+    let b0 = px(x, y + 1u);
+    let b1 = px(x + 1u, y + 1u);
+    let b2 = px(x + 2u, y + 1u);
+    let b3 = px(x + 3u, y + 1u);
     let words_per_row = params.width / 4u;
     let row0 = y * words_per_row + id.x;
     nv12[row0] = pack4(luma(t0), luma(t1), luma(t2), luma(t3));

@@ -122,7 +122,18 @@ struct Buffer {
     size: usize,
 }
 
+/// A slot's staging area for uploaded pictures: a host-visible buffer and, when the
+/// picture's size differs from the stream's, an image it is copied into and scaled from.
+struct Upload {
+    buffer: Buffer,
+    image: vk::Image,
+    memory: vk::DeviceMemory,
+    width: u32,
+    height: u32,
+}
+
 struct Slot {
+    upload: Option<Upload>,
     image: vk::Image,
     image_memory: vk::DeviceMemory,
     view: vk::ImageView,
@@ -144,8 +155,33 @@ pub enum Work {
     RenderAndConvert,
 }
 
+/// How an uploaded picture's bytes are ordered (4 bytes a pixel; the 4th is ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelOrder {
+    /// Blue, green, red, padding: X11 ZPixmap on little-endian, Vulkan B8G8R8A8.
+    Bgrx,
+    /// Red, green, blue, padding.
+    Rgbx,
+}
+
+/// A picture to upload: `height` rows of `stride` bytes, `width` pixels each.
+#[derive(Debug, Clone, Copy)]
+pub struct Picture<'a> {
+    /// Pixels wide.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+    /// Bytes from one row to the next (at least `width * 4`).
+    pub stride: usize,
+    /// The bytes.
+    pub pixels: &'a [u8],
+    /// Their order.
+    pub order: PixelOrder,
+}
+
 /// Renders frames offscreen and converts them to NV12 in a ring of slots.
 pub struct FrameRenderer {
+    memory: vk::PhysicalDeviceMemoryProperties,
     _entry: ash::Entry,
     instance: ash::Instance,
     device: ash::Device,
@@ -229,6 +265,7 @@ impl FrameRenderer {
         let memory = unsafe { instance.get_physical_device_memory_properties(info.handle) };
 
         let mut renderer = FrameRenderer {
+            memory,
             _entry: entry,
             instance,
             device,
@@ -607,11 +644,16 @@ impl FrameRenderer {
             .array_layers(1)
             .samples(vk::SampleCountFlags::TYPE_1)
             .tiling(vk::ImageTiling::OPTIMAL)
-            .usage(vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::SAMPLED)
+            .usage(
+                vk::ImageUsageFlags::COLOR_ATTACHMENT
+                    | vk::ImageUsageFlags::SAMPLED
+                    | vk::ImageUsageFlags::TRANSFER_DST,
+            )
             .initial_layout(vk::ImageLayout::UNDEFINED);
         // Each object is pushed into `slot` as soon as it exists, so that a failure
         // part-way leaves nothing behind (see `destroy_slot`).
         let mut slot = Slot {
+            upload: None,
             image: vk::Image::null(),
             image_memory: vk::DeviceMemory::null(),
             view: vk::ImageView::null(),
@@ -748,7 +790,91 @@ impl FrameRenderer {
         }
     }
 
+    fn destroy_upload(&self, u: &Upload) {
+        self.destroy_buffer(&u.buffer);
+        // SAFETY: only called when no pending work uses the upload (the slot's fence was
+        // waited for, or the device is idle); null handles are ignored.
+        unsafe {
+            self.device.destroy_image(u.image, None);
+            if u.memory != vk::DeviceMemory::null() {
+                self.device.free_memory(u.memory, None);
+            }
+        }
+    }
+
+    /// Makes `slot`'s upload area fit a `width` x `height` picture.
+    fn ensure_upload(&mut self, slot: usize, width: u32, height: u32) -> Result<(), GpuError> {
+        let fits = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.upload.as_ref())
+            .is_some_and(|u| u.width == width && u.height == height);
+        if fits {
+            return Ok(());
+        }
+        if let Some(old) = self.slots.get_mut(slot).and_then(|s| s.upload.take()) {
+            self.destroy_upload(&old);
+        }
+        let memory = self.memory;
+        let buffer = self.create_buffer(
+            &memory,
+            width as usize * height as usize * 4,
+            vk::BufferUsageFlags::TRANSFER_SRC,
+            "the upload buffer",
+        )?;
+        let mut upload = Upload { buffer, image: vk::Image::null(), memory: vk::DeviceMemory::null(), width, height };
+        if (width, height) != (self.width, self.height) {
+            let d = &self.device;
+            let info = vk::ImageCreateInfo::default()
+                .image_type(vk::ImageType::TYPE_2D)
+                .format(vk::Format::R8G8B8A8_UNORM)
+                .extent(vk::Extent3D { width, height, depth: 1 })
+                .mip_levels(1)
+                .array_layers(1)
+                .samples(vk::SampleCountFlags::TYPE_1)
+                .tiling(vk::ImageTiling::OPTIMAL)
+                .usage(vk::ImageUsageFlags::TRANSFER_DST | vk::ImageUsageFlags::TRANSFER_SRC)
+                .initial_layout(vk::ImageLayout::UNDEFINED);
+            let result = (|| {
+                // SAFETY: `info` is a valid description.
+                upload.image =
+                    unsafe { d.create_image(&info, None) }.map_err(GpuError::vk("creating the upload image"))?;
+                // SAFETY: the image belongs to this device.
+                let req = unsafe { d.get_image_memory_requirements(upload.image) };
+                let index = Self::memory_type(
+                    &memory,
+                    req.memory_type_bits,
+                    vk::MemoryPropertyFlags::empty(),
+                    vk::MemoryPropertyFlags::DEVICE_LOCAL,
+                    "the upload image",
+                )?;
+                // SAFETY: the index comes from this device's memory properties.
+                upload.memory = unsafe {
+                    d.allocate_memory(
+                        &vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index),
+                        None,
+                    )
+                }
+                .map_err(GpuError::vk("allocating the upload image"))?;
+                // SAFETY: fresh, unbound image and memory sized by its requirements.
+                unsafe { d.bind_image_memory(upload.image, upload.memory, 0) }
+                    .map_err(GpuError::vk("binding the upload image"))
+            })();
+            if let Err(e) = result {
+                self.destroy_upload(&upload);
+                return Err(e);
+            }
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.upload = Some(upload);
+        }
+        Ok(())
+    }
+
     fn destroy_slot(&self, s: &Slot) {
+        if let Some(u) = &s.upload {
+            self.destroy_upload(u);
+        }
         let d = &self.device;
         // SAFETY: `Drop` waits for the device to go idle first, so nothing here is in use;
         // null handles are ignored by Vulkan's destroy functions.
@@ -820,40 +946,228 @@ impl FrameRenderer {
             }
             d.cmd_end_render_pass(cb);
             if work == Work::RenderAndConvert {
-                d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.compute);
-                d.cmd_bind_descriptor_sets(
+                self.record_convert(cb, s, false);
+            }
+            d.end_command_buffer(cb).map_err(GpuError::vk("recording commands"))?;
+            d.reset_fences(&[s.fence]).map_err(GpuError::vk("resetting a fence"))?;
+            let cbs = [cb];
+            let submit = [vk::SubmitInfo::default().command_buffers(&cbs)];
+            d.queue_submit(self.queue, &submit, s.fence).map_err(GpuError::vk("submitting a frame"))?;
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.in_flight = true;
+        }
+        Ok(())
+    }
+
+    /// Records the NV12 conversion of the slot's colour target (in
+    /// `SHADER_READ_ONLY_OPTIMAL`) into its readback buffer.
+    ///
+    /// # Safety
+    /// `cb` is `s`'s command buffer, in the recording state.
+    unsafe fn record_convert(&self, cb: vk::CommandBuffer, s: &Slot, swap_rb: bool) {
+        let d = &self.device;
+        // SAFETY: the caller records into `s`'s command buffer; every handle belongs to
+        // this device.
+        unsafe {
+            d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.compute);
+            d.cmd_bind_descriptor_sets(
+                cb,
+                vk::PipelineBindPoint::COMPUTE,
+                self.compute_layout,
+                0,
+                &[s.descriptor],
+                &[],
+            );
+            let uv_offset_words = self.width * self.height / 4;
+            let params = [self.width, self.height, uv_offset_words, u32::from(swap_rb)];
+            let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            d.cmd_push_constants(cb, self.compute_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
+            // One invocation per 4x2 block, 64 invocations a workgroup along a row (fastest on lavapipe).
+            d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
+            // Make the compute writes visible to the host once the fence signals.
+            let barrier = [vk::BufferMemoryBarrier::default()
+                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                .dst_access_mask(vk::AccessFlags::HOST_READ)
+                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .buffer(s.nv12.buffer)
+                .offset(0)
+                .size(vk::WHOLE_SIZE)];
+            d.cmd_pipeline_barrier(
+                cb,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &[],
+                &barrier,
+                &[],
+            );
+        }
+    }
+
+    /// Uploads `picture` into `slot` (scaled to the stream's size when it differs) and
+    /// converts it to NV12 there, like [`Self::submit`] with `RenderAndConvert` does for a
+    /// rendered scene. The slot must not be in flight.
+    pub fn submit_upload(&mut self, slot: usize, picture: Picture<'_>) -> Result<(), GpuError> {
+        let Picture { width, height, stride, pixels, order } = picture;
+        let row = width as usize * 4;
+        if width == 0 || height == 0 || stride < row || pixels.len() < stride * (height as usize - 1) + row {
+            return Err(GpuError::BadSize { width, height });
+        }
+        if self.slots.get(slot).is_some_and(|s| s.in_flight) {
+            self.wait(slot, Duration::from_secs(5))?;
+        }
+        self.ensure_upload(slot, width, height)?;
+        let Some(s) = self.slots.get(slot) else {
+            return Err(GpuError::NoDevice(format!("no ring slot {slot}")));
+        };
+        let Some(u) = s.upload.as_ref() else {
+            return Err(GpuError::NoDevice("no upload area".into()));
+        };
+        for y in 0..height as usize {
+            let src = pixels.get(y * stride..y * stride + row).unwrap_or_default();
+            // SAFETY: the slot is not in flight, so the GPU does not read the upload
+            // buffer; it is `width * height * 4` bytes and row `y` ends within it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), u.buffer.mapped.add(y * row), src.len()) };
+        }
+        let d = &self.device;
+        let cb = s.commands;
+        let color = vk::ImageSubresourceRange {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            base_mip_level: 0,
+            level_count: 1,
+            base_array_layer: 0,
+            layer_count: 1,
+        };
+        let layers = vk::ImageSubresourceLayers {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            mip_level: 0,
+            base_array_layer: 0,
+            layer_count: 1,
+        };
+        let barrier = |image: vk::Image,
+                       from: vk::ImageLayout,
+                       to: vk::ImageLayout,
+                       src: vk::AccessFlags,
+                       dst: vk::AccessFlags| {
+            vk::ImageMemoryBarrier::default()
+                .image(image)
+                .old_layout(from)
+                .new_layout(to)
+                .src_access_mask(src)
+                .dst_access_mask(dst)
+                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .subresource_range(color)
+        };
+        let copy = [vk::BufferImageCopy::default()
+            .buffer_offset(0)
+            .buffer_row_length(0)
+            .buffer_image_height(0)
+            .image_subresource(layers)
+            .image_extent(vk::Extent3D { width, height, depth: 1 })];
+        let scaled = u.image != vk::Image::null();
+        // SAFETY: the command buffer is not pending (the slot is not in flight), it comes
+        // from a pool with RESET_COMMAND_BUFFER, and every handle recorded belongs to this
+        // device and lives as long as the renderer (or the upload area, which is only
+        // replaced while the slot is idle).
+        unsafe {
+            d.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty())
+                .map_err(GpuError::vk("resetting commands"))?;
+            d.begin_command_buffer(
+                cb,
+                &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+            )
+            .map_err(GpuError::vk("recording commands"))?;
+            // The colour target's previous contents (read by the last conversion) are discarded.
+            let to_dst = [barrier(
+                s.image,
+                vk::ImageLayout::UNDEFINED,
+                vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                vk::AccessFlags::SHADER_READ,
+                vk::AccessFlags::TRANSFER_WRITE,
+            )];
+            if scaled {
+                let upload_dst = [barrier(
+                    u.image,
+                    vk::ImageLayout::UNDEFINED,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_READ,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                )];
+                d.cmd_pipeline_barrier(
                     cb,
-                    vk::PipelineBindPoint::COMPUTE,
-                    self.compute_layout,
-                    0,
-                    &[s.descriptor],
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::DependencyFlags::empty(),
                     &[],
+                    &[],
+                    &upload_dst,
                 );
-                let uv_offset_words = self.width * self.height / 4;
-                let params = [self.width, self.height, uv_offset_words, 0];
-                let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                d.cmd_push_constants(cb, self.compute_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
-                // One invocation per 4x2 block, 64 invocations a workgroup along a row (fastest on lavapipe).
-                d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
-                // Make the compute writes visible to the host once the fence signals.
-                let barrier = [vk::BufferMemoryBarrier::default()
-                    .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-                    .dst_access_mask(vk::AccessFlags::HOST_READ)
-                    .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                    .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                    .buffer(s.nv12.buffer)
-                    .offset(0)
-                    .size(vk::WHOLE_SIZE)];
+                d.cmd_copy_buffer_to_image(cb, u.buffer.buffer, u.image, vk::ImageLayout::TRANSFER_DST_OPTIMAL, &copy);
+                let upload_src = [barrier(
+                    u.image,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::TRANSFER_READ,
+                )];
+                d.cmd_pipeline_barrier(
+                    cb,
+                    vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &[],
+                    &[upload_src[0], to_dst[0]],
+                );
+                let corner = |w: u32, h: u32| {
+                    [vk::Offset3D { x: 0, y: 0, z: 0 }, vk::Offset3D { x: w as i32, y: h as i32, z: 1 }]
+                };
+                let blit = [vk::ImageBlit::default()
+                    .src_subresource(layers)
+                    .src_offsets(corner(width, height))
+                    .dst_subresource(layers)
+                    .dst_offsets(corner(self.width, self.height))];
+                d.cmd_blit_image(
+                    cb,
+                    u.image,
+                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                    s.image,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    &blit,
+                    vk::Filter::LINEAR,
+                );
+            } else {
                 d.cmd_pipeline_barrier(
                     cb,
                     vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::PipelineStageFlags::HOST,
+                    vk::PipelineStageFlags::TRANSFER,
                     vk::DependencyFlags::empty(),
                     &[],
-                    &barrier,
                     &[],
+                    &to_dst,
                 );
+                d.cmd_copy_buffer_to_image(cb, u.buffer.buffer, s.image, vk::ImageLayout::TRANSFER_DST_OPTIMAL, &copy);
             }
+            let to_read = [barrier(
+                s.image,
+                vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
+                vk::AccessFlags::TRANSFER_WRITE,
+                vk::AccessFlags::SHADER_READ,
+            )];
+            d.cmd_pipeline_barrier(
+                cb,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &to_read,
+            );
+            self.record_convert(cb, s, order == PixelOrder::Bgrx);
             d.end_command_buffer(cb).map_err(GpuError::vk("recording commands"))?;
             d.reset_fences(&[s.fence]).map_err(GpuError::vk("resetting a fence"))?;
             let cbs = [cb];
