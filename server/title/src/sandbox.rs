@@ -1,0 +1,441 @@
+//! One sandbox per session: an X server, a home, a runtime directory and a process group,
+//! all gone when the session ends.
+//!
+//! * `Xvfb` from Debian on the first free display number from [`SandboxConfig::first_display`]
+//!   (its lock file arbitrates between sessions and nodes), 24-bit, MIT-SHM, XTEST and
+//!   DAMAGE, no TCP, and a fresh MIT-MAGIC-COOKIE so that one session's title cannot read
+//!   or drive another session's screen;
+//! * the title in its own process group, with a clean environment (`PATH`, `LANG`, the
+//!   spec's variables, then `DISPLAY`, `XAUTHORITY`, `HOME`, `XDG_RUNTIME_DIR`, `USER`),
+//!   as an unprivileged user (`pylon-title`, else `nobody`) when the node runs as root,
+//!   its output in `title.log` in the session's directory;
+//! * [`Sandbox::stop`]: SIGTERM to the group, SIGKILL to whatever is left after the grace
+//!   period, then the X server; the session's directory is removed.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors starting a sandbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// The title's program is not on this node.
+    #[error("the title's program {0:?} is not installed on this node")]
+    NotFound(String),
+    /// `Xvfb` is missing.
+    #[error("Xvfb not found ({0}): install the xvfb package")]
+    NoXvfb(String),
+    /// No display number was free.
+    #[error("no free X display number from :{0} on")]
+    NoDisplay(u32),
+    /// The X server did not come up.
+    #[error("Xvfb on :{display} did not start: {reason}")]
+    XServer {
+        /// Display number.
+        display: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The session directory or the title could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// How to run one title.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Program: absolute path, or a name found on `PATH`.
+    pub command: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Working directory (default: the session's home).
+    pub workdir: Option<PathBuf>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Screen width.
+    pub width: u32,
+    /// Screen height.
+    pub height: u32,
+}
+
+/// The node's settings for sandboxes.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Where session directories are made.
+    pub sessions_dir: PathBuf,
+    /// The X server binary.
+    pub xvfb: PathBuf,
+    /// First display number tried.
+    pub first_display: u32,
+    /// Display numbers tried at most.
+    pub displays: u32,
+    /// Time for the X server to accept connections.
+    pub xvfb_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping.
+    pub stop_grace: Duration,
+}
+
+impl SandboxConfig {
+    /// Defaults under `sessions_dir`.
+    pub fn new(sessions_dir: PathBuf) -> Self {
+        Self {
+            sessions_dir,
+            xvfb: PathBuf::from("Xvfb"),
+            first_display: 100,
+            displays: 400,
+            xvfb_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// `command` as a runnable file: an absolute or relative path that exists, or the first
+/// match on `PATH`. `None` when the node does not have it.
+pub fn resolve_command(command: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return runnable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/games".into());
+    std::env::split_paths(&path).map(|dir| dir.join(command)).find(|p| runnable(p))
+}
+
+/// The user titles run as when the node runs as root: `pylon-title` if it exists, else
+/// `nobody`. `None` when the node is not root (titles then run as the node's user).
+pub fn title_user() -> Option<(u32, u32)> {
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let find = |name: &str| {
+        passwd.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))).flatten()
+        })
+    };
+    Some(find("pylon-title").or_else(|| find("nobody")).unwrap_or((65534, 65534)))
+}
+
+/// A random MIT-MAGIC-COOKIE-1.
+fn cookie() -> Result<[u8; 16], SandboxError> {
+    let mut c = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut c)).map_err(io("reading /dev/urandom"))?;
+    Ok(c)
+}
+
+/// An Xauthority file with one entry for `display`, family "wild" (any address).
+fn xauthority(display: u32, cookie: &[u8; 16]) -> Vec<u8> {
+    let mut out = vec![0xff, 0xff];
+    let number = display.to_string();
+    for field in [&b""[..], number.as_bytes(), b"MIT-MAGIC-COOKIE-1", cookie] {
+        out.extend_from_slice(&u16::try_from(field.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(field);
+    }
+    out
+}
+
+/// How the title ended, when it did on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TitleExit {
+    /// The title's process exited.
+    Exited(String),
+    /// The session's X server died.
+    XServerDied(String),
+}
+
+impl std::fmt::Display for TitleExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(how) => write!(f, "the game {how}"),
+            Self::XServerDied(how) => write!(f, "the session's display server {how}"),
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "exited".into(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "ended".into(),
+    }
+}
+
+/// What stopping a sandbox took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopReport {
+    /// Processes of the title's group were still running at the stop and got SIGTERM.
+    pub terminated: bool,
+    /// Some ignored SIGTERM for the whole grace period and were killed.
+    pub killed: bool,
+}
+
+/// A running session sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    dir: PathBuf,
+    display: u32,
+    cookie: [u8; 16],
+    xvfb: Child,
+    title: Child,
+    pgid: rustix::process::Pid,
+    grace: Duration,
+    exit: Option<TitleExit>,
+}
+
+impl Sandbox {
+    /// Starts the X server and the title for session `session`.
+    pub fn start(config: &SandboxConfig, session: &str, spec: &LaunchSpec) -> Result<Self, SandboxError> {
+        let program = resolve_command(&spec.command).ok_or_else(|| SandboxError::NotFound(spec.command.clone()))?;
+        let xvfb = resolve_command(&config.xvfb.to_string_lossy())
+            .ok_or_else(|| SandboxError::NoXvfb(config.xvfb.display().to_string()))?;
+        let safe: String =
+            session.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect::<String>();
+        let dir = config.sessions_dir.join(if safe.is_empty() { "session".to_string() } else { safe });
+        let _ = std::fs::remove_dir_all(&dir);
+        let (home, runtime) = (dir.join("home"), dir.join("runtime"));
+        for d in [&dir, &home, &runtime] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        let user = title_user();
+        let chmod = |p: &Path, mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(io(format!("chmod {}", p.display())))
+        };
+        chmod(&dir, 0o711)?;
+        chmod(&runtime, 0o700)?;
+        chmod(&home, 0o700)?;
+        if let Some((uid, gid)) = user {
+            for d in [&home, &runtime] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(io(format!("chown {}", d.display())))?;
+            }
+        }
+        let cookie = cookie()?;
+        let (mut xvfb, display) = Self::start_xvfb(config, &xvfb, &dir, spec, &cookie, user)?;
+        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user).and_then(|title| {
+            match rustix::process::Pid::from_raw(title.id() as i32) {
+                Some(pgid) => Ok((title, pgid)),
+                None => {
+                    Err(SandboxError::Io { what: "the title's process id".into(), source: std::io::Error::other("0") })
+                }
+            }
+        });
+        let (title, pgid) = match title {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = xvfb.kill();
+                let _ = xvfb.wait();
+                let _ = std::fs::remove_file(format!("/tmp/.X{display}-lock"));
+                let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{display}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let sandbox =
+            Sandbox { dir: dir.clone(), display, cookie, xvfb, title, pgid, grace: config.stop_grace, exit: None };
+        let number = display;
+        tracing::info!(x_display = number, dir = %dir.display(), title = %program.display(), "session sandbox started");
+        Ok(sandbox)
+    }
+
+    fn start_xvfb(
+        config: &SandboxConfig,
+        xvfb: &Path,
+        dir: &Path,
+        spec: &LaunchSpec,
+        cookie: &[u8; 16],
+        user: Option<(u32, u32)>,
+    ) -> Result<(Child, u32), SandboxError> {
+        let mut last = String::new();
+        for display in config.first_display..config.first_display + config.displays {
+            if Path::new(&format!("/tmp/.X{display}-lock")).exists()
+                || Path::new(&format!("/tmp/.X11-unix/X{display}")).exists()
+            {
+                continue;
+            }
+            let auth = dir.join("Xauthority");
+            std::fs::write(&auth, xauthority(display, cookie)).map_err(io("writing the X authority file"))?;
+            if let Some((uid, gid)) = user {
+                std::os::unix::fs::chown(&auth, Some(uid), Some(gid)).map_err(io("chown Xauthority"))?;
+            }
+            let log = std::fs::File::create(dir.join("xvfb.log")).map_err(io("creating xvfb.log"))?;
+            let mut child = Command::new(xvfb)
+                .arg(format!(":{display}"))
+                .args(["-screen", "0", &format!("{}x{}x24", spec.width, spec.height)])
+                .args(["-nolisten", "tcp", "-noreset", "-auth"])
+                .arg(&auth)
+                .args(["+extension", "MIT-SHM", "+extension", "XTEST", "+extension", "DAMAGE"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .map_err(io("starting Xvfb"))?;
+            let deadline = Instant::now() + config.xvfb_timeout;
+            let socket = PathBuf::from(format!("/tmp/.X11-unix/X{display}"));
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!(
+                        "{} ({})",
+                        describe(status),
+                        std::fs::read_to_string(dir.join("xvfb.log")).unwrap_or_default().trim()
+                    );
+                    // Another server took this number first: try the next.
+                    break;
+                }
+                if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    return Ok((child, display));
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(SandboxError::XServer { display, reason: "no connection within the deadline".into() });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let number = display;
+            tracing::debug!(x_display = number, "Xvfb did not start here: {last}");
+        }
+        if last.is_empty() {
+            Err(SandboxError::NoDisplay(config.first_display))
+        } else {
+            Err(SandboxError::XServer { display: config.first_display, reason: last })
+        }
+    }
+
+    fn spawn_title(
+        program: &Path,
+        dir: &Path,
+        home: &Path,
+        runtime: &Path,
+        display: u32,
+        spec: &LaunchSpec,
+        user: Option<(u32, u32)>,
+    ) -> Result<Child, SandboxError> {
+        let log = std::fs::File::create(dir.join("title.log")).map_err(io("creating title.log"))?;
+        let err = log.try_clone().map_err(io("creating title.log"))?;
+        let mut cmd = Command::new(program);
+        cmd.args(&spec.args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/games".into()))
+            .env("LANG", "C.UTF-8")
+            .envs(&spec.env)
+            .env("DISPLAY", format!(":{display}"))
+            .env("XAUTHORITY", dir.join("Xauthority"))
+            .env("HOME", home)
+            .env("XDG_RUNTIME_DIR", runtime)
+            .env("USER", if user.is_some() { "pylon-title" } else { "pylon" })
+            .current_dir(spec.workdir.as_deref().unwrap_or(home))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0);
+        if let Some((uid, gid)) = user {
+            // std drops the supplementary groups too when root changes the uid.
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn().map_err(io(format!("starting {}", program.display())))
+    }
+
+    /// The session's X display (`:101`).
+    pub fn display(&self) -> String {
+        format!(":{}", self.display)
+    }
+
+    /// The session's X authority cookie (what the node connects with).
+    pub fn cookie(&self) -> &[u8; 16] {
+        &self.cookie
+    }
+
+    /// The session's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The title's process id (its group's id too).
+    pub fn title_pid(&self) -> u32 {
+        self.title.id()
+    }
+
+    /// The X server's process id.
+    pub fn xvfb_pid(&self) -> u32 {
+        self.xvfb.id()
+    }
+
+    /// How the title ended, once it did (never blocks).
+    pub fn exited(&mut self) -> Option<TitleExit> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.title.try_wait() {
+                self.exit = Some(TitleExit::Exited(describe(status)));
+            } else if let Ok(Some(status)) = self.xvfb.try_wait() {
+                self.exit = Some(TitleExit::XServerDied(describe(status)));
+            }
+        }
+        self.exit.clone()
+    }
+
+    /// The last `n` bytes the title wrote to its output.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read(self.dir.join("title.log")).unwrap_or_default();
+        String::from_utf8_lossy(log.get(log.len().saturating_sub(n)..).unwrap_or_default()).trim().to_string()
+    }
+
+    fn group_alive(&self) -> bool {
+        rustix::process::test_kill_process_group(self.pgid).is_ok()
+    }
+
+    /// Stops the title (SIGTERM to its group, SIGKILL after the grace period), then the X
+    /// server, and removes the session's directory.
+    pub fn stop(mut self) -> StopReport {
+        let mut report = StopReport::default();
+        // Reap the leader first if it already exited; the group may live on without it.
+        let _ = self.title.try_wait();
+        if self.group_alive() {
+            report.terminated = true;
+            let _ = rustix::process::kill_process_group(self.pgid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + self.grace;
+            while self.group_alive() && Instant::now() < deadline {
+                let _ = self.title.try_wait();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.group_alive() {
+                report.killed = true;
+                let _ = rustix::process::kill_process_group(self.pgid, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = self.title.wait();
+        // Xvfb leads its own group; SIGTERM lets it remove its lock file and socket.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.xvfb.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(self.xvfb.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.xvfb.kill();
+        let _ = self.xvfb.wait();
+        let _ = std::fs::remove_file(format!("/tmp/.X{}-lock", self.display));
+        let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{}", self.display));
+        let _ = std::fs::remove_dir_all(&self.dir);
+        tracing::info!(x_display = self.display, ?report, "session sandbox removed");
+        report
+    }
+}
