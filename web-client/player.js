@@ -134,6 +134,14 @@ async function connect() {
       pylon.viewer = msg.viewer;
       pylon.role = msg.role;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+    } else if (msg.type === 'ended') {
+      // The game itself ended (exited, crashed, never drew): reconnecting cannot help.
+      refused(`The game ended: ${msg.reason}`);
+      pylon.state = 'ended';
+      retried = true;
+      stopStats();
+      pc.close();
+      ws.close();
     } else if (msg.type === 'bye') {
       retry(`${msg.reason}`);
     } else if (msg.type === 'error') {

@@ -39,8 +39,9 @@ pub enum ViewerCommand {
         admitted: Option<(Admission, String)>,
         /// Where the answer goes: viewer id, SDP answer, whether the viewer is the player.
         reply: oneshot::Sender<Result<(u64, String, bool), String>>,
-        /// Dropped when the viewer's session closes (its signalling socket then closes).
-        closed: oneshot::Sender<()>,
+        /// Dropped when the viewer's session closes (its signalling socket then closes);
+        /// carries why when the node ended the session.
+        closed: oneshot::Sender<String>,
     },
     /// The browser's signalling connection closed.
     Leave {
@@ -192,7 +193,7 @@ pub async fn run(
     let mut buf = vec![0u8; 2048];
     let mut players_reported = Instant::now();
     // Each viewer's signalling socket learns its session closed when its sender drops.
-    let mut open_sessions: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
+    let mut open_sessions: HashMap<u64, oneshot::Sender<String>> = HashMap::new();
     loop {
         let now = Instant::now();
         core.handle_timeout(now, &mut sink);
@@ -279,8 +280,10 @@ pub async fn run(
             _ = crate::stopped(&mut shutdown) => break,
         }
         dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
-        for id in core.poll_closed_viewers() {
-            open_sessions.remove(&id);
+        for (id, reason) in core.poll_closed_viewers() {
+            if let (Some(tx), Some(reason)) = (open_sessions.remove(&id), reason) {
+                let _ = tx.send(reason);
+            }
         }
     }
     core.close_all(Instant::now(), &mut sink);
@@ -292,5 +295,6 @@ fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink
     match media {
         NodeMedia::FrameInfo(info) => core.frame_info(Instant::now(), node, info, sink),
         NodeMedia::Rtp { packet, arrival, capture_ntp } => core.rtp(node, &packet, arrival, capture_ntp),
+        NodeMedia::SessionOver { session, reason } => core.session_over(node, &session, &reason),
     }
 }

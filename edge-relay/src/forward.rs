@@ -32,7 +32,7 @@ use pylon_proto::framing::{FrameInfo, RelayMessage, StreamHello};
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
 pub use pylon_proto::link::ToNode;
 use pylon_proto::rtp::RtpPacket;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -302,6 +302,8 @@ pub struct Core {
     ended: Vec<String>,
     /// Viewers whose session closed, until [`Core::poll_closed_viewers`].
     closed: Vec<u64>,
+    /// Why the node ended a viewer's session, for its page.
+    closing: HashMap<u64, String>,
 }
 
 impl Core {
@@ -316,6 +318,7 @@ impl Core {
             to_node: Vec::new(),
             ended: Vec::new(),
             closed: Vec::new(),
+            closing: HashMap::new(),
         }
     }
 
@@ -334,9 +337,23 @@ impl Core {
             .collect()
     }
 
-    /// Viewers whose session closed since the last call.
-    pub fn poll_closed_viewers(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.closed)
+    /// Viewers whose session closed since the last call, with why when the node ended it.
+    pub fn poll_closed_viewers(&mut self) -> Vec<(u64, Option<String>)> {
+        let closing = &mut self.closing;
+        std::mem::take(&mut self.closed).into_iter().map(|id| (id, closing.remove(&id))).collect()
+    }
+
+    /// Node `node` ended `session` (its title exited, crashed or never drew): its player
+    /// and spectators are closed and told why.
+    pub fn session_over(&mut self, node: u64, session: &str, reason: &str) {
+        for v in self.viewers.iter_mut().filter(|v| v.source == Some(node)) {
+            let plays = v.session.as_ref().is_some_and(|(s, _)| s == session);
+            if plays || v.watching.as_deref() == Some(session) {
+                tracing::info!(viewer = v.id, session, "closing the viewer: {reason}");
+                self.closing.insert(v.id, reason.to_string());
+                v.rtc.disconnect();
+            }
+        }
     }
 
     /// Pool sessions whose player left since the last call.

@@ -3,7 +3,9 @@
 //! Signalling protocol (JSON text messages on `/ws`):
 //! browser → relay `{"type":"offer","sdp":"…","role":"player"|"spectator","token":"…"}`;
 //! relay → browser `{"type":"answer","sdp":"…","viewer":N,"role":"…"}` or
-//! `{"type":"error","message":"…"}`; when the relay shuts down, `{"type":"bye","reason":"…"}`. In a pool the token (from the indexer) is required
+//! `{"type":"error","message":"…"}`; when the relay shuts down, `{"type":"bye","reason":"…"}`;
+//! when the render node ends the session (its game exited, crashed or never drew),
+//! `{"type":"ended","reason":"…"}`. In a pool the token (from the indexer) is required
 //! and decides the role. Closing the WebSocket ends the viewer's session.
 //!
 //! `/play/<session>` serves the player page (the token travels in the URL fragment, which
@@ -129,9 +131,21 @@ enum ClientMessage {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ServerMessage {
-    Answer { sdp: String, viewer: u64, role: &'static str },
-    Error { message: String },
-    Bye { reason: String },
+    Answer {
+        sdp: String,
+        viewer: u64,
+        role: &'static str,
+    },
+    Error {
+        message: String,
+    },
+    Bye {
+        reason: String,
+    },
+    /// The node ended the session (its game exited, crashed or never drew).
+    Ended {
+        reason: String,
+    },
 }
 
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
@@ -146,13 +160,11 @@ async fn signal(mut socket: WebSocket, state: AppState) {
     let mut shutdown = state.shutdown.clone();
     let offer_deadline = tokio::time::Instant::now() + OFFER_DEADLINE;
     // Resolves when the relay drops the viewer (ICE never completed, or it left).
-    let mut closed: Option<oneshot::Receiver<()>> = None;
+    let mut closed: Option<oneshot::Receiver<String>> = None;
     loop {
         let viewer_gone = async {
             match closed.as_mut() {
-                Some(rx) => {
-                    let _ = rx.await;
-                }
+                Some(rx) => rx.await.ok(),
                 None => std::future::pending().await,
             }
         };
@@ -164,8 +176,11 @@ async fn signal(mut socket: WebSocket, state: AppState) {
                 state.metrics.signalling_timeouts.inc();
                 break;
             }
-            _ = viewer_gone => {
-                let bye = ServerMessage::Bye { reason: "the session closed (ICE did not complete, or it ended)".into() };
+            why = viewer_gone => {
+                let bye = match why {
+                    Some(reason) => ServerMessage::Ended { reason },
+                    None => ServerMessage::Bye { reason: "the session closed (ICE did not complete, or it ended)".into() },
+                };
                 let _ = send(&mut socket, &bye).await;
                 let _ = socket.send(Message::Close(None)).await;
                 viewer = None;

@@ -54,6 +54,13 @@ pub enum NodeMedia {
     },
     /// The node says which input a frame first reflects.
     FrameInfo(FrameInfo),
+    /// The node ended a session (its title exited, crashed or never drew).
+    SessionOver {
+        /// Session id.
+        session: String,
+        /// Why, for the player.
+        reason: String,
+    },
 }
 
 /// How the egress task reaches one node: session control (player joined or left,
@@ -446,6 +453,15 @@ async fn serve_node(
                 }
                 RelayEvent::FrameInfo(info) => {
                     if media_tx.as_ref().is_some_and(|tx| tx.try_send(NodeMedia::FrameInfo(info)).is_ok()) {
+                        shared.ready.schedule(node, &scheduled);
+                    }
+                }
+                RelayEvent::SessionOver { session, reason } => {
+                    tracing::info!(node, session, "the node ended the session: {reason}");
+                    // Never dropped: the player must hear why its game ended.
+                    if let Some(tx) = &media_tx
+                        && tx.send(NodeMedia::SessionOver { session, reason }).await.is_ok()
+                    {
                         shared.ready.schedule(node, &scheduled);
                     }
                 }

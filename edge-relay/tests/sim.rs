@@ -519,7 +519,7 @@ fn a_viewer_whose_ice_never_completes_is_dropped_after_the_deadline() {
         core.handle_timeout(now, &mut out);
         now += Duration::from_millis(100);
     }
-    assert_eq!(core.poll_closed_viewers(), vec![id]);
+    assert_eq!(core.poll_closed_viewers(), vec![(id, None)]);
     assert!(metrics.render().contains("pylon_relay_viewers_timed_out_total 1"));
 }
 

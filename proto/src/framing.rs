@@ -21,6 +21,7 @@
 //! | `Nack`             | 8    | relay → node   | RTP sequence numbers the relay did not receive, u16 each (≤ 256): resend them |
 //! | `Bitrate`          | 9    | relay → node   | target video bitrate, bit/s u32, from the player's congestion feedback |
 //! | `Welcome`          | 10   | relay → node   | the relay's id (UTF-8, ≤ 64 bytes): the node's hello was verified and admitted |
+//! | `SessionOver`      | 11   | node → relay   | session id length u8, session id (UTF-8, ≤ 64 bytes), reason (rest, UTF-8, ≤ 256 bytes): the session ended at the node (the title exited, crashed or never drew) |
 //!
 //! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
 //! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
@@ -194,6 +195,13 @@ pub enum NodeMessage {
     FrameInfo(FrameInfo),
     /// The node is closing the connection on purpose.
     Goodbye(String),
+    /// The session ended at the node (its title exited, crashed or never drew).
+    SessionOver {
+        /// Session id (hex).
+        session: String,
+        /// Why, for the player.
+        reason: String,
+    },
 }
 
 /// A message from the relay to the node.
@@ -311,6 +319,13 @@ impl WireMessage for NodeMessage {
                 frame(out, 1, &body);
             }
             NodeMessage::Goodbye(reason) => frame(out, 3, truncate_utf8(reason, MAX_REASON).as_bytes()),
+            NodeMessage::SessionOver { session, reason } => {
+                let session = truncate_utf8(session, MAX_SESSION_ID);
+                let mut body = vec![session.len() as u8];
+                body.extend_from_slice(session.as_bytes());
+                body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
+                frame(out, 11, &body);
+            }
             NodeMessage::FrameInfo(f) => {
                 let mut body = [0u8; 20];
                 for (chunk, v) in
@@ -356,6 +371,13 @@ impl WireMessage for NodeMessage {
                 })
             }
             3 => NodeMessage::Goodbye(text(body, MAX_REASON, "Goodbye")?),
+            11 => {
+                let (session, reason) = take_str(body, MAX_SESSION_ID, "SessionOver")?;
+                NodeMessage::SessionOver {
+                    session: session.to_owned(),
+                    reason: text(reason, MAX_REASON, "SessionOver")?,
+                }
+            }
             5 => {
                 let words: Vec<u32> =
                     body.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().unwrap_or([0; 4]))).collect();
@@ -528,6 +550,8 @@ mod tests {
                 auth: Some(HelloAuth { public_key: [7; 32], signature: [9; 64] }),
             }),
             NodeMessage::Goodbye("bye ✓".into()),
+            NodeMessage::SessionOver { session: "ab".repeat(16), reason: "the game was killed by signal 11".into() },
+            NodeMessage::SessionOver { session: String::new(), reason: String::new() },
             NodeMessage::FrameInfo(FrameInfo {
                 rtp_timestamp: 9,
                 input_seq: 8,

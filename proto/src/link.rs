@@ -139,10 +139,10 @@ impl PlayerGate {
     }
 
     /// Verifies a player's token forwarded by relay `relay` at `now` (Unix seconds);
-    /// returns the session id it starts.
-    pub fn start(&mut self, token_text: &str, relay: &str, now: u64) -> Result<String, GateError> {
+    /// returns the session it starts and its title (both empty outside a pool).
+    pub fn start(&mut self, token_text: &str, relay: &str, now: u64) -> Result<(String, String), GateError> {
         let Some(node) = &self.node else {
-            return Ok(String::new());
+            return Ok((String::new(), String::new()));
         };
         let key = self.key.ok_or(GateError::NoKey)?;
         let claims = token::verify(token_text, &key, now)?;
@@ -156,7 +156,7 @@ impl PlayerGate {
             return Err(GateError::Ended(id));
         }
         self.session = Some(id.clone());
-        Ok(id)
+        Ok((id, claims.title))
     }
 
     /// The player of `session` left (`None`: whatever session runs, the link is gone).
@@ -200,7 +200,12 @@ pub enum NodeEvent {
     /// Input refused (counted by reason: `no_session`, `malformed`, `bad_datagram`).
     InputRefused(&'static str),
     /// A player session started.
-    SessionStarted(String),
+    SessionStarted {
+        /// Session id (hex; empty outside a pool).
+        session: String,
+        /// The title the player chose (empty outside a pool: the node's own).
+        title: String,
+    },
     /// A session token was refused.
     SessionRefused(GateError),
     /// The player's session ended.
@@ -370,8 +375,8 @@ impl NodeSide {
     /// Verifies a session token at `unix_now`, as a `SessionStart` from the relay does.
     pub fn start_session(&mut self, token: &str, unix_now: u64) {
         match self.gate.start(token, &self.relay, unix_now) {
-            Ok(id) => {
-                self.events.push_back(NodeEvent::SessionStarted(id));
+            Ok((session, title)) => {
+                self.events.push_back(NodeEvent::SessionStarted { session, title });
                 self.events.push_back(NodeEvent::KeyframeRequested);
             }
             Err(e) => self.events.push_back(NodeEvent::SessionRefused(e)),
@@ -446,6 +451,17 @@ impl NodeSide {
         }
     }
 
+    /// Ends the running session here (the title exited, crashed or never drew), telling
+    /// the relay why so it can tell the player. Returns the session ended, if one ran.
+    pub fn end_session(&mut self, reason: &str) -> Option<String> {
+        let session = self.gate.end(None)?;
+        if self.is_established() {
+            NodeMessage::SessionOver { session: session.clone(), reason: reason.to_string() }
+                .encode(&mut self.transmit);
+        }
+        Some(session)
+    }
+
     /// Closes the link on purpose, telling the relay why.
     pub fn close(&mut self, reason: &str) {
         if self.state != NodeState::Closed {
@@ -509,6 +525,13 @@ pub enum RelayEvent {
     },
     /// The node's latency facts about a frame.
     FrameInfo(FrameInfo),
+    /// The node ended a session (its title exited, crashed or never drew).
+    SessionOver {
+        /// Session id.
+        session: String,
+        /// Why, for the player.
+        reason: String,
+    },
 }
 
 /// A media datagram accepted by the relay: the RTP packet is `datagram[rtp_offset..]`.
@@ -634,8 +657,11 @@ impl RelaySide {
                 (RelayState::Established, NodeMessage::FrameInfo(info)) => {
                     self.events.push_back(RelayEvent::FrameInfo(info));
                 }
-                // Frame info before admission is worth nothing to anyone.
-                (_, NodeMessage::FrameInfo(_)) => {}
+                (RelayState::Established, NodeMessage::SessionOver { session, reason }) => {
+                    self.events.push_back(RelayEvent::SessionOver { session, reason });
+                }
+                // Frame info or a session's end before admission is worth nothing to anyone.
+                (_, NodeMessage::FrameInfo(_) | NodeMessage::SessionOver { .. }) => {}
             }
         }
     }
@@ -986,7 +1012,13 @@ mod tests {
         }
         node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
         let session = "01".repeat(16);
-        assert_eq!(drain(&mut node), vec![NodeEvent::SessionStarted(session.clone()), NodeEvent::KeyframeRequested]);
+        assert_eq!(
+            drain(&mut node),
+            vec![
+                NodeEvent::SessionStarted { session: session.clone(), title: "demo".into() },
+                NodeEvent::KeyframeRequested
+            ]
+        );
         relay.send(ToNode::InputDatagram(key_input.clone())).unwrap();
         let _ = pump(&mut node, &mut relay, t0);
         relay.send(ToNode::Control(RelayMessage::SessionEnd(session.clone()))).unwrap();

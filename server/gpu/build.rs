@@ -6,7 +6,7 @@ use std::path::PathBuf;
 fn main() {
     let shaders = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shaders");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["scene", "nv12"] {
+    for name in ["scene", "nv12", "nv12_packed"] {
         let path = shaders.join(format!("{name}.wgsl"));
         println!("cargo:rerun-if-changed={}", path.display());
         let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));

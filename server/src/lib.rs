@@ -7,6 +7,8 @@
 //! * [`uplink`]: the QUIC connection to the relay, reconnecting with backoff.
 //! * [`pool`]: registration and heartbeats to the indexer, draining, and the session
 //!   gate that admits a player only with a token the node verifies itself.
+//! * [`titles`]: studio titles — which the node can run, and a sandbox per session
+//!   (`pylon-title`) whose screen the frame path captures and whose input it injects.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
 pub mod encode;
@@ -14,4 +16,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod scene;
+pub mod titles;
 pub mod uplink;

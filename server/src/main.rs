@@ -3,11 +3,14 @@
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use pylon_indexer_client::api::RegisterNode;
+use pylon_indexer_client::api::{LAUNCH_BUILTIN_DEMO, Title};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID, VideoEncoder};
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
 use pylon_server::pool::{self, SessionGate};
-use pylon_server::uplink::{self, BitrateControl, UplinkConfig};
+use pylon_server::titles::{TitleCatalog, TitleRunnerConfig, TitleRunnerLinks};
+use pylon_server::uplink::{self, BitrateControl, SessionLink, UplinkConfig};
+use pylon_title::sandbox::SandboxConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, watch};
@@ -115,6 +118,21 @@ struct Args {
     /// draining (a second signal stops at once).
     #[arg(long, env = "PYLON_DRAIN_SECONDS", default_value_t = 600)]
     drain_seconds: u64,
+    /// A studio title's launch spec (a JSON file in the indexer's Title format), for a
+    /// node outside a pool or a title not yet in the catalog; repeatable. In a pool the
+    /// node also reads the catalog's specs and offers those whose program it has.
+    #[arg(long = "title-spec", env = "PYLON_TITLE_SPECS", value_delimiter = ',')]
+    title_specs: Vec<PathBuf>,
+    /// Outside a pool, the title every player session runs (default: the built-in demo).
+    #[arg(long, env = "PYLON_DEFAULT_TITLE")]
+    default_title: Option<String>,
+    /// Where session sandboxes (their home, runtime directory, X authority, logs) live;
+    /// default: `sessions` in the data directory.
+    #[arg(long, env = "PYLON_SESSIONS_DIR")]
+    sessions_dir: Option<PathBuf>,
+    /// A studio title that shows no picture within this many seconds ends its session.
+    #[arg(long, env = "PYLON_TITLE_START_SECONDS", default_value_t = 30)]
+    title_start_seconds: u64,
 }
 
 fn parse_coords(s: &str) -> Result<(f64, f64), String> {
@@ -180,6 +198,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some((_, id, _)) => SessionGate::pooled(id),
         None => SessionGate::open(),
     };
+    // The titles this node knows: the built-in demo, spec files, the pool's catalog.
+    let mut catalog = TitleCatalog::new([Title {
+        id: "demo".into(),
+        name: "Pylon Asteroids".into(),
+        launch: LAUNCH_BUILTIN_DEMO.into(),
+        ..Title::default()
+    }]);
+    for path in &args.title_specs {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading title spec {}", path.display()))?;
+        let title: Title =
+            serde_json::from_str(&text).with_context(|| format!("title spec {} is not a Title", path.display()))?;
+        if let Err(why) = title.validate() {
+            bail!("title spec {}: {why}", path.display());
+        }
+        catalog.insert(title);
+    }
+    if let Some((client, _, _)) = &pool {
+        match client.titles().await {
+            Ok(titles) => titles.into_iter().for_each(|t| catalog.insert(t)),
+            Err(e) => tracing::warn!("cannot read the catalog's titles yet ({e}); offering the local ones"),
+        }
+    }
     let metrics = ServerMetrics::new();
     let metrics_task = tokio::spawn(pylon_server::metrics::serve(args.metrics_addr, metrics.clone()));
     let (packet_tx, packet_rx) = mpsc::channel(4096);
@@ -243,7 +283,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 lon: args.coords.1,
                 price_per_hour: args.price_per_hour,
                 gpu_class: args.gpu_class.unwrap_or(info.gpu_class),
-                titles: vec!["demo".into()],
+                titles: catalog.installed(args.gpu_class.unwrap_or(info.gpu_class)),
             };
             tracing::info!(node = %id, encoders = ?registration.encoders, "joining the pool");
             tokio::spawn(pool::run_membership(client.clone(), registration, gate.clone(), shutdown_rx.clone()))
@@ -262,6 +302,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
         identity: pool.as_ref().map(|(_, _, key)| key.clone()),
     };
+    let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let titles = tokio::spawn(pylon_server::titles::run(
+        TitleRunnerConfig {
+            sandbox: SandboxConfig::new(args.sessions_dir.clone().unwrap_or_else(|| args.data_dir.join("sessions"))),
+            first_frame_deadline: std::time::Duration::from_secs(args.title_start_seconds),
+            video: (width, height),
+            default_title: args.default_title.clone(),
+        },
+        catalog,
+        TitleRunnerLinks {
+            signals: signal_rx,
+            commands: command_tx,
+            source: pipeline.source_sender(),
+            indexer: pool.as_ref().map(|(client, _, _)| client.clone()),
+        },
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
     let mut uplink = tokio::spawn(uplink::run(
         uplink_config,
         packet_rx,
@@ -269,6 +328,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pipeline.input_sender(),
         gate.clone(),
         metrics,
+        Some(SessionLink { signals: signal_tx, commands: command_rx }),
         shutdown_rx,
     ));
     tokio::select! {
@@ -298,6 +358,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let _ = shutdown_tx.send(true);
+    // The running title's sandbox is removed before the process ends.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), titles).await;
     drop(pipeline);
     match tokio::time::timeout(std::time::Duration::from_secs(3), uplink).await {
         Ok(r) => r??,

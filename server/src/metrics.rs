@@ -79,6 +79,15 @@ pub struct ServerMetrics {
     pub keys_held: Gauge,
     /// Per-stage time of the frame path, in seconds.
     pub stage_seconds: Family<Stage, Histogram>,
+    /// Frame ticks skipped because the title's screen had not changed.
+    pub title_unchanged: Counter,
+    /// Studio-title sessions started (sandbox up).
+    pub title_sessions: Counter,
+    /// Studio-title sessions the node ended, by reason (`exited`, `crashed`, `no_picture`,
+    /// `not_installed`, `start_failed`).
+    pub title_failures: Family<DropReason, Counter>,
+    /// Whether a studio title runs now (0 or 1).
+    pub title_running: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -115,6 +124,10 @@ impl ServerMetrics {
             input_rejected: Family::default(),
             keys_held: Gauge::default(),
             stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 1.6, 16))),
+            title_unchanged: Counter::default(),
+            title_sessions: Counter::default(),
+            title_failures: Family::default(),
+            title_running: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
@@ -139,6 +152,14 @@ impl ServerMetrics {
         r.register("input_rejected", "Input messages refused", m.input_rejected.clone());
         r.register("keys_held", "Keys held in the game", m.keys_held.clone());
         r.register("stage_seconds", "Time per frame-path stage", m.stage_seconds.clone());
+        r.register(
+            "title_unchanged",
+            "Frame ticks skipped: the title's screen had not changed",
+            m.title_unchanged.clone(),
+        );
+        r.register("title_sessions", "Studio-title sessions started", m.title_sessions.clone());
+        r.register("title_failures", "Studio-title sessions the node ended, by reason", m.title_failures.clone());
+        r.register("title_running", "Whether a studio title runs now", m.title_running.clone());
         ServerMetrics { registry: Arc::new(r), ..m }
     }
 

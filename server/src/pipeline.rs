@@ -17,11 +17,12 @@ use crate::metrics::ServerMetrics;
 use crate::scene::{DemoScene, SPACE};
 use bytes::Bytes;
 use ffmpeg_next::frame;
-use pylon_gpu::{FrameRenderer, GpuError, RendererConfig, Work};
+use pylon_gpu::{FrameRenderer, GpuError, Picture, PixelOrder, RendererConfig, Work};
 use pylon_proto::VIDEO_CLOCK_RATE;
 use pylon_proto::framing::FrameInfo;
 use pylon_proto::h264::H264Packetizer;
 use pylon_proto::input::InputMessage;
+use pylon_title::x11::{Applied, X11Session};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -37,6 +38,9 @@ pub const RTP_PAYLOAD_TYPE: u8 = 102;
 const EARLY_FRAME_MIN_GAP: f64 = 0.5;
 /// The render thread sleeps until this long before a tick, then yields until it is due.
 const WAKE_SPIN: Duration = Duration::from_micros(300);
+/// A studio title's unchanged screen is still sent this often, so a viewer who joins or
+/// asks for a keyframe gets a picture soon.
+const TITLE_REFRESH: Duration = Duration::from_millis(250);
 /// Input frames circulating between the render and encode threads. Two lets the render
 /// thread fill one while the encoder works on the other; more would only add queueing.
 const INPUT_FRAMES: usize = 2;
@@ -139,9 +143,32 @@ pub struct FrameTiming {
     pub keyframe: bool,
 }
 
+/// What the render thread shows.
+pub enum SourceCommand {
+    /// The built-in demo (rendered by the node itself).
+    Demo,
+    /// A studio title's X screen, captured; `shown` turns true at its first drawn frame.
+    Title {
+        /// The session's screen (capture and input).
+        screen: Box<X11Session>,
+        /// Set once the title has drawn a frame.
+        shown: Arc<AtomicBool>,
+    },
+}
+
+impl std::fmt::Debug for SourceCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Demo => f.write_str("Demo"),
+            Self::Title { screen, .. } => f.debug_tuple("Title").field(screen).finish(),
+        }
+    }
+}
+
 /// Handle to the running frame path. Dropping it stops both threads.
 #[derive(Debug)]
 pub struct Pipeline {
+    sources: mpsc::Sender<SourceCommand>,
     stop: Arc<AtomicBool>,
     keyframe: Arc<AtomicBool>,
     bitrate: Arc<AtomicU64>,
@@ -193,11 +220,13 @@ impl Pipeline {
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String, u64, u8), GpuError>>();
         let (input_tx, input_rx) = mpsc::channel::<ReceivedInput>();
+        let (source_tx, source_rx) = mpsc::channel::<SourceCommand>();
         let render = {
             let (stop, metrics, config) = (stop.clone(), metrics.clone(), config.clone());
+            let control = RenderControl { stop, keyframe: keyframe.clone(), sources: source_rx };
             std::thread::Builder::new()
                 .name("pylon-render".into())
-                .spawn(move || render_thread(config, metrics, stop, pool_rx, job_tx, ready_tx, input_rx))
+                .spawn(move || render_thread(config, metrics, control, pool_rx, job_tx, ready_tx, input_rx))
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
         let (gpu_name, gpu_reason, gpu_memory_mb, gpu_class) = match ready_rx.recv() {
@@ -220,6 +249,7 @@ impl Pipeline {
                 .map_err(|e| PipelineError::Thread(e.to_string()))?
         };
         Ok(Pipeline {
+            sources: source_tx,
             stop,
             keyframe,
             bitrate,
@@ -248,6 +278,11 @@ impl Pipeline {
     /// Where validated player input goes; it is applied before the next frame renders.
     pub fn input_sender(&self) -> mpsc::Sender<ReceivedInput> {
         self.inputs.clone()
+    }
+
+    /// Where to say what the stream shows: the demo, or a session's title.
+    pub fn source_sender(&self) -> mpsc::Sender<SourceCommand> {
+        self.sources.clone()
     }
 
     /// Whether both threads are still running.
@@ -288,11 +323,46 @@ struct InFlight {
     reflects: Option<(u32, Instant)>,
 }
 
+/// What the render thread is told from outside.
+struct RenderControl {
+    stop: Arc<AtomicBool>,
+    keyframe: Arc<AtomicBool>,
+    sources: mpsc::Receiver<SourceCommand>,
+}
+
+/// What the stream shows now.
+enum Source {
+    Demo,
+    Title { screen: Box<X11Session>, shown: Arc<AtomicBool>, last_grab: Option<Instant> },
+}
+
+impl Source {
+    /// Switches to what `command` says, releasing a title's held keys first.
+    fn switch(&mut self, command: SourceCommand, keyframe: &AtomicBool) {
+        if let Source::Title { screen, .. } = self {
+            let _ = screen.release_all();
+        }
+        *self = match command {
+            SourceCommand::Demo => {
+                tracing::info!("streaming the built-in demo");
+                Source::Demo
+            }
+            SourceCommand::Title { screen, shown } => {
+                let (w, h) = screen.size();
+                tracing::info!("streaming a studio title's screen ({w}x{h}, captured with XShm, paced by XDamage)");
+                Source::Title { screen, shown, last_grab: None }
+            }
+        };
+        // The picture changes completely: start it with a keyframe.
+        keyframe.store(true, Ordering::Relaxed);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render_thread(
     config: PipelineConfig,
     metrics: ServerMetrics,
-    stop: Arc<AtomicBool>,
+    control: RenderControl,
     pool: mpsc::Receiver<frame::Video>,
     jobs: mpsc::Sender<EncodeJob>,
     ready: mpsc::Sender<Result<(String, String, u64, u8), GpuError>>,
@@ -332,18 +402,24 @@ fn render_thread(
     let mut index: u64 = 0;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut input = InputState::default();
+    let mut source = Source::Demo;
+    let RenderControl { stop, keyframe, sources } = control;
     while !stop.load(Ordering::Relaxed) {
+        while let Ok(command) = sources.try_recv() {
+            source.switch(command, &keyframe);
+        }
         // Until the tick is due (or an input arrives and pacing allows an early frame),
         // apply input and collect finished frames, oldest first so order holds.
         let early = loop {
             while let Ok(i) = inputs.try_recv() {
-                input.apply(&mut scene, i, &metrics);
+                input.apply(&mut scene, &mut source, i, &metrics);
             }
             let now = Instant::now();
             if now >= next_due {
                 break false;
             }
-            let input_waiting = config.early_frames && input.unreflected.is_some();
+            // A title draws on its own clock: an early grab would not show the input yet.
+            let input_waiting = config.early_frames && matches!(source, Source::Demo) && input.unreflected.is_some();
             if input_waiting && last_submit.is_none_or(|t| now - t >= min_gap) {
                 break true;
             }
@@ -371,7 +447,7 @@ fn render_thread(
                 // Sleep until just before the tick: the OS wakes threads late by tens to
                 // hundreds of microseconds, which would otherwise delay every frame.
                 match inputs.recv_timeout(wait - WAKE_SPIN) {
-                    Ok(i) => input.apply(&mut scene, i, &metrics),
+                    Ok(i) => input.apply(&mut scene, &mut source, i, &metrics),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait - WAKE_SPIN),
                 }
@@ -402,10 +478,52 @@ fn render_thread(
             metrics.early_frames.inc();
         }
         let media_time = tick - start;
-        scene.advance(media_time.as_secs_f32());
-        if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
-            tracing::error!("GPU failure, stopping the render loop: {e}");
-            return;
+        match &mut source {
+            Source::Demo => {
+                scene.advance(media_time.as_secs_f32());
+                if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
+                    tracing::error!("GPU failure, stopping the render loop: {e}");
+                    return;
+                }
+            }
+            Source::Title { screen, shown, last_grab } => {
+                let damaged = match screen.damaged() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // The session's X server is gone; the session runner ends it.
+                        tracing::warn!("lost the title's screen: {e}");
+                        source.switch(SourceCommand::Demo, &keyframe);
+                        continue;
+                    }
+                };
+                let refresh = shown.load(Ordering::Relaxed) && last_grab.is_none_or(|t| now - t >= TITLE_REFRESH);
+                if !damaged && !refresh {
+                    // Nothing new on the screen: no frame (the encoder and the network rest).
+                    metrics.title_unchanged.inc();
+                    continue;
+                }
+                let grabbed = Instant::now();
+                let submitted = screen.grab().map_err(|e| e.to_string()).and_then(|g| {
+                    let picture = Picture {
+                        width: g.width,
+                        height: g.height,
+                        stride: g.stride,
+                        pixels: g.pixels,
+                        order: PixelOrder::Bgrx,
+                    };
+                    renderer.submit_upload(slot, picture).map_err(|e| e.to_string())
+                });
+                if let Err(e) = submitted {
+                    tracing::warn!("capturing the title's screen failed: {e}");
+                    source.switch(SourceCommand::Demo, &keyframe);
+                    continue;
+                }
+                metrics.observe("capture", grabbed.elapsed());
+                if damaged {
+                    shown.store(true, Ordering::Relaxed);
+                }
+                *last_grab = Some(now);
+            }
         }
         let reflects = input.unreflected.take().map(|arrival| (input.applied_seq, arrival));
         in_flight.push_back(InFlight { slot, index, tick, media_time, submitted: now, reflects });
@@ -423,10 +541,31 @@ struct InputState {
 }
 
 impl InputState {
-    fn apply(&mut self, scene: &mut DemoScene, input: ReceivedInput, metrics: &ServerMetrics) {
-        scene.apply(&input.message.event);
+    fn apply(&mut self, scene: &mut DemoScene, source: &mut Source, input: ReceivedInput, metrics: &ServerMetrics) {
+        match source {
+            Source::Demo => {
+                scene.apply(&input.message.event);
+                metrics.keys_held.set(scene.keys_held() as i64);
+            }
+            Source::Title { screen, .. } => {
+                match screen.apply(&input.message.event) {
+                    Ok(Applied::Injected) => {}
+                    Ok(Applied::Unsupported) => {
+                        metrics
+                            .input_rejected
+                            .get_or_create(&crate::metrics::DropReason { reason: "unsupported" })
+                            .inc();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("injecting input into the title failed: {e}");
+                        return;
+                    }
+                }
+                metrics.keys_held.set(screen.held() as i64);
+            }
+        }
         metrics.input_applied.inc();
-        metrics.keys_held.set(scene.keys_held() as i64);
         self.applied_seq = self.applied_seq.max(input.message.seq);
         self.unreflected.get_or_insert(input.arrived);
     }

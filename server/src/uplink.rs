@@ -55,6 +55,42 @@ pub struct BitrateControl {
     pub max: u64,
 }
 
+/// What the link tells the node's title runner about sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionSignal {
+    /// A player's session started (its token verified), for `title`.
+    Started {
+        /// Session id (hex; empty outside a pool).
+        session: String,
+        /// The title the player chose (empty outside a pool).
+        title: String,
+    },
+    /// The player's session ended (the player left, or the relay connection is gone).
+    Ended {
+        /// Session id.
+        session: String,
+    },
+}
+
+/// What the node's title runner asks of the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkCommand {
+    /// End the running session at the node: its title exited, crashed or never drew.
+    EndSession {
+        /// Why, for the player.
+        reason: String,
+    },
+}
+
+/// The link's side of the title runner's channels.
+#[derive(Debug)]
+pub struct SessionLink {
+    /// Where session starts and ends go.
+    pub signals: mpsc::UnboundedSender<SessionSignal>,
+    /// What the runner asks.
+    pub commands: mpsc::UnboundedReceiver<UplinkCommand>,
+}
+
 /// Creates a UDP socket with large kernel buffers and a quinn endpoint on it.
 pub fn endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     let socket = big_buffer_socket(bind)?;
@@ -128,7 +164,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Runs the uplink until `shutdown` becomes true: connect, send, reconnect.
+/// Runs the uplink until `shutdown` becomes true: connect, send, reconnect. Session
+/// starts and ends go to `sessions` (the node's title runner), which may end a session.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: UplinkConfig,
     mut packets: mpsc::Receiver<Outgoing>,
@@ -136,8 +174,14 @@ pub async fn run(
     inputs: std::sync::mpsc::Sender<ReceivedInput>,
     gate: SessionGate,
     metrics: ServerMetrics,
+    sessions: Option<SessionLink>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let (signals, mut commands) = match sessions {
+        Some(SessionLink { signals, commands }) => (Some(signals), commands),
+        // Nobody asks anything: a receiver whose sender is dropped at once.
+        None => (None, mpsc::unbounded_channel().1),
+    };
     let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let endpoint = endpoint(bind)?;
     let client = client_config(&config.relay_cert)?;
@@ -187,13 +231,15 @@ pub async fn run(
             gate: &gate,
             metrics: &metrics,
             bitrate: config.bitrate.as_ref(),
+            signals: signals.as_ref(),
         };
-        let result = serve_connection(&conn, &mut node, &mut packets, &link, &mut shutdown).await;
+        let result = serve_connection(&conn, &mut node, &mut packets, &mut commands, &link, &mut shutdown).await;
         // The relay's viewers are gone with the connection: so is the session.
         let (carried, ended) = node.into_gate();
         players = carried;
         if let Some(session) = ended {
             tracing::info!(session, "player session ended with the relay connection");
+            link.signal(SessionSignal::Ended { session });
         }
         gate.set_running(None);
         metrics.relay_connected.set(0);
@@ -244,9 +290,16 @@ struct Link<'a> {
     gate: &'a SessionGate,
     metrics: &'a ServerMetrics,
     bitrate: Option<&'a BitrateControl>,
+    signals: Option<&'a mpsc::UnboundedSender<SessionSignal>>,
 }
 
 impl Link<'_> {
+    fn signal(&self, signal: SessionSignal) {
+        if let Some(s) = self.signals {
+            let _ = s.send(signal);
+        }
+    }
+
     /// Carries out what the state machine decided.
     fn on_event(&self, event: NodeEvent) {
         let metrics = self.metrics;
@@ -262,10 +315,11 @@ impl Link<'_> {
             NodeEvent::InputRefused(reason) => {
                 metrics.input_rejected.get_or_create(&DropReason { reason }).inc();
             }
-            NodeEvent::SessionStarted(session) => {
+            NodeEvent::SessionStarted { session, title } => {
                 metrics.sessions_started.inc();
-                tracing::info!(session, "player session started");
-                self.gate.set_running(Some(session));
+                tracing::info!(session, title, "player session started");
+                self.gate.set_running(Some(session.clone()));
+                self.signal(SessionSignal::Started { session, title });
             }
             NodeEvent::SessionRefused(e) => {
                 metrics.sessions_refused.inc();
@@ -274,6 +328,7 @@ impl Link<'_> {
             NodeEvent::SessionEnded(session) => {
                 tracing::info!(session, "player session ended");
                 self.gate.set_running(None);
+                self.signal(SessionSignal::Ended { session });
             }
             NodeEvent::Bitrate(target) => {
                 if let Some(b) = self.bitrate {
@@ -315,6 +370,7 @@ async fn serve_connection(
     conn: &quinn::Connection,
     node: &mut NodeSide,
     packets: &mut mpsc::Receiver<Outgoing>,
+    commands: &mut mpsc::UnboundedReceiver<UplinkCommand>,
     link: &Link<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -362,6 +418,14 @@ async fn serve_connection(
                     return Err(anyhow!("relay link: {e}"));
                 }
             }
+            Some(command) = commands.recv() => match command {
+                UplinkCommand::EndSession { reason } => {
+                    if let Some(session) = node.end_session(&reason) {
+                        tracing::info!(session, "the node ended the session: {reason}");
+                        link.gate.set_running(None);
+                    }
+                }
+            },
             d = conn.read_datagram() => {
                 let d = d.context("reading datagrams")?;
                 node.handle_datagram(Instant::now(), &d);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub use pylon_indexer_client::api::Title;
 use pylon_relay::{RelayConfig, RelayHandle};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
 use pylon_server::metrics::ServerMetrics;
@@ -22,6 +23,7 @@ pub struct Platform {
     pub relay: RelayHandle,
     pub server_metrics: ServerMetrics,
     pipeline: Option<Pipeline>,
+    titles: Option<tokio::task::JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     relay_shutdown: watch::Sender<bool>,
     data_dir: PathBuf,
@@ -55,6 +57,10 @@ impl Platform {
     pub async fn stop(mut self) {
         let _ = self.relay_shutdown.send(true);
         let _ = self.shutdown.send(true);
+        // A running title's sandbox is removed before the files go.
+        if let Some(t) = self.titles.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
         self.pipeline.take();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = std::fs::remove_dir_all(&self.data_dir);
@@ -72,7 +78,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
-    start(width, height, fps, early_frames, false, None, None).await
+    start(width, height, fps, early_frames, false, None, None, Vec::new()).await
 }
 
 /// Like [`start_platform`], with the relay announcing `advertise` as its ICE candidate (an
@@ -83,7 +89,7 @@ pub async fn start_platform_advertising(
     fps: u32,
     advertise: std::net::SocketAddr,
 ) -> Platform {
-    start(width, height, fps, true, false, Some(advertise), None).await
+    start(width, height, fps, true, false, Some(advertise), None, Vec::new()).await
 }
 
 /// The node id and relay id of a pooled platform.
@@ -93,7 +99,12 @@ pub const POOL_RELAY: &str = "relay-e2e";
 /// The whole platform as a pool: an indexer (SQLite, the demo title), a relay and a render
 /// node that register and heartbeat with it, and admit players by session token.
 pub async fn start_pool(width: u32, height: u32, fps: u32) -> Platform {
-    start(width, height, fps, true, true, None, None).await
+    start(width, height, fps, true, true, None, None, Vec::new()).await
+}
+
+/// Like [`start_pool`], with studio titles deployed to the indexer and known to the node.
+pub async fn start_pool_with_titles(width: u32, height: u32, fps: u32, titles: Vec<Title>) -> Platform {
+    start(width, height, fps, true, true, None, None, titles).await
 }
 
 /// Like [`start_platform`], with the node reaching the relay through an impairment proxy
@@ -104,13 +115,18 @@ pub async fn start_platform_impaired_uplink(
     fps: u32,
     impair: pylon_relay::impair::ImpairConfig,
 ) -> Platform {
-    start(width, height, fps, true, false, None, Some(impair)).await
+    start(width, height, fps, true, false, None, Some(impair), Vec::new()).await
 }
 
 /// Starts an indexer on a free loopback port; returns its address.
 pub async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
+    start_indexer_with(data_dir, Vec::new()).await
+}
+
+/// Like [`start_indexer`], with `titles` in the catalog beside the demo.
+pub async fn start_indexer_with(data_dir: &std::path::Path, titles: Vec<Title>) -> std::net::SocketAddr {
     use pylon_indexer::api::{AppState, Policy, router};
-    use pylon_indexer::store::{Store, Title};
+    use pylon_indexer::store::Store;
     std::fs::create_dir_all(data_dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", data_dir.join("indexer.db").display());
     let store = Store::open(&url).await.unwrap();
@@ -128,6 +144,9 @@ pub async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
         })
         .await
         .unwrap();
+    for t in &titles {
+        store.put_title(t).await.unwrap();
+    }
     let key = pylon_indexer::keys::load_or_create(data_dir, "indexer-key").unwrap();
     let state = AppState::new(store, key, "e2e-admin".into(), Policy::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -141,6 +160,7 @@ pub async fn start_indexer(data_dir: &std::path::Path) -> std::net::SocketAddr {
     addr
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start(
     width: u32,
     height: u32,
@@ -149,6 +169,7 @@ async fn start(
     pooled: bool,
     advertise_addr: Option<std::net::SocketAddr>,
     uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
+    titles: Vec<Title>,
 ) -> Platform {
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
@@ -157,7 +178,7 @@ async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (relay_shutdown, relay_shutdown_rx) = watch::channel(false);
     let (started_tx, started_rx) = oneshot::channel();
-    let indexer = if pooled { Some(start_indexer(&data_dir.join("indexer")).await) } else { None };
+    let indexer = if pooled { Some(start_indexer_with(&data_dir.join("indexer"), titles.clone()).await) } else { None };
     let config = RelayConfig {
         http_addr: localhost(),
         webrtc_addr: localhost(),
@@ -221,6 +242,10 @@ async fn start(
     };
     let gate = if pooled { SessionGate::pooled(POOL_NODE) } else { SessionGate::open() };
     let mut identity = None;
+    let mut indexer_client = None;
+    let catalog = pylon_server::titles::TitleCatalog::new(
+        std::iter::once(Title { id: "demo".into(), name: "Demo".into(), ..Title::default() }).chain(titles),
+    );
     if let Some(addr) = indexer {
         let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
         identity = Some(key.clone());
@@ -239,9 +264,15 @@ async fn start(
             lon: 0.0,
             price_per_hour: 0.1,
             gpu_class: pipeline.info().gpu_class,
-            titles: vec!["demo".into()],
+            titles: catalog.installed(pipeline.info().gpu_class),
         };
-        tokio::spawn(pylon_server::pool::run_membership(client, registration, gate.clone(), shutdown_rx.clone()));
+        tokio::spawn(pylon_server::pool::run_membership(
+            client.clone(),
+            registration,
+            gate.clone(),
+            shutdown_rx.clone(),
+        ));
+        indexer_client = Some(client);
     }
     let uplink_config = UplinkConfig {
         relay: uplink_proxy.as_ref().map_or(relay.quic_addr, |p| p.listen),
@@ -251,6 +282,25 @@ async fn start(
         bitrate: Some(uplink::BitrateControl { target: pipeline.bitrate_target(), min: 500_000, max: 6_000_000 }),
         identity,
     };
+    let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let titles_task = tokio::spawn(pylon_server::titles::run(
+        pylon_server::titles::TitleRunnerConfig {
+            sandbox: pylon_title::sandbox::SandboxConfig::new(data_dir.join("sessions")),
+            first_frame_deadline: Duration::from_secs(10),
+            video: (width, height),
+            default_title: None,
+        },
+        catalog,
+        pylon_server::titles::TitleRunnerLinks {
+            signals: signal_rx,
+            commands: command_tx,
+            source: pipeline.source_sender(),
+            indexer: indexer_client,
+        },
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(uplink::run(
         uplink_config,
         packet_rx,
@@ -258,6 +308,7 @@ async fn start(
         pipeline.input_sender(),
         gate,
         metrics.clone(),
+        Some(uplink::SessionLink { signals: signal_tx, commands: command_rx }),
         shutdown_rx,
     ));
     Platform {
@@ -265,6 +316,7 @@ async fn start(
         relay,
         server_metrics: metrics,
         pipeline: Some(pipeline),
+        titles: Some(titles_task),
         shutdown,
         relay_shutdown,
         data_dir,
@@ -457,6 +509,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// An anonymous POST with an empty body; the whole answer (head and body).
+pub async fn http_post(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("POST {path} HTTP/1.0\r\nHost: x\r\ncontent-length: 0\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out

@@ -206,6 +206,42 @@ impl Client {
         }
     }
 
+    /// Every title in the catalog (following the listing's pages).
+    pub async fn titles(&self) -> Result<Vec<api::Title>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            items: Vec<api::Title>,
+            #[serde(default)]
+            next_cursor: Option<String>,
+        }
+        let mut titles = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/v1/titles?limit=1000&cursor={c}"),
+                None => "/api/v1/titles?limit=1000".to_string(),
+            };
+            let page: Page = self.call::<(), _>("GET", &path, None, false).await?;
+            titles.extend(page.items);
+            match page.next_cursor {
+                Some(c) if titles.len() < 100_000 => cursor = Some(c),
+                _ => return Ok(titles),
+            }
+        }
+    }
+
+    /// One title's launch spec; `None` if the catalog has no such title.
+    pub async fn title(&self, id: &str) -> Result<Option<api::Title>, ClientError> {
+        if !api::valid_id(id) {
+            return Ok(None);
+        }
+        match self.call::<(), _>("GET", &format!("/api/v1/titles/{id}"), None, false).await {
+            Ok(t) => Ok(Some(t)),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A node's signed heartbeat.
     pub async fn node_heartbeat(&self, id: &str, hb: &api::NodeHeartbeat) -> Result<(), ClientError> {
         self.call_empty("POST", &format!("/api/v1/nodes/{id}/heartbeat"), Some(hb)).await

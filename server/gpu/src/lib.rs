@@ -126,6 +126,8 @@ struct Buffer {
 /// picture's size differs from the stream's, an image it is copied into and scaled from.
 struct Upload {
     buffer: Buffer,
+    /// For the packed conversion (same-size pictures): the buffer in, the slot's NV12 out.
+    descriptor: vk::DescriptorSet,
     image: vk::Image,
     memory: vk::DeviceMemory,
     width: u32,
@@ -197,6 +199,9 @@ pub struct FrameRenderer {
     set_layout: vk::DescriptorSetLayout,
     compute_layout: vk::PipelineLayout,
     compute: vk::Pipeline,
+    packed_set_layout: vk::DescriptorSetLayout,
+    packed_layout: vk::PipelineLayout,
+    packed: vk::Pipeline,
     descriptor_pool: vk::DescriptorPool,
     command_pool: vk::CommandPool,
     slots: Vec<Slot>,
@@ -281,6 +286,9 @@ impl FrameRenderer {
             set_layout: vk::DescriptorSetLayout::null(),
             compute_layout: vk::PipelineLayout::null(),
             compute: vk::Pipeline::null(),
+            packed_set_layout: vk::DescriptorSetLayout::null(),
+            packed_layout: vk::PipelineLayout::null(),
+            packed: vk::Pipeline::null(),
             descriptor_pool: vk::DescriptorPool::null(),
             command_pool: vk::CommandPool::null(),
             slots: Vec::new(),
@@ -394,11 +402,63 @@ impl FrameRenderer {
             self.device.destroy_shader_module(nv12_module, None);
         }
         pipelines?;
+        self.build_packed()?;
 
         for _ in 0..slots {
             let slot = self.create_slot(memory, color_format)?;
             self.slots.push(slot);
         }
+        Ok(())
+    }
+
+    /// The compute pipeline converting packed pixels from a storage buffer (uploads at the
+    /// stream's size) to NV12.
+    fn build_packed(&mut self) -> Result<(), GpuError> {
+        let d = &self.device;
+        let code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12_packed.spv")));
+        let storage = |binding| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(binding)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        };
+        let bindings = [storage(0), storage(1)];
+        // SAFETY: `bindings` outlives the call.
+        self.packed_set_layout = unsafe {
+            d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
+        }
+        .map_err(GpuError::vk("creating the packed descriptor layout"))?;
+        let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(32)];
+        let set_layouts = [self.packed_set_layout];
+        // SAFETY: the arrays outlive the call.
+        self.packed_layout = unsafe {
+            d.create_pipeline_layout(
+                &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
+                None,
+            )
+        }
+        .map_err(GpuError::vk("creating the packed compute layout"))?;
+        // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
+        let module = unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&code), None) }
+            .map_err(GpuError::vk("loading the packed NV12 shader"))?;
+        let info = [vk::ComputePipelineCreateInfo::default()
+            .stage(
+                vk::PipelineShaderStageCreateInfo::default()
+                    .stage(vk::ShaderStageFlags::COMPUTE)
+                    .module(module)
+                    .name(c"main"),
+            )
+            .layout(self.packed_layout)];
+        // SAFETY: `info` outlives the call.
+        let pipeline = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
+        // SAFETY: the pipeline keeps its own copy of the code.
+        unsafe { d.destroy_shader_module(module, None) };
+        self.packed = pipeline
+            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the packed compute pipeline", result })?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         Ok(())
     }
 
@@ -534,12 +594,15 @@ impl FrameRenderer {
 
         let pool_sizes = [
             vk::DescriptorPoolSize { ty: vk::DescriptorType::SAMPLED_IMAGE, descriptor_count: 16 },
-            vk::DescriptorPoolSize { ty: vk::DescriptorType::STORAGE_BUFFER, descriptor_count: 16 },
+            vk::DescriptorPoolSize { ty: vk::DescriptorType::STORAGE_BUFFER, descriptor_count: 64 },
         ];
         // SAFETY: `pool_sizes` outlives the call.
         self.descriptor_pool = unsafe {
             d.create_descriptor_pool(
-                &vk::DescriptorPoolCreateInfo::default().max_sets(16).pool_sizes(&pool_sizes),
+                &vk::DescriptorPoolCreateInfo::default()
+                    .flags(vk::DescriptorPoolCreateFlags::FREE_DESCRIPTOR_SET)
+                    .max_sets(32)
+                    .pool_sizes(&pool_sizes),
                 None,
             )
         }
@@ -791,6 +854,10 @@ impl FrameRenderer {
     }
 
     fn destroy_upload(&self, u: &Upload) {
+        if u.descriptor != vk::DescriptorSet::null() {
+            // SAFETY: the pool allows freeing; no pending work uses the set.
+            let _ = unsafe { self.device.free_descriptor_sets(self.descriptor_pool, &[u.descriptor]) };
+        }
         self.destroy_buffer(&u.buffer);
         // SAFETY: only called when no pending work uses the upload (the slot's fence was
         // waited for, or the device is idle); null handles are ignored.
@@ -819,11 +886,53 @@ impl FrameRenderer {
         let buffer = self.create_buffer(
             &memory,
             width as usize * height as usize * 4,
-            vk::BufferUsageFlags::TRANSFER_SRC,
+            vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::STORAGE_BUFFER,
             "the upload buffer",
         )?;
-        let mut upload = Upload { buffer, image: vk::Image::null(), memory: vk::DeviceMemory::null(), width, height };
-        if (width, height) != (self.width, self.height) {
+        let mut upload = Upload {
+            buffer,
+            descriptor: vk::DescriptorSet::null(),
+            image: vk::Image::null(),
+            memory: vk::DeviceMemory::null(),
+            width,
+            height,
+        };
+        if (width, height) == (self.width, self.height) {
+            let layouts = [self.packed_set_layout];
+            // SAFETY: the pool and layout belong to this device.
+            let sets = unsafe {
+                self.device.allocate_descriptor_sets(
+                    &vk::DescriptorSetAllocateInfo::default()
+                        .descriptor_pool(self.descriptor_pool)
+                        .set_layouts(&layouts),
+                )
+            };
+            match sets {
+                Ok(sets) => upload.descriptor = sets.into_iter().next().unwrap_or_default(),
+                Err(result) => {
+                    self.destroy_upload(&upload);
+                    return Err(GpuError::Vulkan { what: "allocating the upload's descriptor set", result });
+                }
+            }
+            let nv12 = self.slots.get(slot).map(|s| s.nv12.buffer).unwrap_or_default();
+            let source =
+                [vk::DescriptorBufferInfo::default().buffer(upload.buffer.buffer).offset(0).range(vk::WHOLE_SIZE)];
+            let target = [vk::DescriptorBufferInfo::default().buffer(nv12).offset(0).range(vk::WHOLE_SIZE)];
+            let writes = [
+                vk::WriteDescriptorSet::default()
+                    .dst_set(upload.descriptor)
+                    .dst_binding(0)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(&source),
+                vk::WriteDescriptorSet::default()
+                    .dst_set(upload.descriptor)
+                    .dst_binding(1)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(&target),
+            ];
+            // SAFETY: the set and buffers are alive and not in use by the GPU.
+            unsafe { self.device.update_descriptor_sets(&writes, &[]) };
+        } else {
             let d = &self.device;
             let info = vk::ImageCreateInfo::default()
                 .image_type(vk::ImageType::TYPE_2D)
@@ -1006,6 +1115,43 @@ impl FrameRenderer {
         }
     }
 
+    /// Records the NV12 conversion of `u`'s packed pixels (the stream's size, tightly
+    /// packed rows) into `s`'s readback buffer.
+    ///
+    /// # Safety
+    /// `cb` is `s`'s command buffer, in the recording state; `u` is `s`'s upload area.
+    unsafe fn record_packed(&self, cb: vk::CommandBuffer, s: &Slot, u: &Upload, swap_rb: bool) {
+        let d = &self.device;
+        // SAFETY: the caller records into `s`'s command buffer; every handle belongs to
+        // this device; host writes to the upload buffer are visible to the queue at submit.
+        unsafe {
+            d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.packed);
+            d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, self.packed_layout, 0, &[u.descriptor], &[]);
+            let params =
+                [self.width, self.height, self.width * self.height / 4, u32::from(swap_rb), self.width, 0, 0, 0];
+            let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            d.cmd_push_constants(cb, self.packed_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
+            d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
+            let barrier = [vk::BufferMemoryBarrier::default()
+                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                .dst_access_mask(vk::AccessFlags::HOST_READ)
+                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+                .buffer(s.nv12.buffer)
+                .offset(0)
+                .size(vk::WHOLE_SIZE)];
+            d.cmd_pipeline_barrier(
+                cb,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &[],
+                &barrier,
+                &[],
+            );
+        }
+    }
+
     /// Uploads `picture` into `slot` (scaled to the stream's size when it differs) and
     /// converts it to NV12 there, like [`Self::submit`] with `RenderAndConvert` does for a
     /// rendered scene. The slot must not be in flight.
@@ -1139,35 +1285,28 @@ impl FrameRenderer {
                     &blit,
                     vk::Filter::LINEAR,
                 );
-            } else {
+                // The scaled picture is in the colour target: convert it as a rendered frame.
+                let to_read = [barrier(
+                    s.image,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::SHADER_READ,
+                )];
                 d.cmd_pipeline_barrier(
                     cb,
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
                     vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
                     vk::DependencyFlags::empty(),
                     &[],
                     &[],
-                    &to_dst,
+                    &to_read,
                 );
-                d.cmd_copy_buffer_to_image(cb, u.buffer.buffer, s.image, vk::ImageLayout::TRANSFER_DST_OPTIMAL, &copy);
+                self.record_convert(cb, s, order == PixelOrder::Bgrx);
+            } else {
+                // Same size: the conversion reads the upload buffer itself, no image copy.
+                self.record_packed(cb, s, u, order == PixelOrder::Bgrx);
             }
-            let to_read = [barrier(
-                s.image,
-                vk::ImageLayout::TRANSFER_DST_OPTIMAL,
-                vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
-                vk::AccessFlags::TRANSFER_WRITE,
-                vk::AccessFlags::SHADER_READ,
-            )];
-            d.cmd_pipeline_barrier(
-                cb,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::DependencyFlags::empty(),
-                &[],
-                &[],
-                &to_read,
-            );
-            self.record_convert(cb, s, order == PixelOrder::Bgrx);
             d.end_command_buffer(cb).map_err(GpuError::vk("recording commands"))?;
             d.reset_fences(&[s.fence]).map_err(GpuError::vk("resetting a fence"))?;
             let cbs = [cb];
@@ -1237,6 +1376,9 @@ impl Drop for FrameRenderer {
             d.destroy_command_pool(self.command_pool, None);
             d.destroy_descriptor_pool(self.descriptor_pool, None);
             d.destroy_pipeline(self.compute, None);
+            d.destroy_pipeline(self.packed, None);
+            d.destroy_pipeline_layout(self.packed_layout, None);
+            d.destroy_descriptor_set_layout(self.packed_set_layout, None);
             d.destroy_pipeline_layout(self.compute_layout, None);
             d.destroy_descriptor_set_layout(self.set_layout, None);
             d.destroy_pipeline(self.graphics, None);

@@ -1,0 +1,259 @@
+//! Studio titles end to end: a real game from Debian (Chromium B.S.U.) deployed as a
+//! launch spec, picked in the catalog, run in a session sandbox on the node, captured
+//! (XShm) and played in Chromium; titles that crash or never draw end their session with
+//! a message to the player and the indexer, leave nothing behind, and the node takes the
+//! next session.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use common::{Browser, Title, http_get, start_pool_with_titles};
+use std::time::{Duration, Instant};
+
+const BSU: &str = "/usr/games/chromium-bsu";
+const SDL_TESTS: &str = "/usr/libexec/installed-tests/SDL2";
+
+fn exec_title(id: &str, command: &str, args: &[&str], (width, height): (i64, i64)) -> Title {
+    Title {
+        id: id.into(),
+        name: id.into(),
+        launch: "exec".into(),
+        command: command.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())].into(),
+        width,
+        height,
+        fps: 30,
+        ..Title::default()
+    }
+}
+
+/// Opens the catalog, clicks `title`; returns the catalog's error or the play page's state.
+async fn play(b: &Browser, indexer: std::net::SocketAddr, title: &str) -> serde_json::Value {
+    // The relay reports its RTT to the node a moment after both start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{}\"", common::POOL_NODE)) {
+        assert!(Instant::now() < deadline, "the relay never reported its RTT to the node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.client.goto(&format!("http://{indexer}/")).await.unwrap();
+    b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
+    b.eval(&format!("document.querySelector('a.play[data-title=\"{title}\"]').click(); return true;")).await;
+    b.wait_for(
+        "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
+         : (location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 10 \
+            ? { session: location.pathname.split('/').pop(), width: pylon.stats.width, height: pylon.stats.height } : null)",
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+/// The game's 640x480 window, centred in the 1280x720 video, shrunk to 64x48 grey levels.
+const THUMB: &str = r#"
+const v = document.getElementById('video');
+if (!v || v.videoWidth === 0) return null;
+const c = document.createElement('canvas'); c.width = 64; c.height = 48;
+const g = c.getContext('2d', { willReadFrequently: true });
+g.drawImage(v, 320, 120, 640, 480, 0, 0, 64, 48);
+const d = g.getImageData(0, 0, 64, 48).data;
+const out = [];
+for (let i = 0; i < d.length; i += 4) out.push((d[i] + d[i + 1] + d[i + 2]) / 3);
+return out;
+"#;
+
+async fn thumb(b: &Browser) -> Vec<f64> {
+    let v = b.wait_for(THUMB, Duration::from_secs(10)).await;
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64
+}
+
+/// Frames Chromium decoded so far (its inbound-rtp `framesDecoded`, which the page reads
+/// once a second).
+async fn decoded(b: &Browser) -> f64 {
+    b.eval("return pylon.stats.framesDecoded").await.as_f64().unwrap()
+}
+
+/// CPU seconds the node's frame-path threads (`pylon-render`: capture and conversion,
+/// `pylon-encode`) have used, from `/proc/self/task`.
+fn frame_path_cpu() -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.split_once(") ")) else { continue };
+        if name == "pylon-render" || name == "pylon-encode" {
+            let fields: Vec<&str> = rest.split(' ').collect();
+            // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+            ticks += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+/// With `PYLON_SCREENSHOTS=DIR`, saves the playing video as `DIR/title-NAME.png`.
+async fn screenshot(b: &Browser, name: &str) {
+    use base64::Engine as _;
+    let Some(dir) = std::env::var_os("PYLON_SCREENSHOTS") else { return };
+    let png = b
+        .eval(
+            "const v = document.getElementById('video'); const c = document.createElement('canvas'); \
+             c.width = v.videoWidth; c.height = v.videoHeight; c.getContext('2d').drawImage(v, 0, 0); \
+             return c.toDataURL('image/png');",
+        )
+        .await;
+    let data = png.as_str().unwrap_or_default().trim_start_matches("data:image/png;base64,");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default();
+    let _ = std::fs::write(std::path::Path::new(&dir).join(format!("title-{name}.png")), bytes);
+}
+
+fn key(kind: &str, code: &str) -> String {
+    format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}', bubbles: true }})); return true;")
+}
+
+/// Processes of this test's sandboxes still alive: Xvfb servers and the titles' programs.
+fn sandbox_processes(dir_hint: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let env = String::from_utf8_lossy(&env);
+        if (cmd.starts_with("Xvfb") || cmd.contains("/Xvfb")) && cmd.contains(dir_hint) || env.contains(dir_hint) {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if !stat.contains(") Z ") {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_game_deployed_as_a_title_plays_in_chromium_and_takes_keys() {
+    // The game draws a 640x480 window, which SDL centres on the session's 1280x720 screen.
+    let bsu = exec_title("bsu", BSU, &["-w", "-na", "-v", "1"], (1280, 720));
+    let platform = start_pool_with_titles(1280, 720, 60, vec![bsu]).await;
+    let indexer = platform.indexer.unwrap();
+    let b = Browser::start().await;
+    let started = play(&b, indexer, "bsu").await;
+    assert!(started["error"].is_null(), "{started}");
+    assert_eq!((started["width"].as_u64(), started["height"].as_u64()), (Some(1280), Some(720)), "{started}");
+    assert_eq!(platform.server_metrics_value("pylon_server_title_running"), 1.0);
+
+    // Frame rate as Chromium decodes it, over 8 s.
+    let (f0, t0, cpu0) = (decoded(&b).await, Instant::now(), frame_path_cpu());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let fps = (decoded(&b).await - f0) / secs;
+    let cpu = (frame_path_cpu() - cpu0) / secs;
+    eprintln!(
+        "Chromium B.S.U. in Chromium at 1280x720: {fps:.1} frames/s decoded; the node's frame path \
+         (capture, convert, encode) used {:.0} % of a core",
+        cpu * 100.0
+    );
+    for line in platform.server_metrics.render().lines().filter(|l| {
+        [
+            "frames_encoded",
+            "frames_dropped",
+            "title_unchanged",
+            "frames_rendered",
+            "stage_seconds_sum",
+            "stage_seconds_count",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+            && !l.starts_with('#')
+    }) {
+        eprintln!("  {line}");
+    }
+    assert!(fps >= 25.0, "the game reaches 25 fps in the browser: {fps:.1}");
+
+    // The menu animates; Enter starts a game, which changes the picture far more.
+    let mut baseline: f64 = 0.0;
+    let mut before = thumb(&b).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = thumb(&b).await;
+        baseline = baseline.max(diff(&before, &now));
+        before = now;
+    }
+    screenshot(&b, "menu").await;
+    let applied = platform.server_metrics_value("pylon_server_input_applied");
+    b.eval(&key("keydown", "Enter")).await;
+    b.eval(&key("keyup", "Enter")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut changed: f64 = 0.0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        changed = changed.max(diff(&before, &thumb(&b).await));
+        if changed > 2.0 * baseline + 4.0 {
+            break;
+        }
+    }
+    eprintln!("picture change after Enter: {changed:.1} grey levels (menu animation: {baseline:.1})");
+    screenshot(&b, "after-enter").await;
+    assert!(platform.server_metrics_value("pylon_server_input_applied") >= applied + 2.0, "the key reached the node");
+    assert!(changed > 2.0 * baseline + 4.0, "the game reacted to the key: {changed:.1} vs {baseline:.1}");
+    b.close().await;
+    // The player left: the sandbox goes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while platform.server_metrics_value("pylon_server_title_running") != 0.0 {
+        assert!(Instant::now() < deadline, "the title was stopped when the player left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_that_crash_or_never_draw_end_their_session_and_the_node_takes_the_next() {
+    let crashes =
+        exec_title("crashes", "sh", &["-c", &format!("{SDL_TESTS}/testrelative & sleep 6; kill -SEGV $$")], (640, 480));
+    let blank = exec_title("blank", "sleep", &["1000"], (640, 480));
+    let missing = exec_title("missing", "/usr/games/pylon-no-such-game", &[], (640, 480));
+    let platform = start_pool_with_titles(1280, 720, 30, vec![crashes, blank, missing]).await;
+    let indexer = platform.indexer.unwrap();
+    let hint = "pylon-e2e-";
+
+    // A title whose program the node lacks is never matched there: the player is told.
+    let b = Browser::start().await;
+    let refused = play(&b, indexer, "missing").await;
+    eprintln!("missing program: {refused}");
+    assert!(refused["error"].as_str().is_some_and(|e| e.contains("title")), "{refused}");
+
+    // A crash mid-session: the player sees why, the indexer ends the session.
+    let playing = play(&b, indexer, "crashes").await;
+    let session = playing["session"].as_str().expect("the title played").to_string();
+    let ended = b.wait_for("return pylon.state === 'ended' ? pylon.error : null", Duration::from_secs(30)).await;
+    eprintln!("the player was told: {ended}");
+    assert!(ended.as_str().unwrap().contains("signal 11"), "{ended}");
+    let spectate = common::http_post(indexer, &format!("/api/v1/sessions/{session}/spectate")).await;
+    assert!(spectate.contains("not_found"), "the indexer ended the session: {spectate}");
+
+    // A title that never draws: ended at the deadline (10 s here).
+    let started = Instant::now();
+    let playing = play(&b, indexer, "blank").await;
+    assert!(playing["error"].is_null(), "{playing}");
+    let ended = b.wait_for("return pylon.state === 'ended' ? pylon.error : null", Duration::from_secs(30)).await;
+    eprintln!("the player was told: {ended} after {:?}", started.elapsed());
+    assert!(ended.as_str().unwrap().contains("no picture"), "{ended}");
+    let failures = platform.server_metrics_value("pylon_server_title_failures");
+    assert_eq!(failures, 2.0, "a crash and a blank title were counted");
+
+    // Nothing is left of either session, and the node takes the next player.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sandbox_processes(hint).is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", sandbox_processes(hint));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let next = play(&b, indexer, "demo").await;
+    assert!(next["error"].is_null(), "the node took the next session: {next}");
+    let nodes = http_get(indexer, "/api/v1/nodes").await;
+    assert!(nodes.contains("\"state\":\"ready\""), "{nodes}");
+    b.close().await;
+    platform.stop().await;
+}
