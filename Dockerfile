@@ -1,4 +1,5 @@
-# Pylon images: `docker build --target relay -t pylon-relay .` and `--target server`.
+# Pylon images: `docker build --target relay -t pylon-relay .`, `--target server`, and
+# `--target server-chromium-bsu` (a render node image with a studio title installed).
 # The render node needs the NVIDIA container runtime for GPU access (Vulkan ICD and NVENC
 # come from the host driver at run time: --gpus all, NVIDIA_DRIVER_CAPABILITIES=all); without
 # a GPU it renders on Mesa lavapipe and encodes with libx264.
@@ -25,8 +26,17 @@ ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--quic-addr", "0.0.0.
 FROM debian:bookworm-slim AS server
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
-      libvulkan1 mesa-vulkan-drivers ca-certificates && rm -rf /var/lib/apt/lists/*
+      libvulkan1 mesa-vulkan-drivers ca-certificates xvfb && rm -rf /var/lib/apt/lists/*
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,graphics,utility
 COPY --from=build /src/target/release/pylon-server /usr/local/bin/pylon-server
 EXPOSE 9100/tcp
 ENTRYPOINT ["pylon-server", "--metrics-addr", "0.0.0.0:9100"]
+
+# A studio title as a container: the node image plus the game and its launch spec. The
+# node runs each session's sandbox (Xvfb, home, process group, unprivileged user) inside
+# the container exactly as on a host; the spec is the same JSON the indexer stores.
+FROM server AS server-chromium-bsu
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      chromium-bsu && rm -rf /var/lib/apt/lists/*
+COPY deploy/titles/chromium-bsu.json /etc/pylon/titles/chromium-bsu.json
+ENV PYLON_TITLE_SPECS=/etc/pylon/titles/chromium-bsu.json

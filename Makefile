@@ -9,20 +9,22 @@ export CARGO_TERM_COLOR ?= never
 # Debian 12 packages the build and the demo need (the Dockerfile's build stage installs the same)…
 DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
-	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl
+	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
+	xvfb chromium-bsu
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
-TEST_PACKAGES := chromium chromium-driver procps
+TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools
 
 CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path latency bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
 	@echo "make test        every test (unit, Vulkan/FFmpeg integration, Chromium end to end) plus fmt and clippy"
 	@echo "make frame-path  per-stage frame timing report (benchmark)"
+	@echo "make frame-path-title  the same on a captured studio title (TITLE=program, default chromium-bsu)"
 	@echo "make bench       criterion benchmarks of the frame stages"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
@@ -72,6 +74,12 @@ bench: deps
 
 frame-path: deps
 	cargo run --release -p pylon-benches --bin frame-path -- --frames 600
+
+# The frame path on a captured studio title (XShm), beside the demo's direct path.
+TITLE ?= /usr/games/chromium-bsu
+TITLE_ARGS ?= --title-arg=-w --title-arg=-na --title-arg=-v --title-arg=1
+frame-path-title: deps
+	cargo run --release -p pylon-benches --bin frame-path -- --frames 300 --title $(TITLE) $(TITLE_ARGS)
 
 latency:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"

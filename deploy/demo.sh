@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts the local platform as a pool: the indexer (SQLite, the demo title, the catalog
-# page), one edge relay and one render node that register with it. Ctrl-C stops all.
+# Starts the local platform as a pool: the indexer (SQLite, the demo title and the studio
+# titles in deploy/titles/, the catalog page), one edge relay and one render node that
+# register with it. Ctrl-C stops all.
 # Usage: deploy/demo.sh BIN_DIR DATA_DIR CATALOG_ADDR RELAY_HTTP_ADDR
 set -euo pipefail
 bin=$1 data=$2 catalog=$3 relay=$4
@@ -24,9 +25,23 @@ wait_for() {
   echo "the $name did not become ready in 30 s:"; tail -20 "$log"; exit 1
 }
 
-"$bin/pylon-indexer" --addr "$catalog" --data-dir "$data/indexer" --demo-title >"$logs/indexer.log" 2>&1 &
+# The operator's token: made once, kept in the data directory (mode 0600).
+mkdir -p "$data/indexer"
+token_file="$data/indexer/admin-token"
+[ -s "$token_file" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$token_file")
+"$bin/pylon-indexer" --addr "$catalog" --data-dir "$data/indexer" --demo-title --admin-token-file "$token_file" \
+  >"$logs/indexer.log" 2>&1 &
 pids+=($!)
 wait_for indexer "${pids[0]}" "$logs/indexer.log" curl -fs "http://$catalog/api/v1/titles"
+# Studio titles: each launch spec in deploy/titles/ is deployed as a studio would.
+here=$(cd "$(dirname "$0")" && pwd)
+for spec in "$here"/titles/*.json; do
+  [ -e "$spec" ] || continue
+  curl -fsS -X POST -H "authorization: Bearer $(cat "$token_file")" -H 'content-type: application/json' \
+    --data-binary @"$spec" "http://$catalog/api/v1/titles" >/dev/null \
+    || { echo "could not deploy the title $spec"; exit 1; }
+  echo "Deployed title $(basename "$spec" .json)"
+done
 
 "$bin/pylon-relay" --http-addr "$relay" --data-dir "$data/relay" --indexer "http://$catalog" \
   --relay-id relay-local >"$logs/relay.log" 2>&1 &

@@ -8,6 +8,13 @@
 //! 3. Reports per-stage medians, the sustained frame rate, and the glue ratio
 //!    `whole frame path ÷ (render alone + encode alone)`; the last line is one JSON object.
 //!
+//! With `--title PROGRAM [--title-arg ARG…]` it measures a captured studio title instead:
+//! the program runs in a session sandbox (Xvfb at the stream's size), the frame path shows
+//! its screen (XShm grabs paced by DAMAGE, uploaded and converted to NV12), and the same
+//! frames' stages are measured alone — grab, upload + convert, encode — beside the demo's
+//! render + convert alone in the same run, so the report says what capture adds per frame
+//! over the demo's direct path.
+//!
 //! "Render alone" is the GPU's whole work on a frame, drawing plus the NV12 compute pass,
 //! submitted and waited for on its own: colour conversion is rendering work, not glue.
 //! What remains in the ratio is the glue — synchronisation with the render thread,
@@ -42,6 +49,12 @@ struct Args {
     /// Encoder: auto (NVENC if present, else libx264), nvenc or x264.
     #[arg(long, default_value = "auto")]
     encoder: String,
+    /// Measure a captured studio title: this program, run in a session sandbox.
+    #[arg(long)]
+    title: Option<String>,
+    /// An argument of the title's program (repeatable).
+    #[arg(long = "title-arg", allow_hyphen_values = true)]
+    title_args: Vec<String>,
 }
 
 const WARMUP: u64 = 30;
@@ -77,6 +90,10 @@ fn main() -> anyhow::Result<()> {
         keyframe_interval: 0,
         choice,
     };
+
+    if let Some(program) = args.title.clone() {
+        return title_mode(&args, &program, &encoder_config);
+    }
 
     // 1. The real, paced frame path.
     let total_frames = WARMUP + args.frames;
@@ -221,4 +238,182 @@ fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The captured-title measurement (see the module's documentation).
+fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> anyhow::Result<()> {
+    use pylon_gpu::{Picture, PixelOrder};
+    use pylon_server::pipeline::SourceCommand;
+    use pylon_title::sandbox::{LaunchSpec, Sandbox, SandboxConfig};
+    use pylon_title::x11::X11Session;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let dir = std::env::temp_dir().join(format!("pylon-frame-path-{}", std::process::id()));
+    let spec = LaunchSpec {
+        command: program.to_string(),
+        args: args.title_args.clone(),
+        workdir: None,
+        env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())].into(),
+        width: args.width,
+        height: args.height,
+    };
+    let sandbox = Sandbox::start(&SandboxConfig::new(dir.clone()), "frame-path", &spec)?;
+    let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);
+    let connect = || X11Session::connect(number, sandbox.cookie(), (args.width, args.height));
+    let result = (|| -> anyhow::Result<()> {
+        // Wait for the title's first frame.
+        let mut probe = connect()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !probe.damaged()? {
+            anyhow::ensure!(Instant::now() < deadline, "{program} showed nothing within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(probe);
+        std::thread::sleep(Duration::from_secs(1));
+
+        // 1. The real frame path showing the title.
+        let total_frames = WARMUP + args.frames;
+        eprintln!("frame path on {program}: {total_frames} frames at {}x{} {} fps…", args.width, args.height, args.fps);
+        let (packet_tx, mut packet_rx) = tokio::sync::mpsc::channel(1 << 16);
+        let drain = std::thread::spawn(move || while packet_rx.blocking_recv().is_some() {});
+        let (timing_tx, timing_rx) = std::sync::mpsc::channel::<FrameTiming>();
+        let metrics = ServerMetrics::new();
+        let pipeline = Pipeline::start_observed(
+            PipelineConfig {
+                width: args.width,
+                height: args.height,
+                fps: args.fps,
+                gpu: None,
+                slots: 3,
+                encoder: encoder_config.clone(),
+                max_rtp_packet: 1200,
+                seed: SEED,
+                early_frames: true,
+            },
+            metrics.clone(),
+            packet_tx,
+            Some(timing_tx),
+        )?;
+        let shown = Arc::new(AtomicBool::new(false));
+        pipeline
+            .source_sender()
+            .send(SourceCommand::Title { screen: Box::new(connect()?), shown })
+            .map_err(|_| anyhow::anyhow!("the render thread is gone"))?;
+        let info = pipeline.info().clone();
+        let mut timings = Vec::new();
+        let started = Instant::now();
+        while (timings.len() as u64) < total_frames {
+            timings.push(timing_rx.recv_timeout(Duration::from_secs(10)).context("the frame path stalled")?);
+        }
+        let elapsed = started.elapsed();
+        drop(pipeline);
+        let _ = drain.join();
+        let measured: Vec<FrameTiming> = timings.into_iter().filter(|t| t.index >= WARMUP).collect();
+        let capture_in_path = metrics
+            .render()
+            .lines()
+            .find_map(|l| {
+                let sum = l.strip_prefix("pylon_server_stage_seconds_sum{stage=\"capture\"} ")?.parse::<f64>().ok()?;
+                Some(sum)
+            })
+            .unwrap_or(0.0);
+        let captures = metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("pylon_server_stage_seconds_count{stage=\"capture\"} ")?.parse::<f64>().ok())
+            .unwrap_or(1.0);
+
+        // 2. Alone, on the title's frames: grab, upload + convert, encode; and the demo's
+        // render + convert, in the same run.
+        eprintln!("stages alone on {} frames…", measured.len());
+        let mut screen = connect()?;
+        let mut renderer = FrameRenderer::new(&RendererConfig {
+            width: args.width,
+            height: args.height,
+            gpu: None,
+            slots: 1,
+            clear_color: SPACE,
+        })?;
+        let mut encoder = VideoEncoder::open(encoder_config)?;
+        let mut frame = encoder.new_input_frame();
+        let mut scene = DemoScene::new(args.width, args.height, SEED);
+        let (mut grab, mut convert, mut encode, mut demo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let interval = Duration::from_secs_f64(1.0 / f64::from(args.fps));
+        let paced_start = Instant::now();
+        for n in 0..measured.len() {
+            let due = paced_start + interval.mul_f64(n as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let _ = screen.damaged()?;
+            let t0 = Instant::now();
+            let g = screen.grab()?;
+            let t1 = Instant::now();
+            let picture = Picture {
+                width: g.width,
+                height: g.height,
+                stride: g.stride,
+                pixels: g.pixels,
+                order: PixelOrder::Bgrx,
+            };
+            renderer.submit_upload(0, picture)?;
+            renderer.wait(0, Duration::from_secs(5))?;
+            let t2 = Instant::now();
+            load_nv12(&mut frame, renderer.nv12(0).unwrap_or_default())?;
+            let t3 = Instant::now();
+            encoder.encode(&mut frame, n as i64, n == 0)?;
+            let t4 = Instant::now();
+            scene.advance(n as f32 / args.fps as f32);
+            renderer.submit(0, scene.vertices(), Work::RenderAndConvert)?;
+            renderer.wait(0, Duration::from_secs(5))?;
+            grab.push(t1 - t0);
+            convert.push(t2 - t1);
+            encode.push(t4 - t3);
+            demo.push(t4.elapsed());
+        }
+        let stage = |f: fn(&FrameTiming) -> Duration| median(measured.iter().map(f).collect());
+        let whole = stage(|t| t.total);
+        let (grab, convert, encode, demo) = (median(grab), median(convert), median(encode), median(demo));
+        let captured = grab + convert;
+        let adds = ms(captured) - ms(demo);
+        let ratio = ms(whole) / ms(captured + encode);
+        println!(
+            "Pylon captured-title frame path, {program} at {}x{} @ {} fps, GPU: {}, encoder: {}",
+            args.width, args.height, args.fps, info.gpu_name, info.encoder
+        );
+        println!("{:<40} {:>9}", "stage (median per frame)", "ms");
+        println!("{:<40} {:>9.3}", "XShm grab (in the frame path, mean)", 1000.0 * capture_in_path / captures.max(1.0));
+        println!("{:<40} {:>9.3}", "upload + NV12 convert (GPU, in path)", ms(stage(|t| t.render)));
+        println!("{:<40} {:>9.3}", "encode (in path)", ms(stage(|t| t.encode)));
+        println!("{:<40} {:>9.3}", "whole frame path (tick → packets)", ms(whole));
+        println!("{:<40} {:>9.3}", "XShm grab alone", ms(grab));
+        println!("{:<40} {:>9.3}", "upload + NV12 convert alone", ms(convert));
+        println!("{:<40} {:>9.3}", "encode alone", ms(encode));
+        println!("{:<40} {:>9.3}", "demo render + NV12 convert alone", ms(demo));
+        println!(
+            "capture adds {adds:.3} ms per frame over the demo's direct path (grab + upload + convert − render + convert)"
+        );
+        println!(
+            "pacing: a drawn frame waits at most one tick ({:.1} ms) for its grab; sustained {:.1} frames/s",
+            ms(interval),
+            total_frames as f64 / elapsed.as_secs_f64()
+        );
+        println!("glue ratio (whole ÷ (grab + convert + encode alone)): {ratio:.3}");
+        println!(
+            "{}",
+            serde_json::json!({
+                "title": program, "width": args.width, "height": args.height, "fps_target": args.fps,
+                "gpu": info.gpu_name, "encoder": info.encoder,
+                "grab_ms": ms(grab), "upload_convert_ms": ms(convert), "encode_ms": ms(encode),
+                "demo_render_convert_ms": ms(demo), "capture_adds_ms": adds, "whole_ms": ms(whole),
+                "tick_ms": ms(interval), "glue_ratio": ratio,
+                "sustained_fps": total_frames as f64 / elapsed.as_secs_f64(),
+            })
+        );
+        Ok(())
+    })();
+    sandbox.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

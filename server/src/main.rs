@@ -127,7 +127,8 @@ struct Args {
     #[arg(long, env = "PYLON_DEFAULT_TITLE")]
     default_title: Option<String>,
     /// Where session sandboxes (their home, runtime directory, X authority, logs) live;
-    /// default: `sessions` in the data directory.
+    /// default: `pylon-sessions` in the temporary directory (titles run as an unprivileged
+    /// user under root, so it must be reachable by that user).
     #[arg(long, env = "PYLON_SESSIONS_DIR")]
     sessions_dir: Option<PathBuf>,
     /// A studio title that shows no picture within this many seconds ends its session.
@@ -306,7 +307,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (command_tx, command_rx) = mpsc::unbounded_channel();
     let titles = tokio::spawn(pylon_server::titles::run(
         TitleRunnerConfig {
-            sandbox: SandboxConfig::new(args.sessions_dir.clone().unwrap_or_else(|| args.data_dir.join("sessions"))),
+            sandbox: SandboxConfig::new(
+                args.sessions_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("pylon-sessions")),
+            ),
             first_frame_deadline: std::time::Duration::from_secs(args.title_start_seconds),
             video: (width, height),
             default_title: args.default_title.clone(),
