@@ -201,3 +201,31 @@ fn relative_motion_under_pointer_lock_moves_what_an_sdl_relative_mode_title_draw
     drop(x);
     stop_and_count_leftovers(sandbox);
 }
+
+#[test]
+fn a_vulkan_title_is_captured_through_xshm_with_distinct_frames() {
+    // SDL2's testvulkan clears its swapchain to a new colour every frame (Mesa lavapipe
+    // here); the layer-less path must still see the frames it presents.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sandbox =
+        Sandbox::start(&config(dir.path()), "vulkan", &spec(&format!("{SDL_TESTS}/testvulkan"), &[])).unwrap();
+    let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap();
+    let mut x = X11Session::connect(number, sandbox.cookie(), (640, 480)).unwrap();
+    wait_for("the title's first frame", Duration::from_secs(20), || x.damaged().unwrap());
+    let mut distinct = std::collections::HashSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        if x.damaged().unwrap() {
+            let g = x.grab().unwrap();
+            // The centre pixel's colour identifies the frame.
+            let at = g.stride * (g.height as usize / 2) + g.width as usize * 2;
+            distinct.insert(g.pixels[at..at + 3].to_vec());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("{} distinct frames of testvulkan in 2 s", distinct.len());
+    assert!(distinct.len() > 20, "more than 20 distinct frames in 2 s: {}", distinct.len());
+    assert!(sandbox.exited().is_none(), "{}", sandbox.log_tail(500));
+    drop(x);
+    stop_and_count_leftovers(sandbox);
+}
