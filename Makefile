@@ -12,7 +12,7 @@ DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
 	xvfb chromium-bsu
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
-TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools
+TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools evtest
 
 CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081

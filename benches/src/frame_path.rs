@@ -257,6 +257,7 @@ fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> any
         env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())].into(),
         width: args.width,
         height: args.height,
+        gamepads: 0,
     };
     let sandbox = Sandbox::start(&SandboxConfig::new(dir.clone()), "frame-path", &spec)?;
     let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);

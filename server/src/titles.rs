@@ -7,7 +7,7 @@
 use crate::metrics::{DropReason, ServerMetrics};
 use crate::pipeline::SourceCommand;
 use crate::uplink::{SessionSignal, UplinkCommand};
-use pylon_indexer_client::api::{LAUNCH_BUILTIN_DEMO, LAUNCH_EXEC, Title};
+use pylon_indexer_client::api::{InputKind, LAUNCH_BUILTIN_DEMO, LAUNCH_EXEC, Title};
 use pylon_title::sandbox::{LaunchSpec, Sandbox, SandboxConfig, resolve_command};
 use pylon_title::x11::X11Session;
 use std::collections::BTreeMap;
@@ -206,14 +206,18 @@ async fn start(
         env: title.env.clone(),
         width: u32::try_from(title.width).unwrap_or(1280),
         height: u32::try_from(title.height).unwrap_or(720),
+        gamepads: u8::from(title.input_kinds.contains(&InputKind::Gamepad)),
     };
     let (sandbox_config, session_id, video) = (config.sandbox.clone(), session.to_string(), config.video);
     let started = tokio::task::spawn_blocking(move || {
-        let sandbox = Sandbox::start(&sandbox_config, &session_id, &spec)
+        let mut sandbox = Sandbox::start(&sandbox_config, &session_id, &spec)
             .map_err(|e| (format!("the game could not start: {e}"), "start_failed"))?;
         let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);
         match X11Session::connect(number, sandbox.cookie(), video) {
-            Ok(screen) => Ok((sandbox, screen)),
+            Ok(mut screen) => {
+                screen.attach_pads(sandbox.take_pads());
+                Ok((sandbox, screen))
+            }
             Err(e) => {
                 sandbox.stop();
                 Err((format!("the game's display could not be captured: {e}"), "start_failed"))

@@ -7,8 +7,11 @@
 //! * [`x11`]: the session's X screen as a frame source (XShm grabs paced by XDamage) and
 //!   an input sink (XTest: keys, absolute and relative pointer motion, buttons, wheel,
 //!   touch as the pointer);
-//! * [`keymap`]: `KeyboardEvent.code` → Linux evdev key codes (X keycode = evdev + 8).
+//! * [`keymap`]: `KeyboardEvent.code` → Linux evdev key codes (X keycode = evdev + 8);
+//! * [`pad`]: virtual Xbox pads without `/dev/uinput` (an `LD_PRELOAD` shim that presents
+//!   evdev devices fed over a per-session socket).
 
 pub mod keymap;
+pub mod pad;
 pub mod sandbox;
 pub mod x11;

@@ -70,6 +70,8 @@ pub struct LaunchSpec {
     pub width: u32,
     /// Screen height.
     pub height: u32,
+    /// Virtual gamepads to present (0–4; through `LD_PRELOAD`, see [`crate::pad`]).
+    pub gamepads: u8,
 }
 
 /// The node's settings for sandboxes.
@@ -198,6 +200,7 @@ pub struct Sandbox {
     pgid: rustix::process::Pid,
     grace: Duration,
     exit: Option<TitleExit>,
+    pads: Vec<crate::pad::PadServer>,
 }
 
 impl Sandbox {
@@ -229,15 +232,27 @@ impl Sandbox {
             }
         }
         let cookie = cookie()?;
+        // Gamepads: the shim and the pads' sockets exist before the title looks for them.
+        let mut pads = Vec::new();
+        let mut shim = None;
+        if spec.gamepads > 0 {
+            let path = dir.join("libpylon-pad.so");
+            std::fs::write(&path, crate::pad::SHIM).map_err(io("writing the gamepad shim"))?;
+            chmod(&path, 0o644)?;
+            for n in 0..spec.gamepads.min(4) {
+                pads.push(crate::pad::PadServer::bind(&runtime, n, user).map_err(io("creating a gamepad socket"))?);
+            }
+            shim = Some(path);
+        }
         let (mut xvfb, display) = Self::start_xvfb(config, &xvfb, &dir, spec, &cookie, user)?;
-        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user).and_then(|title| {
-            match rustix::process::Pid::from_raw(title.id() as i32) {
+        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user, shim.as_deref()).and_then(
+            |title| match rustix::process::Pid::from_raw(title.id() as i32) {
                 Some(pgid) => Ok((title, pgid)),
                 None => {
                     Err(SandboxError::Io { what: "the title's process id".into(), source: std::io::Error::other("0") })
                 }
-            }
-        });
+            },
+        );
         let (title, pgid) = match title {
             Ok(t) => t,
             Err(e) => {
@@ -249,8 +264,17 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let sandbox =
-            Sandbox { dir: dir.clone(), display, cookie, xvfb, title, pgid, grace: config.stop_grace, exit: None };
+        let sandbox = Sandbox {
+            dir: dir.clone(),
+            display,
+            cookie,
+            xvfb,
+            title,
+            pgid,
+            grace: config.stop_grace,
+            exit: None,
+            pads,
+        };
         let number = display;
         tracing::info!(x_display = number, dir = %dir.display(), title = %program.display(), "session sandbox started");
         Ok(sandbox)
@@ -321,6 +345,7 @@ impl Sandbox {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn_title(
         program: &Path,
         dir: &Path,
@@ -329,6 +354,7 @@ impl Sandbox {
         display: u32,
         spec: &LaunchSpec,
         user: Option<(u32, u32)>,
+        shim: Option<&Path>,
     ) -> Result<Child, SandboxError> {
         let log = std::fs::File::create(dir.join("title.log")).map_err(io("creating title.log"))?;
         let err = log.try_clone().map_err(io("creating title.log"))?;
@@ -348,11 +374,20 @@ impl Sandbox {
             .stdout(log)
             .stderr(err)
             .process_group(0);
+        if let Some(shim) = shim {
+            let devices: Vec<String> = (0..spec.gamepads.min(4)).map(crate::pad::device_path).collect();
+            cmd.env("LD_PRELOAD", shim).env("PYLON_PAD_DIR", runtime).env("SDL_JOYSTICK_DEVICE", devices.join(":"));
+        }
         if let Some((uid, gid)) = user {
             // std drops the supplementary groups too when root changes the uid.
             cmd.uid(uid).gid(gid);
         }
         cmd.spawn().map_err(io(format!("starting {}", program.display())))
+    }
+
+    /// The session's virtual gamepads (taken once, by whoever injects input).
+    pub fn take_pads(&mut self) -> Vec<crate::pad::PadServer> {
+        std::mem::take(&mut self.pads)
     }
 
     /// The session's X display (`:101`).

@@ -83,6 +83,7 @@ pub struct X11Session {
     buttons_held: BTreeSet<u8>,
     wheel: (f32, f32),
     touch: Option<u8>,
+    pads: Vec<crate::pad::PadServer>,
 }
 
 impl std::fmt::Debug for X11Session {
@@ -189,7 +190,13 @@ impl X11Session {
             buttons_held: BTreeSet::new(),
             wheel: (0.0, 0.0),
             touch: None,
+            pads: Vec::new(),
         })
+    }
+
+    /// Gamepad events go to these virtual pads (pad `n` of the browser to `pads[n]`).
+    pub fn attach_pads(&mut self, pads: Vec<crate::pad::PadServer>) {
+        self.pads = pads;
     }
 
     /// The screen's size.
@@ -200,6 +207,9 @@ impl X11Session {
     /// Whether the title drew since the last grab: a window of it is on the screen and
     /// something was drawn (reads pending events; never blocks).
     pub fn damaged(&mut self) -> Result<bool, X11Error> {
+        for p in &mut self.pads {
+            p.accept();
+        }
         while let Some(event) = self.conn.poll_for_event()? {
             match event {
                 Event::DamageNotify(_) => self.damaged = true,
@@ -350,7 +360,13 @@ impl X11Session {
                 }
                 Applied::Injected
             }
-            InputEvent::Gamepad { .. } => Applied::Unsupported,
+            InputEvent::Gamepad { pad, connected, buttons, axes } => match self.pads.get_mut(usize::from(*pad)) {
+                Some(p) => {
+                    p.apply(*connected, buttons, axes);
+                    Applied::Injected
+                }
+                None => Applied::Unsupported,
+            },
         };
         self.conn.flush()?;
         Ok(applied)
@@ -370,6 +386,9 @@ impl X11Session {
             self.fake(xproto::BUTTON_RELEASE_EVENT, button, 0, 0)?;
         }
         self.touch = None;
+        for p in &mut self.pads {
+            p.apply(false, &[], &[]);
+        }
         self.conn.flush()?;
         Ok(())
     }

@@ -26,6 +26,7 @@ fn spec(command: &str, args: &[&str]) -> LaunchSpec {
         env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())].into(),
         width: 640,
         height: 480,
+        gamepads: 0,
     }
 }
 
@@ -227,5 +228,69 @@ fn a_vulkan_title_is_captured_through_xshm_with_distinct_frames() {
     assert!(distinct.len() > 20, "more than 20 distinct frames in 2 s: {}", distinct.len());
     assert!(sandbox.exited().is_none(), "{}", sandbox.log_tail(500));
     drop(x);
+    stop_and_count_leftovers(sandbox);
+}
+
+/// A sandbox with one virtual pad running `command`; the pad, once the title opened it.
+fn with_pad(dir: &Path, name: &str, command: &str, args: &[&str]) -> (Sandbox, pylon_title::pad::PadServer) {
+    let mut s = spec(command, args);
+    s.gamepads = 1;
+    let mut sandbox = Sandbox::start(&config(dir), name, &s).unwrap();
+    let mut pad = sandbox.take_pads().remove(0);
+    wait_for("the title to open the pad", Duration::from_secs(20), || {
+        pad.accept();
+        pad.opened() > 0
+    });
+    (sandbox, pad)
+}
+
+#[test]
+fn a_gamepad_button_and_axis_reach_evtest_through_the_shim() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sandbox, mut pad) = with_pad(dir.path(), "evtest", "evtest", &["/dev/input/pylon-pad0"]);
+    let mut buttons = vec![0u8; 17];
+    buttons[0] = 255;
+    assert!(pad.apply(true, &buttons, &[-20000, 0, 0, 0]) >= 2);
+    let wanted = ["Input device name: \"Microsoft X-Box 360 pad 0\"", "(BTN_SOUTH), value 1", "(ABS_X), value -20000"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = sandbox.log_tail(16 * 1024);
+        if wanted.iter().all(|w| log.contains(w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "evtest did not show {wanted:?}: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(pad);
+    stop_and_count_leftovers(sandbox);
+}
+
+#[test]
+fn an_sdl_game_controller_sees_the_virtual_xbox_pad() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sandbox, mut pad) = with_pad(dir.path(), "controller", &format!("{SDL_TESTS}/testgamecontroller"), &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut buttons = vec![0u8; 17];
+    buttons[0] = 255;
+    pad.apply(true, &buttons, &[0, 0, 0, 0]);
+    std::thread::sleep(Duration::from_millis(300));
+    pad.apply(true, &[0; 17], &[0, 0, 0, 0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = sandbox.log_tail(16 * 1024);
+        let wanted = [
+            "X360 Controller, /dev/input/pylon-pad0",
+            "Game controller device 0 added",
+            "button a pressed",
+            "button a released",
+        ];
+        if wanted.iter().all(|w| log.contains(w)) {
+            break;
+        }
+        assert!(sandbox.exited().is_none(), "testgamecontroller exited: {log}");
+        assert!(Instant::now() < deadline, "testgamecontroller did not add the pad: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(pad);
     stop_and_count_leftovers(sandbox);
 }
