@@ -258,3 +258,48 @@ async fn titles_that_crash_or_never_draw_end_their_session_and_the_node_takes_th
     b.close().await;
     platform.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browsers_gamepad_reaches_an_sdl_title_as_an_xbox_pad() {
+    let pad = Title {
+        input_kinds: vec![common::InputKind::Gamepad, common::InputKind::Keyboard],
+        ..exec_title("pad", &format!("{SDL_TESTS}/testgamecontroller"), &[], (640, 480))
+    };
+    let platform = start_pool_with_titles(1280, 720, 30, vec![pad]).await;
+    let indexer = platform.indexer.unwrap();
+    let b = Browser::start().await;
+    let playing = play(&b, indexer, "pad").await;
+    let session = playing["session"].as_str().expect("the title played").to_string();
+    b.wait_for("return pylon.pc.sctp && pylon.pc.sctp.state === 'connected'", Duration::from_secs(10)).await;
+    let log = platform.data_dir().join("sessions").join(&session).join("title.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // A synthetic standard-mapping pad in the page: A held, left stick pushed left.
+    b.eval(
+        "const pad = { connected: true, mapping: 'standard', \
+         buttons: Array.from({ length: 17 }, (_, i) => ({ value: i === 0 ? 1 : 0, pressed: i === 0 })), \
+         axes: [-0.8, 0, 0, 0] }; navigator.getGamepads = () => [pad, null, null, null]; return true;",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reached = |log: &str| {
+        log.contains("Game controller device 0 added")
+            && log.contains("button a pressed")
+            && log.contains("axis leftx changed to -26")
+    };
+    while !reached(&read()) {
+        assert!(Instant::now() < deadline, "the pad's A and stick never reached the title: {}", read());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.eval("navigator.getGamepads = () => [null, null, null, null]; return true;").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !read().contains("button a released") {
+        assert!(Instant::now() < deadline, "unplugging the pad released A: {}", read());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "testgamecontroller saw: {}",
+        read().lines().filter(|l| l.contains("Controller")).collect::<Vec<_>>().join(" | ")
+    );
+    b.close().await;
+    platform.stop().await;
+}

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub use pylon_indexer_client::api::Title;
+pub use pylon_indexer_client::api::{InputKind, Title};
 use pylon_relay::{RelayConfig, RelayHandle};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
 use pylon_server::metrics::ServerMetrics;
@@ -34,6 +34,11 @@ pub struct Platform {
 }
 
 impl Platform {
+    /// Where this platform keeps its files (session sandboxes under `sessions/`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}/", self.relay.http_addr)
     }
