@@ -262,7 +262,10 @@ async fn titles_that_crash_or_never_draw_end_their_session_and_the_node_takes_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_browsers_gamepad_reaches_an_sdl_title_as_an_xbox_pad() {
     let pad = Title {
-        input_kinds: vec![common::InputKind::Gamepad, common::InputKind::Keyboard],
+        input_kinds: vec![
+            pylon_indexer_client::api::InputKind::Gamepad,
+            pylon_indexer_client::api::InputKind::Keyboard,
+        ],
         ..exec_title("pad", &format!("{SDL_TESTS}/testgamecontroller"), &[], (640, 480))
     };
     let platform = start_pool_with_titles(1280, 720, 30, vec![pad]).await;

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub use pylon_indexer_client::api::{InputKind, Title};
+pub use pylon_indexer_client::api::Title;
 use pylon_relay::{RelayConfig, RelayHandle};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
 use pylon_server::metrics::ServerMetrics;
