@@ -201,6 +201,7 @@ pub struct Sandbox {
     grace: Duration,
     exit: Option<TitleExit>,
     pads: Vec<crate::pad::PadServer>,
+    stopped: bool,
 }
 
 impl Sandbox {
@@ -274,6 +275,7 @@ impl Sandbox {
             grace: config.stop_grace,
             exit: None,
             pads,
+            stopped: false,
         };
         let number = display;
         tracing::info!(x_display = number, dir = %dir.display(), title = %program.display(), "session sandbox started");
@@ -438,8 +440,18 @@ impl Sandbox {
     }
 
     /// Stops the title (SIGTERM to its group, SIGKILL after the grace period), then the X
-    /// server, and removes the session's directory.
+    /// server, and removes the session's directory. Dropping a sandbox does the same (a
+    /// panic or an early return never leaves a title running).
     pub fn stop(mut self) -> StopReport {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> StopReport {
+        if self.stopped {
+            return StopReport::default();
+        }
+        self.stopped = true;
+        self.pads.clear();
         let mut report = StopReport::default();
         // Reap the leader first if it already exited; the group may live on without it.
         let _ = self.title.try_wait();
@@ -472,5 +484,11 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&self.dir);
         tracing::info!(x_display = self.display, ?report, "session sandbox removed");
         report
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

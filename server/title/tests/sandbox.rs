@@ -294,3 +294,13 @@ fn an_sdl_game_controller_sees_the_virtual_xbox_pad() {
     drop(pad);
     stop_and_count_leftovers(sandbox);
 }
+
+#[test]
+fn a_sandbox_dropped_without_stop_still_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(&config(dir.path()), "dropped", &spec("sleep", &["1000"])).unwrap();
+    let (title, xvfb, session_dir) = (sandbox.title_pid(), sandbox.xvfb_pid(), sandbox.dir().to_path_buf());
+    // As when a test panics or a caller returns early.
+    drop(sandbox);
+    assert!(!alive(title) && !alive(xvfb) && !session_dir.exists(), "a dropped sandbox is stopped");
+}
