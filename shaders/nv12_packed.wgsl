@@ -1,6 +1,7 @@
 // Packed 32-bit pixels -> NV12 (BT.709, limited range), for pictures uploaded at the
 // stream's size (a captured title's screen): read straight from the upload buffer, with
-// no copy into an image first. Same block layout and formulas as nv12.wgsl.
+// no copy into an image first. The conversion itself is nv12_common.wgsl, which build.rs
+// appends.
 
 struct Params {
     width: u32,
@@ -20,47 +21,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> nv12: array<u32>;
 var<push_constant> params: Params;
 
-fn luma(c: vec3<f32>) -> f32 {
-    return 16.0 + 219.0 * dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
-}
-
-fn chroma(c: vec3<f32>) -> vec2<f32> {
-    let y = dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
-    return vec2<f32>(128.0 + 224.0 * (c.b - y) / 1.8556, 128.0 + 224.0 * (c.r - y) / 1.5748);
-}
-
-fn pack4(a: f32, b: f32, c: f32, d: f32) -> u32 {
-    let v = clamp(round(vec4<f32>(a, b, c, d)), vec4<f32>(0.0), vec4<f32>(255.0));
-    let u = vec4<u32>(v);
-    return u.x | (u.y << 8u) | (u.z << 16u) | (u.w << 24u);
-}
-
 fn px(x: u32, y: u32) -> vec3<f32> {
     let w = source[y * params.stride_words + x];
     let c = vec3<f32>(f32(w & 0xffu), f32((w >> 8u) & 0xffu), f32((w >> 16u) & 0xffu)) / 255.0;
     return select(c, c.zyx, params.swap_rb != 0u);
-}
-
-@compute @workgroup_size(64, 1, 1)
-fn main(@builtin(global_invocation_id) id: vec3<u32>) {
-    let x = id.x * 4u;
-    let y = id.y * 2u;
-    if (x >= params.width || y >= params.height) {
-        return;
-    }
-    let t0 = px(x, y);
-    let t1 = px(x + 1u, y);
-    let t2 = px(x + 2u, y);
-    let t3 = px(x + 3u, y);
-    let b0 = px(x, y + 1u);
-    let b1 = px(x + 1u, y + 1u);
-    let b2 = px(x + 2u, y + 1u);
-    let b3 = px(x + 3u, y + 1u);
-    let words_per_row = params.width / 4u;
-    let row0 = y * words_per_row + id.x;
-    nv12[row0] = pack4(luma(t0), luma(t1), luma(t2), luma(t3));
-    nv12[row0 + words_per_row] = pack4(luma(b0), luma(b1), luma(b2), luma(b3));
-    let left = chroma((t0 + t1 + b0 + b1) * 0.25);
-    let right = chroma((t2 + t3 + b2 + b3) * 0.25);
-    nv12[params.uv_offset_words + id.y * words_per_row + id.x] = pack4(left.x, left.y, right.x, right.y);
 }

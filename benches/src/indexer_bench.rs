@@ -57,20 +57,7 @@ fn pool(nodes: usize, relays: usize, per_relay: usize) -> (Vec<NodeCandidate>, V
 
 async fn api_run(url: &str, sessions: usize) -> f64 {
     let store = Store::open(url).await.unwrap();
-    store
-        .put_title(&Title {
-            id: "demo".into(),
-            name: "Demo".into(),
-            description: String::new(),
-            launch: "builtin:demo".into(),
-            min_gpu_class: 0,
-            width: 1280,
-            height: 720,
-            fps: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    store.put_title(&Title::builtin_demo()).await.unwrap();
     let now = unix_now();
     for i in 0..100 {
         store

@@ -80,19 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&url).await.context("opening the database")?;
     tracing::info!(backend = if url.starts_with("postgres") { "postgresql" } else { "sqlite" }, "database ready");
     if args.demo_title {
-        store
-            .put_title(&Title {
-                id: "demo".into(),
-                name: "Pylon Asteroids".into(),
-                description: "Fly a ship through a drifting asteroid field and shoot for points.".into(),
-                launch: "builtin:demo".into(),
-                min_gpu_class: 0,
-                width: 1280,
-                height: 720,
-                fps: 60,
-                ..Default::default()
-            })
-            .await?;
+        store.put_title(&Title::builtin_demo()).await?;
     }
     let key = pylon_indexer::keys::load_or_create(&args.data_dir, "indexer-key")?;
     let policy = Policy {

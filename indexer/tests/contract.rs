@@ -31,20 +31,7 @@ fn tools() -> PathBuf {
 /// session's id.
 async fn seeded_indexer(dir: &std::path::Path) -> (std::net::SocketAddr, String) {
     let store = Store::open(&format!("sqlite://{}?mode=rwc", dir.join("indexer.db").display())).await.unwrap();
-    store
-        .put_title(&Title {
-            id: "demo".into(),
-            name: "Pylon Asteroids".into(),
-            description: "Fly a ship through a drifting asteroid field.".into(),
-            launch: "builtin:demo".into(),
-            min_gpu_class: 0,
-            width: 1280,
-            height: 720,
-            fps: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    store.put_title(&Title::builtin_demo()).await.unwrap();
     let key = pylon_indexer::keys::load_or_create(dir, "indexer-key").unwrap();
     let state = AppState::new(store, key, ADMIN.into(), Policy::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

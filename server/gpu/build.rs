@@ -9,7 +9,16 @@ fn main() {
     for name in ["scene", "nv12", "nv12_packed"] {
         let path = shaders.join(format!("{name}.wgsl"));
         println!("cargo:rerun-if-changed={}", path.display());
-        let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let mut source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        // The NV12 shaders differ only in how they read a pixel; the block conversion is shared.
+        if name.starts_with("nv12") {
+            let common = shaders.join("nv12_common.wgsl");
+            println!("cargo:rerun-if-changed={}", common.display());
+            source.push('\n');
+            source.push_str(
+                &std::fs::read_to_string(&common).unwrap_or_else(|e| panic!("reading {}: {e}", common.display())),
+            );
+        }
         let module = naga::front::wgsl::parse_str(&source)
             .unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(&source, path.to_string_lossy().as_ref())));
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())

@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use pylon_indexer_client::api::RegisterNode;
-use pylon_indexer_client::api::{LAUNCH_BUILTIN_DEMO, Title};
+use pylon_indexer_client::api::Title;
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID, VideoEncoder};
 use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
@@ -200,12 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => SessionGate::open(),
     };
     // The titles this node knows: the built-in demo, spec files, the pool's catalog.
-    let mut catalog = TitleCatalog::new([Title {
-        id: "demo".into(),
-        name: "Pylon Asteroids".into(),
-        launch: LAUNCH_BUILTIN_DEMO.into(),
-        ..Title::default()
-    }]);
+    let mut catalog = TitleCatalog::new([Title::builtin_demo()]);
     for path in &args.title_specs {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading title spec {}", path.display()))?;
         let title: Title =

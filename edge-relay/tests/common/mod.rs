@@ -135,20 +135,7 @@ pub async fn start_indexer_with(data_dir: &std::path::Path, titles: Vec<Title>) 
     std::fs::create_dir_all(data_dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", data_dir.join("indexer.db").display());
     let store = Store::open(&url).await.unwrap();
-    store
-        .put_title(&Title {
-            id: "demo".into(),
-            name: "Pylon Asteroids".into(),
-            description: "Fly a ship through a drifting asteroid field.".into(),
-            launch: "builtin:demo".into(),
-            min_gpu_class: 0,
-            width: 1280,
-            height: 720,
-            fps: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    store.put_title(&Title::builtin_demo()).await.unwrap();
     for t in &titles {
         store.put_title(t).await.unwrap();
     }
@@ -248,9 +235,7 @@ async fn start(
     let gate = if pooled { SessionGate::pooled(POOL_NODE) } else { SessionGate::open() };
     let mut identity = None;
     let mut indexer_client = None;
-    let catalog = pylon_server::titles::TitleCatalog::new(
-        std::iter::once(Title { id: "demo".into(), name: "Demo".into(), ..Title::default() }).chain(titles),
-    );
+    let catalog = pylon_server::titles::TitleCatalog::new(std::iter::once(Title::builtin_demo()).chain(titles));
     if let Some(addr) = indexer {
         let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
         identity = Some(key.clone());

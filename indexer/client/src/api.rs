@@ -339,6 +339,16 @@ impl Default for Title {
 }
 
 impl Title {
+    /// The node's built-in demo, `demo`: Pylon Asteroids at 1280x720, 60 fps.
+    pub fn builtin_demo() -> Self {
+        Self {
+            id: "demo".into(),
+            name: "Pylon Asteroids".into(),
+            description: "Fly a ship through a drifting asteroid field and shoot for points.".into(),
+            ..Self::default()
+        }
+    }
+
     /// Why this title cannot be stored, if it cannot.
     pub fn validate(&self) -> Result<(), &'static str> {
         if !valid_id(&self.id) {

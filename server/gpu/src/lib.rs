@@ -1075,44 +1075,9 @@ impl FrameRenderer {
     /// # Safety
     /// `cb` is `s`'s command buffer, in the recording state.
     unsafe fn record_convert(&self, cb: vk::CommandBuffer, s: &Slot, swap_rb: bool) {
-        let d = &self.device;
-        // SAFETY: the caller records into `s`'s command buffer; every handle belongs to
-        // this device.
-        unsafe {
-            d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.compute);
-            d.cmd_bind_descriptor_sets(
-                cb,
-                vk::PipelineBindPoint::COMPUTE,
-                self.compute_layout,
-                0,
-                &[s.descriptor],
-                &[],
-            );
-            let uv_offset_words = self.width * self.height / 4;
-            let params = [self.width, self.height, uv_offset_words, u32::from(swap_rb)];
-            let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            d.cmd_push_constants(cb, self.compute_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
-            // One invocation per 4x2 block, 64 invocations a workgroup along a row (fastest on lavapipe).
-            d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
-            // Make the compute writes visible to the host once the fence signals.
-            let barrier = [vk::BufferMemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ)
-                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .buffer(s.nv12.buffer)
-                .offset(0)
-                .size(vk::WHOLE_SIZE)];
-            d.cmd_pipeline_barrier(
-                cb,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &[],
-                &barrier,
-                &[],
-            );
-        }
+        let params = [self.width, self.height, self.width * self.height / 4, u32::from(swap_rb)];
+        // SAFETY: as the caller promises; the set and layout are this renderer's.
+        unsafe { self.record_nv12(cb, s, (self.compute, self.compute_layout, s.descriptor), &params) }
     }
 
     /// Records the NV12 conversion of `u`'s packed pixels (the stream's size, tightly
@@ -1121,16 +1086,34 @@ impl FrameRenderer {
     /// # Safety
     /// `cb` is `s`'s command buffer, in the recording state; `u` is `s`'s upload area.
     unsafe fn record_packed(&self, cb: vk::CommandBuffer, s: &Slot, u: &Upload, swap_rb: bool) {
+        let params = [self.width, self.height, self.width * self.height / 4, u32::from(swap_rb), self.width, 0, 0, 0];
+        // SAFETY: as the caller promises; host writes to the upload buffer are visible to
+        // the queue at submit.
+        unsafe { self.record_nv12(cb, s, (self.packed, self.packed_layout, u.descriptor), &params) }
+    }
+
+    /// Records one NV12 compute pass with `pipeline` (pipeline, layout, descriptor set)
+    /// and push constants `params`, then makes its writes to `s`'s readback buffer
+    /// visible to the host once the fence signals.
+    ///
+    /// # Safety
+    /// `cb` is `s`'s command buffer, in the recording state; the set's buffers are alive.
+    unsafe fn record_nv12(
+        &self,
+        cb: vk::CommandBuffer,
+        s: &Slot,
+        (pipeline, layout, set): (vk::Pipeline, vk::PipelineLayout, vk::DescriptorSet),
+        params: &[u32],
+    ) {
         let d = &self.device;
         // SAFETY: the caller records into `s`'s command buffer; every handle belongs to
-        // this device; host writes to the upload buffer are visible to the queue at submit.
+        // this device.
         unsafe {
-            d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.packed);
-            d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, self.packed_layout, 0, &[u.descriptor], &[]);
-            let params =
-                [self.width, self.height, self.width * self.height / 4, u32::from(swap_rb), self.width, 0, 0, 0];
+            d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipeline);
+            d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, layout, 0, &[set], &[]);
             let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            d.cmd_push_constants(cb, self.packed_layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
+            d.cmd_push_constants(cb, layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
+            // One invocation per 4x2 block, 64 invocations a workgroup along a row (fastest on lavapipe).
             d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
             let barrier = [vk::BufferMemoryBarrier::default()
                 .src_access_mask(vk::AccessFlags::SHADER_WRITE)
