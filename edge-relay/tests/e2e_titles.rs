@@ -78,6 +78,28 @@ async fn decoded(b: &Browser) -> f64 {
     b.eval("return pylon.stats.framesDecoded").await.as_f64().unwrap()
 }
 
+/// Waits (up to `timeout`) until the machine's CPUs are at most 25 % busy over half a
+/// second, from `/proc/stat`; returns the last reading.
+async fn quiet_cpu(timeout: Duration) -> f64 {
+    let sample = || {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<u64> =
+            stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+        (cpu.iter().sum::<u64>(), idle)
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (t0, i0) = sample();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (t1, i1) = sample();
+        let busy = 1.0 - (i1 - i0) as f64 / (t1 - t0).max(1) as f64;
+        if busy <= 0.25 || Instant::now() > deadline {
+            return busy;
+        }
+    }
+}
+
 /// CPU seconds the node's frame-path threads (`pylon-render`: capture and conversion,
 /// `pylon-encode`) have used, from `/proc/self/task`.
 fn frame_path_cpu() -> f64 {
@@ -137,6 +159,10 @@ fn sandbox_processes(dir_hint: &str) -> Vec<String> {
 async fn a_debian_game_deployed_as_a_title_plays_in_chromium_and_takes_keys() {
     // The game draws a 640x480 window, which SDL centres on the session's 1280x720 screen.
     let bsu = exec_title("bsu", BSU, &["-w", "-na", "-v", "1"], (1280, 720));
+    // A frame-rate figure on two cores means little while the previous test binary's
+    // browsers are still going away: start on a quiet machine.
+    let busy = quiet_cpu(Duration::from_secs(20)).await;
+    eprintln!("the machine was {:.0} % busy when the game started", busy * 100.0);
     let platform = start_pool_with_titles(1280, 720, 60, vec![bsu]).await;
     let indexer = platform.indexer.unwrap();
     let b = Browser::start().await;
