@@ -200,9 +200,12 @@ export function captureInput(video, send) {
     }, { passive: false });
   }
 
-  // Gamepads: polled every animation frame, only changes sent.
+  // Gamepads: polled every animation frame, only changes sent. The next poll is scheduled
+  // first, so one failed send (a channel closing under us) cannot stop gamepad input for
+  // the rest of the session.
   let raf = 0;
   const poll = () => {
+    raf = requestAnimationFrame(poll);
     const list = navigator.getGamepads ? navigator.getGamepads() : [];
     for (let i = 0; i < 4; i++) {
       const gp = list[i];
@@ -210,12 +213,16 @@ export function captureInput(video, send) {
         ? JSON.stringify([gp.buttons.map((b) => Math.round(b.value * 255)), gp.axes.map((a) => Math.round(a * 32767))])
         : null;
       if (state !== (pads.get(i) ?? null)) {
-        if (state === null) out(enc.gamepad(i, false, [], []));
-        else out(enc.gamepad(i, true, gp.buttons.map((b) => b.value), Array.from(gp.axes)));
-        pads.set(i, state);
+        try {
+          if (state === null) out(enc.gamepad(i, false, [], []));
+          else out(enc.gamepad(i, true, gp.buttons.map((b) => b.value), Array.from(gp.axes)));
+          pads.set(i, state);
+        } catch (e) {
+          // Not recorded as sent: the next frame tries again.
+          console.warn('gamepad input not sent', e);
+        }
       }
     }
-    raf = requestAnimationFrame(poll);
   };
   raf = requestAnimationFrame(poll);
   off.push(() => cancelAnimationFrame(raf));
