@@ -642,6 +642,41 @@ impl FrameRenderer {
             .ok_or(GpuError::NoMemoryType(what))
     }
 
+    /// Allocates device-local memory for `image` (created from this device, unbound) and
+    /// binds it; the memory is freed again if binding fails.
+    fn image_memory(
+        &self,
+        memory: &vk::PhysicalDeviceMemoryProperties,
+        image: vk::Image,
+        what: &'static str,
+    ) -> Result<vk::DeviceMemory, GpuError> {
+        let d = &self.device;
+        // SAFETY: the image belongs to this device.
+        let req = unsafe { d.get_image_memory_requirements(image) };
+        let index = Self::memory_type(
+            memory,
+            req.memory_type_bits,
+            vk::MemoryPropertyFlags::empty(),
+            vk::MemoryPropertyFlags::DEVICE_LOCAL,
+            what,
+        )?;
+        // SAFETY: the index comes from this device's memory properties.
+        let mem = unsafe {
+            d.allocate_memory(
+                &vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index),
+                None,
+            )
+        }
+        .map_err(GpuError::vk(what))?;
+        // SAFETY: fresh, unbound image and memory sized by its requirements.
+        if let Err(result) = unsafe { d.bind_image_memory(image, mem, 0) } {
+            // SAFETY: the memory was never bound or used.
+            unsafe { d.free_memory(mem, None) };
+            return Err(GpuError::Vulkan { what, result });
+        }
+        Ok(mem)
+    }
+
     fn create_buffer(
         &self,
         memory: &vk::PhysicalDeviceMemoryProperties,
@@ -742,26 +777,7 @@ impl FrameRenderer {
             // SAFETY: `image_info` is a valid description.
             slot.image =
                 unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating the colour target"))?;
-            // SAFETY: the image belongs to this device.
-            let req = unsafe { d.get_image_memory_requirements(slot.image) };
-            let index = Self::memory_type(
-                memory,
-                req.memory_type_bits,
-                vk::MemoryPropertyFlags::empty(),
-                vk::MemoryPropertyFlags::DEVICE_LOCAL,
-                "the colour target",
-            )?;
-            // SAFETY: the index comes from this device's memory properties.
-            slot.image_memory = unsafe {
-                d.allocate_memory(
-                    &vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index),
-                    None,
-                )
-            }
-            .map_err(GpuError::vk("allocating the colour target"))?;
-            // SAFETY: fresh, unbound image and memory sized by its requirements.
-            unsafe { d.bind_image_memory(slot.image, slot.image_memory, 0) }
-                .map_err(GpuError::vk("binding the colour target"))?;
+            slot.image_memory = self.image_memory(memory, slot.image, "the colour target")?;
             let view_info = vk::ImageViewCreateInfo::default()
                 .image(slot.image)
                 .view_type(vk::ImageViewType::TYPE_2D)
@@ -948,26 +964,8 @@ impl FrameRenderer {
                 // SAFETY: `info` is a valid description.
                 upload.image =
                     unsafe { d.create_image(&info, None) }.map_err(GpuError::vk("creating the upload image"))?;
-                // SAFETY: the image belongs to this device.
-                let req = unsafe { d.get_image_memory_requirements(upload.image) };
-                let index = Self::memory_type(
-                    &memory,
-                    req.memory_type_bits,
-                    vk::MemoryPropertyFlags::empty(),
-                    vk::MemoryPropertyFlags::DEVICE_LOCAL,
-                    "the upload image",
-                )?;
-                // SAFETY: the index comes from this device's memory properties.
-                upload.memory = unsafe {
-                    d.allocate_memory(
-                        &vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(index),
-                        None,
-                    )
-                }
-                .map_err(GpuError::vk("allocating the upload image"))?;
-                // SAFETY: fresh, unbound image and memory sized by its requirements.
-                unsafe { d.bind_image_memory(upload.image, upload.memory, 0) }
-                    .map_err(GpuError::vk("binding the upload image"))
+                upload.memory = self.image_memory(&memory, upload.image, "the upload image")?;
+                Ok(())
             })();
             if let Err(e) = result {
                 self.destroy_upload(&upload);
