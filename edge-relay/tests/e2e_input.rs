@@ -68,6 +68,14 @@ async fn ship_moved_from(b: &Browser, from: (f64, f64), min: f64) -> (f64, f64) 
     }
 }
 
+/// Frames decoded by the browser and rendered and encoded by the node, for failure messages.
+async fn progress(b: &Browser, platform: &common::Platform) -> String {
+    let decoded = b.eval("return pylon.stats.framesDecoded").await;
+    let rendered = platform.server_metrics_value("pylon_server_frames_rendered");
+    let encoded = platform.server_metrics_value("pylon_server_frames_encoded");
+    format!("decoded {decoded}, rendered {rendered}, encoded {encoded}")
+}
+
 fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
     (a.0 - b.0).hypot(a.1 - b.1)
 }
@@ -106,8 +114,13 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.eval(&key("keyup", "ArrowUp")).await;
     wait_keys_held(&platform, 0.0).await;
+    let before_progress = progress(&b, &platform).await;
     let after = ship_moved_from(&b, before, 40.0).await;
-    assert!(dist(before, after) > 40.0, "thrust moves the ship: {before:?} → {after:?}");
+    assert!(
+        dist(before, after) > 40.0,
+        "thrust moves the ship: {before:?} → {after:?} (frames then: {before_progress}; now: {})",
+        progress(&b, &platform).await
+    );
 
     // A key held when the window loses focus is released.
     b.eval(&key("keydown", "ArrowLeft")).await;
