@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 fn main() {
-    let shaders = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shaders");
+    let shaders = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("../../shaders");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for name in ["scene", "nv12", "nv12_packed"] {
         let path = shaders.join(format!("{name}.wgsl"));

@@ -3,7 +3,9 @@
 
 fn main() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let source = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shim/pad.c");
+    let source =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("shim/pad.c");
     println!("cargo:rerun-if-changed={}", source.display());
     let compiler = cc::Build::new().opt_level(2).get_compiler();
     let status = compiler
