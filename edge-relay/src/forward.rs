@@ -73,6 +73,12 @@ const H264_RTX_PT: u8 = 109;
 /// The player's bitrate bounds the relay asks for (the node clamps to its own).
 const PLAYER_MIN_BPS: u64 = 300_000;
 const PLAYER_MAX_BPS: u64 = 50_000_000;
+/// What str0m probes the player's path for: a little over what the video can use (the
+/// node's default ceiling is 6 Mbit/s, and the encoder gets 85 % of the estimate). Probing
+/// for the rate controller's 50 Mbit/s ceiling, once frames left in bursts, sent probe
+/// clusters far past a 4 Mbit/s link: the bottleneck overflowed and the loss-based estimate
+/// collapsed (encoder at 0.6 Mbit/s, frozen a quarter of the time).
+const PLAYER_DESIRED_BPS: u64 = 8_000_000;
 /// Where the player's bandwidth estimate starts.
 const PLAYER_START_BPS: u64 = 6_000_000;
 /// How long the core waits at most when nothing is due (keyframe requests, idle).
@@ -268,6 +274,8 @@ struct Source {
     keyframes: KeyframePolicy,
     /// This stream's counters (Prometheus, labelled by stream).
     counters: StreamCounters,
+    /// Arrival of the first packet of the frame now arriving.
+    frame_started: Option<Instant>,
 }
 
 impl Source {
@@ -487,6 +495,7 @@ impl Core {
             hello,
             last_seq: None,
             keyframes: KeyframePolicy::default(),
+            frame_started: None,
         };
         if s.keyframes.request(now) {
             send_keyframe_request(node, &mut s, &mut self.to_node, &self.metrics);
@@ -570,6 +579,12 @@ impl Core {
         };
         s.counters.packets_in.inc();
         s.counters.bytes_in.inc_by(packet.len() as u64);
+        let started = *s.frame_started.get_or_insert(arrival);
+        if rtp.header.marker {
+            // How far the uplink spread this frame: its first to its last packet's arrival.
+            self.metrics.frame_arrival_spread_seconds.observe(arrival.saturating_duration_since(started).as_secs_f64());
+            s.frame_started = None;
+        }
         let ext_seq = s.extend(rtp.header.sequence);
         let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
         // One copy of the payload for every viewer (and every viewer's RTX cache).
@@ -747,7 +762,7 @@ fn accept_offer(
     let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("malformed SDP offer: {e}"))?;
     let mut rtc = rtc_config(player).build(now);
     if player {
-        rtc.bwe().set_desired_bitrate(Bitrate::bps(PLAYER_MAX_BPS));
+        rtc.bwe().set_desired_bitrate(Bitrate::bps(PLAYER_DESIRED_BPS));
     }
     let candidate = Candidate::host(advertise, "udp").map_err(|e| format!("bad relay address: {e}"))?;
     rtc.add_local_candidate(candidate);
@@ -789,12 +804,31 @@ fn with_rrtr(sdp: &str) -> String {
     sdp.replacen(&nack, &format!("{nack}a=rtcp-fb:{H264_PT} rrtr\r\n"), 1)
 }
 
+/// Whether the viewer's video stream has packets waiting in str0m's send queue (as the
+/// pacer last saw it).
+fn video_queued(v: &mut Viewer) -> bool {
+    let Some(mid) = v.mid else { return false };
+    v.rtc
+        .direct_api()
+        .stream_tx_by_mid(mid, None)
+        .and_then(|s| s.queue_info().map(|q| q.packet_count() > 0))
+        .unwrap_or(false)
+}
+
+/// Most immediate timeouts one [`drain`] serves before it yields to the event loop (a
+/// keyframe is well under 200 packets).
+const MAX_IMMEDIATE_TURNS: usize = 1024;
+/// A str0m timeout this close to `now` is served at once (see [`drain`]).
+const IMMEDIATE: Duration = Duration::from_micros(1);
+
 /// Polls a viewer until it only waits for time, handing its datagrams to `sink`. Returns
 /// what the node must hear: a keyframe request (the viewer just connected, or sent
 /// PLI/FIR) and the player's input.
 #[must_use]
 fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetrics) -> Drained {
     let mut out = Drained::default();
+    let mut immediate_turns = 0;
+    let mut clock = now;
     loop {
         let output = match v.rtc.poll_output() {
             Ok(o) => o,
@@ -806,6 +840,26 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
             }
         };
         match output {
+            // With bandwidth estimation on (the player), str0m hands out one packet per turn
+            // and then asks for its next turn 1 µs later. Leaving that turn to the event
+            // loop's timer (a millisecond's resolution) spread each frame's packets over
+            // 5–9 ms, and Chromium's jitter buffer held every frame that long. While video
+            // waits in the queue the turn is served here, time fed forward by that
+            // microsecond (at most MAX_IMMEDIATE_TURNS µs ahead of `now`); str0m's pacer
+            // still decides what may go (its burst allowance is 40 ms at the pacing rate).
+            // Padding (sent when the video queue is empty) keeps the timer's pace.
+            Output::Timeout(t)
+                if t.saturating_duration_since(clock) <= IMMEDIATE
+                    && immediate_turns < MAX_IMMEDIATE_TURNS
+                    && video_queued(v) =>
+            {
+                immediate_turns += 1;
+                clock = clock.max(t);
+                if let Err(e) = v.rtc.handle_input(Input::Timeout(clock)) {
+                    tracing::debug!(viewer = v.id, "viewer timeout error: {e}");
+                    v.rtc.disconnect();
+                }
+            }
             Output::Timeout(t) => {
                 v.next_timeout = t;
                 sink.flush();

@@ -71,6 +71,8 @@ pub struct RelayMetrics {
     /// Time from a packet's arrival from the node to its hand-off to the kernel for a
     /// viewer (the oldest packet of each batch), seconds.
     pub forward_seconds: Histogram,
+    /// Arrival of a frame's first packet from the node to its last, seconds.
+    pub frame_arrival_spread_seconds: Histogram,
     /// Viewers per node stream.
     pub stream_viewers: Family<StreamLabel, Gauge>,
     /// RTP packets received per node stream.
@@ -146,6 +148,7 @@ impl RelayMetrics {
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
+            frame_arrival_spread_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
             stream_viewers: Family::default(),
             stream_packets_in: Family::default(),
             stream_bytes_in: Family::default(),
@@ -191,6 +194,11 @@ impl RelayMetrics {
             "forward_seconds",
             "Node packet arrival to hand-off to the kernel for a viewer",
             m.forward_seconds.clone(),
+        );
+        r.register(
+            "frame_arrival_spread_seconds",
+            "Arrival of a frame's first packet from the node to its last",
+            m.frame_arrival_spread_seconds.clone(),
         );
         r.register("stream_viewers", "Viewers per node stream", m.stream_viewers.clone());
         r.register("stream_packets_in", "RTP packets received per node stream", m.stream_packets_in.clone());
