@@ -61,6 +61,10 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     }
     let nodes = http_get(indexer, "/api/v1/nodes").await;
     assert!(nodes.contains("\"state\":\"ready\""), "{nodes}");
+    // Ready with no session, the node rests: it renders and encodes nothing.
+    let resting = node_rests(&platform).await;
+    assert!(resting, "a ready node without a session kept rendering");
+    let rendered_idle = platform.server_metrics_value("pylon_server_frames_rendered");
 
     // Another node streams through the same relay (a second session): the player below
     // must get its own node's stream, not this one.
@@ -85,6 +89,12 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
         assert!(Instant::now() < deadline, "the node never started the session");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The session woke it: from the session's start to its first frame's packets sent.
+    assert!(platform.server_metrics_value("pylon_server_frames_rendered") > rendered_idle);
+    let wakes = platform.server_metrics_value("pylon_server_stage_seconds_count{stage=\"wake\"}");
+    let wake_ms = 1000.0 * platform.server_metrics_value("pylon_server_stage_seconds_sum{stage=\"wake\"}") / wakes;
+    eprintln!("{{\"node_wake_ms\":{wake_ms:.1}}}");
+    assert!(wakes >= 1.0 && wake_ms < 100.0, "the node starts within 100 ms of the session: {wake_ms} ms");
     // Each viewer watches its own session's stream.
     let relay = relay_metrics(relay_http).await;
     assert_eq!(metric(&relay, &format!("pylon_relay_stream_viewers{{stream=\"{POOL_NODE}\"}}")), 1.0, "{relay}");
@@ -135,6 +145,8 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
         assert!(Instant::now() < deadline, "the relay still counts the departed player");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The session over, the node rests again.
+    assert!(node_rests(&platform).await, "the node kept rendering after the session ended");
     b.client.goto(&link).await.unwrap();
     let replay =
         b.wait_for("return window.pylon && pylon.state === 'refused' && pylon.error", Duration::from_secs(15)).await;
@@ -150,6 +162,25 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     other.abort();
     b.close().await;
     platform.stop().await;
+}
+
+/// Whether the node stops rendering within 10 s: no frame rendered or encoded for 1.5 s.
+async fn node_rests(platform: &common::Platform) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = || {
+        (
+            platform.server_metrics_value("pylon_server_frames_rendered"),
+            platform.server_metrics_value("pylon_server_frames_encoded"),
+        )
+    };
+    while Instant::now() < deadline {
+        let before = counts();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if counts() == before {
+            return true;
+        }
+    }
+    false
 }
 
 /// A second render node, "node-other", registered with the indexer under its own key,

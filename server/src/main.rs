@@ -308,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             first_frame_deadline: std::time::Duration::from_secs(args.title_start_seconds),
             video: (width, height),
             default_title: args.default_title.clone(),
+            rest_between_sessions: gate.node().is_some(),
         },
         catalog,
         TitleRunnerLinks {

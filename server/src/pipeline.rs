@@ -38,6 +38,8 @@ pub const RTP_PAYLOAD_TYPE: u8 = 102;
 const EARLY_FRAME_MIN_GAP: f64 = 0.5;
 /// The render thread sleeps until this long before a tick, then yields until it is due.
 const WAKE_SPIN: Duration = Duration::from_micros(300);
+/// How often a resting render thread looks at its stop flag.
+const IDLE_POLL: Duration = Duration::from_millis(250);
 /// A studio title's unchanged screen is still sent this often, so a viewer who joins or
 /// asks for a keyframe gets a picture soon.
 const TITLE_REFRESH: Duration = Duration::from_millis(250);
@@ -145,6 +147,9 @@ pub struct FrameTiming {
 
 /// What the render thread shows.
 pub enum SourceCommand {
+    /// No session: nothing is rendered, captured or encoded until the next command (a
+    /// node in a pool between sessions).
+    Idle,
     /// The built-in demo (rendered by the node itself).
     Demo,
     /// A studio title's X screen, captured; `shown` turns true at its first drawn frame.
@@ -159,6 +164,7 @@ pub enum SourceCommand {
 impl std::fmt::Debug for SourceCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Idle => f.write_str("Idle"),
             Self::Demo => f.write_str("Demo"),
             Self::Title { screen, .. } => f.debug_tuple("Title").field(screen).finish(),
         }
@@ -186,6 +192,8 @@ struct EncodeJob {
     render: Duration,
     readback: Duration,
     queued_at: Instant,
+    /// Set on the first frame after the node left `Idle`: when it did.
+    woke: Option<Instant>,
 }
 
 impl Pipeline {
@@ -321,6 +329,8 @@ struct InFlight {
     /// Highest input sequence number this frame is the first to reflect, and when the
     /// oldest input it reflects arrived.
     reflects: Option<(u32, Instant)>,
+    /// Set on the first frame after the node left `Idle`: when it did.
+    woke: Option<Instant>,
 }
 
 /// What the render thread is told from outside.
@@ -332,6 +342,7 @@ struct RenderControl {
 
 /// What the stream shows now.
 enum Source {
+    Idle,
     Demo,
     Title { screen: Box<X11Session>, shown: Arc<AtomicBool>, last_grab: Option<Instant> },
 }
@@ -343,6 +354,10 @@ impl Source {
             let _ = screen.release_all();
         }
         *self = match command {
+            SourceCommand::Idle => {
+                tracing::info!("no session: the node rests (nothing rendered or encoded)");
+                Source::Idle
+            }
             SourceCommand::Demo => {
                 tracing::info!("streaming the built-in demo");
                 Source::Demo
@@ -404,9 +419,33 @@ fn render_thread(
     let mut input = InputState::default();
     let mut source = Source::Demo;
     let RenderControl { stop, keyframe, sources } = control;
+    // When the node last left `Idle`: the first frame after it measures the wake-up.
+    let mut woke: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = sources.try_recv() {
+            let was_idle = matches!(source, Source::Idle);
             source.switch(command, &keyframe);
+            if was_idle && !matches!(source, Source::Idle) {
+                woke = Some(Instant::now());
+                next_due = Instant::now();
+            }
+        }
+        if matches!(source, Source::Idle) && in_flight.is_empty() {
+            // Resting: block until told what to show (or, now and then, to look at `stop`).
+            // Input arriving now belongs to no session.
+            while inputs.try_recv().is_ok() {}
+            match sources.recv_timeout(IDLE_POLL) {
+                Ok(command) => {
+                    source.switch(command, &keyframe);
+                    if !matches!(source, Source::Idle) {
+                        woke = Some(Instant::now());
+                        next_due = Instant::now();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(IDLE_POLL),
+            }
+            continue;
         }
         // Until the tick is due (or an input arrives and pacing allows an early frame),
         // apply input and collect finished frames, oldest first so order holds.
@@ -479,6 +518,8 @@ fn render_thread(
         }
         let media_time = tick - start;
         match &mut source {
+            // Told to rest with frames in flight: they finish, nothing new starts.
+            Source::Idle => continue,
             Source::Demo => {
                 scene.advance(media_time.as_secs_f32());
                 if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
@@ -526,7 +567,7 @@ fn render_thread(
             }
         }
         let reflects = input.unreflected.take().map(|arrival| (input.applied_seq, arrival));
-        in_flight.push_back(InFlight { slot, index, tick, media_time, submitted: now, reflects });
+        in_flight.push_back(InFlight { slot, index, tick, media_time, submitted: now, reflects, woke: woke.take() });
         last_submit = Some(now);
         index += 1;
     }
@@ -543,6 +584,11 @@ struct InputState {
 impl InputState {
     fn apply(&mut self, scene: &mut DemoScene, source: &mut Source, input: ReceivedInput, metrics: &ServerMetrics) {
         match source {
+            // No session: the input has no game to go to.
+            Source::Idle => {
+                metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
+                return;
+            }
             Source::Demo => {
                 scene.apply(&input.message.event);
                 metrics.keys_held.set(scene.keys_held() as i64);
@@ -603,6 +649,7 @@ fn finish(
         render,
         readback,
         queued_at: Instant::now(),
+        woke: done.woke,
     });
 }
 
@@ -693,6 +740,10 @@ fn encode_thread(
         }
         metrics.observe("packetize", done - encoded_at);
         metrics.observe("frame_path", done - job.tick);
+        if let Some(woke) = job.woke {
+            // From leaving `Idle` (a session started) to the first frame's packets sent.
+            metrics.observe("wake", done.saturating_duration_since(woke));
+        }
         if let Some(t) = &timings {
             let _ = t.send(FrameTiming {
                 index: job.index,

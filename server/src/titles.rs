@@ -81,6 +81,17 @@ pub struct TitleRunnerConfig {
     pub video: (u32, u32),
     /// What a session with no title (outside a pool) runs: a title id, or the demo.
     pub default_title: Option<String>,
+    /// Between sessions the frame path rests (renders and encodes nothing): a node in a
+    /// pool, whose viewers only come with a session. Outside a pool the demo plays on for
+    /// whoever watches.
+    pub rest_between_sessions: bool,
+}
+
+impl TitleRunnerConfig {
+    /// What the frame path shows with no session.
+    fn between_sessions(&self) -> SourceCommand {
+        if self.rest_between_sessions { SourceCommand::Idle } else { SourceCommand::Demo }
+    }
 }
 
 /// What the runner drives.
@@ -115,6 +126,9 @@ pub async fn run(
 ) {
     let TitleRunnerLinks { mut signals, commands, source, indexer } = links;
     let mut active: Option<Active> = None;
+    // The session running (a title's or the demo's).
+    let mut current: Option<String> = None;
+    let _ = source.send(config.between_sessions());
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -123,8 +137,9 @@ pub async fn run(
                 None => break,
                 Some(SessionSignal::Started { session, title }) => {
                     if let Some(old) = active.take() {
-                        stop(old, &source, &metrics).await;
+                        stop(old, SourceCommand::Demo, &source, &metrics).await;
                     }
+                    current = Some(session.clone());
                     let title = if title.is_empty() { config.default_title.clone().unwrap_or_default() } else { title };
                     if catalog.get(&title).is_none()
                         && let Some(client) = &indexer
@@ -142,6 +157,8 @@ pub async fn run(
                                 Ok(a) => active = Some(a),
                                 Err((reason, label)) => {
                                     end_by_node(&session, &reason, label, &commands, indexer.as_ref(), &metrics);
+                                    current = None;
+                                    let _ = source.send(config.between_sessions());
                                 }
                             }
                         }
@@ -156,7 +173,12 @@ pub async fn run(
                         && let Some(a) = active.take()
                     {
                         tracing::info!(session, title = %a.title, "the player left; stopping the title");
-                        stop(a, &source, &metrics).await;
+                        stop(a, config.between_sessions(), &source, &metrics).await;
+                    } else if current.as_deref() == Some(session.as_str()) {
+                        let _ = source.send(config.between_sessions());
+                    }
+                    if current.as_deref() == Some(session.as_str()) {
+                        current = None;
                     }
                 }
             },
@@ -180,14 +202,17 @@ pub async fn run(
                     && let Some(a) = active.take()
                 {
                     end_by_node(&a.session, &reason, label, &commands, indexer.as_ref(), &metrics);
-                    stop(a, &source, &metrics).await;
+                    if current.as_deref() == Some(a.session.as_str()) {
+                        current = None;
+                    }
+                    stop(a, config.between_sessions(), &source, &metrics).await;
                 }
             }
             _ = shutdown.changed() => break,
         }
     }
     if let Some(a) = active.take() {
-        stop(a, &source, &metrics).await;
+        stop(a, config.between_sessions(), &source, &metrics).await;
     }
 }
 
@@ -266,9 +291,14 @@ fn end_by_node(
     }
 }
 
-/// Points the frame path back at the demo and removes the sandbox.
-async fn stop(active: Active, source: &std::sync::mpsc::Sender<SourceCommand>, metrics: &ServerMetrics) {
-    let _ = source.send(SourceCommand::Demo);
+/// Points the frame path at `next` (the demo, or rest) and removes the sandbox.
+async fn stop(
+    active: Active,
+    next: SourceCommand,
+    source: &std::sync::mpsc::Sender<SourceCommand>,
+    metrics: &ServerMetrics,
+) {
+    let _ = source.send(next);
     metrics.title_running.set(0);
     if let Some(sandbox) = active.sandbox {
         let report = tokio::task::spawn_blocking(move || sandbox.stop()).await;

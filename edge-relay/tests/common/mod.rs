@@ -280,6 +280,7 @@ async fn start(
             first_frame_deadline: Duration::from_secs(10),
             video: (width, height),
             default_title: None,
+            rest_between_sessions: indexer_client.is_some(),
         },
         catalog,
         pylon_server::titles::TitleRunnerLinks {
