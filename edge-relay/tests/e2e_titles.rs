@@ -30,8 +30,13 @@ fn exec_title(id: &str, command: &str, args: &[&str], (width, height): (i64, i64
     }
 }
 
-/// Opens the catalog, clicks `title`; returns the catalog's error or the play page's state.
+/// Opens the catalog, clicks `title`; returns the catalog's error or the play page's state
+/// once it decoded `frames` frames.
 async fn play(b: &Browser, indexer: std::net::SocketAddr, title: &str) -> serde_json::Value {
+    play_until(b, indexer, title, 10).await
+}
+
+async fn play_until(b: &Browser, indexer: std::net::SocketAddr, title: &str, frames: u32) -> serde_json::Value {
     // The relay reports its RTT to the node a moment after both start.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{}\"", common::POOL_NODE)) {
@@ -42,9 +47,11 @@ async fn play(b: &Browser, indexer: std::net::SocketAddr, title: &str) -> serde_
     b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
     b.eval(&format!("document.querySelector('a.play[data-title=\"{title}\"]').click(); return true;")).await;
     b.wait_for(
-        "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
-         : (location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 10 \
-            ? { session: location.pathname.split('/').pop(), width: pylon.stats.width, height: pylon.stats.height } : null)",
+        &format!(
+            "return (window.pylonCatalog && pylonCatalog.error) ? {{ error: pylonCatalog.error }} \
+             : (location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= {frames} \
+                ? {{ session: location.pathname.split('/').pop(), width: pylon.stats.width, height: pylon.stats.height }} : null)"
+        ),
         Duration::from_secs(60),
     )
     .await
@@ -264,11 +271,14 @@ async fn titles_that_crash_or_never_draw_end_their_session_and_the_node_takes_th
 
     // A title that never draws: ended at the deadline (10 s here).
     let started = Instant::now();
-    let playing = play(&b, indexer, "blank").await;
+    let playing = play_until(&b, indexer, "blank", 0).await;
     assert!(playing["error"].is_null(), "{playing}");
     let ended = b.wait_for("return pylon.state === 'ended' ? pylon.error : null", Duration::from_secs(30)).await;
     eprintln!("the player was told: {ended} after {:?}", started.elapsed());
     assert!(ended.as_str().unwrap().contains("no picture"), "{ended}");
+    // While a title loads the node shows nothing else (it rested before the session).
+    let decoded = b.eval("return pylon.stats.framesDecoded").await;
+    assert_eq!(decoded, 0, "the player of a title that never drew saw a picture");
     let failures = platform.server_metrics_value("pylon_server_title_failures");
     assert_eq!(failures, 2.0, "a crash and a blank title were counted");
 
