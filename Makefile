@@ -84,7 +84,7 @@ frame-path-title: deps
 latency:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --release -p pylon-benches --bin latency
-	"$(CARGO_TARGET_DIR)/release/latency" --presses 80
+	"$(CARGO_TARGET_DIR)/release/latency" --trials 90
 
 # The relay under N synthetic WebRTC viewers, side by side with Debian's Janus; the last
 # line is one JSON object. VIEWERS=50 BENCH_SECONDS=30 to change the load; SOAK=600 adds a soak.

@@ -18,41 +18,80 @@ export class LatencyTracker {
     this.pending = []; // frame infos not yet seen on screen, in order
     this.measured = 0; // highest input seq already measured
     this.samples = []; // click-to-photon, ms
+    // Every input's first frame on screen (moves too), by sequence number: sent → shown, ms
+    // (what the node announced; `make latency` compares it with what the pixels show).
+    this.announced = new Map();
     this.breakdown = null;
   }
 
   /** A frame reached the screen (requestVideoFrameCallback). */
   onFrame(now, metadata) {
     if (metadata.rtpTimestamp === undefined) return;
-    const frame = { ts: metadata.rtpTimestamp, shown: metadata.expectedDisplayTime ?? now };
+    const shown = metadata.expectedDisplayTime ?? now;
+    const frame = {
+      ts: metadata.rtpTimestamp,
+      shown,
+      // Last packet received, decoded (processingDuration), handed to the compositor.
+      received: metadata.receiveTime,
+      decodeMs: metadata.processingDuration !== undefined ? 1000 * metadata.processingDuration : undefined,
+      presented: metadata.presentationTime,
+    };
     this.frames.push(frame);
     if (this.frames.length > 600) this.frames.shift();
     while (this.pending.length > 0 && notBefore(frame.ts, this.pending[0].ts)) {
-      this.resolve(this.pending.shift(), frame.shown);
+      this.resolve(this.pending.shift(), frame);
     }
   }
 
   /** The node's {ts, seq, render_ms, encode_ms, node_ms, relay_ms} for a frame. */
   onInfo(info) {
     const shown = this.frames.find((f) => notBefore(f.ts, info.ts));
-    if (shown && this.pending.length === 0) this.resolve(info, shown.shown);
+    if (shown && this.pending.length === 0) this.resolve(info, shown);
     else this.pending.push(info);
     if (this.pending.length > 600) this.pending.shift();
   }
 
-  resolve(info, shown) {
+  resolve(info, frame) {
     if (info.seq <= this.measured) return;
+    const shown = frame.shown;
+    let press = null;
     // Every input up to info.seq is on screen for the first time; presses (not moves or
     // releases) are the samples.
     for (let seq = this.measured + 1; seq <= info.seq; seq++) {
       const sent = this.encoder.sentAt.get(seq);
+      if (sent !== undefined) {
+        this.announced.set(seq, shown - sent);
+        if (this.announced.size > 1000) this.announced.delete(this.announced.keys().next().value);
+      }
       if (sent !== undefined && this.encoder.presses.has(seq)) {
+        press = sent;
         this.samples.push(shown - sent);
         if (this.samples.length > WINDOW) this.samples.shift();
       }
     }
     this.measured = info.seq;
     this.breakdown = info;
+    if (press !== null) this.lastPress = LatencyTracker.split(shown - press, info, frame);
+  }
+
+  /**
+   * Where one press's milliseconds went, each part from a measured timestamp or duration:
+   * the node's (input arrival → its frame's packets sent, of which render and encode) and
+   * the relay's (arrival → kernel) from the frame announcement; the browser's from
+   * requestVideoFrameCallback (last packet received → decoded → presented → displayed).
+   * What remains is network: the input's way to the node and the frame's way back.
+   */
+  static split(total, info, frame) {
+    const parts = { total, node: info.node_ms, render: info.render_ms, encode: info.encode_ms, relay: info.relay_ms ?? 0 };
+    if (frame.received !== undefined) {
+      const browser = frame.shown - frame.received;
+      parts.decode = frame.decodeMs ?? 0;
+      parts.display = frame.presented !== undefined ? frame.shown - frame.presented : 0;
+      // Received → handed to the decoder (what is left of received → displayed).
+      parts.jitterBuffer = browser - parts.decode - parts.display;
+      parts.network = total - parts.node - parts.relay - browser;
+    }
+    return parts;
   }
 
   percentile(p) {
@@ -67,6 +106,7 @@ export class LatencyTracker {
       p95: this.percentile(0.95),
       count: this.samples.length,
       node: this.breakdown,
+      lastPress: this.lastPress ?? null,
     };
   }
 }

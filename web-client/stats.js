@@ -51,6 +51,12 @@ export function format(s, latency) {
     lines.push(`node: render ${n.render_ms.toFixed(1)}  encode ${n.encode_ms.toFixed(1)}  input→sent ${n.node_ms.toFixed(1)} ms`);
     lines.push(`relay ${(n.relay_ms ?? 0).toFixed(2)} ms`);
   }
+  const p = latency && latency.lastPress;
+  if (p && p.network !== undefined) {
+    const f = (v) => v.toFixed(1);
+    lines.push(`last press ${f(p.total)} ms: network ${f(p.network)} · node ${f(p.node)} (render ${f(p.render)}, encode ${f(p.encode)})`);
+    lines.push(`  · relay ${f(p.relay)} · jitter buffer ${f(p.jitterBuffer)} · decode ${f(p.decode)} · display ${f(p.display)}`);
+  }
   return lines.join('\n');
 }
 

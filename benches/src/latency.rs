@@ -1,10 +1,20 @@
-//! `make latency`: click-to-photon through the whole path — headless Chromium presses
-//! keys, the render node applies them, and the page measures from each key event to the
-//! requestVideoFrameCallback of the first frame that reflects it.
+//! `make latency`: click-to-photon as a player sees it, through the pool as `make demo`
+//! runs it (catalog → matched session → relay → node).
 //!
-//! Prints progress, then as its last line one JSON object
-//! `{"p50_ms":..,"p95_ms":..,"samples":..}`. A benchmark, not a test: nothing here
-//! asserts a time.
+//! Headless Chromium gets real input through the DevTools protocol
+//! (`Input.dispatchMouseEvent`, which enters Chromium's input pipeline as a device's
+//! event would): the mouse jumps from one side of the ship to the other, so the demo's
+//! ship turns round. The page times each trial from the trusted `mousemove` event's
+//! timestamp to the `expectedDisplayTime` of the first decoded frame whose ship pixels
+//! changed (read back from the `<video>` in `requestVideoFrameCallback`). Sham trials,
+//! interleaved, arm the same detector without any input: how many of them fire says how
+//! often the detector sees a change that no input caused.
+//!
+//! Beside it: the node's own announcement (the first frame reflecting each input, as the
+//! player page's overlay measures it), Chromium's jitter-buffer and decode time per frame,
+//! and the CPU of the node's frame path and of the rest of this process (relay, indexer,
+//! node networking). Prints progress, then as its last line one JSON object. A benchmark,
+//! not a test: nothing here asserts a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,70 +23,262 @@
 mod common;
 
 use clap::Parser;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-/// Click-to-photon of the local platform in headless Chromium.
+/// Player-side click-to-photon of the local platform, in headless Chromium.
 #[derive(Debug, Parser)]
 #[command(about)]
 struct Args {
-    /// Key presses to measure.
-    #[arg(long, default_value_t = 80)]
-    presses: u32,
-    /// Pause between presses, ms (a press every few frames, like a player).
-    #[arg(long, default_value_t = 150)]
+    /// Trials to run; every third is a sham (no input).
+    #[arg(long, default_value_t = 90)]
+    trials: u32,
+    /// Time between trials, ms (a trial that saw no change by then is a miss).
+    #[arg(long, default_value_t = 400)]
     interval_ms: u64,
     /// Frame rate.
     #[arg(long, default_value_t = 60)]
     fps: u32,
-    /// Render strictly on the frame clock (the node's `--pacing strict`), to compare
-    /// with frames started by input.
-    #[arg(long)]
-    strict_pacing: bool,
+}
+
+/// Installed in the play page: locates the ship, arms trials, and compares the ship's
+/// pixels frame by frame in `requestVideoFrameCallback`.
+const DETECTOR: &str = r#"
+const video = document.querySelector('video');
+const W = video.videoWidth, H = video.videoHeight;
+const CROP = 128, THRESHOLD = 40;
+const full = new OffscreenCanvas(W, H);
+const fctx = full.getContext('2d', { willReadFrequently: true });
+const crop = new OffscreenCanvas(CROP, CROP);
+const cctx = crop.getContext('2d', { willReadFrequently: true });
+const orange = (d, i) => d[i] > 190 && d[i + 1] > 110 && d[i + 1] < 200 && d[i + 2] < 90;
+const L = window.pylonLatency = { ship: null, prev: null, pending: null, results: [], frames: 0, busyMs: 0 };
+L.locate = () => {
+  fctx.drawImage(video, 0, 0, W, H);
+  const d = fctx.getImageData(0, 0, W, H).data;
+  let n = 0, sx = 0, sy = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (orange(d, i)) { const p = i / 4; n++; sx += p % W; sy += Math.floor(p / W); }
+  }
+  if (n < 30) return null;
+  L.ship = { x: sx / n, y: sy / n, n };
+  L.prev = null;
+  return L.ship;
+};
+// Page coordinates of a point 200 video pixels left (-1) or right (+1) of the ship.
+L.target = (side) => {
+  const r = video.getBoundingClientRect();
+  const s = Math.min(r.width / W, r.height / H);
+  const ox = r.left + (r.width - W * s) / 2, oy = r.top + (r.height - H * s) / 2;
+  const vx = Math.min(W - 10, Math.max(10, L.ship.x + side * 200));
+  return { x: ox + vx * s, y: oy + L.ship.y * s };
+};
+L.arm = (kind) => {
+  L.prev = null;
+  L.pending = { kind, t0: kind === 'sham' ? performance.now() : null, seq: null };
+  return true;
+};
+L.expire = () => {
+  if (L.pending) L.results.push({ kind: L.pending.kind, ms: null, seq: L.pending.seq });
+  L.pending = null;
+  return true;
+};
+addEventListener('mousemove', (e) => {
+  const p = L.pending;
+  if (p && p.kind === 'input' && p.t0 === null && e.isTrusted) {
+    p.t0 = e.timeStamp;
+    // The page's own input handler numbers the message after this listener.
+    setTimeout(() => { p.seq = pylon.latency.encoder.seq; }, 0);
+  }
+}, true);
+// Reading pixels back costs the page several ms a frame on a 2-core machine, so only the
+// frames of an armed trial are read (the first one is the baseline: no response comes
+// within one frame of an input).
+const onFrame = (now, md) => {
+  const t = performance.now();
+  if (L.ship && L.pending) {
+    const x0 = Math.round(L.ship.x - CROP / 2), y0 = Math.round(L.ship.y - CROP / 2);
+    cctx.clearRect(0, 0, CROP, CROP);
+    cctx.drawImage(video, x0, y0, CROP, CROP, 0, 0, CROP, CROP);
+    const d = cctx.getImageData(0, 0, CROP, CROP).data;
+    const mask = new Uint8Array(CROP * CROP);
+    for (let i = 0; i < mask.length; i++) mask[i] = orange(d, 4 * i) ? 1 : 0;
+    if (L.prev) {
+      let diff = 0;
+      for (let i = 0; i < mask.length; i++) diff += mask[i] ^ L.prev[i];
+      const p = L.pending;
+      if (p && p.t0 !== null && diff >= THRESHOLD) {
+        const shown = md.expectedDisplayTime ?? now;
+        L.results.push({ kind: p.kind, ms: shown - p.t0, seq: p.seq, diff,
+                         receive_ms: md.receiveTime !== undefined ? md.receiveTime - p.t0 : null });
+        L.pending = null;
+      }
+    }
+    L.prev = mask;
+  }
+  L.frames++;
+  L.busyMs += performance.now() - t;
+  video.requestVideoFrameCallback(onFrame);
+};
+video.requestVideoFrameCallback(onFrame);
+return true;
+"#;
+
+/// Chromium's cumulative video receive stats.
+const INBOUND: &str = r#"
+return (async () => {
+  const stats = await pylon.pc.getStats();
+  for (const s of stats.values()) {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') {
+      return { jb: s.jitterBufferDelay || 0, jbCount: s.jitterBufferEmittedCount || 0,
+               decode: s.totalDecodeTime || 0, decoded: s.framesDecoded || 0 };
+    }
+  }
+  return null;
+})()
+"#;
+
+/// CPU seconds per thread name of this process, from `/proc/self/task/*/stat`.
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // "tid (comm) state ..." — comm may hold spaces; the fields follow the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat.get(open + 1..close).unwrap_or_default().to_string();
+        let fields: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after state.
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied()
+}
+
+fn round1(v: Option<f64>) -> serde_json::Value {
+    v.map_or(serde_json::Value::Null, |v| serde_json::json!((v * 10.0).round() / 10.0))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let platform = common::start_platform_with(1280, 720, args.fps, !args.strict_pacing).await;
+    eprintln!("starting the pool (indexer, relay, render node) and Chromium…");
+    let platform = common::start_pool(1280, 720, args.fps).await;
+    let indexer = platform.indexer.expect("a pool has an indexer");
     let b = common::Browser::start().await;
-    b.client.goto(&platform.url()).await.unwrap();
-    b.wait_for(
-        "return window.pylon && pylon.role === 'player' && pylon.stats && pylon.stats.framesDecoded > 60",
-        Duration::from_secs(60),
-    )
-    .await;
+    common::play_from_catalog(&b, indexer).await;
     b.wait_for("return pylon.pc.sctp && pylon.pc.sctp.state === 'connected'", Duration::from_secs(10)).await;
-    eprintln!("playing; pressing keys {} times…", args.presses);
-    let codes = ["ArrowLeft", "ArrowRight", "Space", "KeyA", "KeyD"];
-    for i in 0..args.presses {
-        let code = codes[i as usize % codes.len()];
-        // Real key events from the browser's input pipeline (WebDriver actions).
-        let press = format!(
-            "window.dispatchEvent(new KeyboardEvent('keydown', {{ code: '{code}' }})); \
-             setTimeout(() => window.dispatchEvent(new KeyboardEvent('keyup', {{ code: '{code}' }})), 40); return true;"
-        );
-        b.eval(&press).await;
+    b.eval(DETECTOR).await;
+
+    // The first move takes the ship off its autopilot; it then holds still, facing the mouse.
+    let ship = b.wait_for("return pylonLatency.locate()", Duration::from_secs(10)).await;
+    let start = b.eval("return pylonLatency.target(-1)").await;
+    b.cdp("Input.dispatchMouseEvent", serde_json::json!({ "type": "mouseMoved", "x": start["x"], "y": start["y"] }))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eprintln!("ship at {ship}; {} trials, one every {} ms…", args.trials, args.interval_ms);
+
+    let inbound0 = b.eval(INBOUND).await;
+    let cpu0 = thread_cpu();
+    let began = Instant::now();
+    let mut side = 1;
+    for i in 0..args.trials {
+        if b.eval("return pylonLatency.locate()").await.is_null() {
+            eprintln!("trial {i}: the ship is not on screen; skipped");
+            tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+            continue;
+        }
+        if i % 3 == 2 {
+            b.eval("return pylonLatency.arm('sham')").await;
+        } else {
+            let to = b.eval(&format!("return pylonLatency.target({side})")).await;
+            b.eval("return pylonLatency.arm('input')").await;
+            b.cdp("Input.dispatchMouseEvent", serde_json::json!({ "type": "mouseMoved", "x": to["x"], "y": to["y"] }))
+                .await;
+            side = -side;
+        }
         tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+        b.eval("return pylonLatency.expire()").await;
+        if (i + 1) % 15 == 0 {
+            eprintln!("{} of {} trials", i + 1, args.trials);
+        }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let samples = b.eval("return pylon.latency.samples").await;
-    let mut v: Vec<f64> = samples.as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
-    eprintln!("samples (ms, sorted): {:?}", v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>());
-    let stats = b.eval("return pylon.stats").await;
-    eprintln!("player stats: {stats}");
+    let wall = began.elapsed().as_secs_f64();
+    let cpu1 = thread_cpu();
+    let inbound1 = b.eval(INBOUND).await;
+    let results = b.eval("return pylonLatency.results").await;
+    let announced = b.eval("return Object.fromEntries(pylon.latency.announced)").await;
+    let detector = b
+        .eval("return { frames: pylonLatency.frames, busyMs: pylonLatency.busyMs, state: pylon.state, error: pylon.error, stats: pylon.stats }")
+        .await;
+
+    let results = results.as_array().cloned().unwrap_or_default();
+    let of = |kind: &str| results.iter().filter(|r| r["kind"] == kind).collect::<Vec<_>>();
+    let inputs = of("input");
+    let shams = of("sham");
+    let mut measured: Vec<f64> = inputs.iter().filter_map(|r| r["ms"].as_f64()).collect();
+    measured.sort_by(f64::total_cmp);
+    let mut received: Vec<f64> = inputs.iter().filter_map(|r| r["receive_ms"].as_f64()).collect();
+    received.sort_by(f64::total_cmp);
+    let mut announced_ms: Vec<f64> = inputs
+        .iter()
+        .filter(|r| r["ms"].is_number())
+        .filter_map(|r| r["seq"].as_u64())
+        .filter_map(|seq| announced[seq.to_string()].as_f64())
+        .collect();
+    announced_ms.sort_by(f64::total_cmp);
+    let sham_fired = shams.iter().filter(|r| r["ms"].is_number()).count();
+    let misses = inputs.iter().filter(|r| r["ms"].is_null()).count();
+    let delta = |k: &str| inbound1[k].as_f64().unwrap_or(0.0) - inbound0[k].as_f64().unwrap_or(0.0);
+    let per = |num: &str, den: &str| {
+        let d = delta(den);
+        (d > 0.0).then(|| 1000.0 * delta(num) / d)
+    };
+    let used = |pred: &dyn Fn(&str) -> bool| {
+        let sum = |m: &BTreeMap<String, f64>| m.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum::<f64>();
+        100.0 * (sum(&cpu1) - sum(&cpu0)) / wall
+    };
+    let node_frame_path = used(&|k| k.starts_with("pylon-render") || k.starts_with("pylon-encode"));
+    let process = used(&|_| true);
     eprintln!(
-        "node: {}",
-        platform
-            .server_metrics
-            .render()
-            .lines()
-            .filter(|l| l.contains("input_to_packets") && (l.contains("_sum") || l.contains("_count")))
-            .collect::<Vec<_>>()
-            .join(" ")
+        "pixel-measured (ms, sorted): {:?}",
+        measured.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
     );
+    eprintln!("node-announced for the same inputs (ms, sorted): {announced_ms:?}");
+    eprintln!("detector: {detector}");
     b.close().await;
     platform.stop().await;
-    println!("{}", serde_json::json!({ "p50_ms": pct(0.5), "p95_ms": pct(0.95), "samples": v.len() }));
+    if measured.is_empty() {
+        eprintln!(
+            "no trial saw the ship change: the page presented {} frames in all (a stalled video, or a \
+             ship off screen); the figures below are not a measurement",
+            detector["frames"]
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "p50_ms": round1(percentile(&measured, 0.5)),
+            "p95_ms": round1(percentile(&measured, 0.95)),
+            "samples": measured.len(),
+            "misses": misses,
+            "sham_trials": shams.len(),
+            "sham_fired": sham_fired,
+            "to_frame_received_p50_ms": round1(percentile(&received, 0.5)),
+            "announced_p50_ms": round1(percentile(&announced_ms, 0.5)),
+            "announced_p95_ms": round1(percentile(&announced_ms, 0.95)),
+            "jitter_buffer_ms_per_frame": round1(per("jb", "jbCount")),
+            "decode_ms_per_frame": round1(per("decode", "decoded")),
+            "node_frame_path_cpu_pct_of_core": round1(Some(node_frame_path)),
+            "platform_process_cpu_pct_of_core": round1(Some(process)),
+            "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path)),
+        })
+    );
 }

@@ -8,43 +8,15 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, POOL_NODE, SAMPLE_VIDEO, http_get, metric, quic_client, relay_metrics, start_pool};
+use common::{
+    Browser, POOL_NODE, SAMPLE_VIDEO, http_get, metric, play_from_catalog, quic_client, relay_metrics, start_pool,
+};
 use pylon_proto::framing::{self, StreamHello};
 use pylon_proto::link::{self, NodeConfig, NodeSide, PlayerGate};
 use std::time::{Duration, Instant};
 
 fn key(kind: &str, code: &str) -> String {
     format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}', bubbles: true }})); return true;")
-}
-
-/// Opens the catalog, clicks the demo title, and waits until the video plays at the relay.
-async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_json::Value {
-    b.client.goto(&format!("http://{indexer}/")).await.unwrap();
-    b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
-    b.eval("document.querySelector('a.play[data-title=demo]').click(); return true;").await;
-    // Either the catalog says why it could not start, or the play page comes up.
-    let first = b
-        .wait_for(
-            "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
-             : (window.pylon ? { ok: true } : null)",
-            Duration::from_secs(30),
-        )
-        .await;
-    if !first["error"].is_null() {
-        let nodes = http_get(indexer, "/api/v1/nodes").await;
-        panic!("the catalog could not start a game: {first}; nodes: {nodes}");
-    }
-    let played = b
-        .wait_for(
-            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \
-             ? { href: location.href, role: pylon.role, token: history.state && history.state.token } : null",
-            Duration::from_secs(60),
-        )
-        .await;
-    // The token left the address bar (it lives in the history entry's state).
-    assert!(!played["href"].as_str().unwrap().contains("token"), "{played}");
-    assert!(played["token"].as_str().is_some_and(|t| !t.is_empty()), "{played}");
-    played
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

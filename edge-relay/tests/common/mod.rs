@@ -327,6 +327,23 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
+/// chromedriver's `POST /session/{id}/goog/cdp/execute`.
+#[derive(Debug)]
+struct Cdp {
+    cmd: String,
+    params: serde_json::Value,
+}
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(&self, base_url: &url::Url, session_id: Option<&str>) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!("session/{}/goog/cdp/execute", session_id.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _url: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(serde_json::json!({ "cmd": self.cmd, "params": self.params }).to_string()))
+    }
+}
+
 /// Headless Chromium under chromedriver, killed on drop.
 pub struct Browser {
     pub client: fantoccini::Client,
@@ -395,6 +412,16 @@ impl Browser {
     /// Evaluates `script` (a function body that may `return`) and returns its JSON value.
     pub async fn eval(&self, script: &str) -> serde_json::Value {
         self.client.execute(script, vec![]).await.expect("script runs")
+    }
+
+    /// Runs a Chrome DevTools Protocol command through chromedriver (`goog/cdp/execute`),
+    /// e.g. `Input.dispatchMouseEvent`: input that enters Chromium's own input pipeline, as
+    /// a real device's would, rather than an event made inside the page.
+    pub async fn cdp(&self, cmd: &str, params: serde_json::Value) -> serde_json::Value {
+        self.client
+            .issue_cmd(Cdp { cmd: cmd.to_string(), params })
+            .await
+            .unwrap_or_else(|e| panic!("CDP {cmd} failed: {e}"))
     }
 
     /// Polls `script` until it returns a truthy value or `timeout` passes.
@@ -541,4 +568,40 @@ pub fn quic_client(cert: &std::path::Path) -> (quinn::Endpoint, quinn::ClientCon
     let config =
         quinn::ClientConfig::new(std::sync::Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     (quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(), config)
+}
+
+/// Opens the catalog, clicks the demo title, and waits until the video plays at the relay.
+pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_json::Value {
+    // The relay reports its RTT to the node a moment after both start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{POOL_NODE}\"")) {
+        assert!(Instant::now() < deadline, "the relay never reported its RTT to the node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.client.goto(&format!("http://{indexer}/")).await.unwrap();
+    b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
+    b.eval("document.querySelector('a.play[data-title=demo]').click(); return true;").await;
+    // Either the catalog says why it could not start, or the play page comes up.
+    let first = b
+        .wait_for(
+            "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
+             : (window.pylon ? { ok: true } : null)",
+            Duration::from_secs(30),
+        )
+        .await;
+    if !first["error"].is_null() {
+        let nodes = http_get(indexer, "/api/v1/nodes").await;
+        panic!("the catalog could not start a game: {first}; nodes: {nodes}");
+    }
+    let played = b
+        .wait_for(
+            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \
+             ? { href: location.href, role: pylon.role, token: history.state && history.state.token } : null",
+            Duration::from_secs(60),
+        )
+        .await;
+    // The token left the address bar (it lives in the history entry's state).
+    assert!(!played["href"].as_str().unwrap().contains("token"), "{played}");
+    assert!(played["token"].as_str().is_some_and(|t| !t.is_empty()), "{played}");
+    played
 }
