@@ -253,6 +253,9 @@ async fn main() {
     );
     eprintln!("node-announced for the same inputs (ms, sorted): {announced_ms:?}");
     eprintln!("detector: {detector}");
+    // The session woke the resting node: its start to the first frame's packets.
+    let wake = |k: &str| platform.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"wake\"}}"));
+    let wake_ms = (wake("count") > 0.0).then(|| 1000.0 * wake("sum") / wake("count"));
     b.close().await;
     platform.stop().await;
     if measured.is_empty() {
@@ -279,6 +282,7 @@ async fn main() {
             "node_frame_path_cpu_pct_of_core": round1(Some(node_frame_path)),
             "platform_process_cpu_pct_of_core": round1(Some(process)),
             "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path)),
+            "node_wake_ms": round1(wake_ms),
         })
     );
 }
