@@ -137,7 +137,7 @@ pub async fn run(
                 None => break,
                 Some(SessionSignal::Started { session, title }) => {
                     if let Some(old) = active.take() {
-                        stop(old, SourceCommand::Demo, &source, &metrics).await;
+                        stop(old, config.between_sessions(), &source, &metrics).await;
                     }
                     current = Some(session.clone());
                     let title = if title.is_empty() { config.default_title.clone().unwrap_or_default() } else { title };
