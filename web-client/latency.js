@@ -86,7 +86,9 @@ export class LatencyTracker {
     if (frame.received !== undefined) {
       const browser = frame.shown - frame.received;
       parts.decode = frame.decodeMs ?? 0;
-      parts.display = frame.presented !== undefined ? frame.shown - frame.presented : 0;
+      // Presented → expected on screen; Chromium may expect a late-submitted frame on screen
+      // slightly before it was submitted: no wait, then.
+      parts.display = frame.presented !== undefined ? Math.max(0, frame.shown - frame.presented) : 0;
       // Received → handed to the decoder (what is left of received → displayed).
       parts.jitterBuffer = browser - parts.decode - parts.display;
       parts.network = total - parts.node - parts.relay - browser;

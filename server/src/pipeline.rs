@@ -433,7 +433,9 @@ fn render_thread(
         if matches!(source, Source::Idle) && in_flight.is_empty() {
             // Resting: block until told what to show (or, now and then, to look at `stop`).
             // Input arriving now belongs to no session.
-            while inputs.try_recv().is_ok() {}
+            while inputs.try_recv().is_ok() {
+                metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
+            }
             match sources.recv_timeout(IDLE_POLL) {
                 Ok(command) => {
                     source.switch(command, &keyframe);
