@@ -71,6 +71,18 @@ static int connect_pad(int pad, int flags) {
     return fd;
 }
 
+/* open(2)'s third argument is there only when `flags` create a file; read it then. A
+ * macro, because va_start must run in the variadic wrapper itself. */
+#define OPTIONAL_MODE(mode, flags)                \
+    do {                                          \
+        if ((flags) & (O_CREAT | O_TMPFILE)) {    \
+            va_list ap;                           \
+            va_start(ap, flags);                  \
+            (mode) = va_arg(ap, mode_t);          \
+            va_end(ap);                           \
+        }                                         \
+    } while (0)
+
 static void fill_stat(int pad, struct stat *st) {
     memset(st, 0, sizeof *st);
     st->st_mode = S_IFCHR | 0666;
@@ -83,12 +95,7 @@ int open(const char *path, int flags, ...) {
     int pad = pad_of_path(path);
     if (pad >= 0) return connect_pad(pad, flags);
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    OPTIONAL_MODE(mode, flags);
     return ((int (*)(const char *, int, mode_t))real("open"))(path, flags, mode);
 }
 
@@ -96,12 +103,7 @@ int open64(const char *path, int flags, ...) {
     int pad = pad_of_path(path);
     if (pad >= 0) return connect_pad(pad, flags);
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    OPTIONAL_MODE(mode, flags);
     return ((int (*)(const char *, int, mode_t))real("open64"))(path, flags, mode);
 }
 
@@ -109,12 +111,7 @@ int openat(int dirfd, const char *path, int flags, ...) {
     int pad = pad_of_path(path);
     if (pad >= 0) return connect_pad(pad, flags);
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    OPTIONAL_MODE(mode, flags);
     return ((int (*)(int, const char *, int, mode_t))real("openat"))(dirfd, path, flags, mode);
 }
 
@@ -122,12 +119,7 @@ int openat64(int dirfd, const char *path, int flags, ...) {
     int pad = pad_of_path(path);
     if (pad >= 0) return connect_pad(pad, flags);
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    OPTIONAL_MODE(mode, flags);
     return ((int (*)(int, const char *, int, mode_t))real("openat64"))(dirfd, path, flags, mode);
 }
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// The shim, built with the crate.
 pub const SHIM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libpylon-pad.so"));
+/// Pads a session can have (`PADS` in `shim/pad.c`: `/dev/input/pylon-pad0..3`).
+pub const MAX_PADS: u8 = 4;
 /// Where a title finds pad `n`.
 pub fn device_path(n: u8) -> String {
     format!("/dev/input/pylon-pad{n}")

@@ -70,7 +70,8 @@ pub struct LaunchSpec {
     pub width: u32,
     /// Screen height.
     pub height: u32,
-    /// Virtual gamepads to present (0–4; through `LD_PRELOAD`, see [`crate::pad`]).
+    /// Virtual gamepads to present (at most [`crate::pad::MAX_PADS`]; through `LD_PRELOAD`,
+    /// see [`crate::pad`]).
     pub gamepads: u8,
 }
 
@@ -240,7 +241,7 @@ impl Sandbox {
             let path = dir.join("libpylon-pad.so");
             std::fs::write(&path, crate::pad::SHIM).map_err(io("writing the gamepad shim"))?;
             chmod(&path, 0o644)?;
-            for n in 0..spec.gamepads.min(4) {
+            for n in 0..spec.gamepads.min(crate::pad::MAX_PADS) {
                 pads.push(crate::pad::PadServer::bind(&runtime, n, user).map_err(io("creating a gamepad socket"))?);
             }
             shim = Some(path);
@@ -377,7 +378,8 @@ impl Sandbox {
             .stderr(err)
             .process_group(0);
         if let Some(shim) = shim {
-            let devices: Vec<String> = (0..spec.gamepads.min(4)).map(crate::pad::device_path).collect();
+            let devices: Vec<String> =
+                (0..spec.gamepads.min(crate::pad::MAX_PADS)).map(crate::pad::device_path).collect();
             cmd.env("LD_PRELOAD", shim).env("PYLON_PAD_DIR", runtime).env("SDL_JOYSTICK_DEVICE", devices.join(":"));
         }
         if let Some((uid, gid)) = user {
