@@ -124,37 +124,6 @@ video.requestVideoFrameCallback(onFrame);
 return true;
 "#;
 
-/// Chromium's cumulative video receive stats.
-const INBOUND: &str = r#"
-return (async () => {
-  const stats = await pylon.pc.getStats();
-  for (const s of stats.values()) {
-    if (s.type === 'inbound-rtp' && s.kind === 'video') {
-      return { jb: s.jitterBufferDelay || 0, jbCount: s.jitterBufferEmittedCount || 0,
-               decode: s.totalDecodeTime || 0, decoded: s.framesDecoded || 0 };
-    }
-  }
-  return null;
-})()
-"#;
-
-/// CPU seconds per thread name of this process, from `/proc/self/task/*/stat`.
-fn thread_cpu() -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        // "tid (comm) state ..." — comm may hold spaces; the fields follow the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let name = stat.get(open + 1..close).unwrap_or_default().to_string();
-        let fields: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after state.
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
-    }
-    out
-}
-
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
@@ -185,8 +154,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     eprintln!("ship at {ship}; {} trials, one every {} ms…", args.trials, args.interval_ms);
 
-    let inbound0 = b.eval(INBOUND).await;
-    let cpu0 = thread_cpu();
+    let inbound0 = b.eval(common::VIDEO_INBOUND).await;
+    let cpu0 = common::thread_cpu();
     let began = Instant::now();
     let mut side = 1;
     for i in 0..args.trials {
@@ -211,8 +180,8 @@ async fn main() {
         }
     }
     let wall = began.elapsed().as_secs_f64();
-    let cpu1 = thread_cpu();
-    let inbound1 = b.eval(INBOUND).await;
+    let cpu1 = common::thread_cpu();
+    let inbound1 = b.eval(common::VIDEO_INBOUND).await;
     let results = b.eval("return pylonLatency.results").await;
     let announced = b.eval("return Object.fromEntries(pylon.latency.announced)").await;
     let detector = b
@@ -245,7 +214,7 @@ async fn main() {
         let sum = |m: &BTreeMap<String, f64>| m.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum::<f64>();
         100.0 * (sum(&cpu1) - sum(&cpu0)) / wall
     };
-    let node_frame_path = used(&|k| k.starts_with("pylon-render") || k.starts_with("pylon-encode"));
+    let node_frame_path = used(&common::is_frame_path_thread);
     let process = used(&|_| true);
     eprintln!(
         "pixel-measured (ms, sorted): {:?}",
@@ -277,8 +246,8 @@ async fn main() {
             "to_frame_received_p50_ms": round1(percentile(&received, 0.5)),
             "announced_p50_ms": round1(percentile(&announced_ms, 0.5)),
             "announced_p95_ms": round1(percentile(&announced_ms, 0.95)),
-            "jitter_buffer_ms_per_frame": round1(per("jb", "jbCount")),
-            "decode_ms_per_frame": round1(per("decode", "decoded")),
+            "jitter_buffer_ms_per_frame": round1(per("jitterBufferDelay", "jitterBufferEmittedCount")),
+            "decode_ms_per_frame": round1(per("totalDecodeTime", "framesDecoded")),
             "node_frame_path_cpu_pct_of_core": round1(Some(node_frame_path)),
             "platform_process_cpu_pct_of_core": round1(Some(process)),
             "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path)),

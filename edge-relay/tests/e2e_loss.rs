@@ -7,7 +7,9 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, metric, relay_metrics, start_platform_advertising, start_platform_impaired_uplink};
+use common::{
+    Browser, VIDEO_INBOUND, metric, relay_metrics, start_platform_advertising, start_platform_impaired_uplink,
+};
 use pylon_proto::impair::LossModel;
 use pylon_relay::impair::{ImpairConfig, start};
 use std::sync::atomic::Ordering;
@@ -15,20 +17,6 @@ use std::time::Duration;
 
 /// How long each run plays, once the first frames are decoded.
 const PLAY: Duration = Duration::from_secs(20);
-
-const INBOUND: &str = r#"
-const stats = await pylon.pc.getStats();
-for (const s of stats.values()) {
-  if (s.type === 'inbound-rtp' && s.kind === 'video') {
-    return { framesDecoded: s.framesDecoded, freezeCount: s.freezeCount || 0,
-             totalFreezesDuration: s.totalFreezesDuration || 0, nackCount: s.nackCount || 0,
-             packetsLost: s.packetsLost, packetsReceived: s.packetsReceived,
-             pliCount: s.pliCount || 0, keyFramesDecoded: s.keyFramesDecoded, bytesReceived: s.bytesReceived || 0,
-             retransmittedPacketsReceived: s.retransmittedPacketsReceived || 0, framesDropped: s.framesDropped || 0 };
-  }
-}
-return null;
-"#;
 
 async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
     // Reserve the proxy's port so the relay can announce it before the proxy starts.
@@ -39,9 +27,9 @@ async fn play_through(name: &str, config: ImpairConfig) -> serde_json::Value {
     let b = Browser::start().await;
     b.client.goto(&platform.url()).await.unwrap();
     b.wait_for("return window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30", Duration::from_secs(60)).await;
-    let start_stats = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let start_stats = b.eval(VIDEO_INBOUND).await;
     tokio::time::sleep(PLAY).await;
-    let end = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let end = b.eval(VIDEO_INBOUND).await;
     let n = |k: &str| end[k].as_f64().unwrap_or(0.0) - start_stats[k].as_f64().unwrap_or(0.0);
     let relay = relay_metrics(platform.relay.http_addr).await;
     let freeze_share = n("totalFreezesDuration") / PLAY.as_secs_f64();
@@ -173,9 +161,9 @@ async fn upstream_loss_is_repaired_once_for_every_viewer() {
     let b = Browser::start().await;
     b.client.goto(&platform.url()).await.unwrap();
     b.wait_for("return window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30", Duration::from_secs(60)).await;
-    let start_stats = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let start_stats = b.eval(VIDEO_INBOUND).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let end = b.eval(&format!("return (async () => {{ {INBOUND} }})()")).await;
+    let end = b.eval(VIDEO_INBOUND).await;
     let n = |k: &str| end[k].as_f64().unwrap_or(0.0) - start_stats[k].as_f64().unwrap_or(0.0);
     let relay = relay_metrics(platform.relay.http_addr).await;
     let report = serde_json::json!({

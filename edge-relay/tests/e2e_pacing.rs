@@ -8,22 +8,8 @@
 #[macro_use]
 mod common;
 
-use common::{Browser, metric, relay_metrics, start_platform};
+use common::{Browser, VIDEO_INBOUND, metric, relay_metrics, start_platform};
 use std::time::Duration;
-
-/// Chromium's jitter-buffer delay and emitted count for the page's video, plus frames.
-const JITTER: &str = r#"
-return (async () => {
-  const stats = await pylon.pc.getStats();
-  for (const s of stats.values()) {
-    if (s.type === 'inbound-rtp' && s.kind === 'video') {
-      return { delay: s.jitterBufferDelay || 0, emitted: s.jitterBufferEmittedCount || 0,
-               frames: s.framesDecoded || 0, role: pylon.role };
-    }
-  }
-  return null;
-})()
-"#;
 
 /// Mean of a Prometheus histogram, in milliseconds.
 fn mean_ms(text: &str, name: &str) -> f64 {
@@ -33,8 +19,8 @@ fn mean_ms(text: &str, name: &str) -> f64 {
 
 /// Milliseconds per frame in the jitter buffer between two samples.
 fn per_frame_ms(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
-    let delay = b["delay"].as_f64().unwrap() - a["delay"].as_f64().unwrap();
-    let emitted = b["emitted"].as_f64().unwrap() - a["emitted"].as_f64().unwrap();
+    let delay = b["jitterBufferDelay"].as_f64().unwrap() - a["jitterBufferDelay"].as_f64().unwrap();
+    let emitted = b["jitterBufferEmittedCount"].as_f64().unwrap() - a["jitterBufferEmittedCount"].as_f64().unwrap();
     assert!(emitted > 100.0, "frames kept arriving: {a} → {b}");
     1000.0 * delay / emitted
 }
@@ -62,11 +48,11 @@ async fn a_frame_leaves_the_relay_in_one_burst_for_the_player_too() {
     // Let the player's estimate settle past its start (str0m's first probes).
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let p0 = b.eval(JITTER).await;
-    let s0 = spectator.eval(JITTER).await;
+    let p0 = b.eval(VIDEO_INBOUND).await;
+    let s0 = spectator.eval(VIDEO_INBOUND).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let p1 = b.eval(JITTER).await;
-    let s1 = spectator.eval(JITTER).await;
+    let p1 = b.eval(VIDEO_INBOUND).await;
+    let s1 = spectator.eval(VIDEO_INBOUND).await;
     let relay = relay_metrics(platform.relay.http_addr).await;
     let report = serde_json::json!({
         "player_jitter_buffer_ms_per_frame": per_frame_ms(&p0, &p1),

@@ -26,11 +26,7 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     let relay_http = platform.relay.http_addr;
 
     // The relay registers, the node connects to it, and the relay reports its RTT to it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{POOL_NODE}\"")) {
-        assert!(Instant::now() < deadline, "the relay never reported its RTT to the node");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_rtt_reported(indexer, POOL_NODE, Duration::from_secs(30)).await;
     let nodes = http_get(indexer, "/api/v1/nodes").await;
     assert!(nodes.contains("\"state\":\"ready\""), "{nodes}");
     // Ready with no session, the node rests: it renders and encodes nothing.

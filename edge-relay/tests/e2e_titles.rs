@@ -37,15 +37,7 @@ async fn play(b: &Browser, indexer: std::net::SocketAddr, title: &str) -> serde_
 }
 
 async fn play_until(b: &Browser, indexer: std::net::SocketAddr, title: &str, frames: u32) -> serde_json::Value {
-    // The relay reports its RTT to the node a moment after both start.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{}\"", common::POOL_NODE)) {
-        assert!(Instant::now() < deadline, "the relay never reported its RTT to the node");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    b.client.goto(&format!("http://{indexer}/")).await.unwrap();
-    b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
-    b.eval(&format!("document.querySelector('a.play[data-title=\"{title}\"]').click(); return true;")).await;
+    common::click_play(b, indexer, title).await;
     b.wait_for(
         &format!(
             "return (window.pylonCatalog && pylonCatalog.error) ? {{ error: pylonCatalog.error }} \
@@ -110,18 +102,7 @@ async fn quiet_cpu(timeout: Duration) -> f64 {
 /// CPU seconds the node's frame-path threads (`pylon-render`: capture and conversion,
 /// `pylon-encode`) have used, from `/proc/self/task`.
 fn frame_path_cpu() -> f64 {
-    let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.split_once(") ")) else { continue };
-        if name == "pylon-render" || name == "pylon-encode" {
-            let fields: Vec<&str> = rest.split(' ').collect();
-            // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
-            ticks += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            ticks += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        }
-    }
-    ticks as f64 / 100.0
+    common::thread_cpu().iter().filter(|(name, _)| common::is_frame_path_thread(name)).map(|(_, s)| s).sum()
 }
 
 /// With `PYLON_SCREENSHOTS=DIR`, saves the playing video as `DIR/title-NAME.png`.

@@ -182,11 +182,7 @@ async fn impostor_unregistered_and_revoked_nodes_are_refused_before_anything_rea
     cached.conn.close(0u32.into(), b"done");
     // The welcome comes first (a keyframe request for the new stream may share its read).
     assert!(matches!(a.received.first(), Some(RelayMessage::Welcome(r)) if r == "relay-trust"), "{:?}", a.received);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !common::http_get(indexer, "/api/v1/relays").await.contains("\"node-a\"") {
-        assert!(Instant::now() < deadline, "the relay never reported the node's RTT");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_rtt_reported(indexer, "node-a", Duration::from_secs(15)).await;
 
     // Revoked by the operator: the relay closes the link within a heartbeat.
     let http = reqwest_post(indexer, "/api/v1/nodes/node-a/revoke").await;

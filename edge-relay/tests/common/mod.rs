@@ -570,17 +570,28 @@ pub fn quic_client(cert: &std::path::Path) -> (quinn::Endpoint, quinn::ClientCon
     (quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(), config)
 }
 
-/// Opens the catalog, clicks the demo title, and waits until the video plays at the relay.
-pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_json::Value {
-    // The relay reports its RTT to the node a moment after both start.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{POOL_NODE}\"")) {
-        assert!(Instant::now() < deadline, "the relay never reported its RTT to the node");
+/// Waits (up to `within`) until a relay reported its RTT to `node` to the indexer: the
+/// catalog matches no player to the node before.
+pub async fn wait_rtt_reported(indexer: std::net::SocketAddr, node: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !http_get(indexer, "/api/v1/relays").await.contains(&format!("\"{node}\"")) {
+        assert!(Instant::now() < deadline, "the relay never reported its RTT to {node}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Opens the catalog once the pool's node can be matched, and clicks `title`'s play link.
+pub async fn click_play(b: &Browser, indexer: std::net::SocketAddr, title: &str) {
+    // The relay reports its RTT to the node a moment after both start.
+    wait_rtt_reported(indexer, POOL_NODE, Duration::from_secs(30)).await;
     b.client.goto(&format!("http://{indexer}/")).await.unwrap();
     b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
-    b.eval("document.querySelector('a.play[data-title=demo]').click(); return true;").await;
+    b.eval(&format!("document.querySelector('a.play[data-title=\"{title}\"]').click(); return true;")).await;
+}
+
+/// Opens the catalog, clicks the demo title, and waits until the video plays at the relay.
+pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_json::Value {
+    click_play(b, indexer, "demo").await;
     // Either the catalog says why it could not start, or the play page comes up.
     let first = b
         .wait_for(
@@ -605,3 +616,38 @@ pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> se
     assert!(played["token"].as_str().is_some_and(|t| !t.is_empty()), "{played}");
     played
 }
+
+/// CPU seconds per thread name of this process, from `/proc/self/task/*/stat`.
+pub fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // "tid (comm) state ..." — comm may hold spaces; the fields follow the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat.get(open + 1..close).unwrap_or_default().to_string();
+        let fields: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after state.
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
+
+/// Whether a thread of this process is the render node's frame path (`pylon-render`:
+/// render or capture and conversion; `pylon-encode`).
+pub fn is_frame_path_thread(name: &str) -> bool {
+    name == "pylon-render" || name == "pylon-encode"
+}
+
+/// Chromium's `inbound-rtp` statistics of the page's video (cumulative counters:
+/// `framesDecoded`, `jitterBufferDelay`, `bytesReceived`, …) with the page's `role`, or null.
+pub const VIDEO_INBOUND: &str = r#"
+return (async () => {
+  const stats = await pylon.pc.getStats();
+  for (const s of stats.values()) {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') return Object.assign({ role: pylon.role }, s);
+  }
+  return null;
+})()
+"#;
