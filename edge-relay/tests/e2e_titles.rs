@@ -225,6 +225,76 @@ async fn a_debian_game_deployed_as_a_title_plays_in_chromium_and_takes_keys() {
     platform.stop().await;
 }
 
+/// Counts, over 2 s of `requestVideoFrameCallback`, the distinct colours of the video's
+/// centre pixel; returns `{distinct, frames, width, height}`.
+const DISTINCT_FRAMES: &str = r#"
+if (window.__distinct === undefined) {
+  window.__distinct = null;
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas'); c.width = 1; c.height = 1;
+  const g = c.getContext('2d', { willReadFrequently: true });
+  const seen = new Set(); let frames = 0; let t0 = null;
+  const step = (now) => {
+    if (t0 === null) t0 = now;
+    g.drawImage(v, v.videoWidth / 2, v.videoHeight / 2, 1, 1, 0, 0, 1, 1);
+    const d = g.getImageData(0, 0, 1, 1).data;
+    seen.add(d[0] + ',' + d[1] + ',' + d[2]); frames++;
+    if (now - t0 < 2000) v.requestVideoFrameCallback(step);
+    else window.__distinct = { distinct: seen.size, frames, width: v.videoWidth, height: v.videoHeight };
+  };
+  v.requestVideoFrameCallback(step);
+}
+return window.__distinct;
+"#;
+
+/// The node's `pylon_server_capture_frames_total{path="…"}`.
+fn capture_frames(platform: &common::Platform, path: &str) -> f64 {
+    let needle = format!("pylon_server_capture_frames_total{{path=\"{path}\"}} ");
+    platform
+        .server_metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vulkan_title_streams_through_its_present_layer_and_without_it_through_xshm() {
+    // SDL2's testvulkan clears its 640x480 swapchain to a new colour every frame.
+    let layer = exec_title("vulkan", &format!("{SDL_TESTS}/testvulkan"), &[], (640, 480));
+    let mut xshm = exec_title("vulkan-xshm", &format!("{SDL_TESTS}/testvulkan"), &[], (640, 480));
+    xshm.env.insert("PYLON_CAPTURE".into(), "xshm".into());
+    let platform = start_pool_with_titles(640, 480, 30, vec![layer, xshm]).await;
+    let indexer = platform.indexer.unwrap();
+    for (title, path, other) in [("vulkan", "layer", "xshm"), ("vulkan-xshm", "xshm", "layer")] {
+        let b = Browser::start().await;
+        let before = (capture_frames(&platform, path), capture_frames(&platform, other));
+        let started = play(&b, indexer, title).await;
+        assert!(started["error"].is_null(), "{started}");
+        // Past the first frames (a title may draw through X before its swapchain exists).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mid = capture_frames(&platform, other);
+        let seen = b.wait_for(DISTINCT_FRAMES, Duration::from_secs(20)).await;
+        let after = (capture_frames(&platform, path), capture_frames(&platform, other));
+        eprintln!(
+            "{title}: {seen} in Chromium; frames converted through {path}: {}, through {other}: {}",
+            after.0 - before.0,
+            after.1 - before.1
+        );
+        assert_eq!((seen["width"].as_u64(), seen["height"].as_u64()), (Some(640), Some(480)), "{seen}");
+        assert!(seen["distinct"].as_u64().unwrap() > 20, "more than 20 distinct frames in 2 s: {seen}");
+        assert!(after.0 - before.0 >= 40.0, "frames took the {path} path");
+        assert_eq!(after.1, mid, "once playing, no frame took the {other} path");
+        b.close().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while platform.server_metrics_value("pylon_server_title_running") != 0.0 {
+            assert!(Instant::now() < deadline, "the title was stopped when the player left");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    platform.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn titles_that_crash_or_never_draw_end_their_session_and_the_node_takes_the_next() {
     let crashes =

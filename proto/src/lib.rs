@@ -10,6 +10,8 @@
 //!   node's proof of identity, sessions, keyframes, repair, bitrate).
 //! * [`repair`]: the node's retransmit cache and the relay's upstream gap detector,
 //!   sans-IO, driven by an explicit `now`.
+//! * [`capture`]: the messages between a title's Vulkan present layer and the node
+//!   (exported image rings, frames, releases).
 //! * [`impair`]: a seeded lossy-path model (random and Gilbert–Elliott loss, delay,
 //!   jitter, reordering) for simulated-clock tests and the impairment proxy.
 //!
@@ -18,6 +20,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod capture;
 pub mod framing;
 pub mod h264;
 pub mod impair;

@@ -32,6 +32,14 @@ pub struct PacketDrop {
     pub reason: &'static str,
 }
 
+/// How a studio title's frame reached the NV12 pass.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapturePath {
+    /// `layer` (imported from the title's Vulkan present layer) or `xshm` (the X screen
+    /// grabbed through shared memory).
+    pub path: &'static str,
+}
+
 /// All metrics of a render node.
 #[derive(Debug, Clone)]
 pub struct ServerMetrics {
@@ -88,6 +96,10 @@ pub struct ServerMetrics {
     pub title_failures: Family<DropReason, Counter>,
     /// Whether a studio title runs now (0 or 1).
     pub title_running: Gauge,
+    /// Title frames converted, by capture path.
+    pub capture_frames: Family<CapturePath, Counter>,
+    /// Messages from a title's present layer refused (malformed, bad descriptors).
+    pub capture_refused: Counter,
     registry: Arc<Registry>,
 }
 
@@ -128,6 +140,8 @@ impl ServerMetrics {
             title_sessions: Counter::default(),
             title_failures: Family::default(),
             title_running: Gauge::default(),
+            capture_frames: Family::default(),
+            capture_refused: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
@@ -160,6 +174,12 @@ impl ServerMetrics {
         r.register("title_sessions", "Studio-title sessions started", m.title_sessions.clone());
         r.register("title_failures", "Studio-title sessions the node ended, by reason", m.title_failures.clone());
         r.register("title_running", "Whether a studio title runs now", m.title_running.clone());
+        r.register("capture_frames", "Studio-title frames converted, by capture path", m.capture_frames.clone());
+        r.register(
+            "capture_refused",
+            "Messages from a title's present layer refused (malformed, bad descriptors)",
+            m.capture_refused.clone(),
+        );
         ServerMetrics { registry: Arc::new(r), ..m }
     }
 

@@ -12,8 +12,9 @@
 //!   packetizes it into RTP and hands the packets to the network task, then returns the
 //!   input frame to the pool.
 
+use crate::capture::LayerSource;
 use crate::encode::{EncodeError, EncoderConfig, VideoEncoder, load_nv12};
-use crate::metrics::ServerMetrics;
+use crate::metrics::{CapturePath, ServerMetrics};
 use crate::scene::{DemoScene, SPACE};
 use bytes::Bytes;
 use ffmpeg_next::frame;
@@ -36,6 +37,10 @@ pub const RTP_PAYLOAD_TYPE: u8 = 102;
 /// An early frame (started by input) comes at least this fraction of a frame interval
 /// after the previous one.
 const EARLY_FRAME_MIN_GAP: f64 = 0.5;
+/// A title's present-layer frame is converted as soon as it is announced, but never
+/// sooner than this part of a frame interval after the previous one (the stream's frame
+/// rate caps a title that presents faster).
+const LAYER_FRAME_MIN_GAP: f64 = 0.9;
 /// The render thread sleeps until this long before a tick, then yields until it is due.
 const WAKE_SPIN: Duration = Duration::from_micros(300);
 /// How often a resting render thread looks at its stop flag.
@@ -154,8 +159,11 @@ pub enum SourceCommand {
     Demo,
     /// A studio title's X screen, captured; `shown` turns true at its first drawn frame.
     Title {
-        /// The session's screen (capture and input).
+        /// The session's screen (XShm capture and input).
         screen: Box<X11Session>,
+        /// The title's Vulkan present layer, when it runs with one: its frames are used
+        /// instead of the screen's once it sends a ring the renderer can import.
+        layer: Option<Box<LayerSource>>,
         /// Set once the title has drawn a frame.
         shown: Arc<AtomicBool>,
     },
@@ -331,6 +339,8 @@ struct InFlight {
     reflects: Option<(u32, Instant)>,
     /// Set on the first frame after the node left `Idle`: when it did.
     woke: Option<Instant>,
+    /// The title's ring image this frame was converted from.
+    imported: Option<u8>,
 }
 
 /// What the render thread is told from outside.
@@ -344,7 +354,12 @@ struct RenderControl {
 enum Source {
     Idle,
     Demo,
-    Title { screen: Box<X11Session>, shown: Arc<AtomicBool>, last_grab: Option<Instant> },
+    Title {
+        screen: Box<X11Session>,
+        layer: Option<Box<LayerSource>>,
+        shown: Arc<AtomicBool>,
+        last_grab: Option<Instant>,
+    },
 }
 
 impl Source {
@@ -353,6 +368,8 @@ impl Source {
         if let Source::Title { screen, .. } = self {
             let _ = screen.release_all();
         }
+        // A title's imported ring goes with its session (the renderer drops it when the
+        // next ring comes; frames in flight finish first).
         *self = match command {
             SourceCommand::Idle => {
                 tracing::info!("no session: the node rests (nothing rendered or encoded)");
@@ -362,10 +379,15 @@ impl Source {
                 tracing::info!("streaming the built-in demo");
                 Source::Demo
             }
-            SourceCommand::Title { screen, shown } => {
+            SourceCommand::Title { screen, layer, shown } => {
                 let (w, h) = screen.size();
-                tracing::info!("streaming a studio title's screen ({w}x{h}, captured with XShm, paced by XDamage)");
-                Source::Title { screen, shown, last_grab: None }
+                let how = if layer.is_some() {
+                    "XShm until its Vulkan present layer sends frames"
+                } else {
+                    "XShm, paced by XDamage; no present layer"
+                };
+                tracing::info!(capture_path = "xshm", "streaming a studio title's screen ({w}x{h}); capture path: {how}");
+                Source::Title { screen, layer, shown, last_grab: None }
             }
         };
         // The picture changes completely: start it with a keyframe.
@@ -411,6 +433,7 @@ fn render_thread(
     // An input may start a frame early, but never sooner than this after the previous one,
     // so the encoder and the viewer's decoder are never asked for bursts.
     let min_gap = interval.mul_f64(EARLY_FRAME_MIN_GAP);
+    let layer_gap = interval.mul_f64(LAYER_FRAME_MIN_GAP);
     let start = Instant::now();
     let mut next_due = start;
     let mut last_submit: Option<Instant> = None;
@@ -461,13 +484,28 @@ fn render_thread(
             }
             // A title draws on its own clock: an early grab would not show the input yet.
             let input_waiting = config.early_frames && matches!(source, Source::Demo) && input.unreflected.is_some();
-            if input_waiting && last_submit.is_none_or(|t| now - t >= min_gap) {
+            // A title's present layer announces each frame: it is converted at once (the
+            // node follows the title's clock), within the same pacing as input.
+            let layer = match &mut source {
+                Source::Title { layer: Some(l), .. } => {
+                    l.poll(&mut renderer, &metrics);
+                    l.active().then_some(l.has_pending())
+                }
+                _ => None,
+            };
+            let frame_waiting = input_waiting || layer == Some(true);
+            // A title's frames come at its own rate, the stream's at most.
+            let gap = if input_waiting { min_gap } else { layer_gap };
+            if frame_waiting && last_submit.is_none_or(|t| now - t >= gap) {
                 break true;
             }
             // Short waits while frames are in flight or input is pending, so neither
             // waits behind the other.
-            let wait = if input_waiting {
-                last_submit.map_or(Duration::ZERO, |t| (t + min_gap).saturating_duration_since(now))
+            let wait = if frame_waiting {
+                last_submit.map_or(Duration::ZERO, |t| (t + gap).saturating_duration_since(now))
+            } else if layer.is_some() {
+                // Look at the layer's socket every millisecond.
+                (next_due - now).min(Duration::from_millis(1) + WAKE_SPIN)
             } else {
                 next_due - now
             };
@@ -475,6 +513,9 @@ fn render_thread(
                 match renderer.poll(front.slot, wait.min(Duration::from_millis(1))) {
                     Ok(true) => {
                         if let Some(done) = in_flight.pop_front() {
+                            if let (Some(image), Source::Title { layer: Some(l), .. }) = (done.imported, &mut source) {
+                                l.converted(image);
+                            }
                             finish(&renderer, done, &pool, &jobs, &metrics);
                         }
                     }
@@ -519,6 +560,7 @@ fn render_thread(
             metrics.early_frames.inc();
         }
         let media_time = tick - start;
+        let mut imported = None;
         match &mut source {
             // Told to rest with frames in flight: they finish, nothing new starts.
             Source::Idle => continue,
@@ -529,7 +571,7 @@ fn render_thread(
                     return;
                 }
             }
-            Source::Title { screen, shown, last_grab } => {
+            Source::Title { screen, layer, shown, last_grab } => {
                 let damaged = match screen.damaged() {
                     Ok(d) => d,
                     Err(e) => {
@@ -540,6 +582,24 @@ fn render_thread(
                     }
                 };
                 let refresh = shown.load(Ordering::Relaxed) && last_grab.is_none_or(|t| now - t >= TITLE_REFRESH);
+                if let Some(l) = layer.as_mut().filter(|l| l.active()) {
+                    // Frames from the title's present layer: converted straight from the
+                    // imported image, no grab.
+                    let Some(image) = l.take(refresh) else {
+                        metrics.title_unchanged.inc();
+                        continue;
+                    };
+                    let submitted = Instant::now();
+                    if let Err(e) = renderer.submit_imported(slot, usize::from(image)) {
+                        tracing::error!("GPU failure, stopping the render loop: {e}");
+                        return;
+                    }
+                    metrics.observe("capture", submitted.elapsed());
+                    metrics.capture_frames.get_or_create(&CapturePath { path: "layer" }).inc();
+                    shown.store(true, Ordering::Relaxed);
+                    *last_grab = Some(now);
+                    imported = Some(image);
+                } else {
                 if !damaged && !refresh {
                     // Nothing new on the screen: no frame (the encoder and the network rest).
                     metrics.title_unchanged.inc();
@@ -562,14 +622,25 @@ fn render_thread(
                     continue;
                 }
                 metrics.observe("capture", grabbed.elapsed());
+                metrics.capture_frames.get_or_create(&CapturePath { path: "xshm" }).inc();
                 if damaged {
                     shown.store(true, Ordering::Relaxed);
                 }
                 *last_grab = Some(now);
+                }
             }
         }
         let reflects = input.unreflected.take().map(|arrival| (input.applied_seq, arrival));
-        in_flight.push_back(InFlight { slot, index, tick, media_time, submitted: now, reflects, woke: woke.take() });
+        in_flight.push_back(InFlight {
+            slot,
+            index,
+            tick,
+            media_time,
+            submitted: now,
+            reflects,
+            woke: woke.take(),
+            imported,
+        });
         last_submit = Some(now);
         index += 1;
     }

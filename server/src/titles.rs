@@ -241,7 +241,8 @@ async fn start(
         match X11Session::connect(number, sandbox.cookie(), video) {
             Ok(mut screen) => {
                 screen.attach_pads(sandbox.take_pads());
-                Ok((sandbox, screen))
+                let layer = sandbox.take_capture().map(|c| Box::new(crate::capture::LayerSource::new(c)));
+                Ok((sandbox, screen, layer))
             }
             Err(e) => {
                 sandbox.stop();
@@ -251,10 +252,10 @@ async fn start(
     })
     .await
     .map_err(|e| (format!("the game could not start: {e}"), "start_failed"))?;
-    let (sandbox, screen) = started?;
+    let (sandbox, screen, layer) = started?;
     let shown = Arc::new(AtomicBool::new(false));
     tracing::info!(session, title = %title.id, display = %sandbox.display(), "title started");
-    let _ = source.send(SourceCommand::Title { screen: Box::new(screen), shown: shown.clone() });
+    let _ = source.send(SourceCommand::Title { screen: Box::new(screen), layer, shown: shown.clone() });
     metrics.title_sessions.inc();
     metrics.title_running.set(1);
     Ok(Active {

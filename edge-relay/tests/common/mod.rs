@@ -316,8 +316,14 @@ async fn start(
     }
 }
 
+/// Logs of the platform's parts, shown with `RUST_LOG` (e.g. `RUST_LOG=info`).
 fn tracing_subscriber_init() -> Option<()> {
-    None
+    std::env::var_os("RUST_LOG")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init()
+        .ok()
 }
 
 fn rand_suffix() -> u64 {

@@ -56,6 +56,14 @@ pub struct DeviceInfo {
     pub api_version: String,
     /// Device-local memory, MiB (the sum of the device-local heaps).
     pub memory_mb: u64,
+    /// `VkPhysicalDeviceIDProperties::deviceUUID`: memory exported by another process
+    /// can be imported only from a device with the same UUID (and driver UUID).
+    pub device_uuid: [u8; 16],
+    /// `VkPhysicalDeviceIDProperties::driverUUID`.
+    pub driver_uuid: [u8; 16],
+    /// Whether the device can import memory from file descriptors
+    /// (`VK_KHR_external_memory_fd`): needed for frames from a title's present layer.
+    pub external_memory_fd: bool,
     /// Index of a queue family that supports graphics and compute, if any.
     pub(crate) queue_family: Option<u32>,
     pub(crate) handle: vk::PhysicalDevice,
@@ -94,8 +102,21 @@ pub(crate) fn probe(instance: &ash::Instance) -> Result<Vec<DeviceInfo>, GpuErro
             .map(CStr::to_string_lossy)
             .map(|s| s.into_owned())
             .unwrap_or_else(|_| "unnamed device".into());
+        let mut id = vk::PhysicalDeviceIDProperties::default();
+        let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
+        // SAFETY: a Vulkan 1.1 instance (see `create_instance`); `props2` chains a valid
+        // ID-properties structure.
+        unsafe { instance.get_physical_device_properties2(handle, &mut props2) };
+        // SAFETY: as above.
+        let extensions = unsafe { instance.enumerate_device_extension_properties(handle) }.unwrap_or_default();
+        let external_memory_fd = extensions
+            .iter()
+            .any(|e| e.extension_name_as_c_str().is_ok_and(|n| n == ash::khr::external_memory_fd::NAME));
         out.push(DeviceInfo {
             name,
+            device_uuid: id.device_uuid,
+            driver_uuid: id.driver_uuid,
+            external_memory_fd,
             kind: DeviceKind::from_vk(props.device_type),
             vendor_id: props.vendor_id,
             api_version: format!(

@@ -12,12 +12,14 @@
 //! FFI through `ash`); every block says which invariant makes it sound.
 
 pub mod device;
+mod import;
 
 use ash::vk;
 use std::time::Duration;
 use thiserror::Error;
 
 pub use device::{DeviceInfo, DeviceKind};
+pub use import::{ExportedRing, ImportError};
 
 /// Errors from the GPU layer.
 #[derive(Debug, Error)]
@@ -205,6 +207,8 @@ pub struct FrameRenderer {
     descriptor_pool: vk::DescriptorPool,
     command_pool: vk::CommandPool,
     slots: Vec<Slot>,
+    /// A title's ring of exported frames, imported (see [`Self::import_ring`]).
+    imported: Option<import::ImportedRing>,
 }
 
 impl std::fmt::Debug for FrameRenderer {
@@ -254,7 +258,14 @@ impl FrameRenderer {
         let priorities = [1.0f32];
         let queue_info =
             [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
-        let device_info = vk::DeviceCreateInfo::default().queue_create_infos(&queue_info);
+        // Importing frames from a title's present layer needs fd-backed memory.
+        let extensions: Vec<*const std::ffi::c_char> = if info.external_memory_fd {
+            vec![ash::khr::external_memory_fd::NAME.as_ptr()]
+        } else {
+            Vec::new()
+        };
+        let device_info =
+            vk::DeviceCreateInfo::default().queue_create_infos(&queue_info).enabled_extension_names(&extensions);
         // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.
         let device = match unsafe { instance.create_device(info.handle, &device_info, None) } {
             Ok(d) => d,
@@ -292,6 +303,7 @@ impl FrameRenderer {
             descriptor_pool: vk::DescriptorPool::null(),
             command_pool: vk::CommandPool::null(),
             slots: Vec::new(),
+            imported: None,
         };
         // From here on, `Drop` cleans up whatever was created if a step fails.
         renderer.build(family, &memory, config.slots.max(1))?;
@@ -1346,6 +1358,9 @@ impl Drop for FrameRenderer {
         // SAFETY: waiting for idle guarantees no object below is still in use.
         unsafe {
             let _ = self.device.device_wait_idle();
+        }
+        if let Some(ring) = self.imported.take() {
+            self.destroy_ring(&ring);
         }
         for s in &self.slots {
             self.destroy_slot(s);

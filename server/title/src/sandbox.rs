@@ -75,6 +75,10 @@ pub struct LaunchSpec {
     pub gamepads: u8,
 }
 
+/// The spec's variable that turns the Vulkan present layer off for a title
+/// (`PYLON_CAPTURE=xshm`: its screen is grabbed with XShm, as for OpenGL titles).
+pub const CAPTURE_ENV: &str = "PYLON_CAPTURE";
+
 /// The node's settings for sandboxes.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -90,6 +94,9 @@ pub struct SandboxConfig {
     pub xvfb_timeout: Duration,
     /// Time between SIGTERM and SIGKILL when stopping.
     pub stop_grace: Duration,
+    /// The Vulkan present layer's library ([`crate::capture::find_layer`]); `None`: titles
+    /// are captured with XShm only.
+    pub vk_layer: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -102,6 +109,7 @@ impl SandboxConfig {
             displays: 400,
             xvfb_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(3),
+            vk_layer: crate::capture::find_layer(),
         }
     }
 }
@@ -202,6 +210,7 @@ pub struct Sandbox {
     grace: Duration,
     exit: Option<TitleExit>,
     pads: Vec<crate::pad::PadServer>,
+    capture: Option<crate::capture::CaptureServer>,
     stopped: bool,
 }
 
@@ -246,8 +255,17 @@ impl Sandbox {
             }
             shim = Some(path);
         }
+        // The Vulkan present layer: its manifest in the session, its socket in the runtime dir.
+        let capture = match (&config.vk_layer, spec.env.get(CAPTURE_ENV).map(String::as_str)) {
+            (Some(library), None | Some("auto" | "layer")) => {
+                Some(Self::prepare_layer(library, &dir, &runtime, user)?)
+            }
+            _ => None,
+        };
         let (mut xvfb, display) = Self::start_xvfb(config, &xvfb, &dir, spec, &cookie, user)?;
-        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user, shim.as_deref()).and_then(
+        let layer = capture.as_ref().map(|c| (dir.join("vulkan"), c.path().to_path_buf()));
+        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user, shim.as_deref(), layer)
+            .and_then(
             |title| match rustix::process::Pid::from_raw(title.id() as i32) {
                 Some(pgid) => Ok((title, pgid)),
                 None => {
@@ -276,11 +294,39 @@ impl Sandbox {
             grace: config.stop_grace,
             exit: None,
             pads,
+            capture,
             stopped: false,
         };
         let number = display;
         tracing::info!(x_display = number, dir = %dir.display(), title = %program.display(), "session sandbox started");
         Ok(sandbox)
+    }
+
+    /// Writes the layer's manifest into `dir/vulkan` and binds the capture socket.
+    fn prepare_layer(
+        library: &Path,
+        dir: &Path,
+        runtime: &Path,
+        user: Option<(u32, u32)>,
+    ) -> Result<crate::capture::CaptureServer, SandboxError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let layers = dir.join("vulkan");
+        std::fs::create_dir_all(&layers).map_err(io("creating the layer's directory"))?;
+        std::fs::set_permissions(&layers, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod vulkan"))?;
+        // The title's user must be able to read the library.
+        let readable = library.metadata().is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+        let library = if user.is_some() && !readable {
+            let copy = layers.join(crate::capture::LAYER_LIBRARY);
+            std::fs::copy(library, &copy).map_err(io("copying the capture layer"))?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).map_err(io("chmod the layer"))?;
+            copy
+        } else {
+            library.to_path_buf()
+        };
+        let manifest = layers.join("pylon_capture.json");
+        std::fs::write(&manifest, crate::capture::manifest(&library)).map_err(io("writing the layer's manifest"))?;
+        std::fs::set_permissions(&manifest, std::fs::Permissions::from_mode(0o644)).map_err(io("chmod the manifest"))?;
+        crate::capture::CaptureServer::bind(runtime, user).map_err(io("creating the capture socket"))
     }
 
     fn start_xvfb(
@@ -358,6 +404,7 @@ impl Sandbox {
         spec: &LaunchSpec,
         user: Option<(u32, u32)>,
         shim: Option<&Path>,
+        layer: Option<(PathBuf, PathBuf)>,
     ) -> Result<Child, SandboxError> {
         let log = std::fs::File::create(dir.join("title.log")).map_err(io("creating title.log"))?;
         let err = log.try_clone().map_err(io("creating title.log"))?;
@@ -382,11 +429,28 @@ impl Sandbox {
                 (0..spec.gamepads.min(crate::pad::MAX_PADS)).map(crate::pad::device_path).collect();
             cmd.env("LD_PRELOAD", shim).env("PYLON_PAD_DIR", runtime).env("SDL_JOYSTICK_DEVICE", devices.join(":"));
         }
+        if let Some((manifests, socket)) = layer {
+            // An explicit layer, found through VK_LAYER_PATH (which replaces the default
+            // explicit-layer directories, so those follow ours) and enabled by name.
+            let mut path = manifests.into_os_string();
+            path.push(":/etc/vulkan/explicit_layer.d:/usr/share/vulkan/explicit_layer.d");
+            let layers = match spec.env.get("VK_INSTANCE_LAYERS") {
+                Some(other) if !other.is_empty() => format!("{}:{other}", crate::capture::LAYER_NAME),
+                _ => crate::capture::LAYER_NAME.to_string(),
+            };
+            cmd.env("VK_LAYER_PATH", path).env("VK_INSTANCE_LAYERS", layers).env(crate::capture::SOCKET_ENV, socket);
+        }
         if let Some((uid, gid)) = user {
             // std drops the supplementary groups too when root changes the uid.
             cmd.uid(uid).gid(gid);
         }
         cmd.spawn().map_err(io(format!("starting {}", program.display())))
+    }
+
+    /// The session's capture socket, when the title runs with the Vulkan present layer
+    /// (taken once, by the frame path).
+    pub fn take_capture(&mut self) -> Option<crate::capture::CaptureServer> {
+        self.capture.take()
     }
 
     /// The session's virtual gamepads (taken once, by whoever injects input).
@@ -454,6 +518,7 @@ impl Sandbox {
         }
         self.stopped = true;
         self.pads.clear();
+        self.capture = None;
         let mut report = StopReport::default();
         // Reap the leader first if it already exited; the group may live on without it.
         let _ = self.title.try_wait();
