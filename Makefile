@@ -24,7 +24,7 @@ help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
 	@echo "make test        every test (unit, Vulkan/FFmpeg integration, Chromium end to end) plus fmt and clippy"
 	@echo "make frame-path  per-stage frame timing report (benchmark)"
-	@echo "make frame-path-title  the same on a captured studio title (TITLE=program, default chromium-bsu)"
+	@echo "make frame-path-title  the same on a captured studio title: Vulkan present layer vs XShm (TITLE=program, default SDL2's testvulkan)"
 	@echo "make bench       criterion benchmarks of the frame stages"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
@@ -75,9 +75,11 @@ bench: deps
 frame-path: deps
 	cargo run --release -p pylon-benches --bin frame-path -- --frames 600
 
-# The frame path on a captured studio title (XShm), beside the demo's direct path.
-TITLE ?= /usr/games/chromium-bsu
-TITLE_ARGS ?= --title-arg=-w --title-arg=-na --title-arg=-v --title-arg=1
+# The frame path on a captured studio title — through its Vulkan present layer, and with
+# the layer off (XShm) — beside the demo's direct path, at 1280x720. An OpenGL game has no
+# layer path: TITLE=/usr/games/chromium-bsu TITLE_ARGS="--title-arg=-w --title-arg=-na".
+TITLE ?= /usr/libexec/installed-tests/SDL2/testvulkan
+TITLE_ARGS ?= --title-arg=--geometry --title-arg=1280x720
 frame-path-title: deps
 	cargo run --release -p pylon-benches --bin frame-path -- --frames 300 --title $(TITLE) $(TITLE_ARGS)
 

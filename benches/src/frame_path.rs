@@ -8,12 +8,15 @@
 //! 3. Reports per-stage medians, the sustained frame rate, and the glue ratio
 //!    `whole frame path ÷ (render alone + encode alone)`; the last line is one JSON object.
 //!
-//! With `--title PROGRAM [--title-arg ARG…]` it measures a captured studio title instead:
-//! the program runs in a session sandbox (Xvfb at the stream's size), the frame path shows
-//! its screen (XShm grabs paced by DAMAGE, uploaded and converted to NV12), and the same
-//! frames' stages are measured alone — grab, upload + convert, encode — beside the demo's
-//! render + convert alone in the same run, so the report says what capture adds per frame
-//! over the demo's direct path.
+//! With `--title PROGRAM [--title-arg ARG…]` it measures a captured studio title instead,
+//! run in a session sandbox (Xvfb at the stream's size). In one run the real frame path
+//! shows, one after the other, the demo, the title through its Vulkan present layer (its
+//! frames imported and converted to NV12 with no CPU copy; skipped when the layer is not
+//! built, and reported as such when the title is not a Vulkan one), and the title with
+//! the layer off (XShm grabs paced by DAMAGE, uploaded and converted). The report says, per
+//! path, the render thread's capture step and the GPU stage, so what capture adds per
+//! frame over the demo's direct path; the XShm stages are also measured alone — grab,
+//! upload + convert, encode — for the glue ratios.
 //!
 //! "Render alone" is the GPU's whole work on a frame, drawing plus the NV12 compute pass,
 //! submitted and waited for on its own: colour conversion is rendering work, not glue.
@@ -240,94 +243,150 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One paced run of the real frame path showing `source`.
+struct PathRun {
+    measured: Vec<FrameTiming>,
+    metrics: ServerMetrics,
+    elapsed: Duration,
+    total: u64,
+    info: pylon_server::pipeline::PipelineInfo,
+}
+
+impl PathRun {
+    fn stage(&self, f: fn(&FrameTiming) -> Duration) -> Duration {
+        median(self.measured.iter().map(f).collect())
+    }
+
+    /// A metric's value from the run's registry (first line starting with `prefix`).
+    fn metric(&self, prefix: &str) -> f64 {
+        self.metrics.render().lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    }
+
+    /// Mean CPU time of the render thread's capture step (grab + upload, or the
+    /// imported frame's submission).
+    fn capture_cpu(&self) -> Duration {
+        let sum = self.metric("pylon_server_stage_seconds_sum{stage=\"capture\"} ");
+        let count = self.metric("pylon_server_stage_seconds_count{stage=\"capture\"} ");
+        Duration::from_secs_f64(if count > 0.0 { sum / count } else { 0.0 })
+    }
+
+    fn fps(&self) -> f64 {
+        self.total as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn run_path(
+    args: &Args,
+    encoder_config: &EncoderConfig,
+    source: pylon_server::pipeline::SourceCommand,
+) -> anyhow::Result<PathRun> {
+    let total = WARMUP + args.frames;
+    let (packet_tx, mut packet_rx) = tokio::sync::mpsc::channel(1 << 16);
+    let drain = std::thread::spawn(move || while packet_rx.blocking_recv().is_some() {});
+    let (timing_tx, timing_rx) = std::sync::mpsc::channel::<FrameTiming>();
+    let metrics = ServerMetrics::new();
+    let pipeline = Pipeline::start_observed(
+        PipelineConfig {
+            width: args.width,
+            height: args.height,
+            fps: args.fps,
+            gpu: None,
+            slots: 3,
+            encoder: encoder_config.clone(),
+            max_rtp_packet: 1200,
+            seed: SEED,
+            early_frames: true,
+        },
+        metrics.clone(),
+        packet_tx,
+        Some(timing_tx),
+    )?;
+    pipeline.source_sender().send(source).map_err(|_| anyhow::anyhow!("the render thread is gone"))?;
+    let info = pipeline.info().clone();
+    let mut timings = Vec::new();
+    let started = Instant::now();
+    while (timings.len() as u64) < total {
+        timings.push(timing_rx.recv_timeout(Duration::from_secs(10)).context("the frame path stalled")?);
+    }
+    let elapsed = started.elapsed();
+    drop(pipeline);
+    let _ = drain.join();
+    let measured = timings.into_iter().filter(|t| t.index >= WARMUP).collect();
+    Ok(PathRun { measured, metrics, elapsed, total, info })
+}
+
 /// The captured-title measurement (see the module's documentation).
 fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> anyhow::Result<()> {
     use pylon_gpu::{Picture, PixelOrder};
+    use pylon_server::capture::LayerSource;
     use pylon_server::pipeline::SourceCommand;
-    use pylon_title::sandbox::{LaunchSpec, Sandbox, SandboxConfig};
+    use pylon_title::sandbox::{CAPTURE_ENV, LaunchSpec, Sandbox, SandboxConfig};
     use pylon_title::x11::X11Session;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
     let dir = std::env::temp_dir().join(format!("pylon-frame-path-{}", std::process::id()));
-    let spec = LaunchSpec {
+    let spec = |layer: bool| LaunchSpec {
         command: program.to_string(),
         args: args.title_args.clone(),
         workdir: None,
-        env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())].into(),
+        env: [("SDL_AUDIODRIVER".to_string(), "dummy".to_string())]
+            .into_iter()
+            .chain((!layer).then(|| (CAPTURE_ENV.to_string(), "xshm".to_string())))
+            .collect(),
         width: args.width,
         height: args.height,
         gamepads: 0,
     };
-    let sandbox = Sandbox::start(&SandboxConfig::new(dir.clone()), "frame-path", &spec)?;
-    let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);
-    let connect = || X11Session::connect(number, sandbox.cookie(), (args.width, args.height));
-    let result = (|| -> anyhow::Result<()> {
-        // Wait for the title's first frame.
-        let mut probe = connect()?;
+    let config = SandboxConfig::new(dir.clone());
+    match &config.vk_layer {
+        Some(l) => eprintln!("present layer: {}", l.display()),
+        None => eprintln!("no present layer found (build pylon-vklayer); only XShm is measured"),
+    }
+    // A session of the title, waited for until it shows a frame.
+    let start = |layer: bool| -> anyhow::Result<(Sandbox, X11Session)> {
+        let sandbox =
+            Sandbox::start(&config, if layer { "frame-path-layer" } else { "frame-path-xshm" }, &spec(layer))?;
+        let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);
+        let mut probe = X11Session::connect(number, sandbox.cookie(), (args.width, args.height))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !probe.damaged()? {
             anyhow::ensure!(Instant::now() < deadline, "{program} showed nothing within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        drop(probe);
         std::thread::sleep(Duration::from_secs(1));
+        Ok((sandbox, probe))
+    };
+    let total_frames = WARMUP + args.frames;
 
-        // 1. The real frame path showing the title.
-        let total_frames = WARMUP + args.frames;
-        eprintln!("frame path on {program}: {total_frames} frames at {}x{} {} fps…", args.width, args.height, args.fps);
-        let (packet_tx, mut packet_rx) = tokio::sync::mpsc::channel(1 << 16);
-        let drain = std::thread::spawn(move || while packet_rx.blocking_recv().is_some() {});
-        let (timing_tx, timing_rx) = std::sync::mpsc::channel::<FrameTiming>();
-        let metrics = ServerMetrics::new();
-        let pipeline = Pipeline::start_observed(
-            PipelineConfig {
-                width: args.width,
-                height: args.height,
-                fps: args.fps,
-                gpu: None,
-                slots: 3,
-                encoder: encoder_config.clone(),
-                max_rtp_packet: 1200,
-                seed: SEED,
-                early_frames: true,
-            },
-            metrics.clone(),
-            packet_tx,
-            Some(timing_tx),
-        )?;
+    // 1. The real frame path: the demo, the title through its present layer, the title
+    // through XShm — one after the other in this run.
+    eprintln!("frame path on the demo: {total_frames} frames at {}x{} {} fps…", args.width, args.height, args.fps);
+    let demo = run_path(args, encoder_config, SourceCommand::Demo)?;
+    let layer = if config.vk_layer.is_some() {
+        eprintln!("frame path on {program} through its present layer…");
+        let (mut sandbox, screen) = start(true)?;
+        let layer = sandbox.take_capture().map(|c| Box::new(LayerSource::new(c)));
         let shown = Arc::new(AtomicBool::new(false));
-        pipeline
-            .source_sender()
-            .send(SourceCommand::Title { screen: Box::new(connect()?), shown })
-            .map_err(|_| anyhow::anyhow!("the render thread is gone"))?;
-        let info = pipeline.info().clone();
-        let mut timings = Vec::new();
-        let started = Instant::now();
-        while (timings.len() as u64) < total_frames {
-            timings.push(timing_rx.recv_timeout(Duration::from_secs(10)).context("the frame path stalled")?);
-        }
-        let elapsed = started.elapsed();
-        drop(pipeline);
-        let _ = drain.join();
-        let measured: Vec<FrameTiming> = timings.into_iter().filter(|t| t.index >= WARMUP).collect();
-        let capture_in_path = metrics
-            .render()
-            .lines()
-            .find_map(|l| {
-                let sum = l.strip_prefix("pylon_server_stage_seconds_sum{stage=\"capture\"} ")?.parse::<f64>().ok()?;
-                Some(sum)
-            })
-            .unwrap_or(0.0);
-        let captures = metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix("pylon_server_stage_seconds_count{stage=\"capture\"} ")?.parse::<f64>().ok())
-            .unwrap_or(1.0);
+        let run = run_path(args, encoder_config, SourceCommand::Title { screen: Box::new(screen), layer, shown });
+        sandbox.stop();
+        Some(run?)
+    } else {
+        None
+    };
+    let layer_frames = layer.as_ref().map_or(0.0, |r| r.metric("pylon_server_capture_frames_total{path=\"layer\"} "));
+    eprintln!("frame path on {program} through XShm…");
+    let (sandbox, screen) = start(false)?;
+    let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap_or(0);
+    let connect = || X11Session::connect(number, sandbox.cookie(), (args.width, args.height));
+    let result = (|| -> anyhow::Result<()> {
+        let shown = Arc::new(AtomicBool::new(false));
+        let xshm =
+            run_path(args, encoder_config, SourceCommand::Title { screen: Box::new(screen), layer: None, shown })?;
 
         // 2. Alone, on the title's frames: grab, upload + convert, encode; and the demo's
         // render + convert, in the same run.
-        eprintln!("stages alone on {} frames…", measured.len());
+        eprintln!("stages alone on {} frames…", xshm.measured.len());
         let mut screen = connect()?;
         let mut renderer = FrameRenderer::new(&RendererConfig {
             width: args.width,
@@ -339,10 +398,10 @@ fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> any
         let mut encoder = VideoEncoder::open(encoder_config)?;
         let mut frame = encoder.new_input_frame();
         let mut scene = DemoScene::new(args.width, args.height, SEED);
-        let (mut grab, mut convert, mut encode, mut demo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut grab, mut convert, mut encode, mut demo_alone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let interval = Duration::from_secs_f64(1.0 / f64::from(args.fps));
         let paced_start = Instant::now();
-        for n in 0..measured.len() {
+        for n in 0..xshm.measured.len() {
             let due = paced_start + interval.mul_f64(n as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
@@ -371,45 +430,84 @@ fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> any
             grab.push(t1 - t0);
             convert.push(t2 - t1);
             encode.push(t4 - t3);
-            demo.push(t4.elapsed());
+            demo_alone.push(t4.elapsed());
         }
-        let stage = |f: fn(&FrameTiming) -> Duration| median(measured.iter().map(f).collect());
-        let whole = stage(|t| t.total);
-        let (grab, convert, encode, demo) = (median(grab), median(convert), median(encode), median(demo));
-        let captured = grab + convert;
-        let adds = ms(captured) - ms(demo);
-        let ratio = ms(whole) / ms(captured + encode);
+        let (grab, convert, encode, demo_alone) = (median(grab), median(convert), median(encode), median(demo_alone));
+
+        // 3. Report. What capture adds is judged in the frame path itself: the render
+        // stage runs from the tick (so it holds the render thread's capture step — grab and
+        // upload, or the imported frame's submission — and the GPU's work) to the fence,
+        // against the same stage of the demo (its scene's submission and rendering).
+        let gpu = |r: &PathRun| r.stage(|t| t.render);
+        let demo_gpu = gpu(&demo);
+        let adds = |r: &PathRun| ms(gpu(r)) - ms(demo_gpu);
+        let glue = |r: &PathRun| ms(r.stage(|t| t.total)) / ms(gpu(r) + encode);
         println!(
             "Pylon captured-title frame path, {program} at {}x{} @ {} fps, GPU: {}, encoder: {}",
-            args.width, args.height, args.fps, info.gpu_name, info.encoder
+            args.width, args.height, args.fps, xshm.info.gpu_name, xshm.info.encoder
         );
-        println!("{:<40} {:>9}", "stage (median per frame)", "ms");
-        println!("{:<40} {:>9.3}", "XShm grab (in the frame path, mean)", 1000.0 * capture_in_path / captures.max(1.0));
-        println!("{:<40} {:>9.3}", "upload + NV12 convert (GPU, in path)", ms(stage(|t| t.render)));
-        println!("{:<40} {:>9.3}", "encode (in path)", ms(stage(|t| t.encode)));
-        println!("{:<40} {:>9.3}", "whole frame path (tick → packets)", ms(whole));
-        println!("{:<40} {:>9.3}", "XShm grab alone", ms(grab));
-        println!("{:<40} {:>9.3}", "upload + NV12 convert alone", ms(convert));
-        println!("{:<40} {:>9.3}", "encode alone", ms(encode));
-        println!("{:<40} {:>9.3}", "demo render + NV12 convert alone", ms(demo));
+        println!("{:<48} {:>9} {:>9} {:>9}", "stage (median per frame, in the frame path)", "demo", "layer", "xshm");
+        let cell =
+            |r: Option<&PathRun>, f: &dyn Fn(&PathRun) -> f64| r.map_or("-".to_string(), |r| format!("{:.3}", f(r)));
+        let row = |name: &str, f: &dyn Fn(&PathRun) -> f64| {
+            println!(
+                "{:<48} {:>9} {:>9} {:>9}",
+                name,
+                cell(Some(&demo), f),
+                cell(layer.as_ref(), f),
+                cell(Some(&xshm), f)
+            );
+        };
+        row("capture step on the render thread (CPU, mean)", &|r| ms(r.capture_cpu()));
+        row("tick → NV12 ready (capture or render + convert)", &|r| ms(gpu(r)));
+        row("encode", &|r| ms(r.stage(|t| t.encode)));
+        row("whole frame path (tick → packets)", &|r| ms(r.stage(|t| t.total)));
+        row("sustained frames/s", &|r| r.fps());
+        println!("{:<48} {:>9.3}", "XShm grab alone", ms(grab));
+        println!("{:<48} {:>9.3}", "upload + NV12 convert alone", ms(convert));
+        println!("{:<48} {:>9.3}", "encode alone", ms(encode));
+        println!("{:<48} {:>9.3}", "demo render + NV12 convert alone", ms(demo_alone));
+        match &layer {
+            Some(l) if layer_frames > 0.0 => println!(
+                "capture adds {:.3} ms per frame over the demo's direct path with the layer ({layer_frames} frames \
+                 imported), {:.3} ms with XShm",
+                adds(l),
+                adds(&xshm)
+            ),
+            _ => println!(
+                "the title sent no frames through the present layer (not a Vulkan title?); capture adds {:.3} ms \
+                 per frame with XShm",
+                adds(&xshm)
+            ),
+        }
         println!(
-            "capture adds {adds:.3} ms per frame over the demo's direct path (grab + upload + convert − render + convert)"
+            "pacing: with XShm a drawn frame waits at most one tick ({:.1} ms) for its grab; with the layer it is \
+             converted when the title presents (the socket is read every millisecond)",
+            ms(interval)
         );
+        let layer_glue = layer.as_ref().map(glue);
         println!(
-            "pacing: a drawn frame waits at most one tick ({:.1} ms) for its grab; sustained {:.1} frames/s",
-            ms(interval),
-            total_frames as f64 / elapsed.as_secs_f64()
+            "glue ratio (whole ÷ (tick → NV12 + encode alone)): layer {}, xshm {:.3}",
+            layer_glue.map_or("-".into(), |g| format!("{g:.3}")),
+            glue(&xshm)
         );
-        println!("glue ratio (whole ÷ (grab + convert + encode alone)): {ratio:.3}");
         println!(
             "{}",
             serde_json::json!({
                 "title": program, "width": args.width, "height": args.height, "fps_target": args.fps,
-                "gpu": info.gpu_name, "encoder": info.encoder,
+                "gpu": xshm.info.gpu_name, "encoder": xshm.info.encoder,
+                "demo_gpu_ms": ms(demo_gpu), "demo_whole_ms": ms(demo.stage(|t| t.total)),
+                "layer_frames": layer_frames,
+                "layer_capture_cpu_ms": layer.as_ref().map(|r| ms(r.capture_cpu())),
+                "layer_gpu_ms": layer.as_ref().map(|r| ms(gpu(r))),
+                "layer_whole_ms": layer.as_ref().map(|r| ms(r.stage(|t| t.total))),
+                "layer_adds_ms": layer.as_ref().filter(|_| layer_frames > 0.0).map(adds),
+                "layer_glue_ratio": layer_glue,
+                "xshm_capture_cpu_ms": ms(xshm.capture_cpu()), "xshm_gpu_ms": ms(gpu(&xshm)),
+                "xshm_whole_ms": ms(xshm.stage(|t| t.total)), "xshm_adds_ms": adds(&xshm),
+                "xshm_glue_ratio": glue(&xshm),
                 "grab_ms": ms(grab), "upload_convert_ms": ms(convert), "encode_ms": ms(encode),
-                "demo_render_convert_ms": ms(demo), "capture_adds_ms": adds, "whole_ms": ms(whole),
-                "tick_ms": ms(interval), "glue_ratio": ratio,
-                "sustained_fps": total_frames as f64 / elapsed.as_secs_f64(),
+                "demo_render_convert_ms": ms(demo_alone), "tick_ms": ms(interval),
             })
         );
         Ok(())

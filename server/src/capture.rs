@@ -134,7 +134,10 @@ impl LayerSource {
                                 pylon_gpu::ImportError::Mismatch(_) => RefuseReason::BadDescriptor,
                                 _ => RefuseReason::ImportFailed,
                             };
-                            tracing::warn!(capture_path = "xshm", "capture path stays XShm: the title's frames cannot be imported: {e}");
+                            tracing::warn!(
+                                capture_path = "xshm",
+                                "capture path stays XShm: the title's frames cannot be imported: {e}"
+                            );
                             metrics.capture_refused.inc();
                             self.server.send(NodeMessage::Refuse { generation: ring.generation, reason: reason as u8 });
                         }
@@ -153,7 +156,10 @@ impl LayerSource {
                 }
                 CaptureEvent::Closed => {
                     if self.active() {
-                        tracing::info!(capture_path = "xshm", "the title closed its present layer's link; capture path: XShm");
+                        tracing::info!(
+                            capture_path = "xshm",
+                            "the title closed its present layer's link; capture path: XShm"
+                        );
                     }
                     self.forget(renderer);
                 }

@@ -386,7 +386,10 @@ impl Source {
                 } else {
                     "XShm, paced by XDamage; no present layer"
                 };
-                tracing::info!(capture_path = "xshm", "streaming a studio title's screen ({w}x{h}); capture path: {how}");
+                tracing::info!(
+                    capture_path = "xshm",
+                    "streaming a studio title's screen ({w}x{h}); capture path: {how}"
+                );
                 Source::Title { screen, layer, shown, last_grab: None }
             }
         };
@@ -600,33 +603,33 @@ fn render_thread(
                     *last_grab = Some(now);
                     imported = Some(image);
                 } else {
-                if !damaged && !refresh {
-                    // Nothing new on the screen: no frame (the encoder and the network rest).
-                    metrics.title_unchanged.inc();
-                    continue;
-                }
-                let grabbed = Instant::now();
-                let submitted = screen.grab().map_err(|e| e.to_string()).and_then(|g| {
-                    let picture = Picture {
-                        width: g.width,
-                        height: g.height,
-                        stride: g.stride,
-                        pixels: g.pixels,
-                        order: PixelOrder::Bgrx,
-                    };
-                    renderer.submit_upload(slot, picture).map_err(|e| e.to_string())
-                });
-                if let Err(e) = submitted {
-                    tracing::warn!("capturing the title's screen failed: {e}");
-                    source.switch(SourceCommand::Demo, &keyframe);
-                    continue;
-                }
-                metrics.observe("capture", grabbed.elapsed());
-                metrics.capture_frames.get_or_create(&CapturePath { path: "xshm" }).inc();
-                if damaged {
-                    shown.store(true, Ordering::Relaxed);
-                }
-                *last_grab = Some(now);
+                    if !damaged && !refresh {
+                        // Nothing new on the screen: no frame (the encoder and the network rest).
+                        metrics.title_unchanged.inc();
+                        continue;
+                    }
+                    let grabbed = Instant::now();
+                    let submitted = screen.grab().map_err(|e| e.to_string()).and_then(|g| {
+                        let picture = Picture {
+                            width: g.width,
+                            height: g.height,
+                            stride: g.stride,
+                            pixels: g.pixels,
+                            order: PixelOrder::Bgrx,
+                        };
+                        renderer.submit_upload(slot, picture).map_err(|e| e.to_string())
+                    });
+                    if let Err(e) = submitted {
+                        tracing::warn!("capturing the title's screen failed: {e}");
+                        source.switch(SourceCommand::Demo, &keyframe);
+                        continue;
+                    }
+                    metrics.observe("capture", grabbed.elapsed());
+                    metrics.capture_frames.get_or_create(&CapturePath { path: "xshm" }).inc();
+                    if damaged {
+                        shown.store(true, Ordering::Relaxed);
+                    }
+                    *last_grab = Some(now);
                 }
             }
         }

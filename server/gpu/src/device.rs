@@ -184,6 +184,9 @@ mod tests {
             vendor_id: 0,
             api_version: "1.3.0".into(),
             memory_mb: 0,
+            device_uuid: [0; 16],
+            driver_uuid: [0; 16],
+            external_memory_fd: false,
             queue_family: queue.then_some(0),
             handle: vk::PhysicalDevice::null(),
         }

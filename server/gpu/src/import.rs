@@ -133,8 +133,7 @@ impl FrameRenderer {
                 .sharing_mode(vk::SharingMode::EXCLUSIVE)
                 .initial_layout(vk::ImageLayout::UNDEFINED);
             // SAFETY: a valid description on this device.
-            let image =
-                unsafe { d.create_image(&info, None) }.map_err(GpuError::vk("creating an imported image"))?;
+            let image = unsafe { d.create_image(&info, None) }.map_err(GpuError::vk("creating an imported image"))?;
             out.images.push(ImportedImage { image, memory: vk::DeviceMemory::null(), view: vk::ImageView::null() });
             // SAFETY: the image was just created on this device.
             let needs = unsafe { d.get_image_memory_requirements(image) };
@@ -145,9 +144,8 @@ impl FrameRenderer {
                 )));
             }
             let raw = fd.into_raw_fd();
-            let mut import = vk::ImportMemoryFdInfoKHR::default()
-                .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD)
-                .fd(raw);
+            let mut import =
+                vk::ImportMemoryFdInfoKHR::default().handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD).fd(raw);
             let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().image(image);
             let alloc = vk::MemoryAllocateInfo::default()
                 .push_next(&mut import)
@@ -362,8 +360,9 @@ impl FrameRenderer {
                     base_array_layer: 0,
                     layer_count: 1,
                 };
-                let corner =
-                    |w: u32, h: u32| [vk::Offset3D { x: 0, y: 0, z: 0 }, vk::Offset3D { x: w as i32, y: h as i32, z: 1 }];
+                let corner = |w: u32, h: u32| {
+                    [vk::Offset3D { x: 0, y: 0, z: 0 }, vk::Offset3D { x: w as i32, y: h as i32, z: 1 }]
+                };
                 let blit = [vk::ImageBlit::default()
                     .src_subresource(layers)
                     .src_offsets(corner(ring.width, ring.height))

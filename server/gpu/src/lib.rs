@@ -259,11 +259,8 @@ impl FrameRenderer {
         let queue_info =
             [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
         // Importing frames from a title's present layer needs fd-backed memory.
-        let extensions: Vec<*const std::ffi::c_char> = if info.external_memory_fd {
-            vec![ash::khr::external_memory_fd::NAME.as_ptr()]
-        } else {
-            Vec::new()
-        };
+        let extensions: Vec<*const std::ffi::c_char> =
+            if info.external_memory_fd { vec![ash::khr::external_memory_fd::NAME.as_ptr()] } else { Vec::new() };
         let device_info =
             vk::DeviceCreateInfo::default().queue_create_infos(&queue_info).enabled_extension_names(&extensions);
         // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.

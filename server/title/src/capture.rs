@@ -188,7 +188,11 @@ pub fn short_path(path: &Path) -> std::io::Result<(Option<OwnedFd>, PathBuf)> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(std::io::Error::other("a socket path without a directory"));
     };
-    let fd = rustix::fs::open(dir, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
     let short = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).join(name);
     Ok((Some(fd), short))
 }
@@ -266,7 +270,8 @@ pub fn check_descriptor(fd: &OwnedFd, size: u64) -> Result<(), String> {
     if u64::try_from(stat.st_size).unwrap_or(0) < size {
         return Err(format!("a ring image's memory holds {} bytes, not the {size} announced", stat.st_size));
     }
-    let seals = rustix::fs::fcntl_get_seals(fd.as_fd()).map_err(|e| format!("a ring image's memory is not sealable ({e})"))?;
+    let seals =
+        rustix::fs::fcntl_get_seals(fd.as_fd()).map_err(|e| format!("a ring image's memory is not sealable ({e})"))?;
     if !seals.contains(SealFlags::SHRINK) {
         rustix::fs::fcntl_add_seals(fd.as_fd(), SealFlags::SHRINK)
             .map_err(|e| format!("a ring image's memory cannot be sealed against shrinking ({e})"))?;
@@ -313,7 +318,8 @@ mod tests {
 
     fn client(path: &Path) -> OwnedFd {
         use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-        let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
         let (_dir, short) = short_path(path).unwrap();
         rustix::net::connect(&fd, &SocketAddrUnix::new(short).unwrap()).unwrap();
         fd
@@ -381,7 +387,9 @@ mod tests {
         let malformed = events.iter().filter(|e| matches!(e, CaptureEvent::Malformed(_))).count();
         assert_eq!(malformed, 5, "{events:?}");
         assert!(matches!(events.first(), Some(CaptureEvent::Connected)));
-        assert!(matches!(&events[events.len() - 2], CaptureEvent::Ring { ring: r, fds } if *r == ring && fds.len() == 2));
+        assert!(
+            matches!(&events[events.len() - 2], CaptureEvent::Ring { ring: r, fds } if *r == ring && fds.len() == 2)
+        );
         assert!(matches!(events.last(), Some(CaptureEvent::Frame { generation: 1, image: 1, seq: 5, .. })));
         // The node's release reaches the layer.
         server.send(NodeMessage::Release { generation: 1, image: 1 });

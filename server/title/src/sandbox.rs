@@ -257,22 +257,18 @@ impl Sandbox {
         }
         // The Vulkan present layer: its manifest in the session, its socket in the runtime dir.
         let capture = match (&config.vk_layer, spec.env.get(CAPTURE_ENV).map(String::as_str)) {
-            (Some(library), None | Some("auto" | "layer")) => {
-                Some(Self::prepare_layer(library, &dir, &runtime, user)?)
-            }
+            (Some(library), None | Some("auto" | "layer")) => Some(Self::prepare_layer(library, &dir, &runtime, user)?),
             _ => None,
         };
         let (mut xvfb, display) = Self::start_xvfb(config, &xvfb, &dir, spec, &cookie, user)?;
         let layer = capture.as_ref().map(|c| (dir.join("vulkan"), c.path().to_path_buf()));
         let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user, shim.as_deref(), layer)
-            .and_then(
-            |title| match rustix::process::Pid::from_raw(title.id() as i32) {
+            .and_then(|title| match rustix::process::Pid::from_raw(title.id() as i32) {
                 Some(pgid) => Ok((title, pgid)),
                 None => {
                     Err(SandboxError::Io { what: "the title's process id".into(), source: std::io::Error::other("0") })
                 }
-            },
-        );
+            });
         let (title, pgid) = match title {
             Ok(t) => t,
             Err(e) => {
@@ -325,7 +321,8 @@ impl Sandbox {
         };
         let manifest = layers.join("pylon_capture.json");
         std::fs::write(&manifest, crate::capture::manifest(&library)).map_err(io("writing the layer's manifest"))?;
-        std::fs::set_permissions(&manifest, std::fs::Permissions::from_mode(0o644)).map_err(io("chmod the manifest"))?;
+        std::fs::set_permissions(&manifest, std::fs::Permissions::from_mode(0o644))
+            .map_err(io("chmod the manifest"))?;
         crate::capture::CaptureServer::bind(runtime, user).map_err(io("creating the capture socket"))
     }
 

@@ -214,7 +214,8 @@ fn link() -> Option<Arc<Link>> {
             {
                 use rustix::fs::{Mode, OFlags};
                 let d = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-                target = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&d))).join(name);
+                target = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&d)))
+                    .join(name);
                 dir = Some(d);
             }
             rustix::net::connect(&fd, &SocketAddrUnix::new(target.as_os_str())?)?;
@@ -304,11 +305,13 @@ fn notify(jobs: mpsc::Receiver<Job>, link: Weak<Link>) {
                         *h = announce;
                     }
                 }
-                let frame = LayerMessage::Frame { generation: capture.generation, image: slot as u8, seq, presented_ns };
-                if announce && !link.as_ref().is_some_and(|l| l.send(&frame, &[])) {
-                    if let Some(h) = lock(&capture.state).held.get_mut(slot) {
-                        *h = false;
-                    }
+                let frame =
+                    LayerMessage::Frame { generation: capture.generation, image: slot as u8, seq, presented_ns };
+                if announce
+                    && !link.as_ref().is_some_and(|l| l.send(&frame, &[]))
+                    && let Some(h) = lock(&capture.state).held.get_mut(slot)
+                {
+                    *h = false;
                 }
             }
         }
@@ -358,20 +361,31 @@ struct Failed(&'static str, vk::Result);
 
 impl Capture {
     /// Makes the ring for `swapchain` and sends it to the node.
-    fn new(dev: &Device, link: Arc<Link>, swapchain: vk::SwapchainKHR, info: &vk::SwapchainCreateInfoKHR<'_>) -> Result<Arc<Self>, Failed> {
+    fn new(
+        dev: &Device,
+        link: Arc<Link>,
+        swapchain: vk::SwapchainKHR,
+        info: &vk::SwapchainCreateInfoKHR<'_>,
+    ) -> Result<Arc<Self>, Failed> {
         static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let format = ring_format(info.image_format).ok_or(Failed("an uncapturable swapchain format", vk::Result::ERROR_FORMAT_NOT_SUPPORTED))?;
-        let memory_fd = dev.memory_fd.as_ref().ok_or(Failed("no external memory", vk::Result::ERROR_EXTENSION_NOT_PRESENT))?;
+        let format = ring_format(info.image_format)
+            .ok_or(Failed("an uncapturable swapchain format", vk::Result::ERROR_FORMAT_NOT_SUPPORTED))?;
+        let memory_fd =
+            dev.memory_fd.as_ref().ok_or(Failed("no external memory", vk::Result::ERROR_EXTENSION_NOT_PRESENT))?;
         let images = {
             let mut count = 0u32;
             // SAFETY: the swapchain was just created on this device; a null array asks for the count.
-            let r = unsafe { (dev.swapchain.get_swapchain_images_khr)(dev.handle, swapchain, &mut count, std::ptr::null_mut()) };
+            let r = unsafe {
+                (dev.swapchain.get_swapchain_images_khr)(dev.handle, swapchain, &mut count, std::ptr::null_mut())
+            };
             if r != vk::Result::SUCCESS {
                 return Err(Failed("listing the swapchain's images", r));
             }
             let mut images = vec![vk::Image::null(); count as usize];
             // SAFETY: `images` has room for `count` handles.
-            let r = unsafe { (dev.swapchain.get_swapchain_images_khr)(dev.handle, swapchain, &mut count, images.as_mut_ptr()) };
+            let r = unsafe {
+                (dev.swapchain.get_swapchain_images_khr)(dev.handle, swapchain, &mut count, images.as_mut_ptr())
+            };
             if r != vk::Result::SUCCESS && r != vk::Result::INCOMPLETE {
                 return Err(Failed("listing the swapchain's images", r));
             }
@@ -387,7 +401,14 @@ impl Capture {
             ring: Vec::new(),
             fences: Vec::new(),
             semaphores: Vec::new(),
-            state: Mutex::new(Slots { family: None, pool: vk::CommandPool::null(), commands: Vec::new(), held: [false; RING], copying: [false; RING], skipped: 0 }),
+            state: Mutex::new(Slots {
+                family: None,
+                pool: vk::CommandPool::null(),
+                commands: Vec::new(),
+                held: [false; RING],
+                copying: [false; RING],
+                skipped: 0,
+            }),
             refused: AtomicBool::new(false),
             link,
         };
@@ -396,7 +417,8 @@ impl Capture {
         let mut sizes = Vec::new();
         let mut memory_type = 0;
         for _ in 0..RING {
-            let mut external = vk::ExternalMemoryImageCreateInfo::default().handle_types(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+            let mut external =
+                vk::ExternalMemoryImageCreateInfo::default().handle_types(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
             let image_info = vk::ImageCreateInfo::default()
                 .push_next(&mut external)
                 .image_type(vk::ImageType::TYPE_2D)
@@ -416,22 +438,34 @@ impl Capture {
             let needs = unsafe { d.get_image_memory_requirements(image) };
             let types = &dev.memory.memory_types[..dev.memory.memory_type_count.min(32) as usize];
             let pick = |flags: vk::MemoryPropertyFlags| {
-                types.iter().enumerate().position(|(i, t)| needs.memory_type_bits & (1 << i) != 0 && t.property_flags.contains(flags))
+                types
+                    .iter()
+                    .enumerate()
+                    .position(|(i, t)| needs.memory_type_bits & (1 << i) != 0 && t.property_flags.contains(flags))
             };
-            let index = pick(vk::MemoryPropertyFlags::DEVICE_LOCAL).or_else(|| pick(vk::MemoryPropertyFlags::empty()))
+            let index = pick(vk::MemoryPropertyFlags::DEVICE_LOCAL)
+                .or_else(|| pick(vk::MemoryPropertyFlags::empty()))
                 .ok_or(Failed("no memory type for a ring image", vk::Result::ERROR_OUT_OF_DEVICE_MEMORY))?;
             memory_type = index as u32;
-            let mut export = vk::ExportMemoryAllocateInfo::default().handle_types(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+            let mut export =
+                vk::ExportMemoryAllocateInfo::default().handle_types(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
             let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().image(image);
-            let alloc = vk::MemoryAllocateInfo::default().push_next(&mut export).push_next(&mut dedicated).allocation_size(needs.size).memory_type_index(memory_type);
+            let alloc = vk::MemoryAllocateInfo::default()
+                .push_next(&mut export)
+                .push_next(&mut dedicated)
+                .allocation_size(needs.size)
+                .memory_type_index(memory_type);
             // SAFETY: a valid allocation on this device.
-            let memory = unsafe { d.allocate_memory(&alloc, None) }.map_err(|r| Failed("allocating a ring image", r))?;
+            let memory =
+                unsafe { d.allocate_memory(&alloc, None) }.map_err(|r| Failed("allocating a ring image", r))?;
             if let Some(last) = capture.ring.last_mut() {
                 last.1 = memory;
             }
             // SAFETY: image and memory belong to this device; the memory was sized for the image.
             unsafe { d.bind_image_memory(image, memory, 0) }.map_err(|r| Failed("binding a ring image", r))?;
-            let get = vk::MemoryGetFdInfoKHR::default().memory(memory).handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+            let get = vk::MemoryGetFdInfoKHR::default()
+                .memory(memory)
+                .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
             let mut fd = -1;
             // SAFETY: the memory was allocated exportable as OPAQUE_FD.
             let r = unsafe { (memory_fd.get_memory_fd_khr)(dev.handle, &get, &mut fd) };
@@ -443,11 +477,13 @@ impl Capture {
             sizes.push(needs.size);
             // SAFETY: default descriptions are valid; the fence starts signalled so that a
             // wait on a never-used slot returns at once.
-            let fence = unsafe { d.create_fence(&vk::FenceCreateInfo::default().flags(vk::FenceCreateFlags::SIGNALED), None) }
-                .map_err(|r| Failed("creating a fence", r))?;
+            let fence =
+                unsafe { d.create_fence(&vk::FenceCreateInfo::default().flags(vk::FenceCreateFlags::SIGNALED), None) }
+                    .map_err(|r| Failed("creating a fence", r))?;
             capture.fences.push(fence);
             // SAFETY: as above.
-            let semaphore = unsafe { d.create_semaphore(&vk::SemaphoreCreateInfo::default(), None) }.map_err(|r| Failed("creating a semaphore", r))?;
+            let semaphore = unsafe { d.create_semaphore(&vk::SemaphoreCreateInfo::default(), None) }
+                .map_err(|r| Failed("creating a semaphore", r))?;
             capture.semaphores.push(semaphore);
         }
         let ring = Ring {
@@ -485,7 +521,10 @@ impl Capture {
         let count = info.swapchain_count as usize;
         // SAFETY: the present's arrays hold `swapchain_count` entries (Vulkan valid usage).
         let (swapchains, indices) = unsafe {
-            (std::slice::from_raw_parts(info.p_swapchains, count), std::slice::from_raw_parts(info.p_image_indices, count))
+            (
+                std::slice::from_raw_parts(info.p_swapchains, count),
+                std::slice::from_raw_parts(info.p_image_indices, count),
+            )
         };
         let at = swapchains.iter().position(|s| *s == self.swapchain)?;
         let source = *self.images.get(*indices.get(at)? as usize)?;
@@ -506,10 +545,15 @@ impl Capture {
             st.pool = vk::CommandPool::null();
             st.commands.clear();
             st.family = None;
-            let pool_info = vk::CommandPoolCreateInfo::default().queue_family_index(family).flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+            let pool_info = vk::CommandPoolCreateInfo::default()
+                .queue_family_index(family)
+                .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
             // SAFETY: a valid description for a family of this device.
             st.pool = unsafe { d.create_command_pool(&pool_info, None) }.ok()?;
-            let alloc = vk::CommandBufferAllocateInfo::default().command_pool(st.pool).level(vk::CommandBufferLevel::PRIMARY).command_buffer_count(RING as u32);
+            let alloc = vk::CommandBufferAllocateInfo::default()
+                .command_pool(st.pool)
+                .level(vk::CommandBufferLevel::PRIMARY)
+                .command_buffer_count(RING as u32);
             // SAFETY: the pool was just created on this device.
             let commands = unsafe { d.allocate_command_buffers(&alloc) }.ok()?;
             for cb in &commands {
@@ -532,8 +576,19 @@ impl Capture {
         let fence = *self.fences.get(slot)?;
         let semaphore = *self.semaphores.get(slot)?;
         let target = self.ring.get(slot)?.0;
-        let color = vk::ImageSubresourceRange { aspect_mask: vk::ImageAspectFlags::COLOR, base_mip_level: 0, level_count: 1, base_array_layer: 0, layer_count: 1 };
-        let layers = vk::ImageSubresourceLayers { aspect_mask: vk::ImageAspectFlags::COLOR, mip_level: 0, base_array_layer: 0, layer_count: 1 };
+        let color = vk::ImageSubresourceRange {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            base_mip_level: 0,
+            level_count: 1,
+            base_array_layer: 0,
+            layer_count: 1,
+        };
+        let layers = vk::ImageSubresourceLayers {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            mip_level: 0,
+            base_array_layer: 0,
+            layer_count: 1,
+        };
         let barrier = |image, from, to, src, dst| {
             vk::ImageMemoryBarrier::default()
                 .image(image)
@@ -561,30 +616,84 @@ impl Capture {
                 d.wait_for_fences(&[fence], true, 1_000_000_000)?;
                 d.reset_fences(&[fence])?;
                 d.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty())?;
-                d.begin_command_buffer(cb, &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT))?;
+                d.begin_command_buffer(
+                    cb,
+                    &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+                )?;
                 let before = [
-                    barrier(source, vk::ImageLayout::PRESENT_SRC_KHR, vk::ImageLayout::TRANSFER_SRC_OPTIMAL, vk::AccessFlags::MEMORY_READ, vk::AccessFlags::TRANSFER_READ),
-                    barrier(target, vk::ImageLayout::UNDEFINED, vk::ImageLayout::TRANSFER_DST_OPTIMAL, vk::AccessFlags::empty(), vk::AccessFlags::TRANSFER_WRITE),
+                    barrier(
+                        source,
+                        vk::ImageLayout::PRESENT_SRC_KHR,
+                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                        vk::AccessFlags::MEMORY_READ,
+                        vk::AccessFlags::TRANSFER_READ,
+                    ),
+                    barrier(
+                        target,
+                        vk::ImageLayout::UNDEFINED,
+                        vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                        vk::AccessFlags::empty(),
+                        vk::AccessFlags::TRANSFER_WRITE,
+                    ),
                 ];
-                d.cmd_pipeline_barrier(cb, vk::PipelineStageFlags::ALL_COMMANDS, vk::PipelineStageFlags::TRANSFER, vk::DependencyFlags::empty(), &[], &[], &before);
+                d.cmd_pipeline_barrier(
+                    cb,
+                    vk::PipelineStageFlags::ALL_COMMANDS,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &[],
+                    &before,
+                );
                 let region = [vk::ImageCopy::default()
                     .src_subresource(layers)
                     .dst_subresource(layers)
                     .extent(vk::Extent3D { width: self.extent.width, height: self.extent.height, depth: 1 })];
-                d.cmd_copy_image(cb, source, vk::ImageLayout::TRANSFER_SRC_OPTIMAL, target, vk::ImageLayout::TRANSFER_DST_OPTIMAL, &region);
-                let mut release = barrier(target, vk::ImageLayout::TRANSFER_DST_OPTIMAL, vk::ImageLayout::GENERAL, vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::empty());
+                d.cmd_copy_image(
+                    cb,
+                    source,
+                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                    target,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    &region,
+                );
+                let mut release = barrier(
+                    target,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::ImageLayout::GENERAL,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::empty(),
+                );
                 // Hand the image to the node's device (another process).
                 release.src_queue_family_index = family;
                 release.dst_queue_family_index = vk::QUEUE_FAMILY_EXTERNAL;
                 let after = [
-                    barrier(source, vk::ImageLayout::TRANSFER_SRC_OPTIMAL, vk::ImageLayout::PRESENT_SRC_KHR, vk::AccessFlags::TRANSFER_READ, vk::AccessFlags::MEMORY_READ),
+                    barrier(
+                        source,
+                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                        vk::ImageLayout::PRESENT_SRC_KHR,
+                        vk::AccessFlags::TRANSFER_READ,
+                        vk::AccessFlags::MEMORY_READ,
+                    ),
                     release,
                 ];
-                d.cmd_pipeline_barrier(cb, vk::PipelineStageFlags::TRANSFER, vk::PipelineStageFlags::BOTTOM_OF_PIPE, vk::DependencyFlags::empty(), &[], &[], &after);
+                d.cmd_pipeline_barrier(
+                    cb,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &[],
+                    &after,
+                );
                 d.end_command_buffer(cb)?;
                 let cbs = [cb];
                 let signals = [semaphore];
-                let submit = [vk::SubmitInfo::default().wait_semaphores(waits).wait_dst_stage_mask(&stages).command_buffers(&cbs).signal_semaphores(&signals)];
+                let submit = [vk::SubmitInfo::default()
+                    .wait_semaphores(waits)
+                    .wait_dst_stage_mask(&stages)
+                    .command_buffers(&cbs)
+                    .signal_semaphores(&signals)];
                 d.queue_submit(queue, &submit, fence)
             })()
         };
@@ -596,7 +705,8 @@ impl Capture {
         st.copying[slot] = true;
         drop(st);
         let presented_ns = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let presented_ns = u64::try_from(presented_ns.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(presented_ns.tv_nsec).unwrap_or(0);
+        let presented_ns = u64::try_from(presented_ns.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(presented_ns.tv_nsec).unwrap_or(0);
         let seq = SEQ.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Job::Frame { capture: self.me()?, slot, seq, presented_ns };
         if lock(&self.link.jobs).send(job).is_err() {
@@ -647,9 +757,10 @@ unsafe extern "system" fn create_instance(
     // SAFETY: the loader passes a valid create info whose chain holds this layer's link.
     unsafe {
         let mut chain = (*info).p_next as *mut InstanceChain;
-        while !chain.is_null()
-            && !((*chain).s_type == vk::StructureType::LOADER_INSTANCE_CREATE_INFO && (*chain).function == LAYER_LINK_INFO)
-        {
+        let is_link = |c: *mut InstanceChain| {
+            (*c).s_type == vk::StructureType::LOADER_INSTANCE_CREATE_INFO && (*c).function == LAYER_LINK_INFO
+        };
+        while !chain.is_null() && !is_link(chain) {
             chain = (*chain).p_next as *mut InstanceChain;
         }
         if chain.is_null() || (*chain).layer_info.is_null() {
@@ -747,7 +858,8 @@ unsafe extern "system" fn create_device(
         let mut names: Vec<*const c_char> = if (*info).enabled_extension_count == 0 {
             Vec::new()
         } else {
-            std::slice::from_raw_parts((*info).pp_enabled_extension_names, (*info).enabled_extension_count as usize).to_vec()
+            std::slice::from_raw_parts((*info).pp_enabled_extension_names, (*info).enabled_extension_count as usize)
+                .to_vec()
         };
         let mut external = false;
         if std::env::var_os(SOCKET_ENV).is_some() {
@@ -773,7 +885,9 @@ unsafe extern "system" fn create_device(
             return result;
         }
         let device = *out;
-        let load = |name: &CStr| std::mem::transmute::<vk::PFN_vkVoidFunction, *const c_void>(next_gdpa(device, name.as_ptr()));
+        let load = |name: &CStr| {
+            std::mem::transmute::<vk::PFN_vkVoidFunction, *const c_void>(next_gdpa(device, name.as_ptr()))
+        };
         let fns = ash::Device::load_with(load, device);
         let swapchain = ash::khr::swapchain::DeviceFn::load(load);
         let memory_fd = external.then(|| ash::khr::external_memory_fd::DeviceFn::load(load));
@@ -833,7 +947,11 @@ unsafe extern "system" fn get_device_queue(device: vk::Device, family: u32, inde
     }
 }
 
-unsafe extern "system" fn get_device_queue2(device: vk::Device, info: *const vk::DeviceQueueInfo2<'_>, out: *mut vk::Queue) {
+unsafe extern "system" fn get_device_queue2(
+    device: vk::Device,
+    info: *const vk::DeviceQueueInfo2<'_>,
+    out: *mut vk::Queue,
+) {
     // SAFETY: the title passes a live device, a valid info and output pointer.
     unsafe {
         let Some(dev) = device_of(device.as_raw()) else { return };
@@ -918,24 +1036,31 @@ unsafe extern "system" fn queue_present(queue: vk::Queue, info: *const vk::Prese
     }
 }
 
+/// An entry point as the loader's untyped function pointer.
+macro_rules! entry {
+    ($f:expr, $t:ty) => {
+        std::mem::transmute::<$t, unsafe extern "system" fn()>($f as $t)
+    };
+}
+
 /// The layer's own version of `name`, if it intercepts it.
 fn intercept(name: &CStr, device_level_only: bool) -> vk::PFN_vkVoidFunction {
     // SAFETY: each entry point has the signature Vulkan defines for its name; the loader
     // casts the pointer back to that signature.
     unsafe {
         let f: unsafe extern "system" fn() = match name.to_bytes() {
-            b"vkGetDeviceProcAddr" => std::mem::transmute(vkGetDeviceProcAddr as vk::PFN_vkGetDeviceProcAddr),
-            b"vkDestroyDevice" => std::mem::transmute(destroy_device as vk::PFN_vkDestroyDevice),
-            b"vkGetDeviceQueue" => std::mem::transmute(get_device_queue as vk::PFN_vkGetDeviceQueue),
-            b"vkGetDeviceQueue2" => std::mem::transmute(get_device_queue2 as vk::PFN_vkGetDeviceQueue2),
-            b"vkCreateSwapchainKHR" => std::mem::transmute(create_swapchain as vk::PFN_vkCreateSwapchainKHR),
-            b"vkDestroySwapchainKHR" => std::mem::transmute(destroy_swapchain as vk::PFN_vkDestroySwapchainKHR),
-            b"vkQueuePresentKHR" => std::mem::transmute(queue_present as vk::PFN_vkQueuePresentKHR),
+            b"vkGetDeviceProcAddr" => entry!(vkGetDeviceProcAddr, vk::PFN_vkGetDeviceProcAddr),
+            b"vkDestroyDevice" => entry!(destroy_device, vk::PFN_vkDestroyDevice),
+            b"vkGetDeviceQueue" => entry!(get_device_queue, vk::PFN_vkGetDeviceQueue),
+            b"vkGetDeviceQueue2" => entry!(get_device_queue2, vk::PFN_vkGetDeviceQueue2),
+            b"vkCreateSwapchainKHR" => entry!(create_swapchain, vk::PFN_vkCreateSwapchainKHR),
+            b"vkDestroySwapchainKHR" => entry!(destroy_swapchain, vk::PFN_vkDestroySwapchainKHR),
+            b"vkQueuePresentKHR" => entry!(queue_present, vk::PFN_vkQueuePresentKHR),
             _ if device_level_only => return None,
-            b"vkGetInstanceProcAddr" => std::mem::transmute(vkGetInstanceProcAddr as vk::PFN_vkGetInstanceProcAddr),
-            b"vkCreateInstance" => std::mem::transmute(create_instance as vk::PFN_vkCreateInstance),
-            b"vkDestroyInstance" => std::mem::transmute(destroy_instance as vk::PFN_vkDestroyInstance),
-            b"vkCreateDevice" => std::mem::transmute(create_device as vk::PFN_vkCreateDevice),
+            b"vkGetInstanceProcAddr" => entry!(vkGetInstanceProcAddr, vk::PFN_vkGetInstanceProcAddr),
+            b"vkCreateInstance" => entry!(create_instance, vk::PFN_vkCreateInstance),
+            b"vkDestroyInstance" => entry!(destroy_instance, vk::PFN_vkDestroyInstance),
+            b"vkCreateDevice" => entry!(create_device, vk::PFN_vkCreateDevice),
             _ => return None,
         };
         Some(f)
@@ -947,7 +1072,10 @@ fn intercept(name: &CStr, device_level_only: bool) -> vk::PFN_vkVoidFunction {
 /// # Safety
 /// Called by the Vulkan loader with a valid name and a live instance (or null).
 #[unsafe(no_mangle)]
-pub unsafe extern "system" fn vkGetInstanceProcAddr(instance: vk::Instance, name: *const c_char) -> vk::PFN_vkVoidFunction {
+pub unsafe extern "system" fn vkGetInstanceProcAddr(
+    instance: vk::Instance,
+    name: *const c_char,
+) -> vk::PFN_vkVoidFunction {
     if name.is_null() {
         return None;
     }
@@ -986,7 +1114,9 @@ pub unsafe extern "system" fn vkGetDeviceProcAddr(device: vk::Device, name: *con
 /// # Safety
 /// Called by the Vulkan loader with a valid structure.
 #[unsafe(no_mangle)]
-pub unsafe extern "system" fn vkNegotiateLoaderLayerInterfaceVersion(version: *mut NegotiateLayerInterface) -> vk::Result {
+pub unsafe extern "system" fn vkNegotiateLoaderLayerInterfaceVersion(
+    version: *mut NegotiateLayerInterface,
+) -> vk::Result {
     if version.is_null() {
         return vk::Result::ERROR_INITIALIZATION_FAILED;
     }
@@ -1014,7 +1144,8 @@ mod tests {
         assert_eq!(ring_format(vk::Format::A2B10G10R10_UNORM_PACK32), None);
         assert_eq!(vk::Format::B8G8R8A8_UNORM.as_raw(), capture::FORMAT_BGRA8);
         assert_eq!(vk::Format::R8G8B8A8_UNORM.as_raw(), capture::FORMAT_RGBA8);
-        let usage = vk::ImageUsageFlags::TRANSFER_SRC | vk::ImageUsageFlags::TRANSFER_DST | vk::ImageUsageFlags::SAMPLED;
+        let usage =
+            vk::ImageUsageFlags::TRANSFER_SRC | vk::ImageUsageFlags::TRANSFER_DST | vk::ImageUsageFlags::SAMPLED;
         assert_eq!(usage.as_raw(), capture::IMAGE_USAGE);
     }
 
