@@ -29,6 +29,8 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
       libvulkan1 mesa-vulkan-drivers ca-certificates xvfb && rm -rf /var/lib/apt/lists/*
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,graphics,utility
 COPY --from=build /src/target/release/pylon-server /usr/local/bin/pylon-server
+# The Vulkan present layer that studio titles run with (the node finds it here).
+COPY --from=build /src/target/release/deps/libpylon_vklayer.so /usr/lib/pylon/libpylon_vklayer.so
 EXPOSE 9100/tcp
 ENTRYPOINT ["pylon-server", "--metrics-addr", "0.0.0.0:9100"]
 

@@ -371,7 +371,21 @@ impl Sandbox {
                     // Another server took this number first: try the next.
                     break;
                 }
-                if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                // Ours only if the lock names our server: another session starting at the
+                // same moment may have taken this number, and its socket answers too.
+                let locked_by = std::fs::read_to_string(format!("/tmp/.X{display}-lock"))
+                    .ok()
+                    .and_then(|pid| pid.trim().parse::<u32>().ok());
+                if locked_by.is_some_and(|pid| pid != child.id()) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last = format!("display :{display} was taken by another server");
+                    break;
+                }
+                if locked_by == Some(child.id())
+                    && socket.exists()
+                    && std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                {
                     return Ok((child, display));
                 }
                 if Instant::now() > deadline {

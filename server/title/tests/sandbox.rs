@@ -208,8 +208,10 @@ fn a_vulkan_title_is_captured_through_xshm_with_distinct_frames() {
     // SDL2's testvulkan clears its swapchain to a new colour every frame (Mesa lavapipe
     // here); the layer-less path must still see the frames it presents.
     let dir = tempfile::tempdir().unwrap();
-    let mut sandbox =
-        Sandbox::start(&config(dir.path()), "vulkan", &spec(&format!("{SDL_TESTS}/testvulkan"), &[])).unwrap();
+    let mut s = spec(&format!("{SDL_TESTS}/testvulkan"), &[]);
+    s.env.insert(pylon_title::sandbox::CAPTURE_ENV.into(), "xshm".into());
+    let mut sandbox = Sandbox::start(&config(dir.path()), "vulkan", &s).unwrap();
+    assert!(sandbox.take_capture().is_none(), "no capture socket with the layer off");
     let number: u32 = sandbox.display().trim_start_matches(':').parse().unwrap();
     let mut x = X11Session::connect(number, sandbox.cookie(), (640, 480)).unwrap();
     wait_for("the title's first frame", Duration::from_secs(20), || x.damaged().unwrap());
@@ -228,6 +230,47 @@ fn a_vulkan_title_is_captured_through_xshm_with_distinct_frames() {
     assert!(distinct.len() > 20, "more than 20 distinct frames in 2 s: {}", distinct.len());
     assert!(sandbox.exited().is_none(), "{}", sandbox.log_tail(500));
     drop(x);
+    stop_and_count_leftovers(sandbox);
+}
+
+#[test]
+fn a_vulkan_title_hands_its_frames_to_the_node_through_the_present_layer() {
+    use pylon_proto::capture::NodeMessage;
+    use pylon_title::capture::CaptureEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    assert!(config.vk_layer.is_some(), "libpylon_vklayer.so is built next to the tests");
+    let mut sandbox = Sandbox::start(&config, "layer", &spec(&format!("{SDL_TESTS}/testvulkan"), &[])).unwrap();
+    let mut capture = sandbox.take_capture().expect("a capture socket for the layer");
+    let (mut ring, mut frames, mut seqs) = (None, 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while frames < 60 {
+        assert!(Instant::now() < deadline, "{} ring, {frames} frames; {}", ring.is_some(), sandbox.log_tail(500));
+        let mut events = Vec::new();
+        capture.poll(&mut events);
+        for e in events {
+            match e {
+                CaptureEvent::Ring { ring: r, fds } => {
+                    assert_eq!((r.width, r.height, fds.len()), (640, 480, 3), "{r:?}");
+                    ring = Some(r);
+                }
+                CaptureEvent::Frame { generation, image, seq, .. } => {
+                    assert_eq!(Some(generation), ring.as_ref().map(|r| r.generation));
+                    frames += 1;
+                    seqs.push(seq);
+                    // Give the image straight back: the layer keeps copying.
+                    capture.send(NodeMessage::Release { generation, image });
+                }
+                CaptureEvent::Malformed(why) => panic!("the layer sent a bad message: {why}"),
+                CaptureEvent::Connected | CaptureEvent::Closed => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "frames in present order");
+    assert!(sandbox.exited().is_none(), "{}", sandbox.log_tail(500));
+    assert!(sandbox.log_tail(2000).contains("capturing a 640x480 swapchain"), "{}", sandbox.log_tail(2000));
+    drop(capture);
     stop_and_count_leftovers(sandbox);
 }
 
