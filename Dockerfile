@@ -9,6 +9,7 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
       build-essential pkg-config clang libclang-dev \
       libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
       libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
+      libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
 ENV PATH=/root/.cargo/bin:$PATH
@@ -26,7 +27,9 @@ ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--quic-addr", "0.0.0.
 FROM debian:bookworm-slim AS server
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
-      libvulkan1 mesa-vulkan-drivers ca-certificates xvfb && rm -rf /var/lib/apt/lists/*
+      libvulkan1 mesa-vulkan-drivers ca-certificates xvfb \
+      libgstreamer1.0-0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-pulseaudio \
+      pulseaudio libasound2-plugins && rm -rf /var/lib/apt/lists/*
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,graphics,utility
 COPY --from=build /src/target/release/pylon-server /usr/local/bin/pylon-server
 # The Vulkan present layer that studio titles run with (the node finds it here).

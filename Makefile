@@ -10,7 +10,9 @@ export CARGO_TERM_COLOR ?= never
 DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
 	libvulkan-dev mesa-vulkan-drivers libssl-dev ca-certificates curl \
-	xvfb chromium-bsu
+	xvfb chromium-bsu \
+	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-pulseaudio pulseaudio libasound2-plugins
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
 TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools evtest
 

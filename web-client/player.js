@@ -9,6 +9,8 @@ const video = document.getElementById('video');
 const statsEl = document.getElementById('stats');
 const statusEl = document.getElementById('status');
 const fullscreenBtn = document.getElementById('fullscreen');
+const unmuteBtn = document.getElementById('unmute');
+const volumeInput = document.getElementById('volume');
 
 // `/watch/<session>` or `?role=spectator` watches without sending input.
 const params = new URLSearchParams(location.search);
@@ -69,6 +71,9 @@ async function connect() {
   const transceiver = pc.addTransceiver('video', { direction: 'recvonly' });
   // Render frames as soon as they are decoded; the relay also sends playout-delay 0.
   if ('jitterBufferTarget' in transceiver.receiver) transceiver.receiver.jitterBufferTarget = 0;
+  // The game's sound (Opus). The page starts muted (browsers block sound before a click);
+  // the Sound button turns it on.
+  pc.addTransceiver('audio', { direction: 'recvonly' });
   // Keys, buttons, gamepads, touch (and frame info back): reliable and ordered.
   const inputChannel = pc.createDataChannel('input', { ordered: true });
   // Mouse motion: a lost move is superseded by the next, so never retransmitted.
@@ -77,8 +82,11 @@ async function connect() {
   motionChannel.binaryType = 'arraybuffer';
   pylon.channels = { input: inputChannel, motion: motionChannel };
 
+  // Picture and sound play from one element, so one clock drives both.
+  const remote = new MediaStream();
   pc.ontrack = (event) => {
-    video.srcObject = event.streams[0] ?? new MediaStream([event.track]);
+    remote.addTrack(event.track);
+    if (video.srcObject !== remote) video.srcObject = remote;
     video.play().catch(() => {});
   };
 
@@ -167,6 +175,27 @@ async function connect() {
     }
   };
 }
+
+// Sound: off until the player turns it on (autoplay rules), then at the chosen volume.
+const showSound = () => {
+  unmuteBtn.textContent = video.muted ? 'Sound off' : 'Sound on';
+  unmuteBtn.setAttribute('aria-pressed', String(!video.muted));
+};
+const toggleSound = () => {
+  video.muted = !video.muted;
+  video.play().catch(() => {});
+  showSound();
+};
+unmuteBtn.addEventListener('click', toggleSound);
+volumeInput.addEventListener('input', () => {
+  video.volume = Number(volumeInput.value);
+  if (video.muted && video.volume > 0) toggleSound();
+});
+video.volume = Number(volumeInput.value);
+window.addEventListener('keydown', (e) => {
+  if (e.ctrlKey && e.shiftKey && e.code === 'KeyM') toggleSound();
+});
+pylon.sound = { toggle: toggleSound };
 
 // Show the stream at its native resolution: one video pixel per device pixel.
 video.addEventListener('resize', () => {

@@ -34,6 +34,28 @@ export function summarize(report, previous) {
   return s;
 }
 
+/** The audio receiver's numbers from two successive inbound-rtp reports. */
+export function summarizeAudio(report, previous) {
+  const a = {
+    packetsReceived: report.packetsReceived ?? 0,
+    packetsLost: report.packetsLost ?? 0,
+    audioLevel: report.audioLevel ?? 0,
+    totalAudioEnergy: report.totalAudioEnergy ?? 0,
+    concealedSamples: report.concealedSamples ?? 0,
+    totalSamplesReceived: report.totalSamplesReceived ?? 0,
+    jitterBufferMs: 0,
+    bitrateKbps: 0,
+    playout: report.estimatedPlayoutTimestamp,
+  };
+  if (report.jitterBufferEmittedCount > 0) {
+    a.jitterBufferMs = (1000 * report.jitterBufferDelay) / report.jitterBufferEmittedCount;
+  }
+  if (previous && report.timestamp > previous.timestamp) {
+    a.bitrateKbps = (8 * (report.bytesReceived - previous.bytesReceived)) / (report.timestamp - previous.timestamp);
+  }
+  return a;
+}
+
 export function format(s, latency) {
   const lines = [
     `${s.width}×${s.height}  ${s.fps.toFixed(0)} fps`,
@@ -43,6 +65,10 @@ export function format(s, latency) {
     `lost ${s.packetsLost}  nack ${s.nackCount}  pli ${s.pliCount}  freezes ${s.freezeCount}`,
     `network rtt ${s.rttMs.toFixed(1)} ms`,
   ];
+  if (s.audio) {
+    const offset = s.avOffsetMs === undefined ? '' : `  A/V offset ${s.avOffsetMs.toFixed(0)} ms`;
+    lines.push(`audio ${s.audio.bitrateKbps.toFixed(0)} kb/s  jitter buffer ${s.audio.jitterBufferMs.toFixed(1)} ms${offset}`);
+  }
   if (latency && latency.count > 0) {
     lines.push(`click-to-photon p50 ${latency.p50.toFixed(1)} ms  p95 ${latency.p95.toFixed(1)} ms  (${latency.count})`);
   }
@@ -66,6 +92,7 @@ export function format(s, latency) {
  */
 export function watchStats(pc, element, onStats, latency = () => null) {
   let previous = null;
+  let previousAudio = null;
   const timer = setInterval(async () => {
     if (pc.connectionState === 'closed') {
       clearInterval(timer);
@@ -78,10 +105,25 @@ export function watchStats(pc, element, onStats, latency = () => null) {
         rttMs = 1000 * report.currentRoundTripTime;
       }
     }
+    let audio = null;
+    for (const report of stats.values()) {
+      if (report.type === 'inbound-rtp' && report.kind === 'audio') {
+        audio = summarizeAudio(report, previousAudio);
+        previousAudio = report;
+      }
+    }
     for (const report of stats.values()) {
       if (report.type === 'inbound-rtp' && report.kind === 'video') {
         const s = summarize(report, previous);
         s.rttMs = rttMs;
+        if (audio) {
+          s.audio = audio;
+          // Both streams' playout on the sender's clock (RTCP sender reports): how far
+          // the sound is ahead of the picture (negative: behind).
+          if (audio.playout && report.estimatedPlayoutTimestamp) {
+            s.avOffsetMs = audio.playout - report.estimatedPlayoutTimestamp;
+          }
+        }
         s.latency = latency();
         previous = report;
         element.textContent = format(s, s.latency);

@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             max_rtp_packet: 1200,
             seed: SEED,
             early_frames: true,
+            audio: false,
         },
         metrics.clone(),
         packet_tx,
@@ -296,6 +297,7 @@ fn run_path(
             max_rtp_packet: 1200,
             seed: SEED,
             early_frames: true,
+            audio: false,
         },
         metrics.clone(),
         packet_tx,
@@ -368,7 +370,11 @@ fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> any
         let (mut sandbox, screen) = start(true)?;
         let layer = sandbox.take_capture().map(|c| Box::new(LayerSource::new(c)));
         let shown = Arc::new(AtomicBool::new(false));
-        let run = run_path(args, encoder_config, SourceCommand::Title { screen: Box::new(screen), layer, shown });
+        let run = run_path(
+            args,
+            encoder_config,
+            SourceCommand::Title { screen: Box::new(screen), layer, shown, audio: None },
+        );
         sandbox.stop();
         Some(run?)
     } else {
@@ -381,8 +387,11 @@ fn title_mode(args: &Args, program: &str, encoder_config: &EncoderConfig) -> any
     let connect = || X11Session::connect(number, sandbox.cookie(), (args.width, args.height));
     let result = (|| -> anyhow::Result<()> {
         let shown = Arc::new(AtomicBool::new(false));
-        let xshm =
-            run_path(args, encoder_config, SourceCommand::Title { screen: Box::new(screen), layer: None, shown })?;
+        let xshm = run_path(
+            args,
+            encoder_config,
+            SourceCommand::Title { screen: Box::new(screen), layer: None, shown, audio: None },
+        )?;
 
         // 2. Alone, on the title's frames: grab, upload + convert, encode; and the demo's
         // render + convert, in the same run.

@@ -222,6 +222,10 @@ struct Viewer {
     limiter: InputRateLimiter,
     mid: Option<Mid>,
     pt: Option<Pt>,
+    /// The audio m-line and Opus payload type, when the viewer's offer has audio.
+    audio_mid: Option<Mid>,
+    audio_pt: Option<Pt>,
+    audio_rewrite: Rewrite,
     connected: bool,
     next_timeout: Instant,
     rewrite: Rewrite,
@@ -276,6 +280,10 @@ struct Source {
     counters: StreamCounters,
     /// Arrival of the first packet of the frame now arriving.
     frame_started: Option<Instant>,
+    /// The capture time of the frame now arriving (its first packet carries it).
+    frame_captured: Option<Instant>,
+    /// The audio stream's highest extended sequence number.
+    audio_last_seq: Option<u64>,
 }
 
 impl Source {
@@ -496,6 +504,8 @@ impl Core {
             last_seq: None,
             keyframes: KeyframePolicy::default(),
             frame_started: None,
+            frame_captured: None,
+            audio_last_seq: None,
         };
         if s.keyframes.request(now) {
             send_keyframe_request(node, &mut s, &mut self.to_node, &self.metrics);
@@ -514,6 +524,7 @@ impl Core {
             }
             v.source = Some(node);
             v.rewrite.rebase();
+            v.audio_rewrite.rebase();
             // A player already here starts its session on the new stream.
             if let Some((_, token)) = &v.session {
                 self.to_node.push((node, ToNode::Control(RelayMessage::SessionStart(token.clone()))));
@@ -568,7 +579,18 @@ impl Core {
 
     /// One RTP packet from a node: written to every viewer of its stream (sent on the
     /// next [`Core::flush`], so a burst of packets costs one drain per viewer).
-    pub fn rtp(&mut self, node: u64, packet: &[u8], arrival: Instant, capture_ntp: Option<u64>) {
+    ///
+    /// `captured` is the frame's capture time on the relay's clock, given to str0m as the
+    /// packets' wallclock (sender reports then map RTP time to the node's capture clock,
+    /// as for audio).
+    pub fn rtp(
+        &mut self,
+        node: u64,
+        packet: &[u8],
+        arrival: Instant,
+        capture_ntp: Option<u64>,
+        captured: Option<Instant>,
+    ) {
         let Some(s) = self.sources.get_mut(&node) else {
             self.metrics.dropped("no_viewer_stream");
             return;
@@ -586,6 +608,10 @@ impl Core {
             s.frame_started = None;
         }
         let ext_seq = s.extend(rtp.header.sequence);
+        if captured.is_some() {
+            s.frame_captured = captured;
+        }
+        let wallclock = s.frame_captured.filter(|c| *c <= arrival).unwrap_or(arrival);
         let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
         // One copy of the payload for every viewer (and every viewer's RTX cache).
         let payload: Arc<[u8]> = rtp.payload.into();
@@ -604,7 +630,7 @@ impl Core {
             let (seq, ts) = v.rewrite.map(ext_seq, rtp.header.timestamp, frame_ticks);
             let mut api = v.rtc.direct_api();
             let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
-            let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, arrival, payload.clone())
+            let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, wallclock, payload.clone())
                 .marker(rtp.header.marker)
                 .ext_vals(exts.clone())
                 .nackable(true);
@@ -616,6 +642,41 @@ impl Core {
             if rtp.header.marker {
                 v.frame_arrival = Some(arrival);
             }
+        }
+    }
+
+    /// One audio RTP packet (Opus) from a node: written to every viewer of its stream that
+    /// took audio, unchanged but for its sequence number and timestamp (each viewer's own
+    /// numbering, continuous across node reconnects), with the node's capture time as its
+    /// wallclock.
+    pub fn audio_rtp(&mut self, node: u64, packet: &[u8], arrival: Instant, captured: Option<Instant>) {
+        let Some(s) = self.sources.get_mut(&node) else {
+            self.metrics.dropped("no_viewer_stream");
+            return;
+        };
+        let Ok(rtp) = RtpPacket::parse(packet) else {
+            self.metrics.dropped("bad_rtp");
+            return;
+        };
+        let ext_seq = pylon_proto::rtp::extend_sequence(s.audio_last_seq, rtp.header.sequence);
+        if s.audio_last_seq.is_none_or(|l| ext_seq > l) {
+            s.audio_last_seq = Some(ext_seq);
+        }
+        let wallclock = captured.filter(|c| *c <= arrival).unwrap_or(arrival);
+        let payload: Arc<[u8]> = rtp.payload.into();
+        for v in self.viewers.iter_mut().filter(|v| v.connected && v.source == Some(node)) {
+            let (Some(mid), Some(pt)) = (v.audio_mid, v.audio_pt) else { continue };
+            // 480 ticks: one 10 ms Opus frame at 48 kHz.
+            let (seq, ts) = v.audio_rewrite.map(ext_seq, rtp.header.timestamp, 480);
+            let mut api = v.rtc.direct_api();
+            let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
+            let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, wallclock, payload.clone())
+                .marker(rtp.header.marker)
+                .nackable(true);
+            stream.write_rtp(write);
+            self.metrics.audio_out_packets.inc();
+            v.dirty = true;
+            v.first_arrival.get_or_insert(arrival);
         }
     }
 
@@ -738,6 +799,8 @@ fn rtc_config(player: bool) -> RtcConfig {
         .set_stats_interval(Some(Duration::from_secs(1)))
         .set_send_buffer_video(RTX_CACHE_PACKETS);
     config.codec_config().add_h264(H264_PT.into(), Some(H264_RTX_PT.into()), true, 0x42e01f);
+    // Sound: Opus 48 kHz stereo, 10 ms frames, in-band FEC (payload type 111).
+    config.codec_config().enable_opus(true, false);
     if !player {
         // Transport-wide sequence numbers only feed the bandwidth estimate, which only the
         // player drives; without them a spectator's session keeps no send history for
@@ -776,6 +839,9 @@ fn accept_offer(
         limiter: InputRateLimiter::new(now, INPUT_RATE, INPUT_BURST),
         mid: None,
         pt: None,
+        audio_mid: None,
+        audio_pt: None,
+        audio_rewrite: Rewrite::default(),
         connected: false,
         next_timeout: now,
         rewrite: Rewrite::default(),
@@ -876,6 +942,10 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                     tracing::info!(viewer = v.id, "viewer unreachable (ICE disconnected)");
                     v.rtc.disconnect();
+                }
+                Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
+                    v.audio_mid = Some(m.mid);
+                    v.audio_pt = v.rtc.codec_config().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt());
                 }
                 Event::MediaAdded(m) if m.kind == MediaKind::Video => {
                     v.mid = Some(m.mid);

@@ -49,8 +49,15 @@ pub enum NodeMedia {
         packet: Bytes,
         /// When it arrived.
         arrival: Instant,
-        /// The frame's capture time (NTP), on the first packet of each frame.
+        /// The capture time (NTP): on the first packet of each video frame, on every audio
+        /// packet.
         capture_ntp: Option<u64>,
+        /// That capture time on this relay's monotonic clock (the node's wall clock read
+        /// against this relay's): what str0m maps RTP times to in sender reports, so the
+        /// browser can line audio up with video.
+        captured: Option<Instant>,
+        /// An audio (Opus) packet, not video.
+        audio: bool,
     },
     /// The node says which input a frame first reflects.
     FrameInfo(FrameInfo),
@@ -348,8 +355,20 @@ async fn serve_node(
                         metrics.rtp_in_packets.inc();
                         metrics.rtp_in_bytes.inc_by(rtp_len as u64);
                         let packet = d.slice(media.rtp_offset..);
+                        let captured = media.capture_ntp.and_then(pylon_proto::framing::from_ntp).map(|t| {
+                            // How long ago it was captured, at most a second (clocks apart).
+                            let age = std::time::SystemTime::now().duration_since(t).unwrap_or_default();
+                            arrival.checked_sub(age.min(Duration::from_secs(1))).unwrap_or(arrival)
+                        });
                         let queued = media_tx.as_ref().is_some_and(|tx| {
-                            tx.try_send(NodeMedia::Rtp { packet, arrival, capture_ntp: media.capture_ntp }).is_ok()
+                            tx.try_send(NodeMedia::Rtp {
+                                packet,
+                                arrival,
+                                capture_ntp: media.capture_ntp,
+                                captured,
+                                audio: media.audio,
+                            })
+                            .is_ok()
                         });
                         if queued { shared.ready.schedule(node, &scheduled); } else { metrics.dropped("egress_queue_full"); }
                     }

@@ -62,6 +62,8 @@ pub struct RelayMetrics {
     pub rtp_in_bytes: Counter,
     /// RTP packets written to viewers.
     pub rtp_out_packets: Counter,
+    /// Audio RTP packets written to viewers.
+    pub audio_out_packets: Counter,
     /// Ingest packets dropped, by reason.
     pub ingest_dropped: Family<DropReason, Counter>,
     /// Malformed or unexpected control messages.
@@ -144,6 +146,7 @@ impl RelayMetrics {
             upstream_given_up: Counter::default(),
             rtp_in_bytes: Counter::default(),
             rtp_out_packets: Counter::default(),
+            audio_out_packets: Counter::default(),
             ingest_dropped: Family::default(),
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
@@ -187,6 +190,7 @@ impl RelayMetrics {
         r.register("upstream_given_up", "Upstream losses given up", m.upstream_given_up.clone());
         r.register("rtp_in_bytes", "RTP bytes received from nodes", m.rtp_in_bytes.clone());
         r.register("rtp_out_packets", "RTP packets written to viewers", m.rtp_out_packets.clone());
+        r.register("audio_out_packets", "Audio RTP packets written to viewers", m.audio_out_packets.clone());
         r.register("ingest_dropped", "Ingest packets dropped", m.ingest_dropped.clone());
         r.register("bad_control_messages", "Malformed control messages", m.bad_control_messages.clone());
         r.register("viewers", "Viewers connected", m.viewers.clone());

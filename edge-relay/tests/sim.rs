@@ -311,7 +311,7 @@ impl Sim {
         match packet {
             Packet::NodeDatagram(datagram) => match self.link.handle_datagram(now, &datagram) {
                 Ok(media) => {
-                    self.core.rtp(NODE_CONNECTION, &datagram[media.rtp_offset..], now, None);
+                    self.core.rtp(NODE_CONNECTION, &datagram[media.rtp_offset..], now, None, None);
                     let mut out = Outbox::default();
                     self.core.flush(now, &mut out);
                     self.route(out);

@@ -21,12 +21,15 @@
 //! | `Nack`             | 8    | relay → node   | RTP sequence numbers the relay did not receive, u16 each (≤ 256): resend them |
 //! | `Bitrate`          | 9    | relay → node   | target video bitrate, bit/s u32, from the player's congestion feedback |
 //! | `Welcome`          | 10   | relay → node   | the relay's id (UTF-8, ≤ 64 bytes): the node's hello was verified and admitted |
+//! | `AudioNack`        | 12   | relay → node   | like `Nack`, for the audio stream's sequence numbers                  |
 //! | `SessionOver`      | 11   | node → relay   | session id length u8, session id (UTF-8, ≤ 64 bytes), reason (rest, UTF-8, ≤ 256 bytes): the session ended at the node (the title exited, crashed or never drew) |
 //!
 //! Datagram kinds: 1 = video RTP (node → relay); 3 = video RTP preceded by the frame's
 //! capture time as a 64-bit NTP timestamp (first packet of each frame, for the
-//! abs-capture-time extension); 2 = supersedable player input such as mouse motion
-//! (relay → node), forwarded unchanged.
+//! abs-capture-time extension); 4 = audio RTP (Opus, one 10 ms frame a packet) preceded by
+//! its capture time as a 64-bit NTP timestamp on the same node clock as video frames (every
+//! packet: the relay maps both streams' RTP times to that clock for lip sync); 2 =
+//! supersedable player input such as mouse motion (relay → node), forwarded unchanged.
 
 use thiserror::Error;
 
@@ -49,6 +52,8 @@ pub enum DatagramKind {
     Input = 2,
     /// An RTP packet of the video stream preceded by an 8-byte NTP capture time.
     VideoRtpCaptured = 3,
+    /// An RTP packet of the audio stream preceded by an 8-byte NTP capture time.
+    AudioRtp = 4,
 }
 
 /// Seconds between the NTP epoch (1900) and the Unix epoch (1970).
@@ -78,13 +83,23 @@ pub fn encode_captured_datagram(capture: std::time::SystemTime, rtp: &[u8], out:
     out.extend_from_slice(rtp);
 }
 
-/// Parses a datagram into its kind, the capture time (kind 3 only) and the payload.
+/// Writes an audio datagram: its RTP packet captured at `capture`.
+pub fn encode_audio_datagram(capture: std::time::SystemTime, rtp: &[u8], out: &mut Vec<u8>) {
+    out.reserve(DATAGRAM_HEADER_LEN + 8 + rtp.len());
+    out.push(FRAMING_VERSION);
+    out.push(DatagramKind::AudioRtp as u8);
+    out.extend_from_slice(&to_ntp(capture).to_be_bytes());
+    out.extend_from_slice(rtp);
+}
+
+/// Parses a datagram into its kind, the capture time (kinds 3 and 4) and the payload.
 pub fn decode_media_datagram(buf: &[u8]) -> Result<(DatagramKind, Option<u64>, &[u8]), FramingError> {
     match buf {
-        [FRAMING_VERSION, 3, rest @ ..] => {
+        [FRAMING_VERSION, kind @ (3 | 4), rest @ ..] => {
             let (ntp, rtp) = rest.split_at_checked(8).ok_or(FramingError::Truncated)?;
             let ntp = u64::from_be_bytes(ntp.try_into().map_err(|_| FramingError::Truncated)?);
-            Ok((DatagramKind::VideoRtpCaptured, Some(ntp), rtp))
+            let kind = if *kind == 3 { DatagramKind::VideoRtpCaptured } else { DatagramKind::AudioRtp };
+            Ok((kind, Some(ntp), rtp))
         }
         _ => decode_datagram(buf).map(|(k, p)| (k, None, p)),
     }
@@ -222,6 +237,8 @@ pub enum RelayMessage {
     SessionEnd(String),
     /// Resend these RTP packets (lost between node and relay).
     Nack(Vec<u16>),
+    /// Resend these audio RTP packets (lost between node and relay).
+    AudioNack(Vec<u16>),
     /// Encode at this many bit/s (the player's bandwidth estimate).
     Bitrate(u32),
 }
@@ -406,6 +423,10 @@ impl WireMessage for RelayMessage {
                 let body: Vec<u8> = seqs.iter().take(MAX_NACK_SEQS).flat_map(|s| s.to_be_bytes()).collect();
                 frame(out, 8, &body);
             }
+            RelayMessage::AudioNack(seqs) => {
+                let body: Vec<u8> = seqs.iter().take(MAX_NACK_SEQS).flat_map(|s| s.to_be_bytes()).collect();
+                frame(out, 12, &body);
+            }
             RelayMessage::Bitrate(bps) => frame(out, 9, &bps.to_be_bytes()),
         }
     }
@@ -420,13 +441,12 @@ impl WireMessage for RelayMessage {
             4 => return Err(FramingError::Malformed("Input")),
             6 => RelayMessage::SessionStart(text(body, MAX_TOKEN, "SessionStart")?),
             7 => RelayMessage::SessionEnd(text(body, MAX_SESSION_ID, "SessionEnd")?),
-            8 => {
+            8 | 12 => {
                 if !body.len().is_multiple_of(2) || body.len() / 2 > MAX_NACK_SEQS {
                     return Err(FramingError::Malformed("Nack"));
                 }
-                RelayMessage::Nack(
-                    body.chunks_exact(2).map(|c| u16::from_be_bytes(c.try_into().unwrap_or([0; 2]))).collect(),
-                )
+                let seqs = body.chunks_exact(2).map(|c| u16::from_be_bytes(c.try_into().unwrap_or([0; 2]))).collect();
+                if kind == 8 { RelayMessage::Nack(seqs) } else { RelayMessage::AudioNack(seqs) }
             }
             9 => {
                 let Ok(bytes) = <[u8; 4]>::try_from(body) else {
@@ -526,6 +546,11 @@ mod tests {
         let err = back.duration_since(t).unwrap_or_else(|e| e.duration());
         assert!(err < std::time::Duration::from_nanos(2), "{err:?}");
         assert_eq!(decode_media_datagram(&[1, 3, 0, 0]), Err(FramingError::Truncated));
+        buf.clear();
+        encode_audio_datagram(t, b"opus", &mut buf);
+        let (kind, audio_ntp, rtp) = decode_media_datagram(&buf).unwrap();
+        assert_eq!((kind, audio_ntp, rtp), (DatagramKind::AudioRtp, ntp, &b"opus"[..]));
+        assert_eq!(decode_media_datagram(&[1, 4, 0, 0, 0, 0, 0, 0, 0]), Err(FramingError::Truncated));
         assert_eq!(decode_media_datagram(&[1, 1, 7]).unwrap(), (DatagramKind::VideoRtp, None, &[7u8][..]));
         for len in 0..64 {
             let junk: Vec<u8> = std::iter::once(1).chain(std::iter::once(3)).chain((0..len).map(|i| i as u8)).collect();

@@ -50,6 +50,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RESEND_WINDOW: Duration = Duration::from_secs(1);
 /// Most packets in the node's resend cache.
 pub const RESEND_PACKETS: usize = 4096;
+/// Audio packets kept for resends (one per 10 ms: two seconds' worth).
+pub const RESEND_AUDIO_PACKETS: usize = 200;
 /// Bytes queued for the control stream past which relay → node input is dropped (a node
 /// that does not read its stream must not grow the relay's memory). Session control is
 /// always queued.
@@ -251,6 +253,8 @@ pub struct NodeSide {
     datagrams: VecDeque<Vec<u8>>,
     events: VecDeque<NodeEvent>,
     sent: RetransmitCache,
+    /// Audio packets sent, each with its 8-byte NTP capture time in front.
+    sent_audio: RetransmitCache,
     /// `now` and the Unix time (seconds) at the same moment, so tokens' expiries are
     /// checked against the wall clock without reading it here.
     epoch: (Instant, u64),
@@ -276,6 +280,7 @@ impl NodeSide {
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
             sent: RetransmitCache::new(RESEND_WINDOW, RESEND_PACKETS),
+            sent_audio: RetransmitCache::new(RESEND_WINDOW, RESEND_AUDIO_PACKETS),
             epoch: (now, unix_now),
         }
     }
@@ -346,6 +351,24 @@ impl NodeSide {
                 if let Some(ended) = self.gate.end(Some(&session)) {
                     self.events.push_back(NodeEvent::SessionEnded(ended));
                 }
+            }
+            RelayMessage::AudioNack(seqs) => {
+                let (mut sent, mut missed) = (0, 0);
+                for seq in seqs {
+                    match self.sent_audio.get(seq) {
+                        // Cached with its capture time: the datagram is rebuilt as it was.
+                        Some(captured) => {
+                            let mut d = Vec::with_capacity(framing::DATAGRAM_HEADER_LEN + captured.len());
+                            d.push(framing::FRAMING_VERSION);
+                            d.push(DatagramKind::AudioRtp as u8);
+                            d.extend_from_slice(captured);
+                            self.datagrams.push_back(d);
+                            sent += 1;
+                        }
+                        None => missed += 1,
+                    }
+                }
+                self.events.push_back(NodeEvent::Resent { sent, missed });
             }
             RelayMessage::Nack(seqs) => {
                 let (mut sent, mut missed) = (0, 0);
@@ -444,6 +467,28 @@ impl NodeSide {
         Ok(())
     }
 
+    /// Frames one audio RTP packet captured at `capture` as a datagram into `out` and
+    /// remembers it for resends. Refused before the relay's welcome.
+    pub fn send_audio(
+        &mut self,
+        now: Instant,
+        rtp: &[u8],
+        capture: SystemTime,
+        out: &mut Vec<u8>,
+    ) -> Result<(), LinkError> {
+        if !self.is_established() {
+            return Err(LinkError::NotEstablished);
+        }
+        out.clear();
+        framing::encode_audio_datagram(capture, rtp, out);
+        if let (Some([s0, s1]), Some(captured)) =
+            (rtp.get(2..4).and_then(|s| <[u8; 2]>::try_from(s).ok()), out.get(framing::DATAGRAM_HEADER_LEN..))
+        {
+            self.sent_audio.insert(now, u16::from_be_bytes([s0, s1]), captured);
+        }
+        Ok(())
+    }
+
     /// Queues a frame's latency facts.
     pub fn send_frame_info(&mut self, info: FrameInfo) {
         if self.is_established() {
@@ -500,6 +545,7 @@ fn relay_message_name(m: &RelayMessage) -> &'static str {
         RelayMessage::SessionStart(_) => "SessionStart",
         RelayMessage::SessionEnd(_) => "SessionEnd",
         RelayMessage::Nack(_) => "Nack",
+        RelayMessage::AudioNack(_) => "AudioNack",
         RelayMessage::Bitrate(_) => "Bitrate",
     }
 }
@@ -543,6 +589,8 @@ pub struct Media {
     pub capture_ntp: Option<u64>,
     /// Whether it filled a gap the relay had asked for.
     pub repaired: bool,
+    /// An audio packet (Opus), not video.
+    pub audio: bool,
 }
 
 /// Why the relay dropped a datagram (a metric label).
@@ -598,6 +646,7 @@ pub struct RelaySide {
     datagrams: VecDeque<Vec<u8>>,
     events: VecDeque<RelayEvent>,
     repair: UpstreamRepair,
+    audio_repair: UpstreamRepair,
     dropped_control: u64,
 }
 
@@ -613,6 +662,7 @@ impl RelaySide {
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
             repair: UpstreamRepair::new(repair),
+            audio_repair: UpstreamRepair::new(repair),
             dropped_control: 0,
         }
     }
@@ -701,10 +751,23 @@ impl RelaySide {
             return Err(MediaDrop::NotEstablished);
         }
         let (kind, capture_ntp, rtp) = framing::decode_media_datagram(datagram).map_err(|_| MediaDrop::BadDatagram)?;
-        if !matches!(kind, DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured) {
-            return Err(MediaDrop::BadDatagram);
-        }
         let parsed = RtpPacket::parse(rtp).map_err(|_| MediaDrop::BadRtp)?;
+        match kind {
+            DatagramKind::VideoRtp | DatagramKind::VideoRtpCaptured => {}
+            DatagramKind::AudioRtp => {
+                let before = self.audio_repair.stats().repaired;
+                if !self.audio_repair.on_packet(parsed.header.sequence, now) {
+                    return Err(MediaDrop::Duplicate);
+                }
+                return Ok(Media {
+                    rtp_offset: datagram.len() - rtp.len(),
+                    capture_ntp,
+                    repaired: self.audio_repair.stats().repaired > before,
+                    audio: true,
+                });
+            }
+            DatagramKind::Input => return Err(MediaDrop::BadDatagram),
+        }
         let before = self.repair.stats().repaired;
         if !self.repair.on_packet(parsed.header.sequence, now) {
             return Err(MediaDrop::Duplicate);
@@ -713,6 +776,7 @@ impl RelaySide {
             rtp_offset: datagram.len() - rtp.len(),
             capture_ntp,
             repaired: self.repair.stats().repaired > before,
+            audio: false,
         })
     }
 
@@ -744,6 +808,7 @@ impl RelaySide {
     /// The node↔relay round-trip time, which spaces repair retries.
     pub fn set_rtt(&mut self, rtt: Duration) {
         self.repair.set_rtt(rtt);
+        self.audio_repair.set_rtt(rtt);
     }
 
     /// Upstream repair counters.
@@ -762,6 +827,10 @@ impl RelaySide {
                 if !seqs.is_empty() {
                     RelayMessage::Nack(seqs).encode(&mut self.transmit);
                 }
+                let seqs = self.audio_repair.poll_requests(now, framing::MAX_NACK_SEQS);
+                if !seqs.is_empty() {
+                    RelayMessage::AudioNack(seqs).encode(&mut self.transmit);
+                }
             }
             _ => {}
         }
@@ -772,7 +841,10 @@ impl RelaySide {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             RelayState::AwaitingHello { deadline } | RelayState::AwaitingAdmission { deadline } => Some(deadline),
-            RelayState::Established => self.repair.next_timeout(),
+            RelayState::Established => match (self.repair.next_timeout(), self.audio_repair.next_timeout()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             RelayState::Closed => None,
         }
     }
@@ -1057,6 +1129,37 @@ mod tests {
         relay.send(ToNode::Control(RelayMessage::Bitrate(u32::MAX))).unwrap();
         let _ = pump(&mut node, &mut relay, t0);
         assert_eq!(drain(&mut node), vec![NodeEvent::Bitrate(500_000), NodeEvent::Bitrate(6_000_000)]);
+    }
+
+    #[test]
+    fn audio_travels_with_its_capture_time_and_a_lost_audio_packet_is_resent() {
+        let (mut node, mut relay, t0) = established(PlayerGate::open());
+        let captured = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut out = Vec::new();
+        let mut lost = Vec::new();
+        for seq in [40u16, 41, 42] {
+            node.send_audio(t0, &rtp(seq), captured, &mut out).unwrap();
+            if seq == 41 {
+                lost = out.clone();
+                continue;
+            }
+            let media = relay.handle_datagram(t0, &out).unwrap();
+            assert!(media.audio);
+            assert_eq!(media.capture_ntp, Some(framing::to_ntp(captured)));
+            assert_eq!(&out[media.rtp_offset..], &rtp(seq)[..]);
+        }
+        // Video numbering is apart from audio's: video 40 is no duplicate.
+        node.send_rtp(t0, &rtp(40), None, &mut out).unwrap();
+        assert!(!relay.handle_datagram(t0, &out).unwrap().audio);
+        relay.handle_timeout(t0 + Duration::from_millis(5)).unwrap();
+        let nack = relay.poll_transmit().unwrap();
+        node.handle_control(t0, &nack).unwrap();
+        assert_eq!(drain(&mut node), vec![NodeEvent::Resent { sent: 1, missed: 0 }]);
+        let resent = node.poll_datagram().expect("the lost audio packet again");
+        assert_eq!(resent, lost, "resent as first sent, capture time included");
+        let media = relay.handle_datagram(t0, &resent).unwrap();
+        assert!(media.audio && media.repaired);
+        assert_eq!(relay.handle_datagram(t0, &resent), Err(MediaDrop::Duplicate));
     }
 
     #[test]

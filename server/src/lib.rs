@@ -11,6 +11,7 @@
 //!   (`pylon-title`) whose screen the frame path captures and whose input it injects.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
+pub mod audio;
 pub mod capture;
 pub mod encode;
 pub mod metrics;

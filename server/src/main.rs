@@ -134,6 +134,9 @@ struct Args {
     /// A studio title that shows no picture within this many seconds ends its session.
     #[arg(long, env = "PYLON_TITLE_START_SECONDS", default_value_t = 30)]
     title_start_seconds: u64,
+    /// Stream no sound: no audio pipeline, and titles get no PulseAudio server.
+    #[arg(long, env = "PYLON_NO_AUDIO")]
+    no_audio: bool,
 }
 
 fn parse_coords(s: &str) -> Result<(f64, f64), String> {
@@ -241,6 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_rtp_packet: args.max_rtp_packet as usize,
         seed: 0x5eed,
         early_frames: args.pacing == Pacing::Input,
+        audio: !args.no_audio,
     };
     let pipeline = tokio::task::spawn_blocking({
         let metrics = metrics.clone();
@@ -302,9 +306,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (command_tx, command_rx) = mpsc::unbounded_channel();
     let titles = tokio::spawn(pylon_server::titles::run(
         TitleRunnerConfig {
-            sandbox: SandboxConfig::new(
-                args.sessions_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("pylon-sessions")),
-            ),
+            sandbox: {
+                let mut sandbox = SandboxConfig::new(
+                    args.sessions_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("pylon-sessions")),
+                );
+                if args.no_audio {
+                    sandbox.pulseaudio = None;
+                }
+                sandbox
+            },
             first_frame_deadline: std::time::Duration::from_secs(args.title_start_seconds),
             video: (width, height),
             default_title: args.default_title.clone(),

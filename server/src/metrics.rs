@@ -100,6 +100,12 @@ pub struct ServerMetrics {
     pub capture_frames: Family<CapturePath, Counter>,
     /// Messages from a title's present layer refused (malformed, bad descriptors).
     pub capture_refused: Counter,
+    /// Audio RTP packets (Opus) handed to the network task.
+    pub audio_packets: Counter,
+    /// Their bytes.
+    pub audio_bytes: Counter,
+    /// Audio pipelines that failed to start or stopped (each is retried).
+    pub audio_errors: Counter,
     registry: Arc<Registry>,
 }
 
@@ -142,6 +148,9 @@ impl ServerMetrics {
             title_running: Gauge::default(),
             capture_frames: Family::default(),
             capture_refused: Counter::default(),
+            audio_packets: Counter::default(),
+            audio_bytes: Counter::default(),
+            audio_errors: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
@@ -175,6 +184,13 @@ impl ServerMetrics {
         r.register("title_failures", "Studio-title sessions the node ended, by reason", m.title_failures.clone());
         r.register("title_running", "Whether a studio title runs now", m.title_running.clone());
         r.register("capture_frames", "Studio-title frames converted, by capture path", m.capture_frames.clone());
+        r.register("audio_packets", "Audio RTP packets (Opus) sent to the relay", m.audio_packets.clone());
+        r.register("audio_bytes", "Audio RTP bytes sent to the relay", m.audio_bytes.clone());
+        r.register(
+            "audio_errors",
+            "Audio pipelines that failed to start or stopped (each is retried)",
+            m.audio_errors.clone(),
+        );
         r.register(
             "capture_refused",
             "Messages from a title's present layer refused (malformed, bad descriptors)",

@@ -74,6 +74,9 @@ pub struct PipelineConfig {
     /// Start a frame as soon as input arrives (at least half an interval after the
     /// previous one) instead of waiting for the next tick.
     pub early_frames: bool,
+    /// Stream sound too (the demo's synthesised sound, a title's PulseAudio server);
+    /// `--no-audio` turns it off. Without GStreamer the node streams video only.
+    pub audio: bool,
 }
 
 /// What the pipeline found when it started, for logs and the stream description.
@@ -115,6 +118,8 @@ pub enum Outgoing {
     Rtp(Bytes, Option<SystemTime>),
     /// After a frame's packets: the input it is the first to reflect.
     FrameInfo(FrameInfo),
+    /// One audio RTP packet (Opus) and its capture time on the node's wall clock.
+    AudioRtp(Bytes, SystemTime),
 }
 
 /// A player input message as it reached the node.
@@ -166,6 +171,9 @@ pub enum SourceCommand {
         layer: Option<Box<LayerSource>>,
         /// Set once the title has drawn a frame.
         shown: Arc<AtomicBool>,
+        /// The session's PulseAudio server (`unix:…`), whose null sink the title plays
+        /// into; `None`: the title is silent.
+        audio: Option<String>,
     },
 }
 
@@ -189,6 +197,8 @@ pub struct Pipeline {
     inputs: mpsc::Sender<ReceivedInput>,
     threads: Vec<JoinHandle<()>>,
     info: PipelineInfo,
+    /// The audio thread (stopped after the render thread, which commands it).
+    _audio: Option<crate::audio::Audio>,
 }
 
 struct EncodeJob {
@@ -237,9 +247,26 @@ impl Pipeline {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String, u64, u8), GpuError>>();
         let (input_tx, input_rx) = mpsc::channel::<ReceivedInput>();
         let (source_tx, source_rx) = mpsc::channel::<SourceCommand>();
+        let audio = if config.audio {
+            match crate::audio::Audio::start(packets.clone(), metrics.clone()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!("no sound: {e}");
+                    None
+                }
+            }
+        } else {
+            tracing::info!("sound is off (--no-audio)");
+            None
+        };
         let render = {
             let (stop, metrics, config) = (stop.clone(), metrics.clone(), config.clone());
-            let control = RenderControl { stop, keyframe: keyframe.clone(), sources: source_rx };
+            let control = RenderControl {
+                stop,
+                keyframe: keyframe.clone(),
+                sources: source_rx,
+                audio: audio.as_ref().map(crate::audio::Audio::link),
+            };
             std::thread::Builder::new()
                 .name("pylon-render".into())
                 .spawn(move || render_thread(config, metrics, control, pool_rx, job_tx, ready_tx, input_rx))
@@ -271,6 +298,7 @@ impl Pipeline {
             bitrate,
             inputs: input_tx,
             threads: vec![render, encode],
+            _audio: audio,
             info: PipelineInfo { gpu_name, gpu_reason, gpu_memory_mb, gpu_class, encoder: encoder_name, encoder_probe },
         })
     }
@@ -318,7 +346,7 @@ impl Drop for Pipeline {
 
 /// A random 32-bit value for SSRCs and initial sequence numbers (RFC 3550 §5.1 wants
 /// them unpredictable); the std hasher is randomly keyed per process.
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: Mutex<u64> = Mutex::new(0);
     let mut n = COUNTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -348,6 +376,7 @@ struct RenderControl {
     stop: Arc<AtomicBool>,
     keyframe: Arc<AtomicBool>,
     sources: mpsc::Receiver<SourceCommand>,
+    audio: Option<crate::audio::AudioLink>,
 }
 
 /// What the stream shows now.
@@ -363,8 +392,18 @@ enum Source {
 }
 
 impl Source {
-    /// Switches to what `command` says, releasing a title's held keys first.
-    fn switch(&mut self, command: SourceCommand, keyframe: &AtomicBool) {
+    /// Switches to what `command` says, releasing a title's held keys first; the sound
+    /// follows.
+    fn switch(&mut self, command: SourceCommand, keyframe: &AtomicBool, audio: Option<&crate::audio::AudioLink>) {
+        use crate::audio::AudioCommand;
+        if let Some(a) = audio {
+            a.command(match &command {
+                SourceCommand::Idle => AudioCommand::Idle,
+                SourceCommand::Demo => AudioCommand::Demo,
+                SourceCommand::Title { audio: Some(server), .. } => AudioCommand::Title { server: server.clone() },
+                SourceCommand::Title { audio: None, .. } => AudioCommand::Idle,
+            });
+        }
         if let Source::Title { screen, .. } = self {
             let _ = screen.release_all();
         }
@@ -379,7 +418,7 @@ impl Source {
                 tracing::info!("streaming the built-in demo");
                 Source::Demo
             }
-            SourceCommand::Title { screen, layer, shown } => {
+            SourceCommand::Title { screen, layer, shown, .. } => {
                 let (w, h) = screen.size();
                 let how = if layer.is_some() {
                     "XShm until its Vulkan present layer sends frames"
@@ -444,13 +483,16 @@ fn render_thread(
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut input = InputState::default();
     let mut source = Source::Demo;
-    let RenderControl { stop, keyframe, sources } = control;
+    let RenderControl { stop, keyframe, sources, audio } = control;
+    if let Some(a) = &audio {
+        a.command(crate::audio::AudioCommand::Demo);
+    }
     // When the node last left `Idle`: the first frame after it measures the wake-up.
     let mut woke: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = sources.try_recv() {
             let was_idle = matches!(source, Source::Idle);
-            source.switch(command, &keyframe);
+            source.switch(command, &keyframe, audio.as_ref());
             if was_idle && !matches!(source, Source::Idle) {
                 woke = Some(Instant::now());
                 next_due = Instant::now();
@@ -464,7 +506,7 @@ fn render_thread(
             }
             match sources.recv_timeout(IDLE_POLL) {
                 Ok(command) => {
-                    source.switch(command, &keyframe);
+                    source.switch(command, &keyframe, audio.as_ref());
                     if !matches!(source, Source::Idle) {
                         woke = Some(Instant::now());
                         next_due = Instant::now();
@@ -569,6 +611,15 @@ fn render_thread(
             Source::Idle => continue,
             Source::Demo => {
                 scene.advance(media_time.as_secs_f32());
+                if let Some(a) = &audio {
+                    let (shots, hits) = scene.take_sounds();
+                    for _ in 0..shots {
+                        a.play(crate::audio::DemoSound::Shot);
+                    }
+                    for _ in 0..hits {
+                        a.play(crate::audio::DemoSound::Hit);
+                    }
+                }
                 if let Err(e) = renderer.submit(slot, scene.vertices(), Work::RenderAndConvert) {
                     tracing::error!("GPU failure, stopping the render loop: {e}");
                     return;
@@ -580,7 +631,7 @@ fn render_thread(
                     Err(e) => {
                         // The session's X server is gone; the session runner ends it.
                         tracing::warn!("lost the title's screen: {e}");
-                        source.switch(SourceCommand::Demo, &keyframe);
+                        source.switch(SourceCommand::Demo, &keyframe, audio.as_ref());
                         continue;
                     }
                 };
@@ -621,7 +672,7 @@ fn render_thread(
                     });
                     if let Err(e) = submitted {
                         tracing::warn!("capturing the title's screen failed: {e}");
-                        source.switch(SourceCommand::Demo, &keyframe);
+                        source.switch(SourceCommand::Demo, &keyframe, audio.as_ref());
                         continue;
                     }
                     metrics.observe("capture", grabbed.elapsed());

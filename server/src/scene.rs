@@ -106,6 +106,8 @@ pub struct DemoScene {
     velocity: (f32, f32),
     controls: Controls,
     score: u32,
+    /// Shots fired and hits since [`Self::take_sounds`] (the demo's sound events).
+    sounds: (u32, u32),
     stars: Vec<Star>,
     asteroids: Vec<Asteroid>,
     bullets: Vec<Bullet>,
@@ -149,6 +151,7 @@ impl DemoScene {
             velocity: (0.0, 0.0),
             controls: Controls::default(),
             score: 0,
+            sounds: (0, 0),
             stars,
             asteroids,
             bullets: Vec::new(),
@@ -258,6 +261,7 @@ impl DemoScene {
             let speed = 700.0 * scale;
             self.bullets.push(Bullet { x: sx, y: sy, vx: a.cos() * speed, vy: a.sin() * speed, age: 0.0 });
             self.next_shot += 0.3;
+            self.sounds.0 += 1;
         }
         for b in &mut self.bullets {
             b.x += b.vx * dt;
@@ -277,6 +281,12 @@ impl DemoScene {
             }
         }
         self.score += 10 * hits;
+        self.sounds.1 += hits;
+    }
+
+    /// Shots fired and asteroids hit since the last call: what the demo's sound plays.
+    pub fn take_sounds(&mut self) -> (u32, u32) {
+        std::mem::take(&mut self.sounds)
     }
 
     /// Manual flight: turn, thrust, aim and drag, wrapping at the edges.

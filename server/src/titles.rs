@@ -242,7 +242,8 @@ async fn start(
             Ok(mut screen) => {
                 screen.attach_pads(sandbox.take_pads());
                 let layer = sandbox.take_capture().map(|c| Box::new(crate::capture::LayerSource::new(c)));
-                Ok((sandbox, screen, layer))
+                let audio = sandbox.audio_server();
+                Ok((sandbox, screen, layer, audio))
             }
             Err(e) => {
                 sandbox.stop();
@@ -252,10 +253,10 @@ async fn start(
     })
     .await
     .map_err(|e| (format!("the game could not start: {e}"), "start_failed"))?;
-    let (sandbox, screen, layer) = started?;
+    let (sandbox, screen, layer, audio) = started?;
     let shown = Arc::new(AtomicBool::new(false));
     tracing::info!(session, title = %title.id, display = %sandbox.display(), "title started");
-    let _ = source.send(SourceCommand::Title { screen: Box::new(screen), layer, shown: shown.clone() });
+    let _ = source.send(SourceCommand::Title { screen: Box::new(screen), layer, shown: shown.clone(), audio });
     metrics.title_sessions.inc();
     metrics.title_running.set(1);
     Ok(Active {

@@ -387,6 +387,16 @@ async fn serve_connection(
                 match packet {
                     None => return Ok(()),
                     Some(Outgoing::FrameInfo(info)) => node.send_frame_info(info),
+                    Some(Outgoing::AudioRtp(rtp, capture)) => match node.send_audio(Instant::now(), &rtp, capture, &mut datagram) {
+                        Ok(()) => {
+                            if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
+                                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+                            }
+                        }
+                        Err(_) => {
+                            metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_welcomed" }).inc();
+                        }
+                    },
                     Some(Outgoing::Rtp(rtp, capture)) => match node.send_rtp(Instant::now(), &rtp, capture, &mut datagram) {
                         Ok(()) => {
                             if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {

@@ -218,6 +218,7 @@ async fn start(
         max_rtp_packet: 1200,
         seed: 0x5eed,
         early_frames,
+        audio: true,
     };
     let m = metrics.clone();
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(pipeline_config, m, packet_tx))

@@ -97,6 +97,9 @@ pub struct SandboxConfig {
     /// The Vulkan present layer's library ([`crate::capture::find_layer`]); `None`: titles
     /// are captured with XShm only.
     pub vk_layer: Option<PathBuf>,
+    /// Debian's `pulseaudio`, for each session's own sound server; `None` (not installed,
+    /// or the node's `--no-audio`): titles play silently.
+    pub pulseaudio: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -110,6 +113,7 @@ impl SandboxConfig {
             xvfb_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(3),
             vk_layer: crate::capture::find_layer(),
+            pulseaudio: resolve_command("pulseaudio"),
         }
     }
 }
@@ -211,6 +215,8 @@ pub struct Sandbox {
     exit: Option<TitleExit>,
     pads: Vec<crate::pad::PadServer>,
     capture: Option<crate::capture::CaptureServer>,
+    /// The session's PulseAudio server and its socket directory.
+    pulse: Option<(Child, PathBuf)>,
     stopped: bool,
 }
 
@@ -262,16 +268,41 @@ impl Sandbox {
         };
         let (mut xvfb, display) = Self::start_xvfb(config, &xvfb, &dir, spec, &cookie, user)?;
         let layer = capture.as_ref().map(|c| (dir.join("vulkan"), c.path().to_path_buf()));
-        let title = Self::spawn_title(&program, &dir, &home, &runtime, display, spec, user, shim.as_deref(), layer)
-            .and_then(|title| match rustix::process::Pid::from_raw(title.id() as i32) {
-                Some(pgid) => Ok((title, pgid)),
-                None => {
-                    Err(SandboxError::Io { what: "the title's process id".into(), source: std::io::Error::other("0") })
+        // Sound: the session's own PulseAudio server, before the title looks for it.
+        let pulse = config.pulseaudio.as_deref().and_then(|pa| {
+            match Self::start_pulse(pa, &dir, &home, &runtime, display, user) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!("the session has no sound server, the title plays silently: {e}");
+                    None
                 }
-            });
+            }
+        });
+        let pulse_server = pulse.as_ref().map(|(_, d)| d.join("native"));
+        let title = Self::spawn_title(
+            &program,
+            &dir,
+            &home,
+            &runtime,
+            display,
+            spec,
+            user,
+            shim.as_deref(),
+            layer,
+            pulse_server.as_deref(),
+        )
+        .and_then(|title| match rustix::process::Pid::from_raw(title.id() as i32) {
+            Some(pgid) => Ok((title, pgid)),
+            None => Err(SandboxError::Io { what: "the title's process id".into(), source: std::io::Error::other("0") }),
+        });
         let (title, pgid) = match title {
             Ok(t) => t,
             Err(e) => {
+                if let Some((mut p, socket_dir)) = pulse {
+                    let _ = p.kill();
+                    let _ = p.wait();
+                    let _ = std::fs::remove_dir_all(socket_dir);
+                }
                 let _ = xvfb.kill();
                 let _ = xvfb.wait();
                 let _ = std::fs::remove_file(format!("/tmp/.X{display}-lock"));
@@ -291,6 +322,7 @@ impl Sandbox {
             exit: None,
             pads,
             capture,
+            pulse,
             stopped: false,
         };
         let number = display;
@@ -324,6 +356,90 @@ impl Sandbox {
         std::fs::set_permissions(&manifest, std::fs::Permissions::from_mode(0o644))
             .map_err(io("chmod the manifest"))?;
         crate::capture::CaptureServer::bind(runtime, user).map_err(io("creating the capture socket"))
+    }
+
+    /// Starts the session's PulseAudio server (as the title's user, its own process group)
+    /// with one null sink, `pylon`, the node reads the monitor of. Its socket lives in
+    /// `/tmp/.pylon-pulse-DISPLAY` (0700, the title's user's): socket paths must stay short.
+    fn start_pulse(
+        pulseaudio: &Path,
+        dir: &Path,
+        home: &Path,
+        runtime: &Path,
+        display: u32,
+        user: Option<(u32, u32)>,
+    ) -> Result<(Child, PathBuf), SandboxError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let socket_dir = PathBuf::from(format!("/tmp/.pylon-pulse-{display}"));
+        let _ = std::fs::remove_dir_all(&socket_dir);
+        std::fs::create_dir(&socket_dir).map_err(io("creating the sound server's directory"))?;
+        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).map_err(io("chmod pulse"))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&socket_dir, Some(uid), Some(gid)).map_err(io("chown pulse"))?;
+        }
+        let socket = socket_dir.join("native");
+        let script = dir.join("pulse.pa");
+        std::fs::write(
+            &script,
+            format!(
+                "load-module module-native-protocol-unix socket={} auth-anonymous=1\n\
+                 load-module module-null-sink sink_name=pylon rate=48000 channels=2 \
+                 sink_properties=device.description=Pylon\n\
+                 set-default-sink pylon\n",
+                socket.display()
+            ),
+        )
+        .map_err(io("writing the sound server's configuration"))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).map_err(io("chmod pulse.pa"))?;
+        let log = std::fs::File::create(dir.join("pulse.log")).map_err(io("creating pulse.log"))?;
+        let mut cmd = Command::new(pulseaudio);
+        cmd.args(["-n", "-F"])
+            .arg(&script)
+            .args([
+                "--daemonize=no",
+                "--exit-idle-time=-1",
+                "--use-pid-file=no",
+                "--disable-shm=yes",
+                "--log-target=stderr",
+                "--log-level=warning",
+            ])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env("HOME", home)
+            .env("XDG_RUNTIME_DIR", runtime)
+            .env("DISPLAY", format!(":{display}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn().map_err(io("starting pulseaudio"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Ok((child, socket_dir));
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = std::fs::remove_dir_all(&socket_dir);
+                let why = std::fs::read_to_string(dir.join("pulse.log")).unwrap_or_default();
+                return Err(SandboxError::Io {
+                    what: format!("pulseaudio {}: {}", describe(status), why.trim()),
+                    source: std::io::Error::other("the sound server stopped"),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&socket_dir);
+                return Err(SandboxError::Io {
+                    what: "pulseaudio did not open its socket".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn start_xvfb(
@@ -416,6 +532,7 @@ impl Sandbox {
         user: Option<(u32, u32)>,
         shim: Option<&Path>,
         layer: Option<(PathBuf, PathBuf)>,
+        pulse: Option<&Path>,
     ) -> Result<Child, SandboxError> {
         let log = std::fs::File::create(dir.join("title.log")).map_err(io("creating title.log"))?;
         let err = log.try_clone().map_err(io("creating title.log"))?;
@@ -440,6 +557,13 @@ impl Sandbox {
                 (0..spec.gamepads.min(crate::pad::MAX_PADS)).map(crate::pad::device_path).collect();
             cmd.env("LD_PRELOAD", shim).env("PYLON_PAD_DIR", runtime).env("SDL_JOYSTICK_DEVICE", devices.join(":"));
         }
+        if let Some(socket) = pulse {
+            // PulseAudio clients find the session's server; ALSA-only titles reach it
+            // through the pulse plugin (libasound2-plugins), ALSA's default with it.
+            let mut server = std::ffi::OsString::from("unix:");
+            server.push(socket);
+            cmd.env("PULSE_SERVER", server);
+        }
         if let Some((manifests, socket)) = layer {
             // An explicit layer, found through VK_LAYER_PATH (which replaces the default
             // explicit-layer directories, so those follow ours) and enabled by name.
@@ -456,6 +580,11 @@ impl Sandbox {
             cmd.uid(uid).gid(gid);
         }
         cmd.spawn().map_err(io(format!("starting {}", program.display())))
+    }
+
+    /// The session's PulseAudio server (`unix:/…/native`), when it has one.
+    pub fn audio_server(&self) -> Option<String> {
+        self.pulse.as_ref().map(|(_, dir)| format!("unix:{}", dir.join("native").display()))
     }
 
     /// The session's capture socket, when the title runs with the Vulkan present layer
@@ -547,6 +676,18 @@ impl Sandbox {
             }
         }
         let _ = self.title.wait();
+        if let Some((mut pulse, socket_dir)) = self.pulse.take() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pulse.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !matches!(pulse.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = pulse.kill();
+            let _ = pulse.wait();
+            let _ = std::fs::remove_dir_all(socket_dir);
+        }
         // Xvfb leads its own group; SIGTERM lets it remove its lock file and socket.
         if let Some(pid) = rustix::process::Pid::from_raw(self.xvfb.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);

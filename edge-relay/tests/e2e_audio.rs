@@ -1,0 +1,144 @@
+//! Sound end to end, judged by Chromium's own receiver statistics (`inbound-rtp` of kind
+//! audio): the demo's synthesised sound when the ship fires, a studio title's tone through
+//! its session's PulseAudio server, and a silent title that stays silent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use common::{Browser, Title, start_platform, start_pool_with_titles};
+use std::time::Duration;
+
+const SDL_TESTS: &str = "/usr/libexec/installed-tests/SDL2";
+
+/// Chromium's audio receiver statistics, or null before the first report.
+const AUDIO: &str = r#"
+const stats = await pylon.pc.getStats();
+for (const r of stats.values()) {
+  if (r.type === 'inbound-rtp' && r.kind === 'audio') {
+    return { packets: r.packetsReceived ?? 0, energy: r.totalAudioEnergy ?? 0, level: r.audioLevel ?? 0,
+             concealed: r.concealedSamples ?? 0, samples: r.totalSamplesReceived ?? 0,
+             jitterBufferMs: r.jitterBufferEmittedCount > 0 ? 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount : 0,
+             codec: r.codecId ? (stats.get(r.codecId) || {}).mimeType : null,
+             jitter: r.jitter, discarded: r.packetsDiscarded, lost: r.packetsLost, fec: r.fecPacketsReceived,
+             slowed: r.insertedSamplesForDeceleration, sped: r.removedSamplesForAcceleration,
+             duration: r.totalSamplesDuration, silentConcealed: r.silentConcealedSamples };
+  }
+}
+return null;
+"#;
+
+async fn audio(b: &Browser) -> serde_json::Value {
+    b.wait_for(&format!("return (async () => {{ {AUDIO} }})()"), Duration::from_secs(20)).await
+}
+
+fn key(kind: &str, code: &str) -> String {
+    format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}', bubbles: true }})); return true;")
+}
+
+/// Audio energy Chromium received over `secs` seconds, and the loudest level seen.
+async fn energy_over(b: &Browser, secs: f64) -> (f64, f64) {
+    let before = audio(b).await;
+    let mut loudest: f64 = 0.0;
+    let steps = (secs / 0.2) as usize;
+    for _ in 0..steps {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        loudest = loudest.max(audio(b).await["level"].as_f64().unwrap_or(0.0));
+    }
+    let after = audio(b).await;
+    (after["energy"].as_f64().unwrap() - before["energy"].as_f64().unwrap(), loudest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demos_sound_reaches_chromium_when_the_ship_fires() {
+    let platform = start_platform(640, 480, 30).await;
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return pylon.stats && pylon.stats.framesDecoded > 5", Duration::from_secs(30)).await;
+    // Sound on, as a player would (Chromium measures the level of what it plays).
+    b.eval("pylon.sound.toggle(); return true;").await;
+    let first = audio(&b).await;
+    eprintln!("audio receiver: {first}");
+    assert_eq!(first["codec"], "audio/opus", "{first}");
+    b.wait_for(
+        &format!("return (async () => {{ const a = await (async () => {{ {AUDIO} }})(); return a && a.packets > 100 ? a : null; }})()"),
+        Duration::from_secs(20),
+    )
+    .await;
+    // Take the controls (an arrow tap ends the autopilot, which fires all the time): the
+    // ship stops firing and the sound dies down.
+    b.eval(&key("keydown", "ArrowUp")).await;
+    b.eval(&key("keyup", "ArrowUp")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (quiet, quiet_level) = energy_over(&b, 1.6).await;
+    // Fire for two seconds.
+    b.eval(&key("keydown", "Space")).await;
+    let (firing, firing_level) = energy_over(&b, 2.0).await;
+    b.eval(&key("keyup", "Space")).await;
+    let stats = audio(&b).await;
+    eprintln!(
+        "audio energy over 1.6 s without firing: {quiet:.5} (level ≤ {quiet_level:.4}); over 2 s of firing: {firing:.5} \
+         (level up to {firing_level:.4}); receiver: {stats}"
+    );
+    assert!(firing_level > 0.01, "the shots are heard: audioLevel {firing_level}");
+    assert!(firing > 0.0005 && firing > 20.0 * quiet.max(0.0), "firing is louder than not firing: {firing} vs {quiet}");
+    let node_packets = platform.server_metrics_value("pylon_server_audio_packets");
+    assert!(node_packets > 200.0, "the node sent Opus packets: {node_packets}");
+    b.close().await;
+    platform.stop().await;
+}
+
+fn exec_title(id: &str, script: &str) -> Title {
+    Title {
+        id: id.into(),
+        name: id.into(),
+        launch: "exec".into(),
+        command: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: [("SDL_VIDEODRIVER".to_string(), "x11".to_string())].into(),
+        width: 640,
+        height: 480,
+        fps: 30,
+        ..Title::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_titles_tone_reaches_chromium_and_a_silent_title_stays_silent() {
+    // SDL2's loopwave plays a sound sample in a loop through PulseAudio; testvulkan draws
+    // the picture a title must show. The silent title draws and plays nothing.
+    let tone =
+        exec_title("tone", &format!("SDL_AUDIODRIVER=pulseaudio {SDL_TESTS}/loopwave & exec {SDL_TESTS}/testvulkan"));
+    let silent = exec_title("silent", &format!("exec {SDL_TESTS}/testvulkan"));
+    let platform = start_pool_with_titles(640, 480, 30, vec![tone, silent]).await;
+    let indexer = platform.indexer.unwrap();
+    for (title, audible) in [("tone", true), ("silent", false)] {
+        let b = Browser::start().await;
+        common::click_play(&b, indexer, title).await;
+        b.wait_for(
+            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded > 5",
+            Duration::from_secs(60),
+        )
+        .await;
+        // Sound on, as a player would (Chromium measures the level of what it plays).
+        b.eval("pylon.sound.toggle(); return true;").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (energy, level) = energy_over(&b, 3.0).await;
+        let stats = audio(&b).await;
+        eprintln!("{title}: audio energy over 3 s {energy:.5}, loudest level {level:.4}; receiver: {stats}");
+        assert!(stats["packets"].as_f64().unwrap() > 200.0, "{title}: audio packets arrive: {stats}");
+        if audible {
+            assert!(level > 0.01 && energy > 0.001, "{title}: the tone is heard");
+        } else {
+            assert!(level < 0.001 && energy < 0.0001, "{title}: silence stays silent");
+        }
+        b.close().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while platform.server_metrics_value("pylon_server_title_running") != 0.0 {
+            assert!(std::time::Instant::now() < deadline, "the title was stopped when the player left");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    platform.stop().await;
+}

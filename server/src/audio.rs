@@ -1,0 +1,484 @@
+//! Sound: each session's audio as Opus over RTP, on the node's clock.
+//!
+//! One audio thread per node runs a GStreamer pipeline for what the stream shows:
+//! * the demo: its sound events (shots, hits) synthesised here and pushed through
+//!   `appsrc`;
+//! * a studio title: the monitor of the null sink of the session's own PulseAudio server
+//!   (`pulsesrc`, 10 ms latency time, 20 ms buffer);
+//! * nothing while the node rests.
+//!
+//! Both go through `opusenc` (48 kHz stereo, 10 ms frames, restricted low delay, in-band
+//! FEC) into an `appsink`; each Opus packet becomes one RTP packet (payload type
+//! [`OPUS_PT`], 48 kHz timestamps) with its capture time on the node's wall clock — the
+//! same clock video frames carry — and goes to the uplink as
+//! [`Outgoing::AudioRtp`](crate::pipeline::Outgoing::AudioRtp). A capture pipeline that
+//! fails (PulseAudio died) is rebuilt after [`RESTART_AFTER`]; video never waits for sound.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use pylon_proto::rtp::RtpHeader;
+
+use crate::metrics::ServerMetrics;
+use crate::pipeline::Outgoing;
+
+/// RTP payload type of Opus (the browser's usual one, which the relay offers).
+pub const OPUS_PT: u8 = 111;
+/// RTP clock rate of Opus (RFC 7587: always 48 kHz).
+pub const AUDIO_CLOCK_RATE: u32 = 48_000;
+/// Samples per channel in one 10 ms frame.
+const FRAME_SAMPLES: usize = 480;
+/// A failed capture pipeline is rebuilt this long after.
+pub const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// Why audio could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AudioError {
+    /// GStreamer (or one of its plugins) is missing or failed.
+    #[error("GStreamer: {0} (install gstreamer1.0-plugins-base and gstreamer1.0-pulseaudio)")]
+    Gstreamer(String),
+}
+
+/// What the audio thread plays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudioCommand {
+    /// Nothing (the node rests).
+    Idle,
+    /// The demo's synthesised sound.
+    Demo,
+    /// A title's PulseAudio server (`unix:/…/native`): its null sink's monitor.
+    Title {
+        /// The server's address.
+        server: String,
+    },
+}
+
+/// A sound event of the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoSound {
+    /// The ship fired.
+    Shot,
+    /// A bullet hit an asteroid.
+    Hit,
+}
+
+/// The render thread's handle on the audio thread.
+#[derive(Debug, Clone)]
+pub struct AudioLink {
+    commands: mpsc::Sender<AudioCommand>,
+    sounds: mpsc::Sender<DemoSound>,
+}
+
+impl AudioLink {
+    /// Where the sound comes from now.
+    pub fn command(&self, command: AudioCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    /// A sound of the demo.
+    pub fn play(&self, sound: DemoSound) {
+        let _ = self.sounds.send(sound);
+    }
+}
+
+/// The running audio thread. Dropping it stops the thread.
+#[derive(Debug)]
+pub struct Audio {
+    commands: mpsc::Sender<AudioCommand>,
+    sounds: mpsc::Sender<DemoSound>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Audio {
+    /// Initialises GStreamer and starts the audio thread (resting until told what to play).
+    pub fn start(packets: tokio::sync::mpsc::Sender<Outgoing>, metrics: ServerMetrics) -> Result<Self, AudioError> {
+        gst::init().map_err(|e| AudioError::Gstreamer(e.to_string()))?;
+        for element in ["opusenc", "appsrc", "appsink", "audioconvert"] {
+            if gst::ElementFactory::find(element).is_none() {
+                return Err(AudioError::Gstreamer(format!("the {element} element is missing")));
+            }
+        }
+        let (commands, command_rx) = mpsc::channel();
+        let (sounds, sound_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("pylon-audio".into())
+                .spawn(move || audio_thread(command_rx, sound_rx, packets, metrics, stop))
+                .map_err(|e| AudioError::Gstreamer(e.to_string()))?
+        };
+        Ok(Self { commands, sounds, stop, thread: Some(thread) })
+    }
+
+    /// Where the sound comes from now.
+    pub fn command(&self, command: AudioCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    /// What the render thread holds: where to send commands and the demo's sound events.
+    pub fn link(&self) -> AudioLink {
+        AudioLink { commands: self.commands.clone(), sounds: self.sounds.clone() }
+    }
+}
+
+impl Drop for Audio {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(AudioCommand::Idle);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The demo's sound: a few decaying voices mixed into 10 ms stereo frames.
+#[derive(Debug, Default)]
+pub struct Synth {
+    voices: Vec<Voice>,
+    noise: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Voice {
+    sound: DemoSound,
+    /// Samples played so far.
+    at: usize,
+    phase: f32,
+}
+
+impl Synth {
+    /// Starts a sound.
+    pub fn play(&mut self, sound: DemoSound) {
+        // A burst of shots never piles up more than a few voices.
+        if self.voices.len() >= 8 {
+            self.voices.remove(0);
+        }
+        self.voices.push(Voice { sound, at: 0, phase: 0.0 });
+    }
+
+    /// Whether anything sounds.
+    pub fn silent(&self) -> bool {
+        self.voices.is_empty()
+    }
+
+    /// The next 10 ms: interleaved stereo S16LE.
+    pub fn render(&mut self) -> Vec<u8> {
+        let rate = AUDIO_CLOCK_RATE as f32;
+        let mut out = Vec::with_capacity(FRAME_SAMPLES * 4);
+        for _ in 0..FRAME_SAMPLES {
+            let mut mix = 0.0f32;
+            for v in &mut self.voices {
+                let t = v.at as f32 / rate;
+                mix += match v.sound {
+                    // A 90 ms laser: a falling square-ish tone.
+                    DemoSound::Shot => {
+                        let freq = 1400.0 - 9000.0 * t;
+                        v.phase += freq / rate;
+                        let wave = if v.phase.fract() < 0.5 { 1.0 } else { -1.0 };
+                        0.25 * wave * (1.0 - t / 0.09).max(0.0)
+                    }
+                    // A 250 ms crunch: decaying noise.
+                    DemoSound::Hit => {
+                        self.noise = self.noise.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        let white = (self.noise >> 9) as f32 / (1u32 << 23) as f32 * 2.0 - 1.0;
+                        0.4 * white * (-t * 14.0).exp()
+                    }
+                };
+                v.at += 1;
+            }
+            let s = (mix.clamp(-1.0, 1.0) * 32767.0) as i16;
+            out.extend_from_slice(&s.to_le_bytes());
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        let rate = AUDIO_CLOCK_RATE as usize;
+        self.voices.retain(|v| match v.sound {
+            DemoSound::Shot => v.at < rate * 9 / 100,
+            DemoSound::Hit => v.at < rate / 4,
+        });
+        out
+    }
+}
+
+/// One built GStreamer pipeline.
+struct Running {
+    pipeline: gst::Pipeline,
+    sink: gst_app::AppSink,
+    src: Option<gst_app::AppSrc>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+const ENCODE: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=48000,channels=2 ! \
+     opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 bitrate=96000 ! \
+     appsink name=sink sync=false max-buffers=50 drop=true";
+
+fn build(command: &AudioCommand) -> Result<Running, AudioError> {
+    let desc = match command {
+        AudioCommand::Idle => return Err(AudioError::Gstreamer("nothing to play".into())),
+        AudioCommand::Demo => format!(
+            "appsrc name=src is-live=true do-timestamp=true format=time \
+             caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {ENCODE}"
+        ),
+        AudioCommand::Title { server } => format!(
+            "pulsesrc server=\"{server}\" device=pylon.monitor buffer-time=20000 latency-time=10000 \
+             do-timestamp=true client-name=pylon-node ! {ENCODE}"
+        ),
+    };
+    let pipeline = gst::parse::launch(&desc)
+        .map_err(|e| AudioError::Gstreamer(e.to_string()))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| AudioError::Gstreamer("not a pipeline".into()))?;
+    // Timestamps on the monotonic system clock: the capture time is base time + PTS.
+    pipeline.use_clock(Some(&gst::SystemClock::obtain()));
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|s| s.downcast::<gst_app::AppSink>().ok())
+        .ok_or_else(|| AudioError::Gstreamer("no appsink".into()))?;
+    let src = pipeline.by_name("src").and_then(|s| s.downcast::<gst_app::AppSrc>().ok());
+    pipeline.set_state(gst::State::Playing).map_err(|e| AudioError::Gstreamer(e.to_string()))?;
+    Ok(Running { pipeline, sink, src })
+}
+
+/// RTP packetization of Opus frames (one frame a packet, RFC 7587). Timestamps count
+/// samples: each packet's is the previous one's plus the previous packet's duration (from
+/// its TOC byte), so the receiver's jitter buffer sees no gaps or overlaps; they are set
+/// from the capture clock at the start and whenever that clock is more than
+/// [`RESYNC_SAMPLES`] away (a restarted pipeline, dropped input).
+#[derive(Debug)]
+pub struct OpusPacketizer {
+    ssrc: u32,
+    sequence: u16,
+    next: Option<u32>,
+}
+
+/// Samples (at 48 kHz) the running timestamp may drift from the capture clock: 100 ms.
+pub const RESYNC_SAMPLES: u32 = 4_800;
+
+/// Samples per channel at 48 kHz an Opus packet decodes to (RFC 6716 §3.1), `None` for an
+/// empty or malformed packet.
+pub fn opus_samples(packet: &[u8]) -> Option<u32> {
+    let toc = *packet.first()?;
+    let config = toc >> 3;
+    // Frame duration in units of 2.5 ms.
+    let units = match config {
+        0..=11 => [4, 8, 16, 24][usize::from(config % 4)],
+        12..=15 => [4, 8][usize::from(config % 2)],
+        _ => [1, 2, 4, 8][usize::from(config % 4)],
+    };
+    let frames = match toc & 3 {
+        0 => 1,
+        1 | 2 => 2,
+        _ => u32::from(*packet.get(1)? & 0x3f),
+    };
+    Some(frames * units * 120)
+}
+
+impl OpusPacketizer {
+    /// A packetizer for the stream `ssrc`.
+    pub fn new(ssrc: u32) -> Self {
+        Self { ssrc, sequence: crate::pipeline::rand_u32() as u16, next: None }
+    }
+
+    /// One RTP packet for `opus` captured at `capture_ns` on the monotonic clock.
+    pub fn packet(&mut self, opus: &[u8], capture_ns: u64) -> Vec<u8> {
+        let clock = (u128::from(capture_ns) * u128::from(AUDIO_CLOCK_RATE) / 1_000_000_000) as u32;
+        let timestamp = match self.next {
+            Some(next) if clock.wrapping_sub(next).min(next.wrapping_sub(clock)) <= RESYNC_SAMPLES => next,
+            _ => clock,
+        };
+        self.next = Some(timestamp.wrapping_add(opus_samples(opus).unwrap_or(480)));
+        let mut out = Vec::with_capacity(12 + opus.len());
+        RtpHeader { marker: false, payload_type: OPUS_PT, sequence: self.sequence, timestamp, ssrc: self.ssrc }
+            .write(&mut out);
+        out.extend_from_slice(opus);
+        self.sequence = self.sequence.wrapping_add(1);
+        out
+    }
+}
+
+fn audio_thread(
+    commands: mpsc::Receiver<AudioCommand>,
+    sounds: mpsc::Receiver<DemoSound>,
+    packets: tokio::sync::mpsc::Sender<Outgoing>,
+    metrics: ServerMetrics,
+    stop: Arc<AtomicBool>,
+) {
+    let clock = gst::SystemClock::obtain();
+    let mut packetizer = OpusPacketizer::new(crate::pipeline::rand_u32());
+    let mut synth = Synth::default();
+    let mut want = AudioCommand::Idle;
+    let mut running: Option<Running> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut next_chunk = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        // What to play.
+        let mut changed = false;
+        while let Ok(c) = commands.try_recv() {
+            if c != want {
+                want = c;
+                changed = true;
+            }
+        }
+        if changed {
+            running = None;
+            retry_at = Some(Instant::now());
+            synth = Synth::default();
+        }
+        if want == AudioCommand::Idle {
+            while sounds.try_recv().is_ok() {}
+            match commands.recv_timeout(Duration::from_millis(250)) {
+                Ok(c) if c != want => {
+                    want = c;
+                    retry_at = Some(Instant::now());
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if running.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
+            match build(&want) {
+                Ok(r) => {
+                    tracing::info!(source = ?want, "sound: Opus 48 kHz stereo, 10 ms frames");
+                    running = Some(r);
+                    retry_at = None;
+                    next_chunk = Instant::now();
+                }
+                Err(e) => {
+                    metrics.audio_errors.inc();
+                    tracing::warn!(source = ?want, "sound could not start: {e}; retrying in {RESTART_AFTER:?}");
+                    retry_at = Some(Instant::now() + RESTART_AFTER);
+                }
+            }
+        }
+        let Some(r) = running.as_ref() else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        // The demo: one 10 ms chunk per 10 ms (silence included, so the stream is steady).
+        if let Some(src) = &r.src {
+            while let Ok(s) = sounds.try_recv() {
+                synth.play(s);
+            }
+            let now = Instant::now();
+            if now >= next_chunk {
+                if now - next_chunk > Duration::from_millis(100) {
+                    next_chunk = now;
+                }
+                let _ = src.push_buffer(gst::Buffer::from_mut_slice(synth.render()));
+                next_chunk += Duration::from_millis(10);
+            }
+        }
+        // Encoded packets.
+        let wait = next_chunk.saturating_duration_since(Instant::now()).min(Duration::from_millis(5));
+        if let Some(sample) = r.sink.try_pull_sample(gst::ClockTime::from_nseconds(wait.as_nanos() as u64)) {
+            let Some(buffer) = sample.buffer() else { continue };
+            let Ok(map) = buffer.map_readable() else { continue };
+            let base = r.pipeline.base_time().map_or(0, gst::ClockTime::nseconds);
+            let captured = base + buffer.pts().map_or(0, gst::ClockTime::nseconds);
+            // The capture time on the wall clock: now, less how long ago it was captured.
+            let age = Duration::from_nanos(clock.time().nseconds().saturating_sub(captured));
+            let wall = SystemTime::now().checked_sub(age).unwrap_or_else(SystemTime::now);
+            let rtp = packetizer.packet(map.as_slice(), captured);
+            metrics.audio_packets.inc();
+            metrics.audio_bytes.inc_by(rtp.len() as u64);
+            if packets.try_send(Outgoing::AudioRtp(Bytes::from(rtp), wall)).is_err() {
+                metrics.rtp_packets_dropped.get_or_create(&crate::metrics::PacketDrop { reason: "queue_full" }).inc();
+            }
+        }
+        // A failed pipeline (PulseAudio gone, a broken device) is rebuilt.
+        let failed =
+            r.pipeline.bus().and_then(|bus| bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Eos])).map(
+                |m| match m.view() {
+                    gst::MessageView::Error(e) => e.error().to_string(),
+                    _ => "end of stream".to_string(),
+                },
+            );
+        if let Some(why) = failed {
+            metrics.audio_errors.inc();
+            tracing::warn!(source = ?want, "sound stopped: {why}; restarting in {RESTART_AFTER:?}");
+            running = None;
+            retry_at = Some(Instant::now() + RESTART_AFTER);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synth_sounds_only_after_an_event_and_then_falls_silent() {
+        let mut s = Synth::default();
+        assert!(s.render().iter().all(|b| *b == 0), "silence before any event");
+        s.play(DemoSound::Shot);
+        s.play(DemoSound::Hit);
+        let loud = s.render();
+        assert!(loud.chunks(2).any(|c| i16::from_le_bytes([c[0], c[1]]).abs() > 1000), "a shot is audible");
+        for _ in 0..30 {
+            s.render();
+        }
+        assert!(s.silent(), "voices end");
+        assert!(s.render().iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn opus_packets_count_samples_and_resync_to_the_capture_clock_after_a_gap() {
+        // TOC config 18: CELT, 10 ms; 3: SILK 60 ms; code 3 with 2 frames of 20 ms (config 1).
+        assert_eq!(opus_samples(&[18 << 3]), Some(480));
+        assert_eq!(opus_samples(&[19 << 3]), Some(960));
+        assert_eq!(opus_samples(&[3 << 3]), Some(2880));
+        assert_eq!(opus_samples(&[(1 << 3) | 3, 2]), Some(1920));
+        assert_eq!(opus_samples(&[]), None);
+        let frame = [18u8 << 3, 1, 2];
+        let mut p = OpusPacketizer::new(7);
+        let a = p.packet(&frame, 1_000_000_000);
+        // Captured 7 ms later (input timestamps jitter): still exactly one frame later.
+        let b = p.packet(&frame, 1_007_000_000);
+        let ts = |x: &[u8]| pylon_proto::rtp::RtpPacket::parse(x).unwrap().header.timestamp;
+        assert_eq!(ts(&b).wrapping_sub(ts(&a)), 480);
+        // Half a second of nothing: back on the capture clock.
+        let c = p.packet(&frame, 1_500_000_000);
+        assert_eq!(ts(&c), (1_500_000_000u128 * 48_000 / 1_000_000_000) as u32);
+        let a = p.packet(&[4], 2_000_000_000);
+        let b = p.packet(&[4], 2_010_000_000);
+        let (ha, hb) =
+            (pylon_proto::rtp::RtpPacket::parse(&a).unwrap(), pylon_proto::rtp::RtpPacket::parse(&b).unwrap());
+        assert_eq!(ha.header.payload_type, OPUS_PT);
+        assert_eq!(hb.header.timestamp.wrapping_sub(ha.header.timestamp), 480, "10 ms at 48 kHz");
+        assert_eq!(hb.header.sequence, ha.header.sequence.wrapping_add(1));
+        assert_eq!(ha.payload, &[4]);
+    }
+
+    #[test]
+    fn the_demo_sound_is_encoded_to_opus() {
+        if gst::init().is_err() || gst::ElementFactory::find("opusenc").is_none() {
+            panic!("GStreamer with opusenc is required (gstreamer1.0-plugins-base)");
+        }
+        let r = build(&AudioCommand::Demo).unwrap();
+        let src = r.src.clone().unwrap();
+        let mut synth = Synth::default();
+        synth.play(DemoSound::Shot);
+        for _ in 0..20 {
+            src.push_buffer(gst::Buffer::from_mut_slice(synth.render())).unwrap();
+        }
+        let mut got = 0;
+        while got < 10 {
+            let s = r.sink.try_pull_sample(gst::ClockTime::from_seconds(5)).expect("Opus packets");
+            assert!(s.buffer().unwrap().size() > 0);
+            got += 1;
+        }
+    }
+}
