@@ -183,12 +183,14 @@ pub async fn run(
     mut commands: mpsc::Receiver<ViewerCommand>,
     metrics: RelayMetrics,
     pool: Option<Pool>,
+    av_sync: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let udp = UdpOut::new(socket)?;
     let mut sink =
         UdpSink { udp: &udp, buf: Vec::with_capacity(16 * 1500), batch: GsoBatch::default(), metrics: &metrics };
     let mut core = Core::new(advertise, metrics.clone());
+    core.set_av_sync(av_sync);
     let mut nodes: HashMap<u64, NodeQueue> = HashMap::new();
     let mut buf = vec![0u8; 2048];
     let mut players_reported = Instant::now();

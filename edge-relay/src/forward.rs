@@ -320,6 +320,8 @@ pub struct Core {
     closed: Vec<u64>,
     /// Why the node ended a viewer's session, for its page.
     closing: HashMap<u64, String>,
+    /// Audio and video of a viewer in one stream (`msid`) for lip sync (`--av-sync`).
+    av_sync: bool,
 }
 
 impl Core {
@@ -335,7 +337,13 @@ impl Core {
             ended: Vec::new(),
             closed: Vec::new(),
             closing: HashMap::new(),
+            av_sync: false,
         }
+    }
+
+    /// Whether viewers' answers put audio and video in one stream for lip sync.
+    pub fn set_av_sync(&mut self, on: bool) {
+        self.av_sync = on;
     }
 
     /// Messages for nodes since the last call: (ingest connection, message).
@@ -415,7 +423,7 @@ impl Core {
         } else if admitted.as_ref().is_some_and(|(a, _)| a.player) && seat_taken {
             Err("another viewer is already playing this session".into())
         } else {
-            accept_offer(now, sdp, self.advertise, self.next_id, player)
+            accept_offer(now, sdp, self.advertise, self.next_id, player, self.av_sync)
         };
         let (mut viewer, answer) = match result {
             Ok(ok) => ok,
@@ -821,6 +829,7 @@ fn accept_offer(
     advertise: SocketAddr,
     id: u64,
     player: bool,
+    av_sync: bool,
 ) -> Result<(Viewer, String), String> {
     let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("malformed SDP offer: {e}"))?;
     let mut rtc = rtc_config(player).build(now);
@@ -858,7 +867,22 @@ fn accept_offer(
         frame_arrival: None,
         first_arrival: None,
     };
-    Ok((viewer, with_rrtr(&answer.to_sdp_string())))
+    let answer = with_rrtr(&answer.to_sdp_string());
+    Ok((viewer, if av_sync { shared_msid(&answer) } else { answer }))
+}
+
+/// The answer with the audio m-line's stream id (`a=msid:<stream> <track>`) replaced by
+/// the video's: the browser then puts both tracks in one synchronisation group.
+fn shared_msid(sdp: &str) -> String {
+    let stream_of = |kind: &str| {
+        let section = sdp.split("\r\nm=").find(|s| s.starts_with(kind))?;
+        let line = section.lines().find_map(|l| l.strip_prefix("a=msid:"))?;
+        line.split_whitespace().next().map(str::to_string)
+    };
+    match (stream_of("audio"), stream_of("video")) {
+        (Some(audio), Some(video)) if audio != video && !audio.is_empty() => sdp.replace(&audio, &video),
+        _ => sdp.to_string(),
+    }
 }
 
 /// Adds `a=rtcp-fb:<H.264> rrtr` to an answer: the browser then sends RTCP XR receiver
@@ -1029,6 +1053,36 @@ fn check_input(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stream id of the answer's `kind` m-section.
+    fn msid_stream(sdp: &str, kind: &str) -> Option<String> {
+        let section = sdp.split("\r\nm=").find(|s| s.starts_with(kind))?;
+        section
+            .lines()
+            .find_map(|l| l.strip_prefix("a=msid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .map(String::from)
+    }
+
+    #[test]
+    fn av_sync_puts_audio_and_video_in_one_stream() {
+        let now = Instant::now();
+        // A browser-like offer: receive video and audio, one data channel.
+        let mut browser = Rtc::builder().build(now);
+        let mut change = browser.sdp_api();
+        change.add_media(MediaKind::Video, str0m::media::Direction::RecvOnly, None, None, None);
+        change.add_media(MediaKind::Audio, str0m::media::Direction::RecvOnly, None, None, None);
+        change.add_channel("input".into());
+        let (offer, _) = change.apply().unwrap();
+        let offer = offer.to_sdp_string();
+        let relay: SocketAddr = "127.0.0.1:3478".parse().unwrap();
+        let (_, apart) = accept_offer(now, &offer, relay, 1, true, false).unwrap();
+        let (_, synced) = accept_offer(now, &offer, relay, 2, true, true).unwrap();
+        let (audio, video) = (msid_stream(&apart, "audio").unwrap(), msid_stream(&apart, "video").unwrap());
+        assert_ne!(audio, video, "by default each track has its own stream");
+        assert_eq!(msid_stream(&synced, "audio"), msid_stream(&synced, "video"), "{synced}");
+        assert!(synced.contains("a=rtpmap:111 opus/48000/2"), "Opus is answered: {synced}");
+    }
 
     #[test]
     fn answers_ask_the_browser_for_rtt_reports() {

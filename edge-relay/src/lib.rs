@@ -47,6 +47,10 @@ pub struct RelayConfig {
     pub pool: Option<pool::PoolConfig>,
     /// Outside a pool, take render nodes from any address, not only loopback.
     pub allow_anonymous_nodes: bool,
+    /// Give each viewer's audio and video one stream id (`msid`) in the answer, so the
+    /// browser lip-syncs them (`pylon-relay` turns it on by default); off, each plays as
+    /// soon as it can.
+    pub av_sync: bool,
 }
 
 /// A running relay's bound addresses.
@@ -117,6 +121,7 @@ pub async fn run(
             viewer_rx,
             metrics.clone(),
             pool.clone(),
+            config.av_sync,
             stop.clone(),
         ),
     );

@@ -108,6 +108,7 @@ async fn a_restarted_relay_gets_the_render_node_back() {
         data_dir: relay.cert_path.parent().unwrap().to_path_buf(),
         pool: None,
         allow_anonymous_nodes: false,
+        av_sync: false,
     };
     tokio::spawn(pylon_relay::run(config, shutdown_rx, Some(started_tx)));
     let restarted = started_rx.await.unwrap();

@@ -142,3 +142,112 @@ async fn a_titles_tone_reaches_chromium_and_a_silent_title_stays_silent() {
     }
     platform.stop().await;
 }
+
+/// Watches the picture (the demo's yellow muzzle flash appearing, per
+/// `requestVideoFrameCallback`) and
+/// the sound (a WebAudio analyser on the received track crossing a level after quiet),
+/// recording when each starts, in `performance.now()` time.
+const AV_WATCH: &str = r#"
+if (!window.__av) {
+  const av = window.__av = { video: [], audio: [], armedVideo: true, armedAudio: true };
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas');
+  const g = c.getContext('2d', { willReadFrequently: true });
+  const onFrame = (now, meta) => {
+    c.width = v.videoWidth; c.height = v.videoHeight;
+    g.drawImage(v, 0, 0);
+    const d = g.getImageData(0, 0, c.width, c.height).data;
+    let flash = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] > 220 && d[i + 1] > 220 && d[i + 2] < 170) flash++;
+    if (flash > 20 && av.armedVideo) { av.video.push(meta.expectedDisplayTime); av.armedVideo = false; }
+    if (flash === 0) av.armedVideo = true;
+    v.requestVideoFrameCallback(onFrame);
+  };
+  v.requestVideoFrameCallback(onFrame);
+  const track = v.srcObject.getAudioTracks()[0];
+  const ctx = new AudioContext({ latencyHint: 'interactive' });
+  const src = ctx.createMediaStreamSource(new MediaStream([track]));
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 256;
+  src.connect(analyser);
+  const buf = new Float32Array(analyser.fftSize);
+  let quietSince = performance.now();
+  setInterval(() => {
+    analyser.getFloatTimeDomainData(buf);
+    let peak = 0;
+    for (const x of buf) peak = Math.max(peak, Math.abs(x));
+    const now = performance.now();
+    if (peak > 0.05 && av.armedAudio && now - quietSince > 300) {
+      // The window holds the last fftSize samples: the onset is at most that long ago.
+      av.audio.push(now - (1000 * analyser.fftSize / ctx.sampleRate) / 2);
+      av.armedAudio = false;
+    }
+    if (peak < 0.01) { if (!av.armedAudio) quietSince = now; av.armedAudio = true; }
+  }, 2);
+  av.context = ctx;
+}
+return { video: window.__av.video, audio: window.__av.audio, state: window.__av.context.state };
+"#;
+
+/// Fires six single shots and pairs each muzzle flash seen with the shot's sound heard;
+/// returns the sound-minus-picture offsets (ms) and the picture's mean jitter-buffer delay.
+async fn shot_offsets(av_sync: bool) -> (Vec<f64>, f64) {
+    let platform = common::start_platform_av_sync(640, 480, 30, av_sync).await;
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return pylon.stats && pylon.stats.framesDecoded > 5", Duration::from_secs(30)).await;
+    b.eval("pylon.sound.toggle(); return true;").await;
+    // Take the controls: the autopilot's shots stop; wait for its bullets and sounds to go.
+    b.eval(&key("keydown", "ArrowLeft")).await;
+    b.eval(&key("keyup", "ArrowLeft")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.eval(AV_WATCH).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        // One shot: the node starts its sound with the frame that shows the muzzle flash.
+        b.eval(&key("keydown", "Space")).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        b.eval(&key("keyup", "Space")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = b.eval(AV_WATCH).await;
+    let video: Vec<f64> = seen["video"].as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
+    let audio: Vec<f64> = seen["audio"].as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
+    // Pair each picture onset with the sound onset nearest to it.
+    let mut offsets = Vec::new();
+    for v in &video {
+        if let Some(a) = audio.iter().min_by(|x, y| (*x - v).abs().total_cmp(&(*y - v).abs()))
+            && (a - v).abs() < 500.0
+        {
+            offsets.push(a - v);
+        }
+    }
+    offsets.sort_by(f64::total_cmp);
+    let video_jb = b.eval("return pylon.stats.jitterBufferMs").await.as_f64().unwrap_or(f64::NAN);
+    eprintln!("--av-sync {av_sync}: picture onsets {video:?}, sound onsets {audio:?}");
+    b.close().await;
+    platform.stop().await;
+    (offsets, video_jb)
+}
+
+fn median(v: &[f64]) -> f64 {
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shots_sound_and_picture_reach_chromium_in_sync() {
+    // The relay's default (one stream: Chromium lip-syncs), then `--av-sync false` (sound
+    // and picture each as soon as they can). What syncing costs the picture shows in its
+    // jitter-buffer delay.
+    let (synced, synced_jb) = shot_offsets(true).await;
+    let (apart, apart_jb) = shot_offsets(false).await;
+    eprintln!(
+        "A/V sound minus picture: --av-sync (default) {synced:?} ms (median {:.1}), picture jitter buffer \
+         {synced_jb:.1} ms; --av-sync false {apart:?} ms (median {:.1}), picture jitter buffer {apart_jb:.1} ms",
+        median(&synced),
+        median(&apart)
+    );
+    assert!(apart.len() >= 4 && synced.len() >= 4, "most shots were both seen and heard");
+    assert!(median(&synced).abs() <= 45.0, "by default, sound within 45 ms of the picture (ITU-R BT.1359)");
+    assert!(median(&apart).abs() <= 45.0, "with --av-sync false too");
+}

@@ -46,6 +46,7 @@ async fn start_relay(data_dir: &std::path::Path, indexer: Option<SocketAddr>) ->
             capacity: 10,
         }),
         allow_anonymous_nodes: false,
+        av_sync: false,
     };
     tokio::spawn(pylon_relay::run(config, stop_rx, Some(started_tx)));
     (started_rx.await.unwrap(), stop)

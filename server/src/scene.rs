@@ -112,6 +112,8 @@ pub struct DemoScene {
     asteroids: Vec<Asteroid>,
     bullets: Vec<Bullet>,
     next_shot: f32,
+    /// A muzzle flash shows until this time (the frame of a shot, and the next).
+    muzzle_until: f32,
     vertices: Vec<Vertex>,
 }
 
@@ -156,6 +158,7 @@ impl DemoScene {
             asteroids,
             bullets: Vec::new(),
             next_shot: 0.25,
+            muzzle_until: 0.0,
             vertices: Vec::with_capacity(8192),
         }
     }
@@ -262,6 +265,7 @@ impl DemoScene {
             self.bullets.push(Bullet { x: sx, y: sy, vx: a.cos() * speed, vy: a.sin() * speed, age: 0.0 });
             self.next_shot += 0.3;
             self.sounds.0 += 1;
+            self.muzzle_until = self.time + 0.05;
         }
         for b in &mut self.bullets {
             b.x += b.vx * dt;
@@ -385,6 +389,13 @@ impl DemoScene {
         tri(&mut out, [at(1.0, 0.0), at(-0.8, 0.7), at(-0.5, 0.0)], HULL);
         tri(&mut out, [at(1.0, 0.0), at(-0.5, 0.0), at(-0.8, -0.7)], HULL);
         tri(&mut out, [at(0.55, 0.0), at(0.05, 0.18), at(0.05, -0.18)], [0.55, 0.85, 1.0, 1.0]);
+        // A muzzle flash ahead of the nose, in the frames of a shot (its sound starts with
+        // the same frame, which is what the A/V sync test measures).
+        if self.time < self.muzzle_until {
+            let flash = [1.0, 1.0, 0.45, 1.0];
+            tri(&mut out, [at(1.1, 0.0), at(1.9, 0.55), at(2.3, 0.0)], flash);
+            tri(&mut out, [at(1.1, 0.0), at(2.3, 0.0), at(1.9, -0.55)], flash);
+        }
         // The score, in seven-segment digits, top centre.
         let digit_w = 14.0 * scale;
         let text = self.score.to_string();

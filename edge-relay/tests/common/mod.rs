@@ -152,6 +152,12 @@ pub async fn start_indexer_with(data_dir: &std::path::Path, titles: Vec<Title>) 
     addr
 }
 
+/// Like [`start_platform`], with the relay's `--av-sync` setting (one stream id for the
+/// player's audio and video, so that Chromium lip-syncs them).
+pub async fn start_platform_av_sync(width: u32, height: u32, fps: u32, av_sync: bool) -> Platform {
+    start_with(width, height, fps, true, false, None, None, Vec::new(), av_sync).await
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn start(
     width: u32,
@@ -162,6 +168,21 @@ async fn start(
     advertise_addr: Option<std::net::SocketAddr>,
     uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
     titles: Vec<Title>,
+) -> Platform {
+    start_with(width, height, fps, early_frames, pooled, advertise_addr, uplink_impair, titles, true).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_with(
+    width: u32,
+    height: u32,
+    fps: u32,
+    early_frames: bool,
+    pooled: bool,
+    advertise_addr: Option<std::net::SocketAddr>,
+    uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
+    titles: Vec<Title>,
+    av_sync: bool,
 ) -> Platform {
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
@@ -178,6 +199,7 @@ async fn start(
         quic_addr: localhost(),
         data_dir: data_dir.clone(),
         allow_anonymous_nodes: false,
+        av_sync,
         pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {
             indexer: format!("http://{addr}"),
             id: Some(POOL_RELAY.into()),
