@@ -73,7 +73,8 @@ async function connect() {
   if ('jitterBufferTarget' in transceiver.receiver) transceiver.receiver.jitterBufferTarget = 0;
   // The game's sound (Opus). The page starts muted (browsers block sound before a click);
   // the Sound button turns it on.
-  pc.addTransceiver('audio', { direction: 'recvonly' });
+  const audioTransceiver = pc.addTransceiver('audio', { direction: 'recvonly' });
+  if ('jitterBufferTarget' in audioTransceiver.receiver) audioTransceiver.receiver.jitterBufferTarget = 0;
   // Keys, buttons, gamepads, touch (and frame info back): reliable and ordered.
   const inputChannel = pc.createDataChannel('input', { ordered: true });
   // Mouse motion: a lost move is superseded by the next, so never retransmitted.

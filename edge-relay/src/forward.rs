@@ -225,6 +225,8 @@ struct Viewer {
     /// The audio m-line and Opus payload type, when the viewer's offer has audio.
     audio_mid: Option<Mid>,
     audio_pt: Option<Pt>,
+    /// The RED payload type (RFC 2198) wrapping Opus, when the viewer takes it.
+    audio_red: Option<Pt>,
     audio_rewrite: Rewrite,
     connected: bool,
     next_timeout: Instant,
@@ -284,6 +286,9 @@ struct Source {
     frame_captured: Option<Instant>,
     /// The audio stream's highest extended sequence number.
     audio_last_seq: Option<u64>,
+    /// The last audio packet forwarded (extended sequence number, timestamp, payload): the
+    /// redundant block of the next one (RFC 2198) for viewers that take RED.
+    audio_prev: Option<(u64, u32, Arc<[u8]>)>,
 }
 
 impl Source {
@@ -514,6 +519,7 @@ impl Core {
             frame_started: None,
             frame_captured: None,
             audio_last_seq: None,
+            audio_prev: None,
         };
         if s.keyframes.request(now) {
             send_keyframe_request(node, &mut s, &mut self.to_node, &self.metrics);
@@ -672,13 +678,41 @@ impl Core {
         }
         let wallclock = captured.filter(|c| *c <= arrival).unwrap_or(arrival);
         let payload: Arc<[u8]> = rtp.payload.into();
+        // The previous frame rides along (RFC 2198) for viewers that take RED: one lost
+        // packet on the last hop costs no sound. Built once, shared by those viewers.
+        let previous = s
+            .audio_prev
+            .as_ref()
+            .filter(|(prev_seq, _, _)| *prev_seq + 1 == ext_seq)
+            .map(|(_, prev_ts, prev)| (rtp.header.timestamp.wrapping_sub(*prev_ts), prev.clone()));
+        let mut red: Option<(u8, Arc<[u8]>)> = None;
+        if s.audio_last_seq == Some(ext_seq) {
+            s.audio_prev = Some((ext_seq, rtp.header.timestamp, payload.clone()));
+        }
         for v in self.viewers.iter_mut().filter(|v| v.connected && v.source == Some(node)) {
-            let (Some(mid), Some(pt)) = (v.audio_mid, v.audio_pt) else { continue };
+            let (Some(mid), Some(opus_pt)) = (v.audio_mid, v.audio_pt) else { continue };
             // 480 ticks: one 10 ms Opus frame at 48 kHz.
             let (seq, ts) = v.audio_rewrite.map(ext_seq, rtp.header.timestamp, 480);
+            let (pt, body) = match v.audio_red {
+                Some(red_pt) => {
+                    let body = match &red {
+                        Some((for_pt, body)) if *for_pt == *opus_pt => body.clone(),
+                        _ => {
+                            let mut out = Vec::with_capacity(payload.len() * 2 + 5);
+                            let prev = previous.as_ref().map(|(offset, p)| (*offset, &p[..]));
+                            pylon_proto::rtp::red_payload(*opus_pt, prev, &payload, &mut out);
+                            let body: Arc<[u8]> = out.into();
+                            red = Some((*opus_pt, body.clone()));
+                            body
+                        }
+                    };
+                    (red_pt, body)
+                }
+                None => (opus_pt, payload.clone()),
+            };
             let mut api = v.rtc.direct_api();
             let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
-            let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, wallclock, payload.clone())
+            let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, wallclock, body)
                 .marker(rtp.header.marker)
                 .nackable(true);
             stream.write_rtp(write);
@@ -807,8 +841,9 @@ fn rtc_config(player: bool) -> RtcConfig {
         .set_stats_interval(Some(Duration::from_secs(1)))
         .set_send_buffer_video(RTX_CACHE_PACKETS);
     config.codec_config().add_h264(H264_PT.into(), Some(H264_RTX_PT.into()), true, 0x42e01f);
-    // Sound: Opus 48 kHz stereo, 10 ms frames, in-band FEC (payload type 111).
-    config.codec_config().enable_opus(true, false);
+    // Sound: Opus 48 kHz stereo, 10 ms frames, in-band FEC (payload type 111), and RED
+    // (RFC 2198) for browsers that offer it: each packet repeats the previous frame.
+    config.codec_config().enable_opus(true, true);
     if !player {
         // Transport-wide sequence numbers only feed the bandwidth estimate, which only the
         // player drives; without them a spectator's session keeps no send history for
@@ -850,6 +885,7 @@ fn accept_offer(
         pt: None,
         audio_mid: None,
         audio_pt: None,
+        audio_red: None,
         audio_rewrite: Rewrite::default(),
         connected: false,
         next_timeout: now,
@@ -969,7 +1005,9 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                 }
                 Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
                     v.audio_mid = Some(m.mid);
-                    v.audio_pt = v.rtc.codec_config().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt());
+                    let opus = v.rtc.codec_config().find(|p| p.spec().codec == Codec::Opus);
+                    v.audio_pt = opus.map(|p| p.pt());
+                    v.audio_red = opus.and_then(|p| p.red());
                 }
                 Event::MediaAdded(m) if m.kind == MediaKind::Video => {
                     v.mid = Some(m.mid);

@@ -197,10 +197,11 @@ async fn shot_offsets(av_sync: bool) -> (Vec<f64>, f64) {
     b.client.goto(&platform.url()).await.unwrap();
     b.wait_for("return pylon.stats && pylon.stats.framesDecoded > 5", Duration::from_secs(30)).await;
     b.eval("pylon.sound.toggle(); return true;").await;
-    // Take the controls: the autopilot's shots stop; wait for its bullets and sounds to go.
+    // Take the controls: the autopilot's shots stop; wait for its bullets and sounds to go,
+    // and for the audio jitter buffer to settle from the stream's start.
     b.eval(&key("keydown", "ArrowLeft")).await;
     b.eval(&key("keyup", "ArrowLeft")).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     b.eval(AV_WATCH).await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(1800)).await;
@@ -224,7 +225,8 @@ async fn shot_offsets(av_sync: bool) -> (Vec<f64>, f64) {
     }
     offsets.sort_by(f64::total_cmp);
     let video_jb = b.eval("return pylon.stats.jitterBufferMs").await.as_f64().unwrap_or(f64::NAN);
-    eprintln!("--av-sync {av_sync}: picture onsets {video:?}, sound onsets {audio:?}");
+    let audio_stats = self::audio(&b).await;
+    eprintln!("--av-sync {av_sync}: picture onsets {video:?}, sound onsets {audio:?}; audio receiver {audio_stats}");
     b.close().await;
     platform.stop().await;
     (offsets, video_jb)
@@ -250,4 +252,45 @@ async fn a_shots_sound_and_picture_reach_chromium_in_sync() {
     assert!(apart.len() >= 4 && synced.len() >= 4, "most shots were both seen and heard");
     assert!(median(&synced).abs() <= 45.0, "by default, sound within 45 ms of the picture (ITU-R BT.1359)");
     assert!(median(&apart).abs() <= 45.0, "with --av-sync false too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sound_through_five_percent_loss_is_mostly_recovered() {
+    use pylon_proto::impair::LossModel;
+    use pylon_relay::impair::{ImpairConfig, start};
+    let config = ImpairConfig {
+        loss: LossModel::Random(0.05),
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(2),
+        reorder: 0.0,
+        rate_bps: None,
+        seed: 11,
+    };
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let platform = common::start_platform_advertising(640, 480, 30, listen).await;
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let proxy = start(listen, platform.relay.webrtc_addr, config, stop_rx).await.unwrap();
+    let b = Browser::start().await;
+    b.client.goto(&platform.url()).await.unwrap();
+    b.wait_for("return pylon.stats && pylon.stats.framesDecoded > 5", Duration::from_secs(60)).await;
+    b.eval("pylon.sound.toggle(); return true;").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = audio(&b).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let after = audio(&b).await;
+    let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+    let concealed = d("concealed") / d("samples").max(1.0);
+    eprintln!(
+        "5 % loss, 20 s: {} audio packets received, {} lost after repair, {} recovered by FEC; concealed {:.2} % \
+         of samples; proxy dropped {} packets in all",
+        d("packets"),
+        d("lost"),
+        d("fec"),
+        concealed * 100.0,
+        proxy.stats.lost.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(d("lost") > 20.0, "the path did lose audio packets");
+    assert!(concealed < 0.02, "Opus FEC keeps concealment under 2 % of samples: {:.2} %", concealed * 100.0);
+    b.close().await;
+    platform.stop().await;
 }

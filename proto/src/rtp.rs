@@ -124,6 +124,45 @@ pub fn extend_sequence(highest: Option<u64>, seq: u16) -> u64 {
     }
 }
 
+/// Largest redundant block RFC 2198 can describe (10-bit length).
+pub const RED_MAX_BLOCK: usize = 1023;
+/// Largest timestamp offset of a redundant block (14 bits).
+pub const RED_MAX_OFFSET: u32 = 0x3fff;
+
+/// Writes an RFC 2198 redundant-audio payload into `out`: the `previous` block (its
+/// timestamp offset back from the primary, and its bytes), when it fits, then the
+/// `primary` block, both of payload type `pt`.
+pub fn red_payload(pt: u8, previous: Option<(u32, &[u8])>, primary: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let previous = previous.filter(|(offset, b)| *offset <= RED_MAX_OFFSET && b.len() <= RED_MAX_BLOCK);
+    if let Some((offset, block)) = previous {
+        let header = (1u32 << 31) | (u32::from(pt & 0x7f) << 24) | (offset << 10) | block.len() as u32;
+        out.extend_from_slice(&header.to_be_bytes());
+    }
+    out.push(pt & 0x7f);
+    if let Some((_, block)) = previous {
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(primary);
+}
+
+/// The primary block of an RFC 2198 payload: its payload type and bytes. `None` when the
+/// headers run past the payload.
+pub fn red_primary(payload: &[u8]) -> Option<(u8, &[u8])> {
+    let mut at = 0;
+    let mut redundant = 0usize;
+    loop {
+        let first = *payload.get(at)?;
+        if first & 0x80 == 0 {
+            let start = at + 1 + redundant;
+            return Some((first & 0x7f, payload.get(start..)?));
+        }
+        let (b2, b3) = (*payload.get(at + 2)?, *payload.get(at + 3)?);
+        redundant += (usize::from(b2 & 0x03) << 8) | usize::from(b3);
+        at += 4;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +216,23 @@ mod tests {
                 }
                 let _ = RtpPacket::parse(&buf);
             }
+        }
+    }
+
+    #[test]
+    fn red_payloads_carry_the_previous_frame_and_parse_back() {
+        let mut out = Vec::new();
+        red_payload(111, Some((480, &[1, 2, 3])), &[9, 9], &mut out);
+        assert_eq!(out, vec![0x80 | 111, (480 >> 6) as u8, (((480 & 0x3f) << 2) as u8), 3, 111, 1, 2, 3, 9, 9]);
+        assert_eq!(red_primary(&out), Some((111, &[9u8, 9][..])));
+        // No previous frame (or one too old to describe): the primary alone.
+        red_payload(111, Some((RED_MAX_OFFSET + 1, &[1])), &[7], &mut out);
+        assert_eq!(out, vec![111, 7]);
+        red_payload(111, None, &[7], &mut out);
+        assert_eq!(red_primary(&out), Some((111, &[7u8][..])));
+        // Truncated or lying headers are refused, never a panic.
+        for bad in [&[][..], &[0x80, 0, 0], &[0xef, 0, 0x03, 0xff, 111]] {
+            assert_eq!(red_primary(bad), None, "{bad:?}");
         }
     }
 }
