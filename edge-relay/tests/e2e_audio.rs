@@ -89,6 +89,21 @@ async fn the_demos_sound_reaches_chromium_when_the_ship_fires() {
     platform.stop().await;
 }
 
+/// Kills (SIGKILL) the PulseAudio server of `session`'s sandbox; returns how many.
+fn kill_sound_server(session: &str) -> usize {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("pulseaudio") && cmd.contains(session) && cmd.contains("pulse.pa") {
+            let pid = entry.file_name().to_string_lossy().to_string();
+            let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
+            killed += 1;
+        }
+    }
+    killed
+}
+
 fn exec_title(id: &str, script: &str) -> Title {
     Title {
         id: id.into(),
@@ -130,6 +145,29 @@ async fn a_titles_tone_reaches_chromium_and_a_silent_title_stays_silent() {
         assert!(stats["packets"].as_f64().unwrap() > 200.0, "{title}: audio packets arrive: {stats}");
         if audible {
             assert!(level > 0.01 && energy > 0.001, "{title}: the tone is heard");
+            // The session's sound server dies: the picture goes on, the node restarts the
+            // server and sound packets flow again.
+            let session = b.eval("return location.pathname.split('/').pop()").await;
+            let killed = kill_sound_server(session.as_str().unwrap());
+            assert!(killed > 0, "found the session's pulseaudio");
+            let (frames, packets) = (
+                b.eval("return pylon.stats.framesDecoded").await.as_f64().unwrap(),
+                platform.server_metrics_value("pylon_server_audio_packets"),
+            );
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let frames_after = b.eval("return pylon.stats.framesDecoded").await.as_f64().unwrap();
+            let errors = platform.server_metrics_value("pylon_server_audio_errors");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while platform.server_metrics_value("pylon_server_audio_packets") < packets + 100.0 {
+                assert!(std::time::Instant::now() < deadline, "sound packets flow again after the restart");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!(
+                "after killing the sound server: {} frames decoded in 4 s, {errors} audio errors counted, sound flows again",
+                frames_after - frames
+            );
+            assert!(frames_after - frames > 60.0, "the picture went on");
+            assert!(errors >= 1.0, "the failure was counted");
         } else {
             assert!(level < 0.001 && energy < 0.0001, "{title}: silence stays silent");
         }

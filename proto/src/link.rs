@@ -1160,6 +1160,9 @@ mod tests {
         let media = relay.handle_datagram(t0, &resent).unwrap();
         assert!(media.audio && media.repaired);
         assert_eq!(relay.handle_datagram(t0, &resent), Err(MediaDrop::Duplicate));
+        // Malformed audio datagrams are dropped with a reason, never a panic.
+        assert_eq!(relay.handle_datagram(t0, &[1, 4, 0, 0]), Err(MediaDrop::BadDatagram));
+        assert_eq!(relay.handle_datagram(t0, &[1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(MediaDrop::BadRtp));
     }
 
     #[test]

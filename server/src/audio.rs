@@ -392,6 +392,9 @@ fn audio_thread(
             let age = Duration::from_nanos(clock.time().nseconds().saturating_sub(captured));
             let wall = SystemTime::now().checked_sub(age).unwrap_or_else(SystemTime::now);
             let rtp = packetizer.packet(map.as_slice(), captured);
+            // Capture (the buffer's timestamp) to the packet leaving for the network: the
+            // node's share of glass-to-ear (capture buffer, encoder delay, this thread).
+            metrics.observe("audio_capture_to_send", age);
             metrics.audio_packets.inc();
             metrics.audio_bytes.inc_by(rtp.len() as u64);
             if packets.try_send(Outgoing::AudioRtp(Bytes::from(rtp), wall)).is_err() {

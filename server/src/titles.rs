@@ -184,6 +184,11 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 let Some(a) = active.as_mut() else { continue };
+                // A sound server that died is restarted: the picture never waits for sound.
+                if let Some(how) = a.sandbox.as_mut().and_then(Sandbox::revive_sound) {
+                    metrics.audio_errors.inc();
+                    tracing::warn!(session = %a.session, "the session's sound server {how}; restarted it");
+                }
                 let exited = a.sandbox.as_mut().and_then(Sandbox::exited);
                 let failure = match exited {
                     Some(how) => {

@@ -217,6 +217,8 @@ pub struct Sandbox {
     capture: Option<crate::capture::CaptureServer>,
     /// The session's PulseAudio server and its socket directory.
     pulse: Option<(Child, PathBuf)>,
+    /// How to start it again if it dies: the binary and the title's user.
+    pulse_again: Option<(PathBuf, Option<(u32, u32)>)>,
     stopped: bool,
 }
 
@@ -323,6 +325,7 @@ impl Sandbox {
             pads,
             capture,
             pulse,
+            pulse_again: config.pulseaudio.clone().map(|p| (p, user)),
             stopped: false,
         };
         let number = display;
@@ -580,6 +583,24 @@ impl Sandbox {
             cmd.uid(uid).gid(gid);
         }
         cmd.spawn().map_err(io(format!("starting {}", program.display())))
+    }
+
+    /// Restarts the session's PulseAudio server if it died (at the same socket, where the
+    /// node's capture finds it again). Returns how it ended, when it had.
+    pub fn revive_sound(&mut self) -> Option<String> {
+        let (child, _) = self.pulse.as_mut()?;
+        let status = child.try_wait().ok().flatten()?;
+        let how = describe(status);
+        let (binary, user) = self.pulse_again.clone()?;
+        let (home, runtime) = (self.dir.join("home"), self.dir.join("runtime"));
+        if let Some((_, dir)) = self.pulse.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        match Self::start_pulse(&binary, &self.dir, &home, &runtime, self.display, user) {
+            Ok(p) => self.pulse = Some(p),
+            Err(e) => tracing::warn!("the session's sound server could not restart: {e}"),
+        }
+        Some(how)
     }
 
     /// The session's PulseAudio server (`unix:/…/native`), when it has one.

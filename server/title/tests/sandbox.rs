@@ -51,12 +51,25 @@ fn stop_and_count_leftovers(sandbox: Sandbox) -> pylon_title::sandbox::StopRepor
         (Path::new(&format!("/tmp/.X11-unix/X{number}")).exists(), format!("display socket {display}")),
         (Path::new(&format!("/tmp/.X{number}-lock")).exists(), format!("display lock {display}")),
         (dir.exists(), format!("session directory {}", dir.display())),
+        (Path::new(&format!("/tmp/.pylon-pulse-{number}")).exists(), format!("sound server directory of {display}")),
+        (sound_server_of(&dir), format!("pulseaudio of {}", dir.display())),
     ]
     .into_iter()
     .filter_map(|(left, what)| left.then_some(what))
     .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     report
+}
+
+/// Whether a PulseAudio server of the session in `dir` still runs.
+fn sound_server_of(dir: &Path) -> bool {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        cmd.contains("pulseaudio") && cmd.contains(&needle) && !stat.contains(") Z ")
+    })
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
