@@ -20,7 +20,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
+	@echo "make audio-latency  glass-to-ear of the demo's sound in headless Chromium, its shares, the audio thread's CPU"
 
 # Installs only the Debian packages that are missing (idempotent; needs root for apt-get).
 deps:
@@ -89,6 +90,11 @@ latency:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --release -p pylon-benches --bin latency
 	"$(CARGO_TARGET_DIR)/release/latency" --trials 90
+
+audio-latency:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
+	cargo build --release -p pylon-benches --bin audio-latency
+	"$(CARGO_TARGET_DIR)/release/audio-latency"
 
 # The relay under N synthetic WebRTC viewers, side by side with Debian's Janus; the last
 # line is one JSON object. VIEWERS=50 BENCH_SECONDS=30 to change the load; SOAK=600 adds a soak.
