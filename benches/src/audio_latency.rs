@@ -111,11 +111,7 @@ async fn main() {
     println!("{:<46} {:>8.1} ms", "  browser jitter buffer", jitter_buffer);
     println!("{:<46} {:>8.1} ms", "  rest: network, relay, decode, playout", rest);
     println!("{:<46} {:>8.2} % of a core", "node audio thread CPU", 100.0 * cpu);
-    println!(
-        "{:<46} {:>8.3} %",
-        "concealed samples",
-        100.0 * d("concealed") / d("samples").max(1.0)
-    );
+    println!("{:<46} {:>8.3} %", "concealed samples", 100.0 * d("concealed") / d("samples").max(1.0));
     println!(
         "{}",
         serde_json::json!({
