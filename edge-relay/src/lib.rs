@@ -48,8 +48,7 @@ pub struct RelayConfig {
     /// Outside a pool, take render nodes from any address, not only loopback.
     pub allow_anonymous_nodes: bool,
     /// Give each viewer's audio and video one stream id (`msid`) in the answer, so the
-    /// browser lip-syncs them (`pylon-relay` turns it on by default); off, each plays as
-    /// soon as it can.
+    /// browser lip-syncs them; off (`pylon-relay`'s default), each plays as soon as it can.
     pub av_sync: bool,
 }
 

@@ -54,12 +54,12 @@ struct Args {
     /// since nothing can check who they are). In a pool every node proves its key.
     #[arg(long, env = "PYLON_ALLOW_ANONYMOUS_NODES")]
     allow_anonymous_nodes: bool,
-    /// Put each viewer's sound and picture in one stream so the browser lip-syncs them
-    /// (`--av-sync false`: each plays as soon as it can). Measured in Chromium (make test,
-    /// e2e_audio): sound after picture 27 ms (median) with it, 36 ms without, and no
-    /// extra picture delay either way (the relay asks for playout delay 0, which the
-    /// browser's sync does not override).
-    #[arg(long, env = "PYLON_AV_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Put each viewer's sound and picture in one stream so the browser lip-syncs them.
+    /// Off by default: each plays as soon as it can. Measured in Chromium (e2e_audio, the
+    /// demo's shots, medians): without it the sound trails the picture by 34–45 ms in a
+    /// session's first seconds, more later; with it 20–57 ms, and 138 ms once under load —
+    /// the browser's sync holds the sound back, never the picture (playout delay 0).
+    #[arg(long, env = "PYLON_AV_SYNC")]
     av_sync: bool,
 }
 

@@ -169,7 +169,7 @@ async fn start(
     uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
     titles: Vec<Title>,
 ) -> Platform {
-    start_with(width, height, fps, early_frames, pooled, advertise_addr, uplink_impair, titles, true).await
+    start_with(width, height, fps, early_frames, pooled, advertise_addr, uplink_impair, titles, false).await
 }
 
 #[allow(clippy::too_many_arguments)]
