@@ -34,7 +34,7 @@ pub const OPUS_PT: u8 = 111;
 pub const AUDIO_CLOCK_RATE: u32 = 48_000;
 /// Samples per channel in one 10 ms frame.
 const FRAME_SAMPLES: usize = 480;
-/// The audio thread's nice value (lower is sooner; the frame path runs at 0).
+/// The audio thread's nice value for the demo's sound (lower is sooner; the frame path runs at 0).
 const AUDIO_NICE: i32 = -10;
 /// A failed capture pipeline is rebuilt this long after.
 pub const RESTART_AFTER: Duration = Duration::from_secs(1);
@@ -318,13 +318,6 @@ fn audio_thread(
     metrics: ServerMetrics,
     stop: Arc<AtomicBool>,
 ) {
-    // Sound must not wait behind the frame path on a busy machine: a late packet makes the
-    // browser's jitter buffer grow for everyone after it. The audio thread, and GStreamer's
-    // streaming threads it starts (they inherit it), run at a higher priority where the
-    // node may raise it (root, or CAP_SYS_NICE); elsewhere this is a no-op.
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), AUDIO_NICE) {
-        tracing::debug!("the audio thread keeps its priority: {e}");
-    }
     let clock = gst::SystemClock::obtain();
     let mut packetizer = OpusPacketizer::new(crate::pipeline::rand_u32());
     let mut synth = Synth::default();
@@ -358,6 +351,16 @@ fn audio_thread(
             continue;
         }
         if running.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
+            // The demo's sound is paced by this thread: it must not wait behind the frame
+            // path on a busy machine (a late packet makes the browser's jitter buffer grow
+            // for everyone after it), so this thread and the GStreamer threads it starts
+            // (they inherit it) run at a higher priority where the node may raise it (root,
+            // or CAP_SYS_NICE). A title's sound is paced by its PulseAudio server: there the
+            // threads keep the normal priority, so the title's own CPU is not taken.
+            let nice = if want == AudioCommand::Demo { AUDIO_NICE } else { 0 };
+            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+                tracing::debug!("the audio thread keeps its priority: {e}");
+            }
             match build(&want) {
                 Ok(r) => {
                     tracing::info!(source = ?want, "sound: Opus 48 kHz stereo, 10 ms frames");
