@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ash::vk;
 
-use crate::{FrameRenderer, GpuError};
+use crate::{FrameRenderer, GpuError, color_range, layout_barrier};
 
 /// `TRANSFER_SRC | TRANSFER_DST | SAMPLED`: the usage both sides create ring images with.
 const RING_USAGE: vk::ImageUsageFlags = vk::ImageUsageFlags::from_raw(0x1 | 0x2 | 0x4);
@@ -282,21 +282,7 @@ impl FrameRenderer {
         let direct = ring.sets.get(image).and_then(|sets| sets.get(slot)).copied();
         let d = &self.device;
         let cb = s.commands;
-        let barrier = |image: vk::Image,
-                       from: vk::ImageLayout,
-                       to: vk::ImageLayout,
-                       src: vk::AccessFlags,
-                       dst: vk::AccessFlags| {
-            vk::ImageMemoryBarrier::default()
-                .image(image)
-                .old_layout(from)
-                .new_layout(to)
-                .src_access_mask(src)
-                .dst_access_mask(dst)
-                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .subresource_range(color_range())
-        };
+        let barrier = layout_barrier;
         let family = self.info.queue_family.unwrap_or(0);
         // SAFETY: the command buffer is not pending (the slot is not in flight); every
         // handle recorded belongs to this device and lives until the ring is dropped, which
@@ -405,15 +391,5 @@ impl FrameRenderer {
             s.in_flight = true;
         }
         Ok(())
-    }
-}
-
-fn color_range() -> vk::ImageSubresourceRange {
-    vk::ImageSubresourceRange {
-        aspect_mask: vk::ImageAspectFlags::COLOR,
-        base_mip_level: 0,
-        level_count: 1,
-        base_array_layer: 0,
-        layer_count: 1,
     }
 }

@@ -1169,34 +1169,13 @@ impl FrameRenderer {
         }
         let d = &self.device;
         let cb = s.commands;
-        let color = vk::ImageSubresourceRange {
-            aspect_mask: vk::ImageAspectFlags::COLOR,
-            base_mip_level: 0,
-            level_count: 1,
-            base_array_layer: 0,
-            layer_count: 1,
-        };
         let layers = vk::ImageSubresourceLayers {
             aspect_mask: vk::ImageAspectFlags::COLOR,
             mip_level: 0,
             base_array_layer: 0,
             layer_count: 1,
         };
-        let barrier = |image: vk::Image,
-                       from: vk::ImageLayout,
-                       to: vk::ImageLayout,
-                       src: vk::AccessFlags,
-                       dst: vk::AccessFlags| {
-            vk::ImageMemoryBarrier::default()
-                .image(image)
-                .old_layout(from)
-                .new_layout(to)
-                .src_access_mask(src)
-                .dst_access_mask(dst)
-                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .subresource_range(color)
-        };
+        let barrier = layout_barrier;
         let copy = [vk::BufferImageCopy::default()
             .buffer_offset(0)
             .buffer_row_length(0)
@@ -1348,6 +1327,36 @@ impl FrameRenderer {
         // writer) takes `&mut self`, so it cannot run while this borrow exists.
         Some(unsafe { std::slice::from_raw_parts(s.nv12.mapped, s.nv12.size) })
     }
+}
+
+/// The whole colour image (one mip level, one layer).
+fn color_range() -> vk::ImageSubresourceRange {
+    vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::COLOR,
+        base_mip_level: 0,
+        level_count: 1,
+        base_array_layer: 0,
+        layer_count: 1,
+    }
+}
+
+/// A layout transition of a whole colour image within one queue family.
+fn layout_barrier(
+    image: vk::Image,
+    from: vk::ImageLayout,
+    to: vk::ImageLayout,
+    src: vk::AccessFlags,
+    dst: vk::AccessFlags,
+) -> vk::ImageMemoryBarrier<'static> {
+    vk::ImageMemoryBarrier::default()
+        .image(image)
+        .old_layout(from)
+        .new_layout(to)
+        .src_access_mask(src)
+        .dst_access_mask(dst)
+        .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+        .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+        .subresource_range(color_range())
 }
 
 impl Drop for FrameRenderer {
