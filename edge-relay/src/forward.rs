@@ -289,6 +289,8 @@ struct Source {
     /// The last audio packet forwarded (extended sequence number, timestamp, payload): the
     /// redundant block of the next one (RFC 2198) for viewers that take RED.
     audio_prev: Option<(u64, u32, Arc<[u8]>)>,
+    /// When the newest audio packet arrived.
+    audio_arrived: Option<Instant>,
 }
 
 impl Source {
@@ -520,6 +522,7 @@ impl Core {
             frame_captured: None,
             audio_last_seq: None,
             audio_prev: None,
+            audio_arrived: None,
         };
         if s.keyframes.request(now) {
             send_keyframe_request(node, &mut s, &mut self.to_node, &self.metrics);
@@ -675,6 +678,9 @@ impl Core {
         let ext_seq = pylon_proto::rtp::extend_sequence(s.audio_last_seq, rtp.header.sequence);
         if s.audio_last_seq.is_none_or(|l| ext_seq > l) {
             s.audio_last_seq = Some(ext_seq);
+            if let Some(before) = s.audio_arrived.replace(arrival) {
+                self.metrics.audio_arrival_gap_seconds.observe(arrival.saturating_duration_since(before).as_secs_f64());
+            }
         }
         let wallclock = captured.filter(|c| *c <= arrival).unwrap_or(arrival);
         let payload: Arc<[u8]> = rtp.payload.into();

@@ -56,9 +56,9 @@ struct Args {
     allow_anonymous_nodes: bool,
     /// Put each viewer's sound and picture in one stream so the browser lip-syncs them.
     /// Off by default: each plays as soon as it can. Measured in Chromium (e2e_audio, the
-    /// demo's shots, medians): without it the sound trails the picture by 34–45 ms in a
-    /// session's first seconds, more later; with it 20–57 ms, and 138 ms once under load —
-    /// the browser's sync holds the sound back, never the picture (playout delay 0).
+    /// demo's shots, medians over 8 shots, 6 runs): without it the sound trails the picture
+    /// by 20–33 ms; with it by 16–30 ms, and 102 ms in a run where the browser's audio jitter
+    /// buffer had grown (the sync follows the sound's delay). It never delayed the picture.
     #[arg(long, env = "PYLON_AV_SYNC")]
     av_sync: bool,
 }

@@ -75,6 +75,9 @@ pub struct RelayMetrics {
     pub forward_seconds: Histogram,
     /// Arrival of a frame's first packet from the node to its last, seconds.
     pub frame_arrival_spread_seconds: Histogram,
+    /// Gap between consecutive audio packets from a node, seconds (10 ms when steady; a
+    /// longer one makes browsers' audio jitter buffers grow).
+    pub audio_arrival_gap_seconds: Histogram,
     /// Viewers per node stream.
     pub stream_viewers: Family<StreamLabel, Gauge>,
     /// RTP packets received per node stream.
@@ -152,6 +155,7 @@ impl RelayMetrics {
             viewers: Gauge::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
             frame_arrival_spread_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
+            audio_arrival_gap_seconds: Histogram::new(exponential_buckets(0.002_5, 2.0, 9)),
             stream_viewers: Family::default(),
             stream_packets_in: Family::default(),
             stream_bytes_in: Family::default(),
@@ -203,6 +207,11 @@ impl RelayMetrics {
             "frame_arrival_spread_seconds",
             "Arrival of a frame's first packet from the node to its last",
             m.frame_arrival_spread_seconds.clone(),
+        );
+        r.register(
+            "audio_arrival_gap_seconds",
+            "Gap between consecutive audio packets from a node",
+            m.audio_arrival_gap_seconds.clone(),
         );
         r.register("stream_viewers", "Viewers per node stream", m.stream_viewers.clone());
         r.register("stream_packets_in", "RTP packets received per node stream", m.stream_packets_in.clone());

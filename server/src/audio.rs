@@ -231,7 +231,7 @@ fn build(command: &AudioCommand) -> Result<Running, AudioError> {
     let desc = match command {
         AudioCommand::Idle => return Err(AudioError::Gstreamer("nothing to play".into())),
         AudioCommand::Demo => format!(
-            "appsrc name=src is-live=true do-timestamp=true format=time \
+            "appsrc name=src is-live=true format=time \
              caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {ENCODE}"
         ),
         AudioCommand::Title { server } => format!(
@@ -254,6 +254,37 @@ fn build(command: &AudioCommand) -> Result<Running, AudioError> {
     Ok(Running { pipeline, sink, src })
 }
 
+/// Makes the calling thread a real-time audio thread, or failing that one at nice
+/// [`AUDIO_NICE`]; a node without the right keeps the normal priority.
+fn raise_priority() {
+    use thread_priority::{
+        RealtimeThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
+        thread_native_id,
+    };
+    let priority = ThreadPriority::Crossplatform(5u8.try_into().unwrap_or_default());
+    let policy = ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::RoundRobin);
+    match set_thread_priority_and_policy(thread_native_id(), priority, policy) {
+        Ok(()) => tracing::debug!("audio thread: real-time (round-robin)"),
+        Err(e) => {
+            tracing::debug!("audio thread: no real-time priority ({e:?}), trying nice {AUDIO_NICE}");
+            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), AUDIO_NICE) {
+                tracing::debug!("audio thread keeps its priority: {e}");
+            }
+        }
+    }
+}
+
+/// Back to the normal policy and nice 0 (after the demo's sound, for a title's).
+fn normal_priority() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
+        thread_native_id,
+    };
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other);
+    let _ = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, policy);
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 0);
+}
+
 /// RTP packetization of Opus frames (one frame a packet, RFC 7587). Timestamps count
 /// samples: each packet's is the previous one's plus the previous packet's duration (from
 /// its TOC byte), so the receiver's jitter buffer sees no gaps or overlaps; they are set
@@ -265,6 +296,10 @@ pub struct OpusPacketizer {
     sequence: u16,
     next: Option<u32>,
 }
+
+/// How much later than the previous packet's end a packet may be captured before it counts
+/// as an underrun: 10 ms.
+const UNDERRUN_SLACK_NS: u64 = 10_000_000;
 
 /// Samples (at 48 kHz) the running timestamp may drift from the capture clock: 100 ms.
 pub const RESYNC_SAMPLES: u32 = 4_800;
@@ -325,6 +360,8 @@ fn audio_thread(
     let mut running: Option<Running> = None;
     let mut retry_at: Option<Instant> = None;
     let mut next_chunk = Instant::now();
+    // The capture time at which the previous packet's sound ended (ns, monotonic clock).
+    let mut expected_ns: Option<u64> = None;
     while !stop.load(Ordering::Relaxed) {
         // What to play.
         let mut changed = false;
@@ -354,17 +391,21 @@ fn audio_thread(
             // The demo's sound is paced by this thread: it must not wait behind the frame
             // path on a busy machine (a late packet makes the browser's jitter buffer grow
             // for everyone after it), so this thread and the GStreamer threads it starts
-            // (they inherit it) run at a higher priority where the node may raise it (root,
-            // or CAP_SYS_NICE). A title's sound is paced by its PulseAudio server: there the
-            // threads keep the normal priority, so the title's own CPU is not taken.
-            let nice = if want == AudioCommand::Demo { AUDIO_NICE } else { 0 };
-            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
-                tracing::debug!("the audio thread keeps its priority: {e}");
+            // (they inherit it) run as real-time audio threads do (round-robin, priority 5,
+            // PulseAudio's default) where the node may (root, or CAP_SYS_NICE), else at nice
+            // -10 where it may. They use well under 2 % of a core. A title's sound is paced by
+            // its PulseAudio server: there the threads keep the normal priority, so the
+            // title's own CPU is not taken.
+            if want == AudioCommand::Demo {
+                raise_priority();
+            } else {
+                normal_priority();
             }
             match build(&want) {
                 Ok(r) => {
                     tracing::info!(source = ?want, "sound: Opus 48 kHz stereo, 10 ms frames");
                     running = Some(r);
+                    expected_ns = None;
                     retry_at = None;
                     next_chunk = Instant::now();
                 }
@@ -389,7 +430,16 @@ fn audio_thread(
                 if now - next_chunk > Duration::from_millis(100) {
                     next_chunk = now;
                 }
-                let _ = src.push_buffer(gst::Buffer::from_mut_slice(synth.render()));
+                // Stamped with when the chunk is due, not when this thread got to it: a late
+                // wake-up must not shift the sound against the picture's clock.
+                let mut buffer = gst::Buffer::from_mut_slice(synth.render());
+                let due = clock.time().nseconds().saturating_sub((now - next_chunk).as_nanos() as u64);
+                let base = r.pipeline.base_time().map_or(0, gst::ClockTime::nseconds);
+                if let Some(b) = buffer.get_mut() {
+                    b.set_pts(gst::ClockTime::from_nseconds(due.saturating_sub(base)));
+                    b.set_duration(gst::ClockTime::from_mseconds(10));
+                }
+                let _ = src.push_buffer(buffer);
                 next_chunk += Duration::from_millis(10);
             }
         }
@@ -403,6 +453,12 @@ fn audio_thread(
             // The capture time on the wall clock: now, less how long ago it was captured.
             let age = Duration::from_nanos(clock.time().nseconds().saturating_sub(captured));
             let wall = SystemTime::now().checked_sub(age).unwrap_or_else(SystemTime::now);
+            let duration_ns =
+                u64::from(opus_samples(map.as_slice()).unwrap_or(480)) * 1_000_000_000 / u64::from(AUDIO_CLOCK_RATE);
+            if expected_ns.is_some_and(|e| captured > e + UNDERRUN_SLACK_NS) {
+                metrics.audio_underruns.inc();
+            }
+            expected_ns = Some(captured + duration_ns);
             let rtp = packetizer.packet(map.as_slice(), captured);
             // Capture (the buffer's timestamp) to the packet leaving for the network: the
             // node's share of glass-to-ear (capture buffer, encoder delay, this thread).

@@ -106,6 +106,9 @@ pub struct ServerMetrics {
     pub audio_bytes: Counter,
     /// Audio pipelines that failed to start or stopped (each is retried).
     pub audio_errors: Counter,
+    /// Capture underruns: an Opus packet captured more than 10 ms later than the previous
+    /// packet's end (the capture gave less than real time: a stalled source or thread).
+    pub audio_underruns: Counter,
     registry: Arc<Registry>,
 }
 
@@ -151,6 +154,7 @@ impl ServerMetrics {
             audio_packets: Counter::default(),
             audio_bytes: Counter::default(),
             audio_errors: Counter::default(),
+            audio_underruns: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
@@ -186,6 +190,11 @@ impl ServerMetrics {
         r.register("capture_frames", "Studio-title frames converted, by capture path", m.capture_frames.clone());
         r.register("audio_packets", "Audio RTP packets (Opus) sent to the relay", m.audio_packets.clone());
         r.register("audio_bytes", "Audio RTP bytes sent to the relay", m.audio_bytes.clone());
+        r.register(
+            "audio_underruns",
+            "Audio capture underruns (a packet captured over 10 ms after the previous one ended)",
+            m.audio_underruns.clone(),
+        );
         r.register(
             "audio_errors",
             "Audio pipelines that failed to start or stopped (each is retried)",
