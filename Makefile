@@ -20,7 +20,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -28,6 +28,7 @@ help:
 	@echo "make frame-path  per-stage frame timing report (benchmark)"
 	@echo "make frame-path-title  the same on a captured studio title: Vulkan present layer vs XShm (TITLE=program, default SDL2's testvulkan)"
 	@echo "make bench       criterion benchmarks of the frame stages"
+	@echo "make bench-capacity proof-of-capacity cost: node GPU time against the checker's verification"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
@@ -105,6 +106,11 @@ bench-relay:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="janus"
 	cargo build --release -p pylon-relay -p pylon-benches --bin pylon-relay --bin relay-bench
 	"$(CARGO_TARGET_DIR)/release/relay-bench" --viewers $(VIEWERS) --seconds $(BENCH_SECONDS) --soak-seconds $(SOAK)
+
+# The proof of capacity: node GPU time against the checker's derive + verify, per size.
+bench-capacity: deps
+	cargo build --release -p pylon-benches --bin capacity-bench
+	"$(CARGO_TARGET_DIR)/release/capacity-bench"
 
 bench-indexer: deps
 	cargo build --release -p pylon-benches --bin indexer-bench

@@ -12,6 +12,8 @@
 //!   sans-IO, driven by an explicit `now`.
 //! * [`capture`]: the messages between a title's Vulkan present layer and the node
 //!   (exported image rings, frames, releases).
+//! * [`capacity`]: the proof-of-capacity challenge (matrices from a seed) and its
+//!   Freivalds verification.
 //! * [`impair`]: a seeded lossy-path model (random and Gilbert–Elliott loss, delay,
 //!   jitter, reordering) for simulated-clock tests and the impairment proxy.
 //!
@@ -20,6 +22,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod capacity;
 pub mod capture;
 pub mod framing;
 pub mod h264;

@@ -7,7 +7,7 @@ fn main() {
     let shaders = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
         .join("../../shaders");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["scene", "nv12", "nv12_packed"] {
+    for name in ["scene", "nv12", "nv12_packed", "matmul"] {
         let path = shaders.join(format!("{name}.wgsl"));
         println!("cargo:rerun-if-changed={}", path.display());
         let mut source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));

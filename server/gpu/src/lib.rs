@@ -11,6 +11,7 @@
 //! This crate is one of the two places in Pylon allowed to use `unsafe` (it wraps Vulkan
 //! FFI through `ash`); every block says which invariant makes it sound.
 
+mod capacity;
 pub mod device;
 mod import;
 
@@ -18,6 +19,7 @@ use ash::vk;
 use std::time::Duration;
 use thiserror::Error;
 
+pub use capacity::{CapacityEngine, CapacityRun};
 pub use device::{DeviceInfo, DeviceKind};
 pub use import::{ExportedRing, ImportError};
 
@@ -220,6 +222,32 @@ impl std::fmt::Debug for FrameRenderer {
             .field("slots", &self.slots.len())
             .finish()
     }
+}
+
+/// A compute pipeline running `main` of the SPIR-V `code` (produced and validated by naga at
+/// build time) with `layout`.
+fn compute_pipeline(
+    d: &ash::Device,
+    code: &[u32],
+    layout: vk::PipelineLayout,
+    what: &'static str,
+) -> Result<vk::Pipeline, GpuError> {
+    // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
+    let module = unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(code), None) }
+        .map_err(GpuError::vk(what))?;
+    let info = [vk::ComputePipelineCreateInfo::default()
+        .stage(
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(c"main"),
+        )
+        .layout(layout)];
+    // SAFETY: `info` outlives the call; `layout` and `module` belong to `d`.
+    let pipeline = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
+    // SAFETY: the pipeline keeps its own copy of the code.
+    unsafe { d.destroy_shader_module(module, None) };
+    Ok(pipeline.map_err(|(_, result)| GpuError::Vulkan { what, result })?.into_iter().next().unwrap_or_default())
 }
 
 fn spirv(bytes: &[u8]) -> Vec<u32> {
@@ -448,26 +476,7 @@ impl FrameRenderer {
             )
         }
         .map_err(GpuError::vk("creating the packed compute layout"))?;
-        // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
-        let module = unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&code), None) }
-            .map_err(GpuError::vk("loading the packed NV12 shader"))?;
-        let info = [vk::ComputePipelineCreateInfo::default()
-            .stage(
-                vk::PipelineShaderStageCreateInfo::default()
-                    .stage(vk::ShaderStageFlags::COMPUTE)
-                    .module(module)
-                    .name(c"main"),
-            )
-            .layout(self.packed_layout)];
-        // SAFETY: `info` outlives the call.
-        let pipeline = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
-        // SAFETY: the pipeline keeps its own copy of the code.
-        unsafe { d.destroy_shader_module(module, None) };
-        self.packed = pipeline
-            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the packed compute pipeline", result })?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        self.packed = compute_pipeline(d, &code, self.packed_layout, "creating the packed compute pipeline")?;
         Ok(())
     }
 

@@ -1,0 +1,198 @@
+//! Proof of capacity: an integer matrix product the checker can verify far more cheaply than
+//! the node can compute it.
+//!
+//! The checker sends a [`Challenge`] — a random seed and a size `n`. Both sides derive the
+//! same `n × n` matrices `A` and `B` of 32-bit words from the seed ([`Challenge::matrices`],
+//! ChaCha8, so neither can be guessed before the seed is known). The node computes
+//! `C = A·B mod 2³²` on its GPU (`n³` multiply-adds) and returns `C`; the checker accepts it
+//! with [`verify`], Freivalds' algorithm: for a random vector `r`, `C·r = A·(B·r)` — three
+//! matrix-vector products, `3n²` multiply-adds per round.
+//!
+//! Soundness over the ring ℤ/2³²: if `C ≠ A·B`, some entry `d` of `D = C − A·B` is non-zero;
+//! with 2-adic valuation `v` (`d = 2^v · odd`), `d·r_j` hits any one value for at most
+//! `2^v` of the `2³²` choices of `r_j`, so one round misses the error with probability at
+//! most `2^(v−32)`. A wrong answer that is garbage (no work done, a replay of another
+//! seed's answer) has `v = 0` almost surely and escapes a round with probability `2⁻³²`;
+//! the worst case — errors only in the top bit, which saves the node no work — escapes a
+//! round with probability ½, so [`VERIFY_ROUNDS`] rounds bound it by `2^-ROUNDS`.
+//!
+//! Pure: no I/O, no clock; the caller brings the randomness for `r`.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use thiserror::Error;
+
+/// Matrix sizes must be a multiple of this (the GPU shader's tile edge).
+pub const TILE: u32 = 16;
+/// The largest challenge: 4096 × 4096 (64 MiB per matrix).
+pub const MAX_N: u32 = 4096;
+/// Freivalds rounds [`verify`] runs: a wrong product escapes all of them with probability
+/// at most `2^-VERIFY_ROUNDS` (and `2^(-32·VERIFY_ROUNDS)` for a product that is garbage).
+pub const VERIFY_ROUNDS: u32 = 8;
+
+/// Why a challenge or an answer is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CapacityError {
+    /// The size is zero, not a multiple of [`TILE`], or above [`MAX_N`].
+    #[error("matrix size {0} must be a non-zero multiple of {TILE} up to {MAX_N}")]
+    BadSize(u32),
+    /// An answer of the wrong length.
+    #[error("the product has {got} words, a {n}x{n} product has {want}")]
+    WrongLength {
+        /// The challenge's size.
+        n: u32,
+        /// Words expected.
+        want: usize,
+        /// Words received.
+        got: usize,
+    },
+}
+
+/// A proof-of-capacity challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenge {
+    /// Random, chosen by the checker when it sends the challenge.
+    pub seed: [u8; 32],
+    /// Matrix size (rows = columns).
+    pub n: u32,
+}
+
+impl Challenge {
+    /// A challenge of size `n` from `seed`.
+    pub fn new(seed: [u8; 32], n: u32) -> Result<Self, CapacityError> {
+        if n == 0 || !n.is_multiple_of(TILE) || n > MAX_N {
+            return Err(CapacityError::BadSize(n));
+        }
+        Ok(Self { seed, n })
+    }
+
+    /// Multiply-adds the product takes (`n³`).
+    pub fn work(&self) -> u64 {
+        u64::from(self.n).pow(3)
+    }
+
+    /// The matrices `A` and `B`, row-major, derived from the seed.
+    pub fn matrices(&self) -> (Vec<u32>, Vec<u32>) {
+        let len = (self.n as usize) * (self.n as usize);
+        let mut rng = ChaCha8Rng::from_seed(self.seed);
+        let mut fill = |len: usize| {
+            let mut bytes = vec![0u8; len * 4];
+            rng.fill_bytes(&mut bytes);
+            bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default())).collect::<Vec<u32>>()
+        };
+        let a = fill(len);
+        let b = fill(len);
+        (a, b)
+    }
+}
+
+/// `C = A·B mod 2³²` on the CPU, the plain way (`n³`): what an honest node's GPU computes,
+/// for tests and as the benchmark's baseline. Row-major `n × n` inputs.
+pub fn multiply(a: &[u32], b: &[u32], n: usize) -> Vec<u32> {
+    let mut c = vec![0u32; n * n];
+    for (i, row) in c.chunks_exact_mut(n).enumerate() {
+        for (k, &aik) in a.iter().skip(i * n).take(n).enumerate() {
+            for (cij, &bkj) in row.iter_mut().zip(b.iter().skip(k * n).take(n)) {
+                *cij = cij.wrapping_add(aik.wrapping_mul(bkj));
+            }
+        }
+    }
+    c
+}
+
+/// `M·v mod 2³²` for a row-major `n × n` matrix.
+fn mat_vec(m: &[u32], v: &[u32], n: usize) -> Vec<u32> {
+    m.chunks_exact(n)
+        .map(|row| row.iter().zip(v).fold(0u32, |acc, (&x, &y)| acc.wrapping_add(x.wrapping_mul(y))))
+        .collect()
+}
+
+/// Whether `c` is `A·B mod 2³²` for `challenge`'s matrices, by [`VERIFY_ROUNDS`] rounds of
+/// Freivalds' check with random vectors from `rng`. `Err` for an answer of the wrong shape.
+pub fn verify(
+    challenge: &Challenge,
+    a: &[u32],
+    b: &[u32],
+    c: &[u32],
+    rng: &mut impl RngCore,
+) -> Result<bool, CapacityError> {
+    let n = challenge.n as usize;
+    let want = n * n;
+    for got in [a.len(), b.len(), c.len()] {
+        if got != want {
+            return Err(CapacityError::WrongLength { n: challenge.n, want, got });
+        }
+    }
+    for _ in 0..VERIFY_ROUNDS {
+        let r: Vec<u32> = (0..n).map(|_| rng.next_u32()).collect();
+        if mat_vec(c, &r, n) != mat_vec(a, &mat_vec(b, &r, n), n) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn the_matrices_follow_from_the_seed_alone() {
+        let c = Challenge::new([1; 32], 32).unwrap();
+        assert_eq!(c.matrices(), c.matrices());
+        let other = Challenge::new([2; 32], 32).unwrap();
+        assert_ne!(c.matrices().0, other.matrices().0);
+        let (a, b) = c.matrices();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32 * 32);
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        for n in [0, 8, 17, MAX_N + TILE] {
+            assert_eq!(Challenge::new([0; 32], n), Err(CapacityError::BadSize(n)));
+        }
+        assert!(Challenge::new([0; 32], MAX_N).is_ok());
+    }
+
+    #[test]
+    fn the_product_wraps_mod_2_32() {
+        // [[2^31, 1], [3, 4]] · [[2, 5], [6, 7]]
+        let a = [1u32 << 31, 1, 3, 4];
+        let b = [2u32, 5, 6, 7];
+        let c = multiply(&a, &b, 2);
+        assert_eq!(c, vec![6, (1u32 << 31).wrapping_mul(5).wrapping_add(7), 30, 43]);
+    }
+
+    #[test]
+    fn a_true_product_passes_and_every_kind_of_false_one_fails() {
+        let ch = Challenge::new([9; 32], 64).unwrap();
+        let (a, b) = ch.matrices();
+        let c = multiply(&a, &b, 64);
+        assert_eq!(verify(&ch, &a, &b, &c, &mut rng()), Ok(true));
+        // One wrong word, anywhere.
+        for (i, delta) in [(0usize, 1u32), (64 * 64 - 1, 1 << 20), (1234, 3)] {
+            let mut bad = c.clone();
+            bad[i] = bad[i].wrapping_add(delta);
+            assert_eq!(verify(&ch, &a, &b, &bad, &mut rng()), Ok(false), "word {i} off by {delta}");
+        }
+        // Only the top bit wrong (the hardest error to see): caught with probability
+        // 1 - 2^-8 per check; over 64 checks all but a few percent of a chance.
+        let mut bad = c.clone();
+        bad[77] ^= 1 << 31;
+        let mut r = rng();
+        let caught = (0..64).filter(|_| verify(&ch, &a, &b, &bad, &mut r) == Ok(false)).count();
+        assert!(caught >= 63, "top-bit error caught {caught}/64");
+        // Another seed's product (a replay), zeros (no work), the wrong shape.
+        let other = Challenge::new([10; 32], 64).unwrap();
+        let (oa, ob) = other.matrices();
+        assert_eq!(verify(&ch, &a, &b, &multiply(&oa, &ob, 64), &mut rng()), Ok(false));
+        assert_eq!(verify(&ch, &a, &b, &vec![0; 64 * 64], &mut rng()), Ok(false));
+        assert!(matches!(verify(&ch, &a, &b, &c[1..], &mut rng()), Err(CapacityError::WrongLength { .. })));
+    }
+}
