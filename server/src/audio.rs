@@ -443,8 +443,15 @@ fn audio_thread(
                 next_chunk += Duration::from_millis(10);
             }
         }
-        // Encoded packets.
-        let wait = next_chunk.saturating_duration_since(Instant::now()).min(Duration::from_millis(5));
+        // Encoded packets: wait for the next one (it is handed over as soon as it is there),
+        // for the demo until its next chunk is due. A title's packets come at the capture's
+        // pace, so there is no chunk to wake for (waiting zero here spun this thread at 80 %
+        // of a core, taken from the game).
+        let wait = if r.src.is_some() {
+            next_chunk.saturating_duration_since(Instant::now()).min(Duration::from_millis(5))
+        } else {
+            Duration::from_millis(5)
+        };
         if let Some(sample) = r.sink.try_pull_sample(gst::ClockTime::from_nseconds(wait.as_nanos() as u64)) {
             let Some(buffer) = sample.buffer() else { continue };
             let Ok(map) = buffer.map_readable() else { continue };
