@@ -88,8 +88,15 @@ fn stage(platform: &common::Platform, name: &str) -> (f64, f64) {
     (find("sum"), find("count"))
 }
 
+/// CPU seconds of the node's sound: its audio thread and the GStreamer threads that thread
+/// starts (the demo's `appsrc` named `src` streams on `src:src`, which also runs the
+/// converter and the encoder).
 fn audio_thread_cpu() -> f64 {
-    common::thread_cpu().iter().filter(|(name, _)| name.starts_with("pylon-audio")).map(|(_, s)| s).sum()
+    common::thread_cpu()
+        .iter()
+        .filter(|(name, _)| name.starts_with("pylon-audio") || name.starts_with("src:src"))
+        .map(|(_, s)| s)
+        .sum()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
