@@ -7,7 +7,10 @@
 //! back, and reports the GPU's own time for the multiplication (timestamp queries) beside
 //! the wall time of the whole job.
 
-use crate::{FrameRenderer, GpuError, compute_pipeline, create_instance, device, spirv};
+use crate::{
+    FrameRenderer, GpuError, Opened, command_pool, compute_layout, compute_pipeline, compute_set_layout, device,
+    open_device, spirv,
+};
 use ash::vk;
 use std::time::{Duration, Instant};
 
@@ -55,46 +58,9 @@ struct Allocation {
 impl CapacityEngine {
     /// Opens the device `gpu` names (or the best one, as the renderer chooses).
     pub fn new(gpu: Option<&str>) -> Result<Self, GpuError> {
-        let (entry, instance) = create_instance()?;
-        let chosen = device::probe(&instance).and_then(|devices| {
-            let (index, _) = device::choose(&devices, gpu)?;
-            devices.get(index).cloned().ok_or_else(|| GpuError::NoDevice("device vanished".into()))
-        });
-        let info = match chosen {
-            Ok(i) => i,
-            Err(e) => {
-                // SAFETY: no object was created from the instance.
-                unsafe { instance.destroy_instance(None) };
-                return Err(e);
-            }
-        };
-        let Some(family) = info.queue_family else {
-            // SAFETY: no object was created from the instance.
-            unsafe { instance.destroy_instance(None) };
-            return Err(GpuError::NoDevice("device has no usable queue".into()));
-        };
-        let priorities = [1.0f32];
-        let queue_info =
-            [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
-        // SAFETY: the physical device belongs to `instance`; the create info outlives the call.
-        let device = match unsafe {
-            instance.create_device(info.handle, &vk::DeviceCreateInfo::default().queue_create_infos(&queue_info), None)
-        } {
-            Ok(d) => d,
-            Err(result) => {
-                // SAFETY: no object was created from the instance.
-                unsafe { instance.destroy_instance(None) };
-                return Err(GpuError::Vulkan { what: "creating the device", result });
-            }
-        };
-        // SAFETY: queue 0 of `family` was requested above; the handle belongs to `instance`.
-        let (queue, memory, properties) = unsafe {
-            (
-                device.get_device_queue(family, 0),
-                instance.get_physical_device_memory_properties(info.handle),
-                instance.get_physical_device_properties(info.handle),
-            )
-        };
+        let Opened { entry, instance, info, family, device, queue, memory, .. } = open_device(gpu, false)?;
+        // SAFETY: the handle belongs to `instance`.
+        let properties = unsafe { instance.get_physical_device_properties(info.handle) };
         let mut engine = CapacityEngine {
             _entry: entry,
             instance,
@@ -122,29 +88,9 @@ impl CapacityEngine {
 
     fn build(&mut self, family: u32) -> Result<(), GpuError> {
         let d = &self.device;
-        let storage = |binding| {
-            vk::DescriptorSetLayoutBinding::default()
-                .binding(binding)
-                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                .descriptor_count(1)
-                .stage_flags(vk::ShaderStageFlags::COMPUTE)
-        };
-        let bindings = [storage(0), storage(1), storage(2)];
-        // SAFETY: `bindings` outlives the call.
-        self.set_layout = unsafe {
-            d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
-        }
-        .map_err(GpuError::vk("creating the matmul descriptor layout"))?;
-        let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(4)];
-        let set_layouts = [self.set_layout];
-        // SAFETY: the arrays outlive the call.
-        self.layout = unsafe {
-            d.create_pipeline_layout(
-                &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
-                None,
-            )
-        }
-        .map_err(GpuError::vk("creating the matmul layout"))?;
+        let storage = vk::DescriptorType::STORAGE_BUFFER;
+        self.set_layout = compute_set_layout(d, &[storage; 3], "creating the matmul descriptor layout")?;
+        self.layout = compute_layout(d, self.set_layout, 4, "creating the matmul layout")?;
         let code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/matmul.spv")));
         self.pipeline = compute_pipeline(d, &code, self.layout, "creating the matmul pipeline")?;
         let sizes = [vk::DescriptorPoolSize::default().ty(vk::DescriptorType::STORAGE_BUFFER).descriptor_count(3)];
@@ -159,16 +105,7 @@ impl CapacityEngine {
             )
         }
         .map_err(GpuError::vk("creating the matmul descriptor pool"))?;
-        // SAFETY: plain create infos.
-        self.command_pool = unsafe {
-            d.create_command_pool(
-                &vk::CommandPoolCreateInfo::default()
-                    .queue_family_index(family)
-                    .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
-                None,
-            )
-        }
-        .map_err(GpuError::vk("creating the matmul command pool"))?;
+        self.command_pool = command_pool(d, family, "creating the matmul command pool")?;
         // SAFETY: a plain create info.
         self.queries = unsafe {
             d.create_query_pool(
@@ -349,7 +286,17 @@ impl CapacityEngine {
                 })
                 .collect();
             let region = [vk::BufferCopy::default().size(size)];
-            let barrier = |src, dst| [vk::MemoryBarrier::default().src_access_mask(src).dst_access_mask(dst)];
+            // Makes what one stage wrote visible to the next stage's accesses.
+            let barrier = |(src_stage, src): (vk::PipelineStageFlags, vk::AccessFlags),
+                           (dst_stage, dst): (vk::PipelineStageFlags, vk::AccessFlags)| {
+                let memory = [vk::MemoryBarrier::default().src_access_mask(src).dst_access_mask(dst)];
+                // SAFETY: called only while `cb` is recording, below.
+                unsafe {
+                    d.cmd_pipeline_barrier(cb, src_stage, dst_stage, vk::DependencyFlags::empty(), &memory, &[], &[])
+                }
+            };
+            let stage = vk::PipelineStageFlags::COMPUTE_SHADER;
+            let (transfer, host) = (vk::PipelineStageFlags::TRANSFER, vk::PipelineStageFlags::HOST);
             let recorded = (|| {
                 // SAFETY: every handle belongs to this device; `cb` is fresh and recorded
                 // once; the buffers outlive the submission (the caller frees them after
@@ -364,40 +311,16 @@ impl CapacityEngine {
                     d.cmd_reset_query_pool(cb, self.queries, 0, 2);
                     d.cmd_copy_buffer(cb, sa, ga, &region);
                     d.cmd_copy_buffer(cb, sb, gb, &region);
-                    d.cmd_pipeline_barrier(
-                        cb,
-                        vk::PipelineStageFlags::TRANSFER,
-                        vk::PipelineStageFlags::COMPUTE_SHADER,
-                        vk::DependencyFlags::empty(),
-                        &barrier(vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::SHADER_READ),
-                        &[],
-                        &[],
-                    );
+                    barrier((transfer, vk::AccessFlags::TRANSFER_WRITE), (stage, vk::AccessFlags::SHADER_READ));
                     d.cmd_write_timestamp(cb, vk::PipelineStageFlags::TOP_OF_PIPE, self.queries, 0);
                     d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, self.pipeline);
                     d.cmd_bind_descriptor_sets(cb, vk::PipelineBindPoint::COMPUTE, self.layout, 0, &[set], &[]);
                     d.cmd_push_constants(cb, self.layout, vk::ShaderStageFlags::COMPUTE, 0, &n.to_le_bytes());
                     d.cmd_dispatch(cb, n / 16, n / 16, 1);
                     d.cmd_write_timestamp(cb, vk::PipelineStageFlags::BOTTOM_OF_PIPE, self.queries, 1);
-                    d.cmd_pipeline_barrier(
-                        cb,
-                        vk::PipelineStageFlags::COMPUTE_SHADER,
-                        vk::PipelineStageFlags::TRANSFER,
-                        vk::DependencyFlags::empty(),
-                        &barrier(vk::AccessFlags::SHADER_WRITE, vk::AccessFlags::TRANSFER_READ),
-                        &[],
-                        &[],
-                    );
+                    barrier((stage, vk::AccessFlags::SHADER_WRITE), (transfer, vk::AccessFlags::TRANSFER_READ));
                     d.cmd_copy_buffer(cb, gc, sc, &region);
-                    d.cmd_pipeline_barrier(
-                        cb,
-                        vk::PipelineStageFlags::TRANSFER,
-                        vk::PipelineStageFlags::HOST,
-                        vk::DependencyFlags::empty(),
-                        &barrier(vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::HOST_READ),
-                        &[],
-                        &[],
-                    );
+                    barrier((transfer, vk::AccessFlags::TRANSFER_WRITE), (host, vk::AccessFlags::HOST_READ));
                     d.end_command_buffer(cb).map_err(GpuError::vk("recording the matmul"))?;
                     let cbs = [cb];
                     d.queue_submit(self.queue, &[vk::SubmitInfo::default().command_buffers(&cbs)], fence)

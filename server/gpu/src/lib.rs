@@ -119,6 +119,120 @@ fn create_instance() -> Result<(ash::Entry, ash::Instance), GpuError> {
     Ok((entry, instance))
 }
 
+/// A device opened for the node's GPU work: chosen by probing (or `gpu` by name), with one
+/// queue of its usable family.
+struct Opened {
+    entry: ash::Entry,
+    instance: ash::Instance,
+    info: DeviceInfo,
+    /// Why this device was chosen.
+    reason: String,
+    family: u32,
+    device: ash::Device,
+    queue: vk::Queue,
+    memory: vk::PhysicalDeviceMemoryProperties,
+}
+
+/// Opens the device `gpu` names, or the one [`device::choose`] prefers. With
+/// `external_memory`, enables `VK_KHR_external_memory_fd` where the device has it (importing
+/// frames from a title's present layer needs fd-backed memory). The instance is destroyed
+/// again on any failure.
+fn open_device(gpu: Option<&str>, external_memory: bool) -> Result<Opened, GpuError> {
+    let (entry, instance) = create_instance()?;
+    let chosen = device::probe(&instance).and_then(|devices| {
+        let (index, reason) = device::choose(&devices, gpu)?;
+        let info = devices.get(index).cloned().ok_or_else(|| GpuError::NoDevice("device vanished".into()))?;
+        let family = info.queue_family.ok_or_else(|| GpuError::NoDevice("device has no usable queue".into()))?;
+        Ok((info, reason, family))
+    });
+    let (info, reason, family) = match chosen {
+        Ok(c) => c,
+        Err(e) => {
+            // SAFETY: no object was created from the instance.
+            unsafe { instance.destroy_instance(None) };
+            return Err(e);
+        }
+    };
+    let priorities = [1.0f32];
+    let queue_info = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
+    let extensions: Vec<*const std::ffi::c_char> = if external_memory && info.external_memory_fd {
+        vec![ash::khr::external_memory_fd::NAME.as_ptr()]
+    } else {
+        Vec::new()
+    };
+    let device_info =
+        vk::DeviceCreateInfo::default().queue_create_infos(&queue_info).enabled_extension_names(&extensions);
+    // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.
+    let device = match unsafe { instance.create_device(info.handle, &device_info, None) } {
+        Ok(d) => d,
+        Err(result) => {
+            // SAFETY: no object was created from the instance.
+            unsafe { instance.destroy_instance(None) };
+            return Err(GpuError::Vulkan { what: "creating the device", result });
+        }
+    };
+    // SAFETY: queue 0 of `family` was requested above; the handle belongs to `instance`.
+    let (queue, memory) =
+        unsafe { (device.get_device_queue(family, 0), instance.get_physical_device_memory_properties(info.handle)) };
+    Ok(Opened { entry, instance, info, reason, family, device, queue, memory })
+}
+
+/// A descriptor-set layout whose bindings, numbered from 0, have `types`, one descriptor
+/// each, for the compute stage.
+fn compute_set_layout(
+    d: &ash::Device,
+    types: &[vk::DescriptorType],
+    what: &'static str,
+) -> Result<vk::DescriptorSetLayout, GpuError> {
+    let bindings: Vec<vk::DescriptorSetLayoutBinding> = types
+        .iter()
+        .zip(0u32..)
+        .map(|(&ty, binding)| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(binding)
+                .descriptor_type(ty)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        })
+        .collect();
+    // SAFETY: `bindings` outlives the call.
+    unsafe { d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None) }
+        .map_err(GpuError::vk(what))
+}
+
+/// A pipeline layout of one descriptor set and `push_bytes` of compute push constants.
+fn compute_layout(
+    d: &ash::Device,
+    set_layout: vk::DescriptorSetLayout,
+    push_bytes: u32,
+    what: &'static str,
+) -> Result<vk::PipelineLayout, GpuError> {
+    let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(push_bytes)];
+    let set_layouts = [set_layout];
+    // SAFETY: the arrays outlive the call; `set_layout` belongs to `d`.
+    unsafe {
+        d.create_pipeline_layout(
+            &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
+            None,
+        )
+    }
+    .map_err(GpuError::vk(what))
+}
+
+/// A command pool on `family` whose command buffers can be reset one by one.
+fn command_pool(d: &ash::Device, family: u32, what: &'static str) -> Result<vk::CommandPool, GpuError> {
+    // SAFETY: `family` is a queue family the device was created with.
+    unsafe {
+        d.create_command_pool(
+            &vk::CommandPoolCreateInfo::default()
+                .queue_family_index(family)
+                .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
+            None,
+        )
+    }
+    .map_err(GpuError::vk(what))
+}
+
 struct Buffer {
     buffer: vk::Buffer,
     memory: vk::DeviceMemory,
@@ -264,46 +378,8 @@ impl FrameRenderer {
         {
             return Err(GpuError::BadSize { width: config.width, height: config.height });
         }
-        let (entry, instance) = create_instance()?;
-        let devices = match device::probe(&instance) {
-            Ok(d) => d,
-            Err(e) => {
-                // SAFETY: no object was created from the instance.
-                unsafe { instance.destroy_instance(None) };
-                return Err(e);
-            }
-        };
-        let (index, reason) = match device::choose(&devices, config.gpu.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                // SAFETY: no object was created from the instance.
-                unsafe { instance.destroy_instance(None) };
-                return Err(e);
-            }
-        };
-        let info = devices.get(index).cloned().ok_or_else(|| GpuError::NoDevice("device vanished".into()))?;
-        let family = info.queue_family.ok_or_else(|| GpuError::NoDevice("device has no usable queue".into()))?;
-        let priorities = [1.0f32];
-        let queue_info =
-            [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
-        // Importing frames from a title's present layer needs fd-backed memory.
-        let extensions: Vec<*const std::ffi::c_char> =
-            if info.external_memory_fd { vec![ash::khr::external_memory_fd::NAME.as_ptr()] } else { Vec::new() };
-        let device_info =
-            vk::DeviceCreateInfo::default().queue_create_infos(&queue_info).enabled_extension_names(&extensions);
-        // SAFETY: the physical device belongs to `instance`; `device_info` outlives the call.
-        let device = match unsafe { instance.create_device(info.handle, &device_info, None) } {
-            Ok(d) => d,
-            Err(result) => {
-                // SAFETY: no object was created from the instance.
-                unsafe { instance.destroy_instance(None) };
-                return Err(GpuError::Vulkan { what: "creating the device", result });
-            }
-        };
-        // SAFETY: queue 0 of `family` was requested above.
-        let queue = unsafe { device.get_device_queue(family, 0) };
-        // SAFETY: the handle belongs to `instance`.
-        let memory = unsafe { instance.get_physical_device_memory_properties(info.handle) };
+        let Opened { entry, instance, info, reason, family, device, queue, memory } =
+            open_device(config.gpu.as_deref(), true)?;
 
         let mut renderer = FrameRenderer {
             memory,
@@ -417,27 +493,13 @@ impl FrameRenderer {
 
         // Shaders, compiled from shaders/*.wgsl by build.rs.
         let scene_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/scene.spv")));
-        let nv12_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12.spv")));
         // SAFETY: the code is valid SPIR-V produced and validated by naga at build time.
         let scene_module =
             unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&scene_code), None) }
                 .map_err(GpuError::vk("loading the scene shader"))?;
-        // SAFETY: as above.
-        let nv12_module =
-            match unsafe { d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&nv12_code), None) } {
-                Ok(m) => m,
-                Err(result) => {
-                    // SAFETY: the module was created above and is not in use.
-                    unsafe { d.destroy_shader_module(scene_module, None) };
-                    return Err(GpuError::Vulkan { what: "loading the NV12 shader", result });
-                }
-            };
-        let pipelines = self.build_pipelines(scene_module, nv12_module, family);
-        // SAFETY: pipelines keep their own copy of the code; the modules are no longer needed.
-        unsafe {
-            self.device.destroy_shader_module(scene_module, None);
-            self.device.destroy_shader_module(nv12_module, None);
-        }
+        let pipelines = self.build_pipelines(scene_module, family);
+        // SAFETY: the pipeline keeps its own copy of the code; the module is no longer needed.
+        unsafe { self.device.destroy_shader_module(scene_module, None) };
         pipelines?;
         self.build_packed()?;
 
@@ -453,39 +515,14 @@ impl FrameRenderer {
     fn build_packed(&mut self) -> Result<(), GpuError> {
         let d = &self.device;
         let code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12_packed.spv")));
-        let storage = |binding| {
-            vk::DescriptorSetLayoutBinding::default()
-                .binding(binding)
-                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                .descriptor_count(1)
-                .stage_flags(vk::ShaderStageFlags::COMPUTE)
-        };
-        let bindings = [storage(0), storage(1)];
-        // SAFETY: `bindings` outlives the call.
-        self.packed_set_layout = unsafe {
-            d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
-        }
-        .map_err(GpuError::vk("creating the packed descriptor layout"))?;
-        let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(32)];
-        let set_layouts = [self.packed_set_layout];
-        // SAFETY: the arrays outlive the call.
-        self.packed_layout = unsafe {
-            d.create_pipeline_layout(
-                &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
-                None,
-            )
-        }
-        .map_err(GpuError::vk("creating the packed compute layout"))?;
+        let storage = vk::DescriptorType::STORAGE_BUFFER;
+        self.packed_set_layout = compute_set_layout(d, &[storage, storage], "creating the packed descriptor layout")?;
+        self.packed_layout = compute_layout(d, self.packed_set_layout, 32, "creating the packed compute layout")?;
         self.packed = compute_pipeline(d, &code, self.packed_layout, "creating the packed compute pipeline")?;
         Ok(())
     }
 
-    fn build_pipelines(
-        &mut self,
-        scene: vk::ShaderModule,
-        nv12: vk::ShaderModule,
-        family: u32,
-    ) -> Result<(), GpuError> {
+    fn build_pipelines(&mut self, scene: vk::ShaderModule, family: u32) -> Result<(), GpuError> {
         let d = &self.device;
         // Graphics pipeline.
         // SAFETY: an empty layout description is always valid.
@@ -568,47 +605,14 @@ impl FrameRenderer {
             .unwrap_or_default();
 
         // Compute pipeline: sampled RGBA image in, NV12 storage buffer out.
-        let set_bindings = [
-            vk::DescriptorSetLayoutBinding::default()
-                .binding(0)
-                .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
-                .descriptor_count(1)
-                .stage_flags(vk::ShaderStageFlags::COMPUTE),
-            vk::DescriptorSetLayoutBinding::default()
-                .binding(1)
-                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                .descriptor_count(1)
-                .stage_flags(vk::ShaderStageFlags::COMPUTE),
-        ];
-        // SAFETY: `set_bindings` outlives the call.
-        self.set_layout = unsafe {
-            d.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&set_bindings), None)
-        }
-        .map_err(GpuError::vk("creating the descriptor layout"))?;
-        let push = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(16)];
-        let set_layouts = [self.set_layout];
-        // SAFETY: the arrays outlive the call.
-        self.compute_layout = unsafe {
-            d.create_pipeline_layout(
-                &vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts).push_constant_ranges(&push),
-                None,
-            )
-        }
-        .map_err(GpuError::vk("creating the compute layout"))?;
-        let compute_info = [vk::ComputePipelineCreateInfo::default()
-            .stage(
-                vk::PipelineShaderStageCreateInfo::default()
-                    .stage(vk::ShaderStageFlags::COMPUTE)
-                    .module(nv12)
-                    .name(c"main"),
-            )
-            .layout(self.compute_layout)];
-        // SAFETY: `compute_info` outlives the call.
-        self.compute = unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &compute_info, None) }
-            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the compute pipeline", result })?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        self.set_layout = compute_set_layout(
+            d,
+            &[vk::DescriptorType::SAMPLED_IMAGE, vk::DescriptorType::STORAGE_BUFFER],
+            "creating the descriptor layout",
+        )?;
+        self.compute_layout = compute_layout(d, self.set_layout, 16, "creating the compute layout")?;
+        let nv12 = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/nv12.spv")));
+        self.compute = compute_pipeline(d, &nv12, self.compute_layout, "creating the compute pipeline")?;
 
         let pool_sizes = [
             vk::DescriptorPoolSize { ty: vk::DescriptorType::SAMPLED_IMAGE, descriptor_count: 16 },
@@ -625,16 +629,7 @@ impl FrameRenderer {
             )
         }
         .map_err(GpuError::vk("creating the descriptor pool"))?;
-        // SAFETY: `family` is the queue family the device was created with.
-        self.command_pool = unsafe {
-            d.create_command_pool(
-                &vk::CommandPoolCreateInfo::default()
-                    .queue_family_index(family)
-                    .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
-                None,
-            )
-        }
-        .map_err(GpuError::vk("creating the command pool"))?;
+        self.command_pool = command_pool(d, family, "creating the command pool")?;
         Ok(())
     }
 
