@@ -73,7 +73,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// Sum and count of the relay's `pylon_relay_forward_seconds`.
 async fn relay_forward(platform: &common::Platform) -> (f64, f64) {
-    let text = common::http_get(platform.relay.http_addr, "/metrics").await;
+    let text = common::relay_metrics(platform.relay.http_addr).await;
     let find = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
     (find("pylon_relay_forward_seconds_sum "), find("pylon_relay_forward_seconds_count "))
 }

@@ -70,13 +70,7 @@ async fn the_demos_sound_reaches_chromium_when_the_ship_fires() {
     .await;
     // A spectator of the same stream, in a browser of its own, turns the sound on too.
     let spectator = Browser::start().await;
-    spectator.client.goto(&format!("{}watch/demo", platform.url())).await.unwrap();
-    spectator
-        .wait_for(
-            "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > 5",
-            Duration::from_secs(30),
-        )
-        .await;
+    spectator.watch(&platform, 5, Duration::from_secs(30)).await;
     spectator.eval("pylon.sound.toggle(); return true;").await;
     let energy = |a: &serde_json::Value| a["energy"].as_f64().unwrap_or(0.0);
     // Take the controls (an arrow tap ends the autopilot, which fires all the time): the
@@ -317,7 +311,7 @@ async fn shot_offsets(av_sync: bool) -> AvRun {
             offsets
         },
     };
-    let relay = common::http_get(platform.relay.http_addr, "/metrics").await;
+    let relay = common::relay_metrics(platform.relay.http_addr).await;
     let gaps: Vec<&str> =
         relay.lines().filter(|l| l.starts_with("pylon_relay_audio_arrival_gap_seconds_bucket")).collect();
     eprintln!(

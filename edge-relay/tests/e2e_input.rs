@@ -279,12 +279,7 @@ return true;
     b.client.new_window(true).await.unwrap();
     let handles = b.client.windows().await.unwrap();
     b.client.switch_to_window(handles.last().unwrap().clone()).await.unwrap();
-    b.client.goto(&format!("{}watch/demo", platform.url())).await.unwrap();
-    b.wait_for(
-        "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > 10",
-        Duration::from_secs(60),
-    )
-    .await;
+    b.watch(&platform, 10, Duration::from_secs(60)).await;
     b.wait_for("return pylon.channels && pylon.channels.input.readyState === 'open'", Duration::from_secs(10)).await;
     // (The page does not even capture a spectator's input; the relay would refuse it.)
     b.eval("window.dispatchEvent(new KeyboardEvent('keydown', { code: 'ArrowUp', bubbles: true })); return true;")

@@ -38,13 +38,7 @@ async fn a_frame_leaves_the_relay_in_one_burst_for_the_player_too() {
     // The spectator in a browser of its own: a second window of the same browser would
     // leave one of the two pages in the background, where Chromium renders lazily.
     let spectator = Browser::start().await;
-    spectator.client.goto(&format!("{}watch/demo", platform.url())).await.unwrap();
-    spectator
-        .wait_for(
-            "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > 30",
-            Duration::from_secs(60),
-        )
-        .await;
+    spectator.watch(&platform, 30, Duration::from_secs(60)).await;
     // Let the player's estimate settle past its start (str0m's first probes).
     tokio::time::sleep(Duration::from_secs(3)).await;
 

@@ -453,6 +453,19 @@ impl Browser {
             .unwrap_or_else(|e| panic!("CDP {cmd} failed: {e}"))
     }
 
+    /// Opens `platform`'s spectator link (`/watch/demo`) in the current window and waits
+    /// until the page, as a spectator, has decoded more than `frames` frames.
+    pub async fn watch(&self, platform: &Platform, frames: u32, within: Duration) {
+        self.client.goto(&format!("{}watch/demo", platform.url())).await.unwrap();
+        self.wait_for(
+            &format!(
+                "return window.pylon && pylon.role === 'spectator' && pylon.stats && pylon.stats.framesDecoded > {frames}"
+            ),
+            within,
+        )
+        .await;
+    }
+
     /// Polls `script` until it returns a truthy value or `timeout` passes.
     pub async fn wait_for(&self, script: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
