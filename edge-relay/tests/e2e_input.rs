@@ -73,7 +73,14 @@ async fn progress(b: &Browser, platform: &common::Platform) -> String {
     let decoded = b.eval("return pylon.stats.framesDecoded").await;
     let rendered = platform.server_metrics_value("pylon_server_frames_rendered");
     let encoded = platform.server_metrics_value("pylon_server_frames_encoded");
-    format!("decoded {decoded}, rendered {rendered}, encoded {encoded}")
+    let dropped: Vec<String> = platform
+        .server_metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("pylon_server_frames_dropped") || l.starts_with("pylon_server_gpu_"))
+        .map(str::to_string)
+        .collect();
+    format!("decoded {decoded}, rendered {rendered}, encoded {encoded}, {dropped:?}")
 }
 
 fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {

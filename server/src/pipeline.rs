@@ -523,6 +523,14 @@ fn render_thread(
             while let Ok(i) = inputs.try_recv() {
                 input.apply(&mut scene, &mut source, i, &metrics);
             }
+            // Frames the GPU has finished, without waiting: a frame about to start must see
+            // its slot free (a loop that only started frames and never looked would find
+            // every slot busy for ever).
+            if let Err(e) = collect(&mut renderer, &mut in_flight, &mut source, Duration::ZERO, &pool, &jobs, &metrics)
+            {
+                tracing::error!("GPU failure, stopping the render loop: {e}");
+                return;
+            }
             let now = Instant::now();
             if now >= next_due {
                 break false;
@@ -538,7 +546,9 @@ fn render_thread(
                 }
                 _ => None,
             };
-            let frame_waiting = input_waiting || layer == Some(true);
+            // An early frame needs a free slot; with none, this waits for the GPU below.
+            let slot_free = !renderer.in_flight((index % renderer.slot_count() as u64) as usize);
+            let frame_waiting = (input_waiting || layer == Some(true)) && slot_free;
             // A title's frames come at its own rate, the stream's at most.
             let gap = if input_waiting { min_gap } else { layer_gap };
             if frame_waiting && last_submit.is_none_or(|t| now - t >= gap) {
@@ -554,21 +564,11 @@ fn render_thread(
             } else {
                 next_due - now
             };
-            if let Some(front) = in_flight.front() {
-                match renderer.poll(front.slot, wait.min(Duration::from_millis(1))) {
-                    Ok(true) => {
-                        if let Some(done) = in_flight.pop_front() {
-                            if let (Some(image), Source::Title { layer: Some(l), .. }) = (done.imported, &mut source) {
-                                l.converted(image);
-                            }
-                            finish(&renderer, done, &pool, &jobs, &metrics);
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!("GPU failure, stopping the render loop: {e}");
-                        return;
-                    }
+            if !in_flight.is_empty() {
+                let wait = wait.min(Duration::from_millis(1));
+                if let Err(e) = collect(&mut renderer, &mut in_flight, &mut source, wait, &pool, &jobs, &metrics) {
+                    tracing::error!("GPU failure, stopping the render loop: {e}");
+                    return;
                 }
             } else if wait > WAKE_SPIN {
                 // Sleep until just before the tick: the OS wakes threads late by tens to
@@ -742,6 +742,32 @@ impl InputState {
         self.applied_seq = self.applied_seq.max(input.message.seq);
         self.unreflected.get_or_insert(input.arrived);
     }
+}
+
+/// Finishes the frames in flight that the GPU has completed, oldest first (so order
+/// holds), waiting up to `wait` for the oldest.
+fn collect(
+    renderer: &mut FrameRenderer,
+    in_flight: &mut VecDeque<InFlight>,
+    source: &mut Source,
+    mut wait: Duration,
+    pool: &mpsc::Receiver<frame::Video>,
+    jobs: &mpsc::Sender<EncodeJob>,
+    metrics: &ServerMetrics,
+) -> Result<(), GpuError> {
+    while let Some(front) = in_flight.front() {
+        if !renderer.poll(front.slot, wait)? {
+            return Ok(());
+        }
+        wait = Duration::ZERO;
+        if let Some(done) = in_flight.pop_front() {
+            if let (Some(image), Source::Title { layer: Some(l), .. }) = (done.imported, &mut *source) {
+                l.converted(image);
+            }
+            finish(renderer, done, pool, jobs, metrics);
+        }
+    }
+    Ok(())
 }
 
 /// Reads back a finished slot into a free encoder input frame and queues it.
