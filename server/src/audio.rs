@@ -8,14 +8,15 @@
 //! * nothing while the node rests.
 //!
 //! Both go through `opusenc` (48 kHz stereo, 10 ms frames, restricted low delay, in-band
-//! FEC) into an `appsink`; each Opus packet becomes one RTP packet (payload type
+//! FEC) into an `appsink` whose callback, on GStreamer's streaming thread, turns each Opus
+//! packet into one RTP packet (payload type
 //! [`OPUS_PT`], 48 kHz timestamps) with its capture time on the node's wall clock — the
 //! same clock video frames carry — and goes to the uplink as
 //! [`Outgoing::AudioRtp`](crate::pipeline::Outgoing::AudioRtp). A capture pipeline that
 //! fails (PulseAudio died) is rebuilt after [`RESTART_AFTER`]; video never waits for sound.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -213,7 +214,6 @@ impl Synth {
 /// One built GStreamer pipeline.
 struct Running {
     pipeline: gst::Pipeline,
-    sink: gst_app::AppSink,
     src: Option<gst_app::AppSrc>,
 }
 
@@ -227,7 +227,9 @@ const ENCODE: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,ra
      opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 bitrate=96000 ! \
      appsink name=sink sync=false max-buffers=50 drop=true";
 
-fn build(command: &AudioCommand) -> Result<Running, AudioError> {
+/// Builds and starts the pipeline for `command`; each encoded packet goes from the
+/// appsink's callback to `packets`.
+fn build(command: &AudioCommand, mut packets: PacketSink) -> Result<Running, AudioError> {
     let desc = match command {
         AudioCommand::Idle => return Err(AudioError::Gstreamer("nothing to play".into())),
         AudioCommand::Demo => format!(
@@ -250,8 +252,9 @@ fn build(command: &AudioCommand) -> Result<Running, AudioError> {
         .and_then(|s| s.downcast::<gst_app::AppSink>().ok())
         .ok_or_else(|| AudioError::Gstreamer("no appsink".into()))?;
     let src = pipeline.by_name("src").and_then(|s| s.downcast::<gst_app::AppSrc>().ok());
+    sink.set_callbacks(gst_app::AppSinkCallbacks::builder().new_sample(move |sink| packets.take(sink)).build());
     pipeline.set_state(gst::State::Playing).map_err(|e| AudioError::Gstreamer(e.to_string()))?;
-    Ok(Running { pipeline, sink, src })
+    Ok(Running { pipeline, src })
 }
 
 /// Makes the calling thread a real-time audio thread, or failing that one at nice
@@ -346,6 +349,54 @@ impl OpusPacketizer {
     }
 }
 
+/// Hands the encoder's packets to the uplink, on GStreamer's streaming thread (the one
+/// that encoded them): no thread of ours wakes up per packet.
+struct PacketSink {
+    /// One RTP stream for the node's whole life (sequence numbers run on across rebuilds).
+    packetizer: Arc<Mutex<OpusPacketizer>>,
+    packets: tokio::sync::mpsc::Sender<Outgoing>,
+    metrics: ServerMetrics,
+    clock: gst::Clock,
+    /// The capture time at which the previous packet's sound ended (ns, monotonic clock).
+    expected_ns: Option<u64>,
+}
+
+impl PacketSink {
+    fn take(&mut self, sink: &gst_app::AppSink) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+        let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
+        let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
+        let base = sink.base_time().map_or(0, gst::ClockTime::nseconds);
+        let captured = base + buffer.pts().map_or(0, gst::ClockTime::nseconds);
+        // The capture time on the wall clock: now, less how long ago it was captured.
+        let age = Duration::from_nanos(self.clock.time().nseconds().saturating_sub(captured));
+        let wall = SystemTime::now().checked_sub(age).unwrap_or_else(SystemTime::now);
+        let duration_ns =
+            u64::from(opus_samples(map.as_slice()).unwrap_or(480)) * 1_000_000_000 / u64::from(AUDIO_CLOCK_RATE);
+        if self.expected_ns.is_some_and(|e| captured > e + UNDERRUN_SLACK_NS) {
+            self.metrics.audio_underruns.inc();
+        }
+        self.expected_ns = Some(captured + duration_ns);
+        let rtp = match self.packetizer.lock() {
+            Ok(mut p) => p.packet(map.as_slice(), captured),
+            Err(poisoned) => poisoned.into_inner().packet(map.as_slice(), captured),
+        };
+        // Capture (the buffer's timestamp) to the packet leaving for the network: the
+        // node's share of glass-to-ear (capture buffer, encoder delay, hand-over).
+        self.metrics.observe("audio_capture_to_send", age);
+        self.metrics.audio_packets.inc();
+        self.metrics.audio_bytes.inc_by(rtp.len() as u64);
+        if self.packets.try_send(Outgoing::AudioRtp(Bytes::from(rtp), wall)).is_err() {
+            self.metrics.rtp_packets_dropped.get_or_create(&crate::metrics::PacketDrop { reason: "queue_full" }).inc();
+        }
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
+
+/// How long the audio thread waits between looks at a title's pipeline (its packets do not
+/// need the thread: they leave from GStreamer's capture thread).
+const TITLE_POLL: Duration = Duration::from_millis(100);
+
 fn audio_thread(
     commands: mpsc::Receiver<AudioCommand>,
     sounds: mpsc::Receiver<DemoSound>,
@@ -354,18 +405,18 @@ fn audio_thread(
     stop: Arc<AtomicBool>,
 ) {
     let clock = gst::SystemClock::obtain();
-    let mut packetizer = OpusPacketizer::new(crate::pipeline::rand_u32());
+    let packetizer = Arc::new(Mutex::new(OpusPacketizer::new(crate::pipeline::rand_u32())));
     let mut synth = Synth::default();
     let mut want = AudioCommand::Idle;
     let mut running: Option<Running> = None;
     let mut retry_at: Option<Instant> = None;
     let mut next_chunk = Instant::now();
-    // The capture time at which the previous packet's sound ended (ns, monotonic clock).
-    let mut expected_ns: Option<u64> = None;
+    // A command that arrived while the thread waited.
+    let mut arrived: Option<AudioCommand> = None;
     while !stop.load(Ordering::Relaxed) {
         // What to play.
         let mut changed = false;
-        while let Ok(c) = commands.try_recv() {
+        for c in arrived.take().into_iter().chain(commands.try_iter()) {
             if c != want {
                 want = c;
                 changed = true;
@@ -378,13 +429,7 @@ fn audio_thread(
         }
         if want == AudioCommand::Idle {
             while sounds.try_recv().is_ok() {}
-            match commands.recv_timeout(Duration::from_millis(250)) {
-                Ok(c) if c != want => {
-                    want = c;
-                    retry_at = Some(Instant::now());
-                }
-                _ => {}
-            }
+            arrived = commands.recv_timeout(Duration::from_millis(250)).ok();
             continue;
         }
         if running.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
@@ -401,11 +446,17 @@ fn audio_thread(
             } else {
                 normal_priority();
             }
-            match build(&want) {
+            let sink = PacketSink {
+                packetizer: packetizer.clone(),
+                packets: packets.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+                expected_ns: None,
+            };
+            match build(&want, sink) {
                 Ok(r) => {
                     tracing::info!(source = ?want, "sound: Opus 48 kHz stereo, 10 ms frames");
                     running = Some(r);
-                    expected_ns = None;
                     retry_at = None;
                     next_chunk = Instant::now();
                 }
@@ -417,11 +468,12 @@ fn audio_thread(
             }
         }
         let Some(r) = running.as_ref() else {
-            std::thread::sleep(Duration::from_millis(20));
+            arrived = commands.recv_timeout(Duration::from_millis(20)).ok();
             continue;
         };
         // The demo: one 10 ms chunk per 10 ms (silence included, so the stream is steady).
-        if let Some(src) = &r.src {
+        // A title's packets come at the capture's pace, without this thread.
+        let wait = if let Some(src) = &r.src {
             while let Ok(s) = sounds.try_recv() {
                 synth.play(s);
             }
@@ -442,40 +494,10 @@ fn audio_thread(
                 let _ = src.push_buffer(buffer);
                 next_chunk += Duration::from_millis(10);
             }
-        }
-        // Encoded packets: wait for the next one (it is handed over as soon as it is there),
-        // for the demo until its next chunk is due. A title's packets come at the capture's
-        // pace, so there is no chunk to wake for (waiting zero here spun this thread at 80 %
-        // of a core, taken from the game).
-        let wait = if r.src.is_some() {
-            next_chunk.saturating_duration_since(Instant::now()).min(Duration::from_millis(5))
+            next_chunk.saturating_duration_since(Instant::now())
         } else {
-            Duration::from_millis(5)
+            TITLE_POLL
         };
-        if let Some(sample) = r.sink.try_pull_sample(gst::ClockTime::from_nseconds(wait.as_nanos() as u64)) {
-            let Some(buffer) = sample.buffer() else { continue };
-            let Ok(map) = buffer.map_readable() else { continue };
-            let base = r.pipeline.base_time().map_or(0, gst::ClockTime::nseconds);
-            let captured = base + buffer.pts().map_or(0, gst::ClockTime::nseconds);
-            // The capture time on the wall clock: now, less how long ago it was captured.
-            let age = Duration::from_nanos(clock.time().nseconds().saturating_sub(captured));
-            let wall = SystemTime::now().checked_sub(age).unwrap_or_else(SystemTime::now);
-            let duration_ns =
-                u64::from(opus_samples(map.as_slice()).unwrap_or(480)) * 1_000_000_000 / u64::from(AUDIO_CLOCK_RATE);
-            if expected_ns.is_some_and(|e| captured > e + UNDERRUN_SLACK_NS) {
-                metrics.audio_underruns.inc();
-            }
-            expected_ns = Some(captured + duration_ns);
-            let rtp = packetizer.packet(map.as_slice(), captured);
-            // Capture (the buffer's timestamp) to the packet leaving for the network: the
-            // node's share of glass-to-ear (capture buffer, encoder delay, this thread).
-            metrics.observe("audio_capture_to_send", age);
-            metrics.audio_packets.inc();
-            metrics.audio_bytes.inc_by(rtp.len() as u64);
-            if packets.try_send(Outgoing::AudioRtp(Bytes::from(rtp), wall)).is_err() {
-                metrics.rtp_packets_dropped.get_or_create(&crate::metrics::PacketDrop { reason: "queue_full" }).inc();
-            }
-        }
         // A failed pipeline (PulseAudio gone, a broken device) is rebuilt.
         let failed =
             r.pipeline.bus().and_then(|bus| bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Eos])).map(
@@ -489,6 +511,11 @@ fn audio_thread(
             tracing::warn!(source = ?want, "sound stopped: {why}; restarting in {RESTART_AFTER:?}");
             running = None;
             retry_at = Some(Instant::now() + RESTART_AFTER);
+            continue;
+        }
+        // Until the next chunk is due (or a command arrives).
+        if !wait.is_zero() {
+            arrived = commands.recv_timeout(wait).ok();
         }
     }
 }
@@ -541,22 +568,42 @@ mod tests {
     }
 
     #[test]
-    fn the_demo_sound_is_encoded_to_opus() {
+    fn the_demo_sound_is_encoded_to_opus_and_handed_to_the_uplink_as_rtp() {
         if gst::init().is_err() || gst::ElementFactory::find("opusenc").is_none() {
             panic!("GStreamer with opusenc is required (gstreamer1.0-plugins-base)");
         }
-        let r = build(&AudioCommand::Demo).unwrap();
+        let (packets, mut rx) = tokio::sync::mpsc::channel(64);
+        let metrics = ServerMetrics::new();
+        let sink = PacketSink {
+            packetizer: Arc::new(Mutex::new(OpusPacketizer::new(9))),
+            packets,
+            metrics: metrics.clone(),
+            clock: gst::SystemClock::obtain(),
+            expected_ns: None,
+        };
+        let r = build(&AudioCommand::Demo, sink).unwrap();
         let src = r.src.clone().unwrap();
         let mut synth = Synth::default();
         synth.play(DemoSound::Shot);
         for _ in 0..20 {
             src.push_buffer(gst::Buffer::from_mut_slice(synth.render())).unwrap();
         }
-        let mut got = 0;
-        while got < 10 {
-            let s = r.sink.try_pull_sample(gst::ClockTime::from_seconds(5)).expect("Opus packets");
-            assert!(s.buffer().unwrap().size() > 0);
-            got += 1;
+        let mut sequences = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sequences.len() < 10 {
+            assert!(Instant::now() < deadline, "Opus packets: {} of 10", sequences.len());
+            match rx.try_recv() {
+                Ok(Outgoing::AudioRtp(rtp, _)) => {
+                    let p = pylon_proto::rtp::RtpPacket::parse(&rtp).unwrap();
+                    assert_eq!((p.header.payload_type, p.header.ssrc), (OPUS_PT, 9));
+                    assert_eq!(opus_samples(p.payload), Some(480), "10 ms frames");
+                    sequences.push(p.header.sequence);
+                }
+                Ok(_) => panic!("not audio"),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
         }
+        assert!(sequences.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "{sequences:?}");
+        assert!(metrics.audio_packets.get() >= 10, "counted: {}", metrics.audio_packets.get());
     }
 }
