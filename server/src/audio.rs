@@ -214,7 +214,7 @@ impl Synth {
 /// One built GStreamer pipeline.
 struct Running {
     pipeline: gst::Pipeline,
-    src: Option<gst_app::AppSrc>,
+    _src: Option<gst_app::AppSrc>,
 }
 
 impl Drop for Running {
@@ -229,7 +229,7 @@ const ENCODE: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,ra
 
 /// Builds and starts the pipeline for `command`; each encoded packet goes from the
 /// appsink's callback to `packets`.
-fn build(command: &AudioCommand, mut packets: PacketSink) -> Result<Running, AudioError> {
+fn build(command: &AudioCommand, mut packets: PacketSink, demo: &Arc<Mutex<DemoFeed>>) -> Result<Running, AudioError> {
     let desc = match command {
         AudioCommand::Idle => return Err(AudioError::Gstreamer("nothing to play".into())),
         AudioCommand::Demo => format!(
@@ -253,8 +253,39 @@ fn build(command: &AudioCommand, mut packets: PacketSink) -> Result<Running, Aud
         .ok_or_else(|| AudioError::Gstreamer("no appsink".into()))?;
     let src = pipeline.by_name("src").and_then(|s| s.downcast::<gst_app::AppSrc>().ok());
     sink.set_callbacks(gst_app::AppSinkCallbacks::builder().new_sample(move |sink| packets.take(sink)).build());
+    if let Some(src) = &src {
+        // The demo: the appsrc's own streaming thread asks for each chunk, waits until it
+        // is due, then converts and encodes it — one thread wakes up per 10 ms, no queue.
+        let feed = demo.clone();
+        let clock = gst::SystemClock::obtain();
+        let mut raised = false;
+        src.set_callbacks(
+            gst_app::AppSrcCallbacks::builder()
+                .need_data(move |src, _| {
+                    if !raised {
+                        // GStreamer's pool threads need not have been started by ours.
+                        raise_priority();
+                        raised = true;
+                    }
+                    let lock = |f: &Mutex<DemoFeed>| f.lock().unwrap_or_else(std::sync::PoisonError::into_inner).wait();
+                    std::thread::sleep(lock(&feed));
+                    let (chunk, late) = feed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).chunk();
+                    // Stamped with when the chunk was due, not when this thread got to it: a
+                    // late wake-up must not shift the sound against the picture's clock.
+                    let due = clock.time().nseconds().saturating_sub(late.as_nanos() as u64);
+                    let base = src.base_time().map_or(0, gst::ClockTime::nseconds);
+                    let mut buffer = gst::Buffer::from_mut_slice(chunk);
+                    if let Some(b) = buffer.get_mut() {
+                        b.set_pts(gst::ClockTime::from_nseconds(due.saturating_sub(base)));
+                        b.set_duration(gst::ClockTime::from_mseconds(10));
+                    }
+                    let _ = src.push_buffer(buffer);
+                })
+                .build(),
+        );
+    }
     pipeline.set_state(gst::State::Playing).map_err(|e| AudioError::Gstreamer(e.to_string()))?;
-    Ok(Running { pipeline, src })
+    Ok(Running { pipeline, _src: src })
 }
 
 /// Makes the calling thread a real-time audio thread, or failing that one at nice
@@ -349,6 +380,49 @@ impl OpusPacketizer {
     }
 }
 
+/// The demo's sound, handed to the appsrc a 10 ms chunk at a time when it is due.
+#[derive(Debug)]
+struct DemoFeed {
+    synth: Synth,
+    /// The render thread's sound events.
+    sounds: mpsc::Receiver<DemoSound>,
+    next_chunk: Option<Instant>,
+}
+
+impl DemoFeed {
+    fn new(sounds: mpsc::Receiver<DemoSound>) -> Self {
+        Self { synth: Synth::default(), sounds, next_chunk: None }
+    }
+
+    /// Starts over (a new pipeline): silence, the first chunk at once.
+    fn reset(&mut self) {
+        self.synth = Synth::default();
+        self.next_chunk = None;
+        while self.sounds.try_recv().is_ok() {}
+    }
+
+    /// How long until the next chunk is due.
+    fn wait(&self) -> Duration {
+        self.next_chunk.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// The next 10 ms chunk (with the sounds reported since the last one) and how late it
+    /// is. More than 100 ms late (the machine stalled), it starts over from now instead of
+    /// catching up in a burst.
+    fn chunk(&mut self) -> (Vec<u8>, Duration) {
+        while let Ok(s) = self.sounds.try_recv() {
+            self.synth.play(s);
+        }
+        let now = Instant::now();
+        let mut due = self.next_chunk.unwrap_or(now);
+        if now.saturating_duration_since(due) > Duration::from_millis(100) {
+            due = now;
+        }
+        self.next_chunk = Some(due + Duration::from_millis(10));
+        (self.synth.render(), now.saturating_duration_since(due))
+    }
+}
+
 /// Hands the encoder's packets to the uplink, on GStreamer's streaming thread (the one
 /// that encoded them): no thread of ours wakes up per packet.
 struct PacketSink {
@@ -393,9 +467,10 @@ impl PacketSink {
     }
 }
 
-/// How long the audio thread waits between looks at a title's pipeline (its packets do not
-/// need the thread: they leave from GStreamer's capture thread).
-const TITLE_POLL: Duration = Duration::from_millis(100);
+/// How long the audio thread waits between looks at its pipeline's bus (the packets do not
+/// need the thread: the demo's chunks are asked for and its packets leave from GStreamer's
+/// streaming thread, a title's from the capture thread).
+const BUS_POLL: Duration = Duration::from_millis(100);
 
 fn audio_thread(
     commands: mpsc::Receiver<AudioCommand>,
@@ -406,11 +481,11 @@ fn audio_thread(
 ) {
     let clock = gst::SystemClock::obtain();
     let packetizer = Arc::new(Mutex::new(OpusPacketizer::new(crate::pipeline::rand_u32())));
-    let mut synth = Synth::default();
+    let demo = Arc::new(Mutex::new(DemoFeed::new(sounds)));
+    let reset_demo = || demo.lock().unwrap_or_else(std::sync::PoisonError::into_inner).reset();
     let mut want = AudioCommand::Idle;
     let mut running: Option<Running> = None;
     let mut retry_at: Option<Instant> = None;
-    let mut next_chunk = Instant::now();
     // A command that arrived while the thread waited.
     let mut arrived: Option<AudioCommand> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -425,27 +500,26 @@ fn audio_thread(
         if changed {
             running = None;
             retry_at = Some(Instant::now());
-            synth = Synth::default();
         }
         if want == AudioCommand::Idle {
-            while sounds.try_recv().is_ok() {}
+            reset_demo();
             arrived = commands.recv_timeout(Duration::from_millis(250)).ok();
             continue;
         }
         if running.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
-            // The demo's sound is paced by this thread: it must not wait behind the frame
-            // path on a busy machine (a late packet makes the browser's jitter buffer grow
-            // for everyone after it), so this thread and the GStreamer threads it starts
-            // (they inherit it) run as real-time audio threads do (round-robin, priority 5,
-            // PulseAudio's default) where the node may (root, or CAP_SYS_NICE), else at nice
-            // -10 where it may. They use well under 2 % of a core. A title's sound is paced by
-            // its PulseAudio server: there the threads keep the normal priority, so the
-            // title's own CPU is not taken.
+            // The demo's sound is paced by GStreamer's streaming thread asking for chunks:
+            // it must not wait behind the frame path on a busy machine (a late packet makes
+            // the browser's jitter buffer grow for everyone after it), so that thread runs
+            // as real-time audio threads do (round-robin, priority 5, PulseAudio's default)
+            // where the node may (root, or CAP_SYS_NICE), else at nice -10 where it may. It
+            // uses a few % of a core. A title's sound is paced by its PulseAudio server:
+            // there the threads keep the normal priority, so the title's own CPU is not taken.
             if want == AudioCommand::Demo {
                 raise_priority();
             } else {
                 normal_priority();
             }
+            reset_demo();
             let sink = PacketSink {
                 packetizer: packetizer.clone(),
                 packets: packets.clone(),
@@ -453,12 +527,11 @@ fn audio_thread(
                 clock: clock.clone(),
                 expected_ns: None,
             };
-            match build(&want, sink) {
+            match build(&want, sink, &demo) {
                 Ok(r) => {
                     tracing::info!(source = ?want, "sound: Opus 48 kHz stereo, 10 ms frames");
                     running = Some(r);
                     retry_at = None;
-                    next_chunk = Instant::now();
                 }
                 Err(e) => {
                     metrics.audio_errors.inc();
@@ -470,33 +543,6 @@ fn audio_thread(
         let Some(r) = running.as_ref() else {
             arrived = commands.recv_timeout(Duration::from_millis(20)).ok();
             continue;
-        };
-        // The demo: one 10 ms chunk per 10 ms (silence included, so the stream is steady).
-        // A title's packets come at the capture's pace, without this thread.
-        let wait = if let Some(src) = &r.src {
-            while let Ok(s) = sounds.try_recv() {
-                synth.play(s);
-            }
-            let now = Instant::now();
-            if now >= next_chunk {
-                if now - next_chunk > Duration::from_millis(100) {
-                    next_chunk = now;
-                }
-                // Stamped with when the chunk is due, not when this thread got to it: a late
-                // wake-up must not shift the sound against the picture's clock.
-                let mut buffer = gst::Buffer::from_mut_slice(synth.render());
-                let due = clock.time().nseconds().saturating_sub((now - next_chunk).as_nanos() as u64);
-                let base = r.pipeline.base_time().map_or(0, gst::ClockTime::nseconds);
-                if let Some(b) = buffer.get_mut() {
-                    b.set_pts(gst::ClockTime::from_nseconds(due.saturating_sub(base)));
-                    b.set_duration(gst::ClockTime::from_mseconds(10));
-                }
-                let _ = src.push_buffer(buffer);
-                next_chunk += Duration::from_millis(10);
-            }
-            next_chunk.saturating_duration_since(Instant::now())
-        } else {
-            TITLE_POLL
         };
         // A failed pipeline (PulseAudio gone, a broken device) is rebuilt.
         let failed =
@@ -513,10 +559,7 @@ fn audio_thread(
             retry_at = Some(Instant::now() + RESTART_AFTER);
             continue;
         }
-        // Until the next chunk is due (or a command arrives).
-        if !wait.is_zero() {
-            arrived = commands.recv_timeout(wait).ok();
-        }
+        arrived = commands.recv_timeout(BUS_POLL).ok();
     }
 }
 
@@ -581,13 +624,11 @@ mod tests {
             clock: gst::SystemClock::obtain(),
             expected_ns: None,
         };
-        let r = build(&AudioCommand::Demo, sink).unwrap();
-        let src = r.src.clone().unwrap();
-        let mut synth = Synth::default();
-        synth.play(DemoSound::Shot);
-        for _ in 0..20 {
-            src.push_buffer(gst::Buffer::from_mut_slice(synth.render())).unwrap();
-        }
+        let (sounds, sound_rx) = mpsc::channel();
+        sounds.send(DemoSound::Shot).unwrap();
+        let started = Instant::now();
+        let _r = build(&AudioCommand::Demo, sink, &Arc::new(Mutex::new(DemoFeed::new(sound_rx)))).unwrap();
+        let mut sizes = Vec::new();
         let mut sequences = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         while sequences.len() < 10 {
@@ -598,12 +639,17 @@ mod tests {
                     assert_eq!((p.header.payload_type, p.header.ssrc), (OPUS_PT, 9));
                     assert_eq!(opus_samples(p.payload), Some(480), "10 ms frames");
                     sequences.push(p.header.sequence);
+                    sizes.push(p.payload.len());
                 }
                 Ok(_) => panic!("not audio"),
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
+        // Paced: ten 10 ms chunks take about 100 ms, not a burst.
+        assert!(started.elapsed() >= Duration::from_millis(80), "paced: {:?}", started.elapsed());
         assert!(sequences.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "{sequences:?}");
+        // The shot is in the first chunks and sounds for 90 ms; silence encodes to a few bytes.
+        assert!(sizes.iter().take(5).all(|&n| n > 20), "the shot is encoded: {sizes:?}");
         assert!(metrics.audio_packets.get() >= 10, "counted: {}", metrics.audio_packets.get());
     }
 }
