@@ -223,8 +223,9 @@ impl Drop for Running {
     }
 }
 
-const ENCODE: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=48000,channels=2 ! \
-     opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 bitrate=96000 ! \
+/// Whatever a title's sound server delivers, as the encoder takes it.
+const CONVERT: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=48000,channels=2";
+const ENCODE: &str = "opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 bitrate=96000 ! \
      appsink name=sink sync=false max-buffers=50 drop=true";
 
 /// Builds and starts the pipeline for `command`; each encoded packet goes from the
@@ -232,13 +233,14 @@ const ENCODE: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,ra
 fn build(command: &AudioCommand, mut packets: PacketSink, demo: &Arc<Mutex<DemoFeed>>) -> Result<Running, AudioError> {
     let desc = match command {
         AudioCommand::Idle => return Err(AudioError::Gstreamer("nothing to play".into())),
+        // The synthesiser makes what the encoder takes: no converter.
         AudioCommand::Demo => format!(
             "appsrc name=src is-live=true format=time \
              caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {ENCODE}"
         ),
         AudioCommand::Title { server } => format!(
             "pulsesrc server=\"{server}\" device=pylon.monitor buffer-time=20000 latency-time=10000 \
-             do-timestamp=true client-name=pylon-node ! {ENCODE}"
+             do-timestamp=true client-name=pylon-node ! {CONVERT} ! {ENCODE}"
         ),
     };
     let pipeline = gst::parse::launch(&desc)
