@@ -1,17 +1,8 @@
 // The NV12 block conversion shared by nv12.wgsl and nv12_packed.wgsl (build.rs appends
-// this file to each): BT.709, limited range. One invocation converts a block of 4x2
+// this file and yuv.wgsl to each): BT.709, limited range. One invocation converts a block of 4x2
 // pixels read with the including shader's `px`: two 32-bit words of luma (4 bytes on each
 // of the two rows) and one word of interleaved chroma (U0 V0 U1 V1), each chroma sample
 // the average of a 2x2 pixel square. Width a multiple of 4, height of 2; luma pitch = width.
-
-fn luma(c: vec3<f32>) -> f32 {
-    return 16.0 + 219.0 * dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
-}
-
-fn chroma(c: vec3<f32>) -> vec2<f32> {
-    let y = dot(c, vec3<f32>(0.2126, 0.7152, 0.0722));
-    return vec2<f32>(128.0 + 224.0 * (c.b - y) / 1.8556, 128.0 + 224.0 * (c.r - y) / 1.5748);
-}
 
 fn pack4(a: f32, b: f32, c: f32, d: f32) -> u32 {
     let v = clamp(round(vec4<f32>(a, b, c, d)), vec4<f32>(0.0), vec4<f32>(255.0));

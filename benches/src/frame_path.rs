@@ -18,11 +18,13 @@
 //! frame over the demo's direct path; the XShm stages are also measured alone — grab,
 //! upload + convert, encode — for the glue ratios.
 //!
-//! "Render alone" is the GPU's whole work on a frame, drawing plus the NV12 compute pass,
-//! submitted and waited for on its own: colour conversion is rendering work, not glue.
-//! What remains in the ratio is the glue — synchronisation with the render thread,
-//! readback, copies, queueing, packetizing. The ratio against drawing only is reported
-//! too (`draw_only_ratio`), since on a CPU renderer the conversion is expensive.
+//! "Render alone" is the GPU's whole work on a frame — the scene drawn straight into
+//! NV12's two planes and copied out — submitted and waited for on its own: colour
+//! conversion is rendering work, not glue. What remains in the ratio is the glue —
+//! synchronisation with the render thread, readback, copies, queueing, packetizing. The
+//! ratio against RGBA drawing only is reported too (`draw_only_ratio`), and the planes
+//! against the path before them, RGBA drawing then the NV12 compute pass, in the same run
+//! (`planes_ratio`).
 
 use anyhow::Context;
 use clap::Parser;
@@ -161,6 +163,7 @@ fn main() -> anyhow::Result<()> {
     let mut frame = encoder.new_input_frame();
     let mut scene = DemoScene::new(args.width, args.height, SEED);
     let (mut draw_alone, mut render_alone, mut encode_alone) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rgba_convert_alone = Vec::new();
     let mut first = true;
     // Paced like the pipeline (one frame per tick), so both runs see the same machine:
     // caches, clock speed and thread wake-ups after an idle gap.
@@ -182,12 +185,17 @@ fn main() -> anyhow::Result<()> {
         encoder.encode(&mut frame, index as i64, first)?;
         let t3 = Instant::now();
         first = false;
-        // Drawing without the conversion, for the draw-only figure.
+        // Drawing in RGBA without the conversion, for the draw-only figure.
         renderer.submit(0, scene.vertices(), Work::RenderOnly)?;
+        renderer.wait(0, Duration::from_secs(5))?;
+        let t4 = Instant::now();
+        // The baseline: RGBA drawing, then the NV12 compute pass.
+        renderer.submit(0, scene.vertices(), Work::RenderThenConvert)?;
         renderer.wait(0, Duration::from_secs(5))?;
         render_alone.push(t1 - t0);
         encode_alone.push(t3 - t2);
-        draw_alone.push(t3.elapsed());
+        draw_alone.push(t4 - t3);
+        rgba_convert_alone.push(t4.elapsed());
     }
 
     // 3. Report.
@@ -195,7 +203,9 @@ fn main() -> anyhow::Result<()> {
     let whole = stage(|t| t.total);
     let whole_p95 = percentile(measured.iter().map(|t| t.total).collect(), 0.95);
     let (draw_alone, render_alone, encode_alone) = (median(draw_alone), median(render_alone), median(encode_alone));
+    let rgba_convert_alone = median(rgba_convert_alone);
     let convert_alone = render_alone.saturating_sub(draw_alone);
+    let planes_ratio = ms(render_alone) / ms(rgba_convert_alone);
     let alone = render_alone + encode_alone;
     let draw_only_ratio = ms(whole) / ms(draw_alone + encode_alone);
     let ratio = ms(whole) / ms(alone);
@@ -207,15 +217,16 @@ fn main() -> anyhow::Result<()> {
         args.width, args.height, args.fps, info.gpu_name, info.encoder
     );
     println!("{:<34} {:>9}", "stage (median per frame)", "ms");
-    println!("{:<34} {:>9.3}", "render + NV12 convert (GPU)", ms(stage(|t| t.render)));
-    println!("{:<34} {:>9.3}", "  of which convert (alone)", ms(convert_alone));
+    println!("{:<34} {:>9.3}", "render to NV12 (GPU)", ms(stage(|t| t.render)));
     println!("{:<34} {:>9.3}", "readback (copy to encoder frame)", ms(stage(|t| t.readback)));
     println!("{:<34} {:>9.3}", "queue to encoder", ms(stage(|t| t.queued)));
     println!("{:<34} {:>9.3}", "encode", ms(stage(|t| t.encode)));
     println!("{:<34} {:>9.3}", "packetize + hand to network", ms(stage(|t| t.packetize)));
     println!("{:<34} {:>9.3}  (p95 {:.3})", "whole frame path (tick → packets)", ms(whole), ms(whole_p95));
-    println!("{:<34} {:>9.3}", "render alone (draw + NV12, GPU)", ms(render_alone));
-    println!("{:<34} {:>9.3}", "  draw only", ms(draw_alone));
+    println!("{:<34} {:>9.3}", "render alone (NV12 planes, GPU)", ms(render_alone));
+    println!("{:<34} {:>9.3}", "  over RGBA drawing only", ms(convert_alone));
+    println!("{:<34} {:>9.3}", "RGBA draw only", ms(draw_alone));
+    println!("{:<34} {:>9.3}", "RGBA draw + NV12 compute pass", ms(rgba_convert_alone));
     println!("{:<34} {:>9.3}", "encode alone", ms(encode_alone));
     println!(
         "sustained: {:.1} fps over {:.1} s, {} RTP packets, {:.0} kbit/s",
@@ -229,6 +240,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("glue ratio (whole ÷ (render alone + encode alone)): {ratio:.3}  (target ≤ 1.15)");
     println!("draw-only ratio (whole ÷ (draw only + encode alone)): {draw_only_ratio:.3}");
+    println!("planes ratio (NV12 planes ÷ RGBA draw + compute pass, alone): {planes_ratio:.3}");
     println!(
         "{}",
         serde_json::json!({
@@ -238,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             "encode_ms": ms(stage(|t| t.encode)), "packetize_ms": ms(stage(|t| t.packetize)),
             "whole_ms": ms(whole), "whole_p95_ms": ms(whole_p95), "render_alone_ms": ms(render_alone), "encode_alone_ms": ms(encode_alone),
             "draw_only_ms": ms(draw_alone), "convert_alone_ms": ms(convert_alone),
+            "rgba_convert_alone_ms": ms(rgba_convert_alone), "planes_ratio": planes_ratio,
             "sustained_fps": fps, "glue_ratio": ratio, "draw_only_ratio": draw_only_ratio,
         })
     );

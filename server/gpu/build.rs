@@ -11,9 +11,15 @@ fn main() {
         let path = shaders.join(format!("{name}.wgsl"));
         println!("cargo:rerun-if-changed={}", path.display());
         let mut source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        // The NV12 shaders differ only in how they read a pixel; the block conversion is shared.
-        if name.starts_with("nv12") {
-            let common = shaders.join("nv12_common.wgsl");
+        // The NV12 shaders differ only in how they read a pixel; the block conversion is
+        // shared, and the colour conversion with the scene's plane shaders.
+        let shared: &[&str] = match name {
+            "scene" => &["yuv"],
+            "nv12" | "nv12_packed" => &["nv12_common", "yuv"],
+            _ => &[],
+        };
+        for part in shared {
+            let common = shaders.join(format!("{part}.wgsl"));
             println!("cargo:rerun-if-changed={}", common.display());
             source.push('\n');
             source.push_str(

@@ -252,8 +252,23 @@ struct Upload {
     height: u32,
 }
 
+/// One NV12 plane the demo's scene is drawn straight into: luma (R8, the stream's size)
+/// or interleaved chroma (R8G8, half the size each way).
+#[derive(Default)]
+struct Plane {
+    image: vk::Image,
+    memory: vk::DeviceMemory,
+    view: vk::ImageView,
+    framebuffer: vk::Framebuffer,
+}
+
+/// Formats of the luma and chroma planes.
+const PLANE_FORMATS: [vk::Format; 2] = [vk::Format::R8_UNORM, vk::Format::R8G8_UNORM];
+
 struct Slot {
     upload: Option<Upload>,
+    /// Luma and chroma targets of the demo's scene.
+    planes: [Plane; 2],
     image: vk::Image,
     image_memory: vk::DeviceMemory,
     view: vk::ImageView,
@@ -269,10 +284,14 @@ struct Slot {
 /// What one submission should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
-    /// Render the scene only (used to time rendering alone).
+    /// Draw the scene in RGBA only (used to time drawing alone).
     RenderOnly,
-    /// Render, then convert to NV12 into the slot's readback buffer.
+    /// Draw the scene straight into NV12's luma and chroma planes and copy them into the
+    /// slot's readback buffer (what the node streams).
     RenderAndConvert,
+    /// Draw in RGBA, then convert to NV12 with the compute pass (the path before the
+    /// planes; benchmarks compare against it).
+    RenderThenConvert,
 }
 
 /// How an uploaded picture's bytes are ordered (4 bytes a pixel; the 4th is ignored).
@@ -314,6 +333,9 @@ pub struct FrameRenderer {
     render_pass: vk::RenderPass,
     graphics_layout: vk::PipelineLayout,
     graphics: vk::Pipeline,
+    /// Render passes and pipelines drawing the scene into the luma and chroma planes.
+    plane_passes: [vk::RenderPass; 2],
+    plane_pipelines: [vk::Pipeline; 2],
     set_layout: vk::DescriptorSetLayout,
     compute_layout: vk::PipelineLayout,
     compute: vk::Pipeline,
@@ -395,6 +417,8 @@ impl FrameRenderer {
             render_pass: vk::RenderPass::null(),
             graphics_layout: vk::PipelineLayout::null(),
             graphics: vk::Pipeline::null(),
+            plane_passes: [vk::RenderPass::null(); 2],
+            plane_pipelines: [vk::Pipeline::null(); 2],
             set_layout: vk::DescriptorSetLayout::null(),
             compute_layout: vk::PipelineLayout::null(),
             compute: vk::Pipeline::null(),
@@ -524,85 +548,17 @@ impl FrameRenderer {
 
     fn build_pipelines(&mut self, scene: vk::ShaderModule, family: u32) -> Result<(), GpuError> {
         let d = &self.device;
-        // Graphics pipeline.
         // SAFETY: an empty layout description is always valid.
         self.graphics_layout = unsafe { d.create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default(), None) }
             .map_err(GpuError::vk("creating the graphics layout"))?;
-        let stages = [
-            vk::PipelineShaderStageCreateInfo::default()
-                .stage(vk::ShaderStageFlags::VERTEX)
-                .module(scene)
-                .name(c"vs_main"),
-            vk::PipelineShaderStageCreateInfo::default()
-                .stage(vk::ShaderStageFlags::FRAGMENT)
-                .module(scene)
-                .name(c"fs_main"),
-        ];
-        let bindings = [vk::VertexInputBindingDescription::default()
-            .binding(0)
-            .stride(std::mem::size_of::<Vertex>() as u32)
-            .input_rate(vk::VertexInputRate::VERTEX)];
-        let attributes = [
-            vk::VertexInputAttributeDescription::default()
-                .location(0)
-                .binding(0)
-                .format(vk::Format::R32G32_SFLOAT)
-                .offset(0),
-            vk::VertexInputAttributeDescription::default()
-                .location(1)
-                .binding(0)
-                .format(vk::Format::R32G32B32A32_SFLOAT)
-                .offset(8),
-        ];
-        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
-            .vertex_binding_descriptions(&bindings)
-            .vertex_attribute_descriptions(&attributes);
-        let assembly =
-            vk::PipelineInputAssemblyStateCreateInfo::default().topology(vk::PrimitiveTopology::TRIANGLE_LIST);
-        let viewports = [vk::Viewport {
-            x: 0.0,
-            y: 0.0,
-            width: self.width as f32,
-            height: self.height as f32,
-            min_depth: 0.0,
-            max_depth: 1.0,
-        }];
-        let scissors = [vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() }];
-        let viewport = vk::PipelineViewportStateCreateInfo::default().viewports(&viewports).scissors(&scissors);
-        let raster = vk::PipelineRasterizationStateCreateInfo::default()
-            .polygon_mode(vk::PolygonMode::FILL)
-            .cull_mode(vk::CullModeFlags::NONE)
-            .front_face(vk::FrontFace::COUNTER_CLOCKWISE)
-            .line_width(1.0);
-        let multisample =
-            vk::PipelineMultisampleStateCreateInfo::default().rasterization_samples(vk::SampleCountFlags::TYPE_1);
-        let blend_attachment = [vk::PipelineColorBlendAttachmentState::default()
-            .blend_enable(true)
-            .src_color_blend_factor(vk::BlendFactor::SRC_ALPHA)
-            .dst_color_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
-            .color_blend_op(vk::BlendOp::ADD)
-            .src_alpha_blend_factor(vk::BlendFactor::ONE)
-            .dst_alpha_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
-            .alpha_blend_op(vk::BlendOp::ADD)
-            .color_write_mask(vk::ColorComponentFlags::RGBA)];
-        let blend = vk::PipelineColorBlendStateCreateInfo::default().attachments(&blend_attachment);
-        let info = [vk::GraphicsPipelineCreateInfo::default()
-            .stages(&stages)
-            .vertex_input_state(&vertex_input)
-            .input_assembly_state(&assembly)
-            .viewport_state(&viewport)
-            .rasterization_state(&raster)
-            .multisample_state(&multisample)
-            .color_blend_state(&blend)
-            .layout(self.graphics_layout)
-            .render_pass(self.render_pass)
-            .subpass(0)];
-        // SAFETY: every structure referenced by `info` lives until the call returns.
-        self.graphics = unsafe { d.create_graphics_pipelines(vk::PipelineCache::null(), &info, None) }
-            .map_err(|(_, result)| GpuError::Vulkan { what: "creating the graphics pipeline", result })?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        self.graphics = self.graphics_pipeline(scene, c"fs_main", self.render_pass, self.extent())?;
+        for (i, format) in PLANE_FORMATS.iter().enumerate() {
+            self.plane_passes[i] = plane_pass(&self.device, *format)?;
+            let fragment = if i == 0 { c"fs_luma" } else { c"fs_chroma" };
+            self.plane_pipelines[i] =
+                self.graphics_pipeline(scene, fragment, self.plane_passes[i], self.plane_extent(i))?;
+        }
+        let d = &self.device;
 
         // Compute pipeline: sampled RGBA image in, NV12 storage buffer out.
         self.set_layout = compute_set_layout(
@@ -631,6 +587,94 @@ impl FrameRenderer {
         .map_err(GpuError::vk("creating the descriptor pool"))?;
         self.command_pool = command_pool(d, family, "creating the command pool")?;
         Ok(())
+    }
+
+    /// The scene's graphics pipeline with fragment entry point `fragment`, drawing into
+    /// `pass` (one colour attachment of `extent`), blending by the vertex colour's alpha.
+    fn graphics_pipeline(
+        &self,
+        scene: vk::ShaderModule,
+        fragment: &std::ffi::CStr,
+        pass: vk::RenderPass,
+        extent: vk::Extent2D,
+    ) -> Result<vk::Pipeline, GpuError> {
+        let stages = [
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::VERTEX)
+                .module(scene)
+                .name(c"vs_main"),
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::FRAGMENT)
+                .module(scene)
+                .name(fragment),
+        ];
+        let bindings = [vk::VertexInputBindingDescription::default()
+            .binding(0)
+            .stride(std::mem::size_of::<Vertex>() as u32)
+            .input_rate(vk::VertexInputRate::VERTEX)];
+        let attributes = [
+            vk::VertexInputAttributeDescription::default()
+                .location(0)
+                .binding(0)
+                .format(vk::Format::R32G32_SFLOAT)
+                .offset(0),
+            vk::VertexInputAttributeDescription::default()
+                .location(1)
+                .binding(0)
+                .format(vk::Format::R32G32B32A32_SFLOAT)
+                .offset(8),
+        ];
+        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
+            .vertex_binding_descriptions(&bindings)
+            .vertex_attribute_descriptions(&attributes);
+        let assembly =
+            vk::PipelineInputAssemblyStateCreateInfo::default().topology(vk::PrimitiveTopology::TRIANGLE_LIST);
+        let viewports = [vk::Viewport {
+            x: 0.0,
+            y: 0.0,
+            width: extent.width as f32,
+            height: extent.height as f32,
+            min_depth: 0.0,
+            max_depth: 1.0,
+        }];
+        let scissors = [vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent }];
+        let viewport = vk::PipelineViewportStateCreateInfo::default().viewports(&viewports).scissors(&scissors);
+        let raster = vk::PipelineRasterizationStateCreateInfo::default()
+            .polygon_mode(vk::PolygonMode::FILL)
+            .cull_mode(vk::CullModeFlags::NONE)
+            .front_face(vk::FrontFace::COUNTER_CLOCKWISE)
+            .line_width(1.0);
+        let multisample =
+            vk::PipelineMultisampleStateCreateInfo::default().rasterization_samples(vk::SampleCountFlags::TYPE_1);
+        // Blending is affine, like the colour conversion, so blending converted colours
+        // gives the conversion of the blended colour: the planes match the RGBA path.
+        let blend_attachment = [vk::PipelineColorBlendAttachmentState::default()
+            .blend_enable(true)
+            .src_color_blend_factor(vk::BlendFactor::SRC_ALPHA)
+            .dst_color_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
+            .color_blend_op(vk::BlendOp::ADD)
+            .src_alpha_blend_factor(vk::BlendFactor::ONE)
+            .dst_alpha_blend_factor(vk::BlendFactor::ONE_MINUS_SRC_ALPHA)
+            .alpha_blend_op(vk::BlendOp::ADD)
+            .color_write_mask(vk::ColorComponentFlags::RGBA)];
+        let blend = vk::PipelineColorBlendStateCreateInfo::default().attachments(&blend_attachment);
+        let info = [vk::GraphicsPipelineCreateInfo::default()
+            .stages(&stages)
+            .vertex_input_state(&vertex_input)
+            .input_assembly_state(&assembly)
+            .viewport_state(&viewport)
+            .rasterization_state(&raster)
+            .multisample_state(&multisample)
+            .color_blend_state(&blend)
+            .layout(self.graphics_layout)
+            .render_pass(pass)
+            .subpass(0)];
+        // SAFETY: every structure referenced by `info` lives until the call returns.
+        unsafe { self.device.create_graphics_pipelines(vk::PipelineCache::null(), &info, None) }
+            .map_err(|(_, result)| GpuError::Vulkan { what: "creating a graphics pipeline", result })?
+            .into_iter()
+            .next()
+            .ok_or(GpuError::Vulkan { what: "creating a graphics pipeline", result: vk::Result::ERROR_UNKNOWN })
     }
 
     fn extent(&self) -> vk::Extent2D {
@@ -765,6 +809,7 @@ impl FrameRenderer {
         // part-way leaves nothing behind (see `destroy_slot`).
         let mut slot = Slot {
             upload: None,
+            planes: Default::default(),
             image: vk::Image::null(),
             image_memory: vk::DeviceMemory::null(),
             view: vk::ImageView::null(),
@@ -821,8 +866,15 @@ impl FrameRenderer {
                 vk::BufferUsageFlags::VERTEX_BUFFER,
                 "the vertex buffer",
             )?;
-            slot.nv12 =
-                self.create_buffer(memory, self.nv12_len(), vk::BufferUsageFlags::STORAGE_BUFFER, "the NV12 buffer")?;
+            slot.nv12 = self.create_buffer(
+                memory,
+                self.nv12_len(),
+                vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
+                "the NV12 buffer",
+            )?;
+            for (i, plane) in slot.planes.iter_mut().enumerate() {
+                self.create_plane(memory, i, plane)?;
+            }
             let layouts = [self.set_layout];
             // SAFETY: the pool was sized for 16 sets; slots are far fewer.
             slot.descriptor = unsafe {
@@ -880,6 +932,57 @@ impl FrameRenderer {
                 Err(e)
             }
         }
+    }
+
+    /// The size of plane `i` (0 luma, 1 chroma).
+    fn plane_extent(&self, i: usize) -> vk::Extent2D {
+        let shift = u32::from(i > 0);
+        vk::Extent2D { width: self.width >> shift, height: self.height >> shift }
+    }
+
+    /// Creates plane `i`'s image, memory, view and framebuffer into `plane` (each as soon
+    /// as it exists, so `destroy_slot` cleans up after a failure part-way).
+    fn create_plane(
+        &self,
+        memory: &vk::PhysicalDeviceMemoryProperties,
+        i: usize,
+        plane: &mut Plane,
+    ) -> Result<(), GpuError> {
+        let d = &self.device;
+        let extent = self.plane_extent(i);
+        let format = PLANE_FORMATS[i.min(1)];
+        let image_info = vk::ImageCreateInfo::default()
+            .image_type(vk::ImageType::TYPE_2D)
+            .format(format)
+            .extent(vk::Extent3D { width: extent.width, height: extent.height, depth: 1 })
+            .mip_levels(1)
+            .array_layers(1)
+            .samples(vk::SampleCountFlags::TYPE_1)
+            .tiling(vk::ImageTiling::OPTIMAL)
+            .usage(vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC)
+            .initial_layout(vk::ImageLayout::UNDEFINED);
+        // SAFETY: `image_info` is a valid description.
+        plane.image = unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating a plane target"))?;
+        plane.memory = self.image_memory(memory, plane.image, "a plane target")?;
+        let view_info = vk::ImageViewCreateInfo::default()
+            .image(plane.image)
+            .view_type(vk::ImageViewType::TYPE_2D)
+            .format(format)
+            .subresource_range(color_range());
+        // SAFETY: the view describes the image created above.
+        plane.view =
+            unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating a plane's view"))?;
+        let views = [plane.view];
+        let fb_info = vk::FramebufferCreateInfo::default()
+            .render_pass(self.plane_passes[i.min(1)])
+            .attachments(&views)
+            .width(extent.width)
+            .height(extent.height)
+            .layers(1);
+        // SAFETY: the view matches the plane pass's single attachment.
+        plane.framebuffer =
+            unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating a plane's framebuffer"))?;
+        Ok(())
     }
 
     fn destroy_upload(&self, u: &Upload) {
@@ -1000,6 +1103,14 @@ impl FrameRenderer {
         // null handles are ignored by Vulkan's destroy functions.
         unsafe {
             d.destroy_fence(s.fence, None);
+            for p in &s.planes {
+                d.destroy_framebuffer(p.framebuffer, None);
+                d.destroy_image_view(p.view, None);
+                d.destroy_image(p.image, None);
+                if p.memory != vk::DeviceMemory::null() {
+                    d.free_memory(p.memory, None);
+                }
+            }
             d.destroy_framebuffer(s.framebuffer, None);
             d.destroy_image_view(s.view, None);
             d.destroy_image(s.image, None);
@@ -1052,21 +1163,26 @@ impl FrameRenderer {
                 &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
             )
             .map_err(GpuError::vk("recording commands"))?;
-            let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: self.clear_color } }];
-            let begin = vk::RenderPassBeginInfo::default()
-                .render_pass(self.render_pass)
-                .framebuffer(s.framebuffer)
-                .render_area(vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() })
-                .clear_values(&clear);
-            d.cmd_begin_render_pass(cb, &begin, vk::SubpassContents::INLINE);
-            if !vertices.is_empty() {
-                d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::GRAPHICS, self.graphics);
-                d.cmd_bind_vertex_buffers(cb, 0, &[s.vertices.buffer], &[0]);
-                d.cmd_draw(cb, vertices.len() as u32, 1, 0, 0);
-            }
-            d.cmd_end_render_pass(cb);
-            if work == Work::RenderAndConvert {
-                self.record_convert(cb, s, false);
+            match work {
+                Work::RenderOnly | Work::RenderThenConvert => {
+                    let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: self.clear_color } }];
+                    let begin = vk::RenderPassBeginInfo::default()
+                        .render_pass(self.render_pass)
+                        .framebuffer(s.framebuffer)
+                        .render_area(vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() })
+                        .clear_values(&clear);
+                    d.cmd_begin_render_pass(cb, &begin, vk::SubpassContents::INLINE);
+                    if !vertices.is_empty() {
+                        d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::GRAPHICS, self.graphics);
+                        d.cmd_bind_vertex_buffers(cb, 0, &[s.vertices.buffer], &[0]);
+                        d.cmd_draw(cb, vertices.len() as u32, 1, 0, 0);
+                    }
+                    d.cmd_end_render_pass(cb);
+                    if work == Work::RenderThenConvert {
+                        self.record_convert(cb, s, false);
+                    }
+                }
+                Work::RenderAndConvert => self.record_planes(cb, s, vertices.len() as u32),
             }
             d.end_command_buffer(cb).map_err(GpuError::vk("recording commands"))?;
             d.reset_fences(&[s.fence]).map_err(GpuError::vk("resetting a fence"))?;
@@ -1078,6 +1194,76 @@ impl FrameRenderer {
             s.in_flight = true;
         }
         Ok(())
+    }
+
+    /// Records the scene drawn straight into the slot's luma and chroma planes, both copied
+    /// into its NV12 buffer (luma rows, then interleaved chroma rows) and made visible to
+    /// the host once the fence signals. No RGBA image, no conversion pass.
+    ///
+    /// # Safety
+    /// `cb` is `s`'s command buffer, in the recording state, and `s`'s vertex buffer holds
+    /// `vertex_count` vertices.
+    unsafe fn record_planes(&self, cb: vk::CommandBuffer, s: &Slot, vertex_count: u32) {
+        let d = &self.device;
+        let clears = plane_clear(self.clear_color);
+        let luma_len = u64::from(self.width) * u64::from(self.height);
+        for (i, plane) in s.planes.iter().enumerate() {
+            let extent = self.plane_extent(i);
+            let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: clears[i.min(1)] } }];
+            let begin = vk::RenderPassBeginInfo::default()
+                .render_pass(self.plane_passes[i.min(1)])
+                .framebuffer(plane.framebuffer)
+                .render_area(vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent })
+                .clear_values(&clear);
+            let region = [vk::BufferImageCopy::default()
+                .buffer_offset(if i == 0 { 0 } else { luma_len })
+                .image_subresource(vk::ImageSubresourceLayers {
+                    aspect_mask: vk::ImageAspectFlags::COLOR,
+                    mip_level: 0,
+                    base_array_layer: 0,
+                    layer_count: 1,
+                })
+                .image_extent(vk::Extent3D { width: extent.width, height: extent.height, depth: 1 })];
+            // SAFETY: the caller records into `s`'s command buffer; the plane's pass leaves
+            // its image in TRANSFER_SRC_OPTIMAL, and the copy fits the NV12 buffer (luma
+            // width x height bytes, chroma width/2 x height/2 two-byte texels after it).
+            unsafe {
+                d.cmd_begin_render_pass(cb, &begin, vk::SubpassContents::INLINE);
+                if vertex_count > 0 {
+                    d.cmd_bind_pipeline(cb, vk::PipelineBindPoint::GRAPHICS, self.plane_pipelines[i.min(1)]);
+                    d.cmd_bind_vertex_buffers(cb, 0, &[s.vertices.buffer], &[0]);
+                    d.cmd_draw(cb, vertex_count, 1, 0, 0);
+                }
+                d.cmd_end_render_pass(cb);
+                d.cmd_copy_image_to_buffer(
+                    cb,
+                    plane.image,
+                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                    s.nv12.buffer,
+                    &region,
+                );
+            }
+        }
+        let barrier = [vk::BufferMemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(vk::AccessFlags::HOST_READ)
+            .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+            .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+            .buffer(s.nv12.buffer)
+            .offset(0)
+            .size(vk::WHOLE_SIZE)];
+        // SAFETY: as above; the buffer belongs to this device.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                cb,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &[],
+                &barrier,
+                &[],
+            );
+        }
     }
 
     /// Records the NV12 conversion of the slot's colour target (in
@@ -1334,6 +1520,57 @@ impl FrameRenderer {
 }
 
 /// The whole colour image (one mip level, one layer).
+/// A render pass that clears one colour attachment of `format`, draws, and leaves it
+/// ready to be copied out (into the slot's NV12 buffer).
+fn plane_pass(d: &ash::Device, format: vk::Format) -> Result<vk::RenderPass, GpuError> {
+    let attachment = [vk::AttachmentDescription::default()
+        .format(format)
+        .samples(vk::SampleCountFlags::TYPE_1)
+        .load_op(vk::AttachmentLoadOp::CLEAR)
+        .store_op(vk::AttachmentStoreOp::STORE)
+        .stencil_load_op(vk::AttachmentLoadOp::DONT_CARE)
+        .stencil_store_op(vk::AttachmentStoreOp::DONT_CARE)
+        .initial_layout(vk::ImageLayout::UNDEFINED)
+        .final_layout(vk::ImageLayout::TRANSFER_SRC_OPTIMAL)];
+    let color_ref =
+        [vk::AttachmentReference::default().attachment(0).layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
+    let subpass = [vk::SubpassDescription::default()
+        .pipeline_bind_point(vk::PipelineBindPoint::GRAPHICS)
+        .color_attachments(&color_ref)];
+    let dependencies = [
+        // The previous use of this image was the copy out.
+        vk::SubpassDependency::default()
+            .src_subpass(vk::SUBPASS_EXTERNAL)
+            .dst_subpass(0)
+            .src_stage_mask(vk::PipelineStageFlags::TRANSFER)
+            .dst_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
+            .src_access_mask(vk::AccessFlags::TRANSFER_READ)
+            .dst_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE),
+        // The copy reads what was drawn.
+        vk::SubpassDependency::default()
+            .src_subpass(0)
+            .dst_subpass(vk::SUBPASS_EXTERNAL)
+            .src_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
+            .dst_stage_mask(vk::PipelineStageFlags::TRANSFER)
+            .src_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE)
+            .dst_access_mask(vk::AccessFlags::TRANSFER_READ),
+    ];
+    let info =
+        vk::RenderPassCreateInfo::default().attachments(&attachment).subpasses(&subpass).dependencies(&dependencies);
+    // SAFETY: `info` and the arrays it points to outlive the call.
+    unsafe { d.create_render_pass(&info, None) }.map_err(GpuError::vk("creating a plane's render pass"))
+}
+
+/// `rgb` (0..1) as the luma and chroma planes' clear values (BT.709 limited range, the
+/// conversion of `shaders/yuv.wgsl`).
+fn plane_clear(rgb: [f32; 4]) -> [[f32; 4]; 2] {
+    let [r, g, b, _] = rgb;
+    let y = 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    let u = 128.0 + 224.0 * (b - y) / 1.8556;
+    let v = 128.0 + 224.0 * (r - y) / 1.5748;
+    [[(16.0 + 219.0 * y) / 255.0, 0.0, 0.0, 1.0], [u / 255.0, v / 255.0, 0.0, 1.0]]
+}
+
 fn color_range() -> vk::ImageSubresourceRange {
     vk::ImageSubresourceRange {
         aspect_mask: vk::ImageAspectFlags::COLOR,
@@ -1388,6 +1625,10 @@ impl Drop for FrameRenderer {
             d.destroy_pipeline_layout(self.compute_layout, None);
             d.destroy_descriptor_set_layout(self.set_layout, None);
             d.destroy_pipeline(self.graphics, None);
+            for (pipeline, pass) in self.plane_pipelines.iter().zip(&self.plane_passes) {
+                d.destroy_pipeline(*pipeline, None);
+                d.destroy_render_pass(*pass, None);
+            }
             d.destroy_pipeline_layout(self.graphics_layout, None);
             d.destroy_render_pass(self.render_pass, None);
             d.destroy_device(None);
