@@ -173,10 +173,16 @@ export function captureInput(video, send) {
       if (p && p.catch) p.catch(() => {});
     }
   });
-  on(video, 'mousemove', (e) => {
+  // Moves: `pointerrawupdate`, where the browser has it (Chromium, in secure contexts:
+  // https and localhost), is dispatched as soon as the mouse moves; `mousemove` waits for
+  // the next animation frame, up to a whole display refresh (16.7 ms at 60 Hz) that a game
+  // stream cannot afford. Touch has its own handlers below.
+  const move = (e) => {
+    if (e.pointerType === 'touch') return;
     const [x, y] = toVideo(e.clientX, e.clientY);
     out(enc.mouseMove(x, y, e.movementX || 0, e.movementY || 0), false);
-  });
+  };
+  on(video, 'onpointerrawupdate' in window ? 'pointerrawupdate' : 'mousemove', move);
   on(video, 'mousedown', (e) => {
     e.preventDefault();
     out(enc.mouseButton(e.button, true));

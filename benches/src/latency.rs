@@ -4,9 +4,10 @@
 //! Headless Chromium gets real input through the DevTools protocol
 //! (`Input.dispatchMouseEvent`, which enters Chromium's input pipeline as a device's
 //! event would): the mouse jumps from one side of the ship to the other, so the demo's
-//! ship turns round. The page times each trial from the trusted `mousemove` event's
-//! timestamp to the `expectedDisplayTime` of the first decoded frame whose ship pixels
-//! changed (read back from the `<video>` in `requestVideoFrameCallback`). Sham trials,
+//! ship turns round. The page times each trial from the timestamp of the trusted move
+//! event (`pointerrawupdate` or `mousemove`, whichever comes first) to the
+//! `expectedDisplayTime` of the first decoded frame whose ship pixels changed (read back
+//! from the `<video>` in `requestVideoFrameCallback`). Sham trials,
 //! interleaved, arm the same detector without any input: how many of them fire says how
 //! often the detector sees a change that no input caused.
 //!
@@ -83,14 +84,19 @@ L.expire = () => {
   L.pending = null;
   return true;
 };
-addEventListener('mousemove', (e) => {
+// Whichever of the move's events comes first (the page sends on `pointerrawupdate` where
+// the browser has it, dispatched before the animation frame's `mousemove`); both carry the
+// time the move happened.
+const armed = (e) => {
   const p = L.pending;
   if (p && p.kind === 'input' && p.t0 === null && e.isTrusted) {
     p.t0 = e.timeStamp;
     // The page's own input handler numbers the message after this listener.
     setTimeout(() => { p.seq = pylon.latency.encoder.seq; }, 0);
   }
-}, true);
+};
+addEventListener('mousemove', armed, true);
+if ('onpointerrawupdate' in window) addEventListener('pointerrawupdate', armed, true);
 // Reading pixels back costs the page several ms a frame on a 2-core machine, so only the
 // frames of an armed trial are read (the first one is the baseline: no response comes
 // within one frame of an input).

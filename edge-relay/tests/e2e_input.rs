@@ -198,6 +198,31 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
         "touch steers towards the finger {target:?}: from {start:?}, seen {seen:?}"
     );
 
+    // Mouse: a real move (DevTools input, through the browser's own input pipeline) reaches
+    // the game, sent from `pointerrawupdate`: already on its way when the animation frame's
+    // `mousemove` is dispatched (the capture listener below runs before the page's own).
+    let raw = b
+        .eval(
+            "window.seqBefore = pylon.latency.encoder.seq; window.seqAtMousemove = null; \
+             addEventListener('mousemove', () => { if (window.seqAtMousemove === null) window.seqAtMousemove = pylon.latency.encoder.seq; }, true); \
+             return 'onpointerrawupdate' in window",
+        )
+        .await;
+    assert_eq!(raw, serde_json::json!(true), "Chromium on localhost has pointerrawupdate");
+    let applied = platform.server_metrics_value("pylon_server_input_applied");
+    let at = b
+        .eval("const r = document.getElementById('video').getBoundingClientRect(); return { x: r.left + r.width / 4, y: r.top + r.height / 2 }")
+        .await;
+    b.cdp("Input.dispatchMouseEvent", serde_json::json!({ "type": "mouseMoved", "x": at["x"], "y": at["y"] })).await;
+    wait_applied(applied + 1.0).await;
+    let seq = b
+        .wait_for(
+            "return window.seqAtMousemove === null ? null : [window.seqBefore, window.seqAtMousemove]",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(seq[1].as_f64() > seq[0].as_f64(), "the move was sent before the animation frame's mousemove: {seq}");
+
     // Click-to-photon samples were measured for the presses.
     let latency =
         b.wait_for("const s = pylon.latency.summary(); return s.count >= 2 ? s : null", Duration::from_secs(10)).await;
