@@ -99,8 +99,8 @@ async fn quiet_cpu(timeout: Duration) -> f64 {
     }
 }
 
-/// CPU seconds the node's frame-path threads (`pylon-render`: capture and conversion,
-/// `pylon-encode`) have used, from `/proc/self/task`.
+/// CPU seconds the node's frame-path threads (see [`common::is_frame_path_thread`]) have
+/// used, from `/proc/self/task`.
 fn frame_path_cpu() -> f64 {
     common::thread_cpu().iter().filter(|(name, _)| common::is_frame_path_thread(name)).map(|(_, s)| s).sum()
 }

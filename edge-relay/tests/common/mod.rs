@@ -676,10 +676,12 @@ pub fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
     out
 }
 
-/// Whether a thread of this process is the render node's frame path (`pylon-render`:
-/// render or capture and conversion; `pylon-encode`).
+/// Whether a thread of this process is the render node's frame path: `pylon-render`
+/// (render or capture and conversion, and lavapipe's queue thread, which it starts),
+/// `llvmpipe-N` (lavapipe's rasterizer threads: the GPU, on this machine),
+/// `pylon-encode` and `pylon-x264` (the encoder's own worker threads).
 pub fn is_frame_path_thread(name: &str) -> bool {
-    name == "pylon-render" || name == "pylon-encode"
+    matches!(name, "pylon-render" | "pylon-encode" | "pylon-x264") || name.starts_with("llvmpipe-")
 }
 
 /// Chromium's `inbound-rtp` statistics of the page's video (cumulative counters:
