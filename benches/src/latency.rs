@@ -231,6 +231,19 @@ async fn main() {
     // The session woke the resting node: its start to the first frame's packets.
     let wake = |k: &str| platform.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"wake\"}}"));
     let wake_ms = (wake("count") > 0.0).then(|| 1000.0 * wake("sum") / wake("count"));
+    // Where the node's share goes, means over the run (ms): an input's wait for its frame to
+    // start, then each stage of a frame.
+    let node_stages: serde_json::Map<String, serde_json::Value> =
+        ["input_wait", "render", "readback", "encode_queue", "encode", "packetize", "input_to_packets"]
+            .iter()
+            .map(|stage| {
+                let v = |k: &str| {
+                    platform.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"{stage}\"}}"))
+                };
+                let mean = (v("count") > 0.0).then(|| 1000.0 * v("sum") / v("count"));
+                ((*stage).to_string(), round1(mean))
+            })
+            .collect();
     b.close().await;
     platform.stop().await;
     if measured.is_empty() {
@@ -258,6 +271,7 @@ async fn main() {
             "platform_process_cpu_pct_of_core": round1(Some(process)),
             "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path)),
             "node_wake_ms": round1(wake_ms),
+            "node_stages_mean_ms": node_stages,
         })
     );
 }

@@ -20,8 +20,10 @@ pub struct DropReason {
 /// A stage of the frame path.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
-    /// `render` (submit to fence, render and NV12 conversion), `readback`, `encode`,
-    /// `packetize`, `frame_path` (tick to last packet handed to the network).
+    /// `render` (submit to fence, render and NV12 conversion), `readback`,
+    /// `encode_queue` (waiting for the encoder), `encode`, `packetize`, `frame_path` (tick
+    /// to last packet handed to the network), `input_wait` (an input's arrival to the start
+    /// of the frame that shows it), `input_to_packets` (to that frame's last packet).
     pub stage: &'static str,
 }
 

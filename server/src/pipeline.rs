@@ -696,6 +696,10 @@ fn render_thread(
             }
         }
         let reflects = input.unreflected.take().map(|arrival| (input.applied_seq, arrival));
+        if let Some((_, arrival)) = reflects {
+            // The input's wait for its frame to start (pacing, a busy slot).
+            metrics.observe("input_wait", now.saturating_duration_since(arrival));
+        }
         in_flight.push_back(InFlight {
             slot,
             index,
@@ -843,6 +847,7 @@ fn encode_thread(
         }
         let started = Instant::now();
         let queued = started - job.queued_at;
+        metrics.observe("encode_queue", queued);
         let encoded = encoder.encode(&mut job.frame, job.index as i64, want_key);
         let encoded_at = Instant::now();
         metrics.observe("encode", encoded_at - started);
