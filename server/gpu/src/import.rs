@@ -325,7 +325,7 @@ impl FrameRenderer {
                 self.record_nv12(cb, s, (self.compute, self.compute_layout, set), &params);
             } else {
                 let to_dst = barrier(
-                    s.image,
+                    s.color.image,
                     vk::ImageLayout::UNDEFINED,
                     vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                     vk::AccessFlags::SHADER_READ,
@@ -358,13 +358,13 @@ impl FrameRenderer {
                     cb,
                     src.image,
                     vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                    s.image,
+                    s.color.image,
                     vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                     &blit,
                     vk::Filter::LINEAR,
                 );
                 let to_read = barrier(
-                    s.image,
+                    s.color.image,
                     vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                     vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
                     vk::AccessFlags::TRANSFER_WRITE,

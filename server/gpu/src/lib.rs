@@ -252,10 +252,11 @@ struct Upload {
     height: u32,
 }
 
-/// One NV12 plane the demo's scene is drawn straight into: luma (R8, the stream's size)
-/// or interleaved chroma (R8G8, half the size each way).
+/// A colour target a render pass draws into: the slot's RGBA image, or one NV12 plane the
+/// demo's scene is drawn straight into (luma R8 at the stream's size, interleaved chroma
+/// R8G8 at half the size each way).
 #[derive(Default)]
-struct Plane {
+struct Target {
     image: vk::Image,
     memory: vk::DeviceMemory,
     view: vk::ImageView,
@@ -268,11 +269,9 @@ const PLANE_FORMATS: [vk::Format; 2] = [vk::Format::R8_UNORM, vk::Format::R8G8_U
 struct Slot {
     upload: Option<Upload>,
     /// Luma and chroma targets of the demo's scene.
-    planes: [Plane; 2],
-    image: vk::Image,
-    image_memory: vk::DeviceMemory,
-    view: vk::ImageView,
-    framebuffer: vk::Framebuffer,
+    planes: [Target; 2],
+    /// The RGBA target (drawing alone, and scaled uploads converted by the compute pass).
+    color: Target,
     vertices: Buffer,
     nv12: Buffer,
     descriptor: vk::DescriptorSet,
@@ -475,45 +474,12 @@ impl FrameRenderer {
         let color_format = vk::Format::R8G8B8A8_UNORM;
 
         // Render pass: clear, draw, then leave the image ready for the compute shader.
-        let attachment = [vk::AttachmentDescription::default()
-            .format(color_format)
-            .samples(vk::SampleCountFlags::TYPE_1)
-            .load_op(vk::AttachmentLoadOp::CLEAR)
-            .store_op(vk::AttachmentStoreOp::STORE)
-            .stencil_load_op(vk::AttachmentLoadOp::DONT_CARE)
-            .stencil_store_op(vk::AttachmentStoreOp::DONT_CARE)
-            .initial_layout(vk::ImageLayout::UNDEFINED)
-            .final_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
-        let color_ref =
-            [vk::AttachmentReference::default().attachment(0).layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
-        let subpass = [vk::SubpassDescription::default()
-            .pipeline_bind_point(vk::PipelineBindPoint::GRAPHICS)
-            .color_attachments(&color_ref)];
-        let dependencies = [
-            // The previous use of this image was a compute read.
-            vk::SubpassDependency::default()
-                .src_subpass(vk::SUBPASS_EXTERNAL)
-                .dst_subpass(0)
-                .src_stage_mask(vk::PipelineStageFlags::COMPUTE_SHADER)
-                .dst_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
-                .src_access_mask(vk::AccessFlags::SHADER_READ)
-                .dst_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE),
-            // The compute shader reads what was drawn.
-            vk::SubpassDependency::default()
-                .src_subpass(0)
-                .dst_subpass(vk::SUBPASS_EXTERNAL)
-                .src_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
-                .dst_stage_mask(vk::PipelineStageFlags::COMPUTE_SHADER)
-                .src_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE)
-                .dst_access_mask(vk::AccessFlags::SHADER_READ),
-        ];
-        let rp_info = vk::RenderPassCreateInfo::default()
-            .attachments(&attachment)
-            .subpasses(&subpass)
-            .dependencies(&dependencies);
-        // SAFETY: `rp_info` and the arrays it points to outlive the call.
-        self.render_pass =
-            unsafe { d.create_render_pass(&rp_info, None) }.map_err(GpuError::vk("creating the render pass"))?;
+        self.render_pass = color_pass(
+            d,
+            color_format,
+            vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
+            (vk::PipelineStageFlags::COMPUTE_SHADER, vk::AccessFlags::SHADER_READ),
+        )?;
 
         // Shaders, compiled from shaders/*.wgsl by build.rs.
         let scene_code = spirv(include_bytes!(concat!(env!("OUT_DIR"), "/scene.spv")));
@@ -553,7 +519,13 @@ impl FrameRenderer {
             .map_err(GpuError::vk("creating the graphics layout"))?;
         self.graphics = self.graphics_pipeline(scene, c"fs_main", self.render_pass, self.extent())?;
         for (i, format) in PLANE_FORMATS.iter().enumerate() {
-            self.plane_passes[i] = plane_pass(&self.device, *format)?;
+            // Clear, draw, then leave the plane ready to be copied into the NV12 buffer.
+            self.plane_passes[i] = color_pass(
+                &self.device,
+                *format,
+                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                (vk::PipelineStageFlags::TRANSFER, vk::AccessFlags::TRANSFER_READ),
+            )?;
             let fragment = if i == 0 { c"fs_luma" } else { c"fs_chroma" };
             self.plane_pipelines[i] =
                 self.graphics_pipeline(scene, fragment, self.plane_passes[i], self.plane_extent(i))?;
@@ -791,29 +763,14 @@ impl FrameRenderer {
 
     fn create_slot(&self, memory: &vk::PhysicalDeviceMemoryProperties, format: vk::Format) -> Result<Slot, GpuError> {
         let d = &self.device;
-        let image_info = vk::ImageCreateInfo::default()
-            .image_type(vk::ImageType::TYPE_2D)
-            .format(format)
-            .extent(vk::Extent3D { width: self.width, height: self.height, depth: 1 })
-            .mip_levels(1)
-            .array_layers(1)
-            .samples(vk::SampleCountFlags::TYPE_1)
-            .tiling(vk::ImageTiling::OPTIMAL)
-            .usage(
-                vk::ImageUsageFlags::COLOR_ATTACHMENT
-                    | vk::ImageUsageFlags::SAMPLED
-                    | vk::ImageUsageFlags::TRANSFER_DST,
-            )
-            .initial_layout(vk::ImageLayout::UNDEFINED);
+        let color_usage =
+            vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::SAMPLED | vk::ImageUsageFlags::TRANSFER_DST;
         // Each object is pushed into `slot` as soon as it exists, so that a failure
         // part-way leaves nothing behind (see `destroy_slot`).
         let mut slot = Slot {
             upload: None,
             planes: Default::default(),
-            image: vk::Image::null(),
-            image_memory: vk::DeviceMemory::null(),
-            view: vk::ImageView::null(),
-            framebuffer: vk::Framebuffer::null(),
+            color: Target::default(),
             vertices: Buffer {
                 buffer: vk::Buffer::null(),
                 memory: vk::DeviceMemory::null(),
@@ -832,34 +789,7 @@ impl FrameRenderer {
             in_flight: false,
         };
         let result = (|| {
-            // SAFETY: `image_info` is a valid description.
-            slot.image =
-                unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating the colour target"))?;
-            slot.image_memory = self.image_memory(memory, slot.image, "the colour target")?;
-            let view_info = vk::ImageViewCreateInfo::default()
-                .image(slot.image)
-                .view_type(vk::ImageViewType::TYPE_2D)
-                .format(format)
-                .subresource_range(vk::ImageSubresourceRange {
-                    aspect_mask: vk::ImageAspectFlags::COLOR,
-                    base_mip_level: 0,
-                    level_count: 1,
-                    base_array_layer: 0,
-                    layer_count: 1,
-                });
-            // SAFETY: the view describes the image created above.
-            slot.view =
-                unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating the image view"))?;
-            let views = [slot.view];
-            let fb_info = vk::FramebufferCreateInfo::default()
-                .render_pass(self.render_pass)
-                .attachments(&views)
-                .width(self.width)
-                .height(self.height)
-                .layers(1);
-            // SAFETY: the view matches the render pass's single attachment.
-            slot.framebuffer =
-                unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating the framebuffer"))?;
+            self.create_target(memory, (format, self.extent(), color_usage), self.render_pass, &mut slot.color)?;
             slot.vertices = self.create_buffer(
                 memory,
                 MAX_VERTICES * std::mem::size_of::<Vertex>(),
@@ -873,7 +803,13 @@ impl FrameRenderer {
                 "the NV12 buffer",
             )?;
             for (i, plane) in slot.planes.iter_mut().enumerate() {
-                self.create_plane(memory, i, plane)?;
+                let usage = vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC;
+                self.create_target(
+                    memory,
+                    (PLANE_FORMATS[i], self.plane_extent(i), usage),
+                    self.plane_passes[i],
+                    plane,
+                )?;
             }
             let layouts = [self.set_layout];
             // SAFETY: the pool was sized for 16 sets; slots are far fewer.
@@ -889,7 +825,7 @@ impl FrameRenderer {
             .next()
             .unwrap_or_default();
             let image_desc = [vk::DescriptorImageInfo::default()
-                .image_view(slot.view)
+                .image_view(slot.color.view)
                 .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
             let buffer_desc =
                 [vk::DescriptorBufferInfo::default().buffer(slot.nv12.buffer).offset(0).range(vk::WHOLE_SIZE)];
@@ -940,17 +876,17 @@ impl FrameRenderer {
         vk::Extent2D { width: self.width >> shift, height: self.height >> shift }
     }
 
-    /// Creates plane `i`'s image, memory, view and framebuffer into `plane` (each as soon
-    /// as it exists, so `destroy_slot` cleans up after a failure part-way).
-    fn create_plane(
+    /// Creates a target's image (`format`, `extent`, `usage`), memory, view and a
+    /// framebuffer for `pass` into `target`, each as soon as it exists, so that
+    /// `destroy_slot` cleans up after a failure part-way.
+    fn create_target(
         &self,
         memory: &vk::PhysicalDeviceMemoryProperties,
-        i: usize,
-        plane: &mut Plane,
+        (format, extent, usage): (vk::Format, vk::Extent2D, vk::ImageUsageFlags),
+        pass: vk::RenderPass,
+        target: &mut Target,
     ) -> Result<(), GpuError> {
         let d = &self.device;
-        let extent = self.plane_extent(i);
-        let format = PLANE_FORMATS[i.min(1)];
         let image_info = vk::ImageCreateInfo::default()
             .image_type(vk::ImageType::TYPE_2D)
             .format(format)
@@ -959,29 +895,30 @@ impl FrameRenderer {
             .array_layers(1)
             .samples(vk::SampleCountFlags::TYPE_1)
             .tiling(vk::ImageTiling::OPTIMAL)
-            .usage(vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC)
+            .usage(usage)
             .initial_layout(vk::ImageLayout::UNDEFINED);
         // SAFETY: `image_info` is a valid description.
-        plane.image = unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating a plane target"))?;
-        plane.memory = self.image_memory(memory, plane.image, "a plane target")?;
+        target.image =
+            unsafe { d.create_image(&image_info, None) }.map_err(GpuError::vk("creating a colour target"))?;
+        target.memory = self.image_memory(memory, target.image, "a colour target")?;
         let view_info = vk::ImageViewCreateInfo::default()
-            .image(plane.image)
+            .image(target.image)
             .view_type(vk::ImageViewType::TYPE_2D)
             .format(format)
             .subresource_range(color_range());
         // SAFETY: the view describes the image created above.
-        plane.view =
-            unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating a plane's view"))?;
-        let views = [plane.view];
+        target.view =
+            unsafe { d.create_image_view(&view_info, None) }.map_err(GpuError::vk("creating a target's view"))?;
+        let views = [target.view];
         let fb_info = vk::FramebufferCreateInfo::default()
-            .render_pass(self.plane_passes[i.min(1)])
+            .render_pass(pass)
             .attachments(&views)
             .width(extent.width)
             .height(extent.height)
             .layers(1);
-        // SAFETY: the view matches the plane pass's single attachment.
-        plane.framebuffer =
-            unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating a plane's framebuffer"))?;
+        // SAFETY: the view matches the pass's single attachment, of the same format.
+        target.framebuffer =
+            unsafe { d.create_framebuffer(&fb_info, None) }.map_err(GpuError::vk("creating a framebuffer"))?;
         Ok(())
     }
 
@@ -1103,19 +1040,13 @@ impl FrameRenderer {
         // null handles are ignored by Vulkan's destroy functions.
         unsafe {
             d.destroy_fence(s.fence, None);
-            for p in &s.planes {
-                d.destroy_framebuffer(p.framebuffer, None);
-                d.destroy_image_view(p.view, None);
-                d.destroy_image(p.image, None);
-                if p.memory != vk::DeviceMemory::null() {
-                    d.free_memory(p.memory, None);
+            for t in s.planes.iter().chain([&s.color]) {
+                d.destroy_framebuffer(t.framebuffer, None);
+                d.destroy_image_view(t.view, None);
+                d.destroy_image(t.image, None);
+                if t.memory != vk::DeviceMemory::null() {
+                    d.free_memory(t.memory, None);
                 }
-            }
-            d.destroy_framebuffer(s.framebuffer, None);
-            d.destroy_image_view(s.view, None);
-            d.destroy_image(s.image, None);
-            if s.image_memory != vk::DeviceMemory::null() {
-                d.free_memory(s.image_memory, None);
             }
         }
         if s.vertices.buffer != vk::Buffer::null() {
@@ -1168,7 +1099,7 @@ impl FrameRenderer {
                     let clear = [vk::ClearValue { color: vk::ClearColorValue { float32: self.clear_color } }];
                     let begin = vk::RenderPassBeginInfo::default()
                         .render_pass(self.render_pass)
-                        .framebuffer(s.framebuffer)
+                        .framebuffer(s.color.framebuffer)
                         .render_area(vk::Rect2D { offset: vk::Offset2D { x: 0, y: 0 }, extent: self.extent() })
                         .clear_values(&clear);
                     d.cmd_begin_render_pass(cb, &begin, vk::SubpassContents::INLINE);
@@ -1387,7 +1318,7 @@ impl FrameRenderer {
             .map_err(GpuError::vk("recording commands"))?;
             // The colour target's previous contents (read by the last conversion) are discarded.
             let to_dst = [barrier(
-                s.image,
+                s.color.image,
                 vk::ImageLayout::UNDEFINED,
                 vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                 vk::AccessFlags::SHADER_READ,
@@ -1439,14 +1370,14 @@ impl FrameRenderer {
                     cb,
                     u.image,
                     vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                    s.image,
+                    s.color.image,
                     vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                     &blit,
                     vk::Filter::LINEAR,
                 );
                 // The scaled picture is in the colour target: convert it as a rendered frame.
                 let to_read = [barrier(
-                    s.image,
+                    s.color.image,
                     vk::ImageLayout::TRANSFER_DST_OPTIMAL,
                     vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL,
                     vk::AccessFlags::TRANSFER_WRITE,
@@ -1519,10 +1450,16 @@ impl FrameRenderer {
     }
 }
 
-/// The whole colour image (one mip level, one layer).
-/// A render pass that clears one colour attachment of `format`, draws, and leaves it
-/// ready to be copied out (into the slot's NV12 buffer).
-fn plane_pass(d: &ash::Device, format: vk::Format) -> Result<vk::RenderPass, GpuError> {
+/// A render pass that clears one colour attachment of `format`, draws, and leaves it in
+/// `final_layout` for what reads it next, at `reader` (stage, access): the synchronisation
+/// with that reader both ways (the previous frame's read before this draw, this draw
+/// before the read).
+fn color_pass(
+    d: &ash::Device,
+    format: vk::Format,
+    final_layout: vk::ImageLayout,
+    (reader_stage, reader_access): (vk::PipelineStageFlags, vk::AccessFlags),
+) -> Result<vk::RenderPass, GpuError> {
     let attachment = [vk::AttachmentDescription::default()
         .format(format)
         .samples(vk::SampleCountFlags::TYPE_1)
@@ -1531,34 +1468,32 @@ fn plane_pass(d: &ash::Device, format: vk::Format) -> Result<vk::RenderPass, Gpu
         .stencil_load_op(vk::AttachmentLoadOp::DONT_CARE)
         .stencil_store_op(vk::AttachmentStoreOp::DONT_CARE)
         .initial_layout(vk::ImageLayout::UNDEFINED)
-        .final_layout(vk::ImageLayout::TRANSFER_SRC_OPTIMAL)];
+        .final_layout(final_layout)];
     let color_ref =
         [vk::AttachmentReference::default().attachment(0).layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)];
     let subpass = [vk::SubpassDescription::default()
         .pipeline_bind_point(vk::PipelineBindPoint::GRAPHICS)
         .color_attachments(&color_ref)];
     let dependencies = [
-        // The previous use of this image was the copy out.
         vk::SubpassDependency::default()
             .src_subpass(vk::SUBPASS_EXTERNAL)
             .dst_subpass(0)
-            .src_stage_mask(vk::PipelineStageFlags::TRANSFER)
+            .src_stage_mask(reader_stage)
             .dst_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
-            .src_access_mask(vk::AccessFlags::TRANSFER_READ)
+            .src_access_mask(reader_access)
             .dst_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE),
-        // The copy reads what was drawn.
         vk::SubpassDependency::default()
             .src_subpass(0)
             .dst_subpass(vk::SUBPASS_EXTERNAL)
             .src_stage_mask(vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT)
-            .dst_stage_mask(vk::PipelineStageFlags::TRANSFER)
+            .dst_stage_mask(reader_stage)
             .src_access_mask(vk::AccessFlags::COLOR_ATTACHMENT_WRITE)
-            .dst_access_mask(vk::AccessFlags::TRANSFER_READ),
+            .dst_access_mask(reader_access),
     ];
     let info =
         vk::RenderPassCreateInfo::default().attachments(&attachment).subpasses(&subpass).dependencies(&dependencies);
     // SAFETY: `info` and the arrays it points to outlive the call.
-    unsafe { d.create_render_pass(&info, None) }.map_err(GpuError::vk("creating a plane's render pass"))
+    unsafe { d.create_render_pass(&info, None) }.map_err(GpuError::vk("creating a render pass"))
 }
 
 /// `rgb` (0..1) as the luma and chroma planes' clear values (BT.709 limited range, the
@@ -1571,6 +1506,7 @@ fn plane_clear(rgb: [f32; 4]) -> [[f32; 4]; 2] {
     [[(16.0 + 219.0 * y) / 255.0, 0.0, 0.0, 1.0], [u / 255.0, v / 255.0, 0.0, 1.0]]
 }
 
+/// The whole colour image (one mip level, one layer).
 fn color_range() -> vk::ImageSubresourceRange {
     vk::ImageSubresourceRange {
         aspect_mask: vk::ImageAspectFlags::COLOR,
