@@ -260,18 +260,12 @@ fn build(command: &AudioCommand, mut packets: PacketSink, demo: &Arc<Mutex<DemoF
         // is due, then converts and encodes it — one thread wakes up per 10 ms, no queue.
         let feed = demo.clone();
         let clock = gst::SystemClock::obtain();
-        let mut raised = false;
         src.set_callbacks(
             gst_app::AppSrcCallbacks::builder()
                 .need_data(move |src, _| {
-                    if !raised {
-                        // GStreamer's pool threads need not have been started by ours.
-                        raise_priority();
-                        raised = true;
-                    }
-                    let lock = |f: &Mutex<DemoFeed>| f.lock().unwrap_or_else(std::sync::PoisonError::into_inner).wait();
-                    std::thread::sleep(lock(&feed));
-                    let (chunk, late) = feed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).chunk();
+                    let wait = DemoFeed::lock(&feed).wait();
+                    std::thread::sleep(wait);
+                    let (chunk, late) = DemoFeed::lock(&feed).chunk();
                     // Stamped with when the chunk was due, not when this thread got to it: a
                     // late wake-up must not shift the sound against the picture's clock.
                     let due = clock.time().nseconds().saturating_sub(late.as_nanos() as u64);
@@ -396,6 +390,11 @@ impl DemoFeed {
         Self { synth: Synth::default(), sounds, next_chunk: None }
     }
 
+    /// The feed, also after a panic elsewhere (its state stays usable).
+    fn lock(feed: &Mutex<DemoFeed>) -> std::sync::MutexGuard<'_, DemoFeed> {
+        feed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Starts over (a new pipeline): silence, the first chunk at once.
     fn reset(&mut self) {
         self.synth = Synth::default();
@@ -435,10 +434,25 @@ struct PacketSink {
     clock: gst::Clock,
     /// The capture time at which the previous packet's sound ended (ns, monotonic clock).
     expected_ns: Option<u64>,
+    /// Whether the streaming thread runs as a real-time audio thread (see
+    /// [`PacketSink::take`]); set on it with the first packet.
+    realtime: bool,
+    prioritised: bool,
 }
 
 impl PacketSink {
     fn take(&mut self, sink: &gst_app::AppSink) -> Result<gst::FlowSuccess, gst::FlowError> {
+        if !self.prioritised {
+            // The thread that captures (or asks for the demo's chunks), encodes and hands
+            // packets over: set on the thread itself, since GStreamer's pool threads are
+            // reused from pipeline to pipeline and need not have been started by ours.
+            if self.realtime {
+                raise_priority();
+            } else {
+                normal_priority();
+            }
+            self.prioritised = true;
+        }
         let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
         let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
         let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
@@ -484,7 +498,7 @@ fn audio_thread(
     let clock = gst::SystemClock::obtain();
     let packetizer = Arc::new(Mutex::new(OpusPacketizer::new(crate::pipeline::rand_u32())));
     let demo = Arc::new(Mutex::new(DemoFeed::new(sounds)));
-    let reset_demo = || demo.lock().unwrap_or_else(std::sync::PoisonError::into_inner).reset();
+    let reset_demo = || DemoFeed::lock(&demo).reset();
     let mut want = AudioCommand::Idle;
     let mut running: Option<Running> = None;
     let mut retry_at: Option<Instant> = None;
@@ -509,18 +523,6 @@ fn audio_thread(
             continue;
         }
         if running.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
-            // The demo's sound is paced by GStreamer's streaming thread asking for chunks:
-            // it must not wait behind the frame path on a busy machine (a late packet makes
-            // the browser's jitter buffer grow for everyone after it), so that thread runs
-            // as real-time audio threads do (round-robin, priority 5, PulseAudio's default)
-            // where the node may (root, or CAP_SYS_NICE), else at nice -10 where it may. It
-            // uses a few % of a core. A title's sound is paced by its PulseAudio server:
-            // there the threads keep the normal priority, so the title's own CPU is not taken.
-            if want == AudioCommand::Demo {
-                raise_priority();
-            } else {
-                normal_priority();
-            }
             reset_demo();
             let sink = PacketSink {
                 packetizer: packetizer.clone(),
@@ -528,6 +530,16 @@ fn audio_thread(
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 expected_ns: None,
+                // The demo's sound is paced by GStreamer's streaming thread asking for
+                // chunks: it must not wait behind the frame path on a busy machine (a late
+                // packet makes the browser's jitter buffer grow for everyone after it), so
+                // that thread runs as real-time audio threads do (round-robin, priority 5,
+                // PulseAudio's default) where the node may (root, or CAP_SYS_NICE), else at
+                // nice -10 where it may. It uses a few % of a core. A title's sound is paced
+                // by its PulseAudio server: its thread keeps the normal priority, so the
+                // title's own CPU is not taken.
+                realtime: want == AudioCommand::Demo,
+                prioritised: false,
             };
             match build(&want, sink, &demo) {
                 Ok(r) => {
@@ -625,6 +637,8 @@ mod tests {
             metrics: metrics.clone(),
             clock: gst::SystemClock::obtain(),
             expected_ns: None,
+            realtime: false,
+            prioritised: false,
         };
         let (sounds, sound_rx) = mpsc::channel();
         sounds.send(DemoSound::Shot).unwrap();
