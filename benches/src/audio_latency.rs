@@ -78,16 +78,6 @@ async fn relay_forward(platform: &common::Platform) -> (f64, f64) {
     (find("pylon_relay_forward_seconds_sum "), find("pylon_relay_forward_seconds_count "))
 }
 
-/// Sum and count of a node histogram (`pylon_server_stage_seconds{stage="…"}`).
-fn stage(platform: &common::Platform, name: &str) -> (f64, f64) {
-    let text = platform.server_metrics.render();
-    let find = |suffix: &str| {
-        let needle = format!("pylon_server_stage_seconds_{suffix}{{stage=\"{name}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&needle)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
-    };
-    (find("sum"), find("count"))
-}
-
 /// CPU seconds of the node's sound: its audio thread and the GStreamer threads that thread
 /// starts (the demo's `appsrc` named `src` streams on `src:src`, which also runs the
 /// converter and the encoder).
@@ -111,7 +101,7 @@ async fn main() {
     eprintln!("letting the stream settle for {} s…", args.settle);
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let first = b.eval(READ).await;
-    let (sum0, count0) = stage(&platform, "audio_capture_to_send");
+    let (sum0, count0) = platform.server_stage("audio_capture_to_send");
     let (relay_sum0, relay_count0) = relay_forward(&platform).await;
     let (cpu0, t0) = (audio_thread_cpu(), Instant::now());
     let mut direct = Vec::new();
@@ -136,7 +126,7 @@ async fn main() {
         }
     }
     let last = previous;
-    let (sum1, count1) = stage(&platform, "audio_capture_to_send");
+    let (sum1, count1) = platform.server_stage("audio_capture_to_send");
     let (relay_sum1, relay_count1) = relay_forward(&platform).await;
     let cpu = (audio_thread_cpu() - cpu0) / t0.elapsed().as_secs_f64();
     let d = |k: &str| last[k].as_f64().unwrap_or(0.0) - first[k].as_f64().unwrap_or(0.0);

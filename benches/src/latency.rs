@@ -229,20 +229,13 @@ async fn main() {
     eprintln!("node-announced for the same inputs (ms, sorted): {announced_ms:?}");
     eprintln!("detector: {detector}");
     // The session woke the resting node: its start to the first frame's packets.
-    let wake = |k: &str| platform.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"wake\"}}"));
-    let wake_ms = (wake("count") > 0.0).then(|| 1000.0 * wake("sum") / wake("count"));
+    let wake_ms = platform.server_stage_mean_ms("wake");
     // Where the node's share goes, means over the run (ms): an input's wait for its frame to
     // start, then each stage of a frame.
     let node_stages: serde_json::Map<String, serde_json::Value> =
         ["input_wait", "render", "readback", "encode_queue", "encode", "packetize", "input_to_packets"]
             .iter()
-            .map(|stage| {
-                let v = |k: &str| {
-                    platform.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"{stage}\"}}"))
-                };
-                let mean = (v("count") > 0.0).then(|| 1000.0 * v("sum") / v("count"));
-                ((*stage).to_string(), round1(mean))
-            })
+            .map(|stage| ((*stage).to_string(), round1(platform.server_stage_mean_ms(stage))))
             .collect();
     b.close().await;
     platform.stop().await;

@@ -77,7 +77,7 @@ async fn progress(b: &Browser, platform: &common::Platform) -> String {
         .server_metrics
         .render()
         .lines()
-        .filter(|l| l.starts_with("pylon_server_frames_dropped") || l.starts_with("pylon_server_gpu_"))
+        .filter(|l| l.starts_with("pylon_server_frames_dropped"))
         .map(str::to_string)
         .collect();
     format!("decoded {decoded}, rendered {rendered}, encoded {encoded}, {dropped:?}")

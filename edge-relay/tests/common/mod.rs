@@ -59,6 +59,18 @@ impl Platform {
             .sum()
     }
 
+    /// Sum (seconds) and count of the node's `stage_seconds` histogram for `stage`.
+    pub fn server_stage(&self, stage: &str) -> (f64, f64) {
+        let v = |k: &str| self.server_metrics_value(&format!("pylon_server_stage_seconds_{k}{{stage=\"{stage}\"}} "));
+        (v("sum"), v("count"))
+    }
+
+    /// The mean of the node's `stage_seconds` for `stage`, ms, if it was ever observed.
+    pub fn server_stage_mean_ms(&self, stage: &str) -> Option<f64> {
+        let (sum, count) = self.server_stage(stage);
+        (count > 0.0).then(|| 1000.0 * sum / count)
+    }
+
     pub async fn stop(mut self) {
         let _ = self.relay_shutdown.send(true);
         let _ = self.shutdown.send(true);
