@@ -1,7 +1,8 @@
 // The Pylon player: asks the relay for a WebRTC session over the signalling WebSocket,
 // plays the video as soon as it arrives, sends the player's input on DataChannels,
 // measures click-to-photon, and reconnects if the session drops.
-import { watchStats } from './stats.js';
+import { playoutOffset, watchStats } from './stats.js';
+import { SyncGuard } from './sync.js';
 import { captureInput } from './input.js';
 import { LatencyTracker } from './latency.js';
 
@@ -99,12 +100,15 @@ async function connect() {
   });
   detachInput = input.detach;
   pylon.input = input;
+  // The relay's latest {audio, video} RTP timestamp → node capture time pairs.
+  let clock = null;
   const latency = new LatencyTracker(input.encoder);
   pylon.latency = latency;
   inputChannel.onmessage = (event) => {
     if (typeof event.data !== 'string') return;
     const msg = JSON.parse(event.data);
     if (msg.type === 'frame') latency.onInfo(msg);
+    else if (msg.type === 'clock') clock = pylon.clock = msg;
   };
   const onVideoFrame = (now, metadata) => {
     latency.onFrame(now, metadata);
@@ -112,7 +116,17 @@ async function connect() {
   };
   if ('requestVideoFrameCallback' in HTMLVideoElement.prototype) video.requestVideoFrameCallback(onVideoFrame);
 
+  // Holds the picture only while the audible sound would otherwise trail it noticeably.
+  const sync = new SyncGuard((ms) => {
+    if (inputChannel.readyState !== 'open') return false;
+    inputChannel.send(JSON.stringify({ type: 'hold', ms }));
+    return true;
+  });
+  pylon.sync = sync;
   const stopStats = watchStats(pc, statsEl, (s) => {
+    if (s.audio) s.avOffsetMs = playoutOffset(transceiver.receiver, audioTransceiver.receiver, clock);
+    // With the relay's --av-sync Chromium lip-syncs the streams itself.
+    s.pictureHoldMs = sync.update(s.avOffsetMs, !video.muted && video.volume > 0 && !clock?.lipsync);
     pylon.stats = s;
   }, () => latency.summary());
 

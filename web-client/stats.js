@@ -45,7 +45,6 @@ export function summarizeAudio(report, previous) {
     totalSamplesReceived: report.totalSamplesReceived ?? 0,
     jitterBufferMs: 0,
     bitrateKbps: 0,
-    playout: report.estimatedPlayoutTimestamp,
   };
   if (report.jitterBufferEmittedCount > 0) {
     a.jitterBufferMs = (1000 * report.jitterBufferDelay) / report.jitterBufferEmittedCount;
@@ -54,6 +53,24 @@ export function summarizeAudio(report, previous) {
     a.bitrateKbps = (8 * (report.bytesReceived - previous.bytesReceived)) / (report.timestamp - previous.timestamp);
   }
   return a;
+}
+
+/** Capture time on the node (ms) of RTP timestamp `ts`, from a {ts, ms} pair and the clock rate. */
+const captured = (ts, ref, rate) => ref.ms + (1000 * ((ts - ref.ts) | 0)) / rate;
+
+/**
+ * How far the sound being played is ahead of the picture being shown, in ms of the node's
+ * capture clock (negative: the sound trails). Each receiver's newest synchronization source
+ * pairs the local time it last delivered a frame with that frame's RTP timestamp; the
+ * relay's `clock` message maps both streams' RTP timestamps to capture times on the node.
+ */
+export function playoutOffset(videoReceiver, audioReceiver, clock) {
+  const [v] = videoReceiver.getSynchronizationSources();
+  const [a] = audioReceiver.getSynchronizationSources();
+  if (!v || !a || !clock) return undefined;
+  const sound = captured(a.rtpTimestamp, clock.audio, 48000) - a.timestamp;
+  const picture = captured(v.rtpTimestamp, clock.video, 90000) - v.timestamp;
+  return sound - picture;
 }
 
 export function format(s, latency) {
@@ -67,7 +84,8 @@ export function format(s, latency) {
   ];
   if (s.audio) {
     const offset = s.avOffsetMs === undefined ? '' : `  A/V offset ${s.avOffsetMs.toFixed(0)} ms`;
-    lines.push(`audio ${s.audio.bitrateKbps.toFixed(0)} kb/s  jitter buffer ${s.audio.jitterBufferMs.toFixed(1)} ms${offset}`);
+    const held = s.pictureHoldMs > 0 ? `  (picture held ${s.pictureHoldMs} ms for sync)` : '';
+    lines.push(`audio ${s.audio.bitrateKbps.toFixed(0)} kb/s  jitter buffer ${s.audio.jitterBufferMs.toFixed(1)} ms${offset}${held}`);
   }
   if (latency && latency.count > 0) {
     lines.push(`click-to-photon p50 ${latency.p50.toFixed(1)} ms  p95 ${latency.p95.toFixed(1)} ms  (${latency.count})`);
@@ -116,18 +134,11 @@ export function watchStats(pc, element, onStats, latency = () => null) {
       if (report.type === 'inbound-rtp' && report.kind === 'video') {
         const s = summarize(report, previous);
         s.rttMs = rttMs;
-        if (audio) {
-          s.audio = audio;
-          // Both streams' playout on the sender's clock (RTCP sender reports): how far
-          // the sound is ahead of the picture (negative: behind).
-          if (audio.playout && report.estimatedPlayoutTimestamp) {
-            s.avOffsetMs = audio.playout - report.estimatedPlayoutTimestamp;
-          }
-        }
+        if (audio) s.audio = audio;
         s.latency = latency();
         previous = report;
-        element.textContent = format(s, s.latency);
         onStats(s);
+        element.textContent = format(s, s.latency);
       }
     }
   }, 1000);

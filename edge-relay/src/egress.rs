@@ -296,8 +296,8 @@ pub async fn run(
 fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink<'_>) {
     match media {
         NodeMedia::FrameInfo(info) => core.frame_info(Instant::now(), node, info, sink),
-        NodeMedia::Rtp { packet, arrival, captured, audio: true, .. } => {
-            core.audio_rtp(node, &packet, arrival, captured)
+        NodeMedia::Rtp { packet, arrival, capture_ntp, captured, audio: true } => {
+            core.audio_rtp(node, &packet, arrival, capture_ntp, captured)
         }
         NodeMedia::Rtp { packet, arrival, capture_ntp, captured, audio: false } => {
             core.rtp(node, &packet, arrival, capture_ntp, captured)

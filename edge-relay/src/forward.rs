@@ -254,6 +254,14 @@ struct Viewer {
     frame_arrival: Option<Instant>,
     /// Arrival of the oldest packet written since the last drain (the relay's own delay).
     first_arrival: Option<Instant>,
+    /// The last video frame start written: its RTP timestamp (this viewer's numbering) and
+    /// the node's capture time, for the [`CLOCK_INTERVAL`] message.
+    video_clock: Option<(u32, u64)>,
+    /// When the viewer's page is next told how both streams' RTP times map to capture times.
+    clock_due: Instant,
+    /// How long the page asked its picture be held for lip sync ([`MAX_PICTURE_HOLD`] at
+    /// most): sent as this viewer's playout delay (min = max), normally 0.
+    picture_hold: MediaTime,
 }
 
 impl Viewer {
@@ -632,10 +640,9 @@ impl Core {
         let frame_ticks = 90_000 / u32::from(s.hello.fps.max(1));
         // One copy of the payload for every viewer (and every viewer's RTX cache).
         let payload: Arc<[u8]> = rtp.payload.into();
-        // Playout delay min = max = 0: render each frame as soon as it is decoded.
+        // Playout delay min = max = the viewer's picture hold (below), normally 0: render
+        // each frame as soon as it is decoded.
         let exts = ExtensionValues {
-            play_delay_min: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
-            play_delay_max: Some(MediaTime::new(0, Frequency::HUNDREDTHS)),
             // The node's capture time, so the browser knows each frame's age.
             abs_capture_time: capture_ntp
                 .and_then(pylon_proto::framing::from_ntp)
@@ -645,11 +652,17 @@ impl Core {
         for v in self.viewers.iter_mut().filter(|v| v.connected && v.source == Some(node)) {
             let (Some(mid), Some(pt)) = (v.mid, v.pt) else { continue };
             let (seq, ts) = v.rewrite.map(ext_seq, rtp.header.timestamp, frame_ticks);
+            if let Some(ntp) = capture_ntp {
+                v.video_clock = Some((ts, ntp));
+            }
             let mut api = v.rtc.direct_api();
             let Some(stream) = api.stream_tx_by_mid(mid, None) else { continue };
+            let mut exts = exts.clone();
+            exts.play_delay_min = Some(v.picture_hold);
+            exts.play_delay_max = Some(v.picture_hold);
             let write = str0m::rtp::RtpWrite::new(pt, SeqNo::from(seq), ts, wallclock, payload.clone())
                 .marker(rtp.header.marker)
-                .ext_vals(exts.clone())
+                .ext_vals(exts)
                 .nackable(true);
             stream.write_rtp(write);
             self.metrics.rtp_out_packets.inc();
@@ -665,8 +678,16 @@ impl Core {
     /// One audio RTP packet (Opus) from a node: written to every viewer of its stream that
     /// took audio, unchanged but for its sequence number and timestamp (each viewer's own
     /// numbering, continuous across node reconnects), with the node's capture time as its
-    /// wallclock.
-    pub fn audio_rtp(&mut self, node: u64, packet: &[u8], arrival: Instant, captured: Option<Instant>) {
+    /// wallclock. Once per [`CLOCK_INTERVAL`] the viewer's page is told this packet's and the
+    /// last video frame's RTP timestamps with their capture times (`clock_message`).
+    pub fn audio_rtp(
+        &mut self,
+        node: u64,
+        packet: &[u8],
+        arrival: Instant,
+        capture_ntp: Option<u64>,
+        captured: Option<Instant>,
+    ) {
         let Some(s) = self.sources.get_mut(&node) else {
             self.metrics.dropped("no_viewer_stream");
             return;
@@ -699,6 +720,13 @@ impl Core {
             let (Some(mid), Some(opus_pt)) = (v.audio_mid, v.audio_pt) else { continue };
             // 480 ticks: one 10 ms Opus frame at 48 kHz.
             let (seq, ts) = v.audio_rewrite.map(ext_seq, rtp.header.timestamp, 480);
+            if let (Some(audio), Some(video), Some(id)) = (capture_ntp, v.video_clock, v.input_channel)
+                && arrival >= v.clock_due
+                && let Some(mut channel) = v.rtc.channel(id)
+            {
+                v.clock_due = arrival + CLOCK_INTERVAL;
+                let _ = channel.write(false, clock_message((ts, audio), video, self.av_sync).as_bytes());
+            }
             let (pt, body) = match v.audio_red {
                 Some(red_pt) => {
                     let body = match &red {
@@ -864,6 +892,29 @@ fn rtc_config(player: bool) -> RtcConfig {
         .enable_bwe(player.then(|| Bitrate::bps(PLAYER_START_BPS)))
 }
 
+/// How often a viewer's page is told how both streams' RTP timestamps map to the node's
+/// capture clock (its A/V sync guard compares what each stream is playing by it).
+pub const CLOCK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `{"type":"clock", "audio": {"ts", "ms"}, "video": {"ts", "ms"}, "lipsync"}`: an RTP
+/// timestamp of each stream (the viewer's numbering) and its capture time on the node, ms
+/// since the Unix epoch; `lipsync` when the relay runs `--av-sync` (Chromium then syncs the
+/// streams itself, and the page's guard stands down).
+fn clock_message(audio: (u32, u64), video: (u32, u64), lipsync: bool) -> String {
+    let ms = |ntp: u64| {
+        pylon_proto::framing::from_ntp(ntp)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    format!(
+        r#"{{"type":"clock","audio":{{"ts":{},"ms":{:.3}}},"video":{{"ts":{},"ms":{:.3}}},"lipsync":{lipsync}}}"#,
+        audio.0,
+        ms(audio.1),
+        video.0,
+        ms(video.1)
+    )
+}
+
 fn accept_offer(
     now: Instant,
     sdp: &str,
@@ -908,6 +959,9 @@ fn accept_offer(
         dirty: false,
         frame_arrival: None,
         first_arrival: None,
+        video_clock: None,
+        clock_due: now,
+        picture_hold: MediaTime::new(0, Frequency::HUNDREDTHS),
     };
     let answer = with_rrtr(&answer.to_sdp_string());
     Ok((viewer, if av_sync { shared_msid(&answer) } else { answer }))
@@ -1031,6 +1085,7 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                     MOTION_CHANNEL => v.motion_channel = Some(id),
                     _ => tracing::debug!(viewer = v.id, "ignoring data channel {label:?}"),
                 },
+                Event::ChannelData(data) if !data.binary => page_message(v, &data.data, now, metrics),
                 Event::ChannelData(data) => {
                     let reliable = Some(data.id) != v.motion_channel;
                     if let Some(msg) = check_input(v, &data.data, now, metrics) {
@@ -1070,6 +1125,46 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
             },
         }
     }
+}
+
+/// The most a page may ask its picture be held for lip sync: past this, late sound is
+/// better than a late picture.
+pub const MAX_PICTURE_HOLD: Duration = Duration::from_millis(150);
+
+/// A text message from a viewer's page, for the relay itself (input is binary):
+/// `{"type":"hold","ms":N}` asks that its picture be held N ms (rounded to the playout-delay
+/// extension's 10 ms, at most [`MAX_PICTURE_HOLD`]) so the sound it hears is not left behind.
+/// Any viewer may send it (it changes only its own stream); it shares the input rate limit,
+/// and anything else is refused and counted.
+fn page_message(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics) {
+    let refuse = |reason: &'static str| {
+        metrics.input_refused.get_or_create(&DropReason { reason }).inc();
+    };
+    if data.len() > MAX_INPUT_MESSAGE {
+        return refuse("size");
+    }
+    if !v.limiter.allow(now) {
+        return refuse("rate_limited");
+    }
+    match picture_hold(data) {
+        Some(hold) => v.picture_hold = hold,
+        None => refuse("malformed"),
+    }
+}
+
+/// The playout delay a `{"type":"hold","ms":N}` message asks for; `None` for anything else.
+fn picture_hold(data: &[u8]) -> Option<MediaTime> {
+    #[derive(serde::Deserialize)]
+    #[serde(tag = "type", rename_all = "lowercase")]
+    enum PageMessage {
+        Hold { ms: f64 },
+    }
+    let Ok(PageMessage::Hold { ms }) = serde_json::from_slice(data) else { return None };
+    if !ms.is_finite() || ms < 0.0 {
+        return None;
+    }
+    let ms = ms.min(MAX_PICTURE_HOLD.as_millis() as f64);
+    Some(MediaTime::new((ms / 10.0).round() as u64, Frequency::HUNDREDTHS))
 }
 
 /// The relay's checks on player input: role, size, header, rate. The message itself is
@@ -1134,6 +1229,24 @@ mod tests {
         let out = with_rrtr(sdp);
         assert_eq!(out.matches("a=rtcp-fb:108 rrtr\r\n").count(), 1, "{out}");
         assert!(out.contains("a=rtcp-fb:108 nack pli\r\n"));
+    }
+
+    #[test]
+    fn a_page_may_ask_only_for_a_bounded_picture_hold() {
+        let hold = |text: &str| picture_hold(text.as_bytes()).map(|t| t.numer());
+        assert_eq!(hold(r#"{"type":"hold","ms":0}"#), Some(0));
+        assert_eq!(hold(r#"{"type":"hold","ms":44}"#), Some(4), "10 ms steps");
+        assert_eq!(hold(r#"{"type":"hold","ms":1e300}"#), Some(15), "at most MAX_PICTURE_HOLD");
+        for bad in [
+            r#"{"type":"hold","ms":-5}"#,
+            r#"{"type":"hold"}"#,
+            r#"{"type":"hold","ms":"10"}"#,
+            r#"{"type":"jump","ms":10}"#,
+            "hold 10",
+            "",
+        ] {
+            assert_eq!(hold(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

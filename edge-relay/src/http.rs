@@ -60,6 +60,7 @@ pub async fn serve(
 const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const PLAYER_JS: &str = include_str!("../../web-client/player.js");
 const STATS_JS: &str = include_str!("../../web-client/stats.js");
+const SYNC_JS: &str = include_str!("../../web-client/sync.js");
 const STYLE_CSS: &str = include_str!("../../web-client/style.css");
 const INPUT_JS: &str = include_str!("../../web-client/input.js");
 const LATENCY_JS: &str = include_str!("../../web-client/latency.js");
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ping", get(ping))
         .route("/player.js", get(|| async { asset("text/javascript; charset=utf-8", PLAYER_JS) }))
         .route("/stats.js", get(|| async { asset("text/javascript; charset=utf-8", STATS_JS) }))
+        .route("/sync.js", get(|| async { asset("text/javascript; charset=utf-8", SYNC_JS) }))
         .route("/input.js", get(|| async { asset("text/javascript; charset=utf-8", INPUT_JS) }))
         .route("/latency.js", get(|| async { asset("text/javascript; charset=utf-8", LATENCY_JS) }))
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))

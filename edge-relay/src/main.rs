@@ -55,10 +55,13 @@ struct Args {
     #[arg(long, env = "PYLON_ALLOW_ANONYMOUS_NODES")]
     allow_anonymous_nodes: bool,
     /// Put each viewer's sound and picture in one stream so the browser lip-syncs them.
-    /// Off by default: each plays as soon as it can. Measured in Chromium (e2e_audio, the
-    /// demo's shots, medians over 8 shots, 6 runs): without it the sound trails the picture
-    /// by 20–33 ms; with it by 16–30 ms, and 102 ms in a run where the browser's audio jitter
-    /// buffer had grown (the sync follows the sound's delay). It never delayed the picture.
+    /// Off by default: each plays as soon as it can, and the page's sync guard holds the
+    /// picture (this viewer's playout delay) only while the audible sound trails it by more
+    /// than 15 ms. Measured in Chromium (e2e_audio, the demo's shots, medians over 8 shots):
+    /// without either the sound trailed by 20–33 ms, and by 70–112 ms in CI runs where the
+    /// browser's audio jitter buffer had grown to 55–90 ms; with the guard by 15 ms under
+    /// load (picture held 10 ms); with --av-sync by 16–37 ms (the picture held the sound's
+    /// whole delay behind it whenever the sound is late, heard or not).
     #[arg(long, env = "PYLON_AV_SYNC")]
     av_sync: bool,
 }

@@ -212,7 +212,7 @@ async fn a_titles_tone_reaches_chromium_through_pulseaudio_or_alsa_and_a_silent_
 /// recording when each starts, in `performance.now()` time.
 const AV_WATCH: &str = r#"
 if (!window.__av) {
-  const av = window.__av = { video: [], audio: [], armedVideo: true, armedAudio: true, held: 0, frames: 0 };
+  const av = window.__av = { video: [], audio: [], armedVideo: true, armedAudio: true, held: 0, frames: 0, flashes: [], played: [] };
   const v = document.getElementById('video');
   const c = document.createElement('canvas');
   const g = c.getContext('2d', { willReadFrequently: true });
@@ -222,7 +222,11 @@ if (!window.__av) {
     const d = g.getImageData(0, 0, c.width, c.height).data;
     let flash = 0;
     for (let i = 0; i < d.length; i += 4) if (d[i] > 220 && d[i + 1] > 220 && d[i + 2] < 170) flash++;
-    if (flash > 20 && av.armedVideo) { av.video.push(meta.expectedDisplayTime); av.armedVideo = false; }
+    if (flash > 20 && av.armedVideo) {
+      av.video.push(meta.expectedDisplayTime);
+      av.flashes.push({ rtp: meta.rtpTimestamp, shown: meta.expectedDisplayTime, clock: pylon.clock });
+      av.armedVideo = false;
+    }
     if (flash === 0) av.armedVideo = true;
     if (meta.receiveTime) { av.held += meta.expectedDisplayTime - meta.receiveTime; av.frames++; }
     v.requestVideoFrameCallback(onFrame);
@@ -236,7 +240,15 @@ if (!window.__av) {
   src.connect(analyser);
   const buf = new Float32Array(analyser.fftSize);
   let quietSince = performance.now();
+  const receiver = pylon.pc.getReceivers().find((r) => r.track.kind === 'audio');
   setInterval(() => {
+    // What the audio receiver hands on for playout (RTP timestamp, wall-clock time).
+    const [src] = receiver.getSynchronizationSources();
+    const last = av.played[av.played.length - 1];
+    if (src && (!last || last[0] !== src.rtpTimestamp)) {
+      av.played.push([src.rtpTimestamp, src.timestamp - performance.timeOrigin]);
+      if (av.played.length > 5000) av.played.shift();
+    }
     analyser.getFloatTimeDomainData(buf);
     let peak = 0;
     for (const x of buf) peak = Math.max(peak, Math.abs(x));
@@ -250,7 +262,16 @@ if (!window.__av) {
   }, 2);
   av.context = ctx;
 }
-return { video: window.__av.video, audio: window.__av.audio, state: window.__av.context.state, held: window.__av.held / Math.max(1, window.__av.frames) };
+// Each flash's sound as the audio receiver played it: the first frame delivered whose
+// capture time (the relay's clock message) reaches the flash frame's.
+const at = (ts, ref, rate) => ref.ms + (1000 * ((ts - ref.ts) | 0)) / rate;
+const played = window.__av.flashes.map((f) => {
+  if (!f.clock) return null;
+  const captured = at(f.rtp, f.clock.video, 90000);
+  const p = window.__av.played.find(([rtp]) => at(rtp, f.clock.audio, 48000) + 10 >= captured);
+  return p ? p[1] - f.shown : null;
+});
+return { video: window.__av.video, audio: window.__av.audio, played, state: window.__av.context.state, held: window.__av.held / Math.max(1, window.__av.frames) };
 "#;
 
 /// What one A/V run measured.
@@ -264,6 +285,17 @@ struct AvRun {
     /// The sound's mean jitter-buffer delay and target over the shots, ms.
     sound_buffer_ms: f64,
     sound_target_ms: f64,
+    /// Per flash, the sound's playout as the audio receiver reports it
+    /// (`getSynchronizationSources`: the frame handed to the track for output) minus the
+    /// picture's display, ms, sorted: the same shots without WebAudio in the way.
+    played: Vec<f64>,
+    /// Per shot, the WebAudio analyser's onset minus the receiver's playout, ms, sorted: the
+    /// measuring path's own delay (its FIFO and render quantum; about 25 ms, like a sound
+    /// card's output buffer).
+    webaudio_lag: Vec<f64>,
+    /// The page's sync guard, once a second over the last minute: its reading of the sound's
+    /// playout minus the picture's, and the picture hold it had asked for, ms.
+    guard: String,
 }
 
 /// Fires eight single shots and pairs each muzzle flash seen with the shot's sound heard.
@@ -288,29 +320,38 @@ async fn shot_offsets(av_sync: bool) -> AvRun {
         b.eval(&key("keyup", "Space")).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let guard = b.eval("return JSON.stringify(pylon.sync.history.map(([o, h]) => [Math.round(o), h]))").await;
     let seen = b.eval(AV_WATCH).await;
     let after = self::audio(&b).await;
     let video: Vec<f64> = seen["video"].as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
     let audio: Vec<f64> = seen["audio"].as_array().unwrap().iter().filter_map(|x| x.as_f64()).collect();
+    let played: Vec<Option<f64>> = seen["played"].as_array().unwrap().iter().map(|x| x.as_f64()).collect();
     // Pair each picture onset with the sound onset nearest to it.
-    let mut offsets = Vec::new();
-    for v in &video {
+    let (mut offsets, mut webaudio_lag) = (Vec::new(), Vec::new());
+    for (i, v) in video.iter().enumerate() {
         if let Some(a) = audio.iter().min_by(|x, y| (*x - v).abs().total_cmp(&(*y - v).abs()))
             && (a - v).abs() < 500.0
         {
             offsets.push(a - v);
+            if let Some(Some(p)) = played.get(i) {
+                webaudio_lag.push(a - v - p);
+            }
         }
     }
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
     let delta = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
     let emitted = delta("jbEmitted").max(1.0);
     let run = AvRun {
         picture_held_ms: seen["held"].as_f64().unwrap_or(f64::NAN),
         sound_buffer_ms: 1000.0 * delta("jbDelay") / emitted,
         sound_target_ms: 1000.0 * delta("jbTarget") / emitted,
-        offsets: {
-            offsets.sort_by(f64::total_cmp);
-            offsets
-        },
+        guard: guard.as_str().unwrap_or_default().to_owned(),
+        played: sorted(played.into_iter().flatten().collect()),
+        webaudio_lag: sorted(webaudio_lag),
+        offsets: sorted(offsets),
     };
     let relay = common::relay_metrics(platform.relay.http_addr).await;
     let gaps: Vec<&str> =
@@ -331,32 +372,43 @@ fn median(v: &[f64]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shots_sound_and_picture_reach_chromium_in_sync() {
-    // The relay's default (sound and picture each as soon as they can), then `--av-sync`
+    // The relay's default (sound and picture each as soon as they can, the page's sync
+    // guard holding the picture only while the sound trails it too far), then `--av-sync`
     // (one stream: Chromium lip-syncs), reported for the comparison: what syncing costs
     // the picture shows in its arrival-to-display delay.
     //
     // On this two-core machine (node, relay, Chromium and x264 together) a session now and
-    // then starts with a few 20-80 ms hiccups in the sound's arrival; Chromium's jitter
-    // buffer then holds 40 ms instead of 20 for the rest of it, and the sound trails by
-    // that much more (seen in about one run in six). Such a run is reported and a fresh
-    // session measured once more: the bound must hold in it.
+    // then starts with 20-80 ms hiccups in the sound's arrival, and Chromium's jitter
+    // buffer then holds 60-90 ms of sound for the rest of it; without the guard the sound
+    // trailed by 70-110 ms (CI, stop 18).
+    //
+    // The sound onset is taken where the issue asks, from a WebAudio analyser on the received
+    // track, and once more from the receiver's own playout report. Now and then the
+    // analyser's path itself runs late (seen: 75 ms after a playout report that put the sound
+    // 12 ms behind the picture): a run whose analyser lags the receiver by more than 45 ms is
+    // reported as such and measured again in a fresh session.
     let mut apart = shot_offsets(false).await;
-    if median(&apart.offsets).abs() > 45.0 {
+    if median(&apart.offsets).abs() > 45.0 && median(&apart.webaudio_lag) > 45.0 {
         eprintln!(
-            "A/V: the first session's sound trailed by {:.1} ms (median); measuring a fresh one",
-            median(&apart.offsets)
+            "A/V: the analyser heard the first session's sound {:.1} ms after the receiver played it; \
+             measuring a fresh one",
+            median(&apart.webaudio_lag)
         );
         apart = shot_offsets(false).await;
     }
     let synced = shot_offsets(true).await;
     eprintln!(
-        "A/V sound minus picture: default median {:.1} ms (picture held {:.1} ms, sound buffer {:.1} ms, target \
-         {:.1}); --av-sync median {:.1} ms (picture held {:.1} ms, sound buffer {:.1} ms, target {:.1})",
+        "A/V sound minus picture: default median {:.1} ms (receiver's playout {:.1} ms; picture held {:.1} ms, \
+         sound buffer {:.1} ms, target {:.1}; page's offset reading and hold, per second: {}); --av-sync median \
+         {:.1} ms (receiver's playout {:.1} ms; picture held {:.1} ms, sound buffer {:.1} ms, target {:.1})",
         median(&apart.offsets),
+        median(&apart.played),
         apart.picture_held_ms,
         apart.sound_buffer_ms,
         apart.sound_target_ms,
+        apart.guard,
         median(&synced.offsets),
+        median(&synced.played),
         synced.picture_held_ms,
         synced.sound_buffer_ms,
         synced.sound_target_ms,
@@ -365,6 +417,10 @@ async fn a_shots_sound_and_picture_reach_chromium_in_sync() {
     assert!(
         median(&apart.offsets).abs() <= 45.0,
         "by default, sound within 45 ms of the picture (ITU-R BT.1359): {apart:?}"
+    );
+    assert!(
+        median(&apart.played).abs() <= 45.0,
+        "by default, the receiver plays the sound within 45 ms of the picture: {apart:?}"
     );
 }
 

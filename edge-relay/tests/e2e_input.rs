@@ -266,12 +266,13 @@ const wheel = hdr(5, 8); const dv = new DataView(wheel.buffer);
 dv.setFloat32(10, NaN); dv.setFloat32(14, 1e30); send(wheel);        // NaN and 1e30
 const pad = hdr(6, 6); pad[10] = 0; pad[11] = 1; pad[12] = 0; pad[13] = 1; pad[14] = 0x80; pad[15] = 0; send(pad); // axis -32768
 const touch = hdr(7, 2); touch[10] = 0; touch[11] = 255; send(touch); // 255 (of 10,000) touch points
+ch.send('{"type":"hold","ms":"forever"}');             // a text message for the relay, malformed
 return true;
 "#;
     b.eval(hostile).await;
     let refused = |reason: &str| format!("pylon_relay_input_refused_total{{reason=\"{reason}\"}}");
     wait_metric(http, &refused("size"), 2.0).await;
-    wait_metric(http, &refused("malformed"), 2.0).await;
+    wait_metric(http, &refused("malformed"), 3.0).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while platform.server_metrics_value("pylon_server_input_rejected") < 4.0 {
         assert!(std::time::Instant::now() < deadline, "the node did not refuse out-of-range input");
