@@ -116,7 +116,7 @@ pub fn signalling_url(relay: &str) -> String {
 
 impl Session {
     /// Offers to the relay at `relay` (its page URL) with `token`, and waits until the
-    /// connection is up. Events (packets, frames, messages) arrive on the returned channel.
+    /// connection is up and the input channel open. Events (packets, frames, messages) arrive on the returned channel.
     pub async fn connect(
         relay: &str,
         token: Option<&str>,
@@ -168,6 +168,12 @@ impl Session {
                 Box::pin(async {})
             }));
         }
+        // Input sent before the channel opens would be lost: connecting waits for it.
+        let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+        input.on_open(Box::new(move || {
+            let _ = open_tx.try_send(());
+            Box::pin(async {})
+        }));
         let (up_tx, mut up_rx) = mpsc::channel::<Result<(), String>>(4);
         {
             let events = events.clone();
@@ -252,10 +258,14 @@ impl Session {
                 }
             }
         });
-        match tokio::time::timeout(timeout, up_rx.recv()).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, up_rx.recv()).await {
             Ok(Some(Ok(()))) => {}
             Ok(Some(Err(state))) => return Err(ClientError::Refused(format!("connection {state}"))),
             _ => return Err(ClientError::ConnectTimeout(timeout)),
+        }
+        if tokio::time::timeout_at(deadline, open_rx.recv()).await.is_err() {
+            return Err(ClientError::ConnectTimeout(timeout));
         }
         Ok((Self { pc, input, motion, role, video_ssrc, rtts, signalling }, rx))
     }

@@ -7,16 +7,44 @@ use ffmpeg_next as ffmpeg;
 pub enum DecodeError {
     #[error("FFmpeg has no H.264 decoder (install libavcodec with h264)")]
     NoDecoder,
+    #[error("the decoder produced {0:?}, not 4:2:0")]
+    Format(ffmpeg::format::Pixel),
     #[error("FFmpeg: {0}")]
     Ffmpeg(#[from] ffmpeg::Error),
 }
 
-/// A decoded picture: its size and its luma plane (row by row, `width` bytes each).
+/// A decoded picture (4:2:0): its size and its planes, row by row without padding.
 #[derive(Debug, Clone)]
 pub struct Picture {
     pub width: u32,
     pub height: u32,
+    /// Luma, `width` × `height`.
     pub luma: Vec<u8>,
+    /// Chroma (Cb, Cr), each `(width + 1) / 2` × `(height + 1) / 2`.
+    pub cb: Vec<u8>,
+    pub cr: Vec<u8>,
+}
+
+impl Picture {
+    pub fn y_at(&self, x: u32, y: u32) -> u8 {
+        self.luma[(y * self.width + x) as usize]
+    }
+    pub fn u_at(&self, x: u32, y: u32) -> u8 {
+        self.cb[((y / 2) * self.width.div_ceil(2) + x / 2) as usize]
+    }
+    pub fn v_at(&self, x: u32, y: u32) -> u8 {
+        self.cr[((y / 2) * self.width.div_ceil(2) + x / 2) as usize]
+    }
+}
+
+/// A plane's rows copied without the decoder's padding.
+fn plane(frame: &ffmpeg::frame::Video, index: usize, width: u32, height: u32) -> Vec<u8> {
+    let (stride, data) = (frame.stride(index), frame.data(index));
+    let mut out = Vec::with_capacity((width * height) as usize);
+    for row in 0..height as usize {
+        out.extend_from_slice(&data[row * stride..row * stride + width as usize]);
+    }
+    out
 }
 
 /// One H.264 decoder, fed Annex B access units, one frame out per frame in (low delay).
@@ -47,14 +75,19 @@ impl H264Decoder {
         self.decoder.send_packet(&ffmpeg::Packet::copy(access_unit))?;
         let mut out = None;
         while self.decoder.receive_frame(&mut self.frame).is_ok() {
-            let (width, height) = (self.frame.width(), self.frame.height());
-            let stride = self.frame.stride(0);
-            let data = self.frame.data(0);
-            let mut luma = Vec::with_capacity((width * height) as usize);
-            for row in 0..height as usize {
-                luma.extend_from_slice(&data[row * stride..row * stride + width as usize]);
+            let format = self.frame.format();
+            if !matches!(format, ffmpeg::format::Pixel::YUV420P | ffmpeg::format::Pixel::YUVJ420P) {
+                return Err(DecodeError::Format(format));
             }
-            out = Some(Picture { width, height, luma });
+            let (width, height) = (self.frame.width(), self.frame.height());
+            let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+            out = Some(Picture {
+                width,
+                height,
+                luma: plane(&self.frame, 0, width, height),
+                cb: plane(&self.frame, 1, cw, ch),
+                cr: plane(&self.frame, 2, cw, ch),
+            });
         }
         Ok(out)
     }

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 /// Plays a render node through its relay like a player would (WebRTC on webrtc-rs, H.264
 /// decoded with FFmpeg) and checks that the stream is live at the size and frame rate the
-/// node advertises. Prints the report as JSON; exits 0 when the check passed, 1 when it
-/// failed, 2 when it could not be made.
+/// node advertises and, for the built-in demo, that it answers input as the demo must.
+/// Prints the report as JSON; exits 0 when the check passed, 1 when it failed, 2 when it
+/// could not be made.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -25,6 +26,10 @@ struct Args {
     /// Seconds to watch after the first decoded frame.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// The node runs the built-in demo: also check that aimed turns are answered (random
+    /// mouse aims and shams, judged from the decoded picture; click-to-photon p50/p95).
+    #[arg(long)]
+    demo: bool,
     /// Seconds the connection and first frame may take.
     #[arg(long, default_value_t = 20.0)]
     connect_timeout: f64,
@@ -44,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         token: args.token,
         advertised: Advertised { width: args.size.0, height: args.size.1, fps: args.fps },
         duration: Duration::from_secs_f64(args.seconds),
+        demo: args.demo,
         first_frame_timeout: Duration::from_secs_f64(args.connect_timeout),
     };
     match pylon_checker::run(config).await {

@@ -1,8 +1,9 @@
 //! The checker's WebRTC stack (webrtc-rs) against the relay's (str0m): two independent
 //! implementations, each testing the other. Through `pylon-impair` on the last hop the
-//! checker decodes the demo's H.264 at its size and rate, its input reaches the game over
-//! the player's DataChannel and its PLI reaches the relay; through 2 % loss its NACKs
-//! reach the relay and the picture goes on.
+//! checker decodes the demo's H.264 at its size and rate and the demo answers every
+//! aimed turn (a stream that ignores the checker's input fails the same check), its input
+//! reaches the game over the player's DataChannel and its PLI reaches the relay; through
+//! 2 % loss its NACKs reach the relay and the picture goes on.
 //!
 //! What the two stacks cannot do together: repair by retransmission. str0m resends only
 //! on an RTX stream (RFC 4588; a packet is not nackable without an RTX payload type), and
@@ -35,19 +36,42 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
     let http = platform.relay.http_addr;
     let advertised = Advertised { width: 640, height: 480, fps: 30 };
 
-    // The liveness check, as `pylon-checker` runs it: the honest node passes.
-    let report = pylon_checker::run(CheckConfig {
+    // The check as `pylon-checker --demo` runs it: the honest demo is live at its size and
+    // rate and answers every aimed turn, and no sham sees a turn.
+    let check = |demo| CheckConfig {
         relay: platform.url(),
         token: None,
         advertised,
         duration: Duration::from_secs(8),
+        demo,
         first_frame_timeout: Duration::from_secs(30),
-    })
-    .await
-    .unwrap();
-    eprintln!("liveness: {}", serde_json::to_string(&report).unwrap());
+    };
+    let report = pylon_checker::run(check(true)).await.unwrap();
+    eprintln!("check of the honest demo: {}", serde_json::to_string(&report).unwrap());
     assert!(report.passed(), "{report:?}");
-    assert!(report.bitrate_kbps > 100.0 && report.rtt_ms.is_some(), "{report:?}");
+    assert_eq!(report.role, "player");
+    assert!(report.qoe.bitrate_kbps > 100.0 && report.qoe.rtt_ms.is_some(), "{report:?}");
+    let response = report.response.unwrap();
+    assert!(response.inputs >= 12 && response.answered == response.inputs, "{response:?}");
+
+    // A stream that does not answer the checker: here the checker is only a spectator (a
+    // player holds the seat and keeps the ship still), so its input never reaches the
+    // game, as with a replayed or frozen stream. The picture is live; the check fails.
+    let (holder, mut holder_events) = Session::connect(&platform.url(), None, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(holder.role, "player");
+    while !matches!(holder_events.recv().await, Some(Event::Frame { .. })) {}
+    let still = InputMessage { seq: 1, time_ms: 0, event: InputEvent::MouseMove { x: 600, y: 240, dx: 0, dy: 0 } };
+    holder.send_input(&still).await.unwrap();
+    let drain = tokio::spawn(async move { while holder_events.recv().await.is_some() {} });
+    let report = pylon_checker::run(check(true)).await.unwrap();
+    eprintln!("check of a stream that ignores the checker: {}", serde_json::to_string(&report.response).unwrap());
+    assert_eq!(report.role, "spectator");
+    assert!(report.qoe.passed(), "the picture itself is live: {:?}", report.qoe);
+    let response = report.response.as_ref().unwrap();
+    assert!(!report.passed() && response.answered == 0, "{response:?}");
+    holder.close().await;
+    drain.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A session of its own: input, a keyframe request, and NACKs.
     let (session, mut events) = Session::connect(&platform.url(), None, Duration::from_secs(30)).await.unwrap();
