@@ -20,7 +20,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-checker bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -29,6 +29,7 @@ help:
 	@echo "make frame-path-title  the same on a captured studio title: Vulkan present layer vs XShm (TITLE=program, default SDL2's testvulkan)"
 	@echo "make bench       criterion benchmarks of the frame stages"
 	@echo "make bench-capacity proof-of-capacity cost: node GPU time against the checker's verification"
+	@echo "make bench-checker  one check's cost: checker CPU and bytes, the node's frame path, nodes per checker core per minute"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
@@ -111,6 +112,11 @@ bench-relay:
 bench-capacity: deps
 	cargo build --release -p pylon-benches --bin capacity-bench
 	"$(CARGO_TARGET_DIR)/release/capacity-bench"
+
+# What one check costs, on the checker (a child process) and on the node.
+bench-checker: deps
+	cargo build --release -p pylon-checker -p pylon-benches --bin pylon-checker --bin checker-cost
+	"$(CARGO_TARGET_DIR)/release/checker-cost"
 
 bench-indexer: deps
 	cargo build --release -p pylon-benches --bin indexer-bench

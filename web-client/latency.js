@@ -89,8 +89,12 @@ export class LatencyTracker {
       // Presented → expected on screen; Chromium may expect a late-submitted frame on screen
       // slightly before it was submitted: no wait, then.
       parts.display = frame.presented !== undefined ? Math.max(0, frame.shown - frame.presented) : 0;
-      // Received → handed to the decoder (what is left of received → displayed).
-      parts.jitterBuffer = browser - parts.decode - parts.display;
+      // Received → handed to the decoder (what is left of received → displayed). Chromium's
+      // decode time can start before the last packet's arrival (and its times are coarsened),
+      // so decode may exceed what is left: then the buffer held nothing, and decode is the
+      // part of it after the last packet.
+      parts.jitterBuffer = Math.max(0, browser - parts.decode - parts.display);
+      parts.decode = browser - parts.display - parts.jitterBuffer;
       parts.network = total - parts.node - parts.relay - browser;
     }
     return parts;

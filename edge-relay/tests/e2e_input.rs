@@ -232,7 +232,7 @@ async fn keyboard_gamepad_and_touch_reach_the_game() {
     let p = &latency["lastPress"];
     let part = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("the last press has no {k}: {p}"));
     assert!(part("node") > 0.0 && part("render") > 0.0 && part("encode") > 0.0, "{p}");
-    assert!(part("decode") >= 0.0 && part("display") >= 0.0 && part("jitterBuffer") > -1.0, "{p}");
+    assert!(part("decode") >= 0.0 && part("display") >= 0.0 && part("jitterBuffer") >= 0.0, "{p}");
     let sum = part("network") + part("node") + part("relay") + part("jitterBuffer") + part("decode") + part("display");
     assert!((sum - part("total")).abs() < 0.01, "the parts add up to the press's time: {p}");
     b.close().await;
