@@ -1175,19 +1175,38 @@ impl FrameRenderer {
                 );
             }
         }
+        // SAFETY: the caller records into `s`'s command buffer.
+        unsafe {
+            self.record_readback_to_host(cb, s, vk::PipelineStageFlags::TRANSFER, vk::AccessFlags::TRANSFER_WRITE)
+        }
+    }
+
+    /// Records the barrier that makes `s`'s NV12 readback buffer, written by `stage` with
+    /// `access`, visible to the host once the fence signals.
+    ///
+    /// # Safety
+    /// `cb` is `s`'s command buffer, in the recording state.
+    unsafe fn record_readback_to_host(
+        &self,
+        cb: vk::CommandBuffer,
+        s: &Slot,
+        stage: vk::PipelineStageFlags,
+        access: vk::AccessFlags,
+    ) {
         let barrier = [vk::BufferMemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+            .src_access_mask(access)
             .dst_access_mask(vk::AccessFlags::HOST_READ)
             .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
             .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
             .buffer(s.nv12.buffer)
             .offset(0)
             .size(vk::WHOLE_SIZE)];
-        // SAFETY: as above; the buffer belongs to this device.
+        // SAFETY: the caller records into `s`'s command buffer; the buffer belongs to this
+        // device.
         unsafe {
-            d.cmd_pipeline_barrier(
+            self.device.cmd_pipeline_barrier(
                 cb,
-                vk::PipelineStageFlags::TRANSFER,
+                stage,
                 vk::PipelineStageFlags::HOST,
                 vk::DependencyFlags::empty(),
                 &[],
@@ -1243,23 +1262,7 @@ impl FrameRenderer {
             d.cmd_push_constants(cb, layout, vk::ShaderStageFlags::COMPUTE, 0, &bytes);
             // One invocation per 4x2 block, 64 invocations a workgroup along a row (fastest on lavapipe).
             d.cmd_dispatch(cb, (self.width / 4).div_ceil(64), self.height / 2, 1);
-            let barrier = [vk::BufferMemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ)
-                .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-                .buffer(s.nv12.buffer)
-                .offset(0)
-                .size(vk::WHOLE_SIZE)];
-            d.cmd_pipeline_barrier(
-                cb,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &[],
-                &barrier,
-                &[],
-            );
+            self.record_readback_to_host(cb, s, vk::PipelineStageFlags::COMPUTE_SHADER, vk::AccessFlags::SHADER_WRITE);
         }
     }
 
