@@ -45,7 +45,7 @@ export class SyncGuard {
     this.holdMs = 0;
     // Updates to skip: the first offset after a change may predate it.
     this.settling = 0;
-    // The last minute's [offset, hold] per update, for the overlay and tests.
+    // The last minute's [offset, hold] per update (`pylon.sync.history`: the console, tests).
     this.history = [];
     this.recent = [];
   }

@@ -288,9 +288,7 @@ impl Session {
 
     /// Asks the relay for a keyframe (RTCP PLI).
     pub async fn request_keyframe(&self) -> Result<(), ClientError> {
-        let media_ssrc = self.video_ssrc.load(std::sync::atomic::Ordering::Relaxed);
-        self.pc.write_rtcp(&[Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc })]).await?;
-        Ok(())
+        send_pli(&self.pc, self.video_ssrc.load(std::sync::atomic::Ordering::Relaxed)).await
     }
 
     /// The median round-trip time to the relay so far, ms (WebSocket ping to pong on the
@@ -306,6 +304,12 @@ impl Session {
         let _ = self.pc.close().await;
         self.signalling.abort();
     }
+}
+
+/// Asks the sender of `media_ssrc` for a keyframe (RTCP PLI).
+async fn send_pli(pc: &RTCPeerConnection, media_ssrc: u32) -> Result<(), ClientError> {
+    pc.write_rtcp(&[Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc })]).await?;
+    Ok(())
 }
 
 /// Reads the video track's RTP, rebuilds access units, and decodes them on a thread of
@@ -336,8 +340,7 @@ fn on_track(
             tokio::spawn(async move {
                 while failed_rx.recv().await.is_some() {
                     let Some(pc) = weak.upgrade() else { break };
-                    let _ =
-                        pc.write_rtcp(&[Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc })]).await;
+                    let _ = send_pli(&pc, ssrc).await;
                 }
             });
             let mut builder = SampleBuilder::new(MAX_LATE_PACKETS, H264Packet::default(), 90_000);

@@ -1085,16 +1085,26 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                     MOTION_CHANNEL => v.motion_channel = Some(id),
                     _ => tracing::debug!(viewer = v.id, "ignoring data channel {label:?}"),
                 },
-                Event::ChannelData(data) if !data.binary => page_message(v, &data.data, now, metrics),
                 Event::ChannelData(data) => {
                     let reliable = Some(data.id) != v.motion_channel;
-                    if let Some(msg) = check_input(v, &data.data, now, metrics) {
-                        metrics.input_forwarded.inc();
-                        out.to_node.push(if reliable {
-                            ToNode::Control(RelayMessage::Input(msg))
-                        } else {
-                            ToNode::InputDatagram(msg)
-                        });
+                    let checked = if data.binary {
+                        check_input(v, &data.data, now).map(Some)
+                    } else {
+                        page_message(v, &data.data, now).map(|()| None)
+                    };
+                    match checked {
+                        Ok(Some(msg)) => {
+                            metrics.input_forwarded.inc();
+                            out.to_node.push(if reliable {
+                                ToNode::Control(RelayMessage::Input(msg))
+                            } else {
+                                ToNode::InputDatagram(msg)
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(reason) => {
+                            metrics.input_refused.get_or_create(&DropReason { reason }).inc();
+                        }
                     }
                 }
                 Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
@@ -1134,22 +1144,17 @@ pub const MAX_PICTURE_HOLD: Duration = Duration::from_millis(150);
 /// A text message from a viewer's page, for the relay itself (input is binary):
 /// `{"type":"hold","ms":N}` asks that its picture be held N ms (rounded to the playout-delay
 /// extension's 10 ms, at most [`MAX_PICTURE_HOLD`]) so the sound it hears is not left behind.
-/// Any viewer may send it (it changes only its own stream); it shares the input rate limit,
-/// and anything else is refused and counted.
-fn page_message(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics) {
-    let refuse = |reason: &'static str| {
-        metrics.input_refused.get_or_create(&DropReason { reason }).inc();
-    };
+/// Any viewer may send it (it changes only its own stream); it shares the input rate limit;
+/// `Err` names why anything else is refused (counted by the caller).
+fn page_message(v: &mut Viewer, data: &[u8], now: Instant) -> Result<(), &'static str> {
     if data.len() > MAX_INPUT_MESSAGE {
-        return refuse("size");
+        return Err("size");
     }
     if !v.limiter.allow(now) {
-        return refuse("rate_limited");
+        return Err("rate_limited");
     }
-    match picture_hold(data) {
-        Some(hold) => v.picture_hold = hold,
-        None => refuse("malformed"),
-    }
+    v.picture_hold = picture_hold(data).ok_or("malformed")?;
+    Ok(())
 }
 
 /// The playout delay a `{"type":"hold","ms":N}` message asks for; `None` for anything else.
@@ -1167,26 +1172,23 @@ fn picture_hold(data: &[u8]) -> Option<MediaTime> {
     Some(MediaTime::new((ms / 10.0).round() as u64, Frequency::HUNDREDTHS))
 }
 
-/// The relay's checks on player input: role, size, header, rate. The message itself is
-/// forwarded unchanged; the node validates its contents.
-fn check_input(v: &mut Viewer, data: &[u8], now: Instant, metrics: &RelayMetrics) -> Option<Vec<u8>> {
-    let refuse = |reason: &'static str| {
-        metrics.input_refused.get_or_create(&DropReason { reason }).inc();
-        None
-    };
+/// The relay's checks on player input: role, size, header, rate; `Err` names the reason
+/// it is refused (counted by the caller). The message itself is forwarded unchanged; the
+/// node validates its contents.
+fn check_input(v: &mut Viewer, data: &[u8], now: Instant) -> Result<Vec<u8>, &'static str> {
     if !v.player {
-        return refuse("spectator");
+        return Err("spectator");
     }
     if data.len() > MAX_INPUT_MESSAGE || data.len() < INPUT_HEADER_LEN {
-        return refuse("size");
+        return Err("size");
     }
     if peek_header(data).is_err() {
-        return refuse("malformed");
+        return Err("malformed");
     }
     if !v.limiter.allow(now) {
-        return refuse("rate_limited");
+        return Err("rate_limited");
     }
-    Some(data.to_vec())
+    Ok(data.to_vec())
 }
 
 #[cfg(test)]
