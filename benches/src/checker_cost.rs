@@ -40,16 +40,6 @@ struct Args {
     fps: u32,
 }
 
-/// CPU seconds of this process's waited-for children (`cutime` + `cstime`).
-fn children_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some(close) = stat.rfind(')') else { return 0.0 };
-    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    // Fields 16 and 17 of the whole line: 13 and 14 after the state.
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(13) + ticks(14)) / 100.0
-}
-
 fn frame_path_cpu() -> f64 {
     common::thread_cpu().iter().filter(|(name, _)| common::is_frame_path_thread(name)).map(|(_, s)| s).sum()
 }
@@ -69,7 +59,7 @@ async fn main() {
 
     let mut runs = Vec::new();
     for i in 0..args.checks {
-        let (cpu0, node0, t0) = (children_cpu(), frame_path_cpu(), Instant::now());
+        let (cpu0, node0, t0) = (common::children_cpu(), frame_path_cpu(), Instant::now());
         let out = tokio::process::Command::new(&checker)
             .args(["--relay", &platform.url(), "--demo", "--fps", &args.fps.to_string()])
             .args(["--size", &format!("{}x{}", args.width, args.height), "--seconds", &args.seconds.to_string()])
@@ -78,7 +68,7 @@ async fn main() {
             .await
             .unwrap();
         let wall = t0.elapsed().as_secs_f64();
-        let (cpu, node) = (children_cpu() - cpu0, frame_path_cpu() - node0);
+        let (cpu, node) = (common::children_cpu() - cpu0, frame_path_cpu() - node0);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         let run = serde_json::json!({
             "exit": out.status.code(),

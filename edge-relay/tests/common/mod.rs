@@ -671,21 +671,34 @@ pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> se
     played
 }
 
+/// The clock-tick fields of a `/proc/.../stat` line after its state, summed over `fields`
+/// (indices after the state: 11 and 12 are utime and stime, 13 and 14 cutime and cstime),
+/// in seconds; `comm` (which may hold spaces) with it.
+fn stat_seconds(stat: &str, fields: &[usize]) -> Option<(String, f64)> {
+    // "pid (comm) state ..." — the fields follow the last ')'.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close).unwrap_or_default().to_string();
+    let after: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split_whitespace().collect();
+    let ticks: f64 = fields.iter().map(|&i| after.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0)).sum();
+    Some((name, ticks / 100.0))
+}
+
 /// CPU seconds per thread name of this process, from `/proc/self/task/*/stat`.
 pub fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
     let mut out = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
     for task in tasks.flatten() {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        // "tid (comm) state ..." — comm may hold spaces; the fields follow the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let name = stat.get(open + 1..close).unwrap_or_default().to_string();
-        let fields: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after state.
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+        let Some((name, seconds)) = stat_seconds(&stat, &[11, 12]) else { continue };
+        *out.entry(name).or_insert(0.0) += seconds;
     }
     out
+}
+
+/// CPU seconds of this process's waited-for children (`cutime` + `cstime`).
+pub fn children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_seconds(&stat, &[13, 14]).map_or(0.0, |(_, s)| s)
 }
 
 /// Whether a thread of this process is the render node's frame path: `pylon-render`
