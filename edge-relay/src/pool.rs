@@ -7,7 +7,7 @@
 use ed25519_dalek::VerifyingKey;
 use pylon_indexer_client::api::{RegisterRelay, RelayHeartbeat};
 use pylon_indexer_client::{Client, ClientError, register_until_accepted};
-use pylon_proto::token::{self, Role};
+use pylon_proto::token;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -202,7 +202,7 @@ impl Pool {
         if inner.ended.contains_key(&session) {
             return Err("session token refused: this session has ended".into());
         }
-        Ok(Admission { session, player: claims.role == Role::Player, node: claims.node })
+        Ok(Admission { session, player: claims.may_send_input(), node: claims.node })
     }
 
     /// The player of `session` left: its token is refused from now on, and the indexer
@@ -322,7 +322,7 @@ async fn report_end(client: &Client, session: &str, reason: &str) -> bool {
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
-    use pylon_proto::token::Claims;
+    use pylon_proto::token::{Claims, Role};
 
     fn token(key: &SigningKey, session: u8, relay: &str, role: Role, expires_at: u64) -> String {
         Claims {

@@ -39,10 +39,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+pub use checks::{CheckerRecord, CheckerStatus};
 pub use pylon_indexer_client::api::{
-    Candidate, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat, NodeKeyInfo, PublicKey, RegisterNode,
-    RegisterRelay, RelayHeartbeat, RelayHeartbeatReply, SessionCreated, SessionRole, valid_id,
+    Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat,
+    NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
+    RelayHeartbeatReply, SessionCreated, SessionRole, Verdict, valid_id,
 };
+
+mod checks;
 pub use pylon_indexer_client::signed_message;
 
 /// Largest clock difference accepted on a signed request.
@@ -72,6 +76,9 @@ pub struct Policy {
     pub sessions_per_title: Rate,
     /// Spectator tokens one client address may request.
     pub spectate_per_address: Rate,
+    /// How often each ready node is checked, on average (each node's next check is
+    /// spread ±25 % around it).
+    pub check_interval_secs: i64,
 }
 
 impl Default for Policy {
@@ -81,6 +88,7 @@ impl Default for Policy {
             sessions_per_address: Rate::new(10.0, 5.0),
             sessions_per_title: Rate::new(1200.0, 200.0),
             spectate_per_address: Rate::new(30.0, 10.0),
+            check_interval_secs: 60,
         }
     }
 }
@@ -196,7 +204,16 @@ pub struct IndexerMetrics {
     nodes: Family<NodeStateLabel, Gauge>,
     refused_requests: Counter,
     rate_limited: Counter,
+    checks_assigned: Counter,
+    check_reports: Family<CheckResultLabel, Counter>,
     registry: Arc<Registry>,
+}
+
+/// A check report's result, as a metric label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckResultLabel {
+    /// `pass` or `fail`.
+    pub result: &'static str,
 }
 
 impl Default for IndexerMetrics {
@@ -217,6 +234,8 @@ impl IndexerMetrics {
             nodes: Family::default(),
             refused_requests: Counter::default(),
             rate_limited: Counter::default(),
+            checks_assigned: Counter::default(),
+            check_reports: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("sessions_created", "Sessions created", m.sessions_created.clone());
@@ -230,6 +249,8 @@ impl IndexerMetrics {
             m.refused_requests.clone(),
         );
         r.register("rate_limited", "Anonymous requests refused by a rate limit", m.rate_limited.clone());
+        r.register("checks_assigned", "Checks handed to checkers", m.checks_assigned.clone());
+        r.register("check_reports", "Checkers' signed reports accepted, by result", m.check_reports.clone());
         IndexerMetrics { registry: Arc::new(r), ..m }
     }
 
@@ -304,6 +325,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sessions/{id}/end", post(end_session))
         .route("/api/v1/sessions/{id}/spectate", post(spectate))
         .route("/api/v1/usage", get(usage))
+        .route("/api/v1/checkers", post(checks::register_checker))
+        .route("/api/v1/checkers/{id}/approve", post(checks::approve_checker))
+        .route("/api/v1/checkers/{id}/revoke", post(checks::revoke_checker))
+        .route("/api/v1/checkers/{id}/checks", post(checks::next_check))
+        .route("/api/v1/checks/{id}/report", post(checks::report_check))
         .route("/metrics", get(metrics))
         .merge(crate::web::router())
         .with_state(state)
@@ -316,8 +342,8 @@ pub fn router(state: AppState) -> Router {
         title = "Pylon indexer",
         description = "The pool of render nodes and relays, the catalog, matching and session tokens.\n\n\
             **Authentication.** Administrative calls carry the operator's token (`admin`: \
-            `Authorization: Bearer <token>`). Render nodes and relays sign every request with the \
-            ed25519 key they registered (`pylon_signature` + `pylon_timestamp` + `pylon_nonce`, all \
+            `Authorization: Bearer <token>`). Render nodes, relays and checkers sign every request \
+            with the ed25519 key they registered (`pylon_signature` + `pylon_timestamp` + `pylon_nonce`, all \
             three together): the signature, base64, is over \
             `\"{METHOD} {PATH}\\n{timestamp}\\n{nonce}\\n{body}\"`; the timestamp is Unix seconds \
             within 60 s of the indexer's clock; the nonce must be larger than any nonce that key \
@@ -352,7 +378,12 @@ pub fn router(state: AppState) -> Router {
         create_session,
         end_session,
         spectate,
-        usage
+        usage,
+        checks::register_checker,
+        checks::approve_checker,
+        checks::revoke_checker,
+        checks::next_check,
+        checks::report_check
     ),
     components(schemas(
         Title,
@@ -380,7 +411,14 @@ pub fn router(state: AppState) -> Router {
         EndSession,
         NodeKeyInfo,
         ErrorBody,
-        ErrorReason
+        ErrorReason,
+        RegisterChecker,
+        CheckerRecord,
+        CheckerStatus,
+        CheckAssignment,
+        CheckOutcome,
+        NodeScore,
+        Verdict
     ))
 )]
 pub struct ApiDoc;
@@ -829,6 +867,11 @@ pub enum MemberState {
     Revoked,
     /// Waiting for the operator's approval.
     Pending,
+    /// A node whose last decided check failed: no new players; checked again at once.
+    Suspect,
+    /// A node that failed its checks again while suspect: excluded until the operator
+    /// approves it again.
+    Failed,
 }
 
 impl MemberState {
@@ -839,6 +882,8 @@ impl MemberState {
             Self::Gone => "gone",
             Self::Revoked => "revoked",
             Self::Pending => "pending",
+            Self::Suspect => "suspect",
+            Self::Failed => "failed",
         }
     }
 }
@@ -851,6 +896,8 @@ pub struct NodeStatus {
     pub node: NodeRecord,
     /// Its state now.
     pub state: MemberState,
+    /// What checkers found.
+    pub score: NodeScore,
 }
 
 /// A page of nodes.
@@ -908,8 +955,12 @@ fn node_state(n: &NodeRecord, now: i64) -> MemberState {
         MemberState::Pending
     } else if now.saturating_sub(n.last_heartbeat) > HEARTBEAT_TIMEOUT_SECS {
         MemberState::Gone
+    } else if n.verdict == Verdict::Failed {
+        MemberState::Failed
     } else if n.draining {
         MemberState::Draining
+    } else if n.verdict == Verdict::Suspect {
+        MemberState::Suspect
     } else {
         MemberState::Ready
     }
@@ -973,6 +1024,7 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
         revoked: false,
         approved: !s.policy.approve_new,
         seats: 0,
+        verdict: Verdict::Unchecked,
         last_heartbeat: unix_now(),
     };
     if !s.store.register_node(&record, nonce).await? {
@@ -1089,6 +1141,7 @@ async fn admin_member(
     let what = match member {
         Member::Node => "node",
         Member::Relay => "relay",
+        Member::Checker => "checker",
     };
     let done = valid_id(id)
         && match action {
@@ -1165,7 +1218,16 @@ async fn list_nodes(State(s): State<AppState>, ListQuery(q): ListQuery<NodeQuery
     let store = &s.store;
     let (nodes, next_cursor) =
         scan_page(after, limit, |after, n| async move { store.nodes_after(&after, n).await }, keep, |n| &n.id).await?;
-    let items = nodes.into_iter().map(|n| NodeStatus { state: node_state(&n, now), node: n }).collect();
+    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    let mut scores = s.store.scores(&ids).await?;
+    let items = nodes
+        .into_iter()
+        .map(|n| {
+            let mut score = scores.remove(&n.id).unwrap_or_default();
+            score.verdict = n.verdict;
+            NodeStatus { state: node_state(&n, now), score, node: n }
+        })
+        .collect();
     Ok(Json(NodePage { items, next_cursor }))
 }
 
@@ -1487,6 +1549,7 @@ async fn create_session(
                 relay: m.relay.clone(),
                 gpu_class: node.map(|n| n.gpu_class).unwrap_or_default(),
                 started_at: now,
+                check: false,
             },
             node.map_or(0, |n| n.capacity),
         )

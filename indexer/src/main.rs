@@ -47,6 +47,11 @@ struct Args {
     /// Connections one client address may hold open to the API.
     #[arg(long, env = "PYLON_CONNECTIONS_PER_ADDRESS", default_value_t = 64)]
     connections_per_address: usize,
+    /// Seconds between checks of each ready node by the pool's checkers, on average (each
+    /// node's next check is spread ±25 % around it; a suspect node is checked again at
+    /// once). Checks run on free seats only.
+    #[arg(long, env = "PYLON_CHECK_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(i64).range(1..=86_400))]
+    check_interval: i64,
     /// Register the built-in demo title ("Pylon Asteroids", id `demo`) on start.
     #[arg(long)]
     demo_title: bool,
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         approve_new: args.approve_new,
         sessions_per_address: Rate::new(args.sessions_per_address, (args.sessions_per_address / 2.0).max(1.0)),
         sessions_per_title: Rate::new(args.sessions_per_title, (args.sessions_per_title / 6.0).max(1.0)),
+        check_interval_secs: args.check_interval,
         ..Policy::default()
     };
     if policy.approve_new {

@@ -22,7 +22,7 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
 }
 
-pub use pylon_indexer_client::api::{InputKind, Title};
+pub use pylon_indexer_client::api::{InputKind, Title, Verdict};
 
 /// A registered render node as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -59,6 +59,9 @@ pub struct NodeRecord {
     /// Seats held by matched, running sessions (what matching counts).
     #[serde(default)]
     pub seats: i64,
+    /// What checkers' reports decided.
+    #[serde(default)]
+    pub verdict: Verdict,
     /// Last heartbeat, Unix seconds.
     pub last_heartbeat: i64,
 }
@@ -111,7 +114,7 @@ pub struct Usage {
 /// The indexer's database.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
 }
 
 fn b(v: bool) -> i64 {
@@ -276,21 +279,24 @@ impl Store {
         let q = match table {
             Member::Node => "UPDATE nodes SET last_nonce = $1 WHERE id = $2 AND last_nonce < $1",
             Member::Relay => "UPDATE relays SET last_nonce = $1 WHERE id = $2 AND last_nonce < $1",
+            Member::Checker => "UPDATE checkers SET last_nonce = $1 WHERE id = $2 AND last_nonce < $1",
         };
         Ok(sqlx::query(q).bind(nonce).bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
-    /// The operator approves a node or relay registered while new ones need approval.
+    /// The operator approves a node or relay registered while new ones need approval, or a
+    /// checker (always). Approving a node also clears a failed verdict: it is checked anew.
     pub async fn approve(&self, table: Member, id: &str) -> Result<bool, StoreError> {
         let q = match table {
-            Member::Node => "UPDATE nodes SET approved = 1 WHERE id = $1",
+            Member::Node => "UPDATE nodes SET approved = 1, verdict = 'unchecked', next_check = 0 WHERE id = $1",
             Member::Relay => "UPDATE relays SET approved = 1 WHERE id = $1",
+            Member::Checker => "UPDATE checkers SET approved = 1 WHERE id = $1",
         };
         Ok(sqlx::query(q).bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
     const NODE_COLUMNS: &'static str = "id, provider, public_key, info, capacity, sessions, price_per_hour, gpu_class, \
-        encode_ms, titles, draining, revoked, last_heartbeat, approved, seats";
+        encode_ms, titles, draining, revoked, last_heartbeat, approved, seats, verdict";
 
     fn node_row(r: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
         let info: String = r.try_get(3)?;
@@ -311,6 +317,7 @@ impl Store {
             last_heartbeat: r.try_get(12)?,
             approved: r.try_get::<i64, _>(13)? != 0,
             seats: r.try_get(14)?,
+            verdict: Verdict::parse(&r.try_get::<String, _>(15)?),
         })
     }
 
@@ -345,6 +352,7 @@ impl Store {
         let q = match table {
             Member::Node => "UPDATE nodes SET revoked = 1 WHERE id = $1",
             Member::Relay => "UPDATE relays SET revoked = 1 WHERE id = $1",
+            Member::Checker => "UPDATE checkers SET revoked = 1 WHERE id = $1",
         };
         Ok(sqlx::query(q).bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
@@ -471,7 +479,8 @@ impl Store {
             return Ok(false);
         }
         sqlx::query(
-            "INSERT INTO sessions (id, title, node, provider, relay, gpu_class, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO sessions (id, title, node, provider, relay, gpu_class, started_at, kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&s.id)
         .bind(&s.title)
@@ -480,6 +489,7 @@ impl Store {
         .bind(&s.relay)
         .bind(s.gpu_class)
         .bind(s.started_at)
+        .bind(if s.check { "check" } else { "play" })
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -622,7 +632,7 @@ impl Store {
     pub async fn usage_page(&self, now: i64, after: Option<&str>, limit: usize) -> Result<Vec<Usage>, StoreError> {
         let rows = sqlx::query(
             "SELECT provider, COUNT(*), CAST(SUM(COALESCE(ended_at, $1) - started_at) AS BIGINT) FROM sessions \
-             WHERE provider > $2 GROUP BY provider ORDER BY provider LIMIT $3",
+             WHERE provider > $2 AND kind = 'play' GROUP BY provider ORDER BY provider LIMIT $3",
         )
         .bind(now)
         .bind(after.unwrap_or(""))
@@ -648,6 +658,8 @@ pub enum Member {
     Node,
     /// A relay.
     Relay,
+    /// A checker.
+    Checker,
 }
 
 /// A node flag.
@@ -676,4 +688,6 @@ pub struct SessionRecord {
     pub gpu_class: i64,
     /// Start, Unix seconds.
     pub started_at: i64,
+    /// A checker's session (holds a seat, not metered as play).
+    pub check: bool,
 }

@@ -301,6 +301,7 @@ async fn sessions_a_node_does_not_run_stop_being_metered() {
                     relay: "relay-1".into(),
                     gpu_class: 3,
                     started_at: now - age,
+                    check: false,
                 },
                 10,
             )
@@ -590,6 +591,7 @@ async fn listings_page_with_a_cursor_and_filter_by_state_region_and_title() {
             revoked: false,
             approved: true,
             seats: 0,
+            verdict: Default::default(),
             last_heartbeat: if i % 4 == 0 { now - 3600 } else { now },
         };
         assert!(s.store.register_node(&record, 1).await.unwrap());
@@ -684,4 +686,217 @@ async fn studios_add_read_page_and_remove_titles() {
         StatusCode::NOT_FOUND,
         "no candidates for a removed title"
     );
+}
+
+fn checker_body(id: &str, key: &SigningKey) -> Value {
+    json!({"id": id, "owner": "pool-operator", "public_key": pk(key)})
+}
+
+/// Registers checker `id` and has the operator approve it.
+async fn add_checker(s: &AppState, id: &str, key: &SigningKey) {
+    let (status, reply) = call(s, signed("/api/v1/checkers", &checker_body(id, key), key)).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["state"], "pending", "a new checker waits for the operator: {reply}");
+    let approve = Request::post(format!("/api/v1/checkers/{id}/approve")).body(Body::empty()).unwrap();
+    assert_eq!(call(s, admin(approve)).await.0, StatusCode::NO_CONTENT);
+}
+
+async fn next_check(s: &AppState, id: &str, key: &SigningKey) -> (StatusCode, Value) {
+    call(s, signed(&format!("/api/v1/checkers/{id}/checks"), &Value::Null, key)).await
+}
+
+fn outcome(passed: bool) -> Value {
+    json!({"passed": passed, "failures": if passed { json!([]) } else { json!(["fps 29.9 < 57 (advertised 60)"]) },
+           "fps": if passed { 59.9 } else { 29.9 }, "frames": 600, "wrong_size": 0, "freezes": 0,
+           "bitrate_kbps": 4000.0, "rtt_ms": 0.5, "click_to_photon_p50_ms": 55.0})
+}
+
+async fn report(s: &AppState, check: &Value, key: &SigningKey, passed: bool) -> (StatusCode, Value) {
+    let id = check["check"].as_str().unwrap();
+    call(s, signed(&format!("/api/v1/checks/{id}/report"), &outcome(passed), key)).await
+}
+
+async fn node_status(s: &AppState, id: &str) -> Value {
+    let (_, page) = call(s, get("/api/v1/nodes")).await;
+    page["items"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap()
+}
+
+#[tokio::test]
+async fn checkers_prove_their_key_and_wait_for_the_operators_approval() {
+    let s = state().await;
+    let (key, other) = (SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32]));
+    // A registration signed by another key than the one it registers.
+    let (status, reply) = call(&s, signed("/api/v1/checkers", &checker_body("checker-1", &key), &other)).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_signature")));
+    let (status, reply) = call(&s, signed("/api/v1/checkers", &checker_body("checker-1", &key), &key)).await;
+    assert_eq!((status, reply["state"].as_str()), (StatusCode::OK, Some("pending")), "{reply}");
+    // Unapproved: no checks.
+    let (status, reply) = next_check(&s, "checker-1", &key).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::FORBIDDEN, Some("pending")));
+    // Someone else cannot take the id over, nor ask in its name.
+    let (status, _) = call(&s, signed("/api/v1/checkers", &checker_body("checker-1", &other), &other)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let approve = || Request::post("/api/v1/checkers/checker-1/approve").body(Body::empty()).unwrap();
+    assert_eq!(call(&s, approve()).await.0, StatusCode::UNAUTHORIZED, "approval needs the admin token");
+    assert_eq!(call(&s, admin(approve())).await.0, StatusCode::NO_CONTENT);
+    let (status, reply) = next_check(&s, "checker-1", &other).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_signature")));
+    // Approved, with nothing to check.
+    assert_eq!(next_check(&s, "checker-1", &key).await.0, StatusCode::NO_CONTENT);
+    // A replayed request is refused.
+    let replay = signed_with("/api/v1/checkers/checker-1/checks", &Value::Null, &key, 5);
+    assert_eq!(call(&s, replay).await.0, StatusCode::UNAUTHORIZED);
+    // Revoked: refused.
+    let revoke = Request::post("/api/v1/checkers/checker-1/revoke").body(Body::empty()).unwrap();
+    assert_eq!(call(&s, admin(revoke)).await.0, StatusCode::NO_CONTENT);
+    let (status, reply) = next_check(&s, "checker-1", &key).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::FORBIDDEN, Some("revoked")));
+}
+
+#[tokio::test]
+async fn a_check_takes_a_free_seat_with_its_own_token_and_only_its_checker_reports_it() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    let (checker, intruder) = (SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32]));
+    add_node(&s, "node-a", "alice", 1.0, &node).await; // two seats
+    add_relay(&s, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    add_checker(&s, "checker-1", &checker).await;
+    add_checker(&s, "checker-2", &intruder).await;
+    assert_eq!(node_status(&s, "node-a").await["score"]["verdict"], "unchecked");
+
+    // Both seats taken by players: the check waits (it never disturbs play).
+    let play = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let (_, p1) = call(&s, post("/api/v1/sessions", &play)).await;
+    let (_, p2) = call(&s, post("/api/v1/sessions", &play)).await;
+    assert_eq!(next_check(&s, "checker-1", &checker).await.0, StatusCode::NO_CONTENT, "a full node is not checked");
+    let end = json!({"reason": "player left"});
+    let path = format!("/api/v1/sessions/{}/end", p2["session"].as_str().unwrap());
+    assert_eq!(call(&s, signed(&path, &end, &relay)).await.0, StatusCode::NO_CONTENT);
+
+    // One seat free: the check takes it, in a session of its own.
+    let (status, check) = next_check(&s, "checker-1", &checker).await;
+    assert_eq!(status, StatusCode::CREATED, "{check}");
+    assert_eq!(
+        (check["node"].as_str(), check["title"].as_str(), check["demo"].as_bool()),
+        (Some("node-a"), Some("demo"), Some(true))
+    );
+    assert_eq!(
+        (check["width"].as_u64(), check["height"].as_u64(), check["fps"].as_u64()),
+        (Some(1280), Some(720), Some(60))
+    );
+    let session = check["session"].as_str().unwrap();
+    assert_ne!(Some(session), p1["session"].as_str(), "never the player's session");
+    assert_eq!(check["play_url"], format!("http://relay-1.example:8080/play/{session}"));
+    let claims = verify(check["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap();
+    assert_eq!(claims.role, Role::Checker);
+    assert_eq!(
+        (claims.session_hex().as_str(), claims.node.as_str(), claims.relay.as_str()),
+        (session, "node-a", "relay-1")
+    );
+    // The node is now full, and the check holds it: nothing more to hand out.
+    assert_eq!(next_check(&s, "checker-2", &intruder).await.0, StatusCode::NO_CONTENT);
+    let (status, _) = call(&s, post("/api/v1/sessions", &play)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "the check holds a seat like a player");
+
+    // Another (approved) checker's signature, or none, does not count.
+    let (status, reply) = report(&s, &check, &intruder, false).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_signature")));
+    let path = format!("/api/v1/checks/{}/report", check["check"].as_str().unwrap());
+    assert_eq!(call(&s, post(&path, &outcome(true))).await.0, StatusCode::UNAUTHORIZED);
+    // Nonsense figures are refused.
+    let mut bad = outcome(true);
+    bad["fps"] = json!(-1.0);
+    assert_eq!(call(&s, signed(&path, &bad, &checker)).await.0, StatusCode::BAD_REQUEST);
+    let mut bad = outcome(true);
+    bad["failures"] = json!(["froze"]);
+    assert_eq!(call(&s, signed(&path, &bad, &checker)).await.0, StatusCode::BAD_REQUEST, "a pass with failures");
+
+    let (status, score) = report(&s, &check, &checker, true).await;
+    assert_eq!(status, StatusCode::OK, "{score}");
+    assert_eq!(
+        (score["verdict"].as_str(), score["checks"].as_u64(), score["passed"].as_u64()),
+        (Some("passing"), Some(1), Some(1))
+    );
+    assert_eq!(score["fps"], 59.9);
+    // Once only.
+    let (status, reply) = report(&s, &check, &checker, false).await;
+    assert_eq!((status, reply["reason"].as_str()), (StatusCode::CONFLICT, Some("closed")));
+
+    // The check's session ended and freed its seat; it is not billed as play.
+    let (status, created) = call(&s, post("/api/v1/sessions", &play)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let listed = node_status(&s, "node-a").await;
+    assert_eq!((listed["state"].as_str(), listed["score"]["pass_rate"].as_f64()), (Some("ready"), Some(1.0)));
+    let (_, usage) = call(&s, get("/api/v1/usage")).await;
+    assert_eq!(usage["items"][0]["sessions"], 3, "three players, the check not counted: {usage}");
+    // Not due again for about an interval.
+    let path = format!("/api/v1/sessions/{}/end", created["session"].as_str().unwrap());
+    assert_eq!(call(&s, signed(&path, &end, &relay)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(next_check(&s, "checker-1", &checker).await.0, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers_the_majority_decides() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let relay = SigningKey::from_bytes(&[3; 32]);
+    let keys: Vec<SigningKey> = (0..3).map(|i| SigningKey::from_bytes(&[30 + i; 32])).collect();
+    for (i, k) in keys.iter().enumerate() {
+        add_checker(&s, &format!("checker-{i}"), k).await;
+    }
+    let (honest, faker) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+    add_node(&s, "node-h", "alice", 1.0, &honest).await;
+    add_node(&s, "node-f", "mallory", 0.1, &faker).await;
+    add_relay(&s, "relay-1", &relay, json!({"node-h": 2.0, "node-f": 2.0})).await;
+    let play = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+
+    // One checker alone: the faker fails, becomes suspect (no new players) and is checked
+    // again at once; failing again, it is out of the pool.
+    let mut checks = Vec::new();
+    for _ in 0..2 {
+        let (status, c) = next_check(&s, "checker-0", &keys[0]).await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        checks.push(c);
+    }
+    let (on_f, on_h) = if checks[0]["node"] == "node-f" { (&checks[0], &checks[1]) } else { (&checks[1], &checks[0]) };
+    assert_eq!(report(&s, on_h, &keys[0], true).await.0, StatusCode::OK);
+    let (_, score) = report(&s, on_f, &keys[0], false).await;
+    assert_eq!(score["verdict"], "suspect");
+    assert_eq!(node_status(&s, "node-f").await["state"], "suspect");
+    for _ in 0..5 {
+        let (status, created) = call(&s, post("/api/v1/sessions", &play)).await;
+        assert_eq!(
+            (status, created["node"].as_str()),
+            (StatusCode::CREATED, Some("node-h")),
+            "a suspect node gets no players"
+        );
+        let path = format!("/api/v1/sessions/{}/end", created["session"].as_str().unwrap());
+        call(&s, signed(&path, &json!({"reason": "left"}), &relay)).await;
+    }
+    let (status, again) = next_check(&s, "checker-0", &keys[0]).await;
+    assert_eq!((status, again["node"].as_str()), (StatusCode::CREATED, Some("node-f")), "re-checked at once");
+    let (_, score) = report(&s, &again, &keys[0], false).await;
+    assert_eq!(score["verdict"], "failed");
+    assert_eq!(node_status(&s, "node-f").await["state"], "failed");
+    assert_eq!(next_check(&s, "checker-1", &keys[1]).await.0, StatusCode::NO_CONTENT, "a failed node is not checked");
+    // The operator re-admits it: checked anew.
+    let approve = Request::post("/api/v1/nodes/node-f/approve").body(Body::empty()).unwrap();
+    assert_eq!(call(&s, admin(approve)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(node_status(&s, "node-f").await["state"], "ready");
+
+    // Three checkers (2N+1, N = 1): one that fails an honest node alone is outvoted.
+    let (_, c) = next_check(&s, "checker-0", &keys[0]).await;
+    assert_eq!(c["node"], "node-f");
+    let (_, score) = report(&s, &c, &keys[0], false).await; // a lying (or unlucky) checker
+    assert_eq!(score["verdict"], "suspect", "one checker's word, until others check");
+    let (_, c) = next_check(&s, "checker-1", &keys[1]).await;
+    assert_eq!(c["node"], "node-f", "a suspect node goes to the next checker at once");
+    let (_, score) = report(&s, &c, &keys[1], true).await;
+    assert_eq!(score["verdict"], "suspect", "one against one decides nothing");
+    let (_, c) = next_check(&s, "checker-2", &keys[2]).await;
+    assert_eq!(c["node"], "node-f");
+    let (_, score) = report(&s, &c, &keys[2], true).await;
+    assert_eq!(score["verdict"], "passing", "two of three");
+    assert_eq!(node_status(&s, "node-f").await["state"], "ready");
 }

@@ -73,7 +73,39 @@ fn node() -> NodeRecord {
         revoked: false,
         approved: true,
         seats: 1,
+        verdict: Verdict::Passing,
         last_heartbeat: 1_800_000_000,
+    }
+}
+
+fn outcome() -> CheckOutcome {
+    CheckOutcome {
+        passed: true,
+        failures: vec![],
+        fps: 59.8,
+        frames: 598,
+        wrong_size: 0,
+        freezes: 0,
+        bitrate_kbps: 5_400.0,
+        rtt_ms: Some(0.4),
+        answered: Some(12),
+        inputs: Some(12),
+        sham_fired: Some(0),
+        shams: Some(6),
+        click_to_photon_p50_ms: Some(58.0),
+        click_to_photon_p95_ms: Some(71.0),
+    }
+}
+
+fn score() -> NodeScore {
+    NodeScore {
+        verdict: Verdict::Passing,
+        checks: 20,
+        passed: 20,
+        pass_rate: Some(1.0),
+        fps: Some(59.9),
+        click_to_photon_p50_ms: Some(57.0),
+        last_checked: Some(1_800_000_000),
     }
 }
 
@@ -166,13 +198,16 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
         },
     );
     c.check("MemberState", MemberState::Draining);
-    c.check("NodeStatus", NodeStatus { node: node(), state: MemberState::Ready });
+    c.check("NodeStatus", NodeStatus { node: node(), state: MemberState::Ready, score: score() });
     c.check("RelayStatus", RelayStatus { relay: relay(), state: MemberState::Gone });
     c.check("TitlePage", TitlePage { items: vec![title()], next_cursor: Some("abc".into()) });
     c.check("TitlePage", TitlePage { items: vec![], next_cursor: None });
     c.check(
         "NodePage",
-        NodePage { items: vec![NodeStatus { node: node(), state: MemberState::Pending }], next_cursor: None },
+        NodePage {
+            items: vec![NodeStatus { node: node(), state: MemberState::Pending, score: NodeScore::default() }],
+            next_cursor: None,
+        },
     );
     c.check(
         "RelayPage",
@@ -228,6 +263,45 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     );
     c.check("ErrorBody", ErrorBody { error: "no".into(), reason: ErrorReason::NotAdmin, retry_after_secs: None });
     c.check("ErrorReason", ErrorReason::SeatTaken);
+    c.check("ErrorReason", ErrorReason::Closed);
+    c.check(
+        "RegisterChecker",
+        RegisterChecker { id: "checker-1".into(), owner: "ops".into(), public_key: "D".repeat(43) + "=" },
+    );
+    let checker = CheckerRecord {
+        id: "checker-1".into(),
+        owner: "ops".into(),
+        public_key: "D".repeat(43) + "=",
+        approved: false,
+        revoked: false,
+        last_seen: 1_800_000_000,
+    };
+    c.check("CheckerRecord", checker.clone());
+    c.check("CheckerStatus", CheckerStatus { checker, state: MemberState::Pending });
+    c.check(
+        "CheckAssignment",
+        CheckAssignment {
+            check: "44".repeat(16),
+            node: "node-a".into(),
+            title: "demo".into(),
+            session: "55".repeat(16),
+            token: "token".into(),
+            play_url: "https://relay.example/play/55".into(),
+            width: 1280,
+            height: 720,
+            fps: 60,
+            demo: true,
+            report_by: 1_800_000_300,
+        },
+    );
+    c.check("CheckOutcome", outcome());
+    c.check(
+        "CheckOutcome",
+        CheckOutcome { passed: false, failures: vec!["fps 29.8 < 57".into()], ..CheckOutcome::default() },
+    );
+    c.check("NodeScore", score());
+    c.check("NodeScore", NodeScore::default());
+    c.check("Verdict", Verdict::Suspect);
 
     let listed: std::collections::BTreeSet<String> =
         c.spec["components"]["schemas"].as_object().unwrap().keys().cloned().collect();
@@ -241,5 +315,6 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.rejects("Title", serde_json::to_value(Title { fps: 0, ..title() }).unwrap());
     c.rejects("RegisterRelay", json!({ "id": "r", "owner": "", "public_key": "k", "public_url": "ftp://x", "quic_addr": "", "region": "", "capacity": 1 }));
     c.rejects("MemberState", json!("asleep"));
+    c.rejects("Verdict", json!("innocent"));
     c.rejects("Title", serde_json::to_value(Title { launch: "docker".into(), ..title() }).unwrap());
 }

@@ -32,7 +32,7 @@ use crate::framing::{
 use crate::input::InputMessage;
 use crate::repair::{RepairConfig, RepairStats, RetransmitCache, UpstreamRepair};
 use crate::rtp::RtpPacket;
-use crate::token::{self, Role, TokenError};
+use crate::token::{self, TokenError};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
@@ -150,7 +150,7 @@ impl PlayerGate {
         let claims = token::verify(token_text, &key, now)?;
         claims.check_node(node)?;
         claims.check_relay(relay)?;
-        if claims.role != Role::Player {
+        if !claims.may_send_input() {
             return Err(GateError::Spectator);
         }
         let id = claims.session_hex();
@@ -873,7 +873,7 @@ impl RelaySide {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::Claims;
+    use crate::token::{Claims, Role};
 
     fn stream(node: &str) -> StreamHello {
         StreamHello {

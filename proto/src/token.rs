@@ -36,6 +36,9 @@ pub enum Role {
     Player,
     /// Watches: input is refused.
     Spectator,
+    /// An approved checker auditing the node: plays like a player (its input reaches the
+    /// game) in a session the indexer opened for the check, on the node's free capacity.
+    Checker,
 }
 
 /// The claims a token carries.
@@ -109,6 +112,7 @@ impl Claims {
         out.push(match self.role {
             Role::Player => 0,
             Role::Spectator => 1,
+            Role::Checker => 2,
         });
         out.extend_from_slice(&self.issued_at.to_be_bytes());
         out.extend_from_slice(&self.expires_at.to_be_bytes());
@@ -176,6 +180,7 @@ pub fn verify(text: &str, key: &VerifyingKey, now: u64) -> Result<Claims, TokenE
     let role = match r.u8()? {
         0 => Role::Player,
         1 => Role::Spectator,
+        2 => Role::Checker,
         _ => return Err(TokenError::Malformed),
     };
     let issued_at = r.u64()?;
@@ -212,7 +217,7 @@ impl Claims {
 
     /// Whether the holder may send input.
     pub fn may_send_input(&self) -> bool {
-        self.role == Role::Player
+        matches!(self.role, Role::Player | Role::Checker)
     }
 }
 
@@ -249,6 +254,9 @@ mod tests {
         assert!(matches!(back.check_node("node-b"), Err(TokenError::WrongHolder { field: "node", .. })));
         let spectator = verify(&claims(Role::Spectator).sign(&k).unwrap(), &k.verifying_key(), 1_100).unwrap();
         assert!(!spectator.may_send_input(), "a spectator token can never send input");
+        let checker = verify(&claims(Role::Checker).sign(&k).unwrap(), &k.verifying_key(), 1_100).unwrap();
+        assert_eq!(checker.role, Role::Checker);
+        assert!(checker.may_send_input(), "a checker plays the session opened for its check");
     }
 
     #[test]

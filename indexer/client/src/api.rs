@@ -211,8 +211,12 @@ pub enum ErrorReason {
     NotAdmin,
     /// The caller is neither a party allowed to make this call nor an admin (401).
     NotAllowed,
-    /// The node or relay is revoked (403).
+    /// The node, relay or checker is revoked (403).
     Revoked,
+    /// The checker waits for the operator's approval (403).
+    Pending,
+    /// The check was already reported, or its time to report is over (409).
+    Closed,
     /// The id is registered with another key (409).
     KeyConflict,
     /// No such title, node, relay or (running) session (404).
@@ -394,5 +398,148 @@ impl Title {
             return Err("a title runs at 16x16 to 7680x4320 and 1-240 frames per second");
         }
         Ok(())
+    }
+}
+
+/// A checker's registration (signed by the key it registers). Checkers audit nodes for
+/// the operator, so a new one is admitted only once the operator approves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterChecker {
+    /// Checker id.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
+    pub id: String,
+    /// Who runs it.
+    pub owner: String,
+    /// Base64 ed25519 public key.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
+    pub public_key: String,
+}
+
+/// A check the indexer hands an approved checker: a session opened for it on the node's
+/// free capacity, with a `checker` token (the relay admits it as the session's player).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CheckAssignment {
+    /// Check id (32 hex digits); the report names it.
+    pub check: String,
+    /// The node under check.
+    pub node: String,
+    /// The title the session runs.
+    pub title: String,
+    /// The session opened for the check.
+    pub session: String,
+    /// Its token (role `checker`).
+    pub token: String,
+    /// Where to play it: the relay's page for the session.
+    pub play_url: String,
+    /// The picture the node must deliver: the title's size and frame rate.
+    pub width: u32,
+    /// Height, pixels.
+    pub height: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// The title is the built-in demo, whose answer to aimed turns is exact.
+    pub demo: bool,
+    /// The report is refused after this time (Unix seconds).
+    pub report_by: i64,
+}
+
+/// What a checker measured in one check, and its verdict.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CheckOutcome {
+    /// Every check rule held.
+    pub passed: bool,
+    /// The rules that failed, for people.
+    #[serde(default)]
+    pub failures: Vec<String>,
+    /// Frames decoded per second.
+    pub fps: f64,
+    /// Frames decoded.
+    pub frames: u64,
+    /// Frames at another size than the advertised one.
+    pub wrong_size: u64,
+    /// Gaps of more than a few frame times.
+    pub freezes: u64,
+    /// Media bitrate, kbit/s.
+    pub bitrate_kbps: f64,
+    /// Round trip to the relay, ms.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// Responsiveness: aimed turns answered, of those sent (the demo).
+    #[serde(default)]
+    pub answered: Option<u32>,
+    /// Aimed turns sent.
+    #[serde(default)]
+    pub inputs: Option<u32>,
+    /// Sham intervals (no input) in which the picture "answered" anyway.
+    #[serde(default)]
+    pub sham_fired: Option<u32>,
+    /// Sham intervals.
+    #[serde(default)]
+    pub shams: Option<u32>,
+    /// Click-to-photon, median, ms.
+    #[serde(default)]
+    pub click_to_photon_p50_ms: Option<f64>,
+    /// Click-to-photon, 95th percentile, ms.
+    #[serde(default)]
+    pub click_to_photon_p95_ms: Option<f64>,
+}
+
+/// The indexer's view of a node's honesty, from checkers' signed reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// No check decided yet.
+    #[default]
+    Unchecked,
+    /// The last decided check passed.
+    Passing,
+    /// The last decided check failed: no new players, checked again at once.
+    Suspect,
+    /// Failed again while suspect: excluded until the operator approves it again.
+    Failed,
+}
+
+/// A node's score: its recent checks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeScore {
+    /// What the checks decided.
+    pub verdict: Verdict,
+    /// Reports counted (the most recent, at most 20).
+    pub checks: u32,
+    /// Of those, passed.
+    pub passed: u32,
+    /// `passed / checks`.
+    #[serde(default)]
+    pub pass_rate: Option<f64>,
+    /// Frame rate measured, median of those checks.
+    #[serde(default)]
+    pub fps: Option<f64>,
+    /// Click-to-photon median measured, median of those checks, ms.
+    #[serde(default)]
+    pub click_to_photon_p50_ms: Option<f64>,
+    /// Last report, Unix seconds.
+    #[serde(default)]
+    pub last_checked: Option<i64>,
+}
+
+impl Verdict {
+    /// Its name, as stored and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unchecked => "unchecked",
+            Self::Passing => "passing",
+            Self::Suspect => "suspect",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// From its name; anything else is `unchecked`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "passing" => Self::Passing,
+            "suspect" => Self::Suspect,
+            "failed" => Self::Failed,
+            _ => Self::Unchecked,
+        }
     }
 }

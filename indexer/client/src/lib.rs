@@ -1,12 +1,13 @@
-//! How render nodes and relays join the Pylon pool.
+//! How render nodes, relays and checkers join the Pylon pool.
 //!
 //! * [`keys`]: an ed25519 key generated on first start and kept (mode 0600) in the data
 //!   directory; the indexer uses the same code for its token-signing key.
 //! * [`api`]: the request and reply bodies of the indexer's REST API (the indexer serves
 //!   exactly these types, so the two cannot drift apart).
-//! * [`Client`]: registration, signed heartbeats, drain and session end over HTTP.
+//! * [`Client`]: registration, signed heartbeats, drain, session end, and checkers'
+//!   assignments and reports over HTTP.
 //!
-//! Every request of a node or relay is signed, registration included (which proves
+//! Every request of a node, relay or checker is signed, registration included (which proves
 //! possession of the key it registers): headers `x-pylon-timestamp` (Unix seconds),
 //! `x-pylon-nonce` (a number larger than any this key signed before: the indexer refuses
 //! a replayed request) and `x-pylon-signature` (base64 ed25519 signature over
@@ -265,6 +266,27 @@ impl Client {
     pub async fn end_session(&self, session: &str, reason: &str) -> Result<(), ClientError> {
         let body = api::EndSession { reason: reason.to_string() };
         self.call_empty("POST", &format!("/api/v1/sessions/{session}/end"), Some(&body)).await
+    }
+
+    /// Registers a checker (signed with the key it registers). A new checker is pending
+    /// until the operator approves it.
+    pub async fn register_checker(&self, checker: &api::RegisterChecker) -> Result<(), ClientError> {
+        self.call_empty("POST", "/api/v1/checkers", Some(checker)).await
+    }
+
+    /// Asks the indexer for a check for checker `id`; `None` while no node is due.
+    pub async fn next_check(&self, id: &str) -> Result<Option<api::CheckAssignment>, ClientError> {
+        let path = format!("/api/v1/checkers/{id}/checks");
+        let resp = self.send::<()>("POST", &path, None, true).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        resp.json().await.map(Some).map_err(|e| ClientError::Malformed { path, reason: e.to_string() })
+    }
+
+    /// Reports a check's outcome, signed by the checker it was assigned to.
+    pub async fn report_check(&self, check: &str, outcome: &api::CheckOutcome) -> Result<(), ClientError> {
+        self.call_empty("POST", &format!("/api/v1/checks/{check}/report"), Some(outcome)).await
     }
 
     async fn send<B: Serialize>(
