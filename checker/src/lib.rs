@@ -10,12 +10,15 @@
 //!   I/O-free: random aimed turns and shams, each judged from the decoded picture
 //!   ([`demo`] reads the ship's heading off it); click-to-photon p50/p95.
 //! * [`decode`]: FFmpeg's H.264 decoder.
+//! * [`pool`]: the checker in a pool: its own key registered with the indexer (approved by
+//!   the operator), checks asked for and made, outcomes reported signed.
 //!
 //! [`run`] performs one check (liveness, and responsiveness for the demo) in one session.
 
 pub mod client;
 pub mod decode;
 pub mod demo;
+pub mod pool;
 pub mod qoe;
 pub mod respond;
 

@@ -147,3 +147,57 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
     session.close().await;
     platform.stop().await;
 }
+
+/// The checker as a pool member: it registers its own key, waits for the operator, is
+/// handed the node (a session on its free seat, a `checker` token the relay and node take
+/// as the session's player), checks it through the relay like `pylon-checker --indexer`
+/// does, and its signed report scores the node in the indexer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_checker_is_approved_checks_the_node_on_a_free_seat_and_scores_it() {
+    use pylon_checker::pool::{PoolConfig, run_pool};
+    // The catalog says what the node streams (the demo, here at 640x480, 30 fps).
+    let demo = common::Title { width: 640, height: 480, fps: 30, ..common::Title::builtin_demo() };
+    let platform = common::start_pool_with_titles(640, 480, 30, vec![demo]).await;
+    let indexer = platform.indexer.unwrap();
+    common::wait_rtt_reported(indexer, common::POOL_NODE, Duration::from_secs(30)).await;
+    let config = PoolConfig {
+        indexer: format!("http://{indexer}"),
+        id: "checker-e2e".into(),
+        owner: "e2e".into(),
+        data_dir: platform.data_dir().join("checker"),
+        checks: Some(1),
+        poll: Duration::from_millis(200),
+        watch: Duration::from_secs(6),
+        first_frame_timeout: Duration::from_secs(30),
+    };
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut reports = Vec::new();
+    let checker = tokio::spawn(async move {
+        let done = run_pool(config, shutdown, |r| reports.push(r.clone())).await.unwrap();
+        (done, reports)
+    });
+    // Registered, it waits for the operator.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = common::admin_post(indexer, "/api/v1/checkers/checker-e2e/approve").await;
+        if status == 204 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the checker never registered ({status})");
+    }
+    let (done, reports) = tokio::time::timeout(Duration::from_secs(90), checker).await.unwrap().unwrap();
+    assert_eq!(done, 1);
+    let r = &reports[0];
+    eprintln!("pool check: {}", serde_json::to_string(r).unwrap());
+    assert_eq!((r.assignment.node.as_str(), r.assignment.demo), (common::POOL_NODE, true));
+    assert!(r.outcome.passed, "{:?}", r.outcome);
+    assert!(r.outcome.answered.is_some_and(|a| a >= 12) && r.outcome.answered == r.outcome.inputs, "{:?}", r.outcome);
+    let nodes = common::http_get(indexer, "/api/v1/nodes").await;
+    let body: serde_json::Value = serde_json::from_str(nodes.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let score = &body["items"][0]["score"];
+    assert_eq!((score["verdict"].as_str(), score["checks"].as_u64()), (Some("passing"), Some(1)), "{body}");
+    // The check's session ended with the report: the seat is free for players again.
+    assert_eq!(body["items"][0]["seats"], 0, "{body}");
+    platform.stop().await;
+}

@@ -186,7 +186,7 @@ async fn impostor_unregistered_and_revoked_nodes_are_refused_before_anything_rea
     common::wait_rtt_reported(indexer, "node-a", Duration::from_secs(15)).await;
 
     // Revoked by the operator: the relay closes the link within a heartbeat.
-    let http = reqwest_post(indexer, "/api/v1/nodes/node-a/revoke").await;
+    let http = common::admin_post(indexer, "/api/v1/nodes/node-a/revoke").await;
     assert_eq!(http, 204);
     let mut buf = vec![0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -215,19 +215,6 @@ async fn impostor_unregistered_and_revoked_nodes_are_refused_before_anything_rea
     let _ = a.send.finish();
     let _ = stop.send(true);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A POST with the test indexer's admin token; returns the status.
-async fn reqwest_post(indexer: SocketAddr, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(indexer).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer e2e-admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// The relay process, killed if the test fails before stopping it.

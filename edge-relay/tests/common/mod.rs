@@ -596,6 +596,19 @@ pub async fn http_post(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
+/// A POST with the test indexer's admin token and an empty body; returns the status.
+pub async fn admin_post(indexer: std::net::SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(indexer).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer e2e-admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
 pub async fn wait_metric(http: std::net::SocketAddr, name: &str, at_least: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

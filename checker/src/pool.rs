@@ -1,0 +1,179 @@
+//! The checker as a member of a pool: it registers its own ed25519 key with the indexer
+//! (the operator approves it), asks for checks, plays each assigned session through its
+//! relay with a `checker` token, and reports the outcome, signed, to the indexer.
+
+use crate::{CheckConfig, CheckError, CheckReport};
+use pylon_indexer_client::api::{CheckAssignment, CheckOutcome, ErrorReason, RegisterChecker};
+use pylon_indexer_client::{Client, ClientError};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A checker in a pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The indexer's base URL.
+    pub indexer: String,
+    /// This checker's id.
+    pub id: String,
+    /// Who runs it.
+    pub owner: String,
+    /// Where its key is kept (`checker-key`, created on first start).
+    pub data_dir: PathBuf,
+    /// Stop after this many checks (`None`: until shut down).
+    pub checks: Option<u32>,
+    /// How long to wait before asking again when no node is due.
+    pub poll: Duration,
+    /// How long to watch each node after its first frame.
+    pub watch: Duration,
+    /// How long the connection and first frame may take.
+    pub first_frame_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("checker key: {0}")]
+    Key(#[from] pylon_indexer_client::keys::KeyError),
+    #[error("the indexer refused this checker for good: {0}")]
+    Refused(ClientError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// What one check found, as reported.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reported {
+    pub assignment: CheckAssignment,
+    pub outcome: CheckOutcome,
+}
+
+/// The outcome of a check as the indexer takes it: the measured figures, and every rule
+/// that failed. A check that could not be made on the node's side (no first frame, the
+/// stream never connected) is a failure of liveness.
+pub fn outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
+    match result {
+        Ok(r) => {
+            let q = &r.qoe;
+            let resp = r.response.as_ref();
+            let mut failures = q.failures.clone();
+            failures.extend(resp.iter().flat_map(|r| r.failures.iter().cloned()));
+            if r.role != "player" {
+                failures.push(format!("the relay admitted the checker as {}, not as the session's player", r.role));
+            }
+            CheckOutcome {
+                passed: failures.is_empty(),
+                failures,
+                fps: q.fps,
+                frames: q.frames_decoded,
+                wrong_size: q.wrong_size,
+                freezes: q.freezes,
+                bitrate_kbps: q.bitrate_kbps,
+                rtt_ms: q.rtt_ms,
+                answered: resp.map(|r| r.answered),
+                inputs: resp.map(|r| r.inputs),
+                sham_fired: resp.map(|r| r.sham_fired),
+                shams: resp.map(|r| r.shams),
+                click_to_photon_p50_ms: resp.and_then(|r| r.p50_ms),
+                click_to_photon_p95_ms: resp.and_then(|r| r.p95_ms),
+            }
+        }
+        Err(e) => CheckOutcome { passed: false, failures: vec![e.to_string()], ..CheckOutcome::default() },
+    }
+}
+
+/// Registers, then checks whatever the indexer assigns until `config.checks` are done or
+/// `shutdown` turns true; calls `on_report` with each report the indexer accepted.
+pub async fn run_pool(
+    config: PoolConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut on_report: impl FnMut(&Reported),
+) -> Result<u32, PoolError> {
+    let key = pylon_indexer_client::keys::load_or_create(&config.data_dir, "checker-key")?;
+    let client = Client::new(&config.indexer, key)?;
+    let registration =
+        RegisterChecker { id: config.id.clone(), owner: config.owner.clone(), public_key: client.public_key() };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match client.register_checker(&registration).await {
+            Ok(()) => break,
+            Err(e) if e.is_refusal() => return Err(PoolError::Refused(e)),
+            Err(e) => {
+                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
+                if wait(&mut shutdown, backoff).await {
+                    return Ok(0);
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(id = %config.id, key = %client.public_key(), indexer = %config.indexer, "registered");
+    let mut done = 0u32;
+    let mut told_pending = false;
+    while config.checks.is_none_or(|n| done < n) {
+        let assignment = match client.next_check(&config.id).await {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                if wait(&mut shutdown, config.poll).await {
+                    break;
+                }
+                continue;
+            }
+            Err(ClientError::Refused { reason: Some(ErrorReason::Pending), .. }) => {
+                if !told_pending {
+                    tracing::info!(
+                        "waiting for the operator's approval: POST {}/api/v1/checkers/{}/approve",
+                        config.indexer,
+                        config.id
+                    );
+                    told_pending = true;
+                }
+                if wait(&mut shutdown, config.poll).await {
+                    break;
+                }
+                continue;
+            }
+            Err(e) if e.is_refusal() => return Err(PoolError::Refused(e)),
+            Err(e) => {
+                tracing::warn!("asking for a check: {e}");
+                if wait(&mut shutdown, config.poll).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        tracing::info!(check = %assignment.check, node = %assignment.node, title = %assignment.title, "checking");
+        let check = CheckConfig {
+            relay: assignment.play_url.clone(),
+            token: Some(assignment.token.clone()),
+            advertised: crate::Advertised { width: assignment.width, height: assignment.height, fps: assignment.fps },
+            duration: config.watch,
+            demo: assignment.demo,
+            first_frame_timeout: config.first_frame_timeout,
+        };
+        let result = tokio::select! {
+            r = crate::run(check) => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let outcome = outcome(&result);
+        match client.report_check(&assignment.check, &outcome).await {
+            Ok(()) => {
+                tracing::info!(check = %assignment.check, node = %assignment.node, passed = outcome.passed,
+                    failures = ?outcome.failures, "reported");
+                done += 1;
+                on_report(&Reported { assignment, outcome });
+            }
+            Err(e) if e.is_refusal() && !matches!(&e, ClientError::Refused { status: 409, .. }) => {
+                return Err(PoolError::Refused(e));
+            }
+            Err(e) => tracing::warn!(check = %assignment.check, "report not taken: {e}"),
+        }
+    }
+    Ok(done)
+}
+
+/// Sleeps `d`; `true` if `shutdown` turned true first.
+async fn wait(shutdown: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.wait_for(|s| *s) => true,
+    }
+}
