@@ -3,7 +3,7 @@
 //! relay with a `checker` token, and reports the outcome, signed, to the indexer.
 
 use crate::{CheckConfig, CheckError, CheckReport};
-use pylon_indexer_client::api::{CheckAssignment, CheckOutcome, ErrorReason, RegisterChecker};
+use pylon_indexer_client::api::{CheckAssignment, CheckOutcome, ErrorReason, MeteringAudit, RegisterChecker};
 use pylon_indexer_client::{Client, ClientError};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,8 +48,18 @@ pub struct Reported {
 
 /// The outcome of a check as the indexer takes it: the measured figures, and every rule
 /// that failed. A check that could not be made on the node's side (no first frame, the
-/// stream never connected) is a failure of liveness.
-pub fn outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
+/// stream never connected) is a failure of liveness; phantom sessions in the node's
+/// metering (`audit`) fail it too.
+pub fn outcome(result: &Result<CheckReport, CheckError>, audit: &MeteringAudit) -> CheckOutcome {
+    let mut o = stream_outcome(result);
+    if let Some(failure) = audit.failure() {
+        o.failures.push(failure);
+        o.passed = false;
+    }
+    o
+}
+
+fn stream_outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
     match result {
         Ok(r) => {
             let q = &r.qoe;
@@ -153,7 +163,7 @@ pub async fn run_pool(
             r = crate::run(check) => r,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let outcome = outcome(&result);
+        let outcome = outcome(&result, &assignment.audit);
         match client.report_check(&assignment.check, &outcome).await {
             Ok(()) => {
                 tracing::info!(check = %assignment.check, node = %assignment.node, passed = outcome.passed,

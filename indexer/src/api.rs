@@ -40,6 +40,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 pub use checks::{CheckerRecord, CheckerStatus};
+pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
     Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat,
     NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
@@ -62,6 +63,8 @@ pub const PLAYER_JOIN_GRACE_SECS: i64 = 20;
 pub const PLAYER_GONE_SECS: i64 = 15;
 /// `Retry-After` when no node or relay can take a session now.
 pub const NO_CAPACITY_RETRY_SECS: u64 = 5;
+/// Running sessions a node's heartbeat may list.
+const MAX_RUNNING: usize = 1024;
 /// Keys remembered by each rate limiter at most.
 const LIMITER_KEYS: usize = 100_000;
 
@@ -418,7 +421,8 @@ pub fn router(state: AppState) -> Router {
         CheckAssignment,
         CheckOutcome,
         NodeScore,
-        Verdict
+        Verdict,
+        MeteringAudit
     ))
 )]
 pub struct ApiDoc;
@@ -1078,8 +1082,11 @@ async fn node_heartbeat(
     let path = format!("/api/v1/nodes/{id}/heartbeat");
     signed_node(&s, &id, Method::POST, &path, &headers, &body).await?;
     let hb: NodeHeartbeat = json(&body)?;
+    if hb.running.len() > MAX_RUNNING || hb.running.iter().any(|r| r.len() > 64) {
+        return Err(ApiError::invalid(format!("at most {MAX_RUNNING} running session ids of at most 64 characters")));
+    }
     let now = unix_now();
-    s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.titles, now).await?;
+    s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.running, &hb.titles, now).await?;
     // A session the node does not run once its token could no longer be used to join
     // never started or was not reported ended: stop metering it.
     let swept = s.store.end_sessions_not_running(&id, &hb.running, now - TOKEN_LIFETIME_SECS as i64, now).await?;

@@ -357,12 +357,20 @@ impl Store {
         Ok(sqlx::query(q).bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
-    /// Records a node heartbeat.
-    pub async fn node_heartbeat(&self, id: &str, sessions: i64, titles: &[String], now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET sessions = $1, titles = $2, last_heartbeat = $3 WHERE id = $4")
+    /// Records a node heartbeat: its session count, the sessions it says it runs, its titles.
+    pub async fn node_heartbeat(
+        &self,
+        id: &str,
+        sessions: i64,
+        running: &[String],
+        titles: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET sessions = $1, titles = $2, last_heartbeat = $3, running = $4 WHERE id = $5")
             .bind(sessions)
             .bind(serde_json::to_string(titles)?)
             .bind(now)
+            .bind(serde_json::to_string(running)?)
             .bind(id)
             .execute(&self.pool)
             .await?;

@@ -205,7 +205,7 @@ async fn a_node_that_leaves_or_drains_gets_no_new_sessions() {
     assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.1["node"], "node-a");
 
     // node-a stops heartbeating: after the timeout it is gone, the next player goes to node-b.
-    s.store.node_heartbeat("node-a", 1, &["demo".into()], unix_now() - 60).await.unwrap();
+    s.store.node_heartbeat("node-a", 1, &[], &["demo".into()], unix_now() - 60).await.unwrap();
     assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.1["node"], "node-b");
     let (_, nodes) = call(&s, Request::get("/api/v1/nodes").body(Body::empty()).unwrap()).await;
     assert_eq!(nodes["items"][0]["state"], "gone");
@@ -899,4 +899,77 @@ async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers
     let (_, score) = report(&s, &c, &keys[2], true).await;
     assert_eq!(score["verdict"], "passing", "two of three");
     assert_eq!(node_status(&s, "node-f").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn a_ghost_nodes_phantom_sessions_fail_every_metering_audit_and_an_honest_node_passes_every_one() {
+    use pylon_indexer_client::api::CheckAssignment;
+    let s = state().await;
+    add_demo_title(&s).await;
+    let relay = SigningKey::from_bytes(&[3; 32]);
+    let checker = SigningKey::from_bytes(&[21; 32]);
+    add_checker(&s, "checker-1", &checker).await;
+    let (honest, ghost) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+    add_node(&s, "node-h", "alice", 1.0, &honest).await;
+    add_node(&s, "node-g", "mallory", 5.0, &ghost).await;
+    add_relay(&s, "relay-1", &relay, json!({"node-h": 2.0, "node-g": 3.0})).await;
+    // A real player on the honest node (the cheaper one), which says so.
+    let play = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let (_, created) = call(&s, post("/api/v1/sessions", &play)).await;
+    assert_eq!(created["node"], "node-h");
+    let played = created["session"].as_str().unwrap().to_string();
+    let hb = json!({"sessions": 1, "running": [played], "titles": ["demo"]});
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-h/heartbeat", &hb, &honest)).await.0, StatusCode::NO_CONTENT);
+    // The ghost claims two sessions that never existed and one that ended a minute ago.
+    let now = unix_now();
+    let old = pylon_indexer::store::SessionRecord {
+        id: "77".repeat(16),
+        title: "demo".into(),
+        node: "node-g".into(),
+        provider: "mallory".into(),
+        relay: "relay-1".into(),
+        gpu_class: 3,
+        started_at: now - 600,
+        check: false,
+    };
+    assert!(s.store.start_session(&old, 2).await.unwrap());
+    assert!(s.store.end_session(&old.id, now - 60, "player left").await.unwrap());
+    let hb = json!({"sessions": 3, "running": ["ab".repeat(16), "cd".repeat(16), "77".repeat(16)], "titles": ["demo"]});
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-g/heartbeat", &hb, &ghost)).await.0, StatusCode::NO_CONTENT);
+    // A heartbeat listing absurdly many sessions is refused.
+    let flood: Vec<String> = (0..2000).map(|i| format!("{i:032x}")).collect();
+    let hb = json!({"sessions": 2000, "running": flood, "titles": ["demo"]});
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-g/heartbeat", &hb, &ghost)).await.0, StatusCode::BAD_REQUEST);
+
+    // 20 checks of each (the operator re-admits the ghost after each verdict, so that
+    // every check is a fresh one): the ghost fails all, the honest node none.
+    let (mut caught, mut false_alarms) = (0, 0);
+    for _ in 0..20 {
+        // Both are due: each is handed out once (the first is held while checked).
+        let mut checks = Vec::new();
+        for _ in 0..2 {
+            let (status, c) = next_check(&s, "checker-1", &checker).await;
+            assert_eq!(status, StatusCode::CREATED, "{c}");
+            checks.push(c);
+        }
+        for c in checks {
+            let a: CheckAssignment = serde_json::from_value(c.clone()).unwrap();
+            let failure = a.audit.failure();
+            match a.node.as_str() {
+                "node-g" => {
+                    assert_eq!(a.audit.claimed, 3);
+                    let mut phantom = a.audit.phantom.clone();
+                    phantom.sort();
+                    assert_eq!(phantom, vec!["77".repeat(16), "ab".repeat(16), "cd".repeat(16)]);
+                    caught += usize::from(failure.is_some());
+                }
+                _ => false_alarms += usize::from(failure.is_some()),
+            }
+            let (status, _) = report(&s, &c, &checker, failure.is_none()).await;
+            assert_eq!(status, StatusCode::OK);
+            let approve = Request::post(format!("/api/v1/nodes/{}/approve", a.node)).body(Body::empty()).unwrap();
+            assert_eq!(call(&s, admin(approve)).await.0, StatusCode::NO_CONTENT);
+        }
+    }
+    assert_eq!((caught, false_alarms), (20, 0));
 }

@@ -292,6 +292,7 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             fps: 60,
             demo: true,
             report_by: 1_800_000_300,
+            audit: MeteringAudit { claimed: 3, phantom: vec!["66".repeat(16)] },
         },
     );
     c.check("CheckOutcome", outcome());
@@ -302,6 +303,7 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.check("NodeScore", score());
     c.check("NodeScore", NodeScore::default());
     c.check("Verdict", Verdict::Suspect);
+    c.check("MeteringAudit", MeteringAudit::default());
 
     let listed: std::collections::BTreeSet<String> =
         c.spec["components"]["schemas"].as_object().unwrap().keys().cloned().collect();

@@ -441,6 +441,36 @@ pub struct CheckAssignment {
     pub demo: bool,
     /// The report is refused after this time (Unix seconds).
     pub report_by: i64,
+    /// The node's claims against the relays' records, as the indexer holds them now.
+    #[serde(default)]
+    pub audit: MeteringAudit,
+}
+
+/// The metering audit: the sessions a node says it runs (its last heartbeat) against the
+/// sessions the indexer knows on it and the relays report played. A node paid for play
+/// that reports sessions nobody plays (a ghost) fails.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MeteringAudit {
+    /// Sessions the node's last heartbeat said it runs.
+    pub claimed: u32,
+    /// Of those, the ones that never existed on this node or had ended well before the
+    /// node claimed them.
+    #[serde(default)]
+    pub phantom: Vec<String>,
+}
+
+impl MeteringAudit {
+    /// Why the audit fails, if it does.
+    pub fn failure(&self) -> Option<String> {
+        (!self.phantom.is_empty()).then(|| {
+            format!(
+                "metering: the node reports {} of its {} running sessions that no player plays ({})",
+                self.phantom.len(),
+                self.claimed,
+                self.phantom.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
 }
 
 /// What a checker measured in one check, and its verdict.

@@ -11,6 +11,10 @@
 //!   node's players are never disturbed) and mints a `checker` token: the relay admits it
 //!   as that session's player. The node's next check is then set one interval away,
 //!   spread ±25 % so that checks of many nodes do not bunch up.
+//! * Each assignment carries the metering audit: the sessions the node's last heartbeat
+//!   claimed against the sessions the indexer knows on it (which end when the relay stops
+//!   seeing their player). A session that never existed, or had ended well before the
+//!   node claimed it, is a phantom: the checker fails the node for it.
 //! * `POST /api/v1/checks/{id}/report` takes the outcome, signed by the checker the check
 //!   was handed to, once, before its deadline. The node's verdict follows the majority of
 //!   the latest report of each checker that reported on it within two intervals (one
@@ -24,12 +28,16 @@
 
 use super::*;
 use crate::store::Verdict as StoredVerdict;
+use pylon_indexer_client::api::MeteringAudit;
 use sqlx::Row;
 
 /// How many recent reports a node's score counts.
 pub const SCORE_WINDOW: usize = 20;
 /// Seconds a checker has to report after the check is handed out.
 pub const REPORT_WITHIN_SECS: i64 = 300;
+/// A session that ended this long before a node's heartbeat still listed it is a
+/// phantom (heartbeats come every 3 s; the slack covers one in flight and clock steps).
+pub const ENDED_SLACK_SECS: i64 = 10;
 
 /// A checker as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -166,13 +174,16 @@ pub struct Due<'a> {
 }
 
 /// The node to check next at `now`: ready or suspect, with a free seat (checks use free
-/// capacity only), due, not held by another check; the most overdue first.
+/// capacity only), due, not held by another check; the most overdue first. Seats are the
+/// indexer's own bookings: a node cannot dodge its checks by reporting itself full (every
+/// real session holds a seat; what the node reports beyond them is what the metering
+/// audit looks for).
 pub fn pick_due<'a>(nodes: &[Due<'a>], now: i64) -> Option<&'a NodeRecord> {
     nodes
         .iter()
         .filter(|d| {
             matches!(node_state(d.node, now), MemberState::Ready | MemberState::Suspect)
-                && d.node.seats.max(d.node.sessions) < d.node.capacity
+                && d.node.seats < d.node.capacity
                 && d.next_check <= now
                 && !d.held
         })
@@ -350,6 +361,36 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The metering audit of `node`: the sessions its last heartbeat claimed that never
+    /// existed on it, or had ended more than [`ENDED_SLACK_SECS`] before that heartbeat.
+    pub async fn metering_audit(&self, node: &str) -> Result<MeteringAudit, StoreError> {
+        let Some(row) = sqlx::query("SELECT running, last_heartbeat FROM nodes WHERE id = $1")
+            .bind(node)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(MeteringAudit::default());
+        };
+        let running: Vec<String> = serde_json::from_str(&row.try_get::<String, _>(0)?)?;
+        let heartbeat: i64 = row.try_get(1)?;
+        let mut phantom = Vec::new();
+        for id in &running {
+            let ended = sqlx::query("SELECT ended_at FROM sessions WHERE id = $1 AND node = $2")
+                .bind(id)
+                .bind(node)
+                .fetch_optional(&self.pool)
+                .await?;
+            let ghost = match ended {
+                None => true,
+                Some(r) => r.try_get::<Option<i64>, _>(0)?.is_some_and(|t| t < heartbeat - ENDED_SLACK_SECS),
+            };
+            if ghost {
+                phantom.push(id.clone());
+            }
+        }
+        Ok(MeteringAudit { claimed: u32::try_from(running.len()).unwrap_or(u32::MAX), phantom })
     }
 
     /// Marks checker `id` seen at `now`.
@@ -598,6 +639,7 @@ pub(super) async fn next_check(
         fps: u32::try_from(title.fps).unwrap_or(0),
         demo: title.id == Title::builtin_demo().id,
         report_by,
+        audit: s.store.metering_audit(&node.id).await?,
     };
     Ok((StatusCode::CREATED, Json(assignment)).into_response())
 }
