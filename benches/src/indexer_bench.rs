@@ -77,6 +77,7 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
                     revoked: false,
                     approved: true,
                     seats: 0,
+                    verdict: Default::default(),
                     last_heartbeat: now + 3600,
                 },
                 1,

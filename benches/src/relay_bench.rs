@@ -107,6 +107,7 @@ async fn record(args: &Args) -> anyhow::Result<Recording> {
         seed: 7,
         early_frames: false,
         audio: false,
+        fake: None,
     };
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(config, ServerMetrics::new(), tx)).await??;
     eprintln!("recording {} s of 720p60 from the frame path ({})…", args.record_seconds, pipeline.info().encoder);

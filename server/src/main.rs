@@ -245,6 +245,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         seed: 0x5eed,
         early_frames: args.pacing == Pacing::Input,
         audio: !args.no_audio,
+        fake: None,
     };
     let pipeline = tokio::task::spawn_blocking({
         let metrics = metrics.clone();

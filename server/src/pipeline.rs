@@ -77,7 +77,26 @@ pub struct PipelineConfig {
     /// Stream sound too (the demo's synthesised sound, a title's PulseAudio server);
     /// `--no-audio` turns it off. Without GStreamer the node streams video only.
     pub audio: bool,
+    /// Tests of the checker only: the demo as a dishonest node would stream it. `None`
+    /// in every real node (the binary has no way to set it).
+    pub fake: Option<Fake>,
 }
+
+/// How a dishonest node fakes the demo (for the checker's tests): each streams a live
+/// H.264 picture at the configured size through the real frame path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fake {
+    /// One picture, repeated at the full rate; input ignored.
+    Static,
+    /// A recording of the demo left alone (its first [`REPLAY_LOOP`], played over and over);
+    /// input ignored.
+    Replay,
+    /// The demo, answering input, rendered at half the rate it advertises.
+    Slow,
+}
+
+/// The length of the [`Fake::Replay`] recording.
+pub const REPLAY_LOOP: Duration = Duration::from_secs(4);
 
 /// What the pipeline found when it started, for logs and the stream description.
 #[derive(Debug, Clone)]
@@ -482,7 +501,10 @@ fn render_thread(
         }
     };
     let mut scene = DemoScene::new(config.width, config.height, config.seed);
-    let interval = Duration::from_secs_f64(1.0 / f64::from(config.fps.max(1)));
+    let fake = config.fake;
+    let slowdown = if fake == Some(Fake::Slow) { 2.0 } else { 1.0 };
+    let interval = Duration::from_secs_f64(slowdown / f64::from(config.fps.max(1)));
+    let mut replay_at = Duration::ZERO;
     // An input may start a frame early, but never sooner than this after the previous one,
     // so the encoder and the viewer's decoder are never asked for bursts.
     let min_gap = interval.mul_f64(EARLY_FRAME_MIN_GAP);
@@ -492,7 +514,7 @@ fn render_thread(
     let mut last_submit: Option<Instant> = None;
     let mut index: u64 = 0;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut input = InputState::default();
+    let mut input = InputState { ignore: matches!(fake, Some(Fake::Static | Fake::Replay)), ..Default::default() };
     let mut source = Source::Demo;
     let RenderControl { stop, keyframe, sources, audio } = control;
     if let Some(a) = &audio {
@@ -621,7 +643,19 @@ fn render_thread(
             // Told to rest with frames in flight: they finish, nothing new starts.
             Source::Idle => continue,
             Source::Demo => {
-                scene.advance(media_time.as_secs_f32());
+                match fake {
+                    // Frozen on its first picture.
+                    Some(Fake::Static) => scene.advance(0.5),
+                    Some(Fake::Replay) => {
+                        let at = Duration::from_secs_f64(media_time.as_secs_f64() % REPLAY_LOOP.as_secs_f64());
+                        if at < replay_at {
+                            scene = DemoScene::new(config.width, config.height, config.seed);
+                        }
+                        replay_at = at;
+                        scene.advance(at.as_secs_f32());
+                    }
+                    Some(Fake::Slow) | None => scene.advance(media_time.as_secs_f32()),
+                }
                 if let Some(a) = &audio {
                     let (shots, hits) = scene.take_sounds();
                     for _ in 0..shots {
@@ -718,6 +752,8 @@ fn render_thread(
 /// Input applied to the scene and not yet in a rendered frame.
 #[derive(Debug, Default)]
 struct InputState {
+    /// A fake that does not answer input (it still counts it, as if it had).
+    ignore: bool,
     applied_seq: u32,
     /// Arrival of the oldest input applied since the last frame was submitted.
     unreflected: Option<Instant>,
@@ -731,6 +767,7 @@ impl InputState {
                 metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
                 return;
             }
+            Source::Demo if self.ignore => {}
             Source::Demo => {
                 scene.apply(&input.message.event);
                 metrics.keys_held.set(scene.keys_held() as i64);

@@ -45,6 +45,7 @@ fn input_while_every_gpu_slot_is_busy_never_stalls_the_frames() {
         seed: 7,
         early_frames: true,
         audio: false,
+        fake: None,
     };
     let pipeline = Pipeline::start(config, metrics.clone(), packets).expect("frame path starts (Vulkan + encoder)");
     let drain = std::thread::spawn(move || while packet_rx.blocking_recv().is_some() {});

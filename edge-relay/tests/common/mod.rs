@@ -95,7 +95,7 @@ pub async fn start_platform(width: u32, height: u32, fps: u32) -> Platform {
 
 /// Like [`start_platform`], choosing whether input starts frames early.
 pub async fn start_platform_with(width: u32, height: u32, fps: u32, early_frames: bool) -> Platform {
-    start(width, height, fps, early_frames, false, None, None, Vec::new()).await
+    start_setup(width, height, fps, Setup { early_frames, ..Setup::default() }).await
 }
 
 /// Like [`start_platform`], with the relay announcing `advertise` as its ICE candidate (an
@@ -106,7 +106,7 @@ pub async fn start_platform_advertising(
     fps: u32,
     advertise: std::net::SocketAddr,
 ) -> Platform {
-    start(width, height, fps, true, false, Some(advertise), None, Vec::new()).await
+    start_setup(width, height, fps, Setup { advertise_addr: Some(advertise), ..Setup::default() }).await
 }
 
 /// The node id and relay id of a pooled platform.
@@ -116,12 +116,12 @@ pub const POOL_RELAY: &str = "relay-e2e";
 /// The whole platform as a pool: an indexer (SQLite, the demo title), a relay and a render
 /// node that register and heartbeat with it, and admit players by session token.
 pub async fn start_pool(width: u32, height: u32, fps: u32) -> Platform {
-    start(width, height, fps, true, true, None, None, Vec::new()).await
+    start_setup(width, height, fps, Setup { pooled: true, ..Setup::default() }).await
 }
 
 /// Like [`start_pool`], with studio titles deployed to the indexer and known to the node.
 pub async fn start_pool_with_titles(width: u32, height: u32, fps: u32, titles: Vec<Title>) -> Platform {
-    start(width, height, fps, true, true, None, None, titles).await
+    start_setup(width, height, fps, Setup { pooled: true, titles, ..Setup::default() }).await
 }
 
 /// Like [`start_platform`], with the node reaching the relay through an impairment proxy
@@ -132,7 +132,7 @@ pub async fn start_platform_impaired_uplink(
     fps: u32,
     impair: pylon_relay::impair::ImpairConfig,
 ) -> Platform {
-    start(width, height, fps, true, false, None, Some(impair), Vec::new()).await
+    start_setup(width, height, fps, Setup { uplink_impair: Some(impair), ..Setup::default() }).await
 }
 
 /// Starts an indexer on a free loopback port; returns its address.
@@ -167,35 +167,44 @@ pub async fn start_indexer_with(data_dir: &std::path::Path, titles: Vec<Title>) 
 /// Like [`start_platform`], with the relay's `--av-sync` setting (one stream id for the
 /// player's audio and video, so that Chromium lip-syncs them).
 pub async fn start_platform_av_sync(width: u32, height: u32, fps: u32, av_sync: bool) -> Platform {
-    start_with(width, height, fps, true, false, None, None, Vec::new(), av_sync).await
+    start_setup(width, height, fps, Setup { av_sync, ..Setup::default() }).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start(
-    width: u32,
-    height: u32,
-    fps: u32,
-    early_frames: bool,
-    pooled: bool,
-    advertise_addr: Option<std::net::SocketAddr>,
-    uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
-    titles: Vec<Title>,
-) -> Platform {
-    start_with(width, height, fps, early_frames, pooled, advertise_addr, uplink_impair, titles, false).await
+/// How a test platform is set up, beyond its picture.
+pub struct Setup {
+    /// Input starts frames early (the node's default).
+    pub early_frames: bool,
+    /// An indexer, and the relay and node registered with it.
+    pub pooled: bool,
+    /// The relay announces this as its ICE candidate (an impairment proxy in front of it).
+    pub advertise_addr: Option<std::net::SocketAddr>,
+    /// The node reaches the relay through an impairment proxy.
+    pub uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
+    /// Studio titles in the catalog and on the node.
+    pub titles: Vec<Title>,
+    /// The relay's `--av-sync`.
+    pub av_sync: bool,
+    /// The node fakes the demo (the checker's tests).
+    pub fake: Option<pylon_server::pipeline::Fake>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start_with(
-    width: u32,
-    height: u32,
-    fps: u32,
-    early_frames: bool,
-    pooled: bool,
-    advertise_addr: Option<std::net::SocketAddr>,
-    uplink_impair: Option<pylon_relay::impair::ImpairConfig>,
-    titles: Vec<Title>,
-    av_sync: bool,
-) -> Platform {
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            early_frames: true,
+            pooled: false,
+            advertise_addr: None,
+            uplink_impair: None,
+            titles: Vec::new(),
+            av_sync: false,
+            fake: None,
+        }
+    }
+}
+
+/// Starts a relay (and an indexer, when pooled) and a render node as `setup` says.
+pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Platform {
+    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake } = setup;
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -253,6 +262,7 @@ async fn start_with(
         seed: 0x5eed,
         early_frames,
         audio: true,
+        fake,
     };
     let m = metrics.clone();
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(pipeline_config, m, packet_tx))

@@ -1,0 +1,99 @@
+//! Dishonest nodes against the checker: a node that streams one picture over and over
+//! (static), one that plays a recording of the demo left alone (replay), and one that
+//! renders at half the rate it advertises (slow) each stream a live H.264 picture through
+//! the real frame path, relay and WebRTC; the checker must fail every check of each, by
+//! the rule that catches it, and pass every check of the honest demo.
+//!
+//! `PYLON_FAKE_CHECKS` sets the number of checks of each node (default 5, which keeps
+//! `make test` within its time; the closing note's figures come from 20).
+//!
+//! The other two fakes of the issue are caught elsewhere: the ghost (sessions nobody
+//! plays) by the metering audit (`indexer/tests/api.rs`); the liar (a GPU class above
+//! what it computes) needs the proof of capacity wired to the node, not yet done.
+
+mod common;
+
+use common::{Setup, start_setup};
+use pylon_checker::{Advertised, CheckConfig, CheckReport};
+use pylon_server::pipeline::Fake;
+use std::time::Duration;
+
+fn checks_each() -> usize {
+    std::env::var("PYLON_FAKE_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+}
+
+/// `n` checks, one after another, of a node streaming the demo (faked as `fake` says) at
+/// 640x480, 30 fps.
+async fn check(fake: Option<Fake>, n: usize) -> Vec<CheckReport> {
+    let platform = start_setup(640, 480, 30, Setup { fake, ..Setup::default() }).await;
+    let mut reports = Vec::new();
+    for _ in 0..n {
+        let config = CheckConfig {
+            relay: platform.url(),
+            token: None,
+            advertised: Advertised { width: 640, height: 480, fps: 30 },
+            duration: Duration::from_secs(3),
+            demo: true,
+            first_frame_timeout: Duration::from_secs(30),
+        };
+        let report = pylon_checker::run(config).await.expect("the check could be made");
+        assert_eq!(report.role, "player", "each check plays the node (the seat is free between checks)");
+        reports.push(report);
+        // The relay frees the seat once the check's session is gone.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    platform.stop().await;
+    reports
+}
+
+fn failures(r: &CheckReport) -> Vec<String> {
+    let mut f = r.qoe.failures.clone();
+    f.extend(r.response.iter().flat_map(|r| r.failures.iter().cloned()));
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
+    let n = checks_each();
+    let mut summary = Vec::new();
+    for (name, fake) in
+        [("honest", None), ("static", Some(Fake::Static)), ("replay", Some(Fake::Replay)), ("slow", Some(Fake::Slow))]
+    {
+        let started = std::time::Instant::now();
+        let reports = check(fake, n).await;
+        let passed = reports.iter().filter(|r| r.passed()).count();
+        let fps: Vec<f64> = reports.iter().map(|r| (r.qoe.fps * 10.0).round() / 10.0).collect();
+        let answered: Vec<String> = reports
+            .iter()
+            .map(|r| r.response.as_ref().map_or("-".into(), |x| format!("{}/{}", x.answered, x.inputs)))
+            .collect();
+        let line = serde_json::json!({
+            "node": name, "checks": n, "passed": passed, "fps": fps, "answered": answered,
+            "seconds_per_check": (started.elapsed().as_secs_f64() / n as f64 * 10.0).round() / 10.0,
+            "failures": reports.iter().map(failures).collect::<Vec<_>>(),
+        });
+        eprintln!("{line}");
+        summary.push((name, passed, reports));
+    }
+    for (name, passed, reports) in &summary {
+        match *name {
+            "honest" => assert_eq!(*passed, n, "no false positive on the honest demo"),
+            _ => assert_eq!(*passed, 0, "{name}: every check fails"),
+        }
+        for r in reports {
+            match *name {
+                // Live at the full rate, but nothing answers the checker's aim.
+                "static" | "replay" => {
+                    assert!(r.qoe.passed(), "{name}: the picture itself is live: {:?}", r.qoe.failures);
+                    assert!(!r.response.as_ref().unwrap().passed(), "{name}: caught by the responsiveness check");
+                }
+                "slow" => assert!(
+                    r.qoe.failures.iter().any(|f| f.contains("fps")),
+                    "slow: caught by the frame-rate rule: {:?}",
+                    r.qoe.failures
+                ),
+                _ => {}
+            }
+        }
+    }
+}
