@@ -5,9 +5,10 @@
 
 const titlesEl = document.getElementById('titles');
 const matchEl = document.getElementById('match');
+const poolEl = document.getElementById('pool');
 
 // State exposed for automated checks.
-const state = { titles: [], rtt: null, session: null, error: null };
+const state = { titles: [], rtt: null, session: null, error: null, nodes: [] };
 window.pylonCatalog = state;
 
 /** RTT budget for measuring every candidate, ms. */
@@ -125,6 +126,27 @@ function render(titles) {
   }));
 }
 
+/** The pool's render nodes, with what the checkers found (first 100). */
+function renderPool(nodes) {
+  const rows = nodes.map((n) => {
+    const tr = document.createElement('tr');
+    const s = n.score || {};
+    const rate = s.checks ? `${s.passed}/${s.checks} passed` : 'not checked yet';
+    const fps = s.fps != null ? `${s.fps.toFixed(1)} fps` : '';
+    const c2p = s.click_to_photon_p50_ms != null ? `${Math.round(s.click_to_photon_p50_ms)} ms` : '';
+    for (const text of [n.id, n.info?.gpu_model || '', n.state, rate, fps, c2p]) {
+      const td = document.createElement('td');
+      td.textContent = text;
+      tr.append(td);
+    }
+    tr.dataset.node = n.id;
+    tr.dataset.verdict = s.verdict || 'unchecked';
+    return tr;
+  });
+  poolEl.querySelector('tbody').replaceChildren(...rows);
+  poolEl.hidden = nodes.length === 0;
+}
+
 async function main() {
   try {
     state.titles = await allTitles();
@@ -134,6 +156,9 @@ async function main() {
     state.error = e.message;
     matchEl.textContent = `The catalog is unavailable: ${e.message}`;
   }
+  api('/nodes?limit=100')
+    .then((page) => { state.nodes = page.items; renderPool(page.items); })
+    .catch(() => {});
   // `/play/<title>` starts that title at once; `/watch/<session>` joins one as a spectator.
   const m = location.pathname.match(/^\/play\/([^/]+)$/);
   if (m) play(decodeURIComponent(m[1]));

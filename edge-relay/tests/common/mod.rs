@@ -663,6 +663,12 @@ pub async fn click_play(b: &Browser, indexer: std::net::SocketAddr, title: &str)
     wait_rtt_reported(indexer, POOL_NODE, Duration::from_secs(30)).await;
     b.client.goto(&format!("http://{indexer}/")).await.unwrap();
     b.wait_for("return window.pylonCatalog && pylonCatalog.titles.length > 0", Duration::from_secs(10)).await;
+    // The catalog lists the pool's nodes with what the checkers found (nothing yet here).
+    let row = format!(
+        "const r = document.querySelector('#pool tr[data-node=\"{POOL_NODE}\"]'); \
+         return r && !document.getElementById('pool').hidden ? r.dataset.verdict : null"
+    );
+    assert_eq!(b.wait_for(&row, Duration::from_secs(10)).await, "unchecked");
     b.eval(&format!("document.querySelector('a.play[data-title=\"{title}\"]').click(); return true;")).await;
 }
 
