@@ -10,6 +10,7 @@
 //!   I/O-free: random aimed turns and shams, each judged from the decoded picture
 //!   ([`demo`] reads the ship's heading off it); click-to-photon p50/p95.
 //! * [`decode`]: FFmpeg's H.264 decoder.
+//! * [`metrics`]: the pool checker's Prometheus `/metrics`.
 //! * [`pool`]: the checker in a pool: its own key registered with the indexer (approved by
 //!   the operator), checks asked for and made, outcomes reported signed.
 //!
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod decode;
 pub mod demo;
+pub mod metrics;
 pub mod pool;
 pub mod qoe;
 pub mod respond;

@@ -1,3 +1,4 @@
+use anyhow::Context;
 use clap::Parser;
 use pylon_checker::pool::{PoolConfig, run_pool};
 use pylon_checker::{Advertised, CheckConfig};
@@ -14,11 +15,11 @@ use std::time::Duration;
 /// `POST /api/v1/checkers/<id>/approve`), makes the checks the indexer assigns and reports
 /// each outcome, signed; runs until SIGTERM (or `--checks` are done).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, group(clap::ArgGroup::new("mode").required(true).args(["relay", "indexer"])))]
 struct Args {
     /// One check: the relay's page URL for the session, `http://relay:8080/` alone, or
     /// `http://relay/play/<session>` in a pool.
-    #[arg(long, env = "PYLON_CHECK_RELAY", required_unless_present = "indexer", conflicts_with = "indexer")]
+    #[arg(long, env = "PYLON_CHECK_RELAY")]
     relay: Option<String>,
     /// One check: the session token (pools), as in the `#token=` part of a play link.
     #[arg(long, env = "PYLON_CHECK_TOKEN")]
@@ -49,6 +50,9 @@ struct Args {
     /// Pool: stop after this many reported checks (default: run until stopped).
     #[arg(long)]
     checks: Option<u32>,
+    /// Pool: address of the Prometheus `/metrics` endpoint (checks by result, their time).
+    #[arg(long, env = "PYLON_CHECKER_METRICS", default_value = "127.0.0.1:9600")]
+    metrics_addr: std::net::SocketAddr,
     /// Pool: seconds to wait before asking again when no node is due.
     #[arg(long, default_value_t = 5.0)]
     poll_seconds: f64,
@@ -85,13 +89,19 @@ async fn main() -> anyhow::Result<()> {
             watch: Duration::from_secs_f64(args.seconds),
             first_frame_timeout: Duration::from_secs_f64(args.connect_timeout),
         };
-        let done = run_pool(config, shutdown, |r| {
+        let metrics = pylon_checker::metrics::CheckerMetrics::new();
+        let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
+        let served = tokio::spawn(pylon_checker::metrics::serve(listener, metrics.clone(), shutdown.clone()));
+        let done = run_pool(config, metrics, shutdown, |r| {
             if let Ok(line) = serde_json::to_string(r) {
                 println!("{line}");
             }
         })
         .await?;
         tracing::info!(checks = done, "stopped");
+        served.abort();
         return Ok(());
     }
     let config = CheckConfig {

@@ -2,6 +2,7 @@
 //! (the operator approves it), asks for checks, plays each assigned session through its
 //! relay with a `checker` token, and reports the outcome, signed, to the indexer.
 
+use crate::metrics::{CheckerMetrics, Outcome};
 use crate::{CheckConfig, CheckError, CheckReport};
 use pylon_indexer_client::api::{CheckAssignment, CheckOutcome, ErrorReason, MeteringAudit, RegisterChecker};
 use pylon_indexer_client::{Client, ClientError};
@@ -94,6 +95,7 @@ fn stream_outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
 /// `shutdown` turns true; calls `on_report` with each report the indexer accepted.
 pub async fn run_pool(
     config: PoolConfig,
+    metrics: CheckerMetrics,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     mut on_report: impl FnMut(&Reported),
 ) -> Result<u32, PoolError> {
@@ -122,6 +124,7 @@ pub async fn run_pool(
         let assignment = match client.next_check(&config.id).await {
             Ok(Some(a)) => a,
             Ok(None) => {
+                metrics.idle_polls.inc();
                 if wait(&mut shutdown, config.poll).await {
                     break;
                 }
@@ -159,12 +162,21 @@ pub async fn run_pool(
             demo: assignment.demo,
             first_frame_timeout: config.first_frame_timeout,
         };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = crate::run(check) => r,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let outcome = outcome(&result, &assignment.audit);
-        match client.report_check(&assignment.check, &outcome).await {
+        let reported = client.report_check(&assignment.check, &outcome).await;
+        metrics.check_seconds.observe(started.elapsed().as_secs_f64());
+        let result = match (&reported, outcome.passed) {
+            (Err(_), _) => "unreported",
+            (Ok(()), true) => "pass",
+            (Ok(()), false) => "fail",
+        };
+        metrics.checks.get_or_create(&Outcome { result }).inc();
+        match reported {
             Ok(()) => {
                 tracing::info!(check = %assignment.check, node = %assignment.node, passed = outcome.passed,
                     failures = ?outcome.failures, "reported");

@@ -172,8 +172,10 @@ async fn a_pool_checker_is_approved_checks_the_node_on_a_free_seat_and_scores_it
     };
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let mut reports = Vec::new();
+    let metrics = pylon_checker::metrics::CheckerMetrics::new();
+    let counted = metrics.clone();
     let checker = tokio::spawn(async move {
-        let done = run_pool(config, shutdown, |r| reports.push(r.clone())).await.unwrap();
+        let done = run_pool(config, metrics, shutdown, |r| reports.push(r.clone())).await.unwrap();
         (done, reports)
     });
     // Registered, it waits for the operator.
@@ -188,6 +190,7 @@ async fn a_pool_checker_is_approved_checks_the_node_on_a_free_seat_and_scores_it
     }
     let (done, reports) = tokio::time::timeout(Duration::from_secs(90), checker).await.unwrap().unwrap();
     assert_eq!(done, 1);
+    assert!(counted.render().contains("pylon_checker_checks_total{result=\"pass\"} 1"), "{}", counted.render());
     let r = &reports[0];
     eprintln!("pool check: {}", serde_json::to_string(r).unwrap());
     assert_eq!((r.assignment.node.as_str(), r.assignment.demo), (common::POOL_NODE, true));
