@@ -84,11 +84,14 @@ export class LatencyTracker {
   static split(total, info, frame) {
     const parts = { total, node: info.node_ms, render: info.render_ms, encode: info.encode_ms, relay: info.relay_ms ?? 0 };
     if (frame.received !== undefined) {
-      const browser = frame.shown - frame.received;
+      // Chromium coarsens these times (and may date a frame's presentation before its last
+      // packet's arrival), so every part is kept within what it belongs to: none is negative,
+      // and they still add up to the press's time.
+      const browser = Math.max(0, frame.shown - frame.received);
       parts.decode = frame.decodeMs ?? 0;
       // Presented → expected on screen; Chromium may expect a late-submitted frame on screen
       // slightly before it was submitted: no wait, then.
-      parts.display = frame.presented !== undefined ? Math.max(0, frame.shown - frame.presented) : 0;
+      parts.display = frame.presented !== undefined ? Math.min(browser, Math.max(0, frame.shown - frame.presented)) : 0;
       // Received → handed to the decoder (what is left of received → displayed). Chromium's
       // decode time can start before the last packet's arrival (and its times are coarsened),
       // so decode may exceed what is left: then the buffer held nothing, and decode is the
