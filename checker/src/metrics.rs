@@ -50,9 +50,7 @@ impl CheckerMetrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        pylon_runtime::metrics::render(&self.registry)
     }
 }
 
@@ -62,15 +60,5 @@ pub async fn serve(
     metrics: CheckerMetrics,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }),
-    );
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "metrics at /metrics");
-    }
-    pylon_runtime::http::serve(listener, app, Default::default(), shutdown).await
+    pylon_runtime::metrics::serve(listener, move || metrics.render(), shutdown).await
 }

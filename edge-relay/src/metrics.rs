@@ -317,8 +317,6 @@ impl RelayMetrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        pylon_runtime::metrics::render(&self.registry)
     }
 }

@@ -258,9 +258,7 @@ impl IndexerMetrics {
     }
 
     fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        pylon_runtime::metrics::render(&self.registry)
     }
 }
 
@@ -1342,7 +1340,7 @@ async fn relay_heartbeat(
 }
 
 /// Prometheus metrics; the node gauge is counted at scrape time.
-async fn metrics(State(s): State<AppState>) -> String {
+async fn metrics(State(s): State<AppState>) -> Response {
     let now = unix_now();
     match s.store.nodes().await {
         Ok(nodes) => {
@@ -1352,6 +1350,8 @@ async fn metrics(State(s): State<AppState>) -> String {
                 MemberState::Gone,
                 MemberState::Revoked,
                 MemberState::Pending,
+                MemberState::Suspect,
+                MemberState::Failed,
             ] {
                 let n = nodes.iter().filter(|n| node_state(n, now) == state).count();
                 s.metrics.nodes.get_or_create(&NodeStateLabel { state: state.as_str() }).set(n as i64);
@@ -1359,7 +1359,7 @@ async fn metrics(State(s): State<AppState>) -> String {
         }
         Err(e) => tracing::warn!("counting nodes for /metrics: {e}"),
     }
-    s.metrics.render()
+    pylon_runtime::metrics::response(s.metrics.render())
 }
 
 /// Ends, every few seconds, the sessions nobody plays (see [`Store::sweep_unplayed`])

@@ -879,6 +879,10 @@ async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers
     let (_, score) = report(&s, &again, &keys[0], false).await;
     assert_eq!(score["verdict"], "failed");
     assert_eq!(node_status(&s, "node-f").await["state"], "failed");
+    let res = router(s.clone()).oneshot(get("/metrics")).await.unwrap();
+    let text = String::from_utf8(axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("pylon_indexer_nodes{state=\"failed\"} 1"), "{text}");
+    assert!(text.contains("pylon_indexer_check_reports_total{result=\"fail\"} 2"), "{text}");
     assert_eq!(next_check(&s, "checker-1", &keys[1]).await.0, StatusCode::NO_CONTENT, "a failed node is not checked");
     // The operator re-admits it: checked anew.
     let approve = Request::post("/api/v1/nodes/node-f/approve").body(Body::empty()).unwrap();

@@ -222,24 +222,16 @@ impl ServerMetrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        pylon_runtime::metrics::render(&self.registry)
     }
 }
 
 /// Serves `/metrics` on `addr` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, metrics: ServerMetrics) -> std::io::Result<()> {
-    use axum::{Router, routing::get};
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()) }
-        }),
-    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics at /metrics");
-    axum::serve(listener, app).await
+    // Held for as long as the server runs: it never turns true.
+    let (forever, shutdown) = tokio::sync::watch::channel(false);
+    let served = pylon_runtime::metrics::serve(listener, move || metrics.render(), shutdown).await;
+    drop(forever);
+    served
 }

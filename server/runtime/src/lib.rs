@@ -2,11 +2,13 @@
 //!
 //! * [`http`]: serving an axum router with the limits an open network needs (per-address
 //!   and total connection caps, header-read and request timeouts, body limits).
+//! * [`metrics`]: the Prometheus exposition every binary serves at `/metrics`.
 //! * [`tasks`]: core tasks supervised together — one failing stops the process.
 //! * [`shutdown_signal`]: Ctrl-C or SIGTERM.
 //! * [`init_tracing`]: logs to stderr, filtered by `RUST_LOG`.
 
 pub mod http;
+pub mod metrics;
 pub mod tasks;
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
