@@ -1,5 +1,6 @@
-# Pylon images: `docker build --target relay -t pylon-relay .`, `--target server`, and
-# `--target server-chromium-bsu` (a render node image with a studio title installed).
+# Pylon images: `docker build --target relay -t pylon-relay .`, `--target server`,
+# `--target server-chromium-bsu` (a render node image with a studio title installed),
+# `--target indexer` and `--target checker`.
 # The render node needs the NVIDIA container runtime for GPU access (Vulkan ICD and NVENC
 # come from the host driver at run time: --gpus all, NVIDIA_DRIVER_CAPABILITIES=all); without
 # a GPU it renders on Mesa lavapipe and encodes with libx264.
@@ -23,6 +24,24 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
 COPY --from=build /src/target/release/pylon-relay /usr/local/bin/pylon-relay
 EXPOSE 8080/tcp 3478/udp 4433/udp
 ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--quic-addr", "0.0.0.0:4433", "--data-dir", "/var/lib/pylon"]
+
+# The control plane: SQLite in /var/lib/pylon-indexer by default, PostgreSQL when
+# DATABASE_URL names one; the admin token from PYLON_ADMIN_TOKEN or --admin-token-file.
+FROM debian:bookworm-slim AS indexer
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pylon-indexer /usr/local/bin/pylon-indexer
+EXPOSE 8090/tcp
+ENTRYPOINT ["pylon-indexer", "--addr", "0.0.0.0:8090", "--data-dir", "/var/lib/pylon-indexer"]
+
+# A pool's checker: give it --indexer (or PYLON_INDEXER) and --id, keep /var/lib/pylon-checker
+# (its key) on a volume, and approve it on the indexer once it has registered.
+FROM debian:bookworm-slim AS checker
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libavcodec59 libavutil57 libswresample4 ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pylon-checker /usr/local/bin/pylon-checker
+EXPOSE 9600/tcp
+ENTRYPOINT ["pylon-checker", "--metrics-addr", "0.0.0.0:9600", "--data-dir", "/var/lib/pylon-checker"]
 
 FROM debian:bookworm-slim AS server
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
