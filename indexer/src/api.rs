@@ -993,18 +993,7 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/nodes", headers: &headers, body: &body };
     let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.node(&r.id).await? {
-        if old.public_key != r.public_key {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorReason::KeyConflict,
-                "this node id is registered with another key",
-            ));
-        }
-        if old.revoked {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::revoked("node"));
-        }
+        may_register_again(&s, "node", &old.public_key, old.revoked, &r.public_key)?;
     }
     // NVENC halves encode time; a GPU without it (H100, A100) encodes on the CPU.
     let encode_ms = if r.encoders.iter().any(|e| e.contains("nvenc")) { 1.5 } else { 4.0 };
@@ -1035,6 +1024,24 @@ async fn register_node(State(s): State<AppState>, headers: HeaderMap, body: Byte
     }
     tracing::info!(node = %r.id, provider = %r.provider, "node registered");
     Ok(public_key(State(s)).await)
+}
+
+/// Whether a `what` already registered with `old_key` (and revoked or not) may register
+/// again with `key`: only with the same key (409 otherwise), and never once revoked (403).
+fn may_register_again(s: &AppState, what: &str, old_key: &str, revoked: bool, key: &str) -> ApiResult<()> {
+    if old_key != key {
+        s.metrics.refused_requests.inc();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorReason::KeyConflict,
+            format!("this {what} id is registered with another key"),
+        ));
+    }
+    if revoked {
+        s.metrics.refused_requests.inc();
+        return Err(ApiError::revoked(what));
+    }
+    Ok(())
 }
 
 /// Node `id`, checked: the request is signed by its key, not replayed, and the node is
@@ -1257,18 +1264,7 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/relays", headers: &headers, body: &body };
     let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.relay(&r.id).await? {
-        if old.public_key != r.public_key {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorReason::KeyConflict,
-                "this relay id is registered with another key",
-            ));
-        }
-        if old.revoked {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::revoked("relay"));
-        }
+        may_register_again(&s, "relay", &old.public_key, old.revoked, &r.public_key)?;
     }
     let record = RelayRecord {
         id: r.id.clone(),

@@ -424,18 +424,7 @@ pub(super) async fn register_checker(
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/checkers", headers: &headers, body: &body };
     let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.checker(&r.id).await? {
-        if old.public_key != r.public_key {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorReason::KeyConflict,
-                "this checker id is registered with another key",
-            ));
-        }
-        if old.revoked {
-            s.metrics.refused_requests.inc();
-            return Err(ApiError::revoked("checker"));
-        }
+        may_register_again(&s, "checker", &old.public_key, old.revoked, &r.public_key)?;
     }
     let record = CheckerRecord {
         id: r.id.clone(),
@@ -567,10 +556,11 @@ pub(super) async fn next_check(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     // The demo's answer to input is exact: check with it where the node has it.
+    let demo = Title::builtin_demo().id;
     let title = titles
         .iter()
         .filter(|t| node.titles.contains(&t.id))
-        .min_by_key(|t| (t.id != Title::builtin_demo().id, t.id.clone()))
+        .min_by_key(|t| (t.id != demo, t.id.clone()))
         .ok_or_else(ApiError::internal)?;
     let relay = relays
         .iter()
@@ -637,7 +627,7 @@ pub(super) async fn next_check(
         width: u32::try_from(title.width).unwrap_or(0),
         height: u32::try_from(title.height).unwrap_or(0),
         fps: u32::try_from(title.fps).unwrap_or(0),
-        demo: title.id == Title::builtin_demo().id,
+        demo: title.id == demo,
         report_by,
         audit: s.store.metering_audit(&node.id).await?,
     };
