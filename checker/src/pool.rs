@@ -5,7 +5,7 @@
 use crate::metrics::{CheckerMetrics, Outcome};
 use crate::{CheckConfig, CheckError, CheckReport};
 use pylon_indexer_client::api::{CheckAssignment, CheckOutcome, ErrorReason, MeteringAudit, RegisterChecker};
-use pylon_indexer_client::{Client, ClientError};
+use pylon_indexer_client::{Client, ClientError, register_until_accepted};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -103,32 +103,20 @@ pub async fn run_pool(
     let client = Client::new(&config.indexer, key)?;
     let registration =
         RegisterChecker { id: config.id.clone(), owner: config.owner.clone(), public_key: client.public_key() };
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        match client.register_checker(&registration).await {
-            Ok(()) => break,
-            Err(e) if e.is_refusal() => return Err(PoolError::Refused(e)),
-            Err(e) => {
-                tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
-                if wait(&mut shutdown, backoff).await {
-                    return Ok(0);
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    match register_until_accepted(|| client.register_checker(&registration), &mut shutdown).await {
+        Ok(Some(())) => {}
+        Ok(None) => return Ok(0),
+        Err(e) => return Err(PoolError::Refused(e)),
     }
     tracing::info!(id = %config.id, key = %client.public_key(), indexer = %config.indexer, "registered");
     let mut done = 0u32;
     let mut told_pending = false;
     while config.checks.is_none_or(|n| done < n) {
         let assignment = match client.next_check(&config.id).await {
-            Ok(Some(a)) => a,
+            Ok(Some(a)) => Some(a),
             Ok(None) => {
                 metrics.idle_polls.inc();
-                if wait(&mut shutdown, config.poll).await {
-                    break;
-                }
-                continue;
+                None
             }
             Err(ClientError::Refused { reason: Some(ErrorReason::Pending), .. }) => {
                 if !told_pending {
@@ -139,19 +127,20 @@ pub async fn run_pool(
                     );
                     told_pending = true;
                 }
-                if wait(&mut shutdown, config.poll).await {
-                    break;
-                }
-                continue;
+                None
             }
             Err(e) if e.is_refusal() => return Err(PoolError::Refused(e)),
             Err(e) => {
                 tracing::warn!("asking for a check: {e}");
-                if wait(&mut shutdown, config.poll).await {
-                    break;
-                }
-                continue;
+                None
             }
+        };
+        let Some(assignment) = assignment else {
+            // Nothing to check now: ask again after the poll interval.
+            if wait(&mut shutdown, config.poll).await {
+                break;
+            }
+            continue;
         };
         tracing::info!(check = %assignment.check, node = %assignment.node, title = %assignment.title, "checking");
         let check = CheckConfig {

@@ -121,21 +121,22 @@ impl ClientError {
     }
 }
 
-/// Calls `register` until the indexer accepts (returning its token key), backing off from
-/// 250 ms to 5 s between passing failures. `Ok(None)`: `shutdown` turned true first;
-/// `Err`: the indexer refused for good (see [`ClientError::is_refusal`]).
-pub async fn register_until_accepted<F, Fut>(
+/// Calls `register` until the indexer accepts (returning what it answered: a node's or
+/// relay's token key), backing off from 250 ms to 5 s between passing failures.
+/// `Ok(None)`: `shutdown` turned true first; `Err`: the indexer refused for good (see
+/// [`ClientError::is_refusal`]).
+pub async fn register_until_accepted<T, F, Fut>(
     mut register: F,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<VerifyingKey>, ClientError>
+) -> Result<Option<T>, ClientError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<VerifyingKey, ClientError>>,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut backoff = Duration::from_millis(250);
     loop {
         match register().await {
-            Ok(key) => return Ok(Some(key)),
+            Ok(answer) => return Ok(Some(answer)),
             Err(e) if e.is_refusal() => return Err(e),
             Err(e) => {
                 tracing::warn!("cannot register with the indexer ({e}); retrying in {backoff:?}");
