@@ -303,5 +303,6 @@ fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink
             core.rtp(node, &packet, arrival, capture_ntp, captured)
         }
         NodeMedia::SessionOver { session, reason } => core.session_over(node, &session, &reason),
+        NodeMedia::Capacity(reply) => core.capacity(Instant::now(), node, reply, sink),
     }
 }

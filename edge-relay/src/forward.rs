@@ -28,7 +28,7 @@
 use crate::metrics::{DropReason, RelayMetrics, StreamCounters, StreamLabel};
 use crate::pool::Admission;
 use crate::rate::RateController;
-use pylon_proto::framing::{FrameInfo, RelayMessage, StreamHello};
+use pylon_proto::framing::{CapacityReply, FrameInfo, RelayMessage, StreamHello};
 use pylon_proto::input::{INPUT_HEADER_LEN, MAX_INPUT_MESSAGE, peek_header};
 pub use pylon_proto::link::ToNode;
 use pylon_proto::rtp::RtpPacket;
@@ -94,6 +94,10 @@ pub const INPUT_BURST: f64 = 1200.0;
 pub const INPUT_CHANNEL: &str = "input";
 /// Label of the unordered, unreliable channel for supersedable input (mouse motion).
 pub const MOTION_CHANNEL: &str = "input-motion";
+/// Bytes of proof-of-capacity answers passed to one viewer, at most: a few answers to the
+/// largest challenge a session takes (`pylon_proto::capacity::MAX_SESSION_N`, 4 MiB each),
+/// so a node cannot fill a relay's memory through a checker that stopped reading.
+pub const CAPACITY_BUDGET: usize = 16 << 20;
 
 /// Where the core's datagrams go. The egress task batches each viewer's datagrams into
 /// segmentation-offload sends; tests deliver them through a simulated link.
@@ -250,6 +254,8 @@ struct Viewer {
     wants_node: Option<String>,
     /// Packets were written since the last drain (drained once per batch of ingest).
     dirty: bool,
+    /// Bytes of capacity answers passed to it ([`CAPACITY_BUDGET`] at most).
+    capacity_bytes: usize,
     /// Arrival of the last frame's last packet written, for `relay_us` once it is sent.
     frame_arrival: Option<Instant>,
     /// Arrival of the oldest packet written since the last drain (the relay's own delay).
@@ -599,6 +605,55 @@ impl Core {
             if let Some(s) = self.sources.get_mut(&node) {
                 deliver_to(node, s, drained, now, &mut self.to_node, &self.metrics);
             }
+        }
+    }
+
+    /// A node's answer to a capacity challenge: to its player (the checker that sent the
+    /// challenge; a node answers only in a checker's session), the commitment and refusals
+    /// as text, the product's chunks as binary messages (`seq` u32, `offset` u32, bytes,
+    /// big endian), at most [`CAPACITY_BUDGET`] bytes of them per viewer.
+    pub fn capacity(&mut self, now: Instant, node: u64, reply: CapacityReply, sink: &mut impl Sink) {
+        let metrics = self.metrics.clone();
+        let Some(v) =
+            self.viewers.iter_mut().find(|v| v.player && v.connected && v.source == Some(node) && v.input_channel.is_some())
+        else {
+            metrics.capacity_dropped.get_or_create(&DropReason { reason: "no_player" }).inc();
+            return;
+        };
+        let written = match &reply {
+            CapacityReply::Commit { seq, digest, gpu_us, wall_us } => {
+                let text = format!(
+                    r#"{{"type":"capacity","seq":{seq},"digest":"{}","gpu_us":{gpu_us},"wall_us":{wall_us}}}"#,
+                    hex::encode(digest)
+                );
+                (false, text.into_bytes())
+            }
+            CapacityReply::Refused { seq, reason } => {
+                let text = serde_json::json!({ "type": "capacity", "seq": seq, "refused": reason }).to_string();
+                (false, text.into_bytes())
+            }
+            CapacityReply::Chunk { seq, offset, data } => {
+                if v.capacity_bytes + data.len() > CAPACITY_BUDGET {
+                    metrics.capacity_dropped.get_or_create(&DropReason { reason: "over_budget" }).inc();
+                    return;
+                }
+                v.capacity_bytes += data.len();
+                metrics.capacity_bytes.inc_by(data.len() as u64);
+                let mut bytes = Vec::with_capacity(8 + data.len());
+                bytes.extend_from_slice(&seq.to_be_bytes());
+                bytes.extend_from_slice(&offset.to_be_bytes());
+                bytes.extend_from_slice(data);
+                (true, bytes)
+            }
+        };
+        if let Some(id) = v.input_channel
+            && let Some(mut channel) = v.rtc.channel(id)
+        {
+            let _ = channel.write(written.0, &written.1);
+        }
+        let drained = drain(v, now, sink, &metrics);
+        if let Some(s) = self.sources.get_mut(&node) {
+            deliver_to(node, s, drained, now, &mut self.to_node, &metrics);
         }
     }
 
@@ -957,6 +1012,7 @@ fn accept_offer(
         source: None,
         wants_node: None,
         dirty: false,
+        capacity_bytes: 0,
         frame_arrival: None,
         first_arrival: None,
         video_clock: None,

@@ -16,7 +16,7 @@ use crate::pool::{NodeCheck, Pool};
 use crate::tls::Identity;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
-use pylon_proto::framing::{self, FrameInfo, StreamHello};
+use pylon_proto::framing::{self, CapacityReply, FrameInfo, StreamHello};
 use pylon_proto::link::{self, LinkError, MediaDrop, RelayEvent, RelaySide, ToNode};
 use pylon_proto::repair::RepairConfig;
 use std::net::SocketAddr;
@@ -68,6 +68,8 @@ pub enum NodeMedia {
         /// Why, for the player.
         reason: String,
     },
+    /// The node's answer to its checker's capacity challenge.
+    Capacity(CapacityReply),
 }
 
 /// How the egress task reaches one node: session control (player joined or left,
@@ -472,6 +474,15 @@ async fn serve_node(
                 }
                 RelayEvent::FrameInfo(info) => {
                     if media_tx.as_ref().is_some_and(|tx| tx.try_send(NodeMedia::FrameInfo(info)).is_ok()) {
+                        shared.ready.schedule(node, &scheduled);
+                    }
+                }
+                RelayEvent::Capacity(reply) => {
+                    // Never dropped here (a missing chunk would spoil the whole answer); the
+                    // channel's bound holds the node back, and the core caps what it passes.
+                    if let Some(tx) = &media_tx
+                        && tx.send(NodeMedia::Capacity(reply)).await.is_ok()
+                    {
                         shared.ready.schedule(node, &scheduled);
                     }
                 }

@@ -123,6 +123,10 @@ pub struct RelayMetrics {
     /// Input messages refused, by reason (`spectator`, `size`, `malformed`,
     /// `rate_limited`, `no_node`, `node_busy`).
     pub input_refused: Family<DropReason, Counter>,
+    /// Bytes of proof-of-capacity answers passed from nodes to their checkers.
+    pub capacity_bytes: Counter,
+    /// Proof-of-capacity messages dropped (`no_player`, `over_budget`).
+    pub capacity_dropped: Family<DropReason, Counter>,
     /// UDP datagrams to viewers that the socket refused.
     pub udp_send_errors: Counter,
     /// UDP datagrams that no viewer session accepted.
@@ -177,6 +181,8 @@ impl RelayMetrics {
             viewer_nacks: Counter::default(),
             keyframe_requests_upstream: Counter::default(),
             input_forwarded: Counter::default(),
+            capacity_bytes: Counter::default(),
+            capacity_dropped: Family::default(),
             input_refused: Family::default(),
             udp_send_errors: Counter::default(),
             udp_unknown: Counter::default(),
@@ -270,6 +276,16 @@ impl RelayMetrics {
             m.keyframe_requests_upstream.clone(),
         );
         r.register("input_forwarded", "Player input forwarded to the node", m.input_forwarded.clone());
+        r.register(
+            "capacity_bytes",
+            "Bytes of proof-of-capacity answers passed from nodes to their checkers",
+            m.capacity_bytes.clone(),
+        );
+        r.register(
+            "capacity_dropped",
+            "Proof-of-capacity messages dropped (no_player, over_budget)",
+            m.capacity_dropped.clone(),
+        );
         r.register("input_refused", "Input messages refused", m.input_refused.clone());
         r.register("udp_send_errors", "UDP sends to viewers that failed", m.udp_send_errors.clone());
         r.register("udp_unknown", "UDP datagrams no viewer accepted", m.udp_unknown.clone());

@@ -16,10 +16,19 @@
 //! the worst case — errors only in the top bit, which saves the node no work — escapes a
 //! round with probability ½, so [`VERIFY_ROUNDS`] rounds bound it by `2^-ROUNDS`.
 //!
+//! Over a session the checker sends the challenge as an input message
+//! ([`crate::input::InputEvent::Capacity`]) and times the answer against what the node's
+//! claimed GPU class implies ([`Budget`]): the node first sends a *commitment* to `C` (its
+//! SHA-256, [`digest`]), which it cannot produce without computing `C`, then `C` itself in
+//! chunks ([`CHUNK_BYTES`]); the checker takes the time to the commitment, reassembles `C`
+//! ([`Assembly`]), checks it against the commitment and verifies it.
+//!
 //! Pure: no I/O, no clock; the caller brings the randomness for `r`.
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
 use thiserror::Error;
 
 /// Matrix sizes must be a multiple of this (the GPU shader's tile edge).
@@ -29,6 +38,113 @@ pub const MAX_N: u32 = 4096;
 /// Freivalds rounds [`verify`] runs: a wrong product escapes all of them with probability
 /// at most `2^-VERIFY_ROUNDS` (and `2^(-32·VERIFY_ROUNDS)` for a product that is garbage).
 pub const VERIFY_ROUNDS: u32 = 8;
+
+/// Bytes of the product per chunk message (a chunk and its header fit one control message).
+pub const CHUNK_BYTES: usize = 4000;
+/// The largest challenge a node answers over a session (its product, 4 MiB, is streamed back).
+pub const MAX_SESSION_N: u32 = 1024;
+/// What the deadline allows beyond the compute time the claimed class implies: deriving
+/// `A` and `B` on the node's CPU, upload, read-back, hashing and scheduling.
+pub const ALLOWANCE: Duration = Duration::from_millis(50);
+
+/// What a claimed GPU class is held to: the challenge's size and the least throughput
+/// (32-bit multiply-adds per second) a device of that class reaches on the `matmul`
+/// shader. Floors are deliberately low, far below the class's hardware: they catch a node
+/// that claims a class *far* above what it computes, not one a little slower than its peers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Matrix size.
+    pub n: u32,
+    /// Least throughput, multiply-adds per second.
+    pub floor_ops: f64,
+}
+
+impl Budget {
+    /// The budget of GPU class `class` (0: CPU renderer, 1: integrated, 2 and above: discrete).
+    ///
+    /// | class | n   | floor        | (for scale) lavapipe on 2 cores |
+    /// |-------|-----|--------------|----------------------------------|
+    /// | 0     | 128 | 0.02 Gop/s   | 0.14–0.23 Gop/s                   |
+    /// | 1     | 384 | 2 Gop/s      |                                  |
+    /// | 2+    | 512 | 10 Gop/s     |                                  |
+    pub fn for_class(class: u8) -> Self {
+        match class {
+            0 => Budget { n: 128, floor_ops: 0.02e9 },
+            1 => Budget { n: 384, floor_ops: 2e9 },
+            _ => Budget { n: 512, floor_ops: 10e9 },
+        }
+    }
+
+    /// How long after sending the challenge its commitment may arrive: the compute time at
+    /// the floor, [`ALLOWANCE`], and two round trips of `rtt` (the challenge out, the
+    /// commitment back, with slack for the path's jitter).
+    pub fn deadline(&self, rtt: Duration) -> Duration {
+        let work = u64::from(self.n).pow(3) as f64;
+        Duration::from_secs_f64(work / self.floor_ops) + ALLOWANCE + rtt * 2
+    }
+}
+
+/// The product's bytes as they travel: each word little-endian, row-major.
+pub fn product_bytes(c: &[u32]) -> Vec<u8> {
+    c.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The commitment to a product: SHA-256 of [`product_bytes`].
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The checker's reassembly of a product streamed in chunks after its commitment. Chunks
+/// arrive in order (one reliable, ordered stream on each hop); anything else is an error.
+#[derive(Debug, Clone)]
+pub struct Assembly {
+    n: u32,
+    digest: [u8; 32],
+    bytes: Vec<u8>,
+}
+
+impl Assembly {
+    /// Expects the product of `challenge`, committed to as `digest`.
+    pub fn new(challenge: &Challenge, digest: [u8; 32]) -> Self {
+        Self { n: challenge.n, digest, bytes: Vec::new() }
+    }
+
+    fn want(&self) -> usize {
+        (self.n as usize) * (self.n as usize) * 4
+    }
+
+    /// Adds the chunk at byte `offset`; `Ok(true)` once the product is complete.
+    pub fn push(&mut self, offset: u32, data: &[u8]) -> Result<bool, CapacityError> {
+        if offset as usize != self.bytes.len() {
+            return Err(CapacityError::OutOfOrder { offset, expected: self.bytes.len() });
+        }
+        if data.is_empty() || self.bytes.len() + data.len() > self.want() {
+            return Err(CapacityError::WrongLength {
+                n: self.n,
+                want: self.want() / 4,
+                got: (self.bytes.len() + data.len()).div_ceil(4),
+            });
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(self.bytes.len() == self.want())
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The product, if it is complete and matches the commitment.
+    pub fn finish(self) -> Result<Vec<u32>, CapacityError> {
+        if self.bytes.len() != self.want() {
+            return Err(CapacityError::WrongLength { n: self.n, want: self.want() / 4, got: self.bytes.len() / 4 });
+        }
+        if digest(&self.bytes) != self.digest {
+            return Err(CapacityError::NotCommitted);
+        }
+        Ok(self.bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
 
 /// Why a challenge or an answer is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -47,6 +163,17 @@ pub enum CapacityError {
         /// Words received.
         got: usize,
     },
+    /// A chunk of the product that does not continue the bytes received so far.
+    #[error("a chunk at byte {offset} where byte {expected} was next")]
+    OutOfOrder {
+        /// The chunk's offset.
+        offset: u32,
+        /// The next byte expected.
+        expected: usize,
+    },
+    /// The product sent is not the one committed to.
+    #[error("the product does not match the commitment sent before it")]
+    NotCommitted,
 }
 
 /// A proof-of-capacity challenge.
@@ -150,6 +277,53 @@ mod tests {
         let (a, b) = c.matrices();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32 * 32);
+    }
+
+    #[test]
+    fn a_product_is_reassembled_only_as_committed() {
+        let ch = Challenge::new([3; 32], 32).unwrap();
+        let (a, b) = ch.matrices();
+        let bytes = product_bytes(&multiply(&a, &b, 32));
+        let mut whole = Assembly::new(&ch, digest(&bytes));
+        let mut done = false;
+        for (i, chunk) in bytes.chunks(1000).enumerate() {
+            assert!(!done);
+            done = whole.push((i * 1000) as u32, chunk).unwrap();
+        }
+        assert!(done);
+        let c = whole.finish().unwrap();
+        assert_eq!(verify(&ch, &a, &b, &c, &mut rng()), Ok(true));
+        // A product other than the one committed to.
+        let mut other = Assembly::new(&ch, digest(&bytes));
+        let mut changed = bytes.clone();
+        changed[5] ^= 1;
+        other.push(0, &changed).unwrap();
+        assert_eq!(other.finish().unwrap_err(), CapacityError::NotCommitted);
+        // A gap, a repeat, too much, too little.
+        let mut gap = Assembly::new(&ch, digest(&bytes));
+        assert!(matches!(gap.push(8, &bytes[8..16]), Err(CapacityError::OutOfOrder { .. })));
+        gap.push(0, &bytes[..8]).unwrap();
+        assert!(matches!(gap.push(0, &bytes[..8]), Err(CapacityError::OutOfOrder { .. })));
+        assert!(matches!(gap.push(8, &[0; 32 * 32 * 4]), Err(CapacityError::WrongLength { .. })));
+        assert!(matches!(gap.push(8, &[]), Err(CapacityError::WrongLength { .. })));
+        assert!(matches!(gap.finish(), Err(CapacityError::WrongLength { .. })));
+    }
+
+    #[test]
+    fn a_claimed_class_sets_size_and_deadline() {
+        let rtt = Duration::from_millis(10);
+        let cpu = Budget::for_class(0);
+        assert_eq!(cpu.n, 128);
+        // 128³ at 0.02 Gop/s is 105 ms, plus the allowance and two round trips.
+        assert_eq!(cpu.deadline(rtt).as_millis(), 104 + 50 + 20);
+        let discrete = Budget::for_class(2);
+        assert_eq!(Budget::for_class(7), discrete);
+        assert!(discrete.deadline(rtt) < Duration::from_millis(90));
+        for class in 0..3 {
+            let b = Budget::for_class(class);
+            assert!(Challenge::new([0; 32], b.n).is_ok() && b.n <= MAX_SESSION_N);
+            assert!(b.n as usize * b.n as usize * 4 <= (MAX_SESSION_N as usize).pow(2) * 4);
+        }
     }
 
     #[test]

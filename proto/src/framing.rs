@@ -217,6 +217,42 @@ pub enum NodeMessage {
         /// Why, for the player.
         reason: String,
     },
+    /// The node's answer to a checker's proof-of-capacity challenge, for the session's
+    /// player (the checker).
+    Capacity(CapacityReply),
+}
+
+/// A node's answer to the proof-of-capacity challenge of input message `seq`
+/// ([`crate::capacity`]): the commitment, then the product in order, or a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapacityReply {
+    /// SHA-256 of the product, sent as soon as it is computed (the checker times this).
+    Commit {
+        /// The challenge's input sequence number.
+        seq: u32,
+        /// The commitment.
+        digest: [u8; 32],
+        /// The multiplication on the GPU, µs, as the node reports it (not trusted).
+        gpu_us: u32,
+        /// The whole job on the node, µs, as the node reports it (not trusted).
+        wall_us: u32,
+    },
+    /// Product bytes from `offset` (at most [`crate::capacity::CHUNK_BYTES`]).
+    Chunk {
+        /// The challenge's input sequence number.
+        seq: u32,
+        /// Byte offset in the product.
+        offset: u32,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The node did not take the challenge (busy, no device, not a checker's session…).
+    Refused {
+        /// The challenge's input sequence number.
+        seq: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A message from the relay to the node.
@@ -343,6 +379,24 @@ impl WireMessage for NodeMessage {
                 body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
                 frame(out, 11, &body);
             }
+            NodeMessage::Capacity(CapacityReply::Commit { seq, digest, gpu_us, wall_us }) => {
+                let mut body = seq.to_be_bytes().to_vec();
+                body.extend_from_slice(digest);
+                body.extend_from_slice(&gpu_us.to_be_bytes());
+                body.extend_from_slice(&wall_us.to_be_bytes());
+                frame(out, 13, &body);
+            }
+            NodeMessage::Capacity(CapacityReply::Chunk { seq, offset, data }) => {
+                let mut body = seq.to_be_bytes().to_vec();
+                body.extend_from_slice(&offset.to_be_bytes());
+                body.extend_from_slice(data.get(..data.len().min(crate::capacity::CHUNK_BYTES)).unwrap_or_default());
+                frame(out, 14, &body);
+            }
+            NodeMessage::Capacity(CapacityReply::Refused { seq, reason }) => {
+                let mut body = seq.to_be_bytes().to_vec();
+                body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
+                frame(out, 15, &body);
+            }
             NodeMessage::FrameInfo(f) => {
                 let mut body = [0u8; 20];
                 for (chunk, v) in
@@ -402,6 +456,39 @@ impl WireMessage for NodeMessage {
                     return Err(FramingError::Malformed("FrameInfo"));
                 };
                 NodeMessage::FrameInfo(FrameInfo { rtp_timestamp, input_seq, render_us, encode_us, node_us })
+            }
+            13 => {
+                let bad = || FramingError::Malformed("CapacityCommit");
+                let (seq, rest) = body.split_first_chunk::<4>().ok_or_else(bad)?;
+                let (digest, rest) = rest.split_first_chunk::<32>().ok_or_else(bad)?;
+                let (gpu_us, rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+                let Ok(wall_us) = <[u8; 4]>::try_from(rest) else { return Err(bad()) };
+                NodeMessage::Capacity(CapacityReply::Commit {
+                    seq: u32::from_be_bytes(*seq),
+                    digest: *digest,
+                    gpu_us: u32::from_be_bytes(*gpu_us),
+                    wall_us: u32::from_be_bytes(wall_us),
+                })
+            }
+            14 => {
+                let bad = || FramingError::Malformed("CapacityChunk");
+                let (seq, rest) = body.split_first_chunk::<4>().ok_or_else(bad)?;
+                let (offset, data) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+                if data.is_empty() || data.len() > crate::capacity::CHUNK_BYTES {
+                    return Err(bad());
+                }
+                NodeMessage::Capacity(CapacityReply::Chunk {
+                    seq: u32::from_be_bytes(*seq),
+                    offset: u32::from_be_bytes(*offset),
+                    data: data.to_vec(),
+                })
+            }
+            15 => {
+                let (seq, reason) = body.split_first_chunk::<4>().ok_or(FramingError::Malformed("CapacityRefused"))?;
+                NodeMessage::Capacity(CapacityReply::Refused {
+                    seq: u32::from_be_bytes(*seq),
+                    reason: text(reason, MAX_REASON, "CapacityRefused")?,
+                })
             }
             other => return Err(FramingError::UnknownType(other)),
         })
@@ -577,6 +664,13 @@ mod tests {
             NodeMessage::Goodbye("bye ✓".into()),
             NodeMessage::SessionOver { session: "ab".repeat(16), reason: "the game was killed by signal 11".into() },
             NodeMessage::SessionOver { session: String::new(), reason: String::new() },
+            NodeMessage::Capacity(CapacityReply::Commit { seq: 7, digest: [9; 32], gpu_us: 1234, wall_us: u32::MAX }),
+            NodeMessage::Capacity(CapacityReply::Chunk {
+                seq: 7,
+                offset: 4000,
+                data: vec![0xfe; crate::capacity::CHUNK_BYTES],
+            }),
+            NodeMessage::Capacity(CapacityReply::Refused { seq: 8, reason: "busy".into() }),
             NodeMessage::FrameInfo(FrameInfo {
                 rtp_timestamp: 9,
                 input_seq: 8,

@@ -21,6 +21,7 @@
 //! | 5    | `MouseWheel`   | dx f32, dy f32 (pixels, fractional; finite, \|v\| ≤ 10 000)                  | 8    |
 //! | 6    | `Gamepad`      | pad u8 (0–3), connected u8, n u8 (≤ 32) then n button values u8 (0–255), m u8 (≤ 8) then m axes i16 | 4+n+2m |
 //! | 7    | `Touch`        | phase u8 (0 start, 1 move, 2 end, 3 cancel), n u8 (1–10) then n × (id u8, x u16, y u16) | 2+5n |
+//! | 8    | `Capacity`     | seed 32 bytes, n u16: a checker's proof-of-capacity challenge ([`crate::capacity`]); the node answers it only in a checker's session | 34 |
 //!
 //! A message is at most [`MAX_INPUT_MESSAGE`] bytes. Anything else — unknown version or
 //! type, wrong length, out-of-range values, NaN — is an [`InputError`], never a panic.
@@ -264,6 +265,15 @@ pub enum InputEvent {
         /// The points concerned.
         points: Vec<TouchPoint>,
     },
+    /// A checker's proof-of-capacity challenge (not a game input: the node answers it on its
+    /// GPU, and only inside a checker's session). Decoding checks only the wire; the size is
+    /// judged by [`crate::capacity::Challenge::new`].
+    Capacity {
+        /// The challenge's seed.
+        seed: [u8; 32],
+        /// Matrix size.
+        n: u16,
+    },
 }
 
 /// A message: header fields and the event.
@@ -363,6 +373,10 @@ impl InputMessage {
                     out.extend_from_slice(&p.y.to_be_bytes());
                 }
             }
+            InputEvent::Capacity { seed, n } => {
+                out.extend_from_slice(seed);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
         }
     }
 
@@ -423,6 +437,7 @@ impl InputMessage {
                     .collect::<Result<Vec<_>, InputError>>()?;
                 InputEvent::Touch { phase, points }
             }
+            8 => InputEvent::Capacity { seed: r.array()?, n: r.u16()? },
             other => return Err(InputError::UnknownType(other)),
         };
         r.finish(buf.len())?;
@@ -446,6 +461,7 @@ impl InputEvent {
             InputEvent::MouseWheel { .. } => 5,
             InputEvent::Gamepad { .. } => 6,
             InputEvent::Touch { .. } => 7,
+            InputEvent::Capacity { .. } => 8,
         }
     }
 }
@@ -468,7 +484,7 @@ fn start(buf: &[u8]) -> Result<(Reader<'_>, u8), InputError> {
 /// uses this to check and count input without interpreting it.
 pub fn peek_header(buf: &[u8]) -> Result<(u8, u32, u32), InputError> {
     let (mut r, kind) = start(buf)?;
-    if !(1..=7).contains(&kind) {
+    if !(1..=8).contains(&kind) {
         return Err(InputError::UnknownType(kind));
     }
     Ok((kind, r.u32()?, r.u32()?))
@@ -496,6 +512,7 @@ mod tests {
                 phase: TouchPhase::Move,
                 points: vec![TouchPoint { id: 1, x: 10, y: 20 }, TouchPoint { id: 7, x: 640, y: 360 }],
             },
+            InputEvent::Capacity { seed: [0xa5; 32], n: 512 },
         ]
     }
 

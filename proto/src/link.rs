@@ -25,11 +25,12 @@
 //! * Relay: the handshake deadline, the node's proof, upstream loss repair
 //!   ([`UpstreamRepair`]), frame info, and nothing sent before admission.
 
+use crate::capacity::{self, Challenge, MAX_SESSION_N};
 use crate::framing::{
-    self, ControlDecoder, DatagramKind, FrameInfo, FramingError, HelloAuth, NodeHello, NodeMessage, RelayMessage,
-    StreamHello, WireMessage,
+    self, CapacityReply, ControlDecoder, DatagramKind, FrameInfo, FramingError, HelloAuth, NodeHello, NodeMessage,
+    RelayMessage, StreamHello, WireMessage,
 };
-use crate::input::InputMessage;
+use crate::input::{InputEvent, InputMessage};
 use crate::repair::{RepairConfig, RepairStats, RetransmitCache, UpstreamRepair};
 use crate::rtp::RtpPacket;
 use crate::token::{self, TokenError};
@@ -121,13 +122,15 @@ pub struct PlayerGate {
     node: Option<String>,
     key: Option<VerifyingKey>,
     session: Option<String>,
+    /// The running session is a checker's (its token's role).
+    checker: bool,
     ended: VecDeque<String>,
 }
 
 impl PlayerGate {
     /// A gate that admits any input: a node outside a pool.
     pub fn open() -> Self {
-        Self { node: None, key: None, session: None, ended: VecDeque::new() }
+        Self { node: None, key: None, session: None, checker: false, ended: VecDeque::new() }
     }
 
     /// A gate for node `node` of a pool: input only inside a verified session.
@@ -158,6 +161,7 @@ impl PlayerGate {
             return Err(GateError::Ended(id));
         }
         self.session = Some(id.clone());
+        self.checker = claims.role == token::Role::Checker;
         Ok((id, claims.title))
     }
 
@@ -169,6 +173,7 @@ impl PlayerGate {
             return None;
         }
         let ended = self.session.take()?;
+        self.checker = false;
         if self.ended.len() >= ENDED_MEMORY {
             self.ended.pop_front();
         }
@@ -185,6 +190,16 @@ impl PlayerGate {
     pub fn running(&self) -> Option<&str> {
         self.session.as_deref()
     }
+
+    /// Whether a proof-of-capacity challenge is answered now: in a pool, only inside a
+    /// checker's session (a player cannot make the node burn its GPU); outside a pool,
+    /// whoever plays (there is no one else).
+    pub fn accepts_challenge(&self) -> bool {
+        match self.node {
+            None => true,
+            Some(_) => self.session.is_some() && self.checker,
+        }
+    }
 }
 
 /// What the node's link tells its driver.
@@ -199,8 +214,17 @@ pub enum NodeEvent {
     KeyframeRequested,
     /// Player input inside the admitted session, validated.
     Input(InputMessage),
-    /// Input refused (counted by reason: `no_session`, `malformed`, `bad_datagram`).
+    /// Input refused (counted by reason: `no_session`, `malformed`, `bad_datagram`,
+    /// `not_checker` for a capacity challenge outside a checker's session, `bad_challenge`).
     InputRefused(&'static str),
+    /// A checker's proof-of-capacity challenge (input message `seq`): compute it and answer
+    /// with [`NodeSide::answer_capacity`] (or [`NodeSide::refuse_capacity`]).
+    CapacityChallenge {
+        /// The input message's sequence number, which names the answer.
+        seq: u32,
+        /// The challenge.
+        challenge: Challenge,
+    },
     /// A player session started.
     SessionStarted {
         /// Session id (hex; empty outside a pool).
@@ -412,8 +436,38 @@ impl NodeSide {
             return;
         }
         match InputMessage::decode(bytes) {
+            Ok(InputMessage { seq, event: InputEvent::Capacity { seed, n }, .. }) => {
+                let event = match Challenge::new(seed, u32::from(n)) {
+                    _ if !self.gate.accepts_challenge() => NodeEvent::InputRefused("not_checker"),
+                    Ok(challenge) if challenge.n <= MAX_SESSION_N => NodeEvent::CapacityChallenge { seq, challenge },
+                    _ => NodeEvent::InputRefused("bad_challenge"),
+                };
+                self.events.push_back(event);
+            }
             Ok(m) => self.events.push_back(NodeEvent::Input(m)),
             Err(_) => self.events.push_back(NodeEvent::InputRefused("malformed")),
+        }
+    }
+
+    /// Answers the challenge of input `seq` with its product: the commitment first, then
+    /// the product in order (the relay passes both to the session's player).
+    pub fn answer_capacity(&mut self, seq: u32, product: &[u32], gpu_us: u32, wall_us: u32) {
+        if !self.is_established() {
+            return;
+        }
+        let bytes = capacity::product_bytes(product);
+        NodeMessage::Capacity(CapacityReply::Commit { seq, digest: capacity::digest(&bytes), gpu_us, wall_us })
+            .encode(&mut self.transmit);
+        for (i, data) in bytes.chunks(capacity::CHUNK_BYTES).enumerate() {
+            let offset = u32::try_from(i * capacity::CHUNK_BYTES).unwrap_or(u32::MAX);
+            NodeMessage::Capacity(CapacityReply::Chunk { seq, offset, data: data.to_vec() }).encode(&mut self.transmit);
+        }
+    }
+
+    /// Declines the challenge of input `seq`, saying why.
+    pub fn refuse_capacity(&mut self, seq: u32, reason: &str) {
+        if self.is_established() {
+            NodeMessage::Capacity(CapacityReply::Refused { seq, reason: reason.to_string() }).encode(&mut self.transmit);
         }
     }
 
@@ -578,6 +632,8 @@ pub enum RelayEvent {
         /// Why, for the player.
         reason: String,
     },
+    /// The node's answer to a capacity challenge, for the session's player.
+    Capacity(CapacityReply),
 }
 
 /// A media datagram accepted by the relay: the RTP packet is `datagram[rtp_offset..]`.
@@ -710,8 +766,12 @@ impl RelaySide {
                 (RelayState::Established, NodeMessage::SessionOver { session, reason }) => {
                     self.events.push_back(RelayEvent::SessionOver { session, reason });
                 }
-                // Frame info or a session's end before admission is worth nothing to anyone.
-                (_, NodeMessage::FrameInfo(_) | NodeMessage::SessionOver { .. }) => {}
+                (RelayState::Established, NodeMessage::Capacity(reply)) => {
+                    self.events.push_back(RelayEvent::Capacity(reply));
+                }
+                // Frame info, a session's end or an answer before admission is worth
+                // nothing to anyone.
+                (_, NodeMessage::FrameInfo(_) | NodeMessage::SessionOver { .. } | NodeMessage::Capacity(_)) => {}
             }
         }
     }
@@ -1108,6 +1168,72 @@ mod tests {
         again.state = NodeState::Established;
         again.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
         assert_eq!(drain(&mut again), vec![NodeEvent::SessionRefused(GateError::Ended(session))]);
+    }
+
+    #[test]
+    fn only_a_checkers_session_gets_a_capacity_challenge_answered_and_the_answer_reaches_the_relay() {
+        let indexer = SigningKey::from_bytes(&[1; 32]);
+        let mut gate = PlayerGate::pooled("node-a");
+        gate.set_key(indexer.verifying_key());
+        let (mut node, mut relay, t0) = established(gate);
+        let challenge = |seq: u32, n: u16| {
+            let mut wire = Vec::new();
+            InputMessage { seq, time_ms: 0, event: InputEvent::Capacity { seed: [4; 32], n } }.encode(&mut wire);
+            ToNode::Control(RelayMessage::Input(wire))
+        };
+        // No session, then a player's session: the node's GPU is not a player's to spend.
+        relay.send(challenge(1, 32)).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        assert_eq!(drain(&mut node), vec![NodeEvent::InputRefused("no_session")]);
+        node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
+        let _ = drain(&mut node);
+        relay.send(challenge(2, 32)).unwrap();
+        let _ = pump(&mut node, &mut relay, t0);
+        assert_eq!(drain(&mut node), vec![NodeEvent::InputRefused("not_checker")]);
+        node.end_session("next");
+        let _ = pump(&mut node, &mut relay, t0);
+        while relay.poll_event().is_some() {}
+        // A checker's session: answered; a size the format refuses, or above what a
+        // session answers, is not.
+        node.start_session(&token(&indexer, 2, "node-a", "relay-1", Role::Checker), 1_500);
+        let _ = drain(&mut node);
+        for (seq, n) in [(3, 20), (4, 2048), (5, 32)] {
+            relay.send(challenge(seq, n)).unwrap();
+        }
+        let _ = pump(&mut node, &mut relay, t0);
+        let want = Challenge::new([4; 32], 32).unwrap();
+        assert_eq!(
+            drain(&mut node),
+            vec![
+                NodeEvent::InputRefused("bad_challenge"),
+                NodeEvent::InputRefused("bad_challenge"),
+                NodeEvent::CapacityChallenge { seq: 5, challenge: want }
+            ]
+        );
+        let (a, b) = want.matrices();
+        let product = capacity::multiply(&a, &b, 32);
+        node.answer_capacity(5, &product, 10, 20);
+        node.refuse_capacity(6, "busy");
+        let _ = pump(&mut node, &mut relay, t0);
+        let events: Vec<RelayEvent> = std::iter::from_fn(|| relay.poll_event()).collect();
+        let Some(RelayEvent::Capacity(CapacityReply::Commit { seq: 5, digest, gpu_us: 10, wall_us: 20 })) =
+            events.first().cloned()
+        else {
+            panic!("the commitment comes first: {:?}", events.first());
+        };
+        let mut assembly = capacity::Assembly::new(&want, digest);
+        let mut chunks = 0;
+        for e in &events[1..events.len() - 1] {
+            let RelayEvent::Capacity(CapacityReply::Chunk { seq: 5, offset, data }) = e else { panic!("{e:?}") };
+            assembly.push(*offset, data).unwrap();
+            chunks += 1;
+        }
+        assert_eq!(chunks, (32 * 32 * 4usize).div_ceil(capacity::CHUNK_BYTES));
+        assert_eq!(assembly.finish().unwrap(), product);
+        assert_eq!(
+            events.last(),
+            Some(&RelayEvent::Capacity(CapacityReply::Refused { seq: 6, reason: "busy".into() }))
+        );
     }
 
     #[test]

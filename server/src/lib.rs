@@ -10,8 +10,10 @@
 //! * [`titles`]: studio titles — which the node can run, and a sandbox per session
 //!   (`pylon-title`) whose screen the frame path captures and whose input it injects.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! * [`capacity`]: answers to checkers' proof-of-capacity challenges, on the node's GPU.
 
 pub mod audio;
+pub mod capacity;
 pub mod capture;
 pub mod encode;
 pub mod metrics;

@@ -302,6 +302,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max: args.bitrate_kbps * 1000,
         }),
         identity: pool.as_ref().map(|(_, _, key)| key.clone()),
+        gpu: args.gpu.clone(),
     };
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::unbounded_channel();

@@ -111,6 +111,8 @@ pub struct ServerMetrics {
     /// Capture underruns: an Opus packet captured more than 10 ms later than the previous
     /// packet's end (the capture gave less than real time: a stalled source or thread).
     pub audio_underruns: Counter,
+    /// Proof-of-capacity challenges, by outcome (`answered`, `failed`, `busy`, `no_worker`).
+    pub capacity_challenges: Family<DropReason, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -157,6 +159,7 @@ impl ServerMetrics {
             audio_bytes: Counter::default(),
             audio_errors: Counter::default(),
             audio_underruns: Counter::default(),
+            capacity_challenges: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register("frames_rendered", "Frames rendered and converted to NV12", m.frames_rendered.clone());
@@ -196,6 +199,11 @@ impl ServerMetrics {
             "audio_underruns",
             "Audio capture underruns (a packet captured over 10 ms after the previous one ended)",
             m.audio_underruns.clone(),
+        );
+        r.register(
+            "capacity_challenges",
+            "Proof-of-capacity challenges from checkers, by outcome",
+            m.capacity_challenges.clone(),
         );
         r.register(
             "audio_errors",

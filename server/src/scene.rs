@@ -200,7 +200,8 @@ impl DemoScene {
             }
             InputEvent::MouseMove { x, y, .. } => c.mouse_aim = Some((f32::from(*x), f32::from(*y))),
             InputEvent::MouseButton { button: 0, down } => c.mouse_fire = *down,
-            InputEvent::MouseButton { .. } | InputEvent::MouseWheel { .. } => {}
+            // Capacity challenges are answered by the node, not the game.
+            InputEvent::MouseButton { .. } | InputEvent::MouseWheel { .. } | InputEvent::Capacity { .. } => {}
             InputEvent::Gamepad { connected, buttons, axes, .. } => {
                 let axis = |i: usize| f32::from(axes.get(i).copied().unwrap_or(0)) / 32767.0;
                 c.stick = if *connected { (axis(0), axis(1)) } else { (0.0, 0.0) };

@@ -7,6 +7,7 @@
 //! the node keeps rendering, discards packets (counted), and reconnects with exponential
 //! backoff; every new connection starts with a keyframe.
 
+use crate::capacity::CapacityWorker;
 use crate::metrics::{DropReason, PacketDrop, ServerMetrics};
 use crate::pipeline::{Outgoing, ReceivedInput};
 use crate::pool::SessionGate;
@@ -41,6 +42,9 @@ pub struct UplinkConfig {
     /// The node's registered key, which signs its hello; `None` connects anonymously
     /// (only a relay outside a pool accepts that, and only on loopback unless told to).
     pub identity: Option<SigningKey>,
+    /// The Vulkan device that answers checkers' proof-of-capacity challenges (the one the
+    /// node renders on, as `--gpu` names it; `None`: the renderer's choice).
+    pub gpu: Option<String>,
 }
 
 /// The encoder's target bitrate as the relay may set it (from the player's congestion
@@ -182,6 +186,8 @@ pub async fn run(
         // Nobody asks anything: a receiver whose sender is dropped at once.
         None => (None, mpsc::unbounded_channel().1),
     };
+    let mut capacity = CapacityWorker::start(config.gpu.clone(), metrics.clone())
+        .context("starting the proof-of-capacity thread")?;
     let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let endpoint = endpoint(bind)?;
     let client = client_config(&config.relay_cert)?;
@@ -233,7 +239,8 @@ pub async fn run(
             bitrate: config.bitrate.as_ref(),
             signals: signals.as_ref(),
         };
-        let result = serve_connection(&conn, &mut node, &mut packets, &mut commands, &link, &mut shutdown).await;
+        let result =
+            serve_connection(&conn, &mut node, &mut packets, &mut commands, &mut capacity, &link, &mut shutdown).await;
         // The relay's viewers are gone with the connection: so is the session.
         let (carried, ended) = node.into_gate();
         players = carried;
@@ -340,6 +347,8 @@ impl Link<'_> {
                 metrics.rtp_resent.inc_by(u64::from(sent));
                 metrics.rtp_resend_missed.inc_by(u64::from(missed));
             }
+            // Handed to the capacity worker by `flush`, which can answer on the link.
+            NodeEvent::CapacityChallenge { .. } => {}
         }
     }
 }
@@ -350,9 +359,17 @@ async fn flush(
     send: &mut quinn::SendStream,
     conn: &quinn::Connection,
     link: &Link<'_>,
+    capacity: &CapacityWorker,
 ) -> anyhow::Result<()> {
     while let Some(event) = node.poll_event() {
-        link.on_event(event);
+        match event {
+            NodeEvent::CapacityChallenge { seq, challenge } => {
+                if let Err(reason) = capacity.submit(seq, challenge, Instant::now()) {
+                    node.refuse_capacity(seq, reason);
+                }
+            }
+            event => link.on_event(event),
+        }
     }
     while let Some(d) = node.poll_datagram() {
         if conn.send_datagram(d.into()).is_err() {
@@ -371,12 +388,13 @@ async fn serve_connection(
     node: &mut NodeSide,
     packets: &mut mpsc::Receiver<Outgoing>,
     commands: &mut mpsc::UnboundedReceiver<UplinkCommand>,
+    capacity: &mut CapacityWorker,
     link: &Link<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let metrics = link.metrics;
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-    flush(node, &mut send, conn, link).await?;
+    flush(node, &mut send, conn, link, capacity).await?;
     let mut read_buf = vec![0u8; 4096];
     let mut datagram = Vec::with_capacity(1500);
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -424,10 +442,14 @@ async fn serve_connection(
                     if matches!(e, LinkError::Framing(_)) {
                         metrics.bad_control_messages.inc();
                     }
-                    flush(node, &mut send, conn, link).await?;
+                    flush(node, &mut send, conn, link, capacity).await?;
                     return Err(anyhow!("relay link: {e}"));
                 }
             }
+            Some(answer) = capacity.next() => match answer.result {
+                Ok(p) => node.answer_capacity(answer.seq, &p.words, p.gpu_us, p.wall_us),
+                Err(reason) => node.refuse_capacity(answer.seq, &reason),
+            },
             Some(command) = commands.recv() => match command {
                 UplinkCommand::EndSession { reason } => {
                     if let Some(session) = node.end_session(&reason) {
@@ -445,11 +467,11 @@ async fn serve_connection(
             }
             _ = shutdown.changed() => {
                 node.close("render node shutting down");
-                let _ = flush(node, &mut send, conn, link).await;
+                let _ = flush(node, &mut send, conn, link, capacity).await;
                 let _ = send.finish();
                 return Ok(());
             }
         }
-        flush(node, &mut send, conn, link).await?;
+        flush(node, &mut send, conn, link, capacity).await?;
     }
 }

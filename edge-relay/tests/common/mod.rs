@@ -316,6 +316,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         hello,
         bitrate: Some(uplink::BitrateControl { target: pipeline.bitrate_target(), min: 500_000, max: 6_000_000 }),
         identity,
+        gpu: None,
     };
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::unbounded_channel();

@@ -338,6 +338,8 @@ impl X11Session {
                 }
                 Applied::Injected
             }
+            // Not a game input: the node answers it itself (never reaches a title).
+            InputEvent::Capacity { .. } => Applied::Unsupported,
             InputEvent::Touch { phase, points } => {
                 // The first finger is the pointer; its press is the left button.
                 for p in points {
