@@ -64,8 +64,10 @@ pub enum Event {
     Frame { at: Instant, picture: Picture },
     /// A frame could not be decoded; a keyframe was asked for.
     Undecodable,
-    /// A text message from the relay on the input channel (frame info, clock).
+    /// A text message from the relay on the input channel (frame info, clock, capacity).
     Message(String),
+    /// A binary message from the relay on the input channel (a capacity product's chunk).
+    Binary(Vec<u8>),
     /// The relay ended the session (`ended`/`bye`) or the connection failed.
     Closed(String),
 }
@@ -161,10 +163,12 @@ impl Session {
         {
             let events = events.clone();
             input.on_message(Box::new(move |msg| {
-                if !msg.is_string {
-                    return Box::pin(async {});
-                }
-                let _ = events.send(Event::Message(String::from_utf8_lossy(&msg.data).into_owned()));
+                let event = if msg.is_string {
+                    Event::Message(String::from_utf8_lossy(&msg.data).into_owned())
+                } else {
+                    Event::Binary(msg.data.to_vec())
+                };
+                let _ = events.send(event);
                 Box::pin(async {})
             }));
         }

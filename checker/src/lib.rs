@@ -9,13 +9,18 @@
 //! * [`respond`]: the responsiveness check (proof of rendering) for the built-in demo,
 //!   I/O-free: random aimed turns and shams, each judged from the decoded picture
 //!   ([`demo`] reads the ship's heading off it); click-to-photon p50/p95.
+//! * [`capacity`]: the proof of capacity over the session, I/O-free: a matrix product
+//!   sized for the GPU class the node claims, timed against the class's deadline and
+//!   verified with Freivalds' algorithm.
 //! * [`decode`]: FFmpeg's H.264 decoder.
 //! * [`metrics`]: the pool checker's Prometheus `/metrics`.
 //! * [`pool`]: the checker in a pool: its own key registered with the indexer (approved by
 //!   the operator), checks asked for and made, outcomes reported signed.
 //!
-//! [`run`] performs one check (liveness, and responsiveness for the demo) in one session.
+//! [`run`] performs one check (liveness, responsiveness for the demo, then the proof of
+//! capacity) in one session.
 
+pub mod capacity;
 pub mod client;
 pub mod decode;
 pub mod demo;
@@ -24,6 +29,7 @@ pub mod pool;
 pub mod qoe;
 pub mod respond;
 
+pub use capacity::{CapacityCheck, CapacityReport};
 pub use client::{ClientError, Event, Session};
 pub use qoe::{Advertised, QoeMeter, QoeReport};
 pub use respond::{ResponseCheck, ResponseConfig, ResponseReport};
@@ -45,6 +51,9 @@ pub struct CheckConfig {
     pub demo: bool,
     /// How long the first frame may take (connection, keyframe).
     pub first_frame_timeout: Duration,
+    /// The GPU class the node claims: prove it with a capacity challenge after watching
+    /// (`None`: no capacity check).
+    pub gpu_class: Option<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,45 +72,86 @@ pub struct CheckReport {
     pub qoe: QoeReport,
     /// The demo's responsiveness (for a node running the demo).
     pub response: Option<ResponseReport>,
+    /// The proof of capacity (when the node's class was given).
+    pub capacity: Option<CapacityReport>,
 }
 
 impl CheckReport {
     pub fn passed(&self) -> bool {
-        self.qoe.passed() && self.response.as_ref().is_none_or(ResponseReport::passed)
+        self.qoe.passed()
+            && self.response.as_ref().is_none_or(ResponseReport::passed)
+            && self.capacity.as_ref().is_none_or(CapacityReport::passed)
+    }
+
+    /// Every rule that failed.
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = self.qoe.failures.clone();
+        f.extend(self.response.iter().flat_map(|r| r.failures.iter().cloned()));
+        f.extend(self.capacity.iter().flat_map(|r| r.failures.iter().cloned()));
+        f
     }
 }
 
 /// Connects, waits for the first decoded frame, watches for `duration` (and, for the demo,
-/// until the responsiveness trials are done), and judges what it saw. A stream that dies
-/// part way is a failed check (a report), not an error; errors are for checks that could
-/// not be made.
+/// until the responsiveness trials are done), judges what it saw, and then, when the
+/// node's class is known, sends the capacity challenge and judges the answer (the node's
+/// GPU works on it after the watching, so it cannot slow the frames being judged). A
+/// stream that dies part way is a failed check (a report), not an error; errors are for
+/// checks that could not be made.
 pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
     let (session, mut events) =
         Session::connect(&config.relay, config.token.as_deref(), config.first_frame_timeout).await?;
     tracing::info!(role = %session.role, relay = %config.relay, "connected; waiting for the first frame");
     let mut meter = QoeMeter::new(config.advertised);
     let mut response = config.demo.then(|| ResponseCheck::new(ResponseConfig::default(), rand::random()));
+    let mut capacity = config.gpu_class.map(|class| CapacityCheck::new(class, rand::random()));
+    let mut rng = rand::rng();
+    let mut watched: Option<QoeReport> = None;
     let mut seen: Option<demo::Pose> = None;
     let mut seq = 0u32;
     let started = Instant::now();
+    let time_ms = |now: Instant| u32::try_from(now.duration_since(started).as_millis()).unwrap_or(u32::MAX);
     let first_deadline = tokio::time::Instant::now() + config.first_frame_timeout;
     let mut end: Option<tokio::time::Instant> = None;
     loop {
         let now = Instant::now();
         // Trials are judged on time only once every frame already decoded has been seen
         // (on a busy machine frames can queue here; one of them may hold the answer).
-        while events.is_empty()
+        while watched.is_none()
+            && events.is_empty()
             && let Some(event) = response.as_mut().and_then(|c| c.poll_input(now))
         {
             seq += 1;
-            let time_ms = u32::try_from(now.duration_since(started).as_millis()).unwrap_or(u32::MAX);
-            let msg = pylon_proto::input::InputMessage { seq, time_ms, event };
+            let msg = pylon_proto::input::InputMessage { seq, time_ms: time_ms(now), event };
             if let Err(e) = session.send_input(&msg).await {
                 tracing::warn!("input not sent: {e}");
             }
         }
         let responding = response.as_ref().is_some_and(|c| !c.is_done());
+        // The watching is over: judge it, then prove the capacity (if asked).
+        if watched.is_none() && !responding && end.is_some_and(|e| tokio::time::Instant::now() >= e) {
+            watched = Some(meter.finish(now, session.rtt_ms()));
+            let Some(check) = capacity.as_mut() else { break };
+            seq += 1;
+            let msg = pylon_proto::input::InputMessage { seq, time_ms: time_ms(now), event: check.input() };
+            let rtt = Duration::from_secs_f64(session.rtt_ms().unwrap_or(50.0) / 1000.0);
+            check.on_sent(Instant::now(), seq, rtt);
+            if let Err(e) = session.send_input(&msg).await {
+                tracing::warn!("capacity challenge not sent: {e}");
+            }
+        }
+        if watched.is_some() {
+            let Some(check) = capacity.as_mut() else { break };
+            check.handle_timeout(Instant::now());
+            if check.is_done() {
+                break;
+            }
+        }
         let wake = match (end, response.as_ref().and_then(ResponseCheck::poll_timeout)) {
+            _ if watched.is_some() => capacity
+                .as_ref()
+                .and_then(CapacityCheck::poll_timeout)
+                .map_or(tokio::time::Instant::now(), tokio::time::Instant::from_std),
             (None, _) => first_deadline,
             (Some(_), Some(next)) if responding => tokio::time::Instant::from_std(next),
             (Some(end), _) => end,
@@ -113,12 +163,12 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
                 session.close().await;
                 return Err(CheckError::NoFirstFrame(config.first_frame_timeout));
             }
-            Err(_) if responding || end.is_some_and(|e| tokio::time::Instant::now() < e) => continue,
-            Err(_) => break,
+            // Due: the top of the loop decides what comes next.
+            Err(_) => continue,
         };
         match event {
-            Event::Packet(bytes) => meter.on_packet(bytes),
-            Event::Frame { at, picture } => {
+            Event::Packet(bytes) if watched.is_none() => meter.on_packet(bytes),
+            Event::Frame { at, picture } if watched.is_none() => {
                 meter.on_frame(at, picture.width, picture.height);
                 if end.is_none() {
                     end = Some(tokio::time::Instant::now() + config.duration);
@@ -130,19 +180,36 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
                 }
             }
             // Before the first keyframe nothing decodes; only later failures count.
-            Event::Undecodable if end.is_some() => meter.on_keyframe_request(),
-            Event::Undecodable => {}
-            Event::Message(_) => {}
+            Event::Undecodable if end.is_some() && watched.is_none() => meter.on_keyframe_request(),
+            Event::Message(text) => {
+                if let Some(check) = capacity.as_mut() {
+                    check.on_text(Instant::now(), &text);
+                }
+            }
+            Event::Binary(bytes) => {
+                if let Some(check) = capacity.as_mut() {
+                    check.on_binary(&mut rng, &bytes);
+                }
+            }
             Event::Closed(reason) => {
                 tracing::warn!("the session ended during the check: {reason}");
                 break;
             }
+            Event::Packet(_) | Event::Frame { .. } | Event::Undecodable => {}
         }
     }
     let rtt = session.rtt_ms();
     let role = session.role.clone();
     session.close().await;
-    let report = CheckReport { role, qoe: meter.finish(Instant::now(), rtt), response: response.map(|c| c.report()) };
-    tracing::info!(passed = report.passed(), fps = report.qoe.fps, frames = report.qoe.frames_decoded, "check done");
+    let qoe = watched.unwrap_or_else(|| meter.finish(Instant::now(), rtt));
+    let report =
+        CheckReport { role, qoe, response: response.map(|c| c.report()), capacity: capacity.map(|c| c.report()) };
+    tracing::info!(
+        passed = report.passed(),
+        fps = report.qoe.fps,
+        frames = report.qoe.frames_decoded,
+        capacity_ms = report.capacity.as_ref().and_then(|c| c.answered_ms),
+        "check done"
+    );
     Ok(report)
 }

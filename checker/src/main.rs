@@ -35,6 +35,11 @@ struct Args {
     /// click-to-photon p50/p95).
     #[arg(long)]
     demo: bool,
+    /// One check: the GPU class the node claims (0: CPU renderer, 1: integrated, 2:
+    /// discrete): after watching, prove it with a matrix product sized and timed for that
+    /// class (verified with Freivalds' algorithm). Without it, no capacity check.
+    #[arg(long)]
+    gpu_class: Option<u8>,
     /// Pool: the indexer's URL (`http://indexer:8090`).
     #[arg(long, env = "PYLON_INDEXER")]
     indexer: Option<String>,
@@ -111,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.seconds),
         demo: args.demo,
         first_frame_timeout: Duration::from_secs_f64(args.connect_timeout),
+        gpu_class: args.gpu_class,
     };
     match pylon_checker::run(config).await {
         Ok(report) => {

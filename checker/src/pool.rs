@@ -65,8 +65,8 @@ fn stream_outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
         Ok(r) => {
             let q = &r.qoe;
             let resp = r.response.as_ref();
-            let mut failures = q.failures.clone();
-            failures.extend(resp.iter().flat_map(|r| r.failures.iter().cloned()));
+            let cap = r.capacity.as_ref();
+            let mut failures = r.failures();
             if r.role != "player" {
                 failures.push(format!("the relay admitted the checker as {}, not as the session's player", r.role));
             }
@@ -85,6 +85,10 @@ fn stream_outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
                 shams: resp.map(|r| r.shams),
                 click_to_photon_p50_ms: resp.and_then(|r| r.p50_ms),
                 click_to_photon_p95_ms: resp.and_then(|r| r.p95_ms),
+                capacity_n: cap.map(|c| c.n),
+                capacity_ms: cap.and_then(|c| c.answered_ms),
+                capacity_deadline_ms: cap.map(|c| c.deadline_ms),
+                capacity_gops: cap.and_then(|c| c.gops),
             }
         }
         Err(e) => CheckOutcome { passed: false, failures: vec![e.to_string()], ..CheckOutcome::default() },
@@ -150,6 +154,7 @@ pub async fn run_pool(
             duration: config.watch,
             demo: assignment.demo,
             first_frame_timeout: config.first_frame_timeout,
+            gpu_class: Some(assignment.gpu_class),
         };
         let started = std::time::Instant::now();
         let result = tokio::select! {

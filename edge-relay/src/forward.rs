@@ -614,8 +614,10 @@ impl Core {
     /// big endian), at most [`CAPACITY_BUDGET`] bytes of them per viewer.
     pub fn capacity(&mut self, now: Instant, node: u64, reply: CapacityReply, sink: &mut impl Sink) {
         let metrics = self.metrics.clone();
-        let Some(v) =
-            self.viewers.iter_mut().find(|v| v.player && v.connected && v.source == Some(node) && v.input_channel.is_some())
+        let Some(v) = self
+            .viewers
+            .iter_mut()
+            .find(|v| v.player && v.connected && v.source == Some(node) && v.input_channel.is_some())
         else {
             metrics.capacity_dropped.get_or_create(&DropReason { reason: "no_player" }).inc();
             return;

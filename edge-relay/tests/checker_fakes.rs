@@ -8,9 +8,12 @@
 //! `make test` within its time: a check of the honest demo or of the slow fake, which both
 //! answer every turn, takes about 22 s; one of a fake that does not answer, about 9 s).
 //!
-//! The other two fakes of the issue are caught elsewhere: the ghost (sessions nobody
-//! plays) by the metering audit (`indexer/tests/api.rs`); the liar (a GPU class above
-//! what it computes) needs the proof of capacity wired to the node, not yet done.
+//! The liar is a node that claims a GPU class far above what it computes: here the real
+//! node on lavapipe (class 0) claimed as class 2 (discrete), as its registration would
+//! tell the indexer and the indexer the checker (`CheckAssignment::gpu_class`). Every
+//! check also proves the claimed class with the capacity challenge; the honest node
+//! claims its true class. The ghost (sessions nobody plays) is caught by the metering
+//! audit (`indexer/tests/api.rs`).
 
 mod common;
 
@@ -24,8 +27,10 @@ fn checks_each() -> usize {
 }
 
 /// `n` checks, one after another, of a node streaming the demo (faked as `fake` says) at
-/// 640x480, 30 fps.
-async fn check(fake: Option<Fake>, n: usize) -> Vec<CheckReport> {
+/// 640x480, 30 fps, that claims GPU class `class`. The liar's checks watch briefly and skip
+/// the aimed turns: the capacity challenge is what judges it.
+async fn check(fake: Option<Fake>, class: u8, n: usize) -> Vec<CheckReport> {
+    let liar = class > 0;
     let platform = start_setup(640, 480, 30, Setup { fake, ..Setup::default() }).await;
     let mut reports = Vec::new();
     for _ in 0..n {
@@ -34,8 +39,9 @@ async fn check(fake: Option<Fake>, n: usize) -> Vec<CheckReport> {
             token: None,
             advertised: Advertised { width: 640, height: 480, fps: 30 },
             duration: Duration::from_secs(3),
-            demo: true,
+            demo: !liar,
             first_frame_timeout: Duration::from_secs(30),
+            gpu_class: Some(class),
         };
         let report = pylon_checker::run(config).await.expect("the check could be made");
         assert_eq!(report.role, "player", "each check plays the node (the seat is free between checks)");
@@ -47,31 +53,37 @@ async fn check(fake: Option<Fake>, n: usize) -> Vec<CheckReport> {
     reports
 }
 
-fn failures(r: &CheckReport) -> Vec<String> {
-    let mut f = r.qoe.failures.clone();
-    f.extend(r.response.iter().flat_map(|r| r.failures.iter().cloned()));
-    f
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
     let n = checks_each();
     let mut summary = Vec::new();
-    for (name, fake) in
-        [("honest", None), ("static", Some(Fake::Static)), ("replay", Some(Fake::Replay)), ("slow", Some(Fake::Slow))]
-    {
+    for (name, fake, class) in [
+        ("honest", None, 0),
+        ("static", Some(Fake::Static), 0),
+        ("replay", Some(Fake::Replay), 0),
+        ("slow", Some(Fake::Slow), 0),
+        ("liar", None, 2),
+    ] {
         let started = std::time::Instant::now();
-        let reports = check(fake, n).await;
+        let reports = check(fake, class, n).await;
         let passed = reports.iter().filter(|r| r.passed()).count();
         let fps: Vec<f64> = reports.iter().map(|r| (r.qoe.fps * 10.0).round() / 10.0).collect();
         let answered: Vec<String> = reports
             .iter()
             .map(|r| r.response.as_ref().map_or("-".into(), |x| format!("{}/{}", x.answered, x.inputs)))
             .collect();
+        let capacity: Vec<String> = reports
+            .iter()
+            .map(|r| {
+                r.capacity.as_ref().map_or("-".into(), |c| {
+                    format!("n={} {:.0}/{:.0} ms", c.n, c.answered_ms.unwrap_or(f64::NAN), c.deadline_ms)
+                })
+            })
+            .collect();
         let line = serde_json::json!({
-            "node": name, "checks": n, "passed": passed, "fps": fps, "answered": answered,
+            "node": name, "checks": n, "passed": passed, "fps": fps, "answered": answered, "capacity": capacity,
             "seconds_per_check": (started.elapsed().as_secs_f64() / n as f64 * 10.0).round() / 10.0,
-            "failures": reports.iter().map(failures).collect::<Vec<_>>(),
+            "failures": reports.iter().map(CheckReport::failures).collect::<Vec<_>>(),
         });
         eprintln!("{line}");
         summary.push((name, passed, reports));
@@ -93,6 +105,13 @@ async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
                     "slow: caught by the frame-rate rule: {:?}",
                     r.qoe.failures
                 ),
+                // Live and honest in everything but its class.
+                "liar" => {
+                    assert!(r.qoe.passed(), "liar: the picture is fine: {:?}", r.qoe.failures);
+                    let c = r.capacity.as_ref().unwrap();
+                    assert!(!c.passed(), "liar: caught by the proof of capacity");
+                }
+                "honest" => assert!(r.capacity.as_ref().unwrap().verified, "the honest product verifies"),
                 _ => {}
             }
         }

@@ -45,6 +45,8 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
         duration: Duration::from_secs(8),
         demo,
         first_frame_timeout: Duration::from_secs(30),
+        // The honest node proves its class (lavapipe: 0) with a product through the relay.
+        gpu_class: demo.then_some(0),
     };
     let report = pylon_checker::run(check(true)).await.unwrap();
     eprintln!("check of the honest demo: {}", serde_json::to_string(&report).unwrap());
@@ -53,6 +55,8 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
     assert!(report.qoe.bitrate_kbps > 100.0 && report.qoe.rtt_ms.is_some(), "{report:?}");
     let response = report.response.unwrap();
     assert!(response.inputs >= 12 && response.answered == response.inputs, "{response:?}");
+    let capacity = report.capacity.unwrap();
+    assert!(capacity.verified && capacity.answered_ms.unwrap() <= capacity.deadline_ms, "{capacity:?}");
 
     // A stream that does not answer the checker: here the checker is only a spectator (a
     // player holds the seat and keeps the ship still), so its input never reaches the

@@ -94,6 +94,10 @@ fn outcome() -> CheckOutcome {
         shams: Some(6),
         click_to_photon_p50_ms: Some(58.0),
         click_to_photon_p95_ms: Some(71.0),
+        capacity_n: Some(512),
+        capacity_ms: Some(9.5),
+        capacity_deadline_ms: Some(63.4),
+        capacity_gops: Some(14.1),
     }
 }
 
@@ -105,6 +109,7 @@ fn score() -> NodeScore {
         pass_rate: Some(1.0),
         fps: Some(59.9),
         click_to_photon_p50_ms: Some(57.0),
+        capacity_gops: Some(14.0),
         last_checked: Some(1_800_000_000),
     }
 }
@@ -291,6 +296,7 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             height: 720,
             fps: 60,
             demo: true,
+            gpu_class: 2,
             report_by: 1_800_000_300,
             audit: MeteringAudit { claimed: 3, phantom: vec!["66".repeat(16)] },
         },

@@ -467,7 +467,8 @@ impl NodeSide {
     /// Declines the challenge of input `seq`, saying why.
     pub fn refuse_capacity(&mut self, seq: u32, reason: &str) {
         if self.is_established() {
-            NodeMessage::Capacity(CapacityReply::Refused { seq, reason: reason.to_string() }).encode(&mut self.transmit);
+            NodeMessage::Capacity(CapacityReply::Refused { seq, reason: reason.to_string() })
+                .encode(&mut self.transmit);
         }
     }
 

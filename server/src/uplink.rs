@@ -186,8 +186,8 @@ pub async fn run(
         // Nobody asks anything: a receiver whose sender is dropped at once.
         None => (None, mpsc::unbounded_channel().1),
     };
-    let mut capacity = CapacityWorker::start(config.gpu.clone(), metrics.clone())
-        .context("starting the proof-of-capacity thread")?;
+    let mut capacity =
+        CapacityWorker::start(config.gpu.clone(), metrics.clone()).context("starting the proof-of-capacity thread")?;
     let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let endpoint = endpoint(bind)?;
     let client = client_config(&config.relay_cert)?;

@@ -439,6 +439,9 @@ pub struct CheckAssignment {
     pub fps: u32,
     /// The title is the built-in demo, whose answer to aimed turns is exact.
     pub demo: bool,
+    /// The GPU class the node registered with: the proof of capacity holds it to that.
+    #[serde(default)]
+    pub gpu_class: u8,
     /// The report is refused after this time (Unix seconds).
     pub report_by: i64,
     /// The node's claims against the relays' records, as the indexer holds them now.
@@ -512,6 +515,18 @@ pub struct CheckOutcome {
     /// Click-to-photon, 95th percentile, ms.
     #[serde(default)]
     pub click_to_photon_p95_ms: Option<f64>,
+    /// Proof of capacity: the challenge's matrix size.
+    #[serde(default)]
+    pub capacity_n: Option<u32>,
+    /// Proof of capacity: challenge to commitment, ms.
+    #[serde(default)]
+    pub capacity_ms: Option<f64>,
+    /// Proof of capacity: what the node's class allowed, ms.
+    #[serde(default)]
+    pub capacity_deadline_ms: Option<f64>,
+    /// Proof of capacity: multiply-adds per second shown, ÷ 10⁹ (a lower bound).
+    #[serde(default)]
+    pub capacity_gops: Option<f64>,
 }
 
 /// The indexer's view of a node's honesty, from checkers' signed reports.
@@ -547,6 +562,9 @@ pub struct NodeScore {
     /// Click-to-photon median measured, median of those checks, ms.
     #[serde(default)]
     pub click_to_photon_p50_ms: Option<f64>,
+    /// Proof-of-capacity throughput shown, median of those checks, Gop/s.
+    #[serde(default)]
+    pub capacity_gops: Option<f64>,
     /// Last report, Unix seconds.
     #[serde(default)]
     pub last_checked: Option<i64>,

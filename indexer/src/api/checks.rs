@@ -158,6 +158,7 @@ pub fn score(verdict: StoredVerdict, reports: &[Report]) -> NodeScore {
         pass_rate: (!recent.is_empty()).then(|| f64::from(passed) / recent.len() as f64),
         fps: median(recent.iter().filter(|r| r.outcome.frames > 0).map(|r| r.outcome.fps).collect()),
         click_to_photon_p50_ms: median(recent.iter().filter_map(|r| r.outcome.click_to_photon_p50_ms).collect()),
+        capacity_gops: median(recent.iter().filter_map(|r| r.outcome.capacity_gops).collect()),
         last_checked: recent.first().map(|r| r.at),
     }
 }
@@ -628,6 +629,7 @@ pub(super) async fn next_check(
         height: u32::try_from(title.height).unwrap_or(0),
         fps: u32::try_from(title.fps).unwrap_or(0),
         demo: title.id == demo,
+        gpu_class: u8::try_from(node.gpu_class).unwrap_or(u8::MAX),
         report_by,
         audit: s.store.metering_audit(&node.id).await?,
     };
@@ -638,7 +640,17 @@ fn valid_outcome(o: &CheckOutcome) -> bool {
     let finite = |v: f64| v.is_finite() && v >= 0.0;
     finite(o.fps)
         && finite(o.bitrate_kbps)
-        && [o.rtt_ms, o.click_to_photon_p50_ms, o.click_to_photon_p95_ms].iter().flatten().all(|v| finite(*v))
+        && [
+            o.rtt_ms,
+            o.click_to_photon_p50_ms,
+            o.click_to_photon_p95_ms,
+            o.capacity_ms,
+            o.capacity_deadline_ms,
+            o.capacity_gops,
+        ]
+        .iter()
+        .flatten()
+        .all(|v| finite(*v))
         && o.failures.len() <= 32
         && o.failures.iter().all(|f| f.len() <= 512)
         // A pass with a failure listed is not a pass.
