@@ -105,7 +105,8 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
     let mut meter = QoeMeter::new(config.advertised);
     let mut response = config.demo.then(|| ResponseCheck::new(ResponseConfig::default(), rand::random()));
     let mut capacity = config.gpu_class.map(|class| CapacityCheck::new(class, rand::random()));
-    let mut rng = rand::rng();
+    // Freivalds' vectors; `Send` (a thread-local generator could not cross the awaits).
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_seed(rand::random());
     let mut watched: Option<QoeReport> = None;
     let mut seen: Option<demo::Pose> = None;
     let mut seq = 0u32;

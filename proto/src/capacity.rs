@@ -64,12 +64,12 @@ impl Budget {
     ///
     /// | class | n   | floor        | (for scale) lavapipe on 2 cores |
     /// |-------|-----|--------------|----------------------------------|
-    /// | 0     | 128 | 0.02 Gop/s   | 0.14–0.23 Gop/s                   |
+    /// | 0     | 128 | 0.01 Gop/s   | 0.14–0.23 Gop/s                   |
     /// | 1     | 384 | 2 Gop/s      |                                  |
     /// | 2+    | 512 | 10 Gop/s     |                                  |
     pub fn for_class(class: u8) -> Self {
         match class {
-            0 => Budget { n: 128, floor_ops: 0.02e9 },
+            0 => Budget { n: 128, floor_ops: 0.01e9 },
             1 => Budget { n: 384, floor_ops: 2e9 },
             _ => Budget { n: 512, floor_ops: 10e9 },
         }
@@ -314,8 +314,8 @@ mod tests {
         let rtt = Duration::from_millis(10);
         let cpu = Budget::for_class(0);
         assert_eq!(cpu.n, 128);
-        // 128³ at 0.02 Gop/s is 105 ms, plus the allowance and two round trips.
-        assert_eq!(cpu.deadline(rtt).as_millis(), 104 + 50 + 20);
+        // 128³ at 0.01 Gop/s is 210 ms, plus the allowance and two round trips.
+        assert_eq!(cpu.deadline(rtt).as_millis(), 209 + 50 + 20);
         let discrete = Budget::for_class(2);
         assert_eq!(Budget::for_class(7), discrete);
         assert!(discrete.deadline(rtt) < Duration::from_millis(90));
