@@ -134,7 +134,9 @@ function renderPool(nodes) {
     const rate = s.checks ? `${s.passed}/${s.checks} passed` : 'not checked yet';
     const fps = s.fps != null ? `${s.fps.toFixed(1)} fps` : '';
     const c2p = s.click_to_photon_p50_ms != null ? `${Math.round(s.click_to_photon_p50_ms)} ms` : '';
-    for (const text of [n.id, n.info?.gpu_model || '', n.state, rate, fps, c2p]) {
+    // Multiply-adds a second the proof of capacity showed (network included: a lower bound).
+    const gops = s.capacity_gops != null ? `≥ ${s.capacity_gops.toPrecision(2)} Gop/s` : '';
+    for (const text of [n.id, n.info?.gpu_model || '', n.state, rate, fps, c2p, gops]) {
       const td = document.createElement('td');
       td.textContent = text;
       tr.append(td);

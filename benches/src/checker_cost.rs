@@ -5,6 +5,8 @@
 //! * the checker's CPU seconds (the child's user + system time, from this process's
 //!   `cutime`/`cstime` once it is waited for) and wall time;
 //! * the bytes it received (its report's media bytes);
+//! * the proof of capacity (`--gpu-class`, default the lavapipe node's own 0): challenge to
+//!   commitment, the node's GPU time as it reports it, the checker's verification time;
 //! * the node's frame-path CPU seconds during the check, beside the same span with no
 //!   viewer (a check costs the provider a session's streaming);
 //!
@@ -38,6 +40,10 @@ struct Args {
     height: u32,
     #[arg(long, default_value_t = 60)]
     fps: u32,
+    /// GPU class each check proves with the proof of capacity (the node's own: 0 on
+    /// lavapipe); `none` leaves the capacity check out.
+    #[arg(long, default_value = "0")]
+    gpu_class: String,
 }
 
 fn frame_path_cpu() -> f64 {
@@ -63,6 +69,7 @@ async fn main() {
         let out = tokio::process::Command::new(&checker)
             .args(["--relay", &platform.url(), "--demo", "--fps", &args.fps.to_string()])
             .args(["--size", &format!("{}x{}", args.width, args.height), "--seconds", &args.seconds.to_string()])
+            .args(if args.gpu_class == "none" { vec![] } else { vec!["--gpu-class", args.gpu_class.as_str()] })
             .env("RUST_LOG", "warn")
             .output()
             .await
@@ -79,6 +86,10 @@ async fn main() {
             "answered": report["response"]["answered"],
             "inputs": report["response"]["inputs"],
             "p50_ms": report["response"]["p50_ms"],
+            "capacity_n": report["capacity"]["n"],
+            "capacity_ms": report["capacity"]["answered_ms"],
+            "capacity_node_gpu_ms": report["capacity"]["node_gpu_ms"],
+            "capacity_verify_ms": report["capacity"]["verify_ms"],
             "node_frame_path_cpu_s": node,
             "node_frame_path_cpu_s_idle_same_span": idle_per_s * wall,
         });
@@ -99,6 +110,8 @@ async fn main() {
         "checker_cpu_s_per_check": cpu,
         "wall_s_per_check": mean("wall_s"),
         "bytes_per_check": mean("bytes"),
+        "capacity_ms": mean("capacity_ms"),
+        "capacity_verify_ms": mean("capacity_verify_ms"),
         "node_frame_path_cpu_s_per_check": mean("node_frame_path_cpu_s"),
         "node_frame_path_cpu_s_idle_same_span": mean("node_frame_path_cpu_s_idle_same_span"),
         "nodes_per_checker_core_per_minute": if cpu > 0.0 { 60.0 / cpu } else { 0.0 },
