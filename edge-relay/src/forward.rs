@@ -98,6 +98,9 @@ pub const MOTION_CHANNEL: &str = "input-motion";
 /// largest challenge a session takes (`pylon_proto::capacity::MAX_SESSION_N`, 4 MiB each),
 /// so a node cannot fill a relay's memory through a checker that stopped reading.
 pub const CAPACITY_BUDGET: usize = 16 << 20;
+/// Bytes the player's data channels may hold unsent: the largest capacity answer
+/// (`MAX_SESSION_N`² words) and room for the page's other messages.
+pub const PLAYER_SCTP_BUFFER: usize = (pylon_proto::capacity::MAX_SESSION_N as usize).pow(2) * 4 + (256 << 10);
 
 /// Where the core's datagrams go. The egress task batches each viewer's datagrams into
 /// segmentation-offload sends; tests deliver them through a simulated link.
@@ -648,10 +651,9 @@ impl Core {
                 (true, bytes)
             }
         };
-        if let Some(id) = v.input_channel
-            && let Some(mut channel) = v.rtc.channel(id)
-        {
-            let _ = channel.write(written.0, &written.1);
+        let sent = v.input_channel.and_then(|id| v.rtc.channel(id)).map(|mut c| c.write(written.0, &written.1));
+        if !matches!(sent, Some(Ok(true))) {
+            metrics.capacity_dropped.get_or_create(&DropReason { reason: "channel_full" }).inc();
         }
         let drained = drain(v, now, sink, &metrics);
         if let Some(s) = self.sources.get_mut(&node) {
@@ -935,7 +937,11 @@ fn rtc_config(player: bool) -> RtcConfig {
     // Sound: Opus 48 kHz stereo, 10 ms frames, in-band FEC (payload type 111), and RED
     // (RFC 2198) for browsers that offer it: each packet repeats the previous frame.
     config.codec_config().enable_opus(true, true);
-    if !player {
+    if player {
+        // The player's channel may carry a checker's capacity answer (up to 4 MiB) at
+        // once; str0m's default of 128 KiB would refuse most of it.
+        config = config.set_sctp_max_buffered_amount(PLAYER_SCTP_BUFFER);
+    } else {
         // Transport-wide sequence numbers only feed the bandwidth estimate, which only the
         // player drives; without them a spectator's session keeps no send history for
         // TWCC (about 90 KiB each).

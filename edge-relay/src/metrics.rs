@@ -125,7 +125,7 @@ pub struct RelayMetrics {
     pub input_refused: Family<DropReason, Counter>,
     /// Bytes of proof-of-capacity answers passed from nodes to their checkers.
     pub capacity_bytes: Counter,
-    /// Proof-of-capacity messages dropped (`no_player`, `over_budget`).
+    /// Proof-of-capacity messages dropped (`no_player`, `over_budget`, `channel_full`).
     pub capacity_dropped: Family<DropReason, Counter>,
     /// UDP datagrams to viewers that the socket refused.
     pub udp_send_errors: Counter,
@@ -283,7 +283,7 @@ impl RelayMetrics {
         );
         r.register(
             "capacity_dropped",
-            "Proof-of-capacity messages dropped (no_player, over_budget)",
+            "Proof-of-capacity messages dropped (no_player, over_budget, channel_full)",
             m.capacity_dropped.clone(),
         );
         r.register("input_refused", "Input messages refused", m.input_refused.clone());

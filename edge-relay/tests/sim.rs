@@ -71,6 +71,12 @@ struct Viewer {
     /// Node packet numbers received (carried in the payload), first arrival each.
     received: BTreeMap<u64, Instant>,
     nacks_sent: u64,
+    /// Its data channel is open (offered with one).
+    channel_open: bool,
+    /// Text messages received on its data channel.
+    texts: Vec<String>,
+    /// Binary messages received on its data channel.
+    binary: Vec<Vec<u8>>,
 }
 
 /// Datagrams the core hands out, routed onto the viewers' paths afterwards.
@@ -159,18 +165,21 @@ impl Sim {
         sim.link.set_rtt(upstream.delay * 2);
         sim.core.stream_started(now, NODE_CONNECTION, hello);
         for (i, hop) in last_hops.iter().enumerate() {
-            sim.add_viewer(seed.wrapping_mul(31).wrapping_add(i as u64 * 7 + 1), *hop, i == 0);
+            sim.add_viewer(seed.wrapping_mul(31).wrapping_add(i as u64 * 7 + 1), *hop, i == 0, false);
         }
         sim
     }
 
-    fn add_viewer(&mut self, seed: u64, hop: Path, player: bool) {
+    fn add_viewer(&mut self, seed: u64, hop: Path, player: bool, channel: bool) {
         let addr: SocketAddr = format!("10.0.1.{}:5000", self.viewers.len() + 2).parse().unwrap();
         let mut rtc =
             RtcConfig::new().set_rtp_mode(true).set_stats_interval(Some(Duration::from_millis(500))).build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
         change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        if channel {
+            change.add_channel(pylon_relay::forward::INPUT_CHANNEL.into());
+        }
         let (offer, pending) = change.apply().unwrap();
         let (_, answer, got_player) = self.core.offer(self.now, &offer.to_sdp_string(), player, None).unwrap();
         assert_eq!(got_player, player);
@@ -187,6 +196,9 @@ impl Sim {
             connected: false,
             received: BTreeMap::new(),
             nacks_sent: 0,
+            channel_open: false,
+            texts: Vec::new(),
+            binary: Vec::new(),
         });
     }
 
@@ -372,6 +384,9 @@ impl Sim {
                     }
                 }
                 Output::Event(Event::MediaIngressStats(s)) => v.nacks_sent = v.nacks_sent.max(s.nacks),
+                Output::Event(Event::ChannelOpen(..)) => v.channel_open = true,
+                Output::Event(Event::ChannelData(d)) if d.binary => v.binary.push(d.data),
+                Output::Event(Event::ChannelData(d)) => v.texts.push(String::from_utf8_lossy(&d.data).into_owned()),
                 Output::Event(_) => {}
             }
         }
@@ -502,6 +517,61 @@ fn offer_sdp(now: Instant) -> String {
     let mut change = rtc.sdp_api();
     change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
     change.apply().unwrap().0.to_sdp_string()
+}
+
+#[test]
+fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
+    use pylon_proto::capacity::{CHUNK_BYTES, digest, product_bytes};
+    use pylon_proto::framing::CapacityReply;
+    let mut sim = Sim::new(11, Path::clean(5), &[], 1);
+    sim.add_viewer(12, Path::clean(10), true, true);
+    let start = sim.now;
+    while !(sim.viewers[0].connected && sim.viewers[0].channel_open) {
+        let t = sim.now + Duration::from_millis(10);
+        sim.run_until(t);
+        assert!(sim.now < start + Duration::from_secs(5), "the player's channel did not open");
+    }
+    // The relay learns of the channel when the browser's first message on it arrives or the
+    // open is acknowledged; give it a moment.
+    let t = sim.now + Duration::from_millis(200);
+    sim.run_until(t);
+    // A 512x512 product (class 2's challenge): 1 MiB, far over str0m's default buffer.
+    let answer = |seq: u32, words: usize| {
+        let bytes = product_bytes(&(0..words as u32).map(|w| w.wrapping_mul(2_654_435_761)).collect::<Vec<_>>());
+        let mut replies = vec![CapacityReply::Commit { seq, digest: digest(&bytes), gpu_us: 1, wall_us: 2 }];
+        replies.extend(bytes.chunks(CHUNK_BYTES).enumerate().map(|(i, c)| CapacityReply::Chunk {
+            seq,
+            offset: (i * CHUNK_BYTES) as u32,
+            data: c.to_vec(),
+        }));
+        (bytes, replies)
+    };
+    let send = |sim: &mut Sim, replies: Vec<CapacityReply>| {
+        let mut out = Outbox::default();
+        for r in replies {
+            sim.core.capacity(sim.now, NODE_CONNECTION, r, &mut out);
+        }
+        sim.route(out);
+        let t = sim.now + Duration::from_secs(2);
+        sim.run_until(t);
+    };
+    let (bytes, replies) = answer(1, 512 * 512);
+    send(&mut sim, replies);
+    let v = &sim.viewers[0];
+    assert!(v.texts.iter().any(|t| t.contains(r#""type":"capacity","seq":1"#)), "{:?}", v.texts);
+    let got: Vec<u8> = v.binary.iter().flat_map(|m| m[8..].iter().copied()).collect();
+    assert_eq!(got.len(), bytes.len(), "the whole product arrived");
+    assert_eq!(digest(&got), digest(&bytes), "in order");
+    // A node that keeps sending: the relay passes at most CAPACITY_BUDGET to the viewer.
+    for seq in 2..8 {
+        let (_, replies) = answer(seq, 1024 * 1024);
+        send(&mut sim, replies);
+    }
+    let passed: usize = sim.viewers[0].binary.iter().map(|m| m.len() - 8).sum();
+    assert!(passed <= pylon_relay::forward::CAPACITY_BUDGET, "{passed} bytes passed");
+    let m = sim.metrics.render();
+    assert!(m.contains(r#"pylon_relay_capacity_dropped_total{reason="over_budget"}"#), "{m}");
+    assert!(!m.contains(r#"reason="channel_full""#), "nothing refused for want of buffer: {m}");
 }
 
 #[test]
