@@ -142,7 +142,7 @@ impl Assembly {
         if digest(&self.bytes) != self.digest {
             return Err(CapacityError::NotCommitted);
         }
-        Ok(self.bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(self.bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default())).collect())
     }
 }
 
