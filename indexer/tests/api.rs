@@ -842,9 +842,7 @@ async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers
     add_demo_title(&s).await;
     let relay = SigningKey::from_bytes(&[3; 32]);
     let keys: Vec<SigningKey> = (0..3).map(|i| SigningKey::from_bytes(&[30 + i; 32])).collect();
-    for (i, k) in keys.iter().enumerate() {
-        add_checker(&s, &format!("checker-{i}"), k).await;
-    }
+    add_checker(&s, "checker-0", &keys[0]).await;
     let (honest, faker) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
     add_node(&s, "node-h", "alice", 1.0, &honest).await;
     add_node(&s, "node-f", "mallory", 0.1, &faker).await;
@@ -883,6 +881,10 @@ async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers
     let text = String::from_utf8(axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
     assert!(text.contains("pylon_indexer_nodes{state=\"failed\"} 1"), "{text}");
     assert!(text.contains("pylon_indexer_check_reports_total{result=\"fail\"} 2"), "{text}");
+    // Two more checkers join.
+    for (i, k) in keys.iter().enumerate().skip(1) {
+        add_checker(&s, &format!("checker-{i}"), k).await;
+    }
     assert_eq!(next_check(&s, "checker-1", &keys[1]).await.0, StatusCode::NO_CONTENT, "a failed node is not checked");
     // The operator re-admits it: checked anew.
     let approve = Request::post("/api/v1/nodes/node-f/approve").body(Body::empty()).unwrap();
@@ -894,6 +896,12 @@ async fn failed_checks_make_a_node_suspect_then_failed_and_with_several_checkers
     assert_eq!(c["node"], "node-f");
     let (_, score) = report(&s, &c, &keys[0], false).await; // a lying (or unlucky) checker
     assert_eq!(score["verdict"], "suspect", "one checker's word, until others check");
+    // It cannot confirm its own suspicion while other checkers are active.
+    assert_eq!(
+        next_check(&s, "checker-0", &keys[0]).await.0,
+        StatusCode::NO_CONTENT,
+        "the suspicion is confirmed by another checker"
+    );
     let (_, c) = next_check(&s, "checker-1", &keys[1]).await;
     assert_eq!(c["node"], "node-f", "a suspect node goes to the next checker at once");
     let (_, score) = report(&s, &c, &keys[1], true).await;

@@ -127,6 +127,14 @@ pub fn majority(reports: &[Report]) -> Option<bool> {
     }
 }
 
+/// Whether checker `me` must leave node to another checker: the node is suspect on `me`'s
+/// own report (`last_reporter`). Asked only while another approved checker is active, so a
+/// checker cannot confirm its own accusation when someone else can look: one lying (or
+/// broken) checker cannot take an honest node from `suspect` to `failed` alone.
+pub fn leave_to_another(verdict: StoredVerdict, last_reporter: Option<&str>, me: &str) -> bool {
+    verdict == StoredVerdict::Suspect && last_reporter == Some(me)
+}
+
 /// A node's verdict after a decided check: a pass clears suspicion; a failure makes a node
 /// suspect, and a suspect one failed. Failed stays failed (only the operator clears it).
 pub fn next_verdict(current: StoredVerdict, passed: bool) -> StoredVerdict {
@@ -399,6 +407,33 @@ impl Store {
         sqlx::query("UPDATE checkers SET last_seen = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await?;
         Ok(())
     }
+
+    /// Whether an approved, unrevoked checker other than `me` was seen since `since`.
+    pub async fn another_checker_active(&self, me: &str, since: i64) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM checkers WHERE id <> $1 AND approved <> 0 AND revoked = 0 AND last_seen >= $2",
+        )
+        .bind(me)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+
+    /// The checker of each node's latest report.
+    pub async fn last_reporters(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.node, c.checker FROM checks c WHERE c.reported_at = \
+             (SELECT MAX(l.reported_at) FROM checks l WHERE l.node = c.node)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            out.insert(r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?);
+        }
+        Ok(out)
+    }
 }
 
 /// Registers a checker (signed by the key it registers). A new checker is `pending` until
@@ -541,6 +576,13 @@ pub(super) async fn next_check(
     s.store.checker_seen(&id, now).await?;
     let nodes = s.store.nodes().await?;
     let schedule = s.store.check_schedule(now).await?;
+    // A suspicion is confirmed by another checker when one is active (seen within two
+    // intervals), not by the checker that raised it.
+    let window = 2 * s.policy.check_interval_secs.max(1);
+    let reporters = match s.store.another_checker_active(&id, now - window).await? {
+        true => s.store.last_reporters().await?,
+        false => BTreeMap::new(),
+    };
     let relays = s.store.relays().await?;
     let titles = s.store.titles().await?;
     let due: Vec<Due<'_>> = nodes
@@ -550,7 +592,8 @@ pub(super) async fn next_check(
             // A node no relay carries, or with no title in the catalog, cannot be played.
             let playable = relays.iter().any(|r| relay_healthy(r, now) && r.node_rtt_ms.contains_key(&n.id))
                 && n.titles.iter().any(|t| titles.iter().any(|c| &c.id == t));
-            Due { node: n, next_check, held: held || !playable }
+            let others = leave_to_another(n.verdict, reporters.get(&n.id).map(String::as_str), &id);
+            Due { node: n, next_check, held: held || !playable || others }
         })
         .collect();
     let Some(node) = pick_due(&due, now) else {
@@ -726,6 +769,17 @@ mod tests {
 
     fn report(checker: &str, at: i64, passed: bool) -> Report {
         Report { checker: checker.into(), at, outcome: CheckOutcome { passed, ..Default::default() } }
+    }
+
+    #[test]
+    fn a_checker_leaves_the_confirmation_of_its_own_suspicion_to_another() {
+        use StoredVerdict::*;
+        assert!(leave_to_another(Suspect, Some("c1"), "c1"));
+        assert!(!leave_to_another(Suspect, Some("c2"), "c1"), "another's suspicion: c1 may confirm it");
+        assert!(!leave_to_another(Suspect, None, "c1"));
+        for v in [Unchecked, Passing, Failed] {
+            assert!(!leave_to_another(v, Some("c1"), "c1"), "{v:?}: only suspicion waits for another");
+        }
     }
 
     #[test]
