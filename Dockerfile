@@ -23,7 +23,7 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
       libssl3 ca-certificates && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/pylon-relay /usr/local/bin/pylon-relay
 EXPOSE 8080/tcp 3478/udp 4433/udp
-ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--quic-addr", "0.0.0.0:4433", "--data-dir", "/var/lib/pylon"]
+ENTRYPOINT ["pylon-relay", "--http-addr", "0.0.0.0:8080", "--webrtc-addr", "0.0.0.0:3478", "--quic-addr", "0.0.0.0:4433", "--data-dir", "/var/lib/pylon"]
 
 # The control plane: SQLite in /var/lib/pylon-indexer by default, PostgreSQL when
 # DATABASE_URL names one; the admin token from PYLON_ADMIN_TOKEN or --admin-token-file.

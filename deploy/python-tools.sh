@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Python tools the tests use (the API contract test: schemathesis and
-# openapi-spec-validator, pinned) into a virtualenv outside the checkout and prints its
-# bin directory. Idempotent: an existing virtualenv with the pinned versions is reused.
+# openapi-spec-validator; the Kubernetes manifests' test: kubernetes-validate; all pinned)
+# into a virtualenv outside the checkout and prints its bin directory. Idempotent: an
+# existing virtualenv with the pinned versions is reused.
 set -euo pipefail
 exec 3>&1 1>&2
 venv=${PYLON_VENV:-/var/tmp/pylon-venv}
-pins=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+pins=(schemathesis==4.32.5 openapi-spec-validator==0.9.0 kubernetes-validate==1.37.0)
 have() {
   [ -x "$venv/bin/python" ] && "$venv/bin/python" - "${pins[@]}" <<'PY'
 import sys

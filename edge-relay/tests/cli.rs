@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../indexer/tests/manifest/mod.rs"]
+mod manifest;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -109,4 +112,12 @@ fn the_impairment_proxy_explains_itself_and_forwards() {
     assert_eq!(&buf[..n], b"ping");
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+#[test]
+fn the_kubernetes_manifest_passes_only_flags_the_relay_has() {
+    manifest::assert_flags_exist(
+        &manifest::read(env!("CARGO_MANIFEST_DIR"), "relay.yaml"),
+        env!("CARGO_BIN_EXE_pylon-relay"),
+    );
 }

@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../indexer/tests/manifest/mod.rs"]
+mod manifest;
+
 use std::process::Command;
 
 fn server(args: &[&str]) -> (bool, String) {
@@ -51,4 +54,12 @@ fn lists_the_vulkan_devices() {
     let (ok, text) = server(&["--list-gpus"]);
     assert!(ok, "{text}");
     assert!(text.contains("Vulkan"), "{text}");
+}
+
+#[test]
+fn the_kubernetes_manifest_passes_only_flags_the_render_node_has() {
+    manifest::assert_flags_exist(
+        &manifest::read(env!("CARGO_MANIFEST_DIR"), "render-node.yaml"),
+        env!("CARGO_BIN_EXE_pylon-server"),
+    );
 }
