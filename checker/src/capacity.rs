@@ -8,7 +8,7 @@
 //! `{…,"refused":"<why>"}`), the product as binary chunks (`seq` u32, `offset` u32, then
 //! bytes; big endian).
 
-use pylon_proto::capacity::{Assembly, Budget, Challenge, verify};
+use pylon_proto::capacity::{Assembly, Budget, Challenge, parse_chunk_message, verify};
 use pylon_proto::input::InputEvent;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
@@ -167,12 +167,11 @@ impl CapacityCheck {
     /// A binary message from the relay (a chunk of the product).
     pub fn on_binary(&mut self, rng: &mut impl rand::RngCore, data: &[u8]) {
         let State::Receiving { seq, assembly, .. } = &mut self.state else { return };
-        let Some((head, bytes)) = data.split_first_chunk::<8>() else { return };
-        let [s0, s1, s2, s3, o0, o1, o2, o3] = *head;
-        if u32::from_be_bytes([s0, s1, s2, s3]) != *seq {
+        let Some((chunk_seq, offset, bytes)) = parse_chunk_message(data) else { return };
+        if chunk_seq != *seq {
             return;
         }
-        match assembly.push(u32::from_be_bytes([o0, o1, o2, o3]), bytes) {
+        match assembly.push(offset, bytes) {
             Ok(false) => {}
             Ok(true) => {
                 let State::Receiving { assembly, .. } = std::mem::replace(&mut self.state, State::Done) else {
@@ -198,7 +197,6 @@ impl CapacityCheck {
             Ok(false) => self.fail("capacity: the product is wrong (Freivalds' check failed)".into()),
             Err(e) => self.fail(format!("capacity: {e}")),
         }
-        self.state = State::Done;
     }
 
     /// When [`Self::handle_timeout`] is next due.
@@ -254,27 +252,17 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pylon_proto::capacity::{digest, multiply, product_bytes};
+    use pylon_proto::capacity::{CHUNK_BYTES, chunk_message, digest, multiply, product_bytes};
     use rand::SeedableRng;
 
-    fn answer(check: &CapacityCheck, product: &[u32]) -> (String, Vec<Vec<u8>>) {
+    fn answer(product: &[u32]) -> (String, Vec<Vec<u8>>) {
         let bytes = product_bytes(product);
         let text = format!(
             r#"{{"type":"capacity","seq":9,"digest":"{}","gpu_us":1500,"wall_us":2000}}"#,
             hex::encode(digest(&bytes))
         );
-        let chunks = bytes
-            .chunks(pylon_proto::capacity::CHUNK_BYTES)
-            .enumerate()
-            .map(|(i, c)| {
-                [9u32.to_be_bytes(), ((i * pylon_proto::capacity::CHUNK_BYTES) as u32).to_be_bytes()]
-                    .concat()
-                    .into_iter()
-                    .chain(c.iter().copied())
-                    .collect()
-            })
-            .collect();
-        let _ = check;
+        let chunks =
+            bytes.chunks(CHUNK_BYTES).enumerate().map(|(i, c)| chunk_message(9, (i * CHUNK_BYTES) as u32, c)).collect();
         (text, chunks)
     }
 
@@ -290,7 +278,7 @@ mod tests {
         if corrupt {
             product[17] = product[17].wrapping_add(1);
         }
-        let (text, chunks) = answer(&check, &product);
+        let (text, chunks) = answer(&product);
         assert!(!check.on_text(t0 + delay, r#"{"type":"capacity","seq":8,"refused":"busy"}"#), "another challenge's");
         assert!(check.on_text(t0 + delay, &text));
         for c in &chunks {
@@ -333,7 +321,7 @@ mod tests {
 
         let mut stops = CapacityCheck::new(0, [1; 32]);
         stops.on_sent(t0, 9, Duration::ZERO);
-        let (text, chunks) = answer(&stops, &[0; 128 * 128]);
+        let (text, chunks) = answer(&[0; 128 * 128]);
         assert!(stops.on_text(t0, &text));
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         stops.on_binary(&mut rng, &chunks[0]);

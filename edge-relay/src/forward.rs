@@ -616,7 +616,7 @@ impl Core {
     /// as text, the product's chunks as binary messages (`seq` u32, `offset` u32, bytes,
     /// big endian), at most [`CAPACITY_BUDGET`] bytes of them per viewer.
     pub fn capacity(&mut self, now: Instant, node: u64, reply: CapacityReply, sink: &mut impl Sink) {
-        let metrics = self.metrics.clone();
+        let metrics = &self.metrics;
         let Some(v) = self
             .viewers
             .iter_mut()
@@ -644,20 +644,16 @@ impl Core {
                 }
                 v.capacity_bytes += data.len();
                 metrics.capacity_bytes.inc_by(data.len() as u64);
-                let mut bytes = Vec::with_capacity(8 + data.len());
-                bytes.extend_from_slice(&seq.to_be_bytes());
-                bytes.extend_from_slice(&offset.to_be_bytes());
-                bytes.extend_from_slice(data);
-                (true, bytes)
+                (true, pylon_proto::capacity::chunk_message(*seq, *offset, data))
             }
         };
         let sent = v.input_channel.and_then(|id| v.rtc.channel(id)).map(|mut c| c.write(written.0, &written.1));
         if !matches!(sent, Some(Ok(true))) {
             metrics.capacity_dropped.get_or_create(&DropReason { reason: "channel_full" }).inc();
         }
-        let drained = drain(v, now, sink, &metrics);
+        let drained = drain(v, now, sink, metrics);
         if let Some(s) = self.sources.get_mut(&node) {
-            deliver_to(node, s, drained, now, &mut self.to_node, &metrics);
+            deliver_to(node, s, drained, now, &mut self.to_node, metrics);
         }
     }
 

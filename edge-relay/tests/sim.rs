@@ -559,7 +559,8 @@ fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
     send(&mut sim, replies);
     let v = &sim.viewers[0];
     assert!(v.texts.iter().any(|t| t.contains(r#""type":"capacity","seq":1"#)), "{:?}", v.texts);
-    let got: Vec<u8> = v.binary.iter().flat_map(|m| m[8..].iter().copied()).collect();
+    let chunk = |m: &Vec<u8>| pylon_proto::capacity::parse_chunk_message(m).unwrap().2.to_vec();
+    let got: Vec<u8> = v.binary.iter().flat_map(chunk).collect();
     assert_eq!(got.len(), bytes.len(), "the whole product arrived");
     assert_eq!(digest(&got), digest(&bytes), "in order");
     // A node that keeps sending: the relay passes at most CAPACITY_BUDGET to the viewer.
@@ -567,7 +568,7 @@ fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
         let (_, replies) = answer(seq, 1024 * 1024);
         send(&mut sim, replies);
     }
-    let passed: usize = sim.viewers[0].binary.iter().map(|m| m.len() - 8).sum();
+    let passed: usize = sim.viewers[0].binary.iter().map(|m| chunk(m).len()).sum();
     assert!(passed <= pylon_relay::forward::CAPACITY_BUDGET, "{passed} bytes passed");
     let m = sim.metrics.render();
     assert!(m.contains(r#"pylon_relay_capacity_dropped_total{reason="over_budget"}"#), "{m}");

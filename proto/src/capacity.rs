@@ -89,6 +89,24 @@ pub fn product_bytes(c: &[u32]) -> Vec<u8> {
     c.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
+/// A chunk of a product as the relay passes it to the checker in one binary DataChannel
+/// message: `seq` (the challenge's input sequence number) u32, `offset` u32 (big endian),
+/// then the bytes.
+pub fn chunk_message(seq: u32, offset: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + data.len());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// `(seq, offset, bytes)` of a [`chunk_message`]; `None` for a message too short to be one.
+pub fn parse_chunk_message(message: &[u8]) -> Option<(u32, u32, &[u8])> {
+    let (seq, rest) = message.split_first_chunk::<4>()?;
+    let (offset, data) = rest.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*seq), u32::from_be_bytes(*offset), data))
+}
+
 /// The commitment to a product: SHA-256 of [`product_bytes`].
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -307,6 +325,14 @@ mod tests {
         assert!(matches!(gap.push(8, &[0; 32 * 32 * 4]), Err(CapacityError::WrongLength { .. })));
         assert!(matches!(gap.push(8, &[]), Err(CapacityError::WrongLength { .. })));
         assert!(matches!(gap.finish(), Err(CapacityError::WrongLength { .. })));
+    }
+
+    #[test]
+    fn a_chunk_message_round_trips_and_a_short_one_is_refused() {
+        let m = chunk_message(7, 4000, &[1, 2, 3]);
+        assert_eq!(m, [0, 0, 0, 7, 0, 0, 0x0f, 0xa0, 1, 2, 3]);
+        assert_eq!(parse_chunk_message(&m), Some((7, 4000, &[1u8, 2, 3][..])));
+        assert_eq!(parse_chunk_message(&m[..7]), None);
     }
 
     #[test]

@@ -420,12 +420,15 @@ impl Store {
         Ok(row.try_get::<i64, _>(0)? > 0)
     }
 
-    /// The checker of each node's latest report.
+    /// The checker of each suspect node's latest report (only a suspicion waits for
+    /// another checker: [`leave_to_another`]).
     pub async fn last_reporters(&self) -> Result<BTreeMap<String, String>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.node, c.checker FROM checks c WHERE c.reported_at = \
-             (SELECT MAX(l.reported_at) FROM checks l WHERE l.node = c.node)",
+            "SELECT c.node, c.checker FROM checks c \
+             WHERE c.node IN (SELECT id FROM nodes WHERE verdict = $1) \
+             AND c.reported_at = (SELECT MAX(l.reported_at) FROM checks l WHERE l.node = c.node)",
         )
+        .bind(StoredVerdict::Suspect.as_str())
         .fetch_all(&self.pool)
         .await?;
         let mut out = BTreeMap::new();
