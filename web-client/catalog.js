@@ -16,11 +16,54 @@ const PROBE_BUDGET_MS = 300;
 /** Pings per candidate: the first pays for the connection, the minimum is the RTT. */
 const PINGS = 3;
 
+/** How long one indexer replica has to answer before the next is tried, ms. */
+const REPLICA_TIMEOUT_MS = 4000;
+
+// The indexer's replicas: '' (this page's own origin) first, then the others the indexer
+// names at /api/v1/replicas. A call goes to the one that answered last; one that cannot be
+// reached, does not answer in time or whose proxy says it is down is passed over for the
+// next, so the catalog keeps working when the replica that served it dies.
+let replicas = [''];
+let current = 0;
+state.indexer = location.origin;
+
+async function loadReplicas() {
+  try {
+    const res = await fetch('/api/v1/replicas', { cache: 'no-store' });
+    const body = await res.json();
+    const others = (body.replicas || [])
+      .map((u) => u.replace(/\/$/, ''))
+      .filter((u) => { try { return new URL(u).origin !== location.origin; } catch { return false; } });
+    replicas = ['', ...new Set(others)];
+  } catch {
+    // One replica (or none named): the page's own origin only.
+  }
+}
+
 async function api(path, init) {
-  const res = await fetch(`/api/v1${path}`, init);
-  const body = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(body.error || `${res.status} ${res.statusText}`);
-  return body;
+  let lastError = null;
+  for (let i = 0; i < replicas.length; i++) {
+    const at = (current + i) % replicas.length;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), REPLICA_TIMEOUT_MS);
+    let res;
+    try {
+      res = await fetch(`${replicas[at]}/api/v1${path}`, { ...init, signal: ctl.signal });
+    } catch (e) {
+      lastError = e;
+      continue;
+    } finally {
+      clearTimeout(timer);
+    }
+    if ([502, 503, 504].includes(res.status) && i + 1 < replicas.length) continue;
+    if (at !== current) console.info(`indexer: now using ${replicas[at] || location.origin}`);
+    current = at;
+    state.indexer = replicas[at] || location.origin;
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error(body.error || `${res.status} ${res.statusText}`);
+    return body;
+  }
+  throw new Error(`the indexer cannot be reached${lastError ? ` (${lastError.message})` : ''}`);
 }
 
 /** Every title: the catalog pages (`next_cursor`) through at most 1000 per request. */
@@ -83,7 +126,7 @@ async function play(titleId) {
       body: JSON.stringify({ title: titleId, client_rtt_ms: state.rtt }),
     });
     state.session = session;
-    const fragment = new URLSearchParams({ token: session.token, catalog: location.origin });
+    const fragment = new URLSearchParams({ token: session.token, catalog: state.indexer });
     location.href = `${session.relay_url.replace(/\/$/, '')}/play/${session.session}#${fragment}`;
   } catch (e) {
     state.error = e.message;
@@ -96,7 +139,7 @@ async function watch(sessionId) {
   try {
     const session = await api(`/sessions/${sessionId}/spectate`, { method: 'POST' });
     state.session = session;
-    const fragment = new URLSearchParams({ token: session.token, catalog: location.origin });
+    const fragment = new URLSearchParams({ token: session.token, catalog: state.indexer });
     location.href = `${session.relay_url.replace(/\/$/, '')}/watch/${session.session}#${fragment}`;
   } catch (e) {
     state.error = e.message;
@@ -150,6 +193,7 @@ function renderPool(nodes) {
 }
 
 async function main() {
+  await loadReplicas();
   try {
     state.titles = await allTitles();
     render(state.titles);

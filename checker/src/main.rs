@@ -40,9 +40,10 @@ struct Args {
     /// class (verified with Freivalds' algorithm). Without it, no capacity check.
     #[arg(long)]
     gpu_class: Option<u8>,
-    /// Pool: the indexer's URL (`http://indexer:8090`).
-    #[arg(long, env = "PYLON_INDEXER")]
-    indexer: Option<String>,
+    /// Pool: the indexer's URL (`http://indexer:8090`); several replicas' comma-separated
+    /// (or the flag repeated), tried in order, failing over when one cannot be reached.
+    #[arg(long, env = "PYLON_INDEXER", value_delimiter = ',', num_args = 1..)]
+    indexer: Vec<String>,
     /// Pool: this checker's id (1-64 letters, digits or ._:-).
     #[arg(long, env = "PYLON_CHECKER_ID", default_value = "checker-1")]
     id: String,
@@ -78,7 +79,8 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
 async fn main() -> anyhow::Result<()> {
     pylon_runtime::init_tracing("info,webrtc=warn,webrtc_ice=warn,webrtc_dtls=warn,webrtc_sctp=warn");
     let args = Args::parse();
-    if let Some(indexer) = args.indexer {
+    if !args.indexer.is_empty() {
+        let indexer = args.indexer;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             pylon_runtime::shutdown_signal().await;

@@ -12,8 +12,8 @@ use std::time::Duration;
 /// A checker in a pool.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// The indexer's base URL.
-    pub indexer: String,
+    /// The indexer's base URL, or each of its replicas' (tried in this order).
+    pub indexer: Vec<String>,
     /// This checker's id.
     pub id: String,
     /// Who runs it.
@@ -104,7 +104,7 @@ pub async fn run_pool(
     mut on_report: impl FnMut(&Reported),
 ) -> Result<u32, PoolError> {
     let key = pylon_indexer_client::keys::load_or_create(&config.data_dir, "checker-key")?;
-    let client = Client::new(&config.indexer, key)?;
+    let client = Client::with_replicas(&config.indexer, key)?;
     let registration =
         RegisterChecker { id: config.id.clone(), owner: config.owner.clone(), public_key: client.public_key() };
     match register_until_accepted(|| client.register_checker(&registration), &mut shutdown).await {
@@ -112,7 +112,7 @@ pub async fn run_pool(
         Ok(None) => return Ok(0),
         Err(e) => return Err(PoolError::Refused(e)),
     }
-    tracing::info!(id = %config.id, key = %client.public_key(), indexer = %config.indexer, "registered");
+    tracing::info!(id = %config.id, key = %client.public_key(), indexer = %client.base(), "registered");
     let mut done = 0u32;
     let mut told_pending = false;
     while config.checks.is_none_or(|n| done < n) {
@@ -126,7 +126,7 @@ pub async fn run_pool(
                 if !told_pending {
                     tracing::info!(
                         "waiting for the operator's approval: POST {}/api/v1/checkers/{}/approve",
-                        config.indexer,
+                        client.base(),
                         config.id
                     );
                     told_pending = true;

@@ -163,7 +163,8 @@ fn join_pool(
         let pk = pylon_indexer_client::encode_key(&key.verifying_key());
         format!("relay-{}", pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase())
     });
-    let client = pylon_indexer_client::Client::new(&config.indexer, key).context("creating the indexer client")?;
+    let client =
+        pylon_indexer_client::Client::with_replicas(&config.indexer, key).context("creating the indexer client")?;
     let registration = pylon_indexer_client::api::RegisterRelay {
         id: id.clone(),
         owner: config.owner.clone(),

@@ -29,9 +29,11 @@ struct Args {
     data_dir: PathBuf,
     /// Join the pool of the indexer at this URL (e.g. http://127.0.0.1:8090): register,
     /// heartbeat, report RTT to nodes, and admit viewers only with a session token it
-    /// signed. Without it the relay runs alone and any browser may watch or play.
-    #[arg(long, env = "PYLON_INDEXER")]
-    indexer: Option<String>,
+    /// signed. Several replicas of one indexer: their URLs comma-separated (or the flag
+    /// repeated), tried in order, failing over to the next when one cannot be reached.
+    /// Without it the relay runs alone and any browser may watch or play.
+    #[arg(long, env = "PYLON_INDEXER", value_delimiter = ',', num_args = 1..)]
+    indexer: Vec<String>,
     /// The relay's id in the pool (default: `relay-` and the start of its public key).
     #[arg(long, env = "PYLON_RELAY_ID")]
     relay_id: Option<String>,
@@ -82,8 +84,8 @@ async fn main() -> anyhow::Result<()> {
         advertise_addr: args.advertise_addr,
         quic_addr: args.quic_addr,
         data_dir: args.data_dir,
-        pool: args.indexer.map(|indexer| pylon_relay::pool::PoolConfig {
-            indexer,
+        pool: (!args.indexer.is_empty()).then_some(pylon_relay::pool::PoolConfig {
+            indexer: args.indexer,
             id: args.relay_id,
             owner: args.owner,
             region: args.region,

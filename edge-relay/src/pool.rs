@@ -26,8 +26,8 @@ pub fn unix_now() -> u64 {
 /// How to join the pool.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// The indexer's base URL.
-    pub indexer: String,
+    /// The indexer's base URL, or each of its replicas' (tried in this order).
+    pub indexer: Vec<String>,
     /// The relay's id (default: from its key).
     pub id: Option<String>,
     /// Owner account.

@@ -165,7 +165,7 @@ async fn a_pool_checker_is_approved_checks_the_node_on_a_free_seat_and_scores_it
     let indexer = platform.indexer.unwrap();
     common::wait_rtt_reported(indexer, common::POOL_NODE, Duration::from_secs(30)).await;
     let config = PoolConfig {
-        indexer: format!("http://{indexer}"),
+        indexer: vec![format!("http://{indexer}")],
         id: "checker-e2e".into(),
         owner: "e2e".into(),
         data_dir: platform.data_dir().join("checker"),

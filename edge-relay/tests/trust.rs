@@ -37,7 +37,7 @@ async fn start_relay(data_dir: &std::path::Path, indexer: Option<SocketAddr>) ->
         quic_addr: localhost(),
         data_dir: data_dir.to_path_buf(),
         pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {
-            indexer: format!("http://{addr}"),
+            indexer: vec![format!("http://{addr}")],
             id: Some("relay-trust".into()),
             owner: "test".into(),
             region: "local".into(),

@@ -44,7 +44,7 @@ pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
     Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat,
     NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
-    RelayHeartbeatReply, SessionCreated, SessionRole, Verdict, valid_id,
+    RelayHeartbeatReply, Replicas, SessionCreated, SessionRole, Verdict, valid_id,
 };
 
 mod checks;
@@ -279,6 +279,9 @@ pub struct AppState {
     pub policy: Policy,
     /// Its rate limiters.
     pub limiters: Arc<Limiters>,
+    /// The public base URLs of every replica serving this pool (this one's included), as
+    /// the operator named them.
+    pub replicas: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -292,6 +295,7 @@ impl AppState {
             metrics: IndexerMetrics::new(),
             limiters: Arc::new(Limiters::new(&policy)),
             policy,
+            replicas: Arc::default(),
         }
     }
 }
@@ -302,13 +306,23 @@ impl AppState {
         self.studio_token = Arc::new(token);
         self
     }
+
+    /// Names the public base URLs of every replica of this indexer (this one's included):
+    /// listed at `/api/v1/replicas` for the catalog page to fail over through, and the
+    /// origins whose pages may call this replica's API.
+    pub fn with_replicas(mut self, urls: Vec<String>) -> Self {
+        self.replicas = Arc::new(urls.into_iter().map(|u| u.trim().trim_end_matches('/').to_string()).collect());
+        self
+    }
 }
 
 /// The API routes.
 pub fn router(state: AppState) -> Router {
+    let cors = replica_cors(&state.replicas);
     Router::new()
         .route("/api/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/api/v1/public-key", get(public_key))
+        .route("/api/v1/replicas", get(replicas))
         .route("/api/v1/titles", get(list_titles).post(put_title))
         .route("/api/v1/titles/{id}", get(get_title).delete(delete_title))
         .route("/api/v1/nodes", get(list_nodes).post(register_node))
@@ -333,7 +347,33 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/checks/{id}/report", post(checks::report_check))
         .route("/metrics", get(metrics))
         .merge(crate::web::router())
+        .layer(cors)
         .with_state(state)
+}
+
+/// Pages served by one replica may call the API of the others (the catalog fails over to
+/// them); no other origin may, and no credentials cross (nothing here uses cookies).
+fn replica_cors(replicas: &[String]) -> tower_http::cors::CorsLayer {
+    let origins: Vec<axum::http::HeaderValue> = replicas
+        .iter()
+        .filter_map(|u| url_origin(u))
+        .filter_map(|o| axum::http::HeaderValue::from_str(&o).ok())
+        .collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([axum::http::header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// `scheme://host[:port]` of a base URL; `None` unless it is http(s).
+fn url_origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let host = rest.split(['/', '?', '#']).next()?;
+    (!host.is_empty()).then(|| format!("{scheme}://{host}"))
 }
 
 /// The OpenAPI document (OpenAPI 3.1), served at `/api/v1/openapi.json`.
@@ -359,6 +399,7 @@ pub fn router(state: AppState) -> Router {
     modifiers(&SecuritySchemes),
     paths(
         public_key,
+        replicas,
         list_titles,
         put_title,
         get_title,
@@ -408,6 +449,7 @@ pub fn router(state: AppState) -> Router {
         SessionCreated,
         Candidate,
         PublicKey,
+        Replicas,
         RelayHeartbeatReply,
         EndSession,
         NodeKeyInfo,
@@ -764,6 +806,13 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddr {
         let addr = parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>();
         Ok(ClientAddr(addr.map_or_else(|| "unknown".to_string(), |ConnectInfo(a)| a.ip().to_string())))
     }
+}
+
+/// The replicas serving this indexer (the catalog page fails over through them).
+#[utoipa::path(get, path = "/api/v1/replicas", tag = "catalog",
+    responses((status = 200, description = "Every replica's public base URL", body = Replicas)))]
+async fn replicas(State(s): State<AppState>) -> Json<Replicas> {
+    Json(Replicas { replicas: s.replicas.to_vec() })
 }
 
 #[utoipa::path(get, path = "/api/v1/public-key", tag = "pool",

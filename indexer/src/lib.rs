@@ -16,7 +16,9 @@
 //! **Invariant:** the indexer never touches media.
 
 pub mod api;
+mod run;
 pub use pylon_indexer_client::keys;
+pub use run::{IndexerConfig, run};
 pub mod limit;
 pub mod selector;
 pub mod store;

@@ -2,9 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pylon_indexer::api::{AppState, Policy, router};
+use pylon_indexer::IndexerConfig;
+use pylon_indexer::api::Policy;
 use pylon_indexer::limit::Rate;
-use pylon_indexer::store::{Store, Title};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -55,6 +55,12 @@ struct Args {
     /// Register the built-in demo title ("Pylon Asteroids", id `demo`) on start.
     #[arg(long)]
     demo_title: bool,
+    /// Several replicas serve this pool (one database, one signing key: the same
+    /// indexer-key file in each --data-dir): the public base URL of every replica, this
+    /// one's included, comma-separated or the flag repeated. The catalog page fails over
+    /// through them, and pages from these origins may call this API.
+    #[arg(long, env = "PYLON_REPLICA_URLS", value_delimiter = ',', num_args = 1..)]
+    replica_url: Vec<String>,
 }
 
 /// A token: from the file named, or from environment variable `var`.
@@ -72,51 +78,28 @@ fn token(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     pylon_runtime::init_tracing("info,sqlx=warn");
     let args = Args::parse();
-    let admin_token = token(args.admin_token_file.as_deref(), "PYLON_ADMIN_TOKEN")?;
-    let studio_token = token(args.studio_token_file.as_deref(), "PYLON_STUDIO_TOKEN")?;
-    if admin_token.is_empty() {
-        tracing::warn!("no admin token (PYLON_ADMIN_TOKEN or --admin-token-file): administrative calls are refused");
-    }
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", args.data_dir.join("indexer.db").display()));
-    let store = Store::open(&url).await.context("opening the database")?;
-    tracing::info!(backend = if url.starts_with("postgres") { "postgresql" } else { "sqlite" }, "database ready");
-    if args.demo_title {
-        store.put_title(&Title::builtin_demo()).await?;
-    }
-    let key = pylon_indexer::keys::load_or_create(&args.data_dir, "indexer-key")?;
-    let policy = Policy {
-        approve_new: args.approve_new,
-        sessions_per_address: Rate::new(args.sessions_per_address, (args.sessions_per_address / 2.0).max(1.0)),
-        sessions_per_title: Rate::new(args.sessions_per_title, (args.sessions_per_title / 6.0).max(1.0)),
-        check_interval_secs: args.check_interval,
-        ..Policy::default()
+    let config = IndexerConfig {
+        addr: args.addr,
+        data_dir: args.data_dir,
+        database_url: args.database_url,
+        admin_token: token(args.admin_token_file.as_deref(), "PYLON_ADMIN_TOKEN")?,
+        studio_token: token(args.studio_token_file.as_deref(), "PYLON_STUDIO_TOKEN")?,
+        policy: Policy {
+            approve_new: args.approve_new,
+            sessions_per_address: Rate::new(args.sessions_per_address, (args.sessions_per_address / 2.0).max(1.0)),
+            sessions_per_title: Rate::new(args.sessions_per_title, (args.sessions_per_title / 6.0).max(1.0)),
+            check_interval_secs: args.check_interval,
+            ..Policy::default()
+        },
+        connections_per_address: args.connections_per_address,
+        demo_title: args.demo_title,
+        replicas: args.replica_url,
     };
-    if policy.approve_new {
-        tracing::info!("new nodes and relays wait for approval");
-    }
-    let state = AppState::new(store, key, admin_token, policy).with_studio_token(studio_token);
-    let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
-    tracing::info!(addr = %args.addr, "indexer API at /api/v1, OpenAPI at /api/v1/openapi.json, metrics at /metrics");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let sweeper = tokio::spawn(pylon_indexer::api::run_sweeper(state.clone(), stop.clone()));
-    let limits = pylon_runtime::http::HttpLimits {
-        per_address: args.connections_per_address,
-        max_body: 1 << 20,
-        ..Default::default()
-    };
-    let server = tokio::spawn(pylon_runtime::http::serve(listener, router(state), limits, stop));
-    tokio::select! {
-        _ = pylon_runtime::shutdown_signal() => tracing::info!("shutting down"),
-        r = server => {
-            r??;
-            anyhow::bail!("the HTTP server stopped on its own");
-        }
-    }
-    let _ = stop_tx.send(true);
-    let _ = sweeper.await;
-    Ok(())
+    tokio::spawn(async move {
+        pylon_runtime::shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    pylon_indexer::run(config, stop, None).await
 }

@@ -26,7 +26,27 @@ async fn state() -> AppState {
 }
 
 async fn state_with(policy: Policy) -> AppState {
-    let url = match std::env::var("PYLON_TEST_POSTGRES") {
+    let url = database_url("sqlite::memory:".into()).await;
+    let store = Store::open(&url).await.unwrap();
+    AppState::new(store, SigningKey::from_bytes(&[42; 32]), ADMIN.into(), policy)
+}
+
+/// Two replicas of one indexer: two states (each its own pool of connections, limiters
+/// and metrics) on one database, with one signing key.
+async fn replicas(dir: &std::path::Path) -> (AppState, AppState) {
+    let url = database_url(format!("sqlite://{}?mode=rwc", dir.join("indexer.db").display())).await;
+    let relaxed = Rate::new(1e6, 1e6);
+    let policy = Policy { sessions_per_address: relaxed, spectate_per_address: relaxed, ..Policy::default() };
+    let replica = async || {
+        let store = Store::open(&url).await.unwrap();
+        AppState::new(store, SigningKey::from_bytes(&[42; 32]), ADMIN.into(), policy)
+    };
+    (replica().await, replica().await)
+}
+
+/// A fresh database on the PostgreSQL server `PYLON_TEST_POSTGRES` names, else `sqlite`.
+async fn database_url(sqlite: String) -> String {
+    match std::env::var("PYLON_TEST_POSTGRES") {
         Ok(admin_url) if !admin_url.is_empty() => {
             use sqlx::Connection;
             sqlx::any::install_default_drivers();
@@ -42,10 +62,8 @@ async fn state_with(policy: Policy) -> AppState {
             let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
             format!("{base}/{name}")
         }
-        _ => "sqlite::memory:".into(),
-    };
-    let store = Store::open(&url).await.unwrap();
-    AppState::new(store, SigningKey::from_bytes(&[42; 32]), ADMIN.into(), policy)
+        _ => sqlite,
+    }
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
@@ -984,4 +1002,90 @@ async fn a_ghost_nodes_phantom_sessions_fail_every_metering_audit_and_an_honest_
         }
     }
     assert_eq!((caught, false_alarms), (20, 0));
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_hand_out_one_check_per_turn_and_share_everything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = replicas(dir.path()).await;
+    add_demo_title(&a).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    let (c1, c2) = (SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32]));
+    // Registered through A, approved through B: one pool.
+    add_node(&a, "node-a", "alice", 1.0, &node).await; // two seats
+    add_relay(&b, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    add_checker(&a, "checker-1", &c1).await;
+    add_checker(&b, "checker-2", &c2).await;
+    // A nonce spent through one replica is spent for both.
+    let replay = signed_with("/api/v1/checkers/checker-1/checks", &Value::Null, &c1, NONCES.next());
+    let again = Request::post("/api/v1/checkers/checker-1/checks")
+        .header("content-type", "application/json")
+        .header("x-pylon-timestamp", replay.headers()["x-pylon-timestamp"].clone())
+        .header("x-pylon-nonce", replay.headers()["x-pylon-nonce"].clone())
+        .header("x-pylon-signature", replay.headers()["x-pylon-signature"].clone())
+        .body(Body::from(Value::Null.to_string()))
+        .unwrap();
+    let (first, check) = call(&a, replay).await;
+    assert_eq!(first, StatusCode::CREATED, "{check}");
+    assert_eq!(call(&b, again).await.0, StatusCode::UNAUTHORIZED, "replayed through the other replica");
+    assert_eq!(node_status(&b, "node-a").await["seats"], 1, "B sees the seat A's check took");
+    // Reported through B (which ends its session: both seats free again, seen by A), and
+    // the operator's approval makes the node due at once.
+    assert_eq!(report(&b, &check, &c1, true).await.0, StatusCode::OK);
+    let approve = Request::post("/api/v1/nodes/node-a/approve").body(Body::empty()).unwrap();
+    assert_eq!(call(&b, admin(approve)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(node_status(&a, "node-a").await["seats"], 0);
+
+    // Two checkers ask two replicas at the same moment for the node's next turn: the
+    // database hands it to one of them only (the other gets nothing to do), though two
+    // seats are free.
+    let (r1, r2) = tokio::join!(next_check(&a, "checker-1", &c1), next_check(&b, "checker-2", &c2));
+    let created = [&r1, &r2].iter().filter(|r| r.0 == StatusCode::CREATED).count();
+    assert_eq!(created, 1, "one check per turn, not one per replica: {r1:?} {r2:?}");
+    assert_eq!(node_status(&a, "node-a").await["seats"], 1, "one seat taken by the one check");
+
+    // A session matched through B ends through A.
+    let play = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let (status, p) = call(&b, post("/api/v1/sessions", &play)).await;
+    assert_eq!(status, StatusCode::CREATED, "{p}");
+    let path = format!("/api/v1/sessions/{}/end", p["session"].as_str().unwrap());
+    assert_eq!(call(&a, signed(&path, &json!({"reason": "player left"}), &relay)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(node_status(&b, "node-a").await["seats"], 1);
+}
+
+#[tokio::test]
+async fn replicas_are_listed_and_only_their_pages_may_call_the_api_across_origins() {
+    let s =
+        state().await.with_replicas(vec!["https://indexer-1.example/".into(), "https://indexer-2.example:8443".into()]);
+    let (status, body) = call(&s, get("/api/v1/replicas")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"replicas": ["https://indexer-1.example", "https://indexer-2.example:8443"]}));
+    let from = |origin: &str| Request::get("/api/v1/titles").header("origin", origin).body(Body::empty()).unwrap();
+    for (origin, allowed) in [
+        ("https://indexer-2.example:8443", true),
+        ("https://indexer-1.example", true),
+        ("https://indexer-2.example", false),
+        ("https://evil.example", false),
+    ] {
+        let res = router(s.clone()).oneshot(from(origin)).await.unwrap();
+        let allow = res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(allow.as_deref() == Some(origin), allowed, "{origin}: {allow:?}");
+        assert!(allow.is_none() || allowed, "{origin}");
+    }
+    // A preflight for the session request from the other replica's page.
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/api/v1/sessions")
+        .header("origin", "https://indexer-2.example:8443")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap();
+    let res = router(s.clone()).oneshot(preflight).await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(res.headers()["access-control-allow-origin"], "https://indexer-2.example:8443");
+    // One replica named by nobody: no cross-origin calls at all.
+    let alone = state().await;
+    let res = router(alone).oneshot(from("https://indexer-1.example")).await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
 }

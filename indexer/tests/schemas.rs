@@ -253,6 +253,8 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
         Candidate { relay: "relay-a".into(), url: "https://relay.example".into(), region: "eu".into() },
     );
     c.check("PublicKey", PublicKey { public_key: "C".repeat(43) + "=" });
+    c.check("Replicas", Replicas { replicas: vec!["https://indexer-1.example".into(), "http://10.0.0.2:8090".into()] });
+    c.check("Replicas", Replicas { replicas: Vec::new() });
     c.check(
         "RelayHeartbeatReply",
         RelayHeartbeatReply { ended_sessions: vec!["33".repeat(16)], revoked_nodes: vec!["node-b".into()] },

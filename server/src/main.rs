@@ -88,10 +88,12 @@ struct Args {
     #[arg(long, env = "PYLON_METRICS_ADDR", default_value = "127.0.0.1:9100")]
     metrics_addr: SocketAddr,
     /// Join the pool of the indexer at this URL (e.g. http://127.0.0.1:8090): register,
-    /// heartbeat, and admit players only with a session token it signed. Without it the
-    /// node streams to its relay alone and any player there may play.
-    #[arg(long, env = "PYLON_INDEXER")]
-    indexer: Option<String>,
+    /// heartbeat, and admit players only with a session token it signed. Several replicas
+    /// of one indexer: their URLs comma-separated (or the flag repeated), tried in order,
+    /// failing over to the next when one cannot be reached. Without it the node streams to
+    /// its relay alone and any player there may play.
+    #[arg(long, env = "PYLON_INDEXER", value_delimiter = ',', num_args = 1..)]
+    indexer: Vec<String>,
     /// Directory for the node's identity key (created on first start).
     #[arg(long, env = "PYLON_DATA_DIR", default_value = ".pylon/node")]
     data_dir: PathBuf,
@@ -182,8 +184,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     // The pool identity, before the GPU: a node that cannot join should say so at once.
-    let pool = match &args.indexer {
-        Some(url) => {
+    let pool = match args.indexer.is_empty() {
+        false => {
             let key = pylon_indexer_client::keys::load_or_create(&args.data_dir, "node-key")
                 .context("loading the node's identity key")?;
             let id = args.node_id.clone().unwrap_or_else(|| {
@@ -193,10 +195,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase()
                 )
             });
-            let client = pylon_indexer_client::Client::new(url, key.clone()).context("creating the indexer client")?;
+            let client = pylon_indexer_client::Client::with_replicas(&args.indexer, key.clone())
+                .context("creating the indexer client")?;
             Some((client, id, key))
         }
-        None => None,
+        true => None,
     };
     let gate = match &pool {
         Some((_, id, _)) => SessionGate::pooled(id),

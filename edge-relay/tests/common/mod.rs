@@ -186,6 +186,9 @@ pub struct Setup {
     pub av_sync: bool,
     /// The node fakes the demo (the checker's tests).
     pub fake: Option<pylon_server::pipeline::Fake>,
+    /// The pool's indexer replicas, already running (`http://addr`): the relay and the node
+    /// get all of them; no in-process indexer is started.
+    pub indexers: Vec<String>,
 }
 
 impl Default for Setup {
@@ -198,13 +201,14 @@ impl Default for Setup {
             titles: Vec::new(),
             av_sync: false,
             fake: None,
+            indexers: Vec::new(),
         }
     }
 }
 
 /// Starts a relay (and an indexer, when pooled) and a render node as `setup` says.
 pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Platform {
-    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake } = setup;
+    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake, indexers } = setup;
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -212,7 +216,14 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (relay_shutdown, relay_shutdown_rx) = watch::channel(false);
     let (started_tx, started_rx) = oneshot::channel();
-    let indexer = if pooled { Some(start_indexer_with(&data_dir.join("indexer"), titles.clone()).await) } else { None };
+    let indexers = match (pooled, indexers.is_empty()) {
+        (_, false) => indexers,
+        (true, true) => vec![format!("http://{}", start_indexer_with(&data_dir.join("indexer"), titles.clone()).await)],
+        (false, true) => Vec::new(),
+    };
+    let pooled = !indexers.is_empty();
+    let indexer: Option<std::net::SocketAddr> =
+        indexers.first().map(|u| u.trim_start_matches("http://").parse().expect("http://address"));
     let config = RelayConfig {
         http_addr: localhost(),
         webrtc_addr: localhost(),
@@ -221,8 +232,8 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         data_dir: data_dir.clone(),
         allow_anonymous_nodes: false,
         av_sync,
-        pool: indexer.map(|addr| pylon_relay::pool::PoolConfig {
-            indexer: format!("http://{addr}"),
+        pool: pooled.then(|| pylon_relay::pool::PoolConfig {
+            indexer: indexers.clone(),
             id: Some(POOL_RELAY.into()),
             owner: "e2e".into(),
             region: "local".into(),
@@ -281,10 +292,10 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
     let mut identity = None;
     let mut indexer_client = None;
     let catalog = pylon_server::titles::TitleCatalog::new(std::iter::once(Title::builtin_demo()).chain(titles));
-    if let Some(addr) = indexer {
+    if pooled {
         let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
         identity = Some(key.clone());
-        let client = pylon_indexer_client::Client::new(&format!("http://{addr}"), key).unwrap();
+        let client = pylon_indexer_client::Client::with_replicas(&indexers, key).unwrap();
         let registration = pylon_indexer_client::api::RegisterNode {
             id: POOL_NODE.into(),
             provider: "e2e-provider".into(),

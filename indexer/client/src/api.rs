@@ -20,6 +20,15 @@ pub struct PublicKey {
     pub public_key: String,
 }
 
+/// The replicas serving this indexer: their public base URLs, in the order clients try
+/// them (the catalog page fails over through them when the replica that served it is gone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Replicas {
+    /// Base URLs (`https://indexer-1.example`), this replica's among them; empty when the
+    /// operator named none (one replica, or one address in front of all).
+    pub replicas: Vec<String>,
+}
+
 /// A node's registration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterNode {

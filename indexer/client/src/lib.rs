@@ -150,34 +150,67 @@ where
     }
 }
 
-/// A node's or relay's connection to the indexer.
+/// A node's, relay's or checker's connection to the indexer: one replica or several
+/// (replicas of one pool share its database and signing key, so any of them answers for
+/// all).
+///
+/// Requests go to the replica that answered last. One that cannot be reached (connection
+/// refused or not made within [`CONNECT_TIMEOUT`]) or whose proxy says it is down (502,
+/// 503, 504) is passed over for the next, in the order given, within the same call: the
+/// request never reached a replica, so sending it again cannot do it twice. A request that
+/// reached a replica and got no answer in time fails (it may have been carried out); the
+/// next call starts at the next replica.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
+    bases: std::sync::Arc<[String]>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     key: std::sync::Arc<SigningKey>,
     http: reqwest::Client,
     nonces: std::sync::Arc<NonceCounter>,
 }
 
+/// How long a replica has to accept a connection before the client tries the next.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a replica has to answer a request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Client {
     /// A client for the indexer at `base` (e.g. `http://127.0.0.1:8090`), signing with `key`.
     pub fn new(base: &str, key: SigningKey) -> Result<Self, ClientError> {
+        Self::with_replicas(&[base.to_string()], key)
+    }
+
+    /// A client for an indexer served by the replicas at `bases` (tried in this order),
+    /// signing with `key`.
+    pub fn with_replicas(bases: &[String], key: SigningKey) -> Result<Self, ClientError> {
+        let bases: Vec<String> =
+            bases.iter().map(|b| b.trim().trim_end_matches('/').to_string()).filter(|b| !b.is_empty()).collect();
+        if bases.is_empty() {
+            return Err(ClientError::Unreachable("no indexer URL given".into()));
+        }
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(3))
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
+            bases: bases.into(),
+            current: std::sync::Arc::default(),
             key: std::sync::Arc::new(key),
             http,
             nonces: std::sync::Arc::default(),
         })
     }
 
-    /// The indexer's base URL.
+    /// The base URL of the replica requests go to now.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// Every replica's base URL, in the order they are tried.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
     }
 
     /// This caller's public key, base64.
@@ -304,20 +337,50 @@ impl Client {
         };
         let method_value = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| ClientError::Malformed { path: path.into(), reason: e.to_string() })?;
-        let mut req = self.http.request(method_value, format!("{}{path}", self.base));
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        if signed {
-            let ts = unix_now();
-            let nonce = self.nonces.next();
-            let sig = self.key.sign(&signed_message(method, path, ts, nonce, &bytes));
-            req = req
-                .header("x-pylon-timestamp", ts.to_string())
-                .header("x-pylon-nonce", nonce.to_string())
-                .header("x-pylon-signature", STANDARD.encode(sig.to_bytes()));
-        }
-        let resp = req.body(bytes).send().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self.current.load(Relaxed);
+        let mut attempt = 0;
+        let resp = loop {
+            let at = (first + attempt) % self.bases.len();
+            let base = &self.bases[at];
+            let mut req = self.http.request(method_value.clone(), format!("{base}{path}"));
+            if body.is_some() {
+                req = req.header("content-type", "application/json");
+            }
+            if signed {
+                // Signed afresh for each replica: a nonce is spent once, wherever.
+                let ts = unix_now();
+                let nonce = self.nonces.next();
+                let sig = self.key.sign(&signed_message(method, path, ts, nonce, &bytes));
+                req = req
+                    .header("x-pylon-timestamp", ts.to_string())
+                    .header("x-pylon-nonce", nonce.to_string())
+                    .header("x-pylon-signature", STANDARD.encode(sig.to_bytes()));
+            }
+            attempt += 1;
+            let more = attempt < self.bases.len();
+            match req.body(bytes.clone()).send().await {
+                Ok(resp) if more && matches!(resp.status().as_u16(), 502..=504) => {
+                    tracing::warn!(indexer = %base, status = resp.status().as_u16(), "indexer replica unavailable; trying the next");
+                }
+                Ok(resp) => {
+                    if at != first % self.bases.len() {
+                        tracing::info!(indexer = %base, "now using this indexer replica");
+                    }
+                    self.current.store(at, Relaxed);
+                    break resp;
+                }
+                Err(e) if more && e.is_connect() => {
+                    tracing::warn!(indexer = %base, "indexer replica unreachable ({e}); trying the next");
+                }
+                Err(e) => {
+                    // It may have reached the replica: not sent again, but the next call
+                    // starts at the next replica.
+                    self.current.store((at + 1) % self.bases.len(), Relaxed);
+                    return Err(ClientError::Unreachable(format!("{base}: {e}")));
+                }
+            }
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }

@@ -264,9 +264,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a check handed out and moves its node's next check to `next_check`.
-    pub async fn add_check(&self, c: &CheckRecord, next_check: i64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+    /// Takes node `node` for a check: moves its next check from `seen` (what the caller
+    /// read) to `next`. `false`: another checker took it meanwhile (through this replica or
+    /// another: the database decides, so two checks are never handed out for one turn).
+    pub async fn claim_check(&self, node: &str, seen: i64, next: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE nodes SET next_check = $1 WHERE id = $2 AND next_check = $3")
+            .bind(next)
+            .bind(node)
+            .bind(seen)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a check handed out (its node claimed with [`Store::claim_check`]).
+    pub async fn add_check(&self, c: &CheckRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO checks (id, checker, node, session, issued_at, report_by) VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -276,14 +288,8 @@ impl Store {
         .bind(&c.session)
         .bind(c.issued_at)
         .bind(c.report_by)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        sqlx::query("UPDATE nodes SET next_check = $1 WHERE id = $2")
-            .bind(next_check)
-            .bind(&c.node)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -602,6 +608,8 @@ pub(super) async fn next_check(
     let Some(node) = pick_due(&due, now) else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    // Its next check as read: the claim below succeeds only if nobody moved it since.
+    let seen = schedule.get(&node.id).map_or(0, |v| v.0);
     // The demo's answer to input is exact: check with it where the node has it.
     let demo = Title::builtin_demo().id;
     let title = titles
@@ -640,27 +648,30 @@ pub(super) async fn next_check(
         started_at: now,
         check: true,
     };
+    let [a, b, c, d] = random_bytes()?;
+    let next = now + spread(s.policy.check_interval_secs.max(1), u32::from_le_bytes([a, b, c, d]));
+    if !s.store.claim_check(&node.id, seen, next).await? {
+        // Another checker (through this replica or another) took this node's turn.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     if !s.store.start_session(&record, node.capacity).await? {
-        // A player took the free seat meanwhile: the player comes first.
+        // A player took the free seat meanwhile: the player comes first, and the node's
+        // turn comes back.
+        s.store.claim_check(&node.id, next, seen).await?;
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let check: String = random_bytes::<16>()?.iter().map(|b| format!("{b:02x}")).collect();
-    let [a, b, c, d] = random_bytes()?;
-    let next = now + spread(s.policy.check_interval_secs.max(1), u32::from_le_bytes([a, b, c, d]));
     let report_by = now + REPORT_WITHIN_SECS;
     s.store
-        .add_check(
-            &CheckRecord {
-                id: check.clone(),
-                checker: id.clone(),
-                node: node.id.clone(),
-                session: session.clone(),
-                issued_at: now,
-                report_by,
-                reported_at: None,
-            },
-            next,
-        )
+        .add_check(&CheckRecord {
+            id: check.clone(),
+            checker: id.clone(),
+            node: node.id.clone(),
+            session: session.clone(),
+            issued_at: now,
+            report_by,
+            reported_at: None,
+        })
         .await?;
     s.metrics.checks_assigned.inc();
     tracing::info!(%check, checker = %id, node = %node.id, title = %title.id, relay = %relay.id, "check assigned");
