@@ -54,17 +54,24 @@ function signallingUrl() {
 let detachInput = () => {};
 
 /** Shows why the relay will not play this link, with a way back to the catalog. */
-function refused(message) {
+function refused(message, offer = 'Pick a game') {
   pylon.state = 'refused';
   pylon.error = message;
   statusEl.textContent = `${message}. `;
   if (catalog && /^https?:\/\//.test(catalog)) {
     const a = document.createElement('a');
     a.href = catalog;
-    a.textContent = 'Pick a game';
+    a.id = 'again';
+    a.textContent = offer;
     statusEl.append(a);
   }
 }
+
+/** What the player reads for why the session ended (the relay's or indexer's reason). */
+const ENDED_BECAUSE = {
+  'node gone': 'The game server stopped answering, and the game is lost',
+  'relay gone': 'The relay carrying the game stopped answering',
+};
 
 async function connect() {
   const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
@@ -159,8 +166,10 @@ async function connect() {
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
     } else if (msg.type === 'ended') {
       // The game itself ended (exited, crashed, never drew): reconnecting cannot help.
-      refused(`The game ended: ${msg.reason}`);
+      const why = ENDED_BECAUSE[msg.reason] || `The game ended: ${msg.reason}`;
+      refused(why, 'Start a new game');
       pylon.state = 'ended';
+      pylon.endedReason = msg.reason;
       retried = true;
       stopStats();
       pc.close();

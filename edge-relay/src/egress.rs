@@ -205,6 +205,9 @@ pub async fn run(
             && now.saturating_duration_since(players_reported) >= std::time::Duration::from_secs(1)
         {
             pool.set_players(core.connected_players());
+            for (session, reason) in pool.take_closed_by_indexer() {
+                core.close_session(&session, &reason);
+            }
             players_reported = now;
         }
         dispatch(&mut core, &nodes, pool.as_ref(), &metrics);

@@ -394,7 +394,20 @@ impl Core {
     /// Node `node` ended `session` (its title exited, crashed or never drew): its player
     /// and spectators are closed and told why.
     pub fn session_over(&mut self, node: u64, session: &str, reason: &str) {
-        for v in self.viewers.iter_mut().filter(|v| v.source == Some(node)) {
+        // A node ends its own sessions only.
+        self.close_viewers(Some(node), session, reason);
+    }
+
+    /// The indexer ended `session` (its node stopped answering, or it was swept): its
+    /// player and spectators here are closed and told why.
+    pub fn close_session(&mut self, session: &str, reason: &str) {
+        self.close_viewers(None, session, reason);
+    }
+
+    /// Closes the viewers of `session` (those of node `node` only, when given), telling
+    /// their pages `reason`.
+    fn close_viewers(&mut self, node: Option<u64>, session: &str, reason: &str) {
+        for v in self.viewers.iter_mut().filter(|v| node.is_none_or(|n| v.source == Some(n))) {
             let plays = v.session.as_ref().is_some_and(|(s, _)| s == session);
             if plays || v.watching.as_deref() == Some(session) {
                 tracing::info!(viewer = v.id, session, "closing the viewer: {reason}");

@@ -101,6 +101,9 @@ struct Inner {
     node_keys: HashMap<String, (String, String, std::time::Instant)>,
     /// Sessions whose player is connected here (metering follows this, not the node).
     players: HashSet<String>,
+    /// Sessions the indexer ended (e.g. their node is gone), with why, whose viewers here
+    /// are still to be closed (taken by the egress task).
+    to_close: Vec<(String, String)>,
 }
 
 /// The relay's view of the pool, shared by signalling, ingest and egress.
@@ -235,13 +238,26 @@ impl Pool {
         self.lock().revoked.contains(node)
     }
 
-    fn apply(&self, ended: Vec<String>, revoked: Vec<String>, now: u64) {
+    /// Sessions the indexer ended since the last call, with why: their viewers are closed.
+    pub fn take_closed_by_indexer(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.lock().to_close)
+    }
+
+    fn apply(&self, ended: Vec<String>, reasons: &BTreeMap<String, String>, revoked: Vec<String>, now: u64) {
         let mut inner = self.lock();
         for node in &revoked {
             inner.node_keys.remove(node);
         }
         for s in ended {
-            inner.ended.entry(s).or_insert(now);
+            if inner.ended.contains_key(&s) {
+                continue;
+            }
+            inner.ended.insert(s.clone(), now);
+            // Ended by the indexer, not here: whoever still watches it is told why.
+            if inner.to_close.len() < MAX_UNREPORTED {
+                let reason = reasons.get(&s).cloned().unwrap_or_else(|| "the session ended".into());
+                inner.to_close.push((s, reason));
+            }
         }
         inner.ended.retain(|_, at| now.saturating_sub(*at) < ENDED_MEMORY_SECS);
         inner.revoked = revoked.into_iter().collect();
@@ -277,7 +293,9 @@ pub async fn run(
             _ = tick.tick() => {
                 let hb = RelayHeartbeat { viewers: viewers(), node_rtt_ms: pool.node_rtts(), players: pool.players() };
                 match client.relay_heartbeat(&registration.id, &hb).await {
-                    Ok(reply) => pool.apply(reply.ended_sessions, reply.revoked_nodes, unix_now()),
+                    Ok(reply) => {
+                        pool.apply(reply.ended_sessions, &reply.ended_reasons, reply.revoked_nodes, unix_now())
+                    }
                     Err(e) if e.is_refusal() => return Err(e),
                     Err(e) => tracing::warn!("heartbeat failed: {e}"),
                 }
@@ -369,9 +387,14 @@ mod tests {
 
         // Sessions ended elsewhere arrive with the heartbeat; revocations too.
         let other = Claims { session: [2; 16], ..verify_claims(&indexer) }.session_hex();
-        pool.apply(vec![other], vec!["node-x".into()], unix_now());
+        let reasons = BTreeMap::from([(other.clone(), "node gone".to_string())]);
+        pool.apply(vec![other.clone(), player.session.clone()], &reasons, vec!["node-x".into()], unix_now());
         assert!(pool.admit(&token(&indexer, 2, "relay-1", Role::Player, 2_000), 1_500).is_err());
         assert!(pool.is_revoked("node-x") && !pool.is_revoked("node-a"));
+        // Its viewers here are closed, told why, once; the one that ended here needs nothing.
+        assert_eq!(pool.take_closed_by_indexer(), vec![(other.clone(), "node gone".to_string())]);
+        pool.apply(vec![other], &reasons, Vec::new(), unix_now());
+        assert!(pool.take_closed_by_indexer().is_empty());
     }
 
     fn verify_claims(key: &SigningKey) -> Claims {

@@ -135,6 +135,51 @@ async fn catalog_matches_and_chromium_plays_through_indexer_relay_and_node() {
     platform.stop().await;
 }
 
+/// A render node that dies mid-game: the indexer marks it gone within one heartbeat
+/// timeout and ends its session (no longer metered), the relay closes the player's
+/// connection with the reason, and the page says so and offers a new game.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_mid_game_is_marked_gone_and_its_player_is_told_and_offered_a_new_game() {
+    let mut platform = start_pool(640, 360, 30).await;
+    let indexer = platform.indexer.unwrap();
+    let b = Browser::start().await;
+    play_from_catalog(&b, indexer).await;
+
+    platform.kill_node().await;
+    let killed = Instant::now();
+    // Gone in the indexer within one heartbeat timeout (15 s, and the 5 s sweep).
+    let timeout = Duration::from_secs(pylon_indexer::api::HEARTBEAT_TIMEOUT_SECS as u64);
+    let state = || async {
+        let page = http_get(indexer, "/api/v1/nodes").await;
+        let body: serde_json::Value = serde_json::from_str(page.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        body["items"][0]["state"].as_str().unwrap().to_string()
+    };
+    while state().await != "gone" {
+        assert!(killed.elapsed() < timeout + Duration::from_secs(5), "the dead node is still {}", state().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let gone_s = killed.elapsed().as_secs_f64();
+    // The page is told why, and offered a new game from the catalog.
+    let ended = b
+        .wait_for(
+            "return window.pylon && pylon.state === 'ended' \
+             ? { reason: pylon.endedReason, status: document.getElementById('status').textContent, \
+                 again: document.getElementById('again') && document.getElementById('again').href } : null",
+            Duration::from_secs(15),
+        )
+        .await;
+    let told_s = killed.elapsed().as_secs_f64();
+    assert_eq!(ended["reason"], "node gone", "{ended}");
+    assert!(ended["status"].as_str().unwrap().contains("stopped answering"), "{ended}");
+    assert_eq!(ended["again"], format!("http://{indexer}/"), "{ended}");
+    // Not metered past the node's death: the session ended, its seat is free.
+    let nodes = http_get(indexer, "/api/v1/nodes").await;
+    assert!(nodes.contains("\"seats\":0"), "{nodes}");
+    eprintln!("node killed: gone in the indexer after {gone_s:.1} s, the player told after {told_s:.1} s");
+    b.close().await;
+    platform.stop().await;
+}
+
 /// Whether the node stops rendering within 10 s: no frame rendered or encoded for 1.5 s.
 async fn node_rests(platform: &common::Platform) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -1378,8 +1378,10 @@ async fn relay_heartbeat(
     // Tokens live TOKEN_LIFETIME_SECS: a session ended longer ago than that (plus the
     // clock skew allowed) cannot be joined again anyway.
     let since = now - TOKEN_LIFETIME_SECS as i64 - MAX_SKEW_SECS;
+    let ended = s.store.ended_sessions_on_relay(&id, since).await?;
     Ok(Json(RelayHeartbeatReply {
-        ended_sessions: s.store.ended_sessions_on_relay(&id, since).await?,
+        ended_sessions: ended.iter().map(|(s, _)| s.clone()).collect(),
+        ended_reasons: ended.into_iter().filter(|(_, r)| !r.is_empty()).collect(),
         revoked_nodes: s.store.revoked_nodes().await?,
     }))
 }

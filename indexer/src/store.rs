@@ -111,6 +111,10 @@ pub struct Usage {
     pub seconds: i64,
 }
 
+/// Why a session ended when its render node stopped heartbeating (the player's page says
+/// so and offers a new session).
+pub const NODE_GONE: &str = "node gone";
+
 /// The indexer's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -547,12 +551,12 @@ impl Store {
 
     /// Ends running sessions nobody plays: the relay never saw the player connect within
     /// `join_grace` of the match, or has not seen it for `gone_after`, or the session's
-    /// relay itself went silent for `gone_after`. Metering follows the relay's record of
+    /// relay or node itself went silent for `gone_after` (a node's: [`NODE_GONE`]). Metering follows the relay's record of
     /// a connected player, not the node's claim. Returns how many ended.
     pub async fn sweep_unplayed(&self, now: i64, join_grace: i64, gone_after: i64) -> Result<u64, StoreError> {
         let rows = sqlx::query(
-            "SELECT s.id, s.player_seen, s.started_at, r.last_heartbeat FROM sessions s LEFT JOIN relays r ON r.id = s.relay \
-             WHERE s.ended_at IS NULL",
+            "SELECT s.id, s.player_seen, s.started_at, r.last_heartbeat, n.last_heartbeat FROM sessions s \
+             LEFT JOIN relays r ON r.id = s.relay LEFT JOIN nodes n ON n.id = s.node WHERE s.ended_at IS NULL",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -562,7 +566,11 @@ impl Store {
             let seen: Option<i64> = r.try_get(1)?;
             let started: i64 = r.try_get(2)?;
             let relay_alive: Option<i64> = r.try_get(3)?;
+            let node_alive: Option<i64> = r.try_get(4)?;
             let reason = match seen {
+                // The node stopped heartbeating: its game is gone with it (the relay tells
+                // the player, who can start a new session).
+                _ if node_alive.is_none_or(|t| now.saturating_sub(t) > gone_after) => Some(NODE_GONE),
                 _ if relay_alive.is_none_or(|t| now.saturating_sub(t) > gone_after) => Some("relay gone"),
                 None if now.saturating_sub(started) > join_grace => Some("player never connected"),
                 Some(t) if now.saturating_sub(t) > gone_after => Some("player gone"),
@@ -625,14 +633,14 @@ impl Store {
         Ok(ended)
     }
 
-    /// Sessions on `relay` that ended at or after `since`.
-    pub async fn ended_sessions_on_relay(&self, relay: &str, since: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT id FROM sessions WHERE relay = $1 AND ended_at >= $2")
+    /// Sessions on `relay` that ended at or after `since`, with why.
+    pub async fn ended_sessions_on_relay(&self, relay: &str, since: i64) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, end_reason FROM sessions WHERE relay = $1 AND ended_at >= $2")
             .bind(relay)
             .bind(since)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get::<Option<String>, _>(1)?.unwrap_or_default()))).collect()
     }
 
     /// Seconds and sessions per provider, running sessions counted up to `now`: at most

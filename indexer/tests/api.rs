@@ -491,8 +491,9 @@ async fn a_seat_is_freed_when_the_relay_never_sees_the_player_or_stops_seeing_it
     let grace = pylon_indexer::api::PLAYER_JOIN_GRACE_SECS;
     let gone = pylon_indexer::api::PLAYER_GONE_SECS;
     assert_eq!(s.store.sweep_unplayed(now + 1, grace, gone).await.unwrap(), 0, "within the grace");
-    // The relay keeps heartbeating; the ghost's player never shows up.
+    // The relay and the node keep heartbeating; the ghost's player never shows up.
     s.store.relay_heartbeat("relay-1", 1, &Default::default(), now + grace + 1).await.unwrap();
+    s.store.node_heartbeat("node-a", 2, &[], &["demo".into()], now + grace + 1).await.unwrap();
     s.store.players_seen("relay-1", std::slice::from_ref(&played), now + grace + 1).await.unwrap();
     assert_eq!(s.store.sweep_unplayed(now + grace + 1, grace, gone).await.unwrap(), 1);
     assert!(!s.store.session_running(&ghost).await.unwrap(), "the unplayed session stops being metered");
@@ -500,8 +501,41 @@ async fn a_seat_is_freed_when_the_relay_never_sees_the_player_or_stops_seeing_it
     assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 1, "its seat is free again");
     // The player leaves without the relay's end report arriving: swept once unseen.
     s.store.relay_heartbeat("relay-1", 0, &Default::default(), now + grace + gone + 2).await.unwrap();
+    s.store.node_heartbeat("node-a", 1, &[], &["demo".into()], now + grace + gone + 2).await.unwrap();
     assert_eq!(s.store.sweep_unplayed(now + grace + gone + 2, grace, gone).await.unwrap(), 1);
     assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 0);
+}
+
+#[tokio::test]
+async fn a_node_that_stops_heartbeating_ends_its_sessions_and_the_relay_hears_why() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let (node, relay) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]));
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &relay, json!({"node-a": 2.0})).await;
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 4.0}});
+    let session = call(&s, post("/api/v1/sessions", &req)).await.1["session"].as_str().unwrap().to_string();
+    let now = unix_now();
+    let (grace, gone) = (pylon_indexer::api::PLAYER_JOIN_GRACE_SECS, pylon_indexer::api::PLAYER_GONE_SECS);
+    // The player plays; the relay keeps reporting it. The node fell silent a while ago.
+    s.store
+        .node_heartbeat("node-a", 1, std::slice::from_ref(&session), &["demo".into()], now - gone - 1)
+        .await
+        .unwrap();
+    s.store.relay_heartbeat("relay-1", 1, &Default::default(), now).await.unwrap();
+    s.store.players_seen("relay-1", std::slice::from_ref(&session), now).await.unwrap();
+    assert_eq!(s.store.sweep_unplayed(now - 1, grace, gone).await.unwrap(), 0, "silent for not quite long enough");
+    assert_eq!(s.store.sweep_unplayed(now, grace, gone).await.unwrap(), 1, "one heartbeat timeout: gone");
+    assert!(!s.store.session_running(&session).await.unwrap(), "no longer metered");
+    assert_eq!(s.store.node("node-a").await.unwrap().unwrap().seats, 0);
+    // The relay's next heartbeat names the session and why: its viewers are told.
+    let hb = json!({"viewers": 1, "node_rtt_ms": {}, "players": [session]});
+    let (status, reply) = call(&s, signed("/api/v1/relays/relay-1/heartbeat", &hb, &relay)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["ended_sessions"], json!([session]));
+    assert_eq!(reply["ended_reasons"][&session], pylon_indexer::store::NODE_GONE);
+    // Nobody is matched to it any more.
+    assert_eq!(call(&s, get("/api/v1/nodes/node-a")).await.1["state"], "gone");
 }
 
 #[tokio::test]

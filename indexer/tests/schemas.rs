@@ -257,7 +257,11 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.check("Replicas", Replicas { replicas: Vec::new() });
     c.check(
         "RelayHeartbeatReply",
-        RelayHeartbeatReply { ended_sessions: vec!["33".repeat(16)], revoked_nodes: vec!["node-b".into()] },
+        RelayHeartbeatReply {
+            ended_sessions: vec!["33".repeat(16)],
+            ended_reasons: BTreeMap::from([("33".repeat(16), "node gone".into())]),
+            revoked_nodes: vec!["node-b".into()],
+        },
     );
     c.check("EndSession", EndSession { reason: "player left".into() });
     c.check(

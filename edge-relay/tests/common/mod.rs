@@ -31,6 +31,8 @@ pub struct Platform {
     pub indexer: Option<std::net::SocketAddr>,
     /// The impairment proxy between node and relay, when the platform has one.
     pub uplink_proxy: Option<pylon_relay::impair::ImpairHandle>,
+    /// The render node's link and pool membership, aborted by [`Platform::kill_node`].
+    node_tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Platform {
@@ -47,6 +49,16 @@ impl Platform {
     pub async fn stop_relay(&self) {
         let _ = self.relay_shutdown.send(true);
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// The render node dies: its link and heartbeats stop mid-stream without a goodbye,
+    /// and it renders nothing more. The relay and indexer carry on.
+    pub async fn kill_node(&mut self) {
+        for task in self.node_tasks.drain(..) {
+            task.abort();
+        }
+        self.pipeline.take();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// Sum of a render-node metric's samples.
@@ -291,6 +303,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
     let gate = if pooled { SessionGate::pooled(POOL_NODE) } else { SessionGate::open() };
     let mut identity = None;
     let mut indexer_client = None;
+    let mut node_tasks = Vec::new();
     let catalog = pylon_server::titles::TitleCatalog::new(std::iter::once(Title::builtin_demo()).chain(titles));
     if pooled {
         let key = pylon_indexer_client::keys::load_or_create(&data_dir.join("node"), "node-key").unwrap();
@@ -312,12 +325,15 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
             gpu_class: pipeline.info().gpu_class,
             titles: catalog.installed(pipeline.info().gpu_class),
         };
-        tokio::spawn(pylon_server::pool::run_membership(
-            client.clone(),
-            registration,
-            gate.clone(),
-            shutdown_rx.clone(),
-        ));
+        node_tasks.push(
+            tokio::spawn(pylon_server::pool::run_membership(
+                client.clone(),
+                registration,
+                gate.clone(),
+                shutdown_rx.clone(),
+            ))
+            .abort_handle(),
+        );
         indexer_client = Some(client);
     }
     let uplink_config = UplinkConfig {
@@ -349,7 +365,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         metrics.clone(),
         shutdown_rx.clone(),
     ));
-    tokio::spawn(uplink::run(
+    let uplink = tokio::spawn(uplink::run(
         uplink_config,
         packet_rx,
         pipeline.keyframe_flag(),
@@ -359,6 +375,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         Some(uplink::SessionLink { signals: signal_tx, commands: command_rx }),
         shutdown_rx,
     ));
+    node_tasks.push(uplink.abort_handle());
     Platform {
         _exclusive: exclusive,
         relay,
@@ -370,6 +387,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         data_dir,
         indexer,
         uplink_proxy,
+        node_tasks,
     }
 }
 

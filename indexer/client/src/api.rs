@@ -184,8 +184,13 @@ pub struct SessionCreated {
 /// The indexer's answer to a relay's heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RelayHeartbeatReply {
-    /// Sessions on this relay that ended recently: their tokens must not be used again.
+    /// Sessions on this relay that ended recently: their tokens must not be used again,
+    /// and viewers still connected to them are closed.
     pub ended_sessions: Vec<String>,
+    /// Why those sessions ended, where known (`player left`, `node gone`…), for their
+    /// viewers' pages.
+    #[serde(default)]
+    pub ended_reasons: BTreeMap<String, String>,
     /// Nodes revoked: the relay closes their connections.
     pub revoked_nodes: Vec<String>,
 }
