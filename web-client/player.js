@@ -116,6 +116,12 @@ async function connect() {
     const msg = JSON.parse(event.data);
     if (msg.type === 'frame') latency.onInfo(msg);
     else if (msg.type === 'clock') clock = pylon.clock = msg;
+    else if (msg.type === 'node') {
+      // The game server's link to the relay dropped (or came back): say so while waiting.
+      pylon.nodeLost = msg.state === 'lost';
+      const watching = pylon.role === 'player' ? '' : 'Watching (another player has the controls)';
+      setStatus(pylon.nodeLost ? 'The game server is not answering — waiting for it…' : watching);
+    }
   };
   const onVideoFrame = (now, metadata) => {
     latency.onFrame(now, metadata);

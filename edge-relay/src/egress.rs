@@ -234,7 +234,7 @@ pub async fn run(
                     }
                     IngestEvent::StreamEnded { node } => {
                         nodes.remove(&node);
-                        core.stream_ended(node);
+                        core.stream_ended(Instant::now(), node);
                     }
                 }
             }

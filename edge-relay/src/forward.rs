@@ -329,6 +329,20 @@ pub fn stream_label(connection: u64, hello: &StreamHello) -> String {
     if hello.node.is_empty() { format!("connection-{connection}") } else { hello.node.clone() }
 }
 
+/// What a viewer's page hears when its node's link drops, and when it comes back.
+const NODE_LOST: &str = r#"{"type":"node","state":"lost"}"#;
+const NODE_BACK: &str = r#"{"type":"node","state":"back"}"#;
+
+/// Writes `text` on the viewer's input channel (when it has one), sent at its next turn
+/// (due at once).
+fn tell(v: &mut Viewer, now: Instant, text: &str) {
+    let Some(id) = v.input_channel else { return };
+    if let Some(mut channel) = v.rtc.channel(id) {
+        let _ = channel.write(false, text.as_bytes());
+        v.next_timeout = now;
+    }
+}
+
 /// The forwarding core: every viewer and every node stream of one relay.
 pub struct Core {
     advertise: SocketAddr,
@@ -569,6 +583,10 @@ impl Core {
             if let Some(old) = v.source.filter(|old| *old != node) {
                 tracing::info!(viewer = v.id, old, new = node, "viewer moves to the node's new stream");
             }
+            if v.source.is_none() && v.connected {
+                // It was told the node went away: the picture comes back.
+                tell(v, now, NODE_BACK);
+            }
             v.source = Some(node);
             v.rewrite.rebase();
             v.audio_rewrite.rebase();
@@ -581,8 +599,10 @@ impl Core {
         self.update_stream_gauges();
     }
 
-    /// A node's stream ended: its viewers wait for the node to come back.
-    pub fn stream_ended(&mut self, node: u64) {
+    /// A node's stream ended: its viewers wait for the node to come back, and their pages
+    /// are told (`{"type":"node","state":"lost"}`, then `"back"` when it reconnects; the
+    /// indexer ends the session if it never does).
+    pub fn stream_ended(&mut self, now: Instant, node: u64) {
         if let Some(gone) = self.sources.remove(&node) {
             let label = stream_label(node, &gone.hello);
             if !self.sources.iter().any(|(id, s)| stream_label(*id, &s.hello) == label) {
@@ -591,6 +611,9 @@ impl Core {
         }
         for v in self.viewers.iter_mut().filter(|v| v.source == Some(node)) {
             v.source = None;
+            if v.connected {
+                tell(v, now, NODE_LOST);
+            }
         }
         self.update_stream_gauges();
     }

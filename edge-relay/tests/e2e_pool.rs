@@ -147,6 +147,16 @@ async fn a_node_that_dies_mid_game_is_marked_gone_and_its_player_is_told_and_off
 
     platform.kill_node().await;
     let killed = Instant::now();
+    // The relay notices the node's link is gone (at the latest its 5 s idle timeout) and
+    // the page says it is waiting for the game server.
+    let lost = b
+        .wait_for(
+            "return window.pylon && pylon.nodeLost ? document.getElementById('status').textContent : null",
+            Duration::from_secs(8),
+        )
+        .await;
+    assert!(lost.as_str().unwrap().contains("not answering"), "{lost}");
+    let lost_s = killed.elapsed().as_secs_f64();
     // Gone in the indexer within one heartbeat timeout (15 s, and the 5 s sweep).
     let timeout = Duration::from_secs(pylon_indexer::api::HEARTBEAT_TIMEOUT_SECS as u64);
     let state = || async {
@@ -175,7 +185,10 @@ async fn a_node_that_dies_mid_game_is_marked_gone_and_its_player_is_told_and_off
     // Not metered past the node's death: the session ended, its seat is free.
     let nodes = http_get(indexer, "/api/v1/nodes").await;
     assert!(nodes.contains("\"seats\":0"), "{nodes}");
-    eprintln!("node killed: gone in the indexer after {gone_s:.1} s, the player told after {told_s:.1} s");
+    eprintln!(
+        "node killed: the page waits for it after {lost_s:.1} s, gone in the indexer after {gone_s:.1} s, \
+         the session ended on the page after {told_s:.1} s"
+    );
     b.close().await;
     platform.stop().await;
 }

@@ -576,6 +576,43 @@ fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
 }
 
 #[test]
+fn the_page_hears_when_its_node_goes_away_and_when_it_comes_back() {
+    let mut sim = Sim::new(13, Path::clean(5), &[], 3);
+    sim.add_viewer(14, Path::clean(10), true, true);
+    let start = sim.now;
+    while !(sim.viewers[0].connected && sim.viewers[0].channel_open) {
+        let t = sim.now + Duration::from_millis(10);
+        sim.run_until(t);
+        assert!(sim.now < start + Duration::from_secs(5), "the player's channel did not open");
+    }
+    let t = sim.now + Duration::from_millis(200);
+    sim.run_until(t);
+    let told = |sim: &Sim, what: &str| sim.viewers[0].texts.iter().filter(|t| t.contains(what)).count();
+    assert_eq!(told(&sim, r#""type":"node""#), 0, "nothing to say while the node streams");
+    // The node's link drops: the page hears it at once (not at the viewer's next timer).
+    let now = sim.now;
+    sim.core.stream_ended(now, NODE_CONNECTION);
+    let t = sim.now + Duration::from_millis(50);
+    sim.run_until(t);
+    assert_eq!(told(&sim, r#"{"type":"node","state":"lost"}"#), 1, "{:?}", sim.viewers[0].texts);
+    // It reconnects: the viewer moves to its new stream and the page hears it is back.
+    let hello = StreamHello {
+        width: 1280,
+        height: 720,
+        fps: FPS as u16,
+        profile_level_id: 0x42e01f,
+        encoder: "sim".into(),
+        node: String::new(),
+    };
+    let now = sim.now;
+    sim.core.stream_started(now, NODE_CONNECTION, hello);
+    let t = sim.now + Duration::from_millis(50);
+    sim.run_until(t);
+    assert_eq!(told(&sim, r#"{"type":"node","state":"back"}"#), 1, "{:?}", sim.viewers[0].texts);
+    assert_eq!(told(&sim, r#""type":"node""#), 2, "told once each");
+}
+
+#[test]
 fn a_viewer_whose_ice_never_completes_is_dropped_after_the_deadline() {
     let t0 = Instant::now();
     let metrics = RelayMetrics::new();
