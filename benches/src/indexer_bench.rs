@@ -102,6 +102,7 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
                     revoked: false,
                     approved: true,
                     last_heartbeat: now + 3600,
+                    cert_sha256: String::new(),
                 },
                 1,
             )

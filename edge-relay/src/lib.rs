@@ -97,7 +97,7 @@ pub async fn run(
         let _ = forward_stop.send(true);
     });
     let membership = match &config.pool {
-        Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &metrics, stop.clone())?),
+        Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &identity.cert, &metrics, stop.clone())?),
         None => None,
     };
     let pool = membership.as_ref().map(|(pool, _)| pool.clone());
@@ -155,6 +155,7 @@ fn join_pool(
     data_dir: &std::path::Path,
     http_addr: SocketAddr,
     quic_addr: SocketAddr,
+    cert: &[u8],
     metrics: &metrics::RelayMetrics,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Membership> {
@@ -173,6 +174,8 @@ fn join_pool(
         quic_addr: config.public_quic.clone().unwrap_or_else(|| quic_addr.to_string()),
         region: config.region.clone(),
         capacity: config.capacity,
+        // Nodes of the pool pin this relay's QUIC certificate by it.
+        cert_sha256: tls::fingerprint(cert),
     };
     let (pool, ended) = pool::Pool::new(&id, Some(client.clone()));
     let viewers = metrics.viewers.clone();

@@ -227,6 +227,41 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A pooled node needs no certificate file: it trusts the relays of its pool by the
+/// certificate SHA-256 each registered, and nothing else — a relay outside the pool (or
+/// anyone else at the address the node was given) fails the TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_node_trusts_only_relays_by_the_certificate_they_registered() {
+    let dir = temp_dir("pinned");
+    let indexer = start_indexer(&dir.join("indexer")).await;
+    let (member, _stop_member) = start_relay(&dir.join("member"), Some(indexer)).await;
+    let (outsider, _stop_outsider) = start_relay(&dir.join("outsider"), None).await;
+    let client =
+        pylon_indexer_client::Client::new(&format!("http://{indexer}"), SigningKey::from_bytes(&[5; 32])).unwrap();
+    // The relay registered the SHA-256 of the certificate it serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let registered = loop {
+        let relays = client.relays().await.unwrap();
+        if let Some(r) = relays.into_iter().find(|r| r.id == "relay-trust") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the relay never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(registered.cert_sha256, pylon_server::uplink::fingerprint(&std::fs::read(&member.cert_path).unwrap()));
+    let pinned = std::collections::HashMap::from([(registered.cert_sha256.clone(), vec![registered.id.clone()])]);
+    let config = pylon_server::uplink::pinned_client_config(pinned).unwrap();
+    let endpoint = quinn::Endpoint::client(localhost()).unwrap();
+    // Whatever name the certificate carries, the pool's relay is trusted…
+    let conn = endpoint.connect_with(config.clone(), member.quic_addr, "any-name").unwrap().await;
+    assert!(conn.is_ok(), "the pool's relay was not trusted: {:?}", conn.err());
+    // …and the outsider is not, though it is a real relay with its own certificate.
+    let conn = endpoint.connect_with(config, outsider.quic_addr, "pylon-relay").unwrap().await;
+    let err = conn.expect_err("a relay outside the pool was trusted");
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status

@@ -44,7 +44,7 @@ pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
     Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat,
     NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
-    RelayHeartbeatReply, Replicas, SessionCreated, SessionRole, Verdict, valid_id,
+    RelayHeartbeatReply, Replicas, SessionCreated, SessionRole, Verdict, valid_id, valid_sha256,
 };
 
 mod checks;
@@ -1310,6 +1310,11 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
             "a relay needs an id of 1-64 letters, digits or ._:-, a capacity and an http(s) public_url",
         ));
     }
+    if !r.cert_sha256.is_empty() && !valid_sha256(&r.cert_sha256) {
+        return Err(ApiError::invalid(
+            "cert_sha256 must be 64 lowercase hex digits (the SHA-256 of the DER certificate)",
+        ));
+    }
     let req = SignedRequest { method: &Method::POST, path: "/api/v1/relays", headers: &headers, body: &body };
     let nonce = verify_signed(&s, req, &r.public_key)?;
     if let Some(old) = s.store.relay(&r.id).await? {
@@ -1328,6 +1333,7 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
         revoked: false,
         approved: !s.policy.approve_new,
         last_heartbeat: unix_now(),
+        cert_sha256: r.cert_sha256,
     };
     if !s.store.register_relay(&record, nonce).await? {
         s.metrics.refused_requests.inc();

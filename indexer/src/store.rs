@@ -98,6 +98,9 @@ pub struct RelayRecord {
     pub approved: bool,
     /// Last heartbeat, Unix seconds.
     pub last_heartbeat: i64,
+    /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
+    #[serde(default)]
+    pub cert_sha256: String,
 }
 
 /// Seconds of play per provider, for payouts.
@@ -396,9 +399,10 @@ impl Store {
     pub async fn register_relay(&self, r: &RelayRecord, nonce: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO relays (id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, \
-             last_heartbeat, last_nonce, approved) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '{}', 0, $8, $9, $10) \
+             last_heartbeat, last_nonce, approved, cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '{}', 0, $8, $9, $10, $11) \
              ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, public_url = excluded.public_url, \
              quic_addr = excluded.quic_addr, region = excluded.region, capacity = excluded.capacity, \
+             cert_sha256 = excluded.cert_sha256, \
              last_heartbeat = excluded.last_heartbeat, last_nonce = excluded.last_nonce \
              WHERE relays.public_key = excluded.public_key AND relays.last_nonce < excluded.last_nonce",
         )
@@ -412,13 +416,14 @@ impl Store {
         .bind(r.last_heartbeat)
         .bind(nonce)
         .bind(b(r.approved))
+        .bind(&r.cert_sha256)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     const RELAY_COLUMNS: &'static str = "id, owner, public_key, public_url, quic_addr, region, capacity, viewers, \
-        node_rtt, revoked, last_heartbeat, approved";
+        node_rtt, revoked, last_heartbeat, approved, cert_sha256";
 
     fn relay_row(r: &sqlx::any::AnyRow) -> Result<RelayRecord, StoreError> {
         let rtt: String = r.try_get(8)?;
@@ -435,6 +440,7 @@ impl Store {
             revoked: r.try_get::<i64, _>(9)? != 0,
             last_heartbeat: r.try_get(10)?,
             approved: r.try_get::<i64, _>(11)? != 0,
+            cert_sha256: r.try_get(12)?,
         })
     }
 

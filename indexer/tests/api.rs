@@ -1123,3 +1123,26 @@ async fn replicas_are_listed_and_only_their_pages_may_call_the_api_across_origin
     let res = router(alone).oneshot(from("https://indexer-1.example")).await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn a_relay_registers_the_sha256_of_its_certificate_for_nodes_to_pin() {
+    let s = state().await;
+    let key = SigningKey::from_bytes(&[3; 32]);
+    let body = |cert: &str| {
+        json!({"id": "relay-1", "owner": "box-owner", "public_key": pk(&key), "public_url": "http://relay-1.example:8080",
+            "quic_addr": "127.0.0.1:4433", "region": "eu", "capacity": 50, "cert_sha256": cert})
+    };
+    for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
+        let (status, reply) = call(&s, signed("/api/v1/relays", &body(&bad), &key)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {reply}");
+    }
+    let (status, _) = call(&s, signed("/api/v1/relays", &body(&"ab".repeat(32)), &key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page) = call(&s, get("/api/v1/relays")).await;
+    assert_eq!(page["items"][0]["cert_sha256"], "ab".repeat(32), "{page}");
+    // A new certificate (the relay's data directory was replaced) is registered again.
+    let (status, _) = call(&s, signed("/api/v1/relays", &body(&"cd".repeat(32)), &key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page) = call(&s, get("/api/v1/relays")).await;
+    assert_eq!(page["items"][0]["cert_sha256"], "cd".repeat(32), "{page}");
+}

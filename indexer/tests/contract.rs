@@ -75,6 +75,7 @@ async fn seeded_indexer(dir: &std::path::Path) -> (std::net::SocketAddr, String)
             quic_addr: "127.0.0.1:9".into(),
             region: "local".into(),
             capacity: 100,
+            cert_sha256: "0f".repeat(32),
         })
         .await
         .unwrap();

@@ -128,6 +128,7 @@ fn relay() -> RelayRecord {
         revoked: false,
         approved: true,
         last_heartbeat: 1_800_000_000,
+        cert_sha256: "ab".repeat(32),
     }
 }
 
@@ -192,6 +193,7 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             quic_addr: "203.0.113.1:4433".into(),
             region: "eu".into(),
             capacity: 100,
+            cert_sha256: "cd".repeat(32),
         },
     );
     c.check(

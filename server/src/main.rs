@@ -9,7 +9,7 @@ use pylon_server::metrics::ServerMetrics;
 use pylon_server::pipeline::{Pipeline, PipelineConfig};
 use pylon_server::pool::{self, SessionGate};
 use pylon_server::titles::{TitleCatalog, TitleRunnerConfig, TitleRunnerLinks};
-use pylon_server::uplink::{self, BitrateControl, SessionLink, UplinkConfig};
+use pylon_server::uplink::{self, BitrateControl, RelayTrust, SessionLink, UplinkConfig};
 use pylon_title::sandbox::SandboxConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,9 +41,12 @@ struct Args {
     /// QUIC ingest address of the edge relay.
     #[arg(long, env = "PYLON_RELAY", default_value = "127.0.0.1:4433")]
     relay: SocketAddr,
-    /// The relay's certificate (DER). The relay writes it to `<its data dir>/relay-cert.der`.
-    #[arg(long, env = "PYLON_RELAY_CERT", default_value = ".pylon/relay/relay-cert.der")]
-    relay_cert: PathBuf,
+    /// The relay's certificate (DER), trusted alone. The relay writes it to `<its data
+    /// dir>/relay-cert.der`. In a pool (--indexer) it is not needed: the node trusts any
+    /// relay of the pool by the certificate SHA-256 the relay registered with the indexer.
+    /// Outside a pool the default is .pylon/relay/relay-cert.der.
+    #[arg(long, env = "PYLON_RELAY_CERT")]
+    relay_cert: Option<PathBuf>,
     /// Name the relay's certificate is issued to.
     #[arg(long, env = "PYLON_RELAY_NAME", default_value = "pylon-relay")]
     relay_name: String,
@@ -177,12 +180,19 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let (width, height) = args.size;
     // Fail now, not after the GPU and encoder are up, if the relay cannot be trusted.
-    std::fs::metadata(&args.relay_cert).with_context(|| {
-        format!(
-            "cannot read the relay certificate {} (the relay writes relay-cert.der into its --data-dir on start)",
-            args.relay_cert.display()
-        )
-    })?;
+    let relay_cert = match (&args.relay_cert, args.indexer.is_empty()) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => Some(PathBuf::from(".pylon/relay/relay-cert.der")),
+        (None, false) => None,
+    };
+    if let Some(path) = &relay_cert {
+        std::fs::metadata(path).with_context(|| {
+            format!(
+                "cannot read the relay certificate {} (the relay writes relay-cert.der into its --data-dir on start)",
+                path.display()
+            )
+        })?;
+    }
     // The pool identity, before the GPU: a node that cannot join should say so at once.
     let pool = match args.indexer.is_empty() {
         false => {
@@ -296,7 +306,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let uplink_config = UplinkConfig {
         relay: args.relay,
-        relay_cert: args.relay_cert,
+        trust: match (relay_cert, &pool) {
+            (Some(path), _) => RelayTrust::File(path),
+            (None, Some((client, _, _))) => RelayTrust::Pool(client.clone()),
+            (None, None) => anyhow::bail!("outside a pool the node needs --relay-cert"),
+        },
         server_name: args.relay_name,
         hello,
         bitrate: Some(BitrateControl {

@@ -26,13 +26,24 @@ use tokio::sync::{mpsc, watch};
 /// overflow the default of a few hundred KB.
 pub const SOCKET_BUFFER: usize = 8 << 20;
 
+/// How the node knows it reached a real relay.
+#[derive(Debug, Clone)]
+pub enum RelayTrust {
+    /// The relay's certificate (DER) in this file, trusted alone.
+    File(PathBuf),
+    /// Any relay of the pool, by the SHA-256 of the certificate it registered with the
+    /// indexer (fetched anew before each connection); the id the relay then gives in its
+    /// welcome must be the one registered with that certificate.
+    Pool(pylon_indexer_client::Client),
+}
+
 /// How to reach the relay.
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
     /// The relay's QUIC ingest address.
     pub relay: SocketAddr,
-    /// The relay's certificate (DER), trusted for this connection.
-    pub relay_cert: PathBuf,
+    /// How its certificate is trusted.
+    pub trust: RelayTrust,
     /// Server name in the relay's certificate.
     pub server_name: String,
     /// The stream description sent first on every connection.
@@ -140,10 +151,93 @@ pub fn client_config(cert_path: &PathBuf) -> anyhow::Result<quinn::ClientConfig>
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::CertificateDer::from(der)).context("the relay certificate is not valid DER")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    quic_config(tls)
+}
+
+/// The pool's relays as the indexer lists them: certificate SHA-256 (hex) → the ids of the
+/// relays that registered it (one, unless a relay registered another's certificate, which
+/// gains it nothing: it cannot complete a handshake without the certificate's key).
+pub type PinnedRelays = std::collections::HashMap<String, Vec<String>>;
+
+/// A QUIC client configuration that trusts exactly the certificates in `pinned` (by their
+/// SHA-256), whatever name they carry: the pool's registered relays.
+pub fn pinned_client_config(pinned: PinnedRelays) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedVerifier { pinned, provider: provider.clone() });
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    quic_config(tls)
+}
+
+/// The relay ids registered with the certificate `conn`'s peer presented, if pinned.
+fn pinned_relay(conn: &quinn::Connection, pinned: &PinnedRelays) -> Option<Vec<String>> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    pinned.get(&fingerprint(certs.first()?)).cloned()
+}
+
+/// SHA-256 of a DER certificate, lowercase hex (as relays register it).
+pub fn fingerprint(cert: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(cert))
+}
+
+/// Trusts a server certificate only if its SHA-256 is pinned; the handshake's signature is
+/// checked against that certificate's key as usual.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pinned: PinnedRelays,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self.pinned.contains_key(&fingerprint(end_entity)) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.3 only (QUIC).
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The QUIC side of a TLS client configuration: ALPN and [`transport_config`].
+fn quic_config(mut tls: rustls::ClientConfig) -> anyhow::Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![framing::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -190,7 +284,11 @@ pub async fn run(
         CapacityWorker::start(config.gpu.clone(), metrics.clone()).context("starting the proof-of-capacity thread")?;
     let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let endpoint = endpoint(bind)?;
-    let client = client_config(&config.relay_cert)?;
+    // A certificate file is read once, at start (a missing one is an error now, not later).
+    let fixed = match &config.trust {
+        RelayTrust::File(path) => Some(client_config(path)?),
+        RelayTrust::Pool(_) => None,
+    };
     let mut backoff = Duration::from_millis(100);
     // Who may play, carried from one connection to the next (ended sessions stay ended).
     let mut players = match gate.node() {
@@ -206,7 +304,23 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        let attempt = endpoint.connect_with(client.clone(), config.relay, &config.server_name)?;
+        // In a pool, the relays to trust as the indexer lists them now.
+        let (client, pinned) = match (&fixed, &config.trust) {
+            (Some(c), _) => (c.clone(), None),
+            (None, RelayTrust::File(path)) => (client_config(path)?, None),
+            (None, RelayTrust::Pool(indexer)) => match pool_relays(indexer).await {
+                Ok(pinned) => (pinned_client_config(pinned.clone())?, Some(pinned)),
+                Err(e) => {
+                    tracing::warn!("cannot learn the pool's relay certificates ({e}); retrying in {backoff:?}");
+                    if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        let attempt = endpoint.connect_with(client, config.relay, &config.server_name)?;
         let conn = tokio::select! {
             c = attempt => c,
             _ = shutdown.changed() => break,
@@ -231,7 +345,10 @@ pub async fn run(
         metrics.relay_connects.inc();
         metrics.relay_connected.set(1);
         tracing::info!("connected to the relay; waiting for its welcome");
+        // Which relay this certificate was registered by: its welcome must say the same.
+        let expected_relay = pinned.as_ref().and_then(|p| pinned_relay(&conn, p));
         let link = Link {
+            expected_relay,
             keyframe: &keyframe,
             inputs: &inputs,
             gate: &gate,
@@ -270,6 +387,18 @@ pub async fn run(
     Ok(())
 }
 
+/// The certificates of the pool's relays (not revoked, not awaiting approval), from the
+/// indexer: SHA-256 → relay id.
+async fn pool_relays(indexer: &pylon_indexer_client::Client) -> anyhow::Result<PinnedRelays> {
+    let relays = indexer.relays().await?;
+    let mut pinned = PinnedRelays::new();
+    for r in relays.into_iter().filter(|r| r.state != "revoked" && r.state != "pending" && !r.cert_sha256.is_empty()) {
+        pinned.entry(r.cert_sha256).or_default().push(r.id);
+    }
+    anyhow::ensure!(!pinned.is_empty(), "the indexer lists no relay with a registered certificate yet");
+    Ok(pinned)
+}
+
 /// Discards packets (counted) for `wait`; returns true if shutdown was asked meanwhile.
 async fn discard_for(
     packets: &mut mpsc::Receiver<Outgoing>,
@@ -292,6 +421,9 @@ async fn discard_for(
 
 /// What the connection hands the link's events to.
 struct Link<'a> {
+    /// In a pool without a certificate file: the relay ids registered with the
+    /// certificate this connection presented.
+    expected_relay: Option<Vec<String>>,
     keyframe: &'a AtomicBool,
     inputs: &'a std::sync::mpsc::Sender<ReceivedInput>,
     gate: &'a SessionGate,
@@ -363,6 +495,12 @@ async fn flush(
 ) -> anyhow::Result<()> {
     while let Some(event) = node.poll_event() {
         match event {
+            NodeEvent::Established { relay } if link.expected_relay.as_ref().is_some_and(|e| !e.contains(&relay)) => {
+                let registered = link.expected_relay.as_deref().unwrap_or_default().join(", ");
+                return Err(anyhow!(
+                    "the relay calls itself {relay} but presented the certificate registered by {registered}"
+                ));
+            }
             NodeEvent::CapacityChallenge { seq, challenge } => {
                 if let Err(reason) = capacity.submit(seq, challenge, Instant::now()) {
                     node.refuse_capacity(seq, reason);

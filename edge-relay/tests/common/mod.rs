@@ -338,7 +338,12 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
     }
     let uplink_config = UplinkConfig {
         relay: uplink_proxy.as_ref().map_or(relay.quic_addr, |p| p.listen),
-        relay_cert: relay.cert_path.clone(),
+        // In a pool the node trusts the relay by the certificate it registered, as a
+        // provider's node does; alone, by the relay's certificate file.
+        trust: match &indexer_client {
+            Some(client) => uplink::RelayTrust::Pool(client.clone()),
+            None => uplink::RelayTrust::File(relay.cert_path.clone()),
+        },
         server_name: "pylon-relay".into(),
         hello,
         bitrate: Some(uplink::BitrateControl { target: pipeline.bitrate_target(), min: 500_000, max: 6_000_000 }),

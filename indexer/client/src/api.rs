@@ -99,6 +99,28 @@ pub struct RegisterRelay {
     /// Viewers it can serve.
     #[schema(minimum = 1)]
     pub capacity: u32,
+    /// SHA-256 of its QUIC certificate (DER), 64 lowercase hex digits: render nodes of the
+    /// pool trust the relay by it, with no certificate file to copy.
+    #[serde(default)]
+    #[schema(pattern = "^([0-9a-f]{64})?$")]
+    pub cert_sha256: String,
+}
+
+/// What a render node reads of a relay in the indexer's listing (`GET /api/v1/relays`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RelayEntry {
+    /// Relay id.
+    pub id: String,
+    /// Its state (`ready`, `gone`, `revoked`, `pending`…).
+    pub state: String,
+    /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
+    #[serde(default)]
+    pub cert_sha256: String,
+}
+
+/// Whether `text` is a SHA-256 digest as the API carries it: 64 lowercase hex digits.
+pub fn valid_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A relay's heartbeat.

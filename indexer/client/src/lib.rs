@@ -265,6 +265,31 @@ impl Client {
         }
     }
 
+    /// Every relay of the pool: id, state and registered certificate (following the
+    /// listing's pages).
+    pub async fn relays(&self) -> Result<Vec<api::RelayEntry>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            items: Vec<api::RelayEntry>,
+            #[serde(default)]
+            next_cursor: Option<String>,
+        }
+        let mut relays = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/v1/relays?limit=1000&cursor={c}"),
+                None => "/api/v1/relays?limit=1000".to_string(),
+            };
+            let page: Page = self.call::<(), _>("GET", &path, None, false).await?;
+            relays.extend(page.items);
+            match page.next_cursor {
+                Some(c) if relays.len() < 100_000 => cursor = Some(c),
+                _ => return Ok(relays),
+            }
+        }
+    }
+
     /// One title's launch spec; `None` if the catalog has no such title.
     pub async fn title(&self, id: &str) -> Result<Option<api::Title>, ClientError> {
         if !api::valid_id(id) {
