@@ -290,6 +290,9 @@ pub async fn run(
         RelayTrust::Pool(_) => None,
     };
     let mut backoff = Duration::from_millis(100);
+    // The pool's relay certificates as last fetched: an indexer that cannot be reached
+    // must not keep the node from its relay.
+    let mut last_pinned: Option<PinnedRelays> = None;
     // Who may play, carried from one connection to the next (ended sessions stay ended).
     let mut players = match gate.node() {
         Some(id) => PlayerGate::pooled(id),
@@ -309,7 +312,15 @@ pub async fn run(
             (Some(c), _) => (c.clone(), None),
             (None, RelayTrust::File(path)) => (client_config(path)?, None),
             (None, RelayTrust::Pool(indexer)) => match pool_relays(indexer).await {
-                Ok(pinned) => (pinned_client_config(pinned.clone())?, Some(pinned)),
+                Ok(pinned) => {
+                    last_pinned = Some(pinned.clone());
+                    (pinned_client_config(pinned.clone())?, Some(pinned))
+                }
+                Err(e) if last_pinned.is_some() => {
+                    tracing::warn!("cannot refresh the pool's relay certificates ({e}); trusting those last listed");
+                    let pinned = last_pinned.clone().unwrap_or_default();
+                    (pinned_client_config(pinned.clone())?, Some(pinned))
+                }
                 Err(e) => {
                     tracing::warn!("cannot learn the pool's relay certificates ({e}); retrying in {backoff:?}");
                     if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {

@@ -243,49 +243,36 @@ impl Client {
 
     /// Every title in the catalog (following the listing's pages).
     pub async fn titles(&self) -> Result<Vec<api::Title>, ClientError> {
-        #[derive(serde::Deserialize)]
-        struct Page {
-            items: Vec<api::Title>,
-            #[serde(default)]
-            next_cursor: Option<String>,
-        }
-        let mut titles = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let path = match &cursor {
-                Some(c) => format!("/api/v1/titles?limit=1000&cursor={c}"),
-                None => "/api/v1/titles?limit=1000".to_string(),
-            };
-            let page: Page = self.call::<(), _>("GET", &path, None, false).await?;
-            titles.extend(page.items);
-            match page.next_cursor {
-                Some(c) if titles.len() < 100_000 => cursor = Some(c),
-                _ => return Ok(titles),
-            }
-        }
+        self.every("/api/v1/titles").await
     }
 
     /// Every relay of the pool: id, state and registered certificate (following the
     /// listing's pages).
     pub async fn relays(&self) -> Result<Vec<api::RelayEntry>, ClientError> {
+        self.every("/api/v1/relays").await
+    }
+
+    /// Every item of the listing at `path`, following its pages (`next_cursor`), up to
+    /// 100,000 items.
+    async fn every<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
         #[derive(serde::Deserialize)]
-        struct Page {
-            items: Vec<api::RelayEntry>,
+        struct Page<T> {
+            items: Vec<T>,
             #[serde(default)]
             next_cursor: Option<String>,
         }
-        let mut relays = Vec::new();
+        let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let path = match &cursor {
-                Some(c) => format!("/api/v1/relays?limit=1000&cursor={c}"),
-                None => "/api/v1/relays?limit=1000".to_string(),
+            let page_path = match &cursor {
+                Some(c) => format!("{path}?limit=1000&cursor={c}"),
+                None => format!("{path}?limit=1000"),
             };
-            let page: Page = self.call::<(), _>("GET", &path, None, false).await?;
-            relays.extend(page.items);
+            let page: Page<T> = self.call::<(), _>("GET", &page_path, None, false).await?;
+            items.extend(page.items);
             match page.next_cursor {
-                Some(c) if relays.len() < 100_000 => cursor = Some(c),
-                _ => return Ok(relays),
+                Some(c) if items.len() < 100_000 => cursor = Some(c),
+                _ => return Ok(items),
             }
         }
     }
