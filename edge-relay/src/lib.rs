@@ -175,7 +175,7 @@ fn join_pool(
         region: config.region.clone(),
         capacity: config.capacity,
         // Nodes of the pool pin this relay's QUIC certificate by it.
-        cert_sha256: tls::fingerprint(cert),
+        cert_sha256: pylon_indexer_client::api::cert_sha256(cert),
     };
     let (pool, ended) = pool::Pool::new(&id, Some(client.clone()));
     let viewers = metrics.viewers.clone();

@@ -15,12 +15,6 @@ pub struct Identity {
     pub cert_path: PathBuf,
 }
 
-/// SHA-256 of a DER certificate, lowercase hex: what the relay registers and nodes pin.
-pub fn fingerprint(cert: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(cert))
-}
-
 /// Names the certificate is issued to.
 pub const CERT_NAMES: [&str; 2] = ["pylon-relay", "localhost"];
 

@@ -183,21 +183,7 @@ async fn killing_an_indexer_replica_leaves_heartbeats_matching_and_new_sessions_
     // The player presses Play on the page A served: the catalog fails over to B, which
     // matches the player and signs the session, and the game plays through the relay.
     browser.eval("document.querySelector('a.play[data-title=\"demo\"]').click(); return true;").await;
-    let first = browser
-        .wait_for(
-            "return (window.pylonCatalog && pylonCatalog.error) ? { error: pylonCatalog.error } \
-             : (window.pylon ? { ok: true } : null)",
-            Duration::from_secs(30),
-        )
-        .await;
-    assert!(first["error"].is_null(), "the catalog could not start a game with A dead: {first}");
-    let played = browser
-        .wait_for(
-            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 60 \
-             ? { frames: pylon.stats.framesDecoded, role: pylon.role } : null",
-            Duration::from_secs(60),
-        )
-        .await;
+    let played = common::wait_playing(&browser, b.addr, 60).await;
     assert_eq!(played["role"], "player", "{played}");
     // B booked the node's seat for the new session.
     let node = common::http_get(b.addr, "/api/v1/nodes?limit=1000").await;

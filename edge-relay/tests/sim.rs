@@ -202,6 +202,23 @@ impl Sim {
         });
     }
 
+    /// Adds the player (10 ms away) with its input channel, and runs until the channel is
+    /// open at both ends.
+    fn add_player_with_channel(&mut self, seed: u64) {
+        self.add_viewer(seed, Path::clean(10), true, true);
+        let i = self.viewers.len() - 1;
+        let start = self.now;
+        while !(self.viewers[i].connected && self.viewers[i].channel_open) {
+            let t = self.now + Duration::from_millis(10);
+            self.run_until(t);
+            assert!(self.now < start + Duration::from_secs(5), "the player's channel did not open");
+        }
+        // The relay learns of the channel when the browser's first message on it arrives or
+        // the open is acknowledged; give it a moment.
+        let t = self.now + Duration::from_millis(200);
+        self.run_until(t);
+    }
+
     fn schedule(&mut self, at: Instant, packet: Packet) {
         let id = self.next_packet;
         self.next_packet += 1;
@@ -524,17 +541,7 @@ fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
     use pylon_proto::capacity::{CHUNK_BYTES, digest, product_bytes};
     use pylon_proto::framing::CapacityReply;
     let mut sim = Sim::new(11, Path::clean(5), &[], 1);
-    sim.add_viewer(12, Path::clean(10), true, true);
-    let start = sim.now;
-    while !(sim.viewers[0].connected && sim.viewers[0].channel_open) {
-        let t = sim.now + Duration::from_millis(10);
-        sim.run_until(t);
-        assert!(sim.now < start + Duration::from_secs(5), "the player's channel did not open");
-    }
-    // The relay learns of the channel when the browser's first message on it arrives or the
-    // open is acknowledged; give it a moment.
-    let t = sim.now + Duration::from_millis(200);
-    sim.run_until(t);
+    sim.add_player_with_channel(12);
     // A 512x512 product (class 2's challenge): 1 MiB, far over str0m's default buffer.
     let answer = |seq: u32, words: usize| {
         let bytes = product_bytes(&(0..words as u32).map(|w| w.wrapping_mul(2_654_435_761)).collect::<Vec<_>>());
@@ -578,15 +585,7 @@ fn a_capacity_answer_reaches_the_player_whole_and_a_node_cannot_flood_it() {
 #[test]
 fn the_page_hears_when_its_node_goes_away_and_when_it_comes_back() {
     let mut sim = Sim::new(13, Path::clean(5), &[], 3);
-    sim.add_viewer(14, Path::clean(10), true, true);
-    let start = sim.now;
-    while !(sim.viewers[0].connected && sim.viewers[0].channel_open) {
-        let t = sim.now + Duration::from_millis(10);
-        sim.run_until(t);
-        assert!(sim.now < start + Duration::from_secs(5), "the player's channel did not open");
-    }
-    let t = sim.now + Duration::from_millis(200);
-    sim.run_until(t);
+    sim.add_player_with_channel(14);
     let told = |sim: &Sim, what: &str| sim.viewers[0].texts.iter().filter(|t| t.contains(what)).count();
     assert_eq!(told(&sim, r#""type":"node""#), 0, "nothing to say while the node streams");
     // The node's link drops: the page hears it at once (not at the viewer's next timer).

@@ -248,7 +248,10 @@ async fn a_pooled_node_trusts_only_relays_by_the_certificate_they_registered() {
         assert!(Instant::now() < deadline, "the relay never registered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(registered.cert_sha256, pylon_server::uplink::fingerprint(&std::fs::read(&member.cert_path).unwrap()));
+    assert_eq!(
+        registered.cert_sha256,
+        pylon_indexer_client::api::cert_sha256(&std::fs::read(&member.cert_path).unwrap())
+    );
     let pinned = std::collections::HashMap::from([(registered.cert_sha256.clone(), vec![registered.id.clone()])]);
     let config = pylon_server::uplink::pinned_client_config(pinned).unwrap();
     let endpoint = quinn::Endpoint::client(localhost()).unwrap();

@@ -13,6 +13,7 @@ use crate::pipeline::{Outgoing, ReceivedInput};
 use crate::pool::SessionGate;
 use anyhow::{Context, anyhow};
 use ed25519_dalek::SigningKey;
+use pylon_indexer_client::api::cert_sha256;
 use pylon_proto::framing::{self, StreamHello};
 use pylon_proto::link::{self, LinkError, NodeConfig, NodeEvent, NodeSide, PlayerGate};
 use std::net::SocketAddr;
@@ -179,13 +180,7 @@ pub fn pinned_client_config(pinned: PinnedRelays) -> anyhow::Result<quinn::Clien
 /// The relay ids registered with the certificate `conn`'s peer presented, if pinned.
 fn pinned_relay(conn: &quinn::Connection, pinned: &PinnedRelays) -> Option<Vec<String>> {
     let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    pinned.get(&fingerprint(certs.first()?)).cloned()
-}
-
-/// SHA-256 of a DER certificate, lowercase hex (as relays register it).
-pub fn fingerprint(cert: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(cert))
+    pinned.get(&cert_sha256(certs.first()?)).cloned()
 }
 
 /// Trusts a server certificate only if its SHA-256 is pinned; the handshake's signature is
@@ -205,7 +200,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
         _ocsp: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if self.pinned.contains_key(&fingerprint(end_entity)) {
+        if self.pinned.contains_key(&cert_sha256(end_entity)) {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
@@ -289,6 +284,10 @@ pub async fn run(
         RelayTrust::File(path) => Some(client_config(path)?),
         RelayTrust::Pool(_) => None,
     };
+    let indexer = match &config.trust {
+        RelayTrust::Pool(indexer) => Some(indexer),
+        RelayTrust::File(_) => None,
+    };
     let mut backoff = Duration::from_millis(100);
     // The pool's relay certificates as last fetched: an indexer that cannot be reached
     // must not keep the node from its relay.
@@ -307,29 +306,26 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        // In a pool, the relays to trust as the indexer lists them now.
-        let (client, pinned) = match (&fixed, &config.trust) {
-            (Some(c), _) => (c.clone(), None),
-            (None, RelayTrust::File(path)) => (client_config(path)?, None),
-            (None, RelayTrust::Pool(indexer)) => match pool_relays(indexer).await {
-                Ok(pinned) => {
-                    last_pinned = Some(pinned.clone());
-                    (pinned_client_config(pinned.clone())?, Some(pinned))
-                }
+        // In a pool, the relays to trust as the indexer lists them now, or as it listed
+        // them last when it cannot be reached.
+        if let Some(indexer) = indexer {
+            match pool_relays(indexer).await {
+                Ok(pinned) => last_pinned = Some(pinned),
                 Err(e) if last_pinned.is_some() => {
                     tracing::warn!("cannot refresh the pool's relay certificates ({e}); trusting those last listed");
-                    let pinned = last_pinned.clone().unwrap_or_default();
-                    (pinned_client_config(pinned.clone())?, Some(pinned))
                 }
-                Err(e) => {
-                    tracing::warn!("cannot learn the pool's relay certificates ({e}); retrying in {backoff:?}");
-                    if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
-                        break;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
+                Err(e) => tracing::warn!("cannot learn the pool's relay certificates ({e}); retrying in {backoff:?}"),
+            }
+        }
+        let (client, pinned) = match (&fixed, &last_pinned) {
+            (Some(c), _) => (c.clone(), None),
+            (None, Some(pinned)) => (pinned_client_config(pinned.clone())?, Some(pinned)),
+            (None, None) => {
+                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
+                    break;
                 }
-            },
+                continue;
+            }
         };
         let attempt = endpoint.connect_with(client, config.relay, &config.server_name)?;
         let conn = tokio::select! {
@@ -340,10 +336,9 @@ pub async fn run(
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("cannot reach the relay ({e}); retrying in {backoff:?}");
-                if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
+                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
                     break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -357,7 +352,7 @@ pub async fn run(
         metrics.relay_connected.set(1);
         tracing::info!("connected to the relay; waiting for its welcome");
         // Which relay this certificate was registered by: its welcome must say the same.
-        let expected_relay = pinned.as_ref().and_then(|p| pinned_relay(&conn, p));
+        let expected_relay = pinned.and_then(|p| pinned_relay(&conn, p));
         let link = Link {
             expected_relay,
             keyframe: &keyframe,
@@ -387,10 +382,9 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!("relay connection lost: {e:#}; reconnecting in {backoff:?}");
                 // A relay that refuses this node must not be hammered.
-                if discard_for(&mut packets, backoff, &metrics, &mut shutdown).await {
+                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
                     break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -410,14 +404,16 @@ async fn pool_relays(indexer: &pylon_indexer_client::Client) -> anyhow::Result<P
     Ok(pinned)
 }
 
-/// Discards packets (counted) for `wait`; returns true if shutdown was asked meanwhile.
-async fn discard_for(
+/// Waits `backoff` before the next try, discarding packets meanwhile (counted), and doubles
+/// it up to 5 s; returns true if shutdown was asked meanwhile.
+async fn back_off(
+    backoff: &mut Duration,
     packets: &mut mpsc::Receiver<Outgoing>,
-    wait: Duration,
     metrics: &ServerMetrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
     loop {
         tokio::select! {
             p = packets.recv() => {

@@ -710,6 +710,13 @@ pub async fn click_play(b: &Browser, indexer: std::net::SocketAddr, title: &str)
 /// Opens the catalog, clicks the demo title, and waits until the video plays at the relay.
 pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> serde_json::Value {
     click_play(b, indexer, "demo").await;
+    wait_playing(b, indexer, 30).await
+}
+
+/// After a click on a title in the catalog: waits until the play page has decoded `frames`
+/// frames (the catalog's error fails the test, with `indexer`'s nodes), and checks the token
+/// left the address bar. Returns the page's address, role, token and frames decoded.
+pub async fn wait_playing(b: &Browser, indexer: std::net::SocketAddr, frames: u32) -> serde_json::Value {
     // Either the catalog says why it could not start, or the play page comes up.
     let first = b
         .wait_for(
@@ -724,8 +731,11 @@ pub async fn play_from_catalog(b: &Browser, indexer: std::net::SocketAddr) -> se
     }
     let played = b
         .wait_for(
-            "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= 30 \
-             ? { href: location.href, role: pylon.role, token: history.state && history.state.token } : null",
+            &format!(
+                "return location.pathname.startsWith('/play/') && window.pylon && pylon.stats && pylon.stats.framesDecoded >= {frames} \
+                 ? {{ href: location.href, role: pylon.role, token: history.state && history.state.token, \
+                      frames: pylon.stats.framesDecoded }} : null"
+            ),
             Duration::from_secs(60),
         )
         .await;

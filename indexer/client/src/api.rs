@@ -118,6 +118,13 @@ pub struct RelayEntry {
     pub cert_sha256: String,
 }
 
+/// SHA-256 of a DER certificate as the API carries it (lowercase hex): what a relay
+/// registers as `cert_sha256` and render nodes pin.
+pub fn cert_sha256(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
 /// Whether `text` is a SHA-256 digest as the API carries it: 64 lowercase hex digits.
 pub fn valid_sha256(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -208,11 +208,6 @@ impl Client {
         &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()]
     }
 
-    /// Every replica's base URL, in the order they are tried.
-    pub fn bases(&self) -> &[String] {
-        &self.bases
-    }
-
     /// This caller's public key, base64.
     pub fn public_key(&self) -> String {
         encode_key(&self.key.verifying_key())
