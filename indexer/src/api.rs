@@ -32,7 +32,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use pylon_proto::token::{Claims, Role};
+use pylon_proto::token::{self, Claims, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,8 +42,8 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 pub use checks::{CheckerRecord, CheckerStatus};
 pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
-    Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, NodeHeartbeat,
-    NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
+    Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, MoveSession,
+    NodeHeartbeat, NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
     RelayHeartbeatReply, Replicas, SessionCreated, SessionRole, Verdict, valid_id, valid_sha256,
 };
 
@@ -77,7 +77,7 @@ pub struct Policy {
     pub sessions_per_address: Rate,
     /// Sessions of one title all callers together may request.
     pub sessions_per_title: Rate,
-    /// Spectator tokens one client address may request.
+    /// Spectator tokens one client address may request (and, separately, session moves).
     pub spectate_per_address: Rate,
     /// How often each ready node is checked, on average (each node's next check is
     /// spread ±25 % around it).
@@ -102,6 +102,7 @@ pub struct Limiters {
     sessions_per_address: KeyedLimiter,
     sessions_per_title: KeyedLimiter,
     spectate_per_address: KeyedLimiter,
+    moves_per_address: KeyedLimiter,
 }
 
 impl Limiters {
@@ -111,6 +112,7 @@ impl Limiters {
             sessions_per_address: KeyedLimiter::new(policy.sessions_per_address, LIMITER_KEYS),
             sessions_per_title: KeyedLimiter::new(policy.sessions_per_title, LIMITER_KEYS),
             spectate_per_address: KeyedLimiter::new(policy.spectate_per_address, LIMITER_KEYS),
+            moves_per_address: KeyedLimiter::new(policy.spectate_per_address, LIMITER_KEYS),
         }
     }
 }
@@ -201,6 +203,7 @@ pub struct NodeStateLabel {
 #[derive(Debug, Clone)]
 pub struct IndexerMetrics {
     sessions_created: Counter,
+    sessions_moved: Counter,
     sessions_ended: Counter,
     match_seconds: Histogram,
     match_failures: Family<FailureReason, Counter>,
@@ -231,6 +234,7 @@ impl IndexerMetrics {
         let mut r = Registry::with_prefix("pylon_indexer");
         let m = IndexerMetrics {
             sessions_created: Counter::default(),
+            sessions_moved: Counter::default(),
             sessions_ended: Counter::default(),
             match_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             match_failures: Family::default(),
@@ -242,6 +246,7 @@ impl IndexerMetrics {
             registry: Arc::new(Registry::default()),
         };
         r.register("sessions_created", "Sessions created", m.sessions_created.clone());
+        r.register("sessions_moved", "Sessions moved to another relay", m.sessions_moved.clone());
         r.register("sessions_ended", "Sessions ended", m.sessions_ended.clone());
         r.register("match_seconds", "Time to choose a relay and node", m.match_seconds.clone());
         r.register("match_failures", "Matches that found no capacity, by reason", m.match_failures.clone());
@@ -348,6 +353,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::web::router())
         .layer(cors)
+        // The player's page on a relay asks for a new relay from that relay's origin: any
+        // origin may, since only the session's current token does anything here.
+        .merge(
+            Router::new().route("/api/v1/sessions/{id}/move", post(move_session)).layer(
+                tower_http::cors::CorsLayer::new()
+                    .allow_origin(tower_http::cors::Any)
+                    .allow_methods([axum::http::Method::POST])
+                    .allow_headers([axum::http::header::CONTENT_TYPE])
+                    .max_age(std::time::Duration::from_secs(600)),
+            ),
+        )
         .with_state(state)
 }
 
@@ -420,6 +436,7 @@ fn url_origin(url: &str) -> Option<String> {
         create_session,
         end_session,
         spectate,
+        move_session,
         usage,
         checks::register_checker,
         checks::approve_checker,
@@ -447,6 +464,7 @@ fn url_origin(url: &str) -> Option<String> {
         CreateSession,
         SessionRole,
         SessionCreated,
+        MoveSession,
         Candidate,
         PublicKey,
         Replicas,
@@ -1696,6 +1714,138 @@ async fn spectate(
             reason: "spectator of a running session".into(),
         }),
     ))
+}
+
+/// Moves a running session to another relay: its player's relay died or stopped
+/// delivering. The caller proves it holds the session with the token it plays with — the
+/// newest one, for the relay the session is on (an older token cannot move it again); its
+/// expiry does not matter, the session's does. The indexer picks the healthy relay with
+/// room that carries the node and is nearest the player (its measured RTTs, if given, plus
+/// the relay's RTT to the node), records the move and signs a token for the same session
+/// there; the node resumes the same game when the player arrives. A spectator's token is
+/// answered with a token for the relay the session is on now (once its player moved).
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/move", tag = "sessions", request_body = MoveSession,
+    params(("id" = String, Path, description = "Session id (32 hex digits)")),
+    responses(
+        (status = 201, description = "Moved; play at `relay_url` with `token`", body = SessionCreated),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "The token is not this session's (`bad_signature`)", body = ErrorBody),
+        (status = 404, description = "No such running session", body = ErrorBody),
+        (status = 409, description = "The session already moved on with a newer token (`superseded`)", body = ErrorBody),
+        (status = 410, description = "The session's node is gone (`node_gone`): the game is lost", body = ErrorBody),
+        (status = 429, description = "Too many requests from this address (`rate_limited`)",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "No other relay can carry it now (`no_capacity`)",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn move_session(
+    State(s): State<AppState>,
+    IdPath(id): IdPath,
+    ClientAddr(addr): ClientAddr,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
+    if let Err(wait) = s.limiters.moves_per_address.check(&addr, Instant::now()) {
+        s.metrics.rate_limited.inc();
+        return Err(ApiError::too_many("session moves from this address", wait));
+    }
+    let req: MoveSession = json(&body)?;
+    if req.client_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ApiError::invalid("RTTs must be finite and non-negative"));
+    }
+    let claims = token::verify_signature(&req.token, &s.signing_key.verifying_key())
+        .ok()
+        .filter(|c| c.session_hex() == id)
+        .ok_or_else(|| ApiError::unauthorized(ErrorReason::BadSignature, "not a token of this session"))?;
+    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
+    if ended {
+        return Err(ApiError::not_found("running session"));
+    }
+    let now = unix_now();
+    let node_record = s.store.node(&node).await?;
+    if node_record.as_ref().is_none_or(|n| !matches!(node_state(n, now), MemberState::Ready | MemberState::Draining)) {
+        return Err(ApiError::new(StatusCode::GONE, ErrorReason::NodeGone, "the session's render node is gone"));
+    }
+    let title = s.store.session_title(&id).await?.unwrap_or_default();
+    let sign = |role: Role, relay: &str| {
+        Claims {
+            session: claims.session,
+            role,
+            issued_at: now as u64,
+            expires_at: now as u64 + TOKEN_LIFETIME_SECS,
+            title: title.clone(),
+            node: node.clone(),
+            relay: relay.to_string(),
+        }
+        .sign(&s.signing_key)
+        .map_err(|e| {
+            tracing::error!("signing a token: {e}");
+            ApiError::internal()
+        })
+    };
+    let answer = |token: String, relay: &str, url: String, reason: String| {
+        (
+            StatusCode::CREATED,
+            Json(SessionCreated {
+                session: id.clone(),
+                token,
+                relay: relay.to_string(),
+                relay_url: url,
+                node: node.clone(),
+                expected_ms: 0.0,
+                reason,
+            }),
+        )
+    };
+    if claims.role == Role::Spectator {
+        if claims.relay == relay {
+            return Err(ApiError::retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorReason::NoCapacity,
+                "the session's player has not moved yet",
+                1,
+            ));
+        }
+        let url = s.store.relay(&relay).await?.map(|r| r.public_url).unwrap_or_default();
+        return Ok(answer(sign(Role::Spectator, &relay)?, &relay, url, "the session's relay now".into()));
+    }
+    if claims.relay != relay {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorReason::Superseded,
+            "the session already moved on with a newer token",
+        ));
+    }
+    let relays = s.store.relays().await?;
+    let best = relays
+        .iter()
+        .filter(|r| r.id != relay && relay_healthy(r, now) && r.viewers < r.capacity)
+        .filter_map(|r| {
+            let to_node = *r.node_rtt_ms.get(&node)?;
+            Some((r, to_node + req.client_rtt_ms.get(&r.id).copied().unwrap_or(0.0)))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let Some((to, expected)) = best else {
+        s.metrics.match_failures.get_or_create(&FailureReason { reason: "no relay to move to".into() }).inc();
+        return Err(ApiError::retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorReason::NoCapacity,
+            "no other healthy relay carries the session's node now",
+            1,
+        ));
+    };
+    if !s.store.move_session(&id, &relay, &to.id).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorReason::Superseded,
+            "the session already moved on with a newer token",
+        ));
+    }
+    s.metrics.sessions_moved.inc();
+    tracing::info!(session = %id, from = %relay, to = %to.id, "moved the session to another relay");
+    let token = sign(Role::Player, &to.id)?;
+    let mut created = answer(token, &to.id, to.public_url.clone(), format!("moved from {relay}"));
+    created.1.expected_ms = expected;
+    Ok(created)
 }
 
 /// Ends a session: called, signed, by the session's relay (the player left) or node, or

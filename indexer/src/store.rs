@@ -609,6 +609,18 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<Option<i64>, _>(2)?.is_some()))).transpose()
     }
 
+    /// Moves running session `id` from relay `from` to relay `to`; false if it is not
+    /// running on `from` (ended, or moved by someone else meanwhile).
+    pub async fn move_session(&self, id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE sessions SET relay = $1 WHERE id = $2 AND relay = $3 AND ended_at IS NULL")
+            .bind(to)
+            .bind(id)
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// A session's title.
     pub async fn session_title(&self, id: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT title FROM sessions WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;

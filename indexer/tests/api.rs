@@ -1146,3 +1146,91 @@ async fn a_relay_registers_the_sha256_of_its_certificate_for_nodes_to_pin() {
     let (_, page) = call(&s, get("/api/v1/relays")).await;
     assert_eq!(page["items"][0]["cert_sha256"], "cd".repeat(32), "{page}");
 }
+
+#[tokio::test]
+async fn a_player_whose_relay_dies_moves_its_session_with_its_token_and_only_the_newest_token_moves_it() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let (node, r1, r2, r3) = (
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[3; 32]),
+        SigningKey::from_bytes(&[4; 32]),
+        SigningKey::from_bytes(&[5; 32]),
+    );
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &r1, json!({"node-a": 2.0})).await;
+    add_relay(&s, "relay-2", &r2, json!({"node-a": 3.0})).await;
+    add_relay(&s, "relay-3", &r3, json!({})).await;
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 1.0, "relay-2": 30.0, "relay-3": 0.5}});
+    let (_, created) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!(created["relay"], "relay-1", "{created}");
+    let id = created["session"].as_str().unwrap().to_string();
+    let first = created["token"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/sessions/{id}/move");
+
+    // Not this session's token, or no token at all: refused.
+    let (_, other) = call(&s, post("/api/v1/sessions", &req)).await;
+    let (status, body) = call(&s, post(&path, &json!({"token": other["token"]}))).await;
+    assert_eq!((status, body["reason"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_signature")));
+    assert_eq!(call(&s, post(&path, &json!({"token": "x"}))).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, post(&path, &json!({}))).await.0, StatusCode::BAD_REQUEST);
+
+    // relay-1 died. The nearest other relay that carries the node: relay-2 (relay-3 is
+    // nearer the player but has no link to node-a).
+    let (status, moved) = call(&s, post(&path, &json!({"token": first, "client_rtt_ms": {"relay-2": 4.0}}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{moved}");
+    assert_eq!((moved["session"].as_str(), moved["relay"].as_str()), (Some(id.as_str()), Some("relay-2")));
+    assert_eq!(moved["relay_url"], "http://relay-2.example:8080");
+    let claims = verify(moved["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap();
+    assert_eq!((claims.session_hex(), claims.role, claims.relay.as_str()), (id.clone(), Role::Player, "relay-2"));
+    assert_eq!(s.store.session(&id).await.unwrap().unwrap().0, "relay-2", "the record moved");
+
+    // The old token cannot move it again (a copy of it cannot steal the session).
+    let (status, body) = call(&s, post(&path, &json!({"token": first}))).await;
+    assert_eq!((status, body["reason"].as_str()), (StatusCode::CONFLICT, Some("superseded")));
+    // The old relay can no longer end it; the new one can.
+    let end = format!("/api/v1/sessions/{id}/end");
+    assert_eq!(call(&s, signed(&end, &json!({}), &r1)).await.0, StatusCode::UNAUTHORIZED);
+    // A spectator of the session follows it to its relay now.
+    let (_, watch) = call(&s, post(&format!("/api/v1/sessions/{id}/spectate"), &json!({}))).await;
+    assert_eq!(watch["relay"], "relay-2");
+    let spectator = created_token_for(&s, &id, "relay-1", Role::Spectator);
+    let (status, followed) = call(&s, post(&path, &json!({"token": spectator}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{followed}");
+    let claims = verify(followed["token"].as_str().unwrap(), &indexer_key(&s), unix_now() as u64).unwrap();
+    assert_eq!((claims.role, claims.relay.as_str()), (Role::Spectator, "relay-2"));
+
+    // relay-2 dies too and relay-1 is back: the newest token moves it there.
+    let (status, back) = call(&s, post(&path, &json!({"token": moved["token"]}))).await;
+    assert_eq!((status, back["relay"].as_str()), (StatusCode::CREATED, Some("relay-1")), "{back}");
+    // Nowhere left to go: retry later.
+    s.store.relay_heartbeat("relay-2", 0, &Default::default(), unix_now() - 3600).await.unwrap();
+    let (status, body) = call(&s, post(&path, &json!({"token": back["token"]}))).await;
+    assert_eq!((status, body["reason"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("no_capacity")), "{body}");
+    // The node is gone: the game is lost, and the page is told so.
+    s.store.node_heartbeat("node-a", 1, std::slice::from_ref(&id), &["demo".into()], unix_now() - 3600).await.unwrap();
+    let (status, body) = call(&s, post(&path, &json!({"token": back["token"]}))).await;
+    assert_eq!((status, body["reason"].as_str()), (StatusCode::GONE, Some("node_gone")), "{body}");
+    // An ended session cannot be moved.
+    assert_eq!(call(&s, admin(post(&end, &json!({})))).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, post(&path, &json!({"token": back["token"]}))).await.0, StatusCode::NOT_FOUND);
+}
+
+/// A token the indexer would have signed for session `id` on `relay` (as a spectator's page
+/// holds one from before the player moved).
+fn created_token_for(s: &AppState, id: &str, relay: &str, role: Role) -> String {
+    let session: [u8; 16] =
+        (0..16).map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<_>>().try_into().unwrap();
+    let now = unix_now() as u64;
+    pylon_proto::token::Claims {
+        session,
+        role,
+        issued_at: now,
+        expires_at: now + 60,
+        title: "demo".into(),
+        node: "node-a".into(),
+        relay: relay.into(),
+    }
+    .sign(&s.signing_key)
+    .unwrap()
+}

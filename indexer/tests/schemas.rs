@@ -277,6 +277,11 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.check("ErrorBody", ErrorBody { error: "no".into(), reason: ErrorReason::NotAdmin, retry_after_secs: None });
     c.check("ErrorReason", ErrorReason::SeatTaken);
     c.check("ErrorReason", ErrorReason::Closed);
+    c.check("ErrorReason", ErrorReason::NodeGone);
+    c.check(
+        "MoveSession",
+        MoveSession { token: "t".into(), client_rtt_ms: [("relay-2".to_string(), 12.5)].into_iter().collect() },
+    );
     c.check(
         "RegisterChecker",
         RegisterChecker { id: "checker-1".into(), owner: "ops".into(), public_key: "D".repeat(43) + "=" },

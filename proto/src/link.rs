@@ -36,6 +36,7 @@ use crate::rtp::RtpPacket;
 use crate::token::{self, TokenError};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
@@ -112,44 +113,99 @@ pub enum GateError {
     /// The session already ended here: its token is not taken twice.
     #[error("session {0} already ended")]
     Ended(String),
+    /// The session already moved on with a newer token: an older one cannot move it back.
+    #[error("session {0} has moved on with a newer token")]
+    Superseded(String),
 }
 
 /// Who may play on a node: open outside a pool; in one, only the holder of a player token
 /// signed by the indexer for this node and the relay that forwarded it, of a session that
-/// has not ended here. Kept across links (a reconnect does not forget ended sessions).
+/// has not ended here.
+///
+/// One gate serves all of a node's links (it is a shared handle: clones are the same
+/// gate), so a session can move between relays: a token for the running session, issued
+/// for another relay no earlier than the one in use, *resumes* it there
+/// ([`Admitted::Resumed`]: same session, same running title). A session whose relay link is
+/// lost is orphaned, not ended: it waits [`RESUME_GRACE`] for its player to come back
+/// through another relay ([`PlayerGate::expire`] ends it after that). Ended sessions are
+/// remembered, so a relay cannot start one again.
 #[derive(Debug, Clone)]
-pub struct PlayerGate {
+pub struct PlayerGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug)]
+struct GateState {
     node: Option<String>,
     key: Option<VerifyingKey>,
-    session: Option<String>,
-    /// The running session is a checker's (its token's role).
-    checker: bool,
+    session: Option<Running>,
     ended: VecDeque<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    id: String,
+    /// The relay the session's player is on now (its link carries the media).
+    relay: String,
+    /// When the token in use was issued (Unix seconds): an older one cannot move it back.
+    issued_at: u64,
+    /// The session is a checker's (its token's role).
+    checker: bool,
+    /// Its relay link was lost: it ends at this deadline unless resumed.
+    orphaned_until: Option<Instant>,
+}
+
+/// How long a session whose relay link was lost waits for its player to come back through
+/// another relay before it ends.
+pub const RESUME_GRACE: Duration = Duration::from_secs(15);
+
+/// What a verified token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// A new session started (empty ids outside a pool).
+    Started {
+        /// Session id (hex).
+        session: String,
+        /// Its title.
+        title: String,
+    },
+    /// The running session moved to (or came back on) the relay that sent the token.
+    Resumed {
+        /// Session id (hex).
+        session: String,
+    },
 }
 
 impl PlayerGate {
     /// A gate that admits any input: a node outside a pool.
     pub fn open() -> Self {
-        Self { node: None, key: None, session: None, checker: false, ended: VecDeque::new() }
+        Self(Arc::new(Mutex::new(GateState { node: None, key: None, session: None, ended: VecDeque::new() })))
     }
 
     /// A gate for node `node` of a pool: input only inside a verified session.
     pub fn pooled(node: &str) -> Self {
-        Self { node: Some(node.to_string()), ..Self::open() }
+        let gate = Self::open();
+        gate.state().node = Some(node.to_string());
+        gate
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // A panic while holding the lock cannot leave the state half-updated (every
+        // update is a single assignment), so a poisoned lock is still usable.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sets the indexer's token key.
-    pub fn set_key(&mut self, key: VerifyingKey) {
-        self.key = Some(key);
+    pub fn set_key(&self, key: VerifyingKey) {
+        self.state().key = Some(key);
     }
 
-    /// Verifies a player's token forwarded by relay `relay` at `now` (Unix seconds);
-    /// returns the session it starts and its title (both empty outside a pool).
-    pub fn start(&mut self, token_text: &str, relay: &str, now: u64) -> Result<(String, String), GateError> {
-        let Some(node) = &self.node else {
-            return Ok((String::new(), String::new()));
+    /// Verifies a player's token forwarded by relay `relay` at `now` (Unix seconds): starts
+    /// its session, or resumes it on `relay` if it is the running one.
+    pub fn start(&self, token_text: &str, relay: &str, now: u64) -> Result<Admitted, GateError> {
+        let mut state = self.state();
+        let Some(node) = &state.node else {
+            return Ok(Admitted::Started { session: String::new(), title: String::new() });
         };
-        let key = self.key.ok_or(GateError::NoKey)?;
+        let key = state.key.ok_or(GateError::NoKey)?;
         let claims = token::verify(token_text, &key, now)?;
         claims.check_node(node)?;
         claims.check_relay(relay)?;
@@ -157,47 +213,92 @@ impl PlayerGate {
             return Err(GateError::Spectator);
         }
         let id = claims.session_hex();
-        if self.ended.contains(&id) {
+        if state.ended.contains(&id) {
             return Err(GateError::Ended(id));
         }
-        self.session = Some(id.clone());
-        self.checker = claims.role == token::Role::Checker;
-        Ok((id, claims.title))
+        if let Some(running) = state.session.as_mut().filter(|r| r.id == id) {
+            if claims.issued_at < running.issued_at {
+                return Err(GateError::Superseded(id));
+            }
+            running.relay = relay.to_string();
+            running.issued_at = claims.issued_at;
+            running.orphaned_until = None;
+            return Ok(Admitted::Resumed { session: id });
+        }
+        state.session = Some(Running {
+            id: id.clone(),
+            relay: relay.to_string(),
+            issued_at: claims.issued_at,
+            checker: claims.role == token::Role::Checker,
+            orphaned_until: None,
+        });
+        Ok(Admitted::Started { session: id, title: claims.title })
     }
 
-    /// The player of `session` left (`None`: whatever session runs, the link is gone).
-    /// Returns the session that ended, if one did.
-    pub fn end(&mut self, session: Option<&str>) -> Option<String> {
-        let running = self.session.as_deref()?;
-        if session.is_some_and(|s| s != running) {
+    /// The player of `session` left relay `relay` (`None`s: whatever runs, wherever).
+    /// A relay the session has moved away from cannot end it. Returns the session that
+    /// ended, if one did.
+    pub fn end(&self, session: Option<&str>, relay: Option<&str>) -> Option<String> {
+        let mut state = self.state();
+        let running = state.session.as_ref()?;
+        if session.is_some_and(|s| s != running.id) || relay.is_some_and(|r| r != running.relay) {
             return None;
         }
-        let ended = self.session.take()?;
-        self.checker = false;
-        if self.ended.len() >= ENDED_MEMORY {
-            self.ended.pop_front();
+        let ended = state.session.take()?.id;
+        if state.ended.len() >= ENDED_MEMORY {
+            state.ended.pop_front();
         }
-        self.ended.push_back(ended.clone());
+        state.ended.push_back(ended.clone());
         Some(ended)
     }
 
-    /// Whether player input is accepted now.
+    /// The link to `relay` is gone: its session (if it runs there) waits until `deadline`
+    /// for its player to come back. Returns that session.
+    pub fn orphan(&self, relay: &str, deadline: Instant) -> Option<String> {
+        let mut state = self.state();
+        let running = state.session.as_mut().filter(|r| r.relay == relay && r.orphaned_until.is_none())?;
+        running.orphaned_until = Some(deadline);
+        Some(running.id.clone())
+    }
+
+    /// Ends an orphaned session whose grace ran out by `now`; returns it.
+    pub fn expire(&self, now: Instant) -> Option<String> {
+        let due = self.state().session.as_ref()?.orphaned_until.is_some_and(|d| now >= d);
+        if due { self.end(None, None) } else { None }
+    }
+
+    /// Whether player input from relay `relay` is accepted now: outside a pool, always;
+    /// in one, only from the running session's relay.
+    pub fn accepts_input_from(&self, relay: &str) -> bool {
+        let state = self.state();
+        state.node.is_none() || state.session.as_ref().is_some_and(|r| r.relay == relay)
+    }
+
+    /// Whether player input is accepted now from the session's relay.
     pub fn accepts_input(&self) -> bool {
-        self.node.is_none() || self.session.is_some()
+        let state = self.state();
+        state.node.is_none() || state.session.is_some()
     }
 
-    /// The running session, if any.
-    pub fn running(&self) -> Option<&str> {
-        self.session.as_deref()
+    /// The running session, if any (empty outside a pool).
+    pub fn running(&self) -> Option<String> {
+        self.state().session.as_ref().map(|r| r.id.clone())
     }
 
-    /// Whether a proof-of-capacity challenge is answered now: in a pool, only inside a
-    /// checker's session (a player cannot make the node burn its GPU); outside a pool,
-    /// whoever plays (there is no one else).
-    pub fn accepts_challenge(&self) -> bool {
-        match self.node {
+    /// The relay the running session's media goes to: `None` when no session runs or its
+    /// link is lost.
+    pub fn session_relay(&self) -> Option<String> {
+        self.state().session.as_ref().filter(|r| r.orphaned_until.is_none()).map(|r| r.relay.clone())
+    }
+
+    /// Whether a proof-of-capacity challenge from relay `relay` is answered now: in a pool,
+    /// only inside a checker's session on that relay (a player cannot make the node burn
+    /// its GPU); outside a pool, whoever plays (there is no one else).
+    pub fn accepts_challenge_from(&self, relay: &str) -> bool {
+        let state = self.state();
+        match state.node {
             None => true,
-            Some(_) => self.session.is_some() && self.checker,
+            Some(_) => state.session.as_ref().is_some_and(|r| r.checker && r.relay == relay),
         }
     }
 }
@@ -231,6 +332,14 @@ pub enum NodeEvent {
         session: String,
         /// The title the player chose (empty outside a pool: the node's own).
         title: String,
+    },
+    /// The running session moved to this link's relay (its player came back through it):
+    /// the same session and title go on, its media now goes here.
+    SessionResumed {
+        /// Session id (hex).
+        session: String,
+        /// The relay it is on now.
+        relay: String,
     },
     /// A session token was refused.
     SessionRefused(GateError),
@@ -319,16 +428,15 @@ impl NodeSide {
         &self.gate
     }
 
-    /// The gate, for setting the indexer's key once the node registered.
-    pub fn gate_mut(&mut self) -> &mut PlayerGate {
-        &mut self.gate
+    /// The relay's id, once it welcomed the node.
+    pub fn relay(&self) -> Option<&str> {
+        (!self.relay.is_empty()).then_some(self.relay.as_str())
     }
 
-    /// Ends the link's session (the connection is gone) and hands back the gate for the
-    /// next link.
-    pub fn into_gate(mut self) -> (PlayerGate, Option<String>) {
-        let ended = self.gate.end(None);
-        (self.gate, ended)
+    /// The connection is gone: a session running through it is orphaned until `deadline`
+    /// (its player may come back through another relay). Returns that session.
+    pub fn lost(self, deadline: Instant) -> Option<String> {
+        if self.relay.is_empty() { None } else { self.gate.orphan(&self.relay, deadline) }
     }
 
     /// Bytes read from the control stream.
@@ -372,7 +480,7 @@ impl NodeSide {
                 self.start_session(&token, unix);
             }
             RelayMessage::SessionEnd(session) => {
-                if let Some(ended) = self.gate.end(Some(&session)) {
+                if let Some(ended) = self.gate.end(Some(&session), Some(&self.relay)) {
                     self.events.push_back(NodeEvent::SessionEnded(ended));
                 }
             }
@@ -422,8 +530,12 @@ impl NodeSide {
     /// Verifies a session token at `unix_now`, as a `SessionStart` from the relay does.
     pub fn start_session(&mut self, token: &str, unix_now: u64) {
         match self.gate.start(token, &self.relay, unix_now) {
-            Ok((session, title)) => {
+            Ok(Admitted::Started { session, title }) => {
                 self.events.push_back(NodeEvent::SessionStarted { session, title });
+                self.events.push_back(NodeEvent::KeyframeRequested);
+            }
+            Ok(Admitted::Resumed { session }) => {
+                self.events.push_back(NodeEvent::SessionResumed { session, relay: self.relay.clone() });
                 self.events.push_back(NodeEvent::KeyframeRequested);
             }
             Err(e) => self.events.push_back(NodeEvent::SessionRefused(e)),
@@ -431,14 +543,14 @@ impl NodeSide {
     }
 
     fn deliver_input(&mut self, bytes: &[u8]) {
-        if !self.gate.accepts_input() {
+        if !self.gate.accepts_input_from(&self.relay) {
             self.events.push_back(NodeEvent::InputRefused("no_session"));
             return;
         }
         match InputMessage::decode(bytes) {
             Ok(InputMessage { seq, event: InputEvent::Capacity { seed, n }, .. }) => {
                 let event = match Challenge::new(seed, u32::from(n)) {
-                    _ if !self.gate.accepts_challenge() => NodeEvent::InputRefused("not_checker"),
+                    _ if !self.gate.accepts_challenge_from(&self.relay) => NodeEvent::InputRefused("not_checker"),
                     Ok(challenge) if challenge.n <= MAX_SESSION_N => NodeEvent::CapacityChallenge { seq, challenge },
                     _ => NodeEvent::InputRefused("bad_challenge"),
                 };
@@ -554,7 +666,7 @@ impl NodeSide {
     /// Ends the running session here (the title exited, crashed or never drew), telling
     /// the relay why so it can tell the player. Returns the session ended, if one ran.
     pub fn end_session(&mut self, reason: &str) -> Option<String> {
-        let session = self.gate.end(None)?;
+        let session = self.gate.end(None, Some(&self.relay))?;
         if self.is_established() {
             NodeMessage::SessionOver { session: session.clone(), reason: reason.to_string() }
                 .encode(&mut self.transmit);
@@ -1123,7 +1235,7 @@ mod tests {
     #[test]
     fn the_node_takes_input_only_inside_a_session_it_verified_for_itself_and_this_relay() {
         let indexer = SigningKey::from_bytes(&[1; 32]);
-        let mut gate = PlayerGate::pooled("node-a");
+        let gate = PlayerGate::pooled("node-a");
         gate.set_key(indexer.verifying_key());
         let (mut node, mut relay, t0) = established(gate);
         let mut key_input = Vec::new();
@@ -1163,7 +1275,8 @@ mod tests {
         node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
         assert_eq!(drain(&mut node), vec![NodeEvent::SessionRefused(GateError::Ended(session.clone()))]);
         // Nor after a reconnect: the gate carries over.
-        let (gate, _) = node.into_gate();
+        let gate = node.gate().clone();
+        assert_eq!(node.lost(t0), None);
         let mut again = NodeSide::new(config("node-a", None), gate, &[0; 32], t0, 1_500);
         again.relay = "relay-1".into();
         again.state = NodeState::Established;
@@ -1171,10 +1284,100 @@ mod tests {
         assert_eq!(drain(&mut again), vec![NodeEvent::SessionRefused(GateError::Ended(session))]);
     }
 
+    fn token_at(key: &SigningKey, session: u8, relay: &str, issued_at: u64) -> String {
+        Claims {
+            session: [session; 16],
+            role: Role::Player,
+            issued_at,
+            expires_at: 2_000,
+            title: "demo".into(),
+            node: "node-a".into(),
+            relay: relay.into(),
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    /// A node linked to two relays, both established, sharing one gate.
+    fn two_links(gate: &PlayerGate) -> (NodeSide, NodeSide, Instant) {
+        let t0 = Instant::now();
+        let mut links = ["relay-1", "relay-2"].map(|relay| {
+            let mut node = NodeSide::new(config("node-a", None), gate.clone(), &[0; 32], t0, 1_500);
+            node.relay = relay.into();
+            node.state = NodeState::Established;
+            node
+        });
+        for l in &mut links {
+            let _ = drain(l);
+        }
+        let [a, b] = links;
+        (a, b, t0)
+    }
+
+    #[test]
+    fn a_session_moves_to_another_relay_with_a_newer_token_and_the_old_relay_loses_it() {
+        let indexer = SigningKey::from_bytes(&[1; 32]);
+        let gate = PlayerGate::pooled("node-a");
+        gate.set_key(indexer.verifying_key());
+        let (mut a, mut b, t0) = two_links(&gate);
+        let session = "07".repeat(16);
+        a.start_session(&token_at(&indexer, 7, "relay-1", 1_000), 1_500);
+        assert!(matches!(drain(&mut a)[..], [NodeEvent::SessionStarted { .. }, NodeEvent::KeyframeRequested]));
+        assert_eq!(gate.session_relay().as_deref(), Some("relay-1"));
+        // Only the session's relay may send its input.
+        let mut key_input = Vec::new();
+        InputMessage { seq: 1, time_ms: 0, event: crate::input::InputEvent::KeyDown { key: 1, modifiers: 0 } }
+            .encode(&mut key_input);
+        b.handle_control(t0, &encoded(RelayMessage::Input(key_input.clone()))).unwrap();
+        assert_eq!(drain(&mut b), vec![NodeEvent::InputRefused("no_session")]);
+
+        // relay-1 dies: the session waits, it does not end.
+        let deadline = t0 + RESUME_GRACE;
+        assert_eq!(a.lost(deadline), Some(session.clone()));
+        assert_eq!(gate.running().as_deref(), Some(session.as_str()));
+        assert_eq!(gate.session_relay(), None, "no media to a lost link");
+        assert_eq!(gate.expire(t0 + Duration::from_secs(1)), None);
+        // The player comes back through relay-2 with the token the indexer moved.
+        b.start_session(&token_at(&indexer, 7, "relay-2", 1_010), 1_500);
+        assert_eq!(
+            drain(&mut b),
+            vec![
+                NodeEvent::SessionResumed { session: session.clone(), relay: "relay-2".into() },
+                NodeEvent::KeyframeRequested
+            ]
+        );
+        assert_eq!(gate.session_relay().as_deref(), Some("relay-2"));
+        assert_eq!(gate.expire(deadline), None, "a resumed session does not expire");
+        b.handle_control(t0, &encoded(RelayMessage::Input(key_input))).unwrap();
+        assert!(matches!(drain(&mut b)[..], [NodeEvent::Input(_)]));
+
+        // relay-1 comes back: the older token cannot pull the session back, nor can
+        // relay-1 end it.
+        let (mut a, _, _) = two_links(&gate);
+        a.start_session(&token_at(&indexer, 7, "relay-1", 1_000), 1_500);
+        assert_eq!(drain(&mut a), vec![NodeEvent::SessionRefused(GateError::Superseded(session.clone()))]);
+        a.handle_control(t0, &encoded(RelayMessage::SessionEnd(session.clone()))).unwrap();
+        assert_eq!(drain(&mut a), vec![]);
+        assert_eq!(gate.running().as_deref(), Some(session.as_str()));
+
+        // relay-2 dies too and nobody comes back: the session ends at the deadline, once.
+        assert_eq!(b.lost(deadline), Some(session.clone()));
+        assert_eq!(gate.expire(deadline), Some(session.clone()));
+        assert_eq!(gate.expire(deadline), None);
+        a.start_session(&token_at(&indexer, 7, "relay-1", 1_020), 1_500);
+        assert_eq!(drain(&mut a), vec![NodeEvent::SessionRefused(GateError::Ended(session))]);
+    }
+
+    fn encoded(msg: RelayMessage) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out);
+        out
+    }
+
     #[test]
     fn only_a_checkers_session_gets_a_capacity_challenge_answered_and_the_answer_reaches_the_relay() {
         let indexer = SigningKey::from_bytes(&[1; 32]);
-        let mut gate = PlayerGate::pooled("node-a");
+        let gate = PlayerGate::pooled("node-a");
         gate.set_key(indexer.verifying_key());
         let (mut node, mut relay, t0) = established(gate);
         let challenge = |seq: u32, n: u16| {

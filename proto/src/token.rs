@@ -163,6 +163,16 @@ impl Reader<'_> {
 /// seconds) and returns its claims. The caller then checks the holder (see
 /// [`Claims::check_relay`]) and whether the session has ended.
 pub fn verify(text: &str, key: &VerifyingKey, now: u64) -> Result<Claims, TokenError> {
+    let claims = verify_signature(text, key)?;
+    if now >= claims.expires_at {
+        return Err(TokenError::Expired { expired_at: claims.expires_at, now });
+    }
+    Ok(claims)
+}
+
+/// Checks only that the indexer signed the token (not its expiry): for the indexer, to
+/// which an expired token still proves who holds a session that is running.
+pub fn verify_signature(text: &str, key: &VerifyingKey) -> Result<Claims, TokenError> {
     if text.len() > MAX_TOKEN_TEXT {
         return Err(TokenError::Malformed);
     }
@@ -189,9 +199,6 @@ pub fn verify(text: &str, key: &VerifyingKey, now: u64) -> Result<Claims, TokenE
         Claims { session, role, issued_at, expires_at, title: r.string()?, node: r.string()?, relay: r.string()? };
     if !r.0.is_empty() {
         return Err(TokenError::Malformed);
-    }
-    if now >= expires_at {
-        return Err(TokenError::Expired { expired_at: expires_at, now });
     }
     Ok(claims)
 }

@@ -38,7 +38,8 @@ enum EncoderArg {
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// QUIC ingest address of the edge relay.
+    /// QUIC ingest address of the edge relay, outside a pool. In a pool (--indexer) the
+    /// node links to every ready relay the indexer lists, at the address each registered.
     #[arg(long, env = "PYLON_RELAY", default_value = "127.0.0.1:4433")]
     relay: SocketAddr,
     /// The relay's certificate (DER), trusted alone. The relay writes it to `<its data

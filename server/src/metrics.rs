@@ -63,6 +63,8 @@ pub struct ServerMetrics {
     pub sessions_started: Counter,
     /// Session tokens refused (forged, expired, another node's, spectator).
     pub sessions_refused: Counter,
+    /// Sessions that moved to another relay (their player came back through it).
+    pub sessions_resumed: Counter,
     /// RTP packets handed to QUIC.
     pub rtp_packets_sent: Counter,
     /// RTP bytes handed to QUIC.
@@ -136,6 +138,7 @@ impl ServerMetrics {
             rtp_resend_missed: Counter::default(),
             sessions_started: Counter::default(),
             sessions_refused: Counter::default(),
+            sessions_resumed: Counter::default(),
             rtp_packets_sent: Counter::default(),
             rtp_bytes_sent: Counter::default(),
             rtp_packets_dropped: Family::default(),
@@ -171,12 +174,21 @@ impl ServerMetrics {
         r.register("rtp_resend_missed", "Resend requests for packets no longer cached", m.rtp_resend_missed.clone());
         r.register("sessions_started", "Player sessions started with a verified token", m.sessions_started.clone());
         r.register("sessions_refused", "Session tokens refused", m.sessions_refused.clone());
+        r.register(
+            "sessions_resumed",
+            "Sessions that moved to another relay, their game going on",
+            m.sessions_resumed.clone(),
+        );
         r.register("rtp_packets_sent", "RTP packets sent to the relay", m.rtp_packets_sent.clone());
         r.register("rtp_bytes_sent", "RTP bytes sent to the relay", m.rtp_bytes_sent.clone());
         r.register("rtp_packets_dropped", "RTP packets dropped before the network", m.rtp_packets_dropped.clone());
         r.register("relay_connects", "QUIC connections established to the relay", m.relay_connects.clone());
         r.register("relay_disconnects", "QUIC connections to the relay that ended", m.relay_disconnects.clone());
-        r.register("relay_connected", "Whether the relay connection is up", m.relay_connected.clone());
+        r.register(
+            "relay_connected",
+            "Relay links up (one per relay of the pool; one outside a pool)",
+            m.relay_connected.clone(),
+        );
         r.register("target_bitrate_bps", "Encoder target bitrate", m.target_bitrate_bps.clone());
         r.register("bad_control_messages", "Malformed control messages received", m.bad_control_messages.clone());
         r.register("early_frames", "Frames started early by input", m.early_frames.clone());

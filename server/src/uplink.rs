@@ -240,12 +240,16 @@ fn quic_config(mut tls: rustls::ClientConfig) -> anyhow::Result<quinn::ClientCon
     Ok(config)
 }
 
+/// How long a silent relay link lives, ms.
+pub const LINK_IDLE_MS: u32 = 1_000;
+
 /// QUIC transport settings of the node's side of the relay connection.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // A relay that vanishes is noticed within 5 s (keep-alives every second).
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))));
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // A relay that vanishes is noticed within a second (keep-alives every 200 ms), so a
+    // session on it can move to another relay quickly.
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(LINK_IDLE_MS))));
+    t.keep_alive_interval(Some(Duration::from_millis(200)));
     t.datagram_send_buffer_size(SOCKET_BUFFER);
     t.datagram_receive_buffer_size(Some(SOCKET_BUFFER));
     // Start at a size that fits a whole RTP packet; MTU discovery may raise it.
@@ -257,8 +261,93 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Runs the uplink until `shutdown` becomes true: connect, send, reconnect. Session
-/// starts and ends go to `sessions` (the node's title runner), which may end a session.
+/// How often a pooled node asks the indexer for the pool's relays (new relays are linked,
+/// gone ones dropped).
+pub const RELAY_REFRESH: Duration = Duration::from_secs(3);
+/// Most relays a pooled node keeps links to (the first ones the indexer lists).
+pub const MAX_LINKS: usize = 16;
+/// Media and commands queued for one link before packets are dropped (counted).
+const LINK_QUEUE: usize = 4096;
+
+/// What the uplink hands one relay link.
+#[derive(Debug)]
+enum LinkCommand {
+    /// Media for the link's relay.
+    Media(Outgoing),
+    /// End the running session here (the title runner asked), telling the relay why.
+    EndSession(String),
+    /// The answer to a checker's challenge that came on this link.
+    Capacity(crate::capacity::Answer),
+    /// Refuse the challenge `seq` (the worker is busy or gone).
+    RefuseCapacity(u32, &'static str),
+}
+
+/// What a link asks of the uplink.
+#[derive(Debug)]
+enum LinkReport {
+    /// A checker's challenge arrived on link `link`.
+    Challenge { link: String, seq: u32, challenge: pylon_proto::capacity::Challenge },
+}
+
+/// Where one link connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    /// The relay's id as the indexer lists it (`None` outside a pool: learnt from its welcome).
+    id: Option<String>,
+    /// Its QUIC address (`host:port`).
+    addr: String,
+}
+
+/// One relay link's task, as the uplink keeps it.
+struct LinkHandle {
+    target: Target,
+    commands: mpsc::Sender<LinkCommand>,
+    /// The relay's id once it welcomed the node; `None` while not connected.
+    welcomed: Arc<std::sync::Mutex<Option<String>>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkHandle {
+    fn welcomed(&self) -> Option<String> {
+        self.welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// What every link shares.
+struct Shared {
+    endpoint: quinn::Endpoint,
+    link_config: NodeConfig,
+    /// A certificate file's configuration (outside a pool), read once at start.
+    fixed: Option<quinn::ClientConfig>,
+    /// The pool's relay certificates as last fetched.
+    pinned: std::sync::Mutex<Option<PinnedRelays>>,
+    server_name: String,
+    /// Who plays, across all links.
+    players: PlayerGate,
+    keyframe: Arc<AtomicBool>,
+    inputs: std::sync::mpsc::Sender<ReceivedInput>,
+    gate: SessionGate,
+    metrics: ServerMetrics,
+    bitrate: Option<BitrateControl>,
+    signals: Option<mpsc::UnboundedSender<SessionSignal>>,
+    reports: mpsc::UnboundedSender<LinkReport>,
+}
+
+impl Shared {
+    fn signal(&self, signal: SessionSignal) {
+        if let Some(s) = &self.signals {
+            let _ = s.send(signal);
+        }
+    }
+}
+
+/// Runs the uplink until `shutdown` becomes true. Outside a pool: one link, to
+/// `config.relay`. In a pool: a link to each relay the indexer lists as ready (so any of
+/// them can carry a session: each measures its RTT to this node for matching), media only
+/// to the relay the running session's player is on, and a session whose relay dies waits
+/// [`link::RESUME_GRACE`] for its player to come back through another. Session starts and
+/// ends go to `sessions` (the node's title runner), which may end a session.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: UplinkConfig,
@@ -278,65 +367,220 @@ pub async fn run(
     let mut capacity =
         CapacityWorker::start(config.gpu.clone(), metrics.clone()).context("starting the proof-of-capacity thread")?;
     let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
-    let endpoint = endpoint(bind)?;
-    // A certificate file is read once, at start (a missing one is an error now, not later).
-    let fixed = match &config.trust {
-        RelayTrust::File(path) => Some(client_config(path)?),
-        RelayTrust::Pool(_) => None,
+    let (fixed, indexer) = match &config.trust {
+        // A certificate file is read once, at start (a missing one is an error now, not later).
+        RelayTrust::File(path) => (Some(client_config(path)?), None),
+        RelayTrust::Pool(indexer) => (None, Some(indexer.clone())),
     };
-    let indexer = match &config.trust {
-        RelayTrust::Pool(indexer) => Some(indexer),
-        RelayTrust::File(_) => None,
-    };
-    let mut backoff = Duration::from_millis(100);
-    // The pool's relay certificates as last fetched: an indexer that cannot be reached
-    // must not keep the node from its relay.
-    let mut last_pinned: Option<PinnedRelays> = None;
-    // Who may play, carried from one connection to the next (ended sessions stay ended).
-    let mut players = match gate.node() {
+    let players = match gate.node() {
         Some(id) => PlayerGate::pooled(id),
         None => PlayerGate::open(),
     };
-    let link_config = NodeConfig {
-        stream: config.hello.clone(),
-        identity: config.identity.clone(),
-        bitrate_bounds: config.bitrate.as_ref().map(|b| (b.min, b.max)),
-    };
+    let (reports, mut link_reports) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        endpoint: endpoint(bind)?,
+        link_config: NodeConfig {
+            stream: config.hello.clone(),
+            identity: config.identity.clone(),
+            bitrate_bounds: config.bitrate.as_ref().map(|b| (b.min, b.max)),
+        },
+        fixed,
+        pinned: std::sync::Mutex::new(None),
+        server_name: config.server_name.clone(),
+        players: players.clone(),
+        keyframe,
+        inputs,
+        gate: gate.clone(),
+        metrics: metrics.clone(),
+        bitrate: config.bitrate.clone(),
+        signals,
+        reports,
+    });
+    let mut links: Vec<LinkHandle> = Vec::new();
+    if indexer.is_none() {
+        links.push(spawn_link(&shared, Target { id: None, addr: config.relay.to_string() }));
+    }
+    // The link whose checker's challenge the worker is computing.
+    let mut challenged: Option<String> = None;
+    let mut refresh = tokio::time::interval(RELAY_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut expiry = tokio::time::interval(Duration::from_millis(250));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if *shutdown.borrow() {
+        tokio::select! {
+            packet = packets.recv() => match packet {
+                Some(p) => route(&links, &players, &metrics, p),
+                None => break,
+            },
+            Some(command) = commands.recv() => match command {
+                UplinkCommand::EndSession { reason } => {
+                    let link = players.session_relay().and_then(|r| links.iter().find(|l| l.welcomed().as_deref() == Some(r.as_str())));
+                    match link {
+                        Some(l) => { let _ = l.commands.send(LinkCommand::EndSession(reason)).await; }
+                        // Its relay link is lost: end it here (no relay to tell).
+                        None => if let Some(session) = players.end(None, None) {
+                            tracing::info!(session, "the node ended the session: {reason}");
+                            gate.set_running(None);
+                        },
+                    }
+                }
+            },
+            Some(LinkReport::Challenge { link, seq, challenge }) = link_reports.recv() => {
+                match capacity.submit(seq, challenge, Instant::now()) {
+                    Ok(()) => challenged = Some(link),
+                    Err(reason) => {
+                        if let Some(l) = links.iter().find(|l| l.welcomed().as_deref() == Some(link.as_str())) {
+                            let _ = l.commands.try_send(LinkCommand::RefuseCapacity(seq, reason));
+                        }
+                    }
+                }
+            },
+            Some(answer) = capacity.next() => {
+                let link = challenged.take();
+                if let Some(l) = links.iter().find(|l| l.welcomed().is_some() && l.welcomed() == link) {
+                    let _ = l.commands.send(LinkCommand::Capacity(answer)).await;
+                }
+            },
+            _ = expiry.tick() => {
+                if let Some(session) = players.expire(Instant::now()) {
+                    tracing::warn!(session, "the session's player did not come back through another relay in {:?}; ending it", link::RESUME_GRACE);
+                    gate.set_running(None);
+                    shared.signal(SessionSignal::Ended { session });
+                }
+            },
+            _ = refresh.tick(), if indexer.is_some() => {
+                if let Some(indexer) = &indexer {
+                    match pool_relays(indexer).await {
+                        Ok((pinned, targets)) => {
+                            *shared.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pinned);
+                            relink(&shared, &mut links, targets);
+                        }
+                        Err(e) => tracing::warn!("cannot refresh the pool's relays ({e}); keeping the links there are"),
+                    }
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for l in &links {
+        let _ = l.stop.send(true);
+    }
+    for l in links {
+        let _ = l.task.await;
+    }
+    shared.endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Sends a packet where it belongs: to the running session's relay only; with no session,
+/// outside a pool to the one relay (its viewers watch the node's own stream), in a pool
+/// nowhere (no relay has a viewer of this node without a session); while the session's
+/// relay is lost, nowhere (counted).
+fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, packet: Outgoing) {
+    let drop = |reason| {
+        metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason }).inc();
+    };
+    let media = matches!(packet, Outgoing::Rtp(..) | Outgoing::AudioRtp(..));
+    let send = |l: &LinkHandle, p: Outgoing| {
+        if l.commands.try_send(LinkCommand::Media(p)).is_err() && media {
+            drop("link_busy");
+        }
+    };
+    match players.session_relay() {
+        Some(relay) => match links.iter().find(|l| l.welcomed().as_deref() == Some(relay.as_str())) {
+            Some(l) => send(l, packet),
+            None if media => drop("not_connected"),
+            None => {}
+        },
+        None if players.running().is_some() => {
+            if media {
+                drop("relay_lost");
+            }
+        }
+        None => {
+            for l in links.iter().filter(|l| l.target.id.is_none()) {
+                match l.welcomed() {
+                    Some(_) => send(l, packet.clone()),
+                    None if media => drop("not_connected"),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Links to each of `targets` not linked yet and drops links to relays no longer listed
+/// (unless the running session is on one: its player may still be there).
+fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, targets: Vec<Target>) {
+    let session_relay = shared.players.session_relay();
+    links.retain(|l| {
+        let keep = targets.contains(&l.target) || (l.welcomed().is_some() && l.welcomed() == session_relay);
+        if !keep {
+            tracing::info!(relay = ?l.target.id, addr = l.target.addr, "the indexer no longer lists this relay; unlinking");
+            let _ = l.stop.send(true);
+        }
+        keep
+    });
+    for t in targets {
+        if links.len() >= MAX_LINKS {
             break;
         }
-        // In a pool, the relays to trust as the indexer lists them now, or as it listed
-        // them last when it cannot be reached.
-        if let Some(indexer) = indexer {
-            match pool_relays(indexer).await {
-                Ok(pinned) => last_pinned = Some(pinned),
-                Err(e) if last_pinned.is_some() => {
-                    tracing::warn!("cannot refresh the pool's relay certificates ({e}); trusting those last listed");
-                }
-                Err(e) => tracing::warn!("cannot learn the pool's relay certificates ({e}); retrying in {backoff:?}"),
-            }
+        if !links.iter().any(|l| l.target == t) {
+            tracing::info!(relay = ?t.id, addr = t.addr, "linking to a relay of the pool");
+            links.push(spawn_link(shared, t));
         }
-        let (client, pinned) = match (&fixed, &last_pinned) {
-            (Some(c), _) => (c.clone(), None),
-            (None, Some(pinned)) => (pinned_client_config(pinned.clone())?, Some(pinned)),
-            (None, None) => {
-                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let attempt = endpoint.connect_with(client, config.relay, &config.server_name)?;
-        let conn = tokio::select! {
-            c = attempt => c,
-            _ = shutdown.changed() => break,
-        };
-        let conn = match conn {
-            Ok(c) => c,
+    }
+}
+
+fn spawn_link(shared: &Arc<Shared>, target: Target) -> LinkHandle {
+    let (commands, rx) = mpsc::channel(LINK_QUEUE);
+    let (stop, stopped) = watch::channel(false);
+    let welcomed = Arc::new(std::sync::Mutex::new(None));
+    let task = tokio::spawn(run_link(shared.clone(), target.clone(), rx, welcomed.clone(), stopped));
+    LinkHandle { target, commands, welcomed, stop, task }
+}
+
+/// One relay link: connect, serve, reconnect with backoff, until told to stop.
+async fn run_link(
+    shared: Arc<Shared>,
+    target: Target,
+    mut commands: mpsc::Receiver<LinkCommand>,
+    welcomed: Arc<std::sync::Mutex<Option<String>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let metrics = &shared.metrics;
+    let mut backoff = Duration::from_millis(100);
+    let key = target.id.clone().unwrap_or_default();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let result = async {
+            let addr = tokio::net::lookup_host(&target.addr)
+                .await
+                .with_context(|| format!("resolving {}", target.addr))?
+                .next()
+                .ok_or_else(|| anyhow!("{} resolves to no address", target.addr))?;
+            let pinned = shared.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let client = match (&shared.fixed, &pinned) {
+                (Some(c), _) => c.clone(),
+                (None, Some(p)) => pinned_client_config(p.clone())?,
+                (None, None) => anyhow::bail!("the pool's relay certificates are not known yet"),
+            };
+            let attempt = shared.endpoint.connect_with(client, addr, &shared.server_name)?;
+            let conn = tokio::select! {
+                c = attempt => c.context("cannot reach the relay")?,
+                _ = stop.changed() => return Ok(None),
+            };
+            Ok(Some((conn, pinned)))
+        }
+        .await;
+        let (conn, pinned) = match result {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
             Err(e) => {
-                tracing::warn!("cannot reach the relay ({e}); retrying in {backoff:?}");
-                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
+                tracing::warn!(relay = key, "{e:#}; retrying in {backoff:?}");
+                if back_off(&mut backoff, &mut commands, &mut stop).await {
                     break;
                 }
                 continue;
@@ -344,119 +588,110 @@ pub async fn run(
         };
         let mut exporter = [0u8; link::EXPORTER_LEN];
         if conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"").is_err() {
-            return Err(anyhow!("the QUIC connection cannot export keying material"));
+            tracing::error!("the QUIC connection cannot export keying material");
+            break;
         }
-        let players_now = std::mem::replace(&mut players, PlayerGate::open());
-        let mut node = NodeSide::new(link_config.clone(), players_now, &exporter, Instant::now(), crate::pool::now());
+        let mut node = NodeSide::new(
+            shared.link_config.clone(),
+            shared.players.clone(),
+            &exporter,
+            Instant::now(),
+            crate::pool::now(),
+        );
         metrics.relay_connects.inc();
-        metrics.relay_connected.set(1);
-        tracing::info!("connected to the relay; waiting for its welcome");
+        metrics.relay_connected.inc();
+        tracing::info!(relay = key, addr = target.addr, "connected to the relay; waiting for its welcome");
         // Which relay this certificate was registered by: its welcome must say the same.
-        let expected_relay = pinned.and_then(|p| pinned_relay(&conn, p));
-        let link = Link {
-            expected_relay,
-            keyframe: &keyframe,
-            inputs: &inputs,
-            gate: &gate,
-            metrics: &metrics,
-            bitrate: config.bitrate.as_ref(),
-            signals: signals.as_ref(),
-        };
-        let result =
-            serve_connection(&conn, &mut node, &mut packets, &mut commands, &mut capacity, &link, &mut shutdown).await;
-        // The relay's viewers are gone with the connection: so is the session.
-        let (carried, ended) = node.into_gate();
-        players = carried;
-        if let Some(session) = ended {
-            tracing::info!(session, "player session ended with the relay connection");
-            link.signal(SessionSignal::Ended { session });
-        }
-        gate.set_running(None);
-        metrics.relay_connected.set(0);
+        let expected = pinned.as_ref().and_then(|p| pinned_relay(&conn, p));
+        let link = Link { shared: &shared, expected_relay: expected, key: &key, welcomed: &welcomed };
+        let result = serve_connection(&conn, &mut node, &mut commands, &link, &mut stop).await;
+        *welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        metrics.relay_connected.dec();
         metrics.relay_disconnects.inc();
+        let relay = node.relay().map(str::to_string);
         match result {
             Ok(()) => {
                 conn.close(0u32.into(), b"render node shutting down");
                 break;
             }
             Err(e) => {
-                tracing::warn!("relay connection lost: {e:#}; reconnecting in {backoff:?}");
+                // Its player may come back through another relay: the session waits.
+                if let Some(session) = node.lost(Instant::now() + link::RESUME_GRACE) {
+                    tracing::warn!(
+                        session,
+                        relay,
+                        "the session's relay link is lost; waiting for its player to come back"
+                    );
+                }
+                tracing::warn!(relay, "relay connection lost: {e:#}; reconnecting in {backoff:?}");
                 // A relay that refuses this node must not be hammered.
-                if back_off(&mut backoff, &mut packets, &metrics, &mut shutdown).await {
+                if back_off(&mut backoff, &mut commands, &mut stop).await {
                     break;
                 }
             }
         }
     }
-    endpoint.wait_idle().await;
-    Ok(())
 }
 
-/// The certificates of the pool's relays (not revoked, not awaiting approval), from the
-/// indexer: SHA-256 → relay id.
-async fn pool_relays(indexer: &pylon_indexer_client::Client) -> anyhow::Result<PinnedRelays> {
+/// The pool's relays from the indexer: the certificates to trust (SHA-256 → relay ids, of
+/// every relay not revoked or awaiting approval) and the ready ones to link to.
+async fn pool_relays(indexer: &pylon_indexer_client::Client) -> anyhow::Result<(PinnedRelays, Vec<Target>)> {
     let relays = indexer.relays().await?;
     let mut pinned = PinnedRelays::new();
+    let mut targets = Vec::new();
     for r in relays.into_iter().filter(|r| r.state != "revoked" && r.state != "pending" && !r.cert_sha256.is_empty()) {
+        if r.state == "ready" && !r.quic_addr.is_empty() {
+            targets.push(Target { id: Some(r.id.clone()), addr: r.quic_addr.clone() });
+        }
         pinned.entry(r.cert_sha256).or_default().push(r.id);
     }
     anyhow::ensure!(!pinned.is_empty(), "the indexer lists no relay with a registered certificate yet");
-    Ok(pinned)
+    Ok((pinned, targets))
 }
 
-/// Waits `backoff` before the next try, discarding packets meanwhile (counted), and doubles
-/// it up to 5 s; returns true if shutdown was asked meanwhile.
+/// Waits `backoff` before the next try, discarding what is queued for the link meanwhile,
+/// and doubles it up to 5 s; returns true if the link was told to stop meanwhile.
 async fn back_off(
     backoff: &mut Duration,
-    packets: &mut mpsc::Receiver<Outgoing>,
-    metrics: &ServerMetrics,
-    shutdown: &mut watch::Receiver<bool>,
+    commands: &mut mpsc::Receiver<LinkCommand>,
+    stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + *backoff;
     *backoff = (*backoff * 2).min(Duration::from_secs(5));
     loop {
         tokio::select! {
-            p = packets.recv() => {
-                if p.is_none() { return true; }
-                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_connected" }).inc();
-            }
+            c = commands.recv() => if c.is_none() { return true; },
             _ = tokio::time::sleep_until(deadline) => return false,
-            _ = shutdown.changed() => return true,
+            _ = stop.changed() => return true,
         }
     }
 }
 
-/// What the connection hands the link's events to.
+/// What one connection hands the link's events to.
 struct Link<'a> {
-    /// In a pool without a certificate file: the relay ids registered with the
-    /// certificate this connection presented.
+    shared: &'a Shared,
+    /// In a pool: the relay ids registered with the certificate this connection presented.
     expected_relay: Option<Vec<String>>,
-    keyframe: &'a AtomicBool,
-    inputs: &'a std::sync::mpsc::Sender<ReceivedInput>,
-    gate: &'a SessionGate,
-    metrics: &'a ServerMetrics,
-    bitrate: Option<&'a BitrateControl>,
-    signals: Option<&'a mpsc::UnboundedSender<SessionSignal>>,
+    /// The link's name for the uplink (the relay's listed id; empty outside a pool).
+    key: &'a str,
+    welcomed: &'a std::sync::Mutex<Option<String>>,
 }
 
 impl Link<'_> {
-    fn signal(&self, signal: SessionSignal) {
-        if let Some(s) = self.signals {
-            let _ = s.send(signal);
-        }
-    }
-
     /// Carries out what the state machine decided.
     fn on_event(&self, event: NodeEvent) {
-        let metrics = self.metrics;
+        let Shared { metrics, gate, keyframe, inputs, bitrate, .. } = self.shared;
         match event {
-            NodeEvent::Established { relay } => tracing::info!(relay, "the relay admitted this node; streaming"),
+            NodeEvent::Established { relay } => {
+                tracing::info!(relay, "the relay admitted this node");
+                *self.welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(relay);
+            }
             NodeEvent::KeyframeRequested => {
                 metrics.keyframe_requests.inc();
-                self.keyframe.store(true, Ordering::Relaxed);
+                keyframe.store(true, Ordering::Relaxed);
             }
             NodeEvent::Input(message) => {
-                let _ = self.inputs.send(ReceivedInput { message, arrived: Instant::now() });
+                let _ = inputs.send(ReceivedInput { message, arrived: Instant::now() });
             }
             NodeEvent::InputRefused(reason) => {
                 metrics.input_rejected.get_or_create(&DropReason { reason }).inc();
@@ -464,8 +699,13 @@ impl Link<'_> {
             NodeEvent::SessionStarted { session, title } => {
                 metrics.sessions_started.inc();
                 tracing::info!(session, title, "player session started");
-                self.gate.set_running(Some(session.clone()));
-                self.signal(SessionSignal::Started { session, title });
+                gate.set_running(Some(session.clone()));
+                self.shared.signal(SessionSignal::Started { session, title });
+            }
+            NodeEvent::SessionResumed { session, relay } => {
+                metrics.sessions_resumed.inc();
+                tracing::info!(session, relay, "the player's session moved to this relay; the game goes on");
+                gate.set_running(Some(session));
             }
             NodeEvent::SessionRefused(e) => {
                 metrics.sessions_refused.inc();
@@ -473,11 +713,11 @@ impl Link<'_> {
             }
             NodeEvent::SessionEnded(session) => {
                 tracing::info!(session, "player session ended");
-                self.gate.set_running(None);
-                self.signal(SessionSignal::Ended { session });
+                gate.set_running(None);
+                self.shared.signal(SessionSignal::Ended { session });
             }
             NodeEvent::Bitrate(target) => {
-                if let Some(b) = self.bitrate {
+                if let Some(b) = bitrate {
                     tracing::debug!(target, "bitrate from the relay");
                     b.target.store(target, Ordering::Relaxed);
                 }
@@ -486,7 +726,7 @@ impl Link<'_> {
                 metrics.rtp_resent.inc_by(u64::from(sent));
                 metrics.rtp_resend_missed.inc_by(u64::from(missed));
             }
-            // Handed to the capacity worker by `flush`, which can answer on the link.
+            // Handed to the capacity worker by `flush`.
             NodeEvent::CapacityChallenge { .. } => {}
         }
     }
@@ -498,7 +738,6 @@ async fn flush(
     send: &mut quinn::SendStream,
     conn: &quinn::Connection,
     link: &Link<'_>,
-    capacity: &CapacityWorker,
 ) -> anyhow::Result<()> {
     while let Some(event) = node.poll_event() {
         match event {
@@ -509,16 +748,15 @@ async fn flush(
                 ));
             }
             NodeEvent::CapacityChallenge { seq, challenge } => {
-                if let Err(reason) = capacity.submit(seq, challenge, Instant::now()) {
-                    node.refuse_capacity(seq, reason);
-                }
+                let relay = node.relay().unwrap_or(link.key).to_string();
+                let _ = link.shared.reports.send(LinkReport::Challenge { link: relay, seq, challenge });
             }
             event => link.on_event(event),
         }
     }
     while let Some(d) = node.poll_datagram() {
         if conn.send_datagram(d.into()).is_err() {
-            link.metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+            link.shared.metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
         }
     }
     if let Some(bytes) = node.poll_transmit() {
@@ -527,82 +765,77 @@ async fn flush(
     Ok(())
 }
 
-/// Sends media and handles control until the connection fails (`Err`) or shutdown (`Ok`).
+/// Sends media and handles control until the connection fails (`Err`) or the link is
+/// stopped (`Ok`).
 async fn serve_connection(
     conn: &quinn::Connection,
     node: &mut NodeSide,
-    packets: &mut mpsc::Receiver<Outgoing>,
-    commands: &mut mpsc::UnboundedReceiver<UplinkCommand>,
-    capacity: &mut CapacityWorker,
+    commands: &mut mpsc::Receiver<LinkCommand>,
     link: &Link<'_>,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let metrics = link.metrics;
+    let metrics = &link.shared.metrics;
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-    flush(node, &mut send, conn, link, capacity).await?;
+    flush(node, &mut send, conn, link).await?;
     let mut read_buf = vec![0u8; 4096];
     let mut datagram = Vec::with_capacity(1500);
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let dropped = |reason| {
+        metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason }).inc();
+    };
     loop {
         let timeout = node.poll_timeout().map_or_else(far, tokio::time::Instant::from_std);
         tokio::select! {
-            packet = packets.recv() => {
-                match packet {
-                    None => return Ok(()),
-                    Some(Outgoing::FrameInfo(info)) => node.send_frame_info(info),
-                    Some(Outgoing::AudioRtp(rtp, capture)) => match node.send_audio(Instant::now(), &rtp, capture, &mut datagram) {
-                        Ok(()) => {
-                            if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
-                                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+            command = commands.recv() => match command {
+                None => return Ok(()),
+                Some(LinkCommand::Media(Outgoing::FrameInfo(info))) => node.send_frame_info(info),
+                Some(LinkCommand::Media(Outgoing::AudioRtp(rtp, capture))) => match node.send_audio(Instant::now(), &rtp, capture, &mut datagram) {
+                    Ok(()) => {
+                        if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
+                            dropped("send_error");
+                        }
+                    }
+                    Err(_) => dropped("not_welcomed"),
+                },
+                Some(LinkCommand::Media(Outgoing::Rtp(rtp, capture))) => match node.send_rtp(Instant::now(), &rtp, capture, &mut datagram) {
+                    Ok(()) => {
+                        if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                            dropped("send_error");
+                            match e {
+                                quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
+                                e => return Err(e.into()),
                             }
                         }
-                        Err(_) => {
-                            metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_welcomed" }).inc();
-                        }
-                    },
-                    Some(Outgoing::Rtp(rtp, capture)) => match node.send_rtp(Instant::now(), &rtp, capture, &mut datagram) {
-                        Ok(()) => {
-                            if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
-                                metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
-                                match e {
-                                    quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
-                                    e => return Err(e.into()),
-                                }
-                            }
-                        }
-                        Err(_) => {
-                            metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "not_welcomed" }).inc();
-                        }
-                    },
+                    }
+                    Err(_) => dropped("not_welcomed"),
+                },
+                Some(LinkCommand::EndSession(reason)) => {
+                    if let Some(session) = node.end_session(&reason) {
+                        tracing::info!(session, "the node ended the session: {reason}");
+                        link.shared.gate.set_running(None);
+                    }
                 }
-            }
+                Some(LinkCommand::Capacity(answer)) => match answer.result {
+                    Ok(p) => node.answer_capacity(answer.seq, &p.words, p.gpu_us, p.wall_us),
+                    Err(reason) => node.refuse_capacity(answer.seq, &reason),
+                },
+                Some(LinkCommand::RefuseCapacity(seq, reason)) => node.refuse_capacity(seq, reason),
+            },
             read = recv.read(&mut read_buf) => {
                 let n = read.context("reading the control stream")?.ok_or_else(|| anyhow!("the relay closed the control stream"))?;
                 // Session tokens arrive here: verify them with the indexer's key, which
                 // the membership task learns at registration (not copied per packet).
-                if let Some(k) = link.gate.key() {
-                    node.gate_mut().set_key(k);
+                if let Some(k) = link.shared.gate.key() {
+                    node.gate().set_key(k);
                 }
                 if let Err(e) = node.handle_control(Instant::now(), read_buf.get(..n).unwrap_or_default()) {
                     if matches!(e, LinkError::Framing(_)) {
                         metrics.bad_control_messages.inc();
                     }
-                    flush(node, &mut send, conn, link, capacity).await?;
+                    flush(node, &mut send, conn, link).await?;
                     return Err(anyhow!("relay link: {e}"));
                 }
             }
-            Some(answer) = capacity.next() => match answer.result {
-                Ok(p) => node.answer_capacity(answer.seq, &p.words, p.gpu_us, p.wall_us),
-                Err(reason) => node.refuse_capacity(answer.seq, &reason),
-            },
-            Some(command) = commands.recv() => match command {
-                UplinkCommand::EndSession { reason } => {
-                    if let Some(session) = node.end_session(&reason) {
-                        tracing::info!(session, "the node ended the session: {reason}");
-                        link.gate.set_running(None);
-                    }
-                }
-            },
             d = conn.read_datagram() => {
                 let d = d.context("reading datagrams")?;
                 node.handle_datagram(Instant::now(), &d);
@@ -610,13 +843,13 @@ async fn serve_connection(
             _ = tokio::time::sleep_until(timeout) => {
                 node.handle_timeout(Instant::now()).map_err(|e| anyhow!("relay link: {e}"))?;
             }
-            _ = shutdown.changed() => {
+            _ = stop.changed() => {
                 node.close("render node shutting down");
-                let _ = flush(node, &mut send, conn, link, capacity).await;
+                let _ = flush(node, &mut send, conn, link).await;
                 let _ = send.finish();
                 return Ok(());
             }
         }
-        flush(node, &mut send, conn, link, capacity).await?;
+        flush(node, &mut send, conn, link).await?;
     }
 }

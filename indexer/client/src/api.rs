@@ -113,6 +113,9 @@ pub struct RelayEntry {
     pub id: String,
     /// Its state (`ready`, `gone`, `revoked`, `pending`…).
     pub state: String,
+    /// Where nodes reach it over QUIC (`host:port`).
+    #[serde(default)]
+    pub quic_addr: String,
     /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
     #[serde(default)]
     pub cert_sha256: String,
@@ -210,6 +213,17 @@ pub struct SessionCreated {
     pub reason: String,
 }
 
+/// A request to move a running session to another relay (`POST
+/// /api/v1/sessions/{id}/move`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MoveSession {
+    /// The token the caller plays (or watches) the session with.
+    pub token: String,
+    /// RTT the client measured to candidate relays, ms (optional).
+    #[serde(default)]
+    pub client_rtt_ms: BTreeMap<String, f64>,
+}
+
 /// The indexer's answer to a relay's heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RelayHeartbeatReply {
@@ -272,6 +286,10 @@ pub enum ErrorReason {
     SeatTaken,
     /// The indexer failed; the detail is in its log (500).
     Internal,
+    /// The session's render node stopped answering: the game is lost (410).
+    NodeGone,
+    /// The session moved on with a newer token than the one given (409).
+    Superseded,
 }
 
 /// Every error answer's body.
