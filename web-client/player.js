@@ -24,11 +24,16 @@ const fragment = new URLSearchParams(location.hash.slice(1));
 const saved = history.state || {};
 const token = fragment.get('token') || saved.token || null;
 const catalog = fragment.get('catalog') || saved.catalog || null;
+// A page this session moved to from a relay that failed: where from, and when the
+// failure was noticed (ms since the epoch), for the overlay.
+const movedFrom = fragment.get('from') || saved.movedFrom || null;
+const movedAt = Number(fragment.get('moved') || saved.movedAt || 0);
 if (fragment.has('token')) {
-  history.replaceState({ token, catalog }, '', location.pathname + location.search);
+  history.replaceState({ token, catalog, movedFrom, movedAt }, '', location.pathname + location.search);
 }
 // The player can share a link that lets others watch this session (as spectators).
 const playing = location.pathname.match(/^\/play\/([0-9a-f]{32})$/);
+const sessionId = (location.pathname.match(/^\/(?:play|watch)\/([0-9a-f]{32})$/) || [])[1] || null;
 if (playing && catalog && /^https?:\/\//.test(catalog)) {
   const share = document.getElementById('share');
   share.href = `${catalog}/watch/${playing[1]}`;
@@ -39,6 +44,10 @@ if (playing && catalog && /^https?:\/\//.test(catalog)) {
 // State the page exposes for dashboards and automated checks.
 const pylon = {
   state: 'connecting', stats: null, viewer: null, role: null, pc: null, latency: null, input: null, error: null,
+  // Set when this page took over a session from a failed relay: {from, at, recoveredMs}.
+  moved: movedFrom ? { from: movedFrom, at: movedAt, recoveredMs: null } : null,
+  // When the first frame was shown (ms since the epoch).
+  firstFrameAt: null,
 };
 window.pylon = pylon;
 
@@ -124,6 +133,11 @@ async function connect() {
     }
   };
   const onVideoFrame = (now, metadata) => {
+    lastFrame = performance.now();
+    if (pylon.firstFrameAt === null) {
+      pylon.firstFrameAt = Date.now();
+      if (pylon.moved && pylon.moved.at) pylon.moved.recoveredMs = pylon.firstFrameAt - pylon.moved.at;
+    }
     latency.onFrame(now, metadata);
     if (pc.connectionState !== 'closed') video.requestVideoFrameCallback(onVideoFrame);
   };
@@ -140,14 +154,45 @@ async function connect() {
     if (s.audio) s.avOffsetMs = playoutOffset(transceiver.receiver, audioTransceiver.receiver, clock);
     // With the relay's --av-sync Chromium lip-syncs the streams itself.
     s.pictureHoldMs = sync.update(s.avOffsetMs, !video.muted && video.volume > 0 && !clock?.lipsync);
+    const m = pylon.moved;
+    const switched = m ? `  · moved from ${m.from}${m.recoveredMs !== null ? ` in ${m.recoveredMs} ms` : ''}` : '';
+    s.relay = `relay ${location.host}${switched}`;
     pylon.stats = s;
   }, () => latency.summary());
 
   const ws = new WebSocket(signallingUrl());
   let retried = false;
+  let lastFrame = performance.now();
+  let lastBytes = -1;
+  let bytesSince = performance.now();
+  // In a pool, a relay that stops delivering (no bytes at all, or the game server lost
+  // behind it) for a second is left for another one, with the same session.
+  const watchdog = setInterval(async () => {
+    if (retried || pc.connectionState === 'closed') return;
+    const stats = await pc.getStats();
+    let bytes = 0;
+    for (const r of stats.values()) if (r.type === 'transport') bytes += r.bytesReceived ?? 0;
+    const now = performance.now();
+    if (bytes !== lastBytes) {
+      lastBytes = bytes;
+      bytesSince = now;
+    }
+    const silent = pylon.state === 'playing' && now - bytesSince > MOVE_AFTER_MS;
+    const nodeLost = pylon.nodeLost && now - lastFrame > MOVE_AFTER_MS;
+    if (silent || nodeLost) retry(silent ? 'The relay stopped answering' : 'The game server is not answering here');
+  }, 250);
   const retry = (why) => {
     if (retried) return;
     retried = true;
+    clearInterval(watchdog);
+    if (token && catalog && sessionId) {
+      input.releaseAll();
+      stopStats();
+      pc.close();
+      ws.close();
+      moveRelay(why);
+      return;
+    }
     pylon.state = 'reconnecting';
     setStatus(`${why} — reconnecting…`);
     input.releaseAll();
@@ -177,6 +222,7 @@ async function connect() {
       pylon.state = 'ended';
       pylon.endedReason = msg.reason;
       retried = true;
+      clearInterval(watchdog);
       stopStats();
       pc.close();
       ws.close();
@@ -187,6 +233,7 @@ async function connect() {
         // Retrying cannot help: the session is over, or the link is not valid here.
         refused(msg.message);
         retried = true;
+        clearInterval(watchdog);
         stopStats();
         pc.close();
         ws.close();
@@ -204,6 +251,55 @@ async function connect() {
       retry(`Connection ${pc.connectionState}`);
     }
   };
+}
+
+/** How long a relay may deliver nothing before the page moves to another one, ms. */
+const MOVE_AFTER_MS = 1000;
+
+/**
+ * Asks the indexer to move this session to another relay (the token proves it is ours)
+ * and continues there: same session, same game. Retries while no relay can take it yet;
+ * stops when the game server itself is gone.
+ */
+async function moveRelay(why) {
+  const noticed = Date.now();
+  pylon.state = 'moving';
+  setStatus(`${why} — moving to another relay…`);
+  const base = catalog.replace(/\/$/, '');
+  for (let attempt = 0; attempt < 40; attempt += 1) {
+    let wait = 500;
+    try {
+      // A plain-text body keeps this a simple cross-origin request (no preflight).
+      const r = await fetch(`${base}/api/v1/sessions/${sessionId}/move`, {
+        method: 'POST', body: JSON.stringify({ token }), signal: AbortSignal.timeout(4000),
+      });
+      const body = await r.json().catch(() => ({}));
+      if (r.status === 201) {
+        const next = new URLSearchParams({
+          token: body.token, catalog, from: location.host, moved: String(noticed),
+        });
+        const page = location.pathname.startsWith('/watch/') ? 'watch' : 'play';
+        location.href = `${body.relay_url.replace(/\/$/, '')}/${page}/${sessionId}#${next}`;
+        return;
+      }
+      if (r.status === 410 || r.status === 404) {
+        const reason = r.status === 410 ? 'node gone' : 'ended';
+        refused(ENDED_BECAUSE[reason] || 'The game ended', 'Start a new game');
+        pylon.state = 'ended';
+        pylon.endedReason = reason;
+        return;
+      }
+      if (r.status === 409 || r.status === 401) {
+        refused('This game continues in another window');
+        return;
+      }
+      if (body.retry_after_secs) wait = Math.min(5000, 1000 * body.retry_after_secs);
+    } catch (e) {
+      // The indexer did not answer: try again.
+    }
+    await new Promise((done) => setTimeout(done, wait));
+  }
+  refused('No relay can carry this game now');
 }
 
 // Sound: off until the player turns it on (autoplay rules), then at the chosen volume.

@@ -82,6 +82,7 @@ export function format(s, latency) {
     `lost ${s.packetsLost}  nack ${s.nackCount}  pli ${s.pliCount}  freezes ${s.freezeCount}`,
     `network rtt ${s.rttMs.toFixed(1)} ms`,
   ];
+  if (s.relay) lines.push(s.relay);
   if (s.audio) {
     const offset = s.avOffsetMs === undefined ? '' : `  A/V offset ${s.avOffsetMs.toFixed(0)} ms`;
     const held = s.pictureHoldMs > 0 ? `  (picture held ${s.pictureHoldMs} ms for sync)` : '';
