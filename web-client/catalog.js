@@ -137,7 +137,16 @@ async function play(titleId) {
 async function watch(sessionId) {
   matchEl.textContent = 'Joining as a spectator…';
   try {
-    const session = await api(`/sessions/${sessionId}/spectate`, { method: 'POST' });
+    // Watch through the nearest relay (it pulls the stream from the player's relay when
+    // it is another); the session's title names the candidates.
+    const where = await api(`/sessions/${sessionId}`);
+    const candidates = where.running ? await api(`/candidates/${encodeURIComponent(where.title)}`).catch(() => []) : [];
+    state.rtt = candidates.length > 0 ? await measure(candidates) : {};
+    const session = await api(`/sessions/${sessionId}/spectate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ client_rtt_ms: state.rtt }),
+    });
     state.session = session;
     const fragment = new URLSearchParams({ token: session.token, catalog: state.indexer });
     location.href = `${session.relay_url.replace(/\/$/, '')}/watch/${session.session}#${fragment}`;

@@ -28,8 +28,10 @@ const catalog = fragment.get('catalog') || saved.catalog || null;
 // failure was noticed (ms since the epoch), for the overlay.
 const movedFrom = fragment.get('from') || saved.movedFrom || null;
 const movedAt = Number(fragment.get('moved') || saved.movedAt || 0);
+// When the last frame was shown there (ms since the epoch).
+const movedLast = Number(fragment.get('last') || saved.movedLast || 0);
 if (fragment.has('token')) {
-  history.replaceState({ token, catalog, movedFrom, movedAt }, '', location.pathname + location.search);
+  history.replaceState({ token, catalog, movedFrom, movedAt, movedLast }, '', location.pathname + location.search);
 }
 // The player can share a link that lets others watch this session (as spectators).
 const playing = location.pathname.match(/^\/play\/([0-9a-f]{32})$/);
@@ -44,10 +46,13 @@ if (playing && catalog && /^https?:\/\//.test(catalog)) {
 // State the page exposes for dashboards and automated checks.
 const pylon = {
   state: 'connecting', stats: null, viewer: null, role: null, pc: null, latency: null, input: null, error: null,
-  // Set when this page took over a session from a failed relay: {from, at, recoveredMs}.
-  moved: movedFrom ? { from: movedFrom, at: movedAt, recoveredMs: null } : null,
-  // When the first frame was shown (ms since the epoch).
+  // Set when this page took over a session from a failed relay: where from, when the
+  // failure was noticed and the last frame shown there, how long until the first frame
+  // here (recoveredMs) and how long the picture stood still (gapMs).
+  moved: movedFrom ? { from: movedFrom, at: movedAt, last: movedLast, recoveredMs: null, gapMs: null } : null,
+  // When the first and the latest frame were shown (ms since the epoch).
   firstFrameAt: null,
+  lastFrameAt: null,
 };
 window.pylon = pylon;
 
@@ -134,9 +139,12 @@ async function connect() {
   };
   const onVideoFrame = (now, metadata) => {
     lastFrame = performance.now();
+    pylon.lastFrameAt = Date.now();
     if (pylon.firstFrameAt === null) {
-      pylon.firstFrameAt = Date.now();
-      if (pylon.moved && pylon.moved.at) pylon.moved.recoveredMs = pylon.firstFrameAt - pylon.moved.at;
+      pylon.firstFrameAt = pylon.lastFrameAt;
+      const m = pylon.moved;
+      if (m && m.at) m.recoveredMs = pylon.firstFrameAt - m.at;
+      if (m && m.last) m.gapMs = pylon.firstFrameAt - m.last;
     }
     latency.onFrame(now, metadata);
     if (pc.connectionState !== 'closed') video.requestVideoFrameCallback(onVideoFrame);
@@ -155,7 +163,9 @@ async function connect() {
     // With the relay's --av-sync Chromium lip-syncs the streams itself.
     s.pictureHoldMs = sync.update(s.avOffsetMs, !video.muted && video.volume > 0 && !clock?.lipsync);
     const m = pylon.moved;
-    const switched = m ? `  · moved from ${m.from}${m.recoveredMs !== null ? ` in ${m.recoveredMs} ms` : ''}` : '';
+    const took = m && m.recoveredMs !== null ? ` in ${m.recoveredMs} ms` : '';
+    const still = m && m.gapMs !== null ? ` (picture still ${m.gapMs} ms)` : '';
+    const switched = m ? `  · moved from ${m.from}${took}${still}` : '';
     s.relay = `relay ${location.host}${switched}`;
     pylon.stats = s;
   }, () => latency.summary());
@@ -177,10 +187,24 @@ async function connect() {
       lastBytes = bytes;
       bytesSince = now;
     }
-    const silent = pylon.state === 'playing' && now - bytesSince > MOVE_AFTER_MS;
-    const nodeLost = pylon.nodeLost && now - lastFrame > MOVE_AFTER_MS;
-    if (silent || nodeLost) retry(silent ? 'The relay stopped answering' : 'The game server is not answering here');
+    if (pylon.state === 'playing' && now - bytesSince > MOVE_AFTER_MS) {
+      retry('The relay stopped answering');
+    } else if (token && catalog && sessionId && pylon.nodeLost && now - lastFrame > MOVE_AFTER_MS && now >= nextMoveTry) {
+      // The game server is lost behind this relay: another relay may still reach it.
+      // Stay here (it may come back) unless the indexer names one.
+      nextMoveTry = now + 2000;
+      const answer = await askMove();
+      if (retried || answer.status === 503 || answer.status === 429 || answer.status === 0) return;
+      retried = true;
+      clearInterval(watchdog);
+      input.releaseAll();
+      stopStats();
+      pc.close();
+      ws.close();
+      followMove(answer, Date.now());
+    }
   }, 250);
+  let nextMoveTry = 0;
   const retry = (why) => {
     if (retried) return;
     retried = true;
@@ -256,47 +280,59 @@ async function connect() {
 /** How long a relay may deliver nothing before the page moves to another one, ms. */
 const MOVE_AFTER_MS = 1000;
 
+/** Asks the indexer to move this session to another relay (the token proves it is ours). */
+async function askMove() {
+  try {
+    // A plain-text body keeps this a simple cross-origin request (no preflight).
+    const r = await fetch(`${catalog.replace(/\/$/, '')}/api/v1/sessions/${sessionId}/move`, {
+      method: 'POST', body: JSON.stringify({ token }), signal: AbortSignal.timeout(4000),
+    });
+    return { status: r.status, body: await r.json().catch(() => ({})) };
+  } catch (e) {
+    return { status: 0, body: {} };
+  }
+}
+
 /**
- * Asks the indexer to move this session to another relay (the token proves it is ours)
- * and continues there: same session, same game. Retries while no relay can take it yet;
- * stops when the game server itself is gone.
+ * Carries out the indexer's answer to a move: continue on the relay it names (same
+ * session, same game), or say why the game cannot go on. Returns false to try again.
+ */
+function followMove({ status, body }, noticed) {
+  if (status === 201) {
+    const next = new URLSearchParams({
+      token: body.token, catalog, from: location.host, moved: String(noticed),
+      last: String(pylon.lastFrameAt || noticed),
+    });
+    const page = location.pathname.startsWith('/watch/') ? 'watch' : 'play';
+    location.href = `${body.relay_url.replace(/\/$/, '')}/${page}/${sessionId}#${next}`;
+    return true;
+  }
+  if (status === 410 || status === 404) {
+    const reason = status === 410 ? 'node gone' : 'ended';
+    refused(ENDED_BECAUSE[reason] || 'The game ended', 'Start a new game');
+    pylon.state = 'ended';
+    pylon.endedReason = reason;
+    return true;
+  }
+  if (status === 409 || status === 401) {
+    refused('This game continues in another window');
+    return true;
+  }
+  return false;
+}
+
+/**
+ * Moves this session to another relay after its relay failed: retries while no relay can
+ * take it yet; stops when the game server itself is gone.
  */
 async function moveRelay(why) {
   const noticed = Date.now();
   pylon.state = 'moving';
   setStatus(`${why} — moving to another relay…`);
-  const base = catalog.replace(/\/$/, '');
   for (let attempt = 0; attempt < 40; attempt += 1) {
-    let wait = 500;
-    try {
-      // A plain-text body keeps this a simple cross-origin request (no preflight).
-      const r = await fetch(`${base}/api/v1/sessions/${sessionId}/move`, {
-        method: 'POST', body: JSON.stringify({ token }), signal: AbortSignal.timeout(4000),
-      });
-      const body = await r.json().catch(() => ({}));
-      if (r.status === 201) {
-        const next = new URLSearchParams({
-          token: body.token, catalog, from: location.host, moved: String(noticed),
-        });
-        const page = location.pathname.startsWith('/watch/') ? 'watch' : 'play';
-        location.href = `${body.relay_url.replace(/\/$/, '')}/${page}/${sessionId}#${next}`;
-        return;
-      }
-      if (r.status === 410 || r.status === 404) {
-        const reason = r.status === 410 ? 'node gone' : 'ended';
-        refused(ENDED_BECAUSE[reason] || 'The game ended', 'Start a new game');
-        pylon.state = 'ended';
-        pylon.endedReason = reason;
-        return;
-      }
-      if (r.status === 409 || r.status === 401) {
-        refused('This game continues in another window');
-        return;
-      }
-      if (body.retry_after_secs) wait = Math.min(5000, 1000 * body.retry_after_secs);
-    } catch (e) {
-      // The indexer did not answer: try again.
-    }
+    const answer = await askMove();
+    if (followMove(answer, noticed)) return;
+    const wait = answer.body.retry_after_secs ? Math.min(5000, 1000 * answer.body.retry_after_secs) : 500;
     await new Promise((done) => setTimeout(done, wait));
   }
   refused('No relay can carry this game now');

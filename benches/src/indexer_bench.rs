@@ -103,6 +103,7 @@ async fn api_run(url: &str, sessions: usize) -> f64 {
                     approved: true,
                     last_heartbeat: now + 3600,
                     cert_sha256: String::new(),
+                    draining: false,
                 },
                 1,
             )

@@ -184,6 +184,8 @@ pub async fn run(
     metrics: RelayMetrics,
     pool: Option<Pool>,
     av_sync: bool,
+    pulls: mpsc::UnboundedSender<String>,
+    draining: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let udp = UdpOut::new(socket)?;
@@ -196,8 +198,15 @@ pub async fn run(
     let mut players_reported = Instant::now();
     // Each viewer's signalling socket learns its session closed when its sender drops.
     let mut open_sessions: HashMap<u64, oneshot::Sender<String>> = HashMap::new();
+    // Relays pulling a stream from this one (a cascade).
+    let mut downstreams: Vec<Downstream> = Vec::new();
     loop {
         let now = Instant::now();
+        // Read before any viewer's leave is handled: the viewers were told to move after
+        // the flag turned.
+        if *draining.borrow() {
+            core.set_draining();
+        }
         core.handle_timeout(now, &mut sink);
         // The pool's heartbeat reports who really plays (metering follows it); once a
         // second is fresh enough for a 3 s heartbeat and costs nothing per packet.
@@ -228,14 +237,24 @@ pub async fn run(
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
                 match ev {
-                    IngestEvent::StreamStarted { node, hello, control, media, scheduled } => {
+                    IngestEvent::StreamStarted { node, hello, control, media, scheduled, pulled } => {
                         nodes.insert(node, NodeQueue { control, media, scheduled });
-                        core.stream_started(Instant::now(), node, hello);
+                        match pulled {
+                            Some(session) => core.pulled_stream_started(Instant::now(), node, hello, session),
+                            None => core.stream_started(Instant::now(), node, hello),
+                        }
                     }
                     IngestEvent::StreamEnded { node } => {
                         nodes.remove(&node);
+                        downstreams.retain(|d| d.source != node);
+                        metrics.downstream_relays.set(downstreams.len() as i64);
                         core.stream_ended(Instant::now(), node);
                     }
+                    IngestEvent::Pull { session, reply } => {
+                        let _ = reply.send(downstream(&core, &mut downstreams, &session, &metrics));
+                    }
+                    IngestEvent::PullEnded { session } => core.pull_ended(Instant::now(), &session),
+                    IngestEvent::Keyframe { node } => core.keyframe_for(Instant::now(), node),
                 }
             }
             Some(first) = ready.recv() => {
@@ -251,6 +270,7 @@ pub async fn run(
                         queue.scheduled.store(false, Ordering::Release);
                         for _ in 0..INGEST_BATCH {
                             let Ok(m) = queue.media.try_recv() else { break };
+                            fan_out(node, &m, &mut downstreams, &metrics);
                             handle_media(node, m, &mut core, &mut sink);
                         }
                         if !queue.media.is_empty() {
@@ -285,6 +305,11 @@ pub async fn run(
             _ = crate::stopped(&mut shutdown) => break,
         }
         dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
+        for session in core.poll_pulls(Instant::now()) {
+            if pulls.send(session.clone()).is_err() {
+                core.pull_ended(Instant::now(), &session);
+            }
+        }
         for (id, reason) in core.poll_closed_viewers() {
             if let (Some(tx), Some(reason)) = (open_sessions.remove(&id), reason) {
                 let _ = tx.send(reason);
@@ -294,6 +319,61 @@ pub async fn run(
     core.close_all(Instant::now(), &mut sink);
     dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
     Ok(())
+}
+
+/// Most relays pulling one stream from this relay.
+pub const MAX_DOWNSTREAMS: usize = 8;
+
+/// A relay pulling a stream from this one.
+struct Downstream {
+    /// The stream's ingest connection here.
+    source: u64,
+    media: mpsc::Sender<NodeMedia>,
+}
+
+/// Gives a relay pulling `session` its stream: the stream its player plays here.
+fn downstream(
+    core: &Core,
+    downstreams: &mut Vec<Downstream>,
+    session: &str,
+    metrics: &RelayMetrics,
+) -> Result<crate::ingest::Pulled, String> {
+    let (source, hello) =
+        core.session_source(session).ok_or_else(|| "this relay does not carry that session".to_string())?;
+    downstreams.retain(|d| !d.media.is_closed());
+    if downstreams.iter().filter(|d| d.source == source).count() >= MAX_DOWNSTREAMS {
+        return Err(format!("this stream already goes to {MAX_DOWNSTREAMS} relays"));
+    }
+    let (tx, rx) = mpsc::channel(crate::ingest::NODE_QUEUE);
+    downstreams.push(Downstream { source, media: tx });
+    metrics.downstream_relays.set(downstreams.len() as i64);
+    Ok(crate::ingest::Pulled { source, hello, media: rx })
+}
+
+/// Copies a node's packet (and frame info) to every relay pulling its stream: one copy
+/// per relay however many viewers it has; a relay that falls behind loses packets
+/// (counted), which it asks for again from this relay's cache.
+fn fan_out(node: u64, media: &NodeMedia, downstreams: &mut [Downstream], metrics: &RelayMetrics) {
+    let copy = || match media {
+        NodeMedia::Rtp { packet, arrival, capture_ntp, captured, audio } => Some(NodeMedia::Rtp {
+            packet: packet.clone(),
+            arrival: *arrival,
+            capture_ntp: *capture_ntp,
+            captured: *captured,
+            audio: *audio,
+        }),
+        NodeMedia::FrameInfo(info) => Some(NodeMedia::FrameInfo(*info)),
+        _ => None,
+    };
+    for d in downstreams.iter().filter(|d| d.source == node) {
+        let Some(m) = copy() else { return };
+        match d.media.try_send(m) {
+            Ok(()) => {
+                metrics.downstream_packets.inc();
+            }
+            Err(_) => metrics.dropped("downstream_behind"),
+        }
+    }
 }
 
 fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink<'_>) {

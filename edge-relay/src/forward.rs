@@ -255,6 +255,9 @@ struct Viewer {
     source: Option<u64>,
     /// In a pool, the node its session runs on: it watches that node's stream only.
     wants_node: Option<String>,
+    /// A spectator of a session whose player is on another relay: it watches the stream
+    /// this relay pulls from that relay (a cascade), never the node's own link here.
+    pull: Option<String>,
     /// Packets were written since the last drain (drained once per batch of ingest).
     dirty: bool,
     /// Bytes of capacity answers passed to it ([`CAPACITY_BUDGET`] at most).
@@ -293,6 +296,9 @@ struct Drained {
 /// A node stream being relayed.
 struct Source {
     hello: StreamHello,
+    /// Pulled from another relay for this session's spectators (a cascade), not the
+    /// node's own link.
+    pulled: Option<String>,
     last_seq: Option<u64>,
     keyframes: KeyframePolicy,
     /// This stream's counters (Prometheus, labelled by stream).
@@ -360,7 +366,16 @@ pub struct Core {
     closing: HashMap<u64, String>,
     /// Audio and video of a viewer in one stream (`msid`) for lip sync (`--av-sync`).
     av_sync: bool,
+    /// Sessions whose stream is being pulled from another relay (`None`) or is to be
+    /// pulled again after the instant given (the last pull ended).
+    pulling: BTreeMap<String, Option<Instant>>,
+    /// The relay drains: its players leave for other relays and their sessions go on.
+    draining: bool,
 }
+
+/// How long after a pull ended (the relay carrying the session failed, or refused) the
+/// stream is pulled again for the spectators still waiting.
+pub const PULL_RETRY: Duration = Duration::from_secs(1);
 
 impl Core {
     /// A core whose viewers reach it at `advertise` (its ICE host candidate).
@@ -376,6 +391,65 @@ impl Core {
             closed: Vec::new(),
             closing: HashMap::new(),
             av_sync: false,
+            pulling: BTreeMap::new(),
+            draining: false,
+        }
+    }
+
+    /// The relay drains: a player leaving from now on is moving to another relay, so its
+    /// session is not ended (neither at the node, which waits for it elsewhere, nor at the
+    /// indexer, which the next relay reports to, or ends it if the player never arrives).
+    pub fn set_draining(&mut self) {
+        self.draining = true;
+    }
+
+    /// Sessions whose stream this relay should pull from the relay carrying it now: some
+    /// spectator here watches it, its player is elsewhere, and no pull is under way.
+    /// Each is returned once per pull; [`Core::pull_ended`] allows the next.
+    pub fn poll_pulls(&mut self, now: Instant) -> Vec<String> {
+        let wanted: std::collections::BTreeSet<String> = self
+            .viewers
+            .iter()
+            .filter(|v| v.rtc.is_alive() && v.source.is_none())
+            .filter_map(|v| v.pull.clone())
+            .collect();
+        let mut due = Vec::new();
+        for session in &wanted {
+            match self.pulling.get(session) {
+                Some(None) => {}
+                Some(Some(at)) if *at > now => {}
+                _ => {
+                    self.pulling.insert(session.clone(), None);
+                    due.push(session.clone());
+                }
+            }
+        }
+        self.pulling.retain(|s, state| state.is_none() || wanted.contains(s));
+        due
+    }
+
+    /// A pull of `session`'s stream ended (or never started): another may start after
+    /// [`PULL_RETRY`] if spectators still wait for it.
+    pub fn pull_ended(&mut self, now: Instant, session: &str) {
+        self.pulling.insert(session.to_string(), Some(now + PULL_RETRY));
+    }
+
+    /// The stream of the node `session`'s player plays here (its ingest connection and
+    /// description): what another relay pulling the session gets.
+    pub fn session_source(&self, session: &str) -> Option<(u64, StreamHello)> {
+        let v =
+            self.viewers.iter().find(|v| v.rtc.is_alive() && v.session.as_ref().is_some_and(|(s, _)| s == session))?;
+        let id = v.source?;
+        self.sources.get(&id).filter(|s| s.pulled.is_none()).map(|s| (id, s.hello.clone()))
+    }
+
+    /// A keyframe for stream `node`, asked by a relay pulling it (coalesced with this
+    /// relay's own viewers' requests).
+    pub fn keyframe_for(&mut self, now: Instant, node: u64) {
+        if let Some(s) = self.sources.get_mut(&node)
+            && s.keyframes.request(now)
+        {
+            send_keyframe_request(node, s, &mut self.to_node, &self.metrics);
         }
     }
 
@@ -454,7 +528,16 @@ impl Core {
     ) -> Result<(u64, String, bool), String> {
         // One player per stream: in a pool per node, alone per stream watched.
         let wants_node = admitted.as_ref().map(|(a, _)| a.node.clone());
-        let source = pick_source(&self.sources, wants_node.as_deref());
+        // A spectator whose player is not here watches the stream pulled for its session.
+        let pull = admitted.as_ref().filter(|(a, _)| !a.player).map(|(a, _)| a.session.clone()).filter(|session| {
+            !self.viewers.iter().any(|v| v.rtc.is_alive() && v.session.as_ref().is_some_and(|(s, _)| s == session))
+        });
+        let source = match &pull {
+            Some(session) => {
+                self.sources.iter().find(|(_, s)| s.pulled.as_deref() == Some(session.as_str())).map(|(id, _)| *id)
+            }
+            None => pick_source(&self.sources, wants_node.as_deref()),
+        };
         let seat_taken = self.viewers.iter().any(|v| {
             v.player
                 && v.rtc.is_alive()
@@ -485,6 +568,7 @@ impl Core {
         };
         viewer.source = source;
         viewer.wants_node = wants_node;
+        viewer.pull = pull;
         viewer.watching = watching;
         if let Some((a, token)) = admitted.filter(|(a, _)| a.player) {
             // The node verifies the token itself before it takes any input.
@@ -557,7 +641,18 @@ impl Core {
 
     /// A node's stream started (a node connected, or reconnected).
     pub fn stream_started(&mut self, now: Instant, node: u64, hello: StreamHello) {
+        self.start_stream(now, node, hello, None);
+    }
+
+    /// A stream pulled from another relay for `session`'s spectators started.
+    pub fn pulled_stream_started(&mut self, now: Instant, node: u64, hello: StreamHello, session: String) {
+        self.pulling.remove(&session);
+        self.start_stream(now, node, hello, Some(session));
+    }
+
+    fn start_stream(&mut self, now: Instant, node: u64, hello: StreamHello, pulled: Option<String>) {
         let mut s = Source {
+            pulled,
             counters: self.metrics.stream_counters(&stream_label(node, &hello)),
             hello,
             last_seq: None,
@@ -576,7 +671,11 @@ impl Core {
         // sequence numbers and timestamps on it.
         let pooled = !s.hello.node.is_empty();
         for v in self.viewers.iter_mut().filter(|v| v.rtc.is_alive()) {
-            let moves = if pooled { v.wants_node.as_deref() == Some(s.hello.node.as_str()) } else { v.matches("") };
+            let moves = if pooled {
+                v.wants_node.as_deref() == Some(s.hello.node.as_str()) && v.pull == s.pulled
+            } else {
+                v.matches("")
+            };
             if !moves {
                 continue;
             }
@@ -893,6 +992,7 @@ impl Core {
     fn retain_alive(&mut self) {
         let before = self.viewers.len();
         let (sources, metrics, to_node, ended) = (&self.sources, &self.metrics, &mut self.to_node, &mut self.ended);
+        let draining = self.draining;
         let closed = &mut self.closed;
         self.viewers.retain(|v| {
             if v.rtc.is_alive() {
@@ -903,7 +1003,7 @@ impl Core {
                 metrics.viewers.dec();
             }
             tracing::info!(viewer = v.id, "viewer session closed");
-            if let Some((session, _)) = &v.session {
+            if let Some((session, _)) = v.session.as_ref().filter(|_| !draining) {
                 // The player left: the node stops taking input, the token is spent, the
                 // indexer stops metering.
                 if let Some(id) = v.source.filter(|id| sources.contains_key(id)) {
@@ -954,7 +1054,11 @@ fn deliver_to(
 
 /// The stream a new viewer should watch: its node's, or the newest.
 fn pick_source(sources: &Sources, wants_node: Option<&str>) -> Option<u64> {
-    sources.iter().rev().find(|(_, s)| wants_node.is_none_or(|n| n == s.hello.node)).map(|(id, _)| *id)
+    sources
+        .iter()
+        .rev()
+        .find(|(_, s)| s.pulled.is_none() && wants_node.is_none_or(|n| n == s.hello.node))
+        .map(|(id, _)| *id)
 }
 
 fn rtc_config(player: bool) -> RtcConfig {
@@ -1051,6 +1155,7 @@ fn accept_offer(
         rate: player.then(|| RateController::new(PLAYER_MIN_BPS, PLAYER_MAX_BPS)),
         source: None,
         wants_node: None,
+        pull: None,
         dirty: false,
         capacity_bytes: 0,
         frame_arrival: None,

@@ -43,6 +43,9 @@ pub struct AppState {
     pub pool: Option<Pool>,
     /// Turns true when the relay shuts down: viewers are told before it closes.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Turns true when the relay drains: new offers are refused and every viewer is told
+    /// to move to another relay.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves the relay's HTTP routes with the limits every Pylon HTTP server has (per-IP
@@ -149,6 +152,16 @@ enum ServerMessage {
     },
 }
 
+/// What a draining relay tells its viewers (and new offers): the page moves on.
+const DRAINING: &str = "this relay is draining: moving to another relay";
+
+/// Resolves once `draining` turns true (never, if nobody can drain the relay).
+async fn drained(draining: &mut tokio::sync::watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
     match serde_json::to_string(msg) {
         Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
@@ -159,6 +172,7 @@ async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> bool {
 async fn signal(mut socket: WebSocket, state: AppState) {
     let mut viewer: Option<u64> = None;
     let mut shutdown = state.shutdown.clone();
+    let mut draining = state.draining.clone();
     let offer_deadline = tokio::time::Instant::now() + OFFER_DEADLINE;
     // Resolves when the relay drops the viewer (ICE never completed, or it left).
     let mut closed: Option<oneshot::Receiver<String>> = None;
@@ -187,6 +201,12 @@ async fn signal(mut socket: WebSocket, state: AppState) {
                 viewer = None;
                 break;
             }
+            _ = drained(&mut draining) => {
+                let bye = ServerMessage::Bye { reason: DRAINING.into() };
+                let _ = send(&mut socket, &bye).await;
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
             _ = crate::stopped(&mut shutdown) => {
                 let bye = ServerMessage::Bye { reason: "the relay is shutting down".into() };
                 let _ = send(&mut socket, &bye).await;
@@ -205,6 +225,9 @@ async fn signal(mut socket: WebSocket, state: AppState) {
             Err(e) => ServerMessage::Error { message: format!("malformed signalling message: {e}") },
             Ok(ClientMessage::Offer { .. }) if viewer.is_some() => {
                 ServerMessage::Error { message: "this connection already has a session".into() }
+            }
+            Ok(ClientMessage::Offer { .. }) if *state.draining.borrow() => {
+                ServerMessage::Error { message: DRAINING.into() }
             }
             Ok(ClientMessage::Offer { sdp, role, token }) => {
                 let admitted = match (&state.pool, token) {
@@ -273,7 +296,13 @@ mod tests {
 
     fn app() -> Router {
         let (tx, _rx) = mpsc::channel(1);
-        router(AppState { viewers: tx, metrics: RelayMetrics::new(), pool: None, shutdown: watch::channel(false).1 })
+        router(AppState {
+            viewers: tx,
+            metrics: RelayMetrics::new(),
+            pool: None,
+            shutdown: watch::channel(false).1,
+            draining: watch::channel(false).1,
+        })
     }
 
     #[tokio::test]

@@ -108,12 +108,44 @@ pub enum IngestEvent {
         media: mpsc::Receiver<NodeMedia>,
         /// Whether the node's id is on the ready list (see [`ReadyList`]).
         scheduled: Arc<AtomicBool>,
+        /// Pulled from another relay for this session's spectators (a cascade), not a
+        /// node's own link.
+        pulled: Option<String>,
     },
     /// The node's connection ended.
     StreamEnded {
         /// Connection id.
         node: u64,
     },
+    /// Another relay (verified) pulls `session`'s stream: the egress task answers with
+    /// the stream its player plays here, or why not.
+    Pull {
+        /// The session.
+        session: String,
+        /// The answer.
+        reply: tokio::sync::oneshot::Sender<Result<Pulled, String>>,
+    },
+    /// This relay's pull of `session`'s stream ended (or failed to start).
+    PullEnded {
+        /// The session.
+        session: String,
+    },
+    /// A relay pulling stream `node` asks for a keyframe.
+    Keyframe {
+        /// The stream's ingest connection.
+        node: u64,
+    },
+}
+
+/// A stream handed to a relay pulling it.
+#[derive(Debug)]
+pub struct Pulled {
+    /// The stream's ingest connection here.
+    pub source: u64,
+    /// Its description (the node's), sent on as the pulling relay's hello.
+    pub hello: StreamHello,
+    /// Its packets and frame info, one copy for this relay.
+    pub media: mpsc::Receiver<NodeMedia>,
 }
 
 /// Nodes with media waiting for the egress task, each listed once: a node's id goes on the
@@ -187,32 +219,58 @@ pub fn endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<quinn::
 
 /// What every node connection shares.
 #[derive(Clone)]
-struct Shared {
-    events: mpsc::Sender<IngestEvent>,
+pub(crate) struct Shared {
+    pub(crate) events: mpsc::Sender<IngestEvent>,
     ready: ReadyList,
-    metrics: RelayMetrics,
-    pool: Option<Pool>,
+    pub(crate) metrics: RelayMetrics,
+    pub(crate) pool: Option<Pool>,
     anonymous: AnonymousNodes,
-    relay_id: String,
+    pub(crate) relay_id: String,
+    /// The relay's pool key: signs its pulls and the streams it sends to relays pulling.
+    pub(crate) key: Option<ed25519_dalek::SigningKey>,
+    /// Dials relays to pull from.
+    pub(crate) endpoint: quinn::Endpoint,
 }
 
-/// Accepts node connections until shutdown. A node that queues media for the egress task
-/// is put on `ready`.
+/// Connection numbers, for nodes' links and pulls alike.
+pub(crate) static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
+
+/// What the ingest task needs besides its endpoint.
+pub struct IngestConfig {
+    /// Streams to the egress task.
+    pub events: mpsc::Sender<IngestEvent>,
+    /// Nodes with media waiting.
+    pub ready: ReadyList,
+    /// Relay metrics.
+    pub metrics: RelayMetrics,
+    /// The pool, if in one.
+    pub pool: Option<Pool>,
+    /// Who is admitted without a pool.
+    pub anonymous: AnonymousNodes,
+    /// The relay's pool key (signs pulls and the streams sent to relays pulling).
+    pub key: Option<ed25519_dalek::SigningKey>,
+    /// Sessions whose stream to pull from the relay carrying them (from the egress task).
+    pub pulls: mpsc::UnboundedReceiver<String>,
+}
+
+/// Accepts node connections (and other relays pulling a stream) until shutdown, and
+/// pulls the streams the egress task asks for. A node that queues media for the egress
+/// task is put on `ready`.
 pub async fn run(
     endpoint: quinn::Endpoint,
-    events: mpsc::Sender<IngestEvent>,
-    ready: ReadyList,
-    metrics: RelayMetrics,
-    pool: Option<Pool>,
-    anonymous: AnonymousNodes,
+    config: IngestConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    static NEXT_NODE: AtomicU64 = AtomicU64::new(1);
+    let IngestConfig { events, ready, metrics, pool, anonymous, key, mut pulls } = config;
     let relay_id = pool.as_ref().map_or_else(String::new, |p| p.id().to_string());
-    let shared = Shared { events, ready, metrics, pool, anonymous, relay_id };
+    let shared = Shared { events, ready, metrics, pool, anonymous, relay_id, key, endpoint: endpoint.clone() };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
+            Some(session) = pulls.recv() => {
+                tokio::spawn(crate::cascade::pull_session(shared.clone(), session, shutdown.clone()));
+                continue;
+            }
             _ = crate::stopped(&mut shutdown) => break,
         };
         let Some(incoming) = incoming else { break };
@@ -228,7 +286,7 @@ pub async fn run(
                 }
             };
             shared.metrics.nodes_connected.inc();
-            let result = serve_node(node, &conn, &shared, shutdown).await;
+            let result = serve_node(node, &conn, &shared, Mode::Accepted, shutdown).await;
             shared.metrics.nodes_connected.dec();
             match result {
                 Ok(()) => tracing::info!(node, "render node left"),
@@ -248,6 +306,7 @@ struct StreamGuard<'a> {
     node: u64,
     node_id: String,
     started: bool,
+    pulled: bool,
 }
 
 impl Drop for StreamGuard<'_> {
@@ -255,7 +314,7 @@ impl Drop for StreamGuard<'_> {
         if !self.started {
             return;
         }
-        if let Some(pool) = &self.shared.pool {
+        if let Some(pool) = self.shared.pool.as_ref().filter(|_| !self.pulled) {
             pool.node_gone(&self.node_id);
         }
         let events = self.shared.events.clone();
@@ -297,7 +356,7 @@ async fn admission(
 /// Writes the last control bytes (a goodbye) and waits, briefly, for the node to have
 /// them: closing the connection at once would discard them, and the node would not learn
 /// why it was refused.
-async fn say_goodbye(send: &mut quinn::SendStream, pending: &[u8]) {
+pub(crate) async fn say_goodbye(send: &mut quinn::SendStream, pending: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         let _ = send.write_all(pending).await;
         let _ = send.finish();
@@ -306,10 +365,29 @@ async fn say_goodbye(send: &mut quinn::SendStream, pending: &[u8]) {
     .await;
 }
 
-async fn serve_node(
+/// Which end of a stream's link this relay is.
+#[derive(Debug)]
+pub(crate) enum Mode {
+    /// A node (or a relay pulling a stream) dialed this relay.
+    Accepted,
+    /// This relay dialed the relay carrying `session` to pull its stream; that relay's
+    /// hello must be signed by `carrier`, its registered key.
+    Pulling {
+        /// The session pulled.
+        session: String,
+        /// The carrying relay's key.
+        carrier: Box<ed25519_dalek::VerifyingKey>,
+    },
+}
+
+/// Serves one link whose far end sends a stream: a render node's (accepted), or another
+/// relay's for a session pulled from it ([`Mode::Pulling`]). An accepted link whose first
+/// message is a pull is handed to [`crate::cascade::serve_downstream`].
+pub(crate) async fn serve_node(
     node: u64,
     conn: &quinn::Connection,
     shared: &Shared,
+    mode: Mode,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let metrics = &shared.metrics;
@@ -317,11 +395,25 @@ async fn serve_node(
     conn.export_keying_material(&mut exporter, link::EXPORTER_LABEL, b"")
         .map_err(|_| anyhow!("the QUIC connection cannot export keying material"))?;
     let mut link = RelaySide::new(&shared.relay_id, &exporter, RepairConfig::default(), Instant::now());
-    let (mut send, mut recv) = tokio::time::timeout(link::HANDSHAKE_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| anyhow!("no control stream within {:?}", link::HANDSHAKE_TIMEOUT))?
-        .context("accepting the control stream")?;
-    let mut guard = StreamGuard { shared, node, node_id: String::new(), started: false };
+    let (mut send, mut recv) = match &mode {
+        Mode::Accepted => tokio::time::timeout(link::HANDSHAKE_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| anyhow!("no control stream within {:?}", link::HANDSHAKE_TIMEOUT))?
+            .context("accepting the control stream")?,
+        Mode::Pulling { session, .. } => {
+            let key = shared.key.as_ref().ok_or_else(|| anyhow!("pulling needs the relay's pool key"))?;
+            let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+            send.write_all(&link::pull_request(&exporter, &shared.relay_id, session, key))
+                .await
+                .context("asking for the stream")?;
+            (send, recv)
+        }
+    };
+    let pulled = match &mode {
+        Mode::Pulling { session, .. } => Some(session.clone()),
+        Mode::Accepted => None,
+    };
+    let mut guard = StreamGuard { shared, node, node_id: String::new(), started: false, pulled: pulled.is_some() };
     let mut buf = vec![0u8; 4096];
     let mut pending: Vec<u8> = Vec::new();
     let (session_tx, mut session_rx) = mpsc::unbounded_channel::<ToNode>();
@@ -400,7 +492,7 @@ async fn serve_node(
             _ = tokio::time::sleep_until(timeout) => link.handle_timeout(Instant::now()),
             _ = pool_tick.tick() => {
                 link.set_rtt(conn.rtt());
-                match &shared.pool {
+                match shared.pool.as_ref().filter(|_| pulled.is_none()) {
                     Some(pool) if link.is_established() => {
                         if pool.is_revoked(&guard.node_id) {
                             link.close("this node is revoked");
@@ -442,7 +534,12 @@ async fn serve_node(
                         hello.fps,
                         hello.encoder
                     );
-                    if let Err(why) = admission(shared, conn, &hello, key).await {
+                    let admitted = match &mode {
+                        Mode::Accepted => admission(shared, conn, &hello, key).await,
+                        Mode::Pulling { carrier, .. } if key.as_deref() == Some(&**carrier) => Ok(()),
+                        Mode::Pulling { .. } => Err("not signed by the relay carrying the session".to_string()),
+                    };
+                    if let Err(why) = admitted {
                         metrics.nodes_refused.inc();
                         let e = link.refuse(&why);
                         pending.extend(link.poll_transmit().unwrap_or_default());
@@ -453,7 +550,7 @@ async fn serve_node(
                     link.admit(Instant::now());
                     link.set_rtt(conn.rtt());
                     guard.node_id = hello.node.clone();
-                    if let Some(pool) = &shared.pool {
+                    if let Some(pool) = shared.pool.as_ref().filter(|_| pulled.is_none()) {
                         pool.set_node_rtt(&hello.node, conn.rtt());
                     }
                     stream = Some(metrics.stream_counters(&crate::forward::stream_label(node, &hello)));
@@ -467,6 +564,7 @@ async fn serve_node(
                             control: control.clone(),
                             media: rx,
                             scheduled: scheduled.clone(),
+                            pulled: pulled.clone(),
                         })
                         .await
                         .map_err(|_| anyhow!("egress task gone"))?;
@@ -485,6 +583,21 @@ async fn serve_node(
                     {
                         shared.ready.schedule(node, &scheduled);
                     }
+                }
+                RelayEvent::Pull { relay, session, key } if matches!(mode, Mode::Accepted) => {
+                    drop(guard);
+                    return crate::cascade::serve_downstream(
+                        conn,
+                        (send, recv),
+                        &exporter,
+                        shared,
+                        crate::cascade::PullRequest { relay, session, key: *key },
+                        shutdown,
+                    )
+                    .await;
+                }
+                RelayEvent::Pull { .. } => {
+                    return Err(anyhow!("the relay pulled from asked to pull in turn"));
                 }
                 RelayEvent::SessionOver { session, reason } => {
                     tracing::info!(node, session, "the node ended the session: {reason}");

@@ -9,11 +9,14 @@
 //! * [`metrics`]: Prometheus metrics.
 //! * [`tls`]: the relay's QUIC certificate, created once and kept in the data directory.
 //! * [`pool`]: registration and heartbeats to the indexer, admission by session token.
+//! * [`cascade`]: pulling a session's stream from the relay carrying it for spectators
+//!   here, and sending one to a relay pulling it.
 //! * [`impair`]: the UDP impairment proxy (`pylon-impair`) for testing links.
 //! * [`rate`]: the player's bandwidth estimate (TWCC) → the encoder's bitrate, sans-IO.
 //!
 //! **Invariant:** the relay never decodes video; it reads RTP headers only.
 
+pub mod cascade;
 pub mod egress;
 pub mod forward;
 pub mod http;
@@ -52,6 +55,27 @@ pub struct RelayConfig {
     pub av_sync: bool,
 }
 
+/// How long a draining relay waits for its viewers to move before it stops anyway.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts a relay's drain: no new viewers (the indexer is told), every viewer is asked to
+/// move to another relay (the page's failover path), then the relay stops.
+#[derive(Debug, Clone)]
+pub struct Drain(std::sync::Arc<watch::Sender<bool>>);
+
+impl Drain {
+    /// A handle that drains nothing (for a [`RelayHandle`] describing a relay run elsewhere,
+    /// e.g. as its own process, which drains on SIGTERM).
+    pub fn detached() -> Self {
+        Self(std::sync::Arc::new(watch::channel(false).0))
+    }
+
+    /// Starts draining (again: no effect).
+    pub fn start(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
 /// A running relay's bound addresses.
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
@@ -65,6 +89,8 @@ pub struct RelayHandle {
     pub cert_path: PathBuf,
     /// The relay's id in the pool, if in one.
     pub pool_id: Option<String>,
+    /// Drains the relay (then it stops).
+    pub drain: Drain,
 }
 
 /// Binds every socket and runs the relay until `shutdown` turns true.
@@ -100,7 +126,9 @@ pub async fn run(
         Some(p) => Some(join_pool(p, &config.data_dir, http_addr, quic_addr, &identity.cert, &metrics, stop.clone())?),
         None => None,
     };
-    let pool = membership.as_ref().map(|(pool, _)| pool.clone());
+    let pool = membership.as_ref().map(|(pool, _, _)| pool.clone());
+    let key = membership.as_ref().map(|(_, _, key)| key.clone());
+    let (pulls_tx, pulls) = mpsc::unbounded_channel();
     let (ingest_tx, ingest_rx) = mpsc::channel(64);
     let (ready, ready_rx) = ingest::ReadyList::new();
     let (viewer_tx, viewer_rx) = mpsc::channel(64);
@@ -109,6 +137,9 @@ pub async fn run(
     } else {
         ingest::AnonymousNodes::LoopbackOnly
     };
+    let (drain_tx, draining) = watch::channel(false);
+    // Held while the relay runs (the caller may drop its handle).
+    let drain_handle = Drain(std::sync::Arc::new(drain_tx));
     let mut tasks = pylon_runtime::tasks::CoreTasks::new();
     tasks.spawn(
         "egress",
@@ -121,18 +152,31 @@ pub async fn run(
             metrics.clone(),
             pool.clone(),
             config.av_sync,
+            pulls_tx,
+            draining.clone(),
             stop.clone(),
         ),
     );
-    tasks.spawn("ingest", ingest::run(quic, ingest_tx, ready, metrics.clone(), pool.clone(), anonymous, stop.clone()));
+    let ingest_config = ingest::IngestConfig {
+        events: ingest_tx,
+        ready,
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        anonymous,
+        key,
+        pulls,
+    };
+    tasks.spawn("ingest", ingest::run(quic, ingest_config, stop.clone()));
+    tokio::spawn(drain(draining.clone(), pool.clone(), metrics.clone(), stop_tx.clone(), stop.clone()));
     let app = http::router(http::AppState {
         viewers: viewer_tx,
         metrics: metrics.clone(),
         pool: pool.clone(),
         shutdown: stop.clone(),
+        draining,
     });
     tasks.spawn("http", http::serve(http, app, stop.clone()));
-    if let Some((_, task)) = membership {
+    if let Some((_, task, _)) = membership {
         tasks.spawn("pool membership", async move { task.await?.context("the indexer refused this relay") });
     }
     if let Some(started) = started {
@@ -142,12 +186,48 @@ pub async fn run(
             quic_addr,
             cert_path: identity.cert_path.clone(),
             pool_id: pool.as_ref().map(|p| p.id().to_string()),
+            drain: drain_handle.clone(),
         });
     }
-    tasks.supervise(&stop_tx).await
+    let result = tasks.supervise(&stop_tx).await;
+    drop(drain_handle);
+    result
 }
 
-type Membership = (pool::Pool, tokio::task::JoinHandle<Result<(), pylon_indexer_client::ClientError>>);
+/// Once `draining` turns true: tells the indexer (no new viewers), lets the viewers move
+/// (signalling tells each page to, and refuses new offers), waits until none is left or
+/// [`DRAIN_TIMEOUT`], then stops the relay.
+async fn drain(
+    mut draining: watch::Receiver<bool>,
+    pool: Option<pool::Pool>,
+    metrics: metrics::RelayMetrics,
+    stop_tx: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        d = draining.wait_for(|d| *d) => if d.is_err() { return },
+        _ = stopped(&mut stop) => return,
+    }
+    let viewers = metrics.viewers.get();
+    tracing::info!(viewers, "draining: no new viewers; the viewers here move to other relays");
+    if let Some(pool) = &pool
+        && let Err(e) = pool.drain().await
+    {
+        tracing::warn!("could not tell the indexer this relay is draining: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while metrics.viewers.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+    tracing::info!(viewers = metrics.viewers.get(), "drained; stopping");
+    let _ = stop_tx.send(true);
+}
+
+type Membership =
+    (pool::Pool, tokio::task::JoinHandle<Result<(), pylon_indexer_client::ClientError>>, ed25519_dalek::SigningKey);
 
 /// Loads the relay's identity key and starts registering and heartbeating.
 fn join_pool(
@@ -164,8 +244,8 @@ fn join_pool(
         let pk = pylon_indexer_client::encode_key(&key.verifying_key());
         format!("relay-{}", pk.chars().filter(char::is_ascii_alphanumeric).take(10).collect::<String>().to_lowercase())
     });
-    let client =
-        pylon_indexer_client::Client::with_replicas(&config.indexer, key).context("creating the indexer client")?;
+    let client = pylon_indexer_client::Client::with_replicas(&config.indexer, key.clone())
+        .context("creating the indexer client")?;
     let registration = pylon_indexer_client::api::RegisterRelay {
         id: id.clone(),
         owner: config.owner.clone(),
@@ -187,7 +267,7 @@ fn join_pool(
         ended,
         shutdown,
     ));
-    Ok((pool, task))
+    Ok((pool, task, key))
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

@@ -31,7 +31,10 @@ struct Args {
     /// heartbeat, report RTT to nodes, and admit viewers only with a session token it
     /// signed. Several replicas of one indexer: their URLs comma-separated (or the flag
     /// repeated), tried in order, failing over to the next when one cannot be reached.
-    /// Without it the relay runs alone and any browser may watch or play.
+    /// Without it the relay runs alone and any browser may watch or play. In a pool,
+    /// SIGTERM (or Ctrl-C) drains the relay: no new viewers, every viewer moves to another
+    /// relay of the pool (same game), then it exits (within 30 s); a second signal stops
+    /// it at once.
     #[arg(long, env = "PYLON_INDEXER", value_delimiter = ',', num_args = 1..)]
     indexer: Vec<String>,
     /// The relay's id in the pool (default: `relay-` and the start of its public key).
@@ -96,13 +99,29 @@ async fn main() -> anyhow::Result<()> {
         allow_anonymous_nodes: args.allow_anonymous_nodes,
         av_sync: args.av_sync,
     };
+    let pooled = config.pool.is_some();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let relay = tokio::spawn(pylon_relay::run(config, shutdown_rx, None));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let mut relay = tokio::spawn(pylon_relay::run(config, shutdown_rx, Some(started_tx)));
+    let handle = tokio::select! {
+        r = &mut relay => return r?,
+        h = started_rx => h.ok(),
+    };
     tokio::select! {
         // A relay that stops on its own failed (a core task ended): exit non-zero.
-        r = relay => return r?,
-        _ = pylon_runtime::shutdown_signal() => tracing::info!("shutting down: telling viewers and nodes"),
+        r = &mut relay => return r?,
+        _ = pylon_runtime::shutdown_signal() => {}
     }
+    // In a pool the viewers move to other relays first (a second signal stops at once).
+    if let Some(handle) = handle.filter(|_| pooled) {
+        tracing::info!("draining: viewers move to other relays, then the relay stops (a second signal stops it now)");
+        handle.drain.start();
+        tokio::select! {
+            r = &mut relay => return r?,
+            _ = pylon_runtime::shutdown_signal() => {}
+        }
+    }
+    tracing::info!("shutting down: telling viewers and nodes");
     let _ = shutdown_tx.send(true);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     Ok(())

@@ -48,6 +48,14 @@ pub struct DropReason {
 pub struct RelayMetrics {
     /// Render nodes connected now.
     pub nodes_connected: Gauge,
+    /// Relays pulling a stream from this one (cascade).
+    pub downstream_relays: Gauge,
+    /// Packets copied to relays pulling from this one.
+    pub downstream_packets: Counter,
+    /// Streams this relay pulled from another relay for its spectators.
+    pub pulls: Counter,
+    /// Pulls that failed or were refused.
+    pub pulls_failed: Counter,
     /// Failed QUIC handshakes from nodes.
     pub node_handshake_failures: Counter,
     /// RTP packets received from nodes.
@@ -146,6 +154,10 @@ impl RelayMetrics {
         let mut r = Registry::with_prefix("pylon_relay");
         let m = RelayMetrics {
             nodes_connected: Gauge::default(),
+            downstream_relays: Gauge::default(),
+            downstream_packets: Counter::default(),
+            pulls: Counter::default(),
+            pulls_failed: Counter::default(),
             node_handshake_failures: Counter::default(),
             rtp_in_packets: Counter::default(),
             upstream_nacks: Counter::default(),
@@ -189,6 +201,14 @@ impl RelayMetrics {
             registry: Arc::new(Registry::default()),
         };
         r.register("nodes_connected", "Render nodes connected", m.nodes_connected.clone());
+        r.register("downstream_relays", "Relays pulling a stream from this one", m.downstream_relays.clone());
+        r.register(
+            "downstream_packets",
+            "Packets copied to relays pulling from this one",
+            m.downstream_packets.clone(),
+        );
+        r.register("pulls", "Streams pulled from another relay for spectators here", m.pulls.clone());
+        r.register("pulls_failed", "Pulls from another relay that failed or were refused", m.pulls_failed.clone());
         r.register("node_handshake_failures", "Failed QUIC handshakes", m.node_handshake_failures.clone());
         r.register("rtp_in_packets", "RTP packets received from nodes", m.rtp_in_packets.clone());
         r.register(

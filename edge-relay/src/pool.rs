@@ -189,6 +189,37 @@ impl Pool {
         &self.id
     }
 
+    /// The indexer client, in a pool.
+    pub fn client(&self) -> Option<&Client> {
+        self.client.as_ref()
+    }
+
+    /// Whether `key` is the registered key of relay `relay`, one of the pool's (ready or
+    /// draining), which may then pull a stream from this one. Asks the indexer each time
+    /// (a pull is rare: once per session and relay).
+    pub async fn check_relay(&self, relay: &str, key: &VerifyingKey) -> Result<(), String> {
+        let client = self.client.as_ref().ok_or("not in a pool")?;
+        let relays = client.relays().await.map_err(|e| format!("cannot ask the indexer: {e}"))?;
+        let Some(r) = relays.iter().find(|r| r.id == relay) else {
+            return Err(format!("{relay} is not a relay of the pool"));
+        };
+        if !matches!(r.state.as_str(), "ready" | "draining") {
+            return Err(format!("{relay} is {}", r.state));
+        }
+        if pylon_indexer_client::decode_key(&r.public_key).ok().as_ref() != Some(key) {
+            return Err(format!("not the key {relay} registered"));
+        }
+        Ok(())
+    }
+
+    /// Tells the indexer this relay is draining: it sends it no new viewers.
+    pub async fn drain(&self) -> Result<(), pylon_indexer_client::ClientError> {
+        match &self.client {
+            Some(client) => client.drain_relay(&self.id).await,
+            None => Ok(()),
+        }
+    }
+
     /// Sets the indexer's token key.
     pub fn set_key(&self, key: VerifyingKey) {
         self.lock().key = Some(key);
@@ -301,14 +332,14 @@ pub async fn run(
                 }
                 let mut still = Vec::new();
                 for (session, reason) in unreported.drain(..) {
-                    if !report_end(&client, &session, &reason).await {
+                    if !report_end(&client, &registration.id, &session, &reason).await {
                         still.push((session, reason));
                     }
                 }
                 unreported = still;
             }
             Some((session, reason)) = ended.recv() => {
-                if !report_end(&client, &session, &reason).await && unreported.len() < MAX_UNREPORTED {
+                if !report_end(&client, &registration.id, &session, &reason).await && unreported.len() < MAX_UNREPORTED {
                     unreported.push((session, reason));
                 }
             }
@@ -322,13 +353,19 @@ const MAX_UNREPORTED: usize = 10_000;
 
 /// Tells the indexer a session ended; `true` once it is acknowledged (or the indexer says
 /// the session is unknown or already ended, which needs no retry).
-async fn report_end(client: &Client, session: &str, reason: &str) -> bool {
-    match client.end_session(session, reason).await {
+async fn report_end(client: &Client, relay: &str, session: &str, reason: &str) -> bool {
+    match client.end_session_at_relay(session, reason, relay).await {
         Ok(()) => {
             tracing::info!(session, reason, "session ended");
             true
         }
         Err(ClientError::Refused { status: 404, .. }) => true,
+        // The session moved to another relay (its player left this one for it): that
+        // relay reports its end.
+        Err(ClientError::Refused { status: 409, .. }) => {
+            tracing::info!(session, "the session moved to another relay");
+            true
+        }
         Err(e) => {
             tracing::warn!(session, "could not report the session's end (will retry): {e}");
             false

@@ -117,8 +117,9 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_players_relay_is_killed_ten_times_and_the_same_game_goes_on_through_another() {
+/// A pool whose node is linked to two child relays (the in-process relay revoked), and a
+/// player playing through one of them; returns the session and the relay in use.
+async fn pool_with_two_relays() -> (Platform, [ChildRelay; 2], i64, Browser, String) {
     let platform = start_setup(640, 360, 30, Setup { pooled: true, ..Setup::default() }).await;
     let indexer = platform.indexer.unwrap();
     // Two relays that can die; the in-process one leaves the pool.
@@ -134,16 +135,42 @@ async fn the_players_relay_is_killed_ten_times_and_the_same_game_goes_on_through
     for r in &relays {
         r.wait_linked(indexer, started).await;
     }
-
     let b = Browser::start().await;
     let played = play_from_catalog(&b, indexer).await;
     let path = b.eval("return location.pathname").await;
     let session = path.as_str().unwrap().trim_start_matches("/play/").to_string();
     assert_eq!(session.len(), 32, "{played}");
+    (platform, relays, started, b, session)
+}
+
+/// Which of `relays` the page plays through.
+async fn playing_through(b: &Browser, relays: &[ChildRelay; 2]) -> usize {
+    let host = b.eval("return location.host").await.as_str().unwrap().to_string();
+    relays.iter().position(|r| r.http.to_string() == host).expect("playing through a child relay")
+}
+
+/// Waits for the page to play on `relay` (30 frames there); what it says of the move.
+async fn moved_to(b: &Browser, relay: &ChildRelay) -> serde_json::Value {
+    b.wait_for(
+        &format!(
+            "return location.host === '{}' && window.pylon && pylon.firstFrameAt && pylon.stats \
+             && pylon.stats.framesDecoded >= 30 ? {{ first: pylon.firstFrameAt, moved: pylon.moved, \
+             path: location.pathname, overlay: document.getElementById('stats').textContent }} : null",
+            relay.http
+        ),
+        Duration::from_secs(30),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_players_relay_is_killed_ten_times_and_the_same_game_goes_on_through_another() {
+    let (platform, mut relays, started, b, session) = pool_with_two_relays().await;
+    let indexer = platform.indexer.unwrap();
     let mut recoveries = Vec::new();
     for round in 0..ROUNDS {
-        let host = b.eval("return location.host").await.as_str().unwrap().to_string();
-        let at = relays.iter().position(|r| r.http.to_string() == host).expect("playing through a child relay");
+        let at = playing_through(&b, &relays).await;
+        let host = relays[at].http.to_string();
         let other = 1 - at;
         // The other relay must be in the pool and linked before this one dies.
         relays[other].wait_linked(indexer, started).await;
@@ -154,17 +181,7 @@ async fn the_players_relay_is_killed_ten_times_and_the_same_game_goes_on_through
         } else {
             relays[at].freeze();
         }
-        let moved = b
-            .wait_for(
-                &format!(
-                    "return location.host === '{}' && window.pylon && pylon.firstFrameAt && pylon.stats \
-                     && pylon.stats.framesDecoded >= 30 ? {{ first: pylon.firstFrameAt, moved: pylon.moved, \
-                     path: location.pathname, overlay: document.getElementById('stats').textContent }} : null",
-                    relays[other].http
-                ),
-                Duration::from_secs(30),
-            )
-            .await;
+        let moved = moved_to(&b, &relays[other]).await;
         let recovered = moved["first"].as_i64().unwrap() - killed_at;
         recoveries.push(recovered);
         eprintln!("round {round}: {} {how} → {}: frames again after {recovered} ms", relays[at].id, relays[other].id);
@@ -189,6 +206,113 @@ async fn the_players_relay_is_killed_ten_times_and_the_same_game_goes_on_through
         eprintln!("recovery after the relay was {how}, over {} rounds: p50 {p50} ms, max {max} ms", times.len());
     }
     assert!(recoveries.iter().all(|&r| r <= RECOVERY_GOAL.as_millis() as i64), "recoveries {recoveries:?} ms");
+    b.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_moves_its_player_with_the_picture_still_under_a_second_then_exits() {
+    let (platform, mut relays, _, b, session) = pool_with_two_relays().await;
+    let indexer = platform.indexer.unwrap();
+    let at = playing_through(&b, &relays).await;
+    let other = 1 - at;
+    let pid = relays[at].child.as_ref().unwrap().id();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let moved = moved_to(&b, &relays[other]).await;
+    let gap = moved["moved"]["gapMs"].as_i64().unwrap();
+    eprintln!("drain: {} → {}: the picture stood still {gap} ms", relays[at].id, relays[other].id);
+    assert_eq!(moved["path"], format!("/play/{session}"), "{moved}");
+    assert!(gap <= 1000, "the picture froze {gap} ms: {moved}");
+    // The indexer sends nobody to it any more.
+    let listed = http_json(indexer, "/api/v1/relays").await;
+    let state = listed["items"].as_array().unwrap().iter().find(|r| r["id"] == relays[at].id).unwrap()["state"].clone();
+    assert_eq!(state, "draining", "{listed}");
+    // With its viewers gone it exits by itself, cleanly.
+    let child = relays[at].child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(35);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the drained relay did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(platform.server_metrics_value("pylon_server_sessions_resumed_total"), 1.0);
+    b.close().await;
+    platform.stop().await;
+}
+
+/// A POST with a JSON body; the answer's JSON body.
+async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_once() {
+    let (platform, relays, _, b, session) = pool_with_two_relays().await;
+    let indexer = platform.indexer.unwrap();
+    let at = playing_through(&b, &relays).await;
+    let near = &relays[1 - at];
+    // The spectators are far from the player's relay, near the other one.
+    let rtts = serde_json::json!({ "client_rtt_ms": { relays[at].id.clone(): 80.0, near.id.clone(): 2.0 } });
+    let path = format!("/api/v1/sessions/{session}/spectate");
+    let s = Browser::start().await;
+    for (n, frames) in [(1.0, 60), (2.0, 30)] {
+        let watch = post_json(indexer, &path, &rtts).await;
+        assert_eq!(watch["relay"].as_str(), Some(near.id.as_str()), "{watch}");
+        if n > 1.0 {
+            s.client.new_window(true).await.unwrap();
+            let handles = s.client.windows().await.unwrap();
+            s.client.switch_to_window(handles.last().unwrap().clone()).await.unwrap();
+        }
+        let url = format!(
+            "http://{}/watch/{session}#token={}&catalog=http://{indexer}",
+            near.http,
+            watch["token"].as_str().unwrap()
+        );
+        s.client.goto(&url).await.unwrap();
+        let watched = s
+            .wait_for(
+                &format!(
+                    "return window.pylon && pylon.stats && pylon.stats.framesDecoded >= {frames} \
+                     ? {{ frames: pylon.stats.framesDecoded, role: pylon.role }} : null"
+                ),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(watched["role"], "spectator", "{watched}");
+        // One pull by the near relay, one copy sent by the player's relay, however many
+        // spectators watch.
+        let near_metrics = relay_metrics(near.http).await;
+        let far_metrics = relay_metrics(relays[at].http).await;
+        eprintln!(
+            "{n} spectator(s) at {}: pulls {}, {} relay(s) pulling from {}, {} packets copied",
+            near.id,
+            metric(&near_metrics, "pylon_relay_pulls_total"),
+            metric(&far_metrics, "pylon_relay_downstream_relays"),
+            relays[at].id,
+            metric(&far_metrics, "pylon_relay_downstream_packets_total"),
+        );
+        assert_eq!(metric(&near_metrics, "pylon_relay_pulls_total"), 1.0);
+        assert_eq!(metric(&far_metrics, "pylon_relay_downstream_relays"), 1.0);
+        assert!(metric(&far_metrics, "pylon_relay_downstream_packets_total") > 0.0);
+        assert_eq!(metric(&near_metrics, "pylon_relay_viewers"), n);
+    }
+    // The player still plays through its own relay.
+    assert_eq!(playing_through(&b, &relays).await, at);
+    s.close().await;
     b.close().await;
     platform.stop().await;
 }

@@ -316,6 +316,7 @@ async fn a_hostile_quic_peer_costs_the_relay_a_bounded_amount() {
         quic_addr: quic,
         cert_path: dir.join("relay-cert.der"),
         pool_id: None,
+        drain: pylon_relay::Drain::detached(),
     };
     let rss_before = rss_kib(pid);
     let cpu_before = cpu_seconds(pid);

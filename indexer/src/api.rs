@@ -44,7 +44,7 @@ pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
     Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, MoveSession,
     NodeHeartbeat, NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
-    RelayHeartbeatReply, Replicas, SessionCreated, SessionRole, Verdict, valid_id, valid_sha256,
+    RelayHeartbeatReply, Replicas, SessionCreated, SessionInfo, SessionRole, Spectate, Verdict, valid_id, valid_sha256,
 };
 
 mod checks;
@@ -340,8 +340,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/relays/{id}/revoke", post(revoke_relay))
         .route("/api/v1/relays", get(list_relays).post(register_relay))
         .route("/api/v1/relays/{id}/heartbeat", post(relay_heartbeat))
+        .route("/api/v1/relays/{id}/drain", post(drain_relay))
         .route("/api/v1/candidates/{title}", get(candidates))
         .route("/api/v1/sessions", post(create_session))
+        .route("/api/v1/sessions/{id}", get(session_info))
         .route("/api/v1/sessions/{id}/end", post(end_session))
         .route("/api/v1/sessions/{id}/spectate", post(spectate))
         .route("/api/v1/usage", get(usage))
@@ -432,11 +434,13 @@ fn url_origin(url: &str) -> Option<String> {
         list_relays,
         register_relay,
         relay_heartbeat,
+        drain_relay,
         candidates,
         create_session,
         end_session,
         spectate,
         move_session,
+        session_info,
         usage,
         checks::register_checker,
         checks::approve_checker,
@@ -465,6 +469,8 @@ fn url_origin(url: &str) -> Option<String> {
         SessionRole,
         SessionCreated,
         MoveSession,
+        SessionInfo,
+        Spectate,
         Candidate,
         PublicKey,
         Replicas,
@@ -928,7 +934,7 @@ async fn delete_title(State(s): State<AppState>, IdPath(id): IdPath, headers: He
 pub enum MemberState {
     /// Takes new sessions.
     Ready,
-    /// A node finishing its sessions: no new ones.
+    /// A node finishing its sessions, or a relay whose viewers are moving away: no new ones.
     Draining,
     /// Not heard from for 15 s.
     Gone,
@@ -1007,6 +1013,8 @@ fn relay_state(r: &RelayRecord, now: i64) -> MemberState {
         MemberState::Pending
     } else if now.saturating_sub(r.last_heartbeat) > HEARTBEAT_TIMEOUT_SECS {
         MemberState::Gone
+    } else if r.draining {
+        MemberState::Draining
     } else {
         MemberState::Ready
     }
@@ -1352,6 +1360,7 @@ async fn register_relay(State(s): State<AppState>, headers: HeaderMap, body: Byt
         approved: !s.policy.approve_new,
         last_heartbeat: unix_now(),
         cert_sha256: r.cert_sha256,
+        draining: false,
     };
     if !s.store.register_relay(&record, nonce).await? {
         s.metrics.refused_requests.inc();
@@ -1379,13 +1388,7 @@ async fn relay_heartbeat(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<RelayHeartbeatReply>> {
-    if !valid_id(&id) {
-        return Err(ApiError::not_found("relay"));
-    }
-    let relay = s.store.relay(&id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
-    let path = format!("/api/v1/relays/{id}/heartbeat");
-    let req = SignedRequest { method: &Method::POST, path: &path, headers: &headers, body: &body };
-    check_signature(&s, Member::Relay, &id, req, &relay.public_key).await?;
+    let relay = signed_relay(&s, &id, &format!("/api/v1/relays/{id}/heartbeat"), &headers, &body).await?;
     if relay.revoked {
         return Err(ApiError::revoked("relay"));
     }
@@ -1408,6 +1411,39 @@ async fn relay_heartbeat(
         ended_reasons: ended.into_iter().filter(|(_, r)| !r.is_empty()).collect(),
         revoked_nodes: s.store.revoked_nodes().await?,
     }))
+}
+
+/// The relay `id` whose key signed this POST to `path` (with a fresh nonce).
+async fn signed_relay(s: &AppState, id: &str, path: &str, headers: &HeaderMap, body: &[u8]) -> ApiResult<RelayRecord> {
+    if !valid_id(id) {
+        return Err(ApiError::not_found("relay"));
+    }
+    let relay = s.store.relay(id).await?.ok_or_else(|| ApiError::not_found("relay"))?;
+    let req = SignedRequest { method: &Method::POST, path, headers, body };
+    check_signature(s, Member::Relay, id, req, &relay.public_key).await?;
+    Ok(relay)
+}
+
+/// A relay drains (it is stopping): no new viewers are sent to it, and no session is moved
+/// there, until it registers again. Its viewers move on through `/sessions/{id}/move`.
+#[utoipa::path(post, path = "/api/v1/relays/{id}/drain", tag = "pool",
+    params(("id" = String, Path, description = "Relay id")),
+    security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
+    responses(
+        (status = 204, description = "Draining"),
+        (status = 401, description = "Not signed by the relay's key, stale or replayed", body = ErrorBody),
+        (status = 404, description = "No such relay", body = ErrorBody),
+    ))]
+async fn drain_relay(
+    State(s): State<AppState>,
+    IdPath(id): IdPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    signed_relay(&s, &id, &format!("/api/v1/relays/{id}/drain"), &headers, &body).await?;
+    s.store.set_relay_draining(&id).await?;
+    tracing::info!(relay = %id, "relay draining: no new viewers");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Prometheus metrics; the node gauge is counted at scrape time.
@@ -1659,8 +1695,12 @@ async fn create_session(
 }
 
 /// A spectator's token for a running session: whoever has the session's id (the player
-/// shares `/watch/<session>`) may watch; a spectator token never carries input.
+/// shares `/watch/<session>`) may watch; a spectator token never carries input. With the
+/// spectator's RTTs to candidate relays, the token is for the nearest healthy one with
+/// room — which pulls the stream from the player's relay when it is another (a cascade);
+/// without, for the player's relay.
 #[utoipa::path(post, path = "/api/v1/sessions/{id}/spectate", tag = "sessions",
+    request_body(content = Spectate, description = "Optional: the spectator's RTTs"),
     params(("id" = String, Path, description = "Session id (32 hex digits)")),
     responses(
         (status = 201, description = "A spectator token", body = SessionCreated),
@@ -1672,6 +1712,7 @@ async fn spectate(
     State(s): State<AppState>,
     IdPath(id): IdPath,
     ClientAddr(addr): ClientAddr,
+    body: Bytes,
 ) -> ApiResult<(StatusCode, Json<SessionCreated>)> {
     if let Err(wait) = s.limiters.spectate_per_address.check(&addr, Instant::now()) {
         s.metrics.rate_limited.inc();
@@ -1682,12 +1723,24 @@ async fn spectate(
         .flatten()
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| ApiError::not_found("session"))?;
-    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
+    let req: Spectate = if body.is_empty() { Spectate::default() } else { json(&body)? };
+    if req.client_rtt_ms.values().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ApiError::invalid("RTTs must be finite and non-negative"));
+    }
+    let (players_relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
     if ended {
         return Err(ApiError::not_found("running session"));
     }
     let title = s.store.session_title(&id).await?.unwrap_or_default();
     let now = unix_now();
+    // The nearest healthy relay with room the spectator measured, else the player's.
+    let relays = if req.client_rtt_ms.is_empty() { Vec::new() } else { s.store.relays().await? };
+    let relay = relays
+        .iter()
+        .filter(|r| relay_healthy(r, now) && r.viewers < r.capacity)
+        .filter_map(|r| Some((r, *req.client_rtt_ms.get(&r.id)?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(players_relay.clone(), |(r, _)| r.id.clone());
     let claims = Claims {
         session,
         role: Role::Spectator,
@@ -1702,17 +1755,14 @@ async fn spectate(
         ApiError::internal()
     })?;
     let relay_url = s.store.relay(&relay).await?.map(|r| r.public_url).unwrap_or_default();
+    let reason = if relay == players_relay {
+        "spectator of a running session, on its player's relay".into()
+    } else {
+        format!("spectator of a running session, nearest relay (pulling from {players_relay})")
+    };
     Ok((
         StatusCode::CREATED,
-        Json(SessionCreated {
-            session: id,
-            token,
-            relay,
-            relay_url,
-            node,
-            expected_ms: 0.0,
-            reason: "spectator of a running session".into(),
-        }),
+        Json(SessionCreated { session: id, token, relay, relay_url, node, expected_ms: 0.0, reason }),
     ))
 }
 
@@ -1757,13 +1807,14 @@ async fn move_session(
         .filter(|c| c.session_hex() == id)
         .ok_or_else(|| ApiError::unauthorized(ErrorReason::BadSignature, "not a token of this session"))?;
     let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
-    if ended {
-        return Err(ApiError::not_found("running session"));
-    }
+    // A dead node ends its sessions as it is found gone: the page hears why either way.
     let now = unix_now();
     let node_record = s.store.node(&node).await?;
     if node_record.as_ref().is_none_or(|n| !matches!(node_state(n, now), MemberState::Ready | MemberState::Draining)) {
         return Err(ApiError::new(StatusCode::GONE, ErrorReason::NodeGone, "the session's render node is gone"));
+    }
+    if ended {
+        return Err(ApiError::not_found("running session"));
     }
     let title = s.store.session_title(&id).await?.unwrap_or_default();
     let sign = |role: Role, relay: &str| {
@@ -1848,6 +1899,24 @@ async fn move_session(
     Ok(created)
 }
 
+/// Where a running (or ended) session is: its player's relay, its node and title. Public
+/// to whoever knows the id (a watch link carries it); relays near its spectators use it to
+/// find the relay to pull the stream from.
+#[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id (32 hex digits)")),
+    responses(
+        (status = 200, description = "The session", body = SessionInfo),
+        (status = 404, description = "No such session", body = ErrorBody),
+    ))]
+async fn session_info(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<SessionInfo>> {
+    if !valid_id(&id) {
+        return Err(ApiError::not_found("session"));
+    }
+    let (relay, node, ended) = s.store.session(&id).await?.ok_or_else(|| ApiError::not_found("session"))?;
+    let title = s.store.session_title(&id).await?.unwrap_or_default();
+    Ok(Json(SessionInfo { session: id, relay, node, title, running: !ended }))
+}
+
 /// Ends a session: called, signed, by the session's relay (the player left) or node, or
 /// with the admin token.
 #[utoipa::path(post, path = "/api/v1/sessions/{id}/end", tag = "sessions", request_body(content = EndSession, description = "Optional: why"),
@@ -1858,6 +1927,7 @@ async fn move_session(
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Neither the session's relay or node (signed) nor an admin", body = ErrorBody),
         (status = 404, description = "No such running session", body = ErrorBody),
+        (status = 409, description = "Signed by the relay named in the body, which the session moved away from (`superseded`)", body = ErrorBody),
     ))]
 async fn end_session(
     State(s): State<AppState>,
@@ -1883,6 +1953,20 @@ async fn end_session(
                 Some((member, id.to_string(), nonce))
             });
         let Some((member, signer_id, nonce)) = signer else {
+            // A relay the session moved away from (its player left it for another) is
+            // told so, signed or not told at all.
+            let end: EndSession = if body.is_empty() { EndSession::default() } else { json(&body)? };
+            if !end.relay.is_empty() && end.relay != relay && valid_id(&end.relay) {
+                let key = s.store.relay(&end.relay).await?.map(|r| r.public_key);
+                if let Some(nonce) = key.and_then(|k| signed_by(req, &decode_key(&k).ok()?).ok()) {
+                    spend_nonce(&s, Member::Relay, &end.relay, nonce).await?;
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        ErrorReason::Superseded,
+                        format!("the session moved to relay {relay}"),
+                    ));
+                }
+            }
             s.metrics.refused_requests.inc();
             return Err(ApiError::unauthorized(
                 ErrorReason::NotAllowed,

@@ -101,6 +101,9 @@ pub struct RelayRecord {
     /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
     #[serde(default)]
     pub cert_sha256: String,
+    /// Draining: its viewers are moving to other relays and it takes no new ones.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Seconds of play per provider, for payouts.
@@ -394,15 +397,22 @@ impl Store {
         Ok(())
     }
 
+    /// Marks relay `id` draining: no new viewers until it registers again.
+    pub async fn set_relay_draining(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE relays SET draining = 1 WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Registers relay `r` or updates what its holder may change (see
-    /// [`Store::register_node`]): revocation and approval are never touched here.
+    /// [`Store::register_node`]): revocation and approval are never touched here; draining
+    /// is cleared (a relay registers when it starts, and a new process serves again).
     pub async fn register_relay(&self, r: &RelayRecord, nonce: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO relays (id, owner, public_key, public_url, quic_addr, region, capacity, viewers, node_rtt, revoked, \
              last_heartbeat, last_nonce, approved, cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '{}', 0, $8, $9, $10, $11) \
              ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, public_url = excluded.public_url, \
              quic_addr = excluded.quic_addr, region = excluded.region, capacity = excluded.capacity, \
-             cert_sha256 = excluded.cert_sha256, \
+             cert_sha256 = excluded.cert_sha256, draining = 0, \
              last_heartbeat = excluded.last_heartbeat, last_nonce = excluded.last_nonce \
              WHERE relays.public_key = excluded.public_key AND relays.last_nonce < excluded.last_nonce",
         )
@@ -423,7 +433,7 @@ impl Store {
     }
 
     const RELAY_COLUMNS: &'static str = "id, owner, public_key, public_url, quic_addr, region, capacity, viewers, \
-        node_rtt, revoked, last_heartbeat, approved, cert_sha256";
+        node_rtt, revoked, last_heartbeat, approved, cert_sha256, draining";
 
     fn relay_row(r: &sqlx::any::AnyRow) -> Result<RelayRecord, StoreError> {
         let rtt: String = r.try_get(8)?;
@@ -441,6 +451,7 @@ impl Store {
             last_heartbeat: r.try_get(10)?,
             approved: r.try_get::<i64, _>(11)? != 0,
             cert_sha256: r.try_get(12)?,
+            draining: r.try_get::<i64, _>(13)? != 0,
         })
     }
 

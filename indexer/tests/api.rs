@@ -1191,6 +1191,12 @@ async fn a_player_whose_relay_dies_moves_its_session_with_its_token_and_only_the
     // The old relay can no longer end it; the new one can.
     let end = format!("/api/v1/sessions/{id}/end");
     assert_eq!(call(&s, signed(&end, &json!({}), &r1)).await.0, StatusCode::UNAUTHORIZED);
+    // Named, it is told the session moved (so it stops retrying), and nothing ends.
+    let (status, body) = call(&s, signed(&end, &json!({"relay": "relay-1"}), &r1)).await;
+    assert_eq!((status, body["reason"].as_str()), (StatusCode::CONFLICT, Some("superseded")), "{body}");
+    let (status, _) = call(&s, signed(&end, &json!({"relay": "relay-3"}), &r1)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "naming another relay proves nothing");
+    assert!(s.store.session_running(&id).await.unwrap());
     // A spectator of the session follows it to its relay now.
     let (_, watch) = call(&s, post(&format!("/api/v1/sessions/{id}/spectate"), &json!({}))).await;
     assert_eq!(watch["relay"], "relay-2");
@@ -1211,7 +1217,8 @@ async fn a_player_whose_relay_dies_moves_its_session_with_its_token_and_only_the
     s.store.node_heartbeat("node-a", 1, std::slice::from_ref(&id), &["demo".into()], unix_now() - 3600).await.unwrap();
     let (status, body) = call(&s, post(&path, &json!({"token": back["token"]}))).await;
     assert_eq!((status, body["reason"].as_str()), (StatusCode::GONE, Some("node_gone")), "{body}");
-    // An ended session cannot be moved.
+    // An ended session (of a node that lives) cannot be moved.
+    s.store.node_heartbeat("node-a", 1, std::slice::from_ref(&id), &["demo".into()], unix_now()).await.unwrap();
     assert_eq!(call(&s, admin(post(&end, &json!({})))).await.0, StatusCode::NO_CONTENT);
     assert_eq!(call(&s, post(&path, &json!({"token": back["token"]}))).await.0, StatusCode::NOT_FOUND);
 }
@@ -1233,4 +1240,39 @@ fn created_token_for(s: &AppState, id: &str, relay: &str, role: Role) -> String 
     }
     .sign(&s.signing_key)
     .unwrap()
+}
+
+#[tokio::test]
+async fn a_draining_relay_gets_no_new_viewers_nor_moved_sessions_until_it_registers_again() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let (node, r1, r2) =
+        (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[3; 32]), SigningKey::from_bytes(&[4; 32]));
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &r1, json!({"node-a": 2.0})).await;
+    add_relay(&s, "relay-2", &r2, json!({"node-a": 3.0})).await;
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 30.0, "relay-2": 1.0}});
+    let (_, created) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!(created["relay"], "relay-2", "{created}");
+    // Only relay-2 itself may say it drains.
+    let path = "/api/v1/relays/relay-2/drain";
+    assert_eq!(call(&s, post(path, &json!({}))).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, signed(path, &json!({}), &r1)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, signed(path, &json!({}), &r2)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, get("/api/v1/relays?state=draining")).await.1["items"][0]["id"], "relay-2");
+    // New players go elsewhere, the candidates leave it out, and its player moves away.
+    let (_, second) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!(second["relay"], "relay-1", "{second}");
+    let candidates = call(&s, get("/api/v1/candidates/demo")).await.1;
+    assert!(candidates.as_array().unwrap().iter().all(|c| c["relay"] != "relay-2"), "{candidates}");
+    let id = created["session"].as_str().unwrap();
+    let (status, moved) =
+        call(&s, post(&format!("/api/v1/sessions/{id}/move"), &json!({"token": created["token"]}))).await;
+    assert_eq!((status, moved["relay"].as_str()), (StatusCode::CREATED, Some("relay-1")), "{moved}");
+    // A session cannot be moved onto it either.
+    let (status, _) = call(&s, post(&format!("/api/v1/sessions/{id}/move"), &json!({"token": moved["token"]}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Restarted, it registers again and serves.
+    add_relay(&s, "relay-2", &r2, json!({"node-a": 3.0})).await;
+    assert_eq!(call(&s, get("/api/v1/relays?state=ready")).await.1["items"].as_array().unwrap().len(), 2);
 }

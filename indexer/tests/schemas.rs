@@ -129,6 +129,7 @@ fn relay() -> RelayRecord {
         approved: true,
         last_heartbeat: 1_800_000_000,
         cert_sha256: "ab".repeat(32),
+        draining: false,
     }
 }
 
@@ -265,7 +266,8 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             revoked_nodes: vec!["node-b".into()],
         },
     );
-    c.check("EndSession", EndSession { reason: "player left".into() });
+    c.check("EndSession", EndSession { reason: "player left".into(), relay: String::new() });
+    c.check("EndSession", EndSession { reason: "player left".into(), relay: "relay-1".into() });
     c.check(
         "NodeKeyInfo",
         NodeKeyInfo { id: "node-a".into(), public_key: "A".repeat(43) + "=", state: "ready".into() },
@@ -323,6 +325,18 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.check("NodeScore", NodeScore::default());
     c.check("Verdict", Verdict::Suspect);
     c.check("MeteringAudit", MeteringAudit::default());
+    c.check(
+        "SessionInfo",
+        SessionInfo {
+            session: "66".repeat(16),
+            relay: "relay-a".into(),
+            node: "node-a".into(),
+            title: "demo".into(),
+            running: true,
+        },
+    );
+    c.check("Spectate", Spectate { client_rtt_ms: [("relay-a".to_string(), 3.5)].into_iter().collect() });
+    c.check("Spectate", Spectate::default());
 
     let listed: std::collections::BTreeSet<String> =
         c.spec["components"]["schemas"].as_object().unwrap().keys().cloned().collect();

@@ -220,6 +220,22 @@ pub enum NodeMessage {
     /// The node's answer to a checker's proof-of-capacity challenge, for the session's
     /// player (the checker).
     Capacity(CapacityReply),
+    /// Another relay asks for a session's stream (a cascade): the first message on a link
+    /// that relay dialed, instead of a node's hello. The relay dialed then sends the stream
+    /// as a node would (its hello signed with its own relay key).
+    Pull(Pull),
+}
+
+/// A relay's request for a session's stream from the relay carrying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    /// The pulling relay's id in the pool.
+    pub relay: String,
+    /// The session whose stream it wants (hex).
+    pub session: String,
+    /// Its key and its signature over `link::PULL_CONTEXT`, this connection's exporter
+    /// value, `relay` and `session`.
+    pub auth: HelloAuth,
 }
 
 /// A node's answer to the proof-of-capacity challenge of input message `seq`
@@ -397,6 +413,16 @@ impl WireMessage for NodeMessage {
                 body.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
                 frame(out, 15, &body);
             }
+            NodeMessage::Pull(p) => {
+                let mut body = Vec::with_capacity(2 + p.relay.len() + p.session.len() + 96);
+                for field in [truncate_utf8(&p.relay, MAX_NODE_ID), truncate_utf8(&p.session, MAX_SESSION_ID)] {
+                    body.push(field.len() as u8);
+                    body.extend_from_slice(field.as_bytes());
+                }
+                body.extend_from_slice(&p.auth.public_key);
+                body.extend_from_slice(&p.auth.signature);
+                frame(out, 16, &body);
+            }
             NodeMessage::FrameInfo(f) => {
                 let mut body = [0u8; 20];
                 for (chunk, v) in
@@ -411,6 +437,19 @@ impl WireMessage for NodeMessage {
 
     fn decode_body(kind: u8, body: &[u8]) -> Result<Self, FramingError> {
         Ok(match kind {
+            16 => {
+                let (relay, rest) = take_str(body, MAX_NODE_ID, "Pull")?;
+                let (session, rest) = take_str(rest, MAX_SESSION_ID, "Pull")?;
+                let (key, sig) = rest.split_at_checked(32).ok_or(FramingError::Malformed("Pull"))?;
+                NodeMessage::Pull(Pull {
+                    relay: relay.to_owned(),
+                    session: session.to_owned(),
+                    auth: HelloAuth {
+                        public_key: key.try_into().map_err(|_| FramingError::Malformed("Pull"))?,
+                        signature: sig.try_into().map_err(|_| FramingError::Malformed("Pull"))?,
+                    },
+                })
+            }
             1 => {
                 let bad = FramingError::Malformed("Hello");
                 let [w0, w1, h0, h1, f0, f1, p0, p1, p2, p3, rest @ ..] = body else {

@@ -46,6 +46,8 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-pylon-link/1";
 pub const EXPORTER_LEN: usize = 32;
 /// Domain separation for the hello signature.
 pub const HELLO_CONTEXT: &[u8] = b"pylon-link/1 node hello\0";
+/// Domain separation for a relay's pull request (a cascade).
+pub const PULL_CONTEXT: &[u8] = b"pylon-link/1 relay pull\0";
 /// How long the relay waits for a hello, and the node for the relay's welcome.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long sent RTP packets are kept for resends: past it, their frame is too old to show.
@@ -717,6 +719,29 @@ fn relay_message_name(m: &RelayMessage) -> &'static str {
     }
 }
 
+/// What a pulling relay signs: the context, this connection's exporter value, its id and
+/// the session (each length-prefixed).
+pub fn pull_signed_message(exporter: &[u8], relay: &str, session: &str) -> Vec<u8> {
+    let mut m = PULL_CONTEXT.to_vec();
+    m.extend_from_slice(exporter);
+    for field in [relay, session] {
+        m.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        m.extend_from_slice(field.as_bytes());
+    }
+    m
+}
+
+/// The control bytes a relay sends first on a link it dials to pull `session`'s stream.
+pub fn pull_request(exporter: &[u8], relay: &str, session: &str, key: &SigningKey) -> Vec<u8> {
+    let auth = HelloAuth {
+        public_key: key.verifying_key().to_bytes(),
+        signature: key.sign(&pull_signed_message(exporter, relay, session)).to_bytes(),
+    };
+    let mut out = Vec::new();
+    NodeMessage::Pull(framing::Pull { relay: relay.to_string(), session: session.to_string(), auth }).encode(&mut out);
+    out
+}
+
 /// What the node signs in its hello.
 pub fn hello_signed_message(exporter: &[u8], stream: &StreamHello) -> Vec<u8> {
     let mut m = HELLO_CONTEXT.to_vec();
@@ -747,6 +772,19 @@ pub enum RelayEvent {
     },
     /// The node's answer to a capacity challenge, for the session's player.
     Capacity(CapacityReply),
+    /// Not a node: another relay, whose signature over this connection verified, asks for
+    /// a session's stream (a cascade). The driver checks the key against the pool's record
+    /// of that relay and, if this relay carries the session, sends the stream on this
+    /// connection as a node would ([`NodeSide`], its hello signed with this relay's key);
+    /// this side is done.
+    Pull {
+        /// The pulling relay's id.
+        relay: String,
+        /// The session it wants.
+        session: String,
+        /// Its key, proven by the signature.
+        key: Box<VerifyingKey>,
+    },
 }
 
 /// A media datagram accepted by the relay: the RTP packet is `datagram[rtp_offset..]`.
@@ -871,7 +909,23 @@ impl RelaySide {
                     self.state = RelayState::AwaitingAdmission { deadline };
                     self.events.push_back(RelayEvent::Hello { stream: hello.stream, key });
                 }
+                (RelayState::AwaitingHello { .. }, NodeMessage::Pull(pull)) => {
+                    let key = VerifyingKey::from_bytes(&pull.auth.public_key)
+                        .map_err(|_| self.fail(LinkError::BadSignature))?;
+                    let signature = Signature::from_bytes(&pull.auth.signature);
+                    key.verify(&pull_signed_message(&self.exporter, &pull.relay, &pull.session), &signature)
+                        .map_err(|_| self.fail(LinkError::BadSignature))?;
+                    // The driver takes the connection over; nothing more is read here.
+                    self.state = RelayState::Closed;
+                    self.events.push_back(RelayEvent::Pull {
+                        relay: pull.relay,
+                        session: pull.session,
+                        key: Box::new(key),
+                    });
+                    return Ok(());
+                }
                 (RelayState::AwaitingHello { .. }, _) => return Err(self.fail(LinkError::HelloExpected)),
+                (_, NodeMessage::Pull(_)) => return Err(self.fail(LinkError::DuplicateHello)),
                 (_, NodeMessage::Hello(_)) => return Err(self.fail(LinkError::DuplicateHello)),
                 (RelayState::Established, NodeMessage::FrameInfo(info)) => {
                     self.events.push_back(RelayEvent::FrameInfo(info));
@@ -1438,6 +1492,61 @@ mod tests {
             events.last(),
             Some(&RelayEvent::Capacity(CapacityReply::Refused { seq: 6, reason: "busy".into() }))
         );
+    }
+
+    #[test]
+    fn a_relay_pulls_a_session_with_a_signed_request_and_gets_the_stream_as_from_a_node() {
+        let t0 = Instant::now();
+        let (puller, carrier) = (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[8; 32]));
+        let exporter = [5u8; 32];
+        let session = "07".repeat(16);
+        // relay-c dials relay-a and asks for the session.
+        let request = pull_request(&exporter, "relay-c", &session, &puller);
+        let mut at_a = RelaySide::new("relay-a", &exporter, RepairConfig::default(), t0);
+        at_a.handle_control(t0, &request).unwrap();
+        match at_a.poll_event() {
+            Some(RelayEvent::Pull { relay, session: s, key }) => {
+                assert_eq!((relay.as_str(), s.as_str(), *key), ("relay-c", session.as_str(), puller.verifying_key()));
+            }
+            other => panic!("expected a pull, got {other:?}"),
+        }
+        assert!(at_a.poll_transmit().is_none(), "nothing is sent for a pull before the driver decides");
+        // The request is bound to its connection, and to its session.
+        let mut elsewhere = RelaySide::new("relay-a", &[6; 32], RepairConfig::default(), t0);
+        assert_eq!(elsewhere.handle_control(t0, &request), Err(LinkError::BadSignature));
+        let mut tampered = request.clone();
+        let at = tampered.windows(4).position(|w| w == b"0707").unwrap();
+        tampered[at] = b'1';
+        let mut fresh = RelaySide::new("relay-a", &exporter, RepairConfig::default(), t0);
+        assert_eq!(fresh.handle_control(t0, &tampered), Err(LinkError::BadSignature));
+
+        // relay-a sends the node's stream as a node would, its hello signed with its relay
+        // key; relay-c verifies that key and admits it like a node's.
+        let stream = stream("node-a");
+        let carrying = NodeConfig { stream: stream.clone(), identity: Some(carrier.clone()), bitrate_bounds: None };
+        let mut sender = NodeSide::new(carrying, PlayerGate::open(), &exporter, t0, 0);
+        let mut at_c = RelaySide::new("relay-c", &exporter, RepairConfig::default(), t0);
+        let _ = pump(&mut sender, &mut at_c, t0);
+        assert_eq!(hello_key(&mut at_c), Some(carrier.verifying_key()));
+        at_c.admit(t0);
+        let _ = pump(&mut sender, &mut at_c, t0);
+        assert!(sender.is_established());
+        let _ = drain(&mut sender);
+        // A packet lost between the relays is asked for once and resent by relay-a from
+        // its own cache: the node never hears of it.
+        let mut out = Vec::new();
+        for seq in [20u16, 21, 22] {
+            sender.send_rtp(t0, &rtp(seq), None, &mut out).unwrap();
+            if seq != 21 {
+                at_c.handle_datagram(t0, &out).unwrap();
+            }
+        }
+        at_c.handle_timeout(t0 + Duration::from_millis(5)).unwrap();
+        let nack = at_c.poll_transmit().unwrap();
+        sender.handle_control(t0, &nack).unwrap();
+        assert_eq!(drain(&mut sender), vec![NodeEvent::Resent { sent: 1, missed: 0 }]);
+        let resent = sender.poll_datagram().unwrap();
+        assert!(at_c.handle_datagram(t0, &resent).unwrap().repaired);
     }
 
     #[test]

@@ -167,68 +167,13 @@ pub type PinnedRelays = std::collections::HashMap<String, Vec<String>>;
 /// A QUIC client configuration that trusts exactly the certificates in `pinned` (by their
 /// SHA-256), whatever name they carry: the pool's registered relays.
 pub fn pinned_client_config(pinned: PinnedRelays) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedVerifier { pinned, provider: provider.clone() });
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    quic_config(tls)
+    quic_config(pylon_indexer_client::pinned::PinnedVerifier::client_config(pinned.into_keys())?)
 }
 
 /// The relay ids registered with the certificate `conn`'s peer presented, if pinned.
 fn pinned_relay(conn: &quinn::Connection, pinned: &PinnedRelays) -> Option<Vec<String>> {
     let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
     pinned.get(&cert_sha256(certs.first()?)).cloned()
-}
-
-/// Trusts a server certificate only if its SHA-256 is pinned; the handshake's signature is
-/// checked against that certificate's key as usual.
-#[derive(Debug)]
-struct PinnedVerifier {
-    pinned: PinnedRelays,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if self.pinned.contains_key(&cert_sha256(end_entity)) {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        // TLS 1.3 only (QUIC).
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// The QUIC side of a TLS client configuration: ALPN and [`transport_config`].

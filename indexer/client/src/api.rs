@@ -116,6 +116,9 @@ pub struct RelayEntry {
     /// Where nodes reach it over QUIC (`host:port`).
     #[serde(default)]
     pub quic_addr: String,
+    /// Its ed25519 public key (base64), which signs its requests and pulls.
+    #[serde(default)]
+    pub public_key: String,
     /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
     #[serde(default)]
     pub cert_sha256: String,
@@ -224,6 +227,32 @@ pub struct MoveSession {
     pub client_rtt_ms: BTreeMap<String, f64>,
 }
 
+/// Where a session runs (`GET /api/v1/sessions/{id}`): public to whoever knows its id (a
+/// watch link), so a relay near a spectator finds the relay to pull its stream from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session: String,
+    /// The relay its player is on.
+    pub relay: String,
+    /// Its render node.
+    pub node: String,
+    /// Its title.
+    pub title: String,
+    /// Whether it still runs.
+    pub running: bool,
+}
+
+/// A spectator's request for a token (`POST /api/v1/sessions/{id}/spectate`, body
+/// optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Spectate {
+    /// RTT the spectator measured to candidate relays, ms: it watches through the nearest
+    /// (which pulls the stream from the player's relay when it is another).
+    #[serde(default)]
+    pub client_rtt_ms: BTreeMap<String, f64>,
+}
+
 /// The indexer's answer to a relay's heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RelayHeartbeatReply {
@@ -244,6 +273,10 @@ pub struct EndSession {
     /// For example `player left`, `node drained`.
     #[serde(default)]
     pub reason: String,
+    /// The relay reporting the end (its id), if a relay: one the session has moved away
+    /// from is answered 409 instead of 401.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub relay: String,
 }
 
 /// Why the indexer refused a request: a stable, machine-readable code beside the

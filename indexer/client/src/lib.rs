@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod keys;
+pub mod pinned;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -294,6 +295,21 @@ impl Client {
         self.call_empty::<()>("POST", &format!("/api/v1/nodes/{id}/drain"), None).await
     }
 
+    /// Where session `id` runs (its player's relay and node), `None` if there is no such
+    /// session.
+    pub async fn session_info(&self, id: &str) -> Result<Option<api::SessionInfo>, ClientError> {
+        match self.call::<(), _>("GET", &format!("/api/v1/sessions/{id}"), None, false).await {
+            Ok(info) => Ok(Some(info)),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tells the indexer this relay is draining (stopping): no new viewers.
+    pub async fn drain_relay(&self, id: &str) -> Result<(), ClientError> {
+        self.call_empty::<()>("POST", &format!("/api/v1/relays/{id}/drain"), None).await
+    }
+
     /// A relay's signed heartbeat; the reply names sessions that ended and nodes revoked.
     pub async fn relay_heartbeat(
         &self,
@@ -305,7 +321,14 @@ impl Client {
 
     /// Reports that a session ended (signed by its relay or node).
     pub async fn end_session(&self, session: &str, reason: &str) -> Result<(), ClientError> {
-        let body = api::EndSession { reason: reason.to_string() };
+        let body = api::EndSession { reason: reason.to_string(), relay: String::new() };
+        self.call_empty("POST", &format!("/api/v1/sessions/{session}/end"), Some(&body)).await
+    }
+
+    /// Relay `relay` reports that a session's player left it; 409 if the session moved to
+    /// another relay meanwhile.
+    pub async fn end_session_at_relay(&self, session: &str, reason: &str, relay: &str) -> Result<(), ClientError> {
+        let body = api::EndSession { reason: reason.to_string(), relay: relay.to_string() };
         self.call_empty("POST", &format!("/api/v1/sessions/{session}/end"), Some(&body)).await
     }
 

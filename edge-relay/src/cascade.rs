@@ -1,0 +1,189 @@
+//! Relay → relay cascades: a spectator watches through the relay nearest to it; when the
+//! session's player is on another relay, this relay pulls the stream from that one, once,
+//! however many of its viewers watch it.
+//!
+//! The pulling relay dials the carrying relay's QUIC ingest (trusting the certificate
+//! SHA-256 that relay registered), and its first message is a [`pylon_proto::framing::Pull`]
+//! signed with its pool key over the connection's exporter, the session and its id. The
+//! carrying relay checks that key against the indexer's record of the pulling relay, and
+//! that its own player of the session is here, then sends the stream as a node would: a
+//! [`NodeSide`] whose hello carries the node's stream description, signed with the
+//! carrying relay's own key, which the pulling relay checks against the indexer's record in
+//! turn. From there the link is the node ↔ relay link: the pulling relay asks for lost
+//! packets once (answered from the carrying relay's cache, never from the node) and for
+//! keyframes (coalesced with the carrying relay's own viewers' requests).
+
+use crate::ingest::{IngestEvent, Mode, NodeMedia, Shared};
+use anyhow::{Context, anyhow};
+use pylon_proto::framing::{self, NodeMessage, WireMessage};
+use pylon_proto::link::{NodeConfig, NodeEvent, NodeSide, PlayerGate};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+/// A verified request to pull a session's stream from this relay.
+#[derive(Debug)]
+pub(crate) struct PullRequest {
+    /// The pulling relay's id.
+    pub relay: String,
+    /// The session.
+    pub session: String,
+    /// Its key (the signature over this connection verified).
+    pub key: ed25519_dalek::VerifyingKey,
+}
+
+/// Pulls `session`'s stream from the relay its player is on, until that link ends; then
+/// tells the egress task (which pulls again while spectators wait).
+pub(crate) async fn pull_session(shared: Shared, session: String, shutdown: watch::Receiver<bool>) {
+    if let Err(e) = pull(&shared, &session, shutdown).await {
+        shared.metrics.pulls_failed.inc();
+        tracing::warn!(session, "pulling the session's stream: {e:#}");
+    }
+    let _ = shared.events.send(IngestEvent::PullEnded { session }).await;
+}
+
+async fn pull(shared: &Shared, session: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let client =
+        shared.pool.as_ref().and_then(|p| p.client()).ok_or_else(|| anyhow!("only a relay in a pool pulls streams"))?;
+    let info = client.session_info(session).await?.ok_or_else(|| anyhow!("no such session"))?;
+    anyhow::ensure!(info.running, "the session ended");
+    anyhow::ensure!(info.relay != shared.relay_id, "the session's player is on this relay");
+    let relays = client.relays().await?;
+    let carrier = relays
+        .iter()
+        .find(|r| r.id == info.relay && matches!(r.state.as_str(), "ready" | "draining"))
+        .ok_or_else(|| anyhow!("the session's relay {} is not in the pool now", info.relay))?;
+    let key = pylon_indexer_client::decode_key(&carrier.public_key).context("the carrying relay's key")?;
+    let addr = tokio::net::lookup_host(&carrier.quic_addr)
+        .await
+        .with_context(|| format!("resolving {}", carrier.quic_addr))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", carrier.quic_addr))?;
+    let mut tls = pylon_indexer_client::pinned::PinnedVerifier::client_config([carrier.cert_sha256.clone()])?;
+    tls.alpn_protocols = vec![framing::ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    config.transport_config(Arc::new(crate::ingest::transport_config()));
+    let conn = tokio::time::timeout(Duration::from_secs(5), shared.endpoint.connect_with(config, addr, "pylon-relay")?)
+        .await
+        .map_err(|_| anyhow!("{} did not answer", carrier.id))??;
+    shared.metrics.pulls.inc();
+    tracing::info!(session, from = %carrier.id, "pulling the session's stream for spectators here");
+    let node = crate::ingest::NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let mode = Mode::Pulling { session: session.to_string(), carrier: Box::new(key) };
+    let result = crate::ingest::serve_node(node, &conn, shared, mode, shutdown).await;
+    conn.close(0u32.into(), b"pull ended");
+    result
+}
+
+/// Refuses a pull, telling the other relay why.
+async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, why: &str) -> anyhow::Result<()> {
+    let mut bytes = Vec::new();
+    NodeMessage::Goodbye(why.to_string()).encode(&mut bytes);
+    crate::ingest::say_goodbye(send, &bytes).await;
+    conn.close(2u32.into(), why.as_bytes());
+    Err(anyhow!("refused a pull: {why}"))
+}
+
+/// Sends another relay the stream of the session it pulls, as a node would, until either
+/// side ends it.
+pub(crate) async fn serve_downstream(
+    conn: &quinn::Connection,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    exporter: &[u8],
+    shared: &Shared,
+    request: PullRequest,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let metrics = &shared.metrics;
+    let (Some(pool), Some(key)) = (&shared.pool, &shared.key) else {
+        return refuse(&mut send, conn, "this relay is not in a pool").await;
+    };
+    if let Err(why) = pool.check_relay(&request.relay, &request.key).await {
+        return refuse(&mut send, conn, &why).await;
+    }
+    let (tx, rx) = oneshot::channel();
+    shared
+        .events
+        .send(IngestEvent::Pull { session: request.session.clone(), reply: tx })
+        .await
+        .map_err(|_| anyhow!("egress task gone"))?;
+    let pulled = match rx.await {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => return refuse(&mut send, conn, &why).await,
+        Err(_) => return Err(anyhow!("egress task gone")),
+    };
+    tracing::info!(relay = request.relay, session = request.session, "a relay pulls a stream from this one");
+    let config = NodeConfig { stream: pulled.hello, identity: Some(key.clone()), bitrate_bounds: None };
+    let mut side = NodeSide::new(config, PlayerGate::open(), exporter, Instant::now(), crate::pool::unix_now());
+    let mut media = pulled.media;
+    let mut buf = vec![0u8; 4096];
+    let mut datagram = Vec::with_capacity(1500);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let result = loop {
+        let timeout = side.poll_timeout().map_or_else(far, tokio::time::Instant::from_std);
+        let step: anyhow::Result<bool> = tokio::select! {
+            m = media.recv() => match m {
+                None => {
+                    side.close("the stream ended here");
+                    Ok(false)
+                }
+                Some(NodeMedia::Rtp { packet, capture_ntp, audio, .. }) => {
+                    let capture = capture_ntp.and_then(framing::from_ntp);
+                    let framed = match (audio, capture) {
+                        (true, Some(t)) => side.send_audio(Instant::now(), &packet, t, &mut datagram),
+                        (true, None) => Ok(()),
+                        (false, _) => side.send_rtp(Instant::now(), &packet, capture, &mut datagram),
+                    };
+                    if framed.is_ok() && !datagram.is_empty() && conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
+                        metrics.dropped("downstream_send");
+                    }
+                    datagram.clear();
+                    Ok(true)
+                }
+                Some(NodeMedia::FrameInfo(info)) => {
+                    side.send_frame_info(info);
+                    Ok(true)
+                }
+                Some(_) => Ok(true),
+            },
+            read = recv.read(&mut buf) => match read.context("reading the control stream")? {
+                None => Ok(false),
+                Some(n) => side.handle_control(Instant::now(), buf.get(..n).unwrap_or_default()).map(|()| true).map_err(|e| anyhow!("{e}")),
+            },
+            // The pulling relay sends no datagrams (its viewers watch; none plays here).
+            d = conn.read_datagram() => d.map(|_| true).context("reading datagrams"),
+            _ = tokio::time::sleep_until(timeout) => side.handle_timeout(Instant::now()).map(|()| true).map_err(|e| anyhow!("{e}")),
+            _ = crate::stopped(&mut shutdown) => {
+                side.close("relay shutting down");
+                Ok(false)
+            }
+        };
+        while let Some(event) = side.poll_event() {
+            match event {
+                NodeEvent::KeyframeRequested => {
+                    let _ = shared.events.send(IngestEvent::Keyframe { node: pulled.source }).await;
+                }
+                NodeEvent::Resent { sent, .. } => {
+                    metrics.downstream_packets.inc_by(u64::from(sent));
+                }
+                // A pulling relay's viewers never play: nothing else it sends counts.
+                _ => {}
+            }
+        }
+        while let Some(d) = side.poll_datagram() {
+            let _ = conn.send_datagram(bytes::Bytes::from(d));
+        }
+        if let Some(bytes) = side.poll_transmit() {
+            send.write_all(&bytes).await.context("writing the control stream")?;
+        }
+        match step {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = send.finish();
+    tracing::info!(relay = request.relay, session = request.session, "a pull ended");
+    result
+}
