@@ -268,6 +268,19 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
     // The spectators are far from the player's relay, near the other one.
     let rtts = serde_json::json!({ "client_rtt_ms": { relays[at].id.clone(): 80.0, near.id.clone(): 2.0 } });
     let path = format!("/api/v1/sessions/{session}/spectate");
+    // The node's upstream per byte of media, over a window: with one relay carrying the
+    // session, and with two (the near relay's spectators watching).
+    let upstream = || {
+        (
+            platform.server_metrics_value("pylon_server_link_bytes_sent_total"),
+            platform.server_metrics_value("pylon_server_rtp_bytes_sent_total")
+                + platform.server_metrics_value("pylon_server_audio_bytes_total"),
+        )
+    };
+    let window = |(s0, m0): (f64, f64), (s1, m1): (f64, f64)| (s1 - s0) / (m1 - m0).max(1.0);
+    let before = upstream();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let one_relay = window(before, upstream());
     let s = Browser::start().await;
     for (n, frames) in [(1.0, 60), (2.0, 30)] {
         let watch = post_json(indexer, &path, &rtts).await;
@@ -310,6 +323,15 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
         assert!(metric(&far_metrics, "pylon_relay_downstream_packets_total") > 0.0);
         assert_eq!(metric(&near_metrics, "pylon_relay_viewers"), n);
     }
+    let before = upstream();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let two_relays = window(before, upstream());
+    eprintln!(
+        "the node's upstream per media byte: {one_relay:.3} with 1 relay carrying the session, \
+         {two_relays:.3} with 2 (one pulling from the other)"
+    );
+    assert!(one_relay > 0.9 && one_relay < 1.3, "{one_relay}");
+    assert!(two_relays < one_relay * 1.2, "the node sends the stream once: {one_relay} vs {two_relays}");
     // The player still plays through its own relay.
     assert_eq!(playing_through(&b, &relays).await, at);
     s.close().await;

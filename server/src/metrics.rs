@@ -69,6 +69,8 @@ pub struct ServerMetrics {
     pub rtp_packets_sent: Counter,
     /// RTP bytes handed to QUIC.
     pub rtp_bytes_sent: Counter,
+    /// Media datagram bytes sent on relay links, all links together (resends included).
+    pub link_bytes_sent: Counter,
     /// RTP packets that never left, by reason.
     pub rtp_packets_dropped: Family<PacketDrop, Counter>,
     /// Connections established to the relay.
@@ -141,6 +143,7 @@ impl ServerMetrics {
             sessions_resumed: Counter::default(),
             rtp_packets_sent: Counter::default(),
             rtp_bytes_sent: Counter::default(),
+            link_bytes_sent: Counter::default(),
             rtp_packets_dropped: Family::default(),
             relay_connects: Counter::default(),
             relay_disconnects: Counter::default(),
@@ -181,6 +184,11 @@ impl ServerMetrics {
         );
         r.register("rtp_packets_sent", "RTP packets sent to the relay", m.rtp_packets_sent.clone());
         r.register("rtp_bytes_sent", "RTP bytes sent to the relay", m.rtp_bytes_sent.clone());
+        r.register(
+            "link_bytes_sent",
+            "Media datagram bytes sent on relay links, all together (the node's upstream)",
+            m.link_bytes_sent.clone(),
+        );
         r.register("rtp_packets_dropped", "RTP packets dropped before the network", m.rtp_packets_dropped.clone());
         r.register("relay_connects", "QUIC connections established to the relay", m.relay_connects.clone());
         r.register("relay_disconnects", "QUIC connections to the relay that ended", m.relay_disconnects.clone());

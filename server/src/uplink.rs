@@ -700,8 +700,14 @@ async fn flush(
         }
     }
     while let Some(d) = node.poll_datagram() {
-        if conn.send_datagram(d.into()).is_err() {
-            link.shared.metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+        let len = d.len() as u64;
+        match conn.send_datagram(d.into()) {
+            Ok(()) => {
+                link.shared.metrics.link_bytes_sent.inc_by(len);
+            }
+            Err(_) => {
+                link.shared.metrics.rtp_packets_dropped.get_or_create(&PacketDrop { reason: "send_error" }).inc();
+            }
         }
     }
     if let Some(bytes) = node.poll_transmit() {
@@ -735,23 +741,27 @@ async fn serve_connection(
                 None => return Ok(()),
                 Some(LinkCommand::Media(Outgoing::FrameInfo(info))) => node.send_frame_info(info),
                 Some(LinkCommand::Media(Outgoing::AudioRtp(rtp, capture))) => match node.send_audio(Instant::now(), &rtp, capture, &mut datagram) {
-                    Ok(()) => {
-                        if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
-                            dropped("send_error");
+                    Ok(()) => match conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                        Ok(()) => {
+                            metrics.link_bytes_sent.inc_by(datagram.len() as u64);
                         }
-                    }
+                        Err(_) => dropped("send_error"),
+                    },
                     Err(_) => dropped("not_welcomed"),
                 },
                 Some(LinkCommand::Media(Outgoing::Rtp(rtp, capture))) => match node.send_rtp(Instant::now(), &rtp, capture, &mut datagram) {
-                    Ok(()) => {
-                        if let Err(e) = conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                    Ok(()) => match conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)) {
+                        Ok(()) => {
+                            metrics.link_bytes_sent.inc_by(datagram.len() as u64);
+                        }
+                        Err(e) => {
                             dropped("send_error");
                             match e {
                                 quinn::SendDatagramError::TooLarge => tracing::warn!("RTP packet of {} bytes too large for a datagram", rtp.len()),
                                 e => return Err(e.into()),
                             }
                         }
-                    }
+                    },
                     Err(_) => dropped("not_welcomed"),
                 },
                 Some(LinkCommand::EndSession(reason)) => {
