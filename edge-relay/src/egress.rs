@@ -217,6 +217,10 @@ pub async fn run(
             for (session, reason) in pool.take_closed_by_indexer() {
                 core.close_session(&session, &reason);
             }
+            // A session whose player left (or moved) is no longer carried here: the relays
+            // pulling it lose the stream, and their spectators' pages ask where it went.
+            downstreams.retain(|d| !d.media.is_closed() && core.session_source(&d.session).is_some());
+            metrics.downstream_relays.set(downstreams.len() as i64);
             players_reported = now;
         }
         dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
@@ -326,6 +330,8 @@ pub const MAX_DOWNSTREAMS: usize = 8;
 
 /// A relay pulling a stream from this one.
 struct Downstream {
+    /// The session it pulls.
+    session: String,
     /// The stream's ingest connection here.
     source: u64,
     media: mpsc::Sender<NodeMedia>,
@@ -345,7 +351,7 @@ fn downstream(
         return Err(format!("this stream already goes to {MAX_DOWNSTREAMS} relays"));
     }
     let (tx, rx) = mpsc::channel(crate::ingest::NODE_QUEUE);
-    downstreams.push(Downstream { source, media: tx });
+    downstreams.push(Downstream { session: session.to_string(), source, media: tx });
     metrics.downstream_relays.set(downstreams.len() as i64);
     Ok(crate::ingest::Pulled { source, hello, media: rx })
 }

@@ -334,7 +334,14 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
     assert!(two_relays < one_relay * 1.2, "the node sends the stream once: {one_relay} vs {two_relays}");
     // The player still plays through its own relay.
     assert_eq!(playing_through(&b, &relays).await, at);
-    s.close().await;
+    // The player leaves: the spectators through the cascade are told the game ended.
     b.close().await;
+    let left = Instant::now();
+    let ended = s
+        .wait_for("return window.pylon && pylon.state === 'ended' ? pylon.endedReason : null", Duration::from_secs(30))
+        .await;
+    eprintln!("the player left: its spectators through the cascade told after {:?}", left.elapsed());
+    assert_eq!(ended, "ended");
+    s.close().await;
     platform.stop().await;
 }

@@ -1704,6 +1704,7 @@ async fn create_session(
     params(("id" = String, Path, description = "Session id (32 hex digits)")),
     responses(
         (status = 201, description = "A spectator token", body = SessionCreated),
+        (status = 400, description = "Malformed body, or RTTs that are not finite and non-negative", body = ErrorBody),
         (status = 404, description = "No such running session", body = ErrorBody),
         (status = 429, description = "Too many requests from this address (`rate_limited`)",
             body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
