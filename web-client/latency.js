@@ -18,6 +18,9 @@ export class LatencyTracker {
     this.pending = []; // frame infos not yet seen on screen, in order
     this.measured = 0; // highest input seq already measured
     this.samples = []; // click-to-photon, ms
+    // Capture on the node → on screen, ms, per frame (the relay stamps each frame's capture
+    // time; Chromium puts it on this page's clock as captureTime): the picture's age.
+    this.ages = [];
     // Every input's first frame on screen (moves too), by sequence number: sent → shown, ms
     // (what the node announced; `make latency` compares it with what the pixels show).
     this.announced = new Map();
@@ -28,6 +31,10 @@ export class LatencyTracker {
   onFrame(now, metadata) {
     if (metadata.rtpTimestamp === undefined) return;
     const shown = metadata.expectedDisplayTime ?? now;
+    if (metadata.captureTime !== undefined) {
+      this.ages.push(shown - metadata.captureTime);
+      if (this.ages.length > 300) this.ages.shift();
+    }
     const frame = {
       ts: metadata.rtpTimestamp,
       shown,
@@ -103,9 +110,9 @@ export class LatencyTracker {
     return parts;
   }
 
-  percentile(p) {
-    if (this.samples.length === 0) return null;
-    const sorted = [...this.samples].sort((a, b) => a - b);
+  percentile(p, samples = this.samples) {
+    if (samples.length === 0) return null;
+    const sorted = [...samples].sort((a, b) => a - b);
     return sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
   }
 
@@ -116,6 +123,8 @@ export class LatencyTracker {
       count: this.samples.length,
       node: this.breakdown,
       lastPress: this.lastPress ?? null,
+      // The picture's age on screen (capture → display), over the last 300 frames.
+      age: this.ages.length > 0 ? { p50: this.percentile(0.5, this.ages), p99: this.percentile(0.99, this.ages) } : null,
     };
   }
 }

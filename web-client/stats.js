@@ -88,6 +88,9 @@ export function format(s, latency) {
     const held = s.pictureHoldMs > 0 ? `  (picture held ${s.pictureHoldMs} ms for sync)` : '';
     lines.push(`audio ${s.audio.bitrateKbps.toFixed(0)} kb/s  jitter buffer ${s.audio.jitterBufferMs.toFixed(1)} ms${offset}${held}`);
   }
+  if (latency && latency.age) {
+    lines.push(`picture age ${latency.age.p50.toFixed(1)} ms p50  ${latency.age.p99.toFixed(1)} ms p99 (capture → screen)`);
+  }
   if (latency && latency.count > 0) {
     lines.push(`click-to-photon p50 ${latency.p50.toFixed(1)} ms  p95 ${latency.p95.toFixed(1)} ms  (${latency.count})`);
   }

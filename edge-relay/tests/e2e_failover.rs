@@ -34,11 +34,21 @@ struct ChildRelay {
     quic: SocketAddr,
     dir: std::path::PathBuf,
     child: Option<Child>,
+    /// Where browsers reach its HTTP side, if not directly (a delaying proxy).
+    public_url: Option<String>,
 }
 
 impl ChildRelay {
     fn new(id: &str, base: &std::path::Path) -> Self {
-        Self { id: id.into(), http: free_tcp(), webrtc: free_udp(), quic: free_udp(), dir: base.join(id), child: None }
+        Self {
+            id: id.into(),
+            http: free_tcp(),
+            webrtc: free_udp(),
+            quic: free_udp(),
+            dir: base.join(id),
+            child: None,
+            public_url: None,
+        }
     }
 
     /// Starts it (again: same id, key, certificate and ports).
@@ -48,6 +58,7 @@ impl ChildRelay {
             .args(["--http-addr", &self.http.to_string(), "--webrtc-addr", &self.webrtc.to_string()])
             .args(["--quic-addr", &self.quic.to_string(), "--relay-id", &self.id, "--capacity", "10"])
             .args(["--indexer", &format!("http://{indexer}")])
+            .args(self.public_url.iter().flat_map(|u| ["--public-url", u.as_str()]))
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "info,str0m=warn,quinn=warn")
@@ -332,6 +343,20 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
     );
     assert!(one_relay > 0.9 && one_relay < 1.3, "{one_relay}");
     assert!(two_relays < one_relay * 1.2, "the node sends the stream once: {one_relay} vs {two_relays}");
+    // What the cascade hop costs as the browsers see it: the picture's age (capture on the
+    // node → on screen) through the player's relay, and through the relay pulling from it.
+    let age = "return pylon.latency && pylon.latency.summary().age";
+    let (direct, pulled) = (b.eval(age).await, s.eval(age).await);
+    eprintln!(
+        "picture age, capture → screen: {:.1} ms p50 / {:.1} ms p99 through {} (the player's); \
+         {:.1} ms p50 / {:.1} ms p99 through {} (pulling from it)",
+        direct["p50"].as_f64().unwrap_or(f64::NAN),
+        direct["p99"].as_f64().unwrap_or(f64::NAN),
+        relays[at].id,
+        pulled["p50"].as_f64().unwrap_or(f64::NAN),
+        pulled["p99"].as_f64().unwrap_or(f64::NAN),
+        near.id
+    );
     // The player still plays through its own relay.
     assert_eq!(playing_through(&b, &relays).await, at);
     // The player leaves: the spectators through the cascade are told the game ended.
@@ -343,5 +368,71 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
     eprintln!("the player left: its spectators through the cascade told after {:?}", left.elapsed());
     assert_eq!(ended, "ended");
     s.close().await;
+    platform.stop().await;
+}
+
+/// A TCP proxy to `target` that holds every chunk `delay` each way: a relay far from the
+/// browser (this kernel has no netem).
+async fn delaying_proxy(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(delayed_copy(cr, sw, delay), delayed_copy(sr, cw, delay));
+            });
+        }
+    });
+    addr
+}
+
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_player_is_matched_to_the_relay_it_measures_nearest() {
+    let platform = start_setup(640, 360, 30, Setup { pooled: true, ..Setup::default() }).await;
+    let indexer = platform.indexer.unwrap();
+    let base = platform.data_dir().join("relays");
+    std::fs::create_dir_all(&base).unwrap();
+    let started = unix_now();
+    // relay-b is far from the browser (40 ms each way to its HTTP side), relay-c near.
+    let mut relays = [ChildRelay::new("relay-b", &base), ChildRelay::new("relay-c", &base)];
+    let far = delaying_proxy(relays[0].http, Duration::from_millis(40)).await;
+    relays[0].public_url = Some(format!("http://{far}"));
+    for r in &mut relays {
+        r.start(indexer);
+    }
+    platform.stop_relay().await;
+    assert_eq!(admin_post(indexer, &format!("/api/v1/relays/{POOL_RELAY}/revoke")).await, 204);
+    for r in &relays {
+        r.wait_linked(indexer, started).await;
+    }
+    let b = Browser::start().await;
+    click_play(&b, indexer, "demo").await;
+    let played = wait_playing(&b, indexer, 30).await;
+    // Both carry the node at a fraction of a millisecond; only the browser's own RTTs differ.
+    assert_eq!(playing_through(&b, &relays).await, 1, "{played}");
+    eprintln!("matched to relay-c (near), not relay-b (80 ms round trip away): {}", played["href"]);
+    b.close().await;
     platform.stop().await;
 }
