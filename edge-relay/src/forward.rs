@@ -437,10 +437,13 @@ impl Core {
     /// The stream of the node `session`'s player plays here (its ingest connection and
     /// description): what another relay pulling the session gets.
     pub fn session_source(&self, session: &str) -> Option<(u64, StreamHello)> {
-        let v =
-            self.viewers.iter().find(|v| v.rtc.is_alive() && v.session.as_ref().is_some_and(|(s, _)| s == session))?;
-        let id = v.source?;
+        let id = self.player_of(session)?.source?;
         self.sources.get(&id).filter(|s| s.pulled.is_none()).map(|s| (id, s.hello.clone()))
+    }
+
+    /// The viewer playing `session` here, if its player is here.
+    fn player_of(&self, session: &str) -> Option<&Viewer> {
+        self.viewers.iter().find(|v| v.rtc.is_alive() && v.session.as_ref().is_some_and(|(s, _)| s == session))
     }
 
     /// A keyframe for stream `node`, asked by a relay pulling it (coalesced with this
@@ -529,9 +532,11 @@ impl Core {
         // One player per stream: in a pool per node, alone per stream watched.
         let wants_node = admitted.as_ref().map(|(a, _)| a.node.clone());
         // A spectator whose player is not here watches the stream pulled for its session.
-        let pull = admitted.as_ref().filter(|(a, _)| !a.player).map(|(a, _)| a.session.clone()).filter(|session| {
-            !self.viewers.iter().any(|v| v.rtc.is_alive() && v.session.as_ref().is_some_and(|(s, _)| s == session))
-        });
+        let pull = admitted
+            .as_ref()
+            .filter(|(a, _)| !a.player)
+            .map(|(a, _)| a.session.clone())
+            .filter(|session| self.player_of(session).is_none());
         let source = match &pull {
             Some(session) => {
                 self.sources.iter().find(|(_, s)| s.pulled.as_deref() == Some(session.as_str())).map(|(id, _)| *id)

@@ -128,9 +128,11 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// A pool whose node is linked to two child relays (the in-process relay revoked), and a
-/// player playing through one of them; returns the session and the relay in use.
-async fn pool_with_two_relays() -> (Platform, [ChildRelay; 2], i64, Browser, String) {
+/// A pool whose node is linked to two child relays, relay-b and relay-c (the in-process
+/// relay revoked); relay-b's page is reached through a proxy `far_delay` each way, if
+/// given. Returns when the indexer lists both with their RTT to the node, and when that
+/// started (Unix seconds).
+async fn pool_of_two_relays(far_delay: Option<Duration>) -> (Platform, [ChildRelay; 2], i64) {
     let platform = start_setup(640, 360, 30, Setup { pooled: true, ..Setup::default() }).await;
     let indexer = platform.indexer.unwrap();
     // Two relays that can die; the in-process one leaves the pool.
@@ -138,6 +140,10 @@ async fn pool_with_two_relays() -> (Platform, [ChildRelay; 2], i64, Browser, Str
     std::fs::create_dir_all(&base).unwrap();
     let started = unix_now();
     let mut relays = [ChildRelay::new("relay-b", &base), ChildRelay::new("relay-c", &base)];
+    if let Some(delay) = far_delay {
+        let far = delaying_proxy(relays[0].http, delay).await;
+        relays[0].public_url = Some(format!("http://{far}"));
+    }
     for r in &mut relays {
         r.start(indexer);
     }
@@ -146,6 +152,13 @@ async fn pool_with_two_relays() -> (Platform, [ChildRelay; 2], i64, Browser, Str
     for r in &relays {
         r.wait_linked(indexer, started).await;
     }
+    (platform, relays, started)
+}
+
+/// [`pool_of_two_relays`] and a player playing through one of them; returns the session too.
+async fn pool_with_two_relays() -> (Platform, [ChildRelay; 2], i64, Browser, String) {
+    let (platform, relays, started) = pool_of_two_relays(None).await;
+    let indexer = platform.indexer.unwrap();
     let b = Browser::start().await;
     let played = play_from_catalog(&b, indexer).await;
     let path = b.eval("return location.pathname").await;
@@ -410,23 +423,9 @@ async fn delayed_copy(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_player_is_matched_to_the_relay_it_measures_nearest() {
-    let platform = start_setup(640, 360, 30, Setup { pooled: true, ..Setup::default() }).await;
-    let indexer = platform.indexer.unwrap();
-    let base = platform.data_dir().join("relays");
-    std::fs::create_dir_all(&base).unwrap();
-    let started = unix_now();
     // relay-b is far from the browser (40 ms each way to its HTTP side), relay-c near.
-    let mut relays = [ChildRelay::new("relay-b", &base), ChildRelay::new("relay-c", &base)];
-    let far = delaying_proxy(relays[0].http, Duration::from_millis(40)).await;
-    relays[0].public_url = Some(format!("http://{far}"));
-    for r in &mut relays {
-        r.start(indexer);
-    }
-    platform.stop_relay().await;
-    assert_eq!(admin_post(indexer, &format!("/api/v1/relays/{POOL_RELAY}/revoke")).await, 204);
-    for r in &relays {
-        r.wait_linked(indexer, started).await;
-    }
+    let (platform, relays, _) = pool_of_two_relays(Some(Duration::from_millis(40))).await;
+    let indexer = platform.indexer.unwrap();
     let b = Browser::start().await;
     click_play(&b, indexer, "demo").await;
     let played = wait_playing(&b, indexer, 30).await;

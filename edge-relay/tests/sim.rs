@@ -118,18 +118,23 @@ struct Sim {
     asked: BTreeSet<u64>,
 }
 
+/// The simulated node's stream description.
+fn sim_hello() -> StreamHello {
+    StreamHello {
+        width: 1280,
+        height: 720,
+        fps: FPS as u16,
+        profile_level_id: 0x42e01f,
+        encoder: "sim".into(),
+        node: String::new(),
+    }
+}
+
 impl Sim {
     fn new(seed: u64, upstream: Path, last_hops: &[Path], stream_seconds: u64) -> Self {
         let now = Instant::now();
         let metrics = RelayMetrics::new();
-        let hello = StreamHello {
-            width: 1280,
-            height: 720,
-            fps: FPS as u16,
-            profile_level_id: 0x42e01f,
-            encoder: "sim".into(),
-            node: String::new(),
-        };
+        let hello = sim_hello();
         let exporter = [7u8; pylon_proto::link::EXPORTER_LEN];
         let config = NodeConfig { stream: hello.clone(), identity: None, bitrate_bounds: None };
         let mut sim = Sim {
@@ -595,14 +600,7 @@ fn the_page_hears_when_its_node_goes_away_and_when_it_comes_back() {
     sim.run_until(t);
     assert_eq!(told(&sim, r#"{"type":"node","state":"lost"}"#), 1, "{:?}", sim.viewers[0].texts);
     // It reconnects: the viewer moves to its new stream and the page hears it is back.
-    let hello = StreamHello {
-        width: 1280,
-        height: 720,
-        fps: FPS as u16,
-        profile_level_id: 0x42e01f,
-        encoder: "sim".into(),
-        node: String::new(),
-    };
+    let hello = sim_hello();
     let now = sim.now;
     sim.core.stream_started(now, NODE_CONNECTION, hello);
     let t = sim.now + Duration::from_millis(50);

@@ -319,6 +319,14 @@ impl AppState {
         self.replicas = Arc::new(urls.into_iter().map(|u| u.trim().trim_end_matches('/').to_string()).collect());
         self
     }
+
+    /// Signs a session token with the indexer's key (a failure is logged, and a 500).
+    fn sign(&self, claims: &Claims) -> ApiResult<String> {
+        claims.sign(&self.signing_key).map_err(|e| {
+            tracing::error!("signing a token: {e}");
+            ApiError::internal()
+        })
+    }
 }
 
 /// The API routes.
@@ -1646,10 +1654,7 @@ async fn create_session(
         node: m.node.clone(),
         relay: m.relay.clone(),
     };
-    let token = claims.sign(&s.signing_key).map_err(|e| {
-        tracing::error!("signing a token: {e}");
-        ApiError::internal()
-    })?;
+    let token = s.sign(&claims)?;
     let node = nodes.iter().find(|n| n.id == m.node);
     let relay_url = relays.iter().find(|r| r.id == m.relay).map(|r| r.public_url.clone()).unwrap_or_default();
     let booked = s
@@ -1751,10 +1756,7 @@ async fn spectate(
         node: node.clone(),
         relay: relay.clone(),
     };
-    let token = claims.sign(&s.signing_key).map_err(|e| {
-        tracing::error!("signing a token: {e}");
-        ApiError::internal()
-    })?;
+    let token = s.sign(&claims)?;
     let relay_url = s.store.relay(&relay).await?.map(|r| r.public_url).unwrap_or_default();
     let reason = if relay == players_relay {
         "spectator of a running session, on its player's relay".into()
@@ -1819,7 +1821,7 @@ async fn move_session(
     }
     let title = s.store.session_title(&id).await?.unwrap_or_default();
     let sign = |role: Role, relay: &str| {
-        Claims {
+        let claims = Claims {
             session: claims.session,
             role,
             issued_at: now as u64,
@@ -1827,12 +1829,8 @@ async fn move_session(
             title: title.clone(),
             node: node.clone(),
             relay: relay.to_string(),
-        }
-        .sign(&s.signing_key)
-        .map_err(|e| {
-            tracing::error!("signing a token: {e}");
-            ApiError::internal()
-        })
+        };
+        s.sign(&claims)
     };
     let answer = |token: String, relay: &str, url: String, reason: String| {
         (

@@ -276,12 +276,6 @@ impl PlayerGate {
         state.node.is_none() || state.session.as_ref().is_some_and(|r| r.relay == relay)
     }
 
-    /// Whether player input is accepted now from the session's relay.
-    pub fn accepts_input(&self) -> bool {
-        let state = self.state();
-        state.node.is_none() || state.session.is_some()
-    }
-
     /// The running session, if any (empty outside a pool).
     pub fn running(&self) -> Option<String> {
         self.state().session.as_ref().map(|r| r.id.clone())
@@ -1307,7 +1301,7 @@ mod tests {
         ] {
             node.start_session(&text, 1_500);
             assert!(matches!(drain(&mut node)[..], [NodeEvent::SessionRefused(_)]), "{why} token accepted");
-            assert!(!node.gate().accepts_input());
+            assert!(!node.gate().accepts_input_from("relay-1"));
         }
         node.start_session(&token(&indexer, 1, "node-a", "relay-1", Role::Player), 1_500);
         let session = "01".repeat(16);

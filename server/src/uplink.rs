@@ -254,9 +254,20 @@ struct LinkHandle {
 }
 
 impl LinkHandle {
-    fn welcomed(&self) -> Option<String> {
-        self.welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    /// Whether the relay that welcomed this link is `relay` (compared under the lock: no
+    /// copy, this runs per packet).
+    fn is(&self, relay: &str) -> bool {
+        self.welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_deref() == Some(relay)
     }
+
+    fn is_welcomed(&self) -> bool {
+        self.welcomed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
+    }
+}
+
+/// The link to relay `relay`, once it welcomed the node.
+fn link_to<'a>(links: &'a [LinkHandle], relay: &str) -> Option<&'a LinkHandle> {
+    links.iter().find(|l| l.is(relay))
 }
 
 /// What every link shares.
@@ -359,7 +370,7 @@ pub async fn run(
             },
             Some(command) = commands.recv() => match command {
                 UplinkCommand::EndSession { reason } => {
-                    let link = players.session_relay().and_then(|r| links.iter().find(|l| l.welcomed().as_deref() == Some(r.as_str())));
+                    let link = players.session_relay().and_then(|r| link_to(&links, &r));
                     match link {
                         Some(l) => { let _ = l.commands.send(LinkCommand::EndSession(reason)).await; }
                         // Its relay link is lost: end it here (no relay to tell).
@@ -374,7 +385,7 @@ pub async fn run(
                 match capacity.submit(seq, challenge, Instant::now()) {
                     Ok(()) => challenged = Some(link),
                     Err(reason) => {
-                        if let Some(l) = links.iter().find(|l| l.welcomed().as_deref() == Some(link.as_str())) {
+                        if let Some(l) = link_to(&links, &link) {
                             let _ = l.commands.try_send(LinkCommand::RefuseCapacity(seq, reason));
                         }
                     }
@@ -382,7 +393,7 @@ pub async fn run(
             },
             Some(answer) = capacity.next() => {
                 let link = challenged.take();
-                if let Some(l) = links.iter().find(|l| l.welcomed().is_some() && l.welcomed() == link) {
+                if let Some(l) = link.and_then(|r| link_to(&links, &r)) {
                     let _ = l.commands.send(LinkCommand::Capacity(answer)).await;
                 }
             },
@@ -432,7 +443,7 @@ fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, pa
         }
     };
     match players.session_relay() {
-        Some(relay) => match links.iter().find(|l| l.welcomed().as_deref() == Some(relay.as_str())) {
+        Some(relay) => match link_to(links, &relay) {
             Some(l) => send(l, packet),
             None if media => drop("not_connected"),
             None => {}
@@ -444,10 +455,10 @@ fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, pa
         }
         None => {
             for l in links.iter().filter(|l| l.target.id.is_none()) {
-                match l.welcomed() {
-                    Some(_) => send(l, packet.clone()),
-                    None if media => drop("not_connected"),
-                    None => {}
+                if l.is_welcomed() {
+                    send(l, packet.clone());
+                } else if media {
+                    drop("not_connected");
                 }
             }
         }
@@ -459,7 +470,7 @@ fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, pa
 fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, targets: Vec<Target>) {
     let session_relay = shared.players.session_relay();
     links.retain(|l| {
-        let keep = targets.contains(&l.target) || (l.welcomed().is_some() && l.welcomed() == session_relay);
+        let keep = targets.contains(&l.target) || session_relay.as_deref().is_some_and(|r| l.is(r));
         if !keep {
             tracing::info!(relay = ?l.target.id, addr = l.target.addr, "the indexer no longer lists this relay; unlinking");
             let _ = l.stop.send(true);

@@ -633,10 +633,7 @@ pub(super) async fn next_check(
         node: node.id.clone(),
         relay: relay.id.clone(),
     };
-    let token = claims.sign(&s.signing_key).map_err(|e| {
-        tracing::error!("signing a token: {e}");
-        ApiError::internal()
-    })?;
+    let token = s.sign(&claims)?;
     let session = claims.session_hex();
     let record = SessionRecord {
         id: session.clone(),
