@@ -358,8 +358,12 @@ pub async fn run(
     }
     // The link whose checker's challenge the worker is computing.
     let mut challenged: Option<String> = None;
-    let mut refresh = tokio::time::interval(RELAY_REFRESH);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The pool's relays, fetched by a task of their own: an indexer call must never hold up
+    // the packets routed below.
+    let (lists, mut relay_lists) = mpsc::channel(1);
+    if let Some(indexer) = indexer.clone() {
+        tokio::spawn(refresh_relays(indexer, shared.clone(), lists, shutdown.clone()));
+    }
     let mut expiry = tokio::time::interval(Duration::from_millis(250));
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -404,17 +408,7 @@ pub async fn run(
                     shared.signal(SessionSignal::Ended { session });
                 }
             },
-            _ = refresh.tick(), if indexer.is_some() => {
-                if let Some(indexer) = &indexer {
-                    match pool_relays(indexer).await {
-                        Ok((pinned, targets)) => {
-                            *shared.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pinned);
-                            relink(&shared, &mut links, targets);
-                        }
-                        Err(e) => tracing::warn!("cannot refresh the pool's relays ({e}); keeping the links there are"),
-                    }
-                }
-            },
+            Some(targets) = relay_lists.recv() => relink(&shared, &mut links, targets),
             _ = shutdown.changed() => break,
         }
     }
@@ -426,6 +420,33 @@ pub async fn run(
     }
     shared.endpoint.wait_idle().await;
     Ok(())
+}
+
+/// Every [`RELAY_REFRESH`]: the pool's relays from the indexer; their certificates go to
+/// `shared` (for the next connections), the ready ones to `lists` (to link to).
+async fn refresh_relays(
+    indexer: pylon_indexer_client::Client,
+    shared: Arc<Shared>,
+    lists: mpsc::Sender<Vec<Target>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut refresh = tokio::time::interval(RELAY_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = refresh.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        match pool_relays(&indexer).await {
+            Ok((pinned, targets)) => {
+                *shared.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pinned);
+                if lists.send(targets).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("cannot refresh the pool's relays ({e}); keeping the links there are"),
+        }
+    }
 }
 
 /// Sends a packet where it belongs: to the running session's relay only; with no session,
