@@ -14,7 +14,7 @@ DEB_PACKAGES := build-essential pkg-config clang libclang-dev \
 	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-pulseaudio pulseaudio libasound2-plugins
 # …and what the tests and browser benchmarks add (PostgreSQL comes from deploy/ci-postgres.sh).
-TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools evtest
+TEST_PACKAGES := chromium chromium-driver procps libsdl2-tests vulkan-tools evtest iproute2 nftables
 
 CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081

@@ -126,12 +126,26 @@ async function play(titleId) {
       body: JSON.stringify({ title: titleId, client_rtt_ms: state.rtt }),
     });
     state.session = session;
-    const fragment = new URLSearchParams({ token: session.token, catalog: state.indexer });
+    const fragment = sessionFragment(session.token);
     location.href = `${session.relay_url.replace(/\/$/, '')}/play/${session.session}#${fragment}`;
   } catch (e) {
     state.error = e.message;
     matchEl.textContent = `Could not start: ${e.message}`;
   }
+}
+
+/**
+ * The fragment a relay's page gets: the token, the replica that signed it, every other
+ * replica (so the page can still move the session when that one has died), and the RTTs
+ * measured to the candidate relays.
+ */
+function sessionFragment(token) {
+  const others = replicas.map((r) => r || location.origin).filter((r) => r !== state.indexer);
+  const fragment = new URLSearchParams({ token, catalog: state.indexer });
+  if (others.length > 0) fragment.set('indexers', others.join(','));
+  // The RTTs measured here: a move after the relay fails picks the next nearest by them.
+  if (state.rtt && Object.keys(state.rtt).length > 0) fragment.set('rtt', JSON.stringify(state.rtt));
+  return fragment;
 }
 
 async function watch(sessionId) {
@@ -148,7 +162,7 @@ async function watch(sessionId) {
       body: JSON.stringify({ client_rtt_ms: state.rtt }),
     });
     state.session = session;
-    const fragment = new URLSearchParams({ token: session.token, catalog: state.indexer });
+    const fragment = sessionFragment(session.token);
     location.href = `${session.relay_url.replace(/\/$/, '')}/watch/${session.session}#${fragment}`;
   } catch (e) {
     state.error = e.message;

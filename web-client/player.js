@@ -24,6 +24,20 @@ const fragment = new URLSearchParams(location.hash.slice(1));
 const saved = history.state || {};
 const token = fragment.get('token') || saved.token || null;
 const catalog = fragment.get('catalog') || saved.catalog || null;
+// The indexer's other replicas (the catalog names them): a move is asked of the one that
+// answered last, then of the others, so the session survives the catalog's replica dying.
+const indexers = [catalog, ...(fragment.get('indexers') || saved.indexers || '').split(',')]
+  .filter((u, i, all) => u && /^https?:\/\//.test(u) && all.indexOf(u) === i);
+let indexerAt = 0;
+// The RTTs the catalog measured to the candidate relays, ms: a move goes to the nearest.
+const rtts = (() => {
+  try {
+    const parsed = JSON.parse(fragment.get('rtt') || saved.rtts || '{}');
+    return Object.fromEntries(Object.entries(parsed).filter(([, v]) => Number.isFinite(v) && v >= 0));
+  } catch {
+    return {};
+  }
+})();
 // A page this session moved to from a relay that failed: where from, and when the
 // failure was noticed (ms since the epoch), for the overlay.
 const movedFrom = fragment.get('from') || saved.movedFrom || null;
@@ -31,7 +45,10 @@ const movedAt = Number(fragment.get('moved') || saved.movedAt || 0);
 // When the last frame was shown there (ms since the epoch).
 const movedLast = Number(fragment.get('last') || saved.movedLast || 0);
 if (fragment.has('token')) {
-  history.replaceState({ token, catalog, movedFrom, movedAt, movedLast }, '', location.pathname + location.search);
+  history.replaceState(
+    { token, catalog, indexers: indexers.slice(1).join(','), rtts: JSON.stringify(rtts), movedFrom, movedAt, movedLast },
+    '', location.pathname + location.search,
+  );
 }
 // The player can share a link that lets others watch this session (as spectators).
 const playing = location.pathname.match(/^\/play\/([0-9a-f]{32})$/);
@@ -280,17 +297,30 @@ async function connect() {
 /** How long a relay may deliver nothing before the page moves to another one, ms. */
 const MOVE_AFTER_MS = 1000;
 
-/** Asks the indexer to move this session to another relay (the token proves it is ours). */
+/**
+ * Asks the indexer to move this session to another relay (the token proves it is ours):
+ * the replica that answered last first, the next one when it cannot be reached, does not
+ * answer within 2 s, or sits behind a proxy answering 502–504.
+ */
 async function askMove() {
-  try {
-    // A plain-text body keeps this a simple cross-origin request (no preflight).
-    const r = await fetch(`${catalog.replace(/\/$/, '')}/api/v1/sessions/${sessionId}/move`, {
-      method: 'POST', body: JSON.stringify({ token }), signal: AbortSignal.timeout(4000),
-    });
-    return { status: r.status, body: await r.json().catch(() => ({})) };
-  } catch (e) {
-    return { status: 0, body: {} };
+  let answer = { status: 0, body: {} };
+  for (let i = 0; i < indexers.length; i += 1) {
+    const at = (indexerAt + i) % indexers.length;
+    try {
+      // A plain-text body keeps this a simple cross-origin request (no preflight).
+      const r = await fetch(`${indexers[at].replace(/\/$/, '')}/api/v1/sessions/${sessionId}/move`, {
+        method: 'POST', body: JSON.stringify({ token, client_rtt_ms: rtts }), signal: AbortSignal.timeout(2000),
+      });
+      answer = { status: r.status, body: await r.json().catch(() => ({})) };
+      if ([502, 503, 504].includes(r.status) && !answer.body.reason && i + 1 < indexers.length) continue;
+      if (at !== indexerAt) console.info(`indexer: now using ${indexers[at]}`);
+      indexerAt = at;
+      return answer;
+    } catch (e) {
+      // Unreachable or silent: the next replica.
+    }
   }
+  return answer;
 }
 
 /**
@@ -300,7 +330,8 @@ async function askMove() {
 function followMove({ status, body }, noticed) {
   if (status === 201) {
     const next = new URLSearchParams({
-      token: body.token, catalog, from: location.host, moved: String(noticed),
+      token: body.token, catalog: indexers[indexerAt], indexers: indexers.filter((_, i) => i !== indexerAt).join(','),
+      rtt: JSON.stringify(rtts), from: location.host, moved: String(noticed),
       last: String(pylon.lastFrameAt || noticed),
     });
     const page = location.pathname.startsWith('/watch/') ? 'watch' : 'play';

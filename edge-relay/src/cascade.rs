@@ -128,15 +128,19 @@ pub(crate) async fn serve_downstream(
                     side.close("the stream ended here");
                     Ok(false)
                 }
-                Some(NodeMedia::Rtp { packet, capture_ntp, audio, .. }) => {
+                Some(NodeMedia::Rtp { packet, capture_ntp, audio, arrival, .. }) => {
                     let capture = capture_ntp.and_then(framing::from_ntp);
                     let framed = match (audio, capture) {
                         (true, Some(t)) => side.send_audio(Instant::now(), &packet, t, &mut datagram),
                         (true, None) => Ok(()),
                         (false, _) => side.send_rtp(Instant::now(), &packet, capture, &mut datagram),
                     };
-                    if framed.is_ok() && !datagram.is_empty() && conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
-                        metrics.dropped("downstream_send");
+                    if framed.is_ok() && !datagram.is_empty() {
+                        if conn.send_datagram(bytes::Bytes::copy_from_slice(&datagram)).is_err() {
+                            metrics.dropped("downstream_send");
+                        } else {
+                            metrics.downstream_seconds.observe(arrival.elapsed().as_secs_f64());
+                        }
                     }
                     datagram.clear();
                     Ok(true)

@@ -52,6 +52,9 @@ pub struct RelayMetrics {
     pub downstream_relays: Gauge,
     /// Packets copied to relays pulling from this one.
     pub downstream_packets: Counter,
+    /// Time from a packet's arrival from the node to its hand-off to QUIC for a relay
+    /// pulling the stream (this relay's share of a cascade hop), seconds.
+    pub downstream_seconds: Histogram,
     /// Streams this relay pulled from another relay for its spectators.
     pub pulls: Counter,
     /// Pulls that failed or were refused.
@@ -156,6 +159,7 @@ impl RelayMetrics {
             nodes_connected: Gauge::default(),
             downstream_relays: Gauge::default(),
             downstream_packets: Counter::default(),
+            downstream_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
             pulls: Counter::default(),
             pulls_failed: Counter::default(),
             node_handshake_failures: Counter::default(),
@@ -206,6 +210,11 @@ impl RelayMetrics {
             "downstream_packets",
             "Packets copied to relays pulling from this one",
             m.downstream_packets.clone(),
+        );
+        r.register(
+            "downstream_seconds",
+            "Node packet arrival to hand-off to QUIC for a relay pulling the stream",
+            m.downstream_seconds.clone(),
         );
         r.register("pulls", "Streams pulled from another relay for spectators here", m.pulls.clone());
         r.register("pulls_failed", "Pulls from another relay that failed or were refused", m.pulls_failed.clone());

@@ -1866,12 +1866,15 @@ async fn move_session(
         ));
     }
     let relays = s.store.relays().await?;
+    // The nearest by the caller's RTTs plus the relay's to the node; a relay the caller did
+    // not measure counts as far as the farthest it did.
+    let unmeasured = req.client_rtt_ms.values().copied().fold(0.0, f64::max);
     let best = relays
         .iter()
         .filter(|r| r.id != relay && relay_healthy(r, now) && r.viewers < r.capacity)
         .filter_map(|r| {
             let to_node = *r.node_rtt_ms.get(&node)?;
-            Some((r, to_node + req.client_rtt_ms.get(&r.id).copied().unwrap_or(0.0)))
+            Some((r, to_node + req.client_rtt_ms.get(&r.id).copied().unwrap_or(unmeasured)))
         })
         .min_by(|a, b| a.1.total_cmp(&b.1));
     let Some((to, expected)) = best else {

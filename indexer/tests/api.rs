@@ -1223,6 +1223,31 @@ async fn a_player_whose_relay_dies_moves_its_session_with_its_token_and_only_the
     assert_eq!(call(&s, post(&path, &json!({"token": back["token"]}))).await.0, StatusCode::NOT_FOUND);
 }
 
+#[tokio::test]
+async fn a_moved_session_goes_to_the_relay_nearest_the_player_by_the_rtts_its_page_measured() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let keys: Vec<SigningKey> = (3..6).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
+    add_node(&s, "node-a", "alice", 1.0, &SigningKey::from_bytes(&[1; 32])).await;
+    add_relay(&s, "relay-1", &keys[0], json!({"node-a": 2.0})).await;
+    add_relay(&s, "relay-2", &keys[1], json!({"node-a": 3.0})).await;
+    add_relay(&s, "relay-3", &keys[2], json!({"node-a": 2.5})).await;
+    let rtts = json!({"relay-1": 1.0, "relay-2": 5.0, "relay-3": 60.0});
+    let (_, created) = call(&s, post("/api/v1/sessions", &json!({"title": "demo", "client_rtt_ms": rtts}))).await;
+    assert_eq!(created["relay"], "relay-1", "{created}");
+    let path = format!("/api/v1/sessions/{}/move", created["session"].as_str().unwrap());
+    // relay-1 died: relay-2 is nearer this player than relay-3, though farther from the node.
+    let (status, moved) = call(&s, post(&path, &json!({"token": created["token"], "client_rtt_ms": rtts}))).await;
+    assert_eq!((status, moved["relay"].as_str()), (StatusCode::CREATED, Some("relay-2")), "{moved}");
+    // Without RTTs only the relays' RTT to the node decides; a relay the page did not
+    // measure counts as far as the farthest it did.
+    let only_two = json!({"relay-2": 1.0, "relay-1": 10.0});
+    let (status, back) = call(&s, post(&path, &json!({"token": moved["token"], "client_rtt_ms": only_two}))).await;
+    assert_eq!((status, back["relay"].as_str()), (StatusCode::CREATED, Some("relay-1")), "{back}");
+    let (status, next) = call(&s, post(&path, &json!({"token": back["token"]}))).await;
+    assert_eq!((status, next["relay"].as_str()), (StatusCode::CREATED, Some("relay-3")), "{next}");
+}
+
 /// A token the indexer would have signed for session `id` on `relay` (as a spectator's page
 /// holds one from before the player moved).
 fn created_token_for(s: &AppState, id: &str, relay: &str, role: Role) -> String {

@@ -460,11 +460,26 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
 
 impl Browser {
     pub async fn start() -> Browser {
+        Self::start_in(None).await
+    }
+
+    /// Starts it inside a network namespace: `(namespace, its address, the address the
+    /// test drives it from)`. Chromedriver (and the Chromium it starts) run there, and
+    /// listen on the namespace's address for the test's commands.
+    pub async fn start_in(netns: Option<(&str, std::net::IpAddr, std::net::IpAddr)>) -> Browser {
         let chromedriver =
             which("chromedriver").expect("chromedriver not found: apt-get install chromium chromium-driver");
         let chromium = which("chromium").expect("chromium not found: apt-get install chromium chromium-driver");
         let port = free_port();
-        let driver = tokio::process::Command::new(chromedriver)
+        let mut command = match netns {
+            Some((ns, _, from)) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(chromedriver).arg(format!("--allowed-ips={from}"));
+                c
+            }
+            None => tokio::process::Command::new(chromedriver),
+        };
+        let driver = command
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -479,7 +494,10 @@ impl Browser {
             "goog:chromeOptions".into(),
             serde_json::json!({ "binary": chromium.to_string_lossy(), "args": args }),
         );
-        let url = format!("http://127.0.0.1:{port}");
+        let url = match netns {
+            Some((_, at, _)) => format!("http://{at}:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             let connector = hyper_util::client::legacy::connect::HttpConnector::new();

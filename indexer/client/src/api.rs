@@ -222,7 +222,9 @@ pub struct SessionCreated {
 pub struct MoveSession {
     /// The token the caller plays (or watches) the session with.
     pub token: String,
-    /// RTT the client measured to candidate relays, ms (optional).
+    /// RTT the client measured to candidate relays, ms (optional): the session moves to
+    /// the nearest, counting the relay's RTT to the node too; a relay not measured counts
+    /// as far as the farthest measured.
     #[serde(default)]
     pub client_rtt_ms: BTreeMap<String, f64>,
 }
