@@ -3,7 +3,7 @@
 //! however many of its viewers watch it.
 //!
 //! The pulling relay dials the carrying relay's QUIC ingest (trusting the certificate
-//! SHA-256 that relay registered), and its first message is a [`pylon_proto::framing::Pull`]
+//! SHA-256 that relay registered, as the indexer's signed listing says), and its first message is a [`pylon_proto::framing::Pull`]
 //! signed with its pool key over the connection's exporter, the session and its id. The
 //! carrying relay checks that key against the indexer's record of the pulling relay, and
 //! that its own player of the session is here, then sends the stream as a node would: a
@@ -54,6 +54,12 @@ async fn pull(shared: &Shared, session: &str, shutdown: watch::Receiver<bool>) -
         .iter()
         .find(|r| r.id == info.relay && matches!(r.state.as_str(), "ready" | "draining"))
         .ok_or_else(|| anyhow!("the session's relay {} is not in the pool now", info.relay))?;
+    let indexer = shared.pool.as_ref().and_then(|p| p.indexer_key()).ok_or_else(|| anyhow!("not registered yet"))?;
+    anyhow::ensure!(
+        carrier.attested_by(&indexer),
+        "the indexer's listing of {} does not carry its valid signature",
+        carrier.id
+    );
     let key = pylon_indexer_client::decode_key(&carrier.public_key).context("the carrying relay's key")?;
     let addr = tokio::net::lookup_host(&carrier.quic_addr)
         .await

@@ -206,6 +206,9 @@ impl Pool {
         if !matches!(r.state.as_str(), "ready" | "draining") {
             return Err(format!("{relay} is {}", r.state));
         }
+        if !self.indexer_key().is_some_and(|k| r.attested_by(&k)) {
+            return Err(format!("the indexer's listing of {relay} does not carry its valid signature"));
+        }
         if pylon_indexer_client::decode_key(&r.public_key).ok().as_ref() != Some(key) {
             return Err(format!("not the key {relay} registered"));
         }
@@ -223,6 +226,11 @@ impl Pool {
     /// Sets the indexer's token key.
     pub fn set_key(&self, key: VerifyingKey) {
         self.lock().key = Some(key);
+    }
+
+    /// The indexer's token key, once registered: it also signs the relays it lists.
+    pub fn indexer_key(&self) -> Option<VerifyingKey> {
+        self.lock().key
     }
 
     /// Checks a viewer's token at `now`: signed by the indexer, unexpired, for this relay,

@@ -623,9 +623,11 @@ async fn the_pool_across_namespaces_matches_by_region_cascades_fails_over_and_dr
         (p99_ms(&far, "pylon_relay_downstream_seconds"), p99_ms(&near, "pylon_relay_forward_seconds"));
     eprintln!(
         "inside each relay of the cascade, p99 (histogram bucket bound): relay-eu-a copying to relay-us ≤ {:.3} ms, \
-         relay-us forwarding to its spectator ≤ {:.3} ms",
+         relay-us forwarding to its spectator ≤ {:.3} ms; for comparison the single hop, relay-eu-a forwarding \
+         to its player ≤ {:.3} ms",
         carrier.unwrap_or(f64::NAN),
-        puller.unwrap_or(f64::NAN)
+        puller.unwrap_or(f64::NAN),
+        p99_ms(&far, "pylon_relay_forward_seconds").unwrap_or(f64::NAN),
     );
     assert!(carrier.is_some() && puller.is_some(), "no cascade traffic measured");
     assert!(spectator_fps >= 55.0, "the spectator decodes {spectator_fps:.1} fps");

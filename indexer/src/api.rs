@@ -1001,6 +1001,10 @@ pub struct RelayStatus {
     pub relay: RelayRecord,
     /// Its state now (never `draining`).
     pub state: MemberState,
+    /// The indexer's ed25519 signature (base64) over the relay's id, QUIC address,
+    /// certificate digest and key (`pylon_indexer_client::api::relay_attestation`): nodes
+    /// and relays dial and pin only what verifies with the indexer's token key.
+    pub attestation: String,
 }
 
 /// A page of relays.
@@ -1525,7 +1529,19 @@ async fn list_relays(State(s): State<AppState>, ListQuery(q): ListQuery<RelayQue
     let store = &s.store;
     let (relays, next_cursor) =
         scan_page(after, limit, |after, n| async move { store.relays_after(&after, n).await }, keep, |r| &r.id).await?;
-    let items = relays.into_iter().map(|r| RelayStatus { state: relay_state(&r, now), relay: r }).collect();
+    let items = relays
+        .into_iter()
+        .map(|r| {
+            let attestation = pylon_indexer_client::api::attest_relay(
+                &s.signing_key,
+                &r.id,
+                &r.quic_addr,
+                &r.cert_sha256,
+                &r.public_key,
+            );
+            RelayStatus { state: relay_state(&r, now), relay: r, attestation }
+        })
+        .collect();
     Ok(Json(RelayPage { items, next_cursor }))
 }
 

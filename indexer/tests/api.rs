@@ -1140,6 +1140,17 @@ async fn a_relay_registers_the_sha256_of_its_certificate_for_nodes_to_pin() {
     assert_eq!(status, StatusCode::OK);
     let (_, page) = call(&s, get("/api/v1/relays")).await;
     assert_eq!(page["items"][0]["cert_sha256"], "ab".repeat(32), "{page}");
+    // The listing is signed: a node dials and pins only what the indexer vouches for.
+    let listed: pylon_indexer_client::api::RelayEntry = serde_json::from_value(page["items"][0].clone()).unwrap();
+    assert!(listed.attested_by(&indexer_key(&s)), "{page}");
+    for tampered in [
+        pylon_indexer_client::api::RelayEntry { quic_addr: "10.0.0.66:4433".into(), ..listed.clone() },
+        pylon_indexer_client::api::RelayEntry { cert_sha256: "ef".repeat(32), ..listed.clone() },
+        pylon_indexer_client::api::RelayEntry { public_key: pk(&SigningKey::from_bytes(&[9; 32])), ..listed.clone() },
+    ] {
+        assert!(!tampered.attested_by(&indexer_key(&s)), "{tampered:?}");
+    }
+    assert!(!listed.attested_by(&SigningKey::from_bytes(&[9; 32]).verifying_key()));
     // A new certificate (the relay's data directory was replaced) is registered again.
     let (status, _) = call(&s, signed("/api/v1/relays", &body(&"cd".repeat(32)), &key)).await;
     assert_eq!(status, StatusCode::OK);

@@ -207,7 +207,10 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     );
     c.check("MemberState", MemberState::Draining);
     c.check("NodeStatus", NodeStatus { node: node(), state: MemberState::Ready, score: score() });
-    c.check("RelayStatus", RelayStatus { relay: relay(), state: MemberState::Gone });
+    c.check(
+        "RelayStatus",
+        RelayStatus { relay: relay(), state: MemberState::Gone, attestation: "c2lnbmF0dXJl".into() },
+    );
     c.check("TitlePage", TitlePage { items: vec![title()], next_cursor: Some("abc".into()) });
     c.check("TitlePage", TitlePage { items: vec![], next_cursor: None });
     c.check(
@@ -220,7 +223,11 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
     c.check(
         "RelayPage",
         RelayPage {
-            items: vec![RelayStatus { relay: relay(), state: MemberState::Revoked }],
+            items: vec![RelayStatus {
+                relay: relay(),
+                state: MemberState::Revoked,
+                attestation: "c2lnbmF0dXJl".into(),
+            }],
             next_cursor: Some("x".into()),
         },
     );

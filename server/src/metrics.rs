@@ -71,6 +71,8 @@ pub struct ServerMetrics {
     pub rtp_bytes_sent: Counter,
     /// Media datagram bytes sent on relay links, all links together (resends included).
     pub link_bytes_sent: Counter,
+    /// Relays the indexer listed whose entry its signature does not vouch for (not dialed).
+    pub relays_unattested: Counter,
     /// RTP packets that never left, by reason.
     pub rtp_packets_dropped: Family<PacketDrop, Counter>,
     /// Connections established to the relay.
@@ -144,6 +146,7 @@ impl ServerMetrics {
             rtp_packets_sent: Counter::default(),
             rtp_bytes_sent: Counter::default(),
             link_bytes_sent: Counter::default(),
+            relays_unattested: Counter::default(),
             rtp_packets_dropped: Family::default(),
             relay_connects: Counter::default(),
             relay_disconnects: Counter::default(),
@@ -188,6 +191,11 @@ impl ServerMetrics {
             "link_bytes_sent",
             "Media datagram bytes sent on relay links, all together (the node's upstream)",
             m.link_bytes_sent.clone(),
+        );
+        r.register(
+            "relays_unattested",
+            "Relay entries from the indexer whose signature did not verify (not dialed, not pinned)",
+            m.relays_unattested.clone(),
         );
         r.register("rtp_packets_dropped", "RTP packets dropped before the network", m.rtp_packets_dropped.clone());
         r.register("relay_connects", "QUIC connections established to the relay", m.relay_connects.clone());

@@ -437,7 +437,18 @@ async fn refresh_relays(
             _ = refresh.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match pool_relays(&indexer).await {
+        // The indexer's key (learnt at registration) vouches for each relay listed.
+        let Some(key) = shared.gate.key() else { continue };
+        let listed = indexer.relays().await.map_err(anyhow::Error::from).and_then(|relays| {
+            let (pinned, targets, unattested) = pool_relays(relays, &key);
+            if unattested > 0 {
+                shared.metrics.relays_unattested.inc_by(unattested);
+                tracing::warn!(unattested, "relays listed without the indexer's valid signature: not dialed");
+            }
+            anyhow::ensure!(!pinned.is_empty(), "the indexer lists no relay with a registered certificate yet");
+            Ok((pinned, targets))
+        });
+        match listed {
             Ok((pinned, targets)) => {
                 *shared.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pinned);
                 if lists.send(targets).await.is_err() {
@@ -611,19 +622,26 @@ async fn run_link(
 }
 
 /// The pool's relays from the indexer: the certificates to trust (SHA-256 → relay ids, of
-/// every relay not revoked or awaiting approval) and the ready ones to link to.
-async fn pool_relays(indexer: &pylon_indexer_client::Client) -> anyhow::Result<(PinnedRelays, Vec<Target>)> {
-    let relays = indexer.relays().await?;
+/// every relay not revoked or awaiting approval) and the ready ones to link to, of those
+/// entries the indexer's key `indexer` vouches for; and how many it did not.
+fn pool_relays(
+    relays: Vec<pylon_indexer_client::api::RelayEntry>,
+    indexer: &ed25519_dalek::VerifyingKey,
+) -> (PinnedRelays, Vec<Target>, u64) {
     let mut pinned = PinnedRelays::new();
     let mut targets = Vec::new();
+    let mut unattested = 0;
     for r in relays.into_iter().filter(|r| r.state != "revoked" && r.state != "pending" && !r.cert_sha256.is_empty()) {
+        if !r.attested_by(indexer) {
+            unattested += 1;
+            continue;
+        }
         if r.state == "ready" && !r.quic_addr.is_empty() {
             targets.push(Target { id: Some(r.id.clone()), addr: r.quic_addr.clone() });
         }
         pinned.entry(r.cert_sha256).or_default().push(r.id);
     }
-    anyhow::ensure!(!pinned.is_empty(), "the indexer lists no relay with a registered certificate yet");
-    Ok((pinned, targets))
+    (pinned, targets, unattested)
 }
 
 /// Waits `backoff` before the next try, discarding what is queued for the link meanwhile,
@@ -838,5 +856,44 @@ async fn serve_connection(
             }
         }
         flush(node, &mut send, conn, link).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use pylon_indexer_client::api::{RelayEntry, attest_relay};
+
+    fn entry(id: &str, state: &str, indexer: &SigningKey) -> RelayEntry {
+        let (quic_addr, cert, key) = (format!("{id}.example:4433"), "ab".repeat(32), format!("key-of-{id}"));
+        let attestation = attest_relay(indexer, id, &quic_addr, &cert, &key);
+        RelayEntry { id: id.into(), state: state.into(), quic_addr, public_key: key, cert_sha256: cert, attestation }
+    }
+
+    #[test]
+    fn only_relays_the_indexer_signed_for_are_dialed_and_pinned() {
+        let indexer = SigningKey::from_bytes(&[7; 32]);
+        let someone = SigningKey::from_bytes(&[8; 32]);
+        let mut redirected = entry("relay-c", "ready", &indexer);
+        redirected.quic_addr = "attacker.example:4433".into();
+        let mut repinned = entry("relay-d", "ready", &indexer);
+        repinned.cert_sha256 = "cd".repeat(32);
+        let mut unsigned = entry("relay-f", "ready", &indexer);
+        unsigned.attestation.clear();
+        let relays = vec![
+            entry("relay-a", "ready", &indexer),
+            entry("relay-b", "draining", &indexer),
+            redirected,
+            repinned,
+            entry("relay-e", "ready", &someone),
+            unsigned,
+            entry("relay-g", "revoked", &indexer),
+        ];
+        let (pinned, targets, unattested) = pool_relays(relays, &indexer.verifying_key());
+        let dialed: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
+        assert_eq!(dialed, ["relay-a"]);
+        assert_eq!(pinned.values().flatten().cloned().collect::<Vec<_>>(), ["relay-a", "relay-b"]);
+        assert_eq!(unattested, 4);
     }
 }

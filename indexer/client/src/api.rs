@@ -122,6 +122,49 @@ pub struct RelayEntry {
     /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
     #[serde(default)]
     pub cert_sha256: String,
+    /// The indexer's signature over the above ([`relay_attestation`]), base64.
+    #[serde(default)]
+    pub attestation: String,
+}
+
+impl RelayEntry {
+    /// Whether the indexer whose token key is `indexer` vouches for this entry's QUIC
+    /// address, certificate and key (its [`attestation`](Self::attestation) verifies):
+    /// what a node dials and pins, or a relay pulls from, comes from the indexer itself,
+    /// not from whoever sits between.
+    pub fn attested_by(&self, indexer: &ed25519_dalek::VerifyingKey) -> bool {
+        use base64::Engine;
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&self.attestation) else { return false };
+        let Ok(signature) = ed25519_dalek::Signature::from_slice(&bytes) else { return false };
+        let message = relay_attestation(&self.id, &self.quic_addr, &self.cert_sha256, &self.public_key);
+        indexer.verify_strict(&message, &signature).is_ok()
+    }
+}
+
+/// What the indexer signs of each relay it lists (`attestation`): its id, QUIC address,
+/// certificate digest and key, each length-prefixed after a domain tag.
+pub fn relay_attestation(id: &str, quic_addr: &str, cert_sha256: &str, public_key: &str) -> Vec<u8> {
+    let mut message = b"pylon relay attestation v1".to_vec();
+    for field in [id, quic_addr, cert_sha256, public_key] {
+        message.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        message.extend_from_slice(field.as_bytes());
+    }
+    message
+}
+
+/// The indexer's `attestation` of a relay it lists: its signature over
+/// [`relay_attestation`], base64.
+pub fn attest_relay(
+    indexer: &ed25519_dalek::SigningKey,
+    id: &str,
+    quic_addr: &str,
+    cert_sha256: &str,
+    public_key: &str,
+) -> String {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let signature = indexer.sign(&relay_attestation(id, quic_addr, cert_sha256, public_key));
+    base64::engine::general_purpose::STANDARD.encode(signature.to_bytes())
 }
 
 /// SHA-256 of a DER certificate as the API carries it (lowercase hex): what a relay
