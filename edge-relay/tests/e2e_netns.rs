@@ -16,7 +16,8 @@
 //! 2. one of the two indexers is killed: heartbeats and everything after go on through
 //!    the other;
 //! 3. a spectator in region us is matched to the relay near *it*, which pulls the stream
-//!    from the player's relay; the node sends the stream once;
+//!    from the player's relay, and a second one watches through the other eu relay: three
+//!    relays carry the session, and the node sends the stream once;
 //! 4. the player's relay is killed (SIGKILL) or cut off (its link taken down: a real
 //!    partition) ten times, and each time the same game goes on within 3 s through the
 //!    next nearest relay by the RTTs the player's page measured (the other eu relay, not
@@ -317,6 +318,26 @@ async fn get(addr: SocketAddr, path: &str) -> String {
 /// GET `path` at `addr`: its JSON body (null when unreachable).
 async fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
     let text = get(addr, path).await;
+    serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
+}
+
+/// POST `body` as JSON to `path` at `addr`: the answer's JSON body (null when none).
+async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let head = format!(
+            "POST {path} HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.ok()?;
+        s.write_all(body.as_bytes()).await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(3), fetch).await.ok().flatten().unwrap_or_default();
     serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
 }
 
@@ -641,6 +662,41 @@ async fn the_pool_across_namespaces_matches_by_region_cascades_fails_over_and_dr
     assert_eq!(metric(&far, "pylon_relay_downstream_relays"), 1.0);
     assert!(one_relay > 0.9 && one_relay < 1.3, "{one_relay}");
     assert!(two_relays < one_relay * 1.2, "the node sends the stream once: {one_relay} vs {two_relays}");
+
+    // A second spectator, of a page nearest relay-eu-b (its RTTs given to the indexer), in
+    // another window of the us browser: three relays carry the session now, two pulling
+    // from the player's.
+    let rtts = serde_json::json!({ "client_rtt_ms": { "relay-eu-a": 30.0, "relay-eu-b": 1.0, "relay-us": 30.0 } });
+    let watch = post_json(ix_b, &format!("/api/v1/sessions/{session}/spectate"), &rtts).await;
+    assert_eq!(watch["relay"], "relay-eu-b", "{watch}");
+    s.client.new_window(true).await.unwrap();
+    let handles = s.client.windows().await.unwrap();
+    s.client.switch_to_window(handles.last().unwrap().clone()).await.unwrap();
+    let url = format!(
+        "http://{}/watch/{session}#token={}&catalog={}",
+        relays[1].http(),
+        watch["token"].as_str().unwrap(),
+        urls[1]
+    );
+    s.client.goto(&url).await.unwrap();
+    s.wait_for(
+        "return window.pylon && pylon.stats && pylon.stats.framesDecoded >= 60 ? pylon.role : null",
+        Duration::from_secs(60),
+    )
+    .await;
+    let three_relays = {
+        let before = upstream().await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        window(before, upstream().await)
+    };
+    let carrier = get(relays[0].http(), "/metrics").await;
+    eprintln!(
+        "a spectator through relay-eu-b too: relay-eu-a copies to {} relays; the node's upstream per media byte \
+         {three_relays:.3} with three relays carrying the session (one with one)",
+        metric(&carrier, "pylon_relay_downstream_relays")
+    );
+    assert_eq!(metric(&carrier, "pylon_relay_downstream_relays"), 2.0);
+    assert!(three_relays < one_relay * 1.2, "the node sends the stream once: {one_relay} vs {three_relays}");
     s.close().await;
 
     // 4. The player's relay dies, ten times: killed, or cut off by a partition. The page
@@ -691,7 +747,7 @@ async fn the_pool_across_namespaces_matches_by_region_cascades_fails_over_and_dr
     let moved = moved_from(&b, &relays[at]).await;
     assert_eq!(moved["host"], relays[other].http().to_string(), "not moved to the next nearest relay: {moved}");
     let gap = moved["moved"]["gapMs"].as_i64().unwrap();
-    eprintln!("drain: {} → {}: the picture stood still {gap} ms", relays[at].id, relays[other].id);
+    eprintln!("drain: {} → {}: the picture stood still {gap} ms ({})", relays[at].id, relays[other].id, moved["moved"]);
     assert_eq!(moved["path"], format!("/play/{session}"), "{moved}");
     assert!(gap <= 1000, "the picture froze {gap} ms: {moved}");
     let p = relays[at].proc.as_mut().unwrap();
