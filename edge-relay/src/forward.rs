@@ -675,6 +675,7 @@ impl Core {
         // every viewer outside one (the newest node is the stream). They rebase their
         // sequence numbers and timestamps on it.
         let pooled = !s.hello.node.is_empty();
+        let mut moved = 0usize;
         for v in self.viewers.iter_mut().filter(|v| v.rtc.is_alive()) {
             let moves = if pooled {
                 v.wants_node.as_deref() == Some(s.hello.node.as_str()) && v.pull == s.pulled
@@ -692,12 +693,16 @@ impl Core {
                 tell(v, now, NODE_BACK);
             }
             v.source = Some(node);
+            moved += 1;
             v.rewrite.rebase();
             v.audio_rewrite.rebase();
             // A player already here starts its session on the new stream.
             if let Some((_, token)) = &v.session {
                 self.to_node.push((node, ToNode::Control(RelayMessage::SessionStart(token.clone()))));
             }
+        }
+        if let Some(session) = &s.pulled {
+            tracing::info!(node, session, viewers = moved, "the pulled stream started; its spectators here watch it");
         }
         self.sources.insert(node, s);
         self.update_stream_gauges();

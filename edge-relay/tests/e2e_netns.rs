@@ -475,6 +475,7 @@ async fn the_pool_across_namespaces_matches_by_region_cascades_fails_over_and_dr
     let dir = std::env::temp_dir().join(format!("pylon-netns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    eprintln!("logs of every process: {} (kept if the test fails)", dir.display());
     let mut net = Net::new();
     let (stop_proxies, proxies) = tokio::sync::watch::channel(false);
     let ix = [net.host("ix-a", 11), net.host("ix-b", 12)];

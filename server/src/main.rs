@@ -309,7 +309,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         trust: match (relay_cert, &pool) {
             (Some(path), _) => RelayTrust::File(path),
-            (None, Some((client, _, _))) => RelayTrust::Pool(client.clone()),
+            (None, Some((client, _, _))) => RelayTrust::Pool { indexer: client.clone(), region: args.region.clone() },
             (None, None) => anyhow::bail!("outside a pool the node needs --relay-cert"),
         },
         server_name: args.relay_name,

@@ -34,8 +34,14 @@ pub enum RelayTrust {
     File(PathBuf),
     /// Any relay of the pool, by the SHA-256 of the certificate it registered with the
     /// indexer (fetched anew before each connection); the id the relay then gives in its
-    /// welcome must be the one registered with that certificate.
-    Pool(pylon_indexer_client::Client),
+    /// welcome must be the one registered with that certificate. Relays in the node's
+    /// `region` are linked first.
+    Pool {
+        /// The indexer (its replicas).
+        indexer: pylon_indexer_client::Client,
+        /// The node's region.
+        region: String,
+    },
 }
 
 /// How to reach the relay.
@@ -326,7 +332,7 @@ pub async fn run(
     let (fixed, indexer) = match &config.trust {
         // A certificate file is read once, at start (a missing one is an error now, not later).
         RelayTrust::File(path) => (Some(client_config(path)?), None),
-        RelayTrust::Pool(indexer) => (None, Some(indexer.clone())),
+        RelayTrust::Pool { indexer, region } => (None, Some((indexer.clone(), region.clone()))),
     };
     let players = match gate.node() {
         Some(id) => PlayerGate::pooled(id),
@@ -361,8 +367,8 @@ pub async fn run(
     // The pool's relays, fetched by a task of their own: an indexer call must never hold up
     // the packets routed below.
     let (lists, mut relay_lists) = mpsc::channel(1);
-    if let Some(indexer) = indexer.clone() {
-        tokio::spawn(refresh_relays(indexer, shared.clone(), lists, shutdown.clone()));
+    if let Some((indexer, region)) = indexer.clone() {
+        tokio::spawn(refresh_relays(indexer, region, shared.clone(), lists, shutdown.clone()));
     }
     let mut expiry = tokio::time::interval(Duration::from_millis(250));
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -426,6 +432,7 @@ pub async fn run(
 /// `shared` (for the next connections), the ready ones to `lists` (to link to).
 async fn refresh_relays(
     indexer: pylon_indexer_client::Client,
+    region: String,
     shared: Arc<Shared>,
     lists: mpsc::Sender<Vec<Target>>,
     mut shutdown: watch::Receiver<bool>,
@@ -440,7 +447,7 @@ async fn refresh_relays(
         // The indexer's key (learnt at registration) vouches for each relay listed.
         let Some(key) = shared.gate.key() else { continue };
         let listed = indexer.relays().await.map_err(anyhow::Error::from).and_then(|relays| {
-            let (pinned, targets, unattested) = pool_relays(relays, &key);
+            let (pinned, targets, unattested) = pool_relays(relays, &key, &region);
             if unattested > 0 {
                 shared.metrics.relays_unattested.inc_by(unattested);
                 tracing::warn!(unattested, "relays listed without the indexer's valid signature: not dialed");
@@ -499,20 +506,20 @@ fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, pa
 
 /// Links to each of `targets` not linked yet and drops links to relays no longer listed
 /// (unless the running session is on one: its player may still be there).
-fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, targets: Vec<Target>) {
+fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, mut targets: Vec<Target>) {
     let session_relay = shared.players.session_relay();
+    // The first MAX_LINKS listed (the node's region first); the session's relay is kept
+    // whatever happens.
+    targets.truncate(MAX_LINKS);
     links.retain(|l| {
         let keep = targets.contains(&l.target) || session_relay.as_deref().is_some_and(|r| l.is(r));
         if !keep {
-            tracing::info!(relay = ?l.target.id, addr = l.target.addr, "the indexer no longer lists this relay; unlinking");
+            tracing::info!(relay = ?l.target.id, addr = l.target.addr, "no longer among the relays to link; unlinking");
             let _ = l.stop.send(true);
         }
         keep
     });
     for t in targets {
-        if links.len() >= MAX_LINKS {
-            break;
-        }
         if !links.iter().any(|l| l.target == t) {
             tracing::info!(relay = ?t.id, addr = t.addr, "linking to a relay of the pool");
             links.push(spawn_link(shared, t));
@@ -622,15 +629,19 @@ async fn run_link(
 }
 
 /// The pool's relays from the indexer: the certificates to trust (SHA-256 → relay ids, of
-/// every relay not revoked or awaiting approval) and the ready ones to link to, of those
-/// entries the indexer's key `indexer` vouches for; and how many it did not.
+/// every relay not revoked or awaiting approval) and the ready ones to link to — those in
+/// the node's `region` first —, of those entries the indexer's key `indexer` vouches for;
+/// and how many it did not.
 fn pool_relays(
-    relays: Vec<pylon_indexer_client::api::RelayEntry>,
+    mut relays: Vec<pylon_indexer_client::api::RelayEntry>,
     indexer: &ed25519_dalek::VerifyingKey,
+    region: &str,
 ) -> (PinnedRelays, Vec<Target>, u64) {
     let mut pinned = PinnedRelays::new();
     let mut targets = Vec::new();
     let mut unattested = 0;
+    // Stable: within each group, the indexer's order (by id).
+    relays.sort_by_key(|r| r.region != region);
     for r in relays.into_iter().filter(|r| r.state != "revoked" && r.state != "pending" && !r.cert_sha256.is_empty()) {
         if !r.attested_by(indexer) {
             unattested += 1;
@@ -868,7 +879,16 @@ mod tests {
     fn entry(id: &str, state: &str, indexer: &SigningKey) -> RelayEntry {
         let (quic_addr, cert, key) = (format!("{id}.example:4433"), "ab".repeat(32), format!("key-of-{id}"));
         let attestation = attest_relay(indexer, id, &quic_addr, &cert, &key);
-        RelayEntry { id: id.into(), state: state.into(), quic_addr, public_key: key, cert_sha256: cert, attestation }
+        let region = if id.ends_with('z') { "far" } else { "here" }.into();
+        RelayEntry {
+            id: id.into(),
+            state: state.into(),
+            quic_addr,
+            public_key: key,
+            cert_sha256: cert,
+            region,
+            attestation,
+        }
     }
 
     #[test]
@@ -890,10 +910,19 @@ mod tests {
             unsigned,
             entry("relay-g", "revoked", &indexer),
         ];
-        let (pinned, targets, unattested) = pool_relays(relays, &indexer.verifying_key());
+        let (pinned, targets, unattested) = pool_relays(relays, &indexer.verifying_key(), "here");
         let dialed: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
         assert_eq!(dialed, ["relay-a"]);
         assert_eq!(pinned.values().flatten().cloned().collect::<Vec<_>>(), ["relay-a", "relay-b"]);
         assert_eq!(unattested, 4);
+    }
+
+    #[test]
+    fn relays_in_the_nodes_region_are_linked_first() {
+        let indexer = SigningKey::from_bytes(&[7; 32]);
+        let relays = ["relay-az", "relay-b", "relay-cz", "relay-d"].map(|id| entry(id, "ready", &indexer)).to_vec();
+        let (_, targets, _) = pool_relays(relays, &indexer.verifying_key(), "here");
+        let order: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
+        assert_eq!(order, ["relay-b", "relay-d", "relay-az", "relay-cz"]);
     }
 }

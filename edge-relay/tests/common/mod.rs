@@ -341,7 +341,7 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         // In a pool the node trusts the relay by the certificate it registered, as a
         // provider's node does; alone, by the relay's certificate file.
         trust: match &indexer_client {
-            Some(client) => uplink::RelayTrust::Pool(client.clone()),
+            Some(client) => uplink::RelayTrust::Pool { indexer: client.clone(), region: "local".into() },
             None => uplink::RelayTrust::File(relay.cert_path.clone()),
         },
         server_name: "pylon-relay".into(),

@@ -122,7 +122,10 @@ pub struct RelayEntry {
     /// SHA-256 of its QUIC certificate (hex; empty if it registered none).
     #[serde(default)]
     pub cert_sha256: String,
-    /// The indexer's signature over the above ([`relay_attestation`]), base64.
+    /// Its region (as it registered; not part of the attestation: it only orders).
+    #[serde(default)]
+    pub region: String,
+    /// The indexer's signature over the above but the region ([`relay_attestation`]), base64.
     #[serde(default)]
     pub attestation: String,
 }
