@@ -44,22 +44,12 @@ pub(crate) async fn pull_session(shared: Shared, session: String, shutdown: watc
 }
 
 async fn pull(shared: &Shared, session: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let client =
-        shared.pool.as_ref().and_then(|p| p.client()).ok_or_else(|| anyhow!("only a relay in a pool pulls streams"))?;
+    let pool = shared.pool.as_ref().ok_or_else(|| anyhow!("only a relay in a pool pulls streams"))?;
+    let client = pool.client().ok_or_else(|| anyhow!("only a relay in a pool pulls streams"))?;
     let info = client.session_info(session).await?.ok_or_else(|| anyhow!("no such session"))?;
     anyhow::ensure!(info.running, "the session ended");
     anyhow::ensure!(info.relay != shared.relay_id, "the session's player is on this relay");
-    let relays = client.relays().await?;
-    let carrier = relays
-        .iter()
-        .find(|r| r.id == info.relay && matches!(r.state.as_str(), "ready" | "draining"))
-        .ok_or_else(|| anyhow!("the session's relay {} is not in the pool now", info.relay))?;
-    let indexer = shared.pool.as_ref().and_then(|p| p.indexer_key()).ok_or_else(|| anyhow!("not registered yet"))?;
-    anyhow::ensure!(
-        carrier.attested_by(&indexer),
-        "the indexer's listing of {} does not carry its valid signature",
-        carrier.id
-    );
+    let carrier = pool.cascade_peer(&info.relay).await.map_err(|e| anyhow!("the session's relay: {e}"))?;
     let key = pylon_indexer_client::decode_key(&carrier.public_key).context("the carrying relay's key")?;
     let addr = tokio::net::lookup_host(&carrier.quic_addr)
         .await

@@ -5,7 +5,7 @@
 //! Outside a pool (no `--indexer`) none of this runs and any browser may watch or play.
 
 use ed25519_dalek::VerifyingKey;
-use pylon_indexer_client::api::{RegisterRelay, RelayHeartbeat};
+use pylon_indexer_client::api::{RegisterRelay, RelayEntry, RelayHeartbeat};
 use pylon_indexer_client::{Client, ClientError, register_until_accepted};
 use pylon_proto::token;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -198,9 +198,20 @@ impl Pool {
     /// draining), which may then pull a stream from this one. Asks the indexer each time
     /// (a pull is rare: once per session and relay).
     pub async fn check_relay(&self, relay: &str, key: &VerifyingKey) -> Result<(), String> {
+        let r = self.cascade_peer(relay).await?;
+        if pylon_indexer_client::decode_key(&r.public_key).ok().as_ref() != Some(key) {
+            return Err(format!("not the key {relay} registered"));
+        }
+        Ok(())
+    }
+
+    /// The indexer's entry for relay `relay`, one a cascade may involve: of the pool, ready
+    /// or draining, and vouched for by the indexer's signature (its address, certificate
+    /// and key come from the indexer, not from whoever sits between). Asks the indexer.
+    pub async fn cascade_peer(&self, relay: &str) -> Result<RelayEntry, String> {
         let client = self.client.as_ref().ok_or("not in a pool")?;
         let relays = client.relays().await.map_err(|e| format!("cannot ask the indexer: {e}"))?;
-        let Some(r) = relays.iter().find(|r| r.id == relay) else {
+        let Some(r) = relays.into_iter().find(|r| r.id == relay) else {
             return Err(format!("{relay} is not a relay of the pool"));
         };
         if !matches!(r.state.as_str(), "ready" | "draining") {
@@ -209,10 +220,7 @@ impl Pool {
         if !self.indexer_key().is_some_and(|k| r.attested_by(&k)) {
             return Err(format!("the indexer's listing of {relay} does not carry its valid signature"));
         }
-        if pylon_indexer_client::decode_key(&r.public_key).ok().as_ref() != Some(key) {
-            return Err(format!("not the key {relay} registered"));
-        }
-        Ok(())
+        Ok(r)
     }
 
     /// Tells the indexer this relay is draining: it sends it no new viewers.
