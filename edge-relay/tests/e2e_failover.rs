@@ -120,14 +120,6 @@ async fn http_json(addr: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
 /// A pool whose node is linked to two child relays, relay-b and relay-c (the in-process
 /// relay revoked); relay-b's page is reached through a proxy `far_delay` each way, if
 /// given. Returns when the indexer lists both with their RTT to the node, and when that
@@ -141,7 +133,7 @@ async fn pool_of_two_relays(far_delay: Option<Duration>) -> (Platform, [ChildRel
     let started = unix_now();
     let mut relays = [ChildRelay::new("relay-b", &base), ChildRelay::new("relay-c", &base)];
     if let Some(delay) = far_delay {
-        let far = delaying_proxy(relays[0].http, delay).await;
+        let far = delaying_proxy([127, 0, 0, 1].into(), relays[0].http, delay).await;
         relays[0].public_url = Some(format!("http://{far}"));
     }
     for r in &mut relays {
@@ -267,22 +259,6 @@ async fn a_draining_relay_moves_its_player_with_the_picture_still_under_a_second
     platform.stop().await;
 }
 
-/// A POST with a JSON body; the answer's JSON body.
-async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_once() {
     let (platform, relays, _, b, session) = pool_with_two_relays().await;
@@ -382,43 +358,6 @@ async fn spectators_near_another_relay_watch_through_it_and_it_pulls_the_stream_
     assert_eq!(ended, "ended");
     s.close().await;
     platform.stop().await;
-}
-
-/// A TCP proxy to `target` that holds every chunk `delay` each way: a relay far from the
-/// browser (this kernel has no netem).
-async fn delaying_proxy(target: SocketAddr, delay: Duration) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::join!(delayed_copy(cr, sw, delay), delayed_copy(sr, cw, delay));
-            });
-        }
-    });
-    addr
-}
-
-async fn delayed_copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        tokio::time::sleep(delay).await;
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,23 +110,6 @@ async fn start_replica(
     replica
 }
 
-/// A fresh database on the PostgreSQL server `PYLON_TEST_POSTGRES` names, or a SQLite file
-/// in `dir` without one.
-async fn database(dir: &std::path::Path) -> String {
-    match std::env::var("PYLON_TEST_POSTGRES") {
-        Ok(admin_url) if !admin_url.is_empty() => {
-            use sqlx::Connection;
-            sqlx::any::install_default_drivers();
-            let name = format!("pylon_replicas_{}_{}", std::process::id(), pylon_indexer::api::unix_now());
-            let mut admin = sqlx::AnyConnection::connect(&admin_url).await.expect("PostgreSQL reachable");
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
-            let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
-            format!("{base}/{name}")
-        }
-        _ => format!("sqlite://{}?mode=rwc", dir.join("indexer.db").display()),
-    }
-}
-
 /// `member`'s last heartbeat (Unix seconds) and state as replica `at` lists them
 /// (`nodes` or `relays`).
 async fn seen(at: SocketAddr, list: &str, member: &str) -> Option<(i64, String)> {
@@ -140,7 +123,7 @@ async fn seen(at: SocketAddr, list: &str, member: &str) -> Option<(i64, String)>
 async fn killing_an_indexer_replica_leaves_heartbeats_matching_and_new_sessions_to_the_other() {
     let dir = std::env::temp_dir().join(format!("pylon-replicas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let db = database(&dir).await;
+    let db = common::fresh_database(&dir, "pylon_replicas").await;
     // One signing key for both: the same indexer-key file (one data directory).
     let (a_addr, b_addr) = (free_addr(), free_addr());
     let urls = [format!("http://{a_addr}"), format!("http://{b_addr}")];

@@ -32,7 +32,7 @@
 
 mod common;
 
-use common::{Browser, metric};
+use common::{Browser, delaying_proxy, fresh_database, metric, post_json, unix_ms, unix_now};
 use pylon_proto::impair::LossModel;
 use pylon_relay::impair::{ImpairConfig, start as impair_proxy};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -294,14 +294,6 @@ impl Relay {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
 /// GET `path` at `addr`: the whole answer, or "" when nothing answers within 3 s.
 async fn get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -321,67 +313,9 @@ async fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
 }
 
-/// POST `body` as JSON to `path` at `addr`: the answer's JSON body (null when none).
-async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let head = format!(
-            "POST {path} HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await.ok()?;
-        s.write_all(body.as_bytes()).await.ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        Some(out)
-    };
-    let text = tokio::time::timeout(Duration::from_secs(3), fetch).await.ok().flatten().unwrap_or_default();
-    serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default()
-}
-
 /// Metric `name` from the `/metrics` at `addr` (a relay's HTTP side, the node's endpoint).
 async fn metric_at(addr: SocketAddr, name: &str) -> f64 {
     metric(&get(addr, "/metrics").await, name)
-}
-
-/// A TCP proxy on `at` to `target` that holds every chunk `delay` each way.
-async fn delaying_proxy(at: IpAddr, target: SocketAddr, delay: Duration) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::join!(delayed_copy(cr, sw, delay), delayed_copy(sr, cw, delay));
-            });
-        }
-    });
-    addr
-}
-
-async fn delayed_copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 /// Puts `relay` `delay` (each way) away from `viewer`: its HTTP and WebRTC ports, as the
@@ -396,29 +330,16 @@ async fn apart(net: &Net, viewer: &Host, relay: &Host, delay: Duration, stop: &t
     viewer.divert("udp", relay.at(WEBRTC), udp.listen);
 }
 
-/// A fresh database: on the PostgreSQL server `PYLON_TEST_POSTGRES` names (reached from
-/// the indexers' namespaces through a forwarder on the bridge), or a SQLite file in `dir`.
+/// A fresh database ([`fresh_database`]); PostgreSQL is reached from the indexers'
+/// namespaces through a forwarder on the bridge.
 async fn database(net: &Net, dir: &Path) -> String {
-    match std::env::var("PYLON_TEST_POSTGRES") {
-        Ok(admin_url) if !admin_url.is_empty() => {
-            use sqlx::Connection;
-            sqlx::any::install_default_drivers();
-            let name = format!("pylon_netns_{}_{}", std::process::id(), unix_now());
-            let mut admin = sqlx::AnyConnection::connect(&admin_url).await.expect("PostgreSQL reachable");
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
-            // postgres://user:password@host:port/db → the server, forwarded from the bridge.
-            let server: SocketAddr = admin_url
-                .split('@')
-                .nth(1)
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|hp| hp.parse().ok())
-                .expect("PYLON_TEST_POSTGRES names host:port as an IP address");
-            let forward = delaying_proxy(IpAddr::V4(net.gateway()), server, Duration::ZERO).await;
-            let (credentials, _) = admin_url.split_once('@').unwrap();
-            format!("{credentials}@{forward}/{name}")
-        }
-        _ => format!("sqlite://{}?mode=rwc", dir.join("indexer.db").display()),
-    }
+    let url = fresh_database(dir, "pylon_netns").await;
+    // postgres://user:password@host:port/db → the server, forwarded from the bridge.
+    let Some((credentials, rest)) = url.split_once('@') else { return url };
+    let (server, name) = rest.split_once('/').unwrap();
+    let server: SocketAddr = server.parse().expect("PYLON_TEST_POSTGRES names host:port as an IP address");
+    let forward = delaying_proxy(IpAddr::V4(net.gateway()), server, Duration::ZERO).await;
+    format!("{credentials}@{forward}/{name}")
 }
 
 /// The upper bound of the histogram bucket holding the 99th percentile of `name` in a
