@@ -20,7 +20,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-checker bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-cascade bench-checker bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-capacity proof-of-capacity cost: node GPU time against the checker's verification"
 	@echo "make bench-checker  one check's cost: checker CPU and bytes, the node's frame path, nodes per checker core per minute"
 	@echo "make bench-indexer  matching decisions/s (10,000 nodes, 1,000 relays) and API session creations/s"
+	@echo "make bench-cascade  a relay → relay cascade: per-hop delays, the node's upstream with 1 and 3 relays"
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
 	@echo "make audio-latency  glass-to-ear of the demo's sound in headless Chromium, its shares, the audio thread's CPU"
@@ -107,6 +108,13 @@ bench-relay:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="janus"
 	cargo build --release -p pylon-relay -p pylon-benches --bin pylon-relay --bin relay-bench
 	"$(CARGO_TARGET_DIR)/release/relay-bench" --viewers $(VIEWERS) --seconds $(BENCH_SECONDS) --soak-seconds $(SOAK)
+
+# A relay → relay cascade: one player, SPECTATORS behind each of two relays pulling from
+# the player's; per-hop delays and the node's upstream with 1 and 3 relays (JSON last line).
+SPECTATORS ?= 4
+bench-cascade: deps
+	cargo build --release -p pylon-relay -p pylon-server -p pylon-indexer -p pylon-benches --bin pylon-relay --bin pylon-server --bin pylon-indexer --bin cascade-bench
+	"$(CARGO_TARGET_DIR)/release/cascade-bench" --spectators $(SPECTATORS) --seconds $(BENCH_SECONDS)
 
 # The proof of capacity: node GPU time against the checker's derive + verify, per size.
 bench-capacity: deps

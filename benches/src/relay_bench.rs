@@ -20,7 +20,6 @@
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use futures_util::{SinkExt, StreamExt};
 use pylon_proto::framing::{self, DatagramKind, StreamHello};
 use pylon_proto::link::{self, NodeConfig, NodeSide, PlayerGate};
 use pylon_server::encode::{EncoderChoice, EncoderConfig, PROFILE_LEVEL_ID};
@@ -29,17 +28,19 @@ use pylon_server::pipeline::{Outgoing, Pipeline, PipelineConfig};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::media::{Direction, MediaKind};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
-use tokio::net::UdpSocket;
+use str0m::change::SdpOffer;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
+
+#[allow(dead_code)]
+mod synthetic;
+use synthetic::*;
+
+/// The relay's ingest → egress histogram.
+const FORWARD: &str = "pylon_relay_forward_seconds";
 
 /// The relay load harness: Pylon and Janus, the same stream, the same viewers.
 #[derive(Debug, Parser)]
@@ -71,12 +72,6 @@ struct Recording {
     duration: Duration,
 }
 
-fn payload_key(payload: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    payload.hash(&mut h);
-    h.finish()
-}
-
 /// When each payload was handed to the relay, and what viewers measured.
 #[derive(Default)]
 struct Clock {
@@ -84,6 +79,22 @@ struct Clock {
     samples_us: Mutex<Vec<u32>>,
     received: std::sync::atomic::AtomicU64,
     measuring: std::sync::atomic::AtomicBool,
+}
+
+impl Clock {
+    /// What a viewer does with each packet: counts it and, while measuring, times it from
+    /// the feeder's send.
+    fn timer(self: Arc<Self>) -> impl FnMut(&[u8], Instant) {
+        move |payload, arrival| {
+            self.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.measuring.load(std::sync::atomic::Ordering::Relaxed)
+                && let Some(sent) = self.sent.lock().unwrap().get(&payload_key(payload))
+            {
+                let us = arrival.saturating_duration_since(*sent).as_micros() as u32;
+                self.samples_us.lock().unwrap().push(us);
+            }
+        }
+    }
 }
 
 async fn record(args: &Args) -> anyhow::Result<Recording> {
@@ -156,127 +167,6 @@ async fn replay(
         }
     }
     Ok(())
-}
-
-/// One synthetic viewer: a str0m client on its own UDP socket.
-struct Viewer {
-    rtc: Rtc,
-    socket: UdpSocket,
-    local: SocketAddr,
-}
-
-impl Viewer {
-    async fn new() -> anyhow::Result<Self> {
-        Self::on("127.0.0.1".parse()?).await
-    }
-
-    /// A viewer whose socket is bound to `ip` (one of this machine's addresses).
-    async fn on(ip: std::net::IpAddr) -> anyhow::Result<Self> {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
-        let local = socket.local_addr()?;
-        let mut rtc = RtcConfig::new().set_rtp_mode(true).build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local, "udp")?);
-        Ok(Self { rtc, socket, local })
-    }
-
-    /// Drives the session until `stop`, timing every RTP packet that arrives. A packet's
-    /// arrival is the kernel's receive timestamp of its datagram (SO_TIMESTAMPNS), so the
-    /// figure is the relay's added delay plus loopback, not this client's own scheduling
-    /// and decryption on a busy machine.
-    async fn run(mut self, clock: Arc<Clock>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        use std::os::fd::AsRawFd;
-        let mut buf = vec![0u8; 2048];
-        nix::sys::socket::setsockopt(&self.socket, nix::sys::socket::sockopt::ReceiveTimestampns, &true)?;
-        let mut arrival = Instant::now();
-        loop {
-            let timeout = match self.rtc.poll_output()? {
-                Output::Timeout(t) => t,
-                Output::Transmit(t) => {
-                    let _ = self.socket.send_to(&t.contents, t.destination).await;
-                    continue;
-                }
-                Output::Event(Event::RtpPacket(p)) => {
-                    // Decrypted from the datagram just handled.
-                    let now = arrival;
-                    clock.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if clock.measuring.load(std::sync::atomic::Ordering::Relaxed)
-                        && let Some(sent) = clock.sent.lock().unwrap().get(&payload_key(&p.payload))
-                    {
-                        let us = now.saturating_duration_since(*sent).as_micros() as u32;
-                        clock.samples_us.lock().unwrap().push(us);
-                    }
-                    continue;
-                }
-                Output::Event(_) => continue,
-            };
-            tokio::select! {
-                r = self.socket.readable() => {
-                    r?;
-                    let fd = self.socket.as_raw_fd();
-                    let Ok((n, from, at)) = self.socket.try_io(tokio::io::Interest::READABLE, || recv_timestamped(fd, &mut buf)) else {
-                        continue;
-                    };
-                    arrival = at;
-                    if let Ok(receive) = Receive::new(Protocol::Udp, from, self.local, &buf[..n]) {
-                        self.rtc.handle_input(Input::Receive(Instant::now(), receive))?;
-                    }
-                }
-                _ = tokio::time::sleep_until(timeout.into()) => {
-                    self.rtc.handle_input(Input::Timeout(Instant::now()))?;
-                }
-                _ = stop.changed() => return Ok(()),
-            }
-        }
-    }
-}
-
-/// Receives one datagram with its kernel receive time (SO_TIMESTAMPNS, wall clock)
-/// mapped onto `Instant`.
-fn recv_timestamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Instant)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
-    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-    let mut iov = [std::io::IoSliceMut::new(buf)];
-    let msg =
-        recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(std::io::Error::from)?;
-    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
-    let mut at = now;
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmTimestampns(ts) = c {
-            let kernel = std::time::UNIX_EPOCH + Duration::from(ts);
-            // How long ago the kernel took it, on the wall clock read just now.
-            at = now.checked_sub(wall.duration_since(kernel).unwrap_or_default()).unwrap_or(now);
-        }
-    }
-    let from = msg
-        .address
-        .and_then(|a| a.as_sockaddr_in().map(|a| SocketAddr::V4((*a).into())))
-        .ok_or_else(|| std::io::Error::other("datagram without an IPv4 source"))?;
-    Ok((msg.bytes, from, at))
-}
-
-/// Connects a viewer to Pylon's relay through its signalling WebSocket.
-async fn pylon_viewer(http: SocketAddr, clock: Arc<Clock>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let mut v = Viewer::new().await?;
-    let mut change = v.rtc.sdp_api();
-    change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
-    let (offer, pending) = change.apply().ok_or_else(|| anyhow!("no offer"))?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws")).await?;
-    let msg = serde_json::json!({"type": "offer", "sdp": offer.to_sdp_string(), "role": "spectator"});
-    ws.send(Message::Text(msg.to_string().into())).await?;
-    let answer = loop {
-        let Some(Ok(Message::Text(text))) = ws.next().await else { bail!("signalling closed") };
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        match v["type"].as_str() {
-            Some("answer") => break v["sdp"].as_str().unwrap_or_default().to_string(),
-            Some("error") => bail!("relay refused: {}", v["message"]),
-            _ => {}
-        }
-    };
-    v.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer)?)?;
-    // The WebSocket stays open for the whole session: closing it ends the viewer.
-    let result = v.run(clock, stop).await;
-    drop(ws);
-    result
 }
 
 /// Janus's HTTP API, enough to watch a streaming mountpoint.
@@ -358,7 +248,7 @@ async fn janus_viewer(base: String, clock: Arc<Clock>, stop: watch::Receiver<boo
         }
         let _ = janus.post(&format!("/{session}"), serde_json::json!({"janus": "destroy", "transaction": "bye"})).await;
     });
-    let result = v.run(clock, stop).await;
+    let result = v.run(clock.timer(), stop).await;
     let _ = keepalive.await;
     result
 }
@@ -368,33 +258,6 @@ fn rand_u64() -> u64 {
     Instant::now().hash(&mut h);
     std::thread::current().id().hash(&mut h);
     h.finish()
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok(ticks / 100.0)
-}
-
-/// Resident memory of a process, KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS"))
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
 }
 
 /// What one relay did under the load.
@@ -407,28 +270,6 @@ struct Measured {
     packets_per_second: f64,
     /// The relay's own p50/p99 forwarding delay (upper bucket bounds), ms, where it reports one.
     internal: Option<(f64, f64)>,
-}
-
-/// The cumulative buckets of `pylon_relay_forward_seconds`: (upper bound s, count).
-async fn buckets(http: SocketAddr) -> Vec<(f64, f64)> {
-    let text = match reqwest::get(format!("http://{http}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    text.lines()
-        .filter(|l| l.starts_with("pylon_relay_forward_seconds_bucket"))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            Some((le, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The upper bound (ms) of the bucket holding quantile `q` of cumulative buckets.
-fn bucket_quantile(cumulative: &[(f64, f64)], q: f64) -> f64 {
-    let total = cumulative.last().map_or(0.0, |(_, n)| *n);
-    cumulative.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |(le, _)| le * 1000.0)
 }
 
 /// Runs a feeder on a thread of its own with a current-thread runtime: both relays get
@@ -490,27 +331,6 @@ where
         stop_tx,
         tasks,
     ))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.join(name);
-    if !path.exists() {
-        bail!("{} not found: build it with `cargo build --release -p pylon-relay`", path.display());
-    }
-    Ok(path)
-}
-
-async fn metric(http: SocketAddr, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{http}/metrics")).await.ok();
-    let text = match text {
-        Some(r) => r.text().await.unwrap_or_default(),
-        None => String::new(),
-    };
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Result<Measured> {
@@ -601,13 +421,13 @@ async fn bench_pylon(args: &Args, rec: Arc<Recording>, dir: &Path) -> anyhow::Re
             while !clock.measuring.load(std::sync::atomic::Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            buckets(http).await
+            buckets(http, FORWARD).await
         })
     };
     let (mut m, stop, tasks) =
-        measure(args, pid, clock.clone(), move |clock, stop| pylon_viewer(http, clock, stop)).await?;
-    let (before, after) = (window_start.await?, buckets(http).await);
-    let delta: Vec<(f64, f64)> = after.iter().zip(&before).map(|((le, a), (_, b))| (*le, a - b)).collect();
+        measure(args, pid, clock.clone(), move |clock, stop| pylon_viewer(http, None, clock.timer(), stop)).await?;
+    let (before, after) = (window_start.await?, buckets(http, FORWARD).await);
+    let delta = bucket_delta(&before, &after);
     m.internal = Some((bucket_quantile(&delta, 0.5), bucket_quantile(&delta, 0.99)));
     eprintln!("pylon-relay: {m:?}");
     if args.soak_seconds > 0 {

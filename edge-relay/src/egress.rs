@@ -5,6 +5,7 @@
 //! with UDP segmentation offload through quinn-udp) and its messages to nodes (their
 //! control channels), and feeds it node packets, viewer datagrams, offers and timers.
 
+use crate::cascade::Downstreams;
 use crate::forward::{Core, Sink};
 use crate::ingest::{IngestEvent, NodeControl, NodeMedia, ReadyList};
 use crate::metrics::{DropReason, RelayMetrics};
@@ -170,6 +171,8 @@ struct NodeQueue {
     control: NodeControl,
     media: mpsc::Receiver<NodeMedia>,
     scheduled: Arc<AtomicBool>,
+    /// The relays pulling this stream, which its ingest task copies each packet to.
+    downstreams: Downstreams,
 }
 
 /// Runs the egress loop until shutdown. Nodes with media waiting arrive on `ready`
@@ -199,7 +202,7 @@ pub async fn run(
     // Each viewer's signalling socket learns its session closed when its sender drops.
     let mut open_sessions: HashMap<u64, oneshot::Sender<String>> = HashMap::new();
     // Relays pulling a stream from this one (a cascade).
-    let mut downstreams: Vec<Downstream> = Vec::new();
+    let mut pulls_here: Vec<PullHere> = Vec::new();
     loop {
         let now = Instant::now();
         // Read before any viewer's leave is handled: the viewers were told to move after
@@ -219,8 +222,8 @@ pub async fn run(
             }
             // A session whose player left (or moved) is no longer carried here: the relays
             // pulling it lose the stream, and their spectators' pages ask where it went.
-            downstreams.retain(|d| !d.media.is_closed() && core.session_source(&d.session).is_some());
-            metrics.downstream_relays.set(downstreams.len() as i64);
+            pulls_here.retain(|d| !d.ended.is_closed() && core.session_source(&d.session).is_some());
+            metrics.downstream_relays.set(pulls_here.len() as i64);
             players_reported = now;
         }
         dispatch(&mut core, &nodes, pool.as_ref(), &metrics);
@@ -241,8 +244,8 @@ pub async fn run(
             ev = ingest.recv() => {
                 let Some(ev) = ev else { break };
                 match ev {
-                    IngestEvent::StreamStarted { node, hello, control, media, scheduled, pulled } => {
-                        nodes.insert(node, NodeQueue { control, media, scheduled });
+                    IngestEvent::StreamStarted { node, hello, control, media, scheduled, pulled, downstreams } => {
+                        nodes.insert(node, NodeQueue { control, media, scheduled, downstreams });
                         match pulled {
                             Some(session) => core.pulled_stream_started(Instant::now(), node, hello, session),
                             None => core.stream_started(Instant::now(), node, hello),
@@ -250,12 +253,12 @@ pub async fn run(
                     }
                     IngestEvent::StreamEnded { node } => {
                         nodes.remove(&node);
-                        downstreams.retain(|d| d.source != node);
-                        metrics.downstream_relays.set(downstreams.len() as i64);
+                        pulls_here.retain(|d| d.source != node);
+                        metrics.downstream_relays.set(pulls_here.len() as i64);
                         core.stream_ended(Instant::now(), node);
                     }
                     IngestEvent::Pull { session, reply } => {
-                        let _ = reply.send(downstream(&core, &mut downstreams, &session, &metrics));
+                        let _ = reply.send(downstream(&core, &nodes, &mut pulls_here, &session, &metrics));
                     }
                     IngestEvent::PullEnded { session } => core.pull_ended(Instant::now(), &session),
                     IngestEvent::Keyframe { node } => core.keyframe_for(Instant::now(), node),
@@ -274,7 +277,6 @@ pub async fn run(
                         queue.scheduled.store(false, Ordering::Release);
                         for _ in 0..INGEST_BATCH {
                             let Ok(m) = queue.media.try_recv() else { break };
-                            fan_out(node, &m, &mut downstreams, &metrics);
                             handle_media(node, m, &mut core, &mut sink);
                         }
                         if !queue.media.is_empty() {
@@ -328,58 +330,37 @@ pub async fn run(
 /// Most relays pulling one stream from this relay.
 pub const MAX_DOWNSTREAMS: usize = 8;
 
-/// A relay pulling a stream from this one.
-struct Downstream {
+/// A relay pulling a stream from this one, as the egress task keeps it: which session,
+/// from which stream; dropping `ended` ends the pull (its player left or moved).
+struct PullHere {
     /// The session it pulls.
     session: String,
     /// The stream's ingest connection here.
     source: u64,
-    media: mpsc::Sender<NodeMedia>,
+    ended: oneshot::Sender<()>,
 }
 
-/// Gives a relay pulling `session` its stream: the stream its player plays here.
+/// Gives a relay pulling `session` its stream: the stream its player plays here. Its
+/// packets go to it from that stream's ingest task (see [`Downstreams`]); this task only
+/// decides who may pull, and ends pulls whose session is no longer here.
 fn downstream(
     core: &Core,
-    downstreams: &mut Vec<Downstream>,
+    nodes: &HashMap<u64, NodeQueue>,
+    pulls: &mut Vec<PullHere>,
     session: &str,
     metrics: &RelayMetrics,
 ) -> Result<crate::ingest::Pulled, String> {
     let (source, hello) =
         core.session_source(session).ok_or_else(|| "this relay does not carry that session".to_string())?;
-    downstreams.retain(|d| !d.media.is_closed());
-    if downstreams.iter().filter(|d| d.source == source).count() >= MAX_DOWNSTREAMS {
+    let queue = nodes.get(&source).ok_or_else(|| "this relay does not carry that session".to_string())?;
+    pulls.retain(|d| !d.ended.is_closed());
+    if pulls.iter().filter(|d| d.source == source).count() >= MAX_DOWNSTREAMS {
         return Err(format!("this stream already goes to {MAX_DOWNSTREAMS} relays"));
     }
-    let (tx, rx) = mpsc::channel(crate::ingest::NODE_QUEUE);
-    downstreams.push(Downstream { session: session.to_string(), source, media: tx });
-    metrics.downstream_relays.set(downstreams.len() as i64);
-    Ok(crate::ingest::Pulled { source, hello, media: rx })
-}
-
-/// Copies a node's packet (and frame info) to every relay pulling its stream: one copy
-/// per relay however many viewers it has; a relay that falls behind loses packets
-/// (counted), which it asks for again from this relay's cache.
-fn fan_out(node: u64, media: &NodeMedia, downstreams: &mut [Downstream], metrics: &RelayMetrics) {
-    let copy = || match media {
-        NodeMedia::Rtp { packet, arrival, capture_ntp, captured, audio } => Some(NodeMedia::Rtp {
-            packet: packet.clone(),
-            arrival: *arrival,
-            capture_ntp: *capture_ntp,
-            captured: *captured,
-            audio: *audio,
-        }),
-        NodeMedia::FrameInfo(info) => Some(NodeMedia::FrameInfo(*info)),
-        _ => None,
-    };
-    for d in downstreams.iter().filter(|d| d.source == node) {
-        let Some(m) = copy() else { return };
-        match d.media.try_send(m) {
-            Ok(()) => {
-                metrics.downstream_packets.inc();
-            }
-            Err(_) => metrics.dropped("downstream_behind"),
-        }
-    }
+    let (tx, rx) = oneshot::channel();
+    pulls.push(PullHere { session: session.to_string(), source, ended: tx });
+    metrics.downstream_relays.set(pulls.len() as i64);
+    Ok(crate::ingest::Pulled { source, hello, downstreams: queue.downstreams.clone(), ended: rx })
 }
 
 fn handle_media(node: u64, media: NodeMedia, core: &mut Core, sink: &mut UdpSink<'_>) {

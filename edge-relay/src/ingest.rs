@@ -111,6 +111,9 @@ pub enum IngestEvent {
         /// Pulled from another relay for this session's spectators (a cascade), not a
         /// node's own link.
         pulled: Option<String>,
+        /// The relays pulling this stream from here, which this connection's task copies
+        /// each packet to.
+        downstreams: crate::cascade::Downstreams,
     },
     /// The node's connection ended.
     StreamEnded {
@@ -144,8 +147,12 @@ pub struct Pulled {
     pub source: u64,
     /// Its description (the node's), sent on as the pulling relay's hello.
     pub hello: StreamHello,
-    /// Its packets and frame info, one copy for this relay.
-    pub media: mpsc::Receiver<NodeMedia>,
+    /// The relays pulling it: the pulling relay joins them, and the stream's ingest task
+    /// then copies every packet and frame info to it.
+    pub downstreams: crate::cascade::Downstreams,
+    /// Resolves (its sender dropped) when the egress task ends the pull: the session's
+    /// player left or moved, or the stream ended.
+    pub ended: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// Nodes with media waiting for the egress task, each listed once: a node's id goes on the
@@ -421,6 +428,7 @@ pub(crate) async fn serve_node(
     let control = NodeControl { session: session_tx, input: input_tx };
     let mut media_tx: Option<mpsc::Sender<NodeMedia>> = None;
     let scheduled = Arc::new(AtomicBool::new(false));
+    let downstreams = crate::cascade::Downstreams::default();
     let mut stream: Option<crate::metrics::StreamCounters> = None;
     let mut pool_tick = tokio::time::interval(Duration::from_secs(1));
     let mut counted = link.repair_stats();
@@ -456,7 +464,7 @@ pub(crate) async fn serve_node(
                         });
                         let queued = media_tx.as_ref().is_some_and(|tx| {
                             tx.try_send(NodeMedia::Rtp {
-                                packet,
+                                packet: packet.clone(),
                                 arrival,
                                 capture_ntp: media.capture_ntp,
                                 captured,
@@ -465,6 +473,8 @@ pub(crate) async fn serve_node(
                             .is_ok()
                         });
                         if queued { shared.ready.schedule(node, &scheduled); } else { metrics.dropped("egress_queue_full"); }
+                        // Relays pulling the stream get it from here, not through the egress task.
+                        downstreams.copy_rtp(&packet, media.capture_ntp, media.audio, arrival, metrics);
                     }
                     Err(MediaDrop::Duplicate) => metrics.dropped("duplicate"),
                     Err(reason) => metrics.dropped(reason.label()),
@@ -565,12 +575,14 @@ pub(crate) async fn serve_node(
                             media: rx,
                             scheduled: scheduled.clone(),
                             pulled: pulled.clone(),
+                            downstreams: downstreams.clone(),
                         })
                         .await
                         .map_err(|_| anyhow!("egress task gone"))?;
                     guard.started = true;
                 }
                 RelayEvent::FrameInfo(info) => {
+                    downstreams.copy_frame_info(info);
                     if media_tx.as_ref().is_some_and(|tx| tx.try_send(NodeMedia::FrameInfo(info)).is_ok()) {
                         shared.ready.schedule(node, &scheduled);
                     }

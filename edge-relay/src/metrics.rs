@@ -151,6 +151,13 @@ impl Default for RelayMetrics {
     }
 }
 
+/// Bucket bounds (seconds) of the relay's per-hop delays: fine around the 1 ms a hop may
+/// take at p99, doubling beyond.
+pub const HOP_BUCKETS: [f64; 20] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_4, 0.000_5, 0.000_6, 0.000_8, 0.001, 0.001_25, 0.001_6,
+    0.002, 0.003_2, 0.006_4, 0.012_8, 0.025_6, 0.051_2, 0.102_4, 0.204_8,
+];
+
 impl RelayMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
@@ -159,7 +166,7 @@ impl RelayMetrics {
             nodes_connected: Gauge::default(),
             downstream_relays: Gauge::default(),
             downstream_packets: Counter::default(),
-            downstream_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
+            downstream_seconds: Histogram::new(HOP_BUCKETS.iter().copied()),
             pulls: Counter::default(),
             pulls_failed: Counter::default(),
             node_handshake_failures: Counter::default(),
@@ -173,7 +180,7 @@ impl RelayMetrics {
             ingest_dropped: Family::default(),
             bad_control_messages: Counter::default(),
             viewers: Gauge::default(),
-            forward_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
+            forward_seconds: Histogram::new(HOP_BUCKETS.iter().copied()),
             frame_arrival_spread_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 14)),
             audio_arrival_gap_seconds: Histogram::new(exponential_buckets(0.002_5, 2.0, 9)),
             stream_viewers: Family::default(),
