@@ -70,6 +70,8 @@ const pylon = {
   // When the first and the latest frame were shown (ms since the epoch).
   firstFrameAt: null,
   lastFrameAt: null,
+  // When the relay said the game server was still linking to it (performance.now()).
+  nodeLinking: null,
 };
 window.pylon = pylon;
 
@@ -148,6 +150,14 @@ async function connect() {
     if (msg.type === 'frame') latency.onInfo(msg);
     else if (msg.type === 'clock') clock = pylon.clock = msg;
     else if (msg.type === 'node') {
+      // The game server is linking to this relay (the session was matched here before it
+      // was linked): wait for it, up to LINK_WAIT_MS.
+      if (msg.state === 'linking') {
+        pylon.nodeLinking = performance.now();
+        setStatus('Connecting the game server to this relay…');
+        return;
+      }
+      pylon.nodeLinking = null;
       // The game server's link to the relay dropped (or came back): say so while waiting.
       pylon.nodeLost = msg.state === 'lost';
       const watching = pylon.role === 'player' ? '' : 'Watching (another player has the controls)';
@@ -204,9 +214,12 @@ async function connect() {
       lastBytes = bytes;
       bytesSince = now;
     }
-    if (pylon.state === 'playing' && now - bytesSince > MOVE_AFTER_MS) {
+    // Waiting for the game server to link here: no media yet is expected, for a while.
+    const linking = pylon.nodeLinking != null && pylon.firstFrameAt === null;
+    const linkedTooLate = linking && now - pylon.nodeLinking > LINK_WAIT_MS;
+    if (pylon.state === 'playing' && !linking && now - bytesSince > MOVE_AFTER_MS) {
       retry('The relay stopped answering');
-    } else if (token && catalog && sessionId && pylon.nodeLost && now - lastFrame > MOVE_AFTER_MS && now >= nextMoveTry) {
+    } else if (token && catalog && sessionId && (pylon.nodeLost || linkedTooLate) && now - lastFrame > MOVE_AFTER_MS && now >= nextMoveTry) {
       // The game server is lost behind this relay: another relay may still reach it.
       // Stay here (it may come back) unless the indexer names one.
       nextMoveTry = now + 2000;
@@ -296,6 +309,11 @@ async function connect() {
 
 /** How long a relay may deliver nothing before the page moves to another one, ms. */
 const MOVE_AFTER_MS = 1000;
+/**
+ * How long the page waits for the game server to link to its relay (a session matched to a
+ * relay the node was not linked to yet) before asking for a relay it is linked to, ms.
+ */
+const LINK_WAIT_MS = 10000;
 
 /**
  * Asks the indexer to move this session to another relay (the token proves it is ours):

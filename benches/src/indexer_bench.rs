@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use pylon_indexer::api::{AppState, Policy, router, unix_now};
-use pylon_indexer::selector::{MatchRequest, NodeCandidate, NodeState, RelayCandidate, select};
+use pylon_indexer::selector::{MatchRequest, NodeCandidate, NodeState, RelayCandidate, farthest_rtts, select};
 use pylon_indexer::store::{NodeRecord, RelayRecord, Store, Title};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ fn pool(nodes: usize, relays: usize, per_relay: usize) -> (Vec<NodeCandidate>, V
             gpu_class: (i % 4) as u8,
             price_per_hour: 0.5 + (i % 9) as f64 * 0.1,
             encode_ms: if i % 3 == 0 { 1.5 } else { 4.0 },
+            farthest_rtt_ms: None,
         })
         .collect();
     let relays = (0..relays)
@@ -51,7 +52,11 @@ fn pool(nodes: usize, relays: usize, per_relay: usize) -> (Vec<NodeCandidate>, V
                 .map(|k| (format!("node-{}", (r * 10 + k * 7) % nodes.len()), 1.0 + (k % 40) as f64))
                 .collect(),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // What a relay not linked to a node yet is taken to be (as the API computes it).
+    let farthest = farthest_rtts(&relays);
+    let nodes =
+        nodes.into_iter().map(|n| NodeCandidate { farthest_rtt_ms: farthest.get(&n.id).copied(), ..n }).collect();
     (nodes, relays)
 }
 

@@ -338,6 +338,9 @@ pub fn stream_label(connection: u64, hello: &StreamHello) -> String {
 /// What a viewer's page hears when its node's link drops, and when it comes back.
 const NODE_LOST: &str = r#"{"type":"node","state":"lost"}"#;
 const NODE_BACK: &str = r#"{"type":"node","state":"back"}"#;
+/// What a player's page hears when its node has no link here yet (the indexer matched the
+/// session to this relay, and the node links to it once told): wait, rather than move.
+const NODE_LINKING: &str = r#"{"type":"node","state":"linking"}"#;
 
 /// Writes `text` on the viewer's input channel (when it has one), sent at its next turn
 /// (due at once).
@@ -1292,7 +1295,12 @@ fn drain(v: &mut Viewer, now: Instant, sink: &mut impl Sink, metrics: &RelayMetr
                         .map(|p| p.pt());
                 }
                 Event::ChannelOpen(id, label) => match label.as_str() {
-                    INPUT_CHANNEL => v.input_channel = Some(id),
+                    INPUT_CHANNEL => {
+                        v.input_channel = Some(id);
+                        if v.session.is_some() && v.source.is_none() {
+                            tell(v, now, NODE_LINKING);
+                        }
+                    }
                     MOTION_CHANNEL => v.motion_channel = Some(id),
                     _ => tracing::debug!(viewer = v.id, "ignoring data channel {label:?}"),
                 },

@@ -374,3 +374,67 @@ async fn the_player_is_matched_to_the_relay_it_measures_nearest() {
     b.close().await;
     platform.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_nearest_a_relay_the_node_is_not_linked_to_plays_there_once_the_node_links_to_it() {
+    // The node keeps one relay link: relay-b's (first by id). relay-c is in the pool, not
+    // linked to the node.
+    let setup = Setup { pooled: true, max_relay_links: Some(1), ..Setup::default() };
+    let platform = start_setup(640, 360, 30, setup).await;
+    let indexer = platform.indexer.unwrap();
+    let base = platform.data_dir().join("relays");
+    std::fs::create_dir_all(&base).unwrap();
+    let started = unix_now();
+    let mut relays = [ChildRelay::new("relay-b", &base), ChildRelay::new("relay-c", &base)];
+    // The browser is 40 ms from relay-b each way, next to relay-c.
+    let far = delaying_proxy([127, 0, 0, 1].into(), relays[0].http, Duration::from_millis(40)).await;
+    relays[0].public_url = Some(format!("http://{far}"));
+    for r in &mut relays {
+        r.start(indexer);
+    }
+    platform.stop_relay().await;
+    assert_eq!(admin_post(indexer, &format!("/api/v1/relays/{POOL_RELAY}/revoke")).await, 204);
+    relays[0].wait_linked(indexer, started).await;
+    // relay-c heartbeats, without the node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = http_json(indexer, "/api/v1/relays").await;
+        let c = listed["items"].as_array().unwrap().iter().find(|r| r["id"] == "relay-c").cloned().unwrap_or_default();
+        if c["state"] == "ready" && c["last_heartbeat"].as_i64() > Some(started) {
+            assert!(c["node_rtt_ms"][POOL_NODE].is_null(), "{c}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay-c never joined the pool: {listed}; its log: {}",
+            std::fs::read_to_string(relays[1].dir.with_extension("log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(&relay_metrics(relays[1].http).await, "pylon_relay_nodes_connected"), 0.0);
+
+    // The player measures relay-c nearest by far: the indexer matches it there, and the
+    // node, told by its heartbeat's answer, links to relay-c.
+    let b = Browser::start().await;
+    click_play(&b, indexer, "demo").await;
+    let clicked = Instant::now();
+    let played = wait_playing(&b, indexer, 30).await;
+    let took = clicked.elapsed();
+    assert_eq!(playing_through(&b, &relays).await, 1, "{played}");
+    let session = b.eval("return location.pathname").await.as_str().unwrap().trim_start_matches("/play/").to_string();
+    let info = http_json(indexer, &format!("/api/v1/sessions/{session}")).await;
+    assert_eq!(info["relay"], "relay-c", "{info}");
+    // It waited for the node there rather than moving to the relay the node was linked to.
+    assert!(b.eval("return pylon.moved").await.is_null());
+    eprintln!("matched to relay-c, which the node was not linked to: 30 frames decoded {took:?} after the click");
+    relays[1].wait_linked(indexer, started).await;
+    // Still at most one link: relay-b's, idle, was closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&relay_metrics(relays[0].http).await, "pylon_relay_nodes_connected") > 0.0 {
+        assert!(Instant::now() < deadline, "the node kept its idle link to relay-b");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(platform.server_metrics_value("pylon_server_sessions_started_total"), 1.0);
+    b.close().await;
+    platform.stop().await;
+}

@@ -43,8 +43,9 @@ pub use checks::{CheckerRecord, CheckerStatus};
 pub use pylon_indexer_client::api::MeteringAudit;
 pub use pylon_indexer_client::api::{
     Candidate, CheckAssignment, CheckOutcome, CreateSession, EndSession, ErrorBody, ErrorReason, MoveSession,
-    NodeHeartbeat, NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay, RelayHeartbeat,
-    RelayHeartbeatReply, Replicas, SessionCreated, SessionInfo, SessionRole, Spectate, Verdict, valid_id, valid_sha256,
+    NodeHeartbeat, NodeHeartbeatReply, NodeKeyInfo, NodeScore, PublicKey, RegisterChecker, RegisterNode, RegisterRelay,
+    RelayHeartbeat, RelayHeartbeatReply, Replicas, SessionCreated, SessionInfo, SessionRole, Spectate, Verdict,
+    valid_id, valid_sha256,
 };
 
 mod checks;
@@ -464,6 +465,7 @@ fn url_origin(url: &str) -> Option<String> {
         Usage,
         RegisterNode,
         NodeHeartbeat,
+        NodeHeartbeatReply,
         RegisterRelay,
         RelayHeartbeat,
         NodeStatus,
@@ -1159,7 +1161,7 @@ async fn signed_node(
     params(("id" = String, Path, description = "Node id")),
     security(("pylon_signature" = [], "pylon_timestamp" = [], "pylon_nonce" = [])),
     responses(
-        (status = 204, description = "Recorded"),
+        (status = 200, description = "Recorded; the relays the node's open sessions are on", body = NodeHeartbeatReply),
         (status = 400, description = "Malformed heartbeat", body = ErrorBody),
         (status = 401, description = "Not signed by the node's key, stale or replayed", body = ErrorBody),
         (status = 403, description = "This node is revoked", body = ErrorBody),
@@ -1170,7 +1172,7 @@ async fn node_heartbeat(
     IdPath(id): IdPath,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<NodeHeartbeatReply>> {
     let path = format!("/api/v1/nodes/{id}/heartbeat");
     signed_node(&s, &id, Method::POST, &path, &headers, &body).await?;
     let hb: NodeHeartbeat = json(&body)?;
@@ -1186,7 +1188,8 @@ async fn node_heartbeat(
         s.metrics.sessions_ended.inc_by(swept);
         tracing::info!(node = %id, swept, "ended sessions the node does not run");
     }
-    Ok(StatusCode::NO_CONTENT)
+    // A session may have been matched to a relay the node is not linked to: it links there.
+    Ok(Json(NodeHeartbeatReply { relays: s.store.open_session_relays(&id).await? }))
 }
 
 /// A node asks for no new sessions (it is about to leave).
@@ -1605,6 +1608,17 @@ async fn create_session(
     let nodes = s.store.nodes().await?;
     let relays = s.store.relays().await?;
     let started = Instant::now();
+    let relay_candidates: Vec<RelayCandidate> = relays
+        .iter()
+        .map(|r| RelayCandidate {
+            id: r.id.clone(),
+            healthy: relay_healthy(r, now),
+            capacity: r.capacity.max(0) as u32,
+            viewers: r.viewers.max(0) as u32,
+            node_rtt_ms: r.node_rtt_ms.clone(),
+        })
+        .collect();
+    let farthest = selector::farthest_rtts(&relay_candidates);
     let candidates: Vec<NodeCandidate> = nodes
         .iter()
         .map(|n| NodeCandidate {
@@ -1622,16 +1636,7 @@ async fn create_session(
             gpu_class: n.gpu_class.clamp(0, 255) as u8,
             price_per_hour: n.price_per_hour,
             encode_ms: n.encode_ms,
-        })
-        .collect();
-    let relay_candidates: Vec<RelayCandidate> = relays
-        .iter()
-        .map(|r| RelayCandidate {
-            id: r.id.clone(),
-            healthy: relay_healthy(r, now),
-            capacity: r.capacity.max(0) as u32,
-            viewers: r.viewers.max(0) as u32,
-            node_rtt_ms: r.node_rtt_ms.clone(),
+            farthest_rtt_ms: farthest.get(&n.id).copied(),
         })
         .collect();
     let request = MatchRequest {

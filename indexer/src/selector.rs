@@ -6,6 +6,13 @@
 //! have the title installed, meet the title's GPU class and the player's price limit, and
 //! relays that are healthy with room for a viewer. Ties (within [`TIE_MS`]) go to the
 //! cheaper node. Every rejection is counted by reason, so "no match" says why.
+//!
+//! Every relay the player measured is a candidate, not only those already linked to a
+//! node: a node links to the relay its session was matched to when the indexer tells it
+//! (its heartbeat's answer). Until that relay has measured its RTT to the node, the
+//! relay↔node RTT is taken as the farthest any relay of the pool measured to that node
+//! ([`NodeCandidate::farthest_rtt_ms`]) — pessimistic, so a measured pair wins unless the
+//! player is clearly nearer the other relay.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +49,21 @@ pub struct NodeCandidate {
     pub price_per_hour: f64,
     /// Expected encode time per frame, ms (NVENC ≈ 1, libx264 at 720p ≈ 3–5).
     pub encode_ms: f64,
+    /// The farthest RTT any relay of the pool measured to it, ms (see [`farthest_rtts`]):
+    /// what a relay not linked to it yet is assumed to be. `None`: no relay reaches it.
+    pub farthest_rtt_ms: Option<f64>,
+}
+
+/// Each node's farthest RTT measured by any of `relays`, ms.
+pub fn farthest_rtts<'a>(relays: impl IntoIterator<Item = &'a RelayCandidate>) -> BTreeMap<String, f64> {
+    let mut farthest: BTreeMap<String, f64> = BTreeMap::new();
+    for relay in relays {
+        for (node, rtt) in relay.node_rtt_ms.iter().filter(|(_, r)| r.is_finite() && **r >= 0.0) {
+            let far = farthest.entry(node.clone()).or_insert(*rtt);
+            *far = far.max(*rtt);
+        }
+    }
+    farthest
 }
 
 /// What the selector knows of a relay.
@@ -83,6 +105,9 @@ pub struct Match {
     pub expected_ms: f64,
     /// How the winner compared, for logs and the API.
     pub reason: String,
+    /// Whether the relay has measured its RTT to the node (they are linked); `false` when
+    /// the relay↔node RTT was estimated and the node is yet to link to the relay.
+    pub linked: bool,
 }
 
 /// Why nothing matched.
@@ -95,6 +120,15 @@ pub struct NoMatch {
     pub summary: String,
     /// The same counts, machine-readable.
     pub rejected: BTreeMap<&'static str, usize>,
+}
+
+/// Whether a candidate at `expected` ms and `price` beats the best so far (`(expected,
+/// price)`): clearly faster, or as fast (within [`TIE_MS`]) and cheaper.
+fn beats(best: Option<(f64, f64)>, expected: f64, price: f64) -> bool {
+    match best {
+        None => true,
+        Some((e, p)) => expected < e - TIE_MS || ((expected - e).abs() <= TIE_MS && price < p),
+    }
 }
 
 /// Picks the relay and node that minimise expected latency.
@@ -124,8 +158,11 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
         .collect();
     let usable: std::collections::HashMap<&str, &NodeCandidate> =
         usable_nodes.iter().map(|n| (n.id.as_str(), *n)).collect();
-    let mut best: Option<(f64, f64, &RelayCandidate, &NodeCandidate)> = None;
+    // (expected, price, relay, node, the relay↔node RTT, measured)
+    let mut best: Option<(f64, f64, &RelayCandidate, &NodeCandidate, f64, bool)> = None;
     let mut considered = 0usize;
+    // The relays that may take the player, with its RTT to each.
+    let mut eligible: Vec<(&RelayCandidate, f64, bool)> = Vec::new();
     // Only relays the client measured, and through each only the nodes it measured: the
     // cost grows with what was measured, not with the size of the pool.
     for relay in relays {
@@ -150,34 +187,49 @@ pub fn select(req: &MatchRequest, nodes: &[NodeCandidate], relays: &[RelayCandid
             reachable = true;
             considered += 1;
             let expected = client_rtt + node_rtt + node.encode_ms.max(0.0);
-            let better = match best {
-                None => true,
-                Some((e, price, _, _)) => {
-                    expected < e - TIE_MS || ((expected - e).abs() <= TIE_MS && node.price_per_hour < price)
-                }
-            };
-            if better {
-                best = Some((expected, node.price_per_hour, relay, node));
+            if beats(best.map(|b| (b.0, b.1)), expected, node.price_per_hour) {
+                best = Some((expected, node.price_per_hour, relay, node, *node_rtt, true));
             }
         }
-        if !reachable {
-            reject(&mut rejected, "relay cannot reach a usable node");
+        eligible.push((relay, client_rtt, reachable));
+    }
+    // The node best reached through a relay not linked to it yet, by its farthest RTT.
+    let mut unlinked: Option<(f64, &NodeCandidate, f64)> = None;
+    for node in &usable_nodes {
+        let Some(rtt) = node.farthest_rtt_ms.filter(|r| r.is_finite() && *r >= 0.0) else { continue };
+        let cost = rtt + node.encode_ms.max(0.0);
+        if beats(unlinked.map(|(c, n, _)| (c, n.price_per_hour)), cost, node.price_per_hour) {
+            unlinked = Some((cost, node, rtt));
+        }
+    }
+    for (relay, client_rtt, reachable) in eligible {
+        match unlinked {
+            Some((cost, node, rtt)) if !relay.node_rtt_ms.contains_key(&node.id) => {
+                considered += 1;
+                let expected = client_rtt + cost;
+                if beats(best.map(|b| (b.0, b.1)), expected, node.price_per_hour) {
+                    best = Some((expected, node.price_per_hour, relay, node, rtt, false));
+                }
+            }
+            _ if !reachable => reject(&mut rejected, "relay cannot reach a usable node"),
+            _ => {}
         }
     }
     match best {
-        Some((expected_ms, price, relay, node)) => Ok(Match {
+        Some((expected_ms, price, relay, node, rtt, linked)) => Ok(Match {
             relay: relay.id.clone(),
             node: node.id.clone(),
             expected_ms,
             reason: format!(
-                "lowest expected latency {expected_ms:.1} ms (client→{} {:.1} ms, →{} {:.1} ms, encode {:.1} ms) \
+                "lowest expected latency {expected_ms:.1} ms (client→{} {:.1} ms, →{} {rtt:.1} ms{}, encode {:.1} ms) \
                  at {price:.2}/h among {considered} pairs",
                 relay.id,
                 req.client_rtt_ms.get(&relay.id).copied().unwrap_or_default(),
                 node.id,
-                relay.node_rtt_ms.get(&node.id).copied().unwrap_or_default(),
+                if linked { "" } else { " estimated: not linked yet" },
                 node.encode_ms
             ),
+            linked,
         }),
         None => {
             if usable_nodes.is_empty() && rejected.is_empty() {
@@ -203,6 +255,7 @@ mod tests {
             gpu_class: 2,
             price_per_hour: price,
             encode_ms: 3.0,
+            farthest_rtt_ms: None,
         }
     }
 
@@ -279,7 +332,7 @@ mod tests {
         let sick = RelayCandidate { healthy: false, ..relay("sick", &[("n", 1.0)]) };
         let full = RelayCandidate { viewers: 100, ..relay("full", &[("n", 1.0)]) };
         let blind = relay("blind", &[]);
-        let unmeasured = relay("unmeasured", &[("n", 1.0)]);
+        let unmeasured = relay("unmeasured", &[]);
         let req = request(&[("sick", 1.0), ("full", 1.0), ("blind", 1.0), ("nan", f64::NAN)]);
         let err = select(&req, &nodes, &[sick, full, blind, unmeasured]).unwrap_err();
         assert_eq!(err.rejected.get("relay unhealthy"), Some(&1));
@@ -287,6 +340,29 @@ mod tests {
         assert_eq!(err.rejected.get("relay cannot reach a usable node"), Some(&1));
         assert_eq!(err.rejected.get("relay not measured by the client"), Some(&1));
         assert!(select(&request(&[]), &[], &[]).unwrap_err().summary.contains("no node registered"));
+    }
+
+    #[test]
+    fn a_relay_the_node_is_not_linked_to_wins_when_the_player_is_clearly_nearer_it() {
+        // The node is linked to "home" and "away" (measured 5 and 30 ms), not to "edge".
+        let relays = [relay("home", &[("n", 5.0)]), relay("away", &[("n", 30.0)]), relay("edge", &[])];
+        let farthest = farthest_rtts(&relays);
+        assert_eq!(farthest.get("n"), Some(&30.0));
+        let nodes = [NodeCandidate { farthest_rtt_ms: farthest.get("n").copied(), ..node("n", 1.0) }];
+        // The player is 60 ms from home, 40 from away, 2 from edge: edge, by the node's
+        // farthest measured RTT (30 ms): 2 + 30 + 3 against 60 + 5 + 3.
+        let m = select(&request(&[("home", 60.0), ("away", 40.0), ("edge", 2.0)]), &nodes, &relays).unwrap();
+        assert_eq!((m.relay.as_str(), m.linked), ("edge", false), "{m:?}");
+        assert!((m.expected_ms - 35.0).abs() < 1e-9, "{m:?}");
+        assert!(m.reason.contains("estimated"), "{}", m.reason);
+        // Not clearly nearer edge than a linked relay: the measured pair wins (8 + 5 + 3
+        // against 2 + 30 + 3).
+        let m = select(&request(&[("home", 8.0), ("edge", 2.0)]), &nodes, &relays).unwrap();
+        assert_eq!((m.relay.as_str(), m.linked), ("home", true), "{m:?}");
+        // A node no relay measured is reached through none.
+        let lost = [NodeCandidate { farthest_rtt_ms: None, ..node("n", 1.0) }];
+        let err = select(&request(&[("edge", 2.0)]), &lost, &relays).unwrap_err();
+        assert_eq!(err.rejected.get("relay cannot reach a usable node"), Some(&1), "{err:?}");
     }
 
     #[test]

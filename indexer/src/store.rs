@@ -662,6 +662,16 @@ impl Store {
         Ok(ended)
     }
 
+    /// The relays `node`'s open sessions are on.
+    pub async fn open_session_relays(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT DISTINCT relay FROM sessions WHERE node = $1 AND ended_at IS NULL ORDER BY relay")
+                .bind(node)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     /// Sessions on `relay` that ended at or after `since`, with why.
     pub async fn ended_sessions_on_relay(&self, relay: &str, since: i64) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query("SELECT id, end_reason FROM sessions WHERE relay = $1 AND ended_at >= $2")

@@ -230,7 +230,7 @@ async fn a_node_that_leaves_or_drains_gets_no_new_sessions() {
 
     // It comes back (a signed heartbeat) and resumes; then drains.
     let hb = json!({"sessions": 0, "titles": ["demo"]});
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &na)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &na)).await.0, StatusCode::OK);
     assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.1["node"], "node-a");
     assert_eq!(call(&s, signed("/api/v1/nodes/node-a/drain", &json!({}), &na)).await.0, StatusCode::NO_CONTENT);
     assert_eq!(call(&s, post("/api/v1/sessions", &req)).await.1["node"], "node-b");
@@ -328,7 +328,7 @@ async fn sessions_a_node_does_not_run_stop_being_metered() {
     }
     // The node runs only "old-running": "old-gone" ends; "fresh" may still be joining.
     let hb = json!({"sessions": 1, "titles": ["demo"], "running": ["old-running"]});
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::OK);
     assert!(s.store.session_running("old-running").await.unwrap());
     assert!(!s.store.session_running("old-gone").await.unwrap());
     assert!(s.store.session_running("fresh").await.unwrap());
@@ -403,14 +403,14 @@ async fn a_replayed_signed_request_is_refused() {
     let nonce = NONCES.next();
     let first = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce);
     let replay = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce);
-    assert_eq!(call(&s, first).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, first).await.0, StatusCode::OK);
     let (status, err) = call(&s, replay).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(err["error"].as_str().unwrap().contains("replayed"), "{err}");
     // An older nonce is refused too; a newer one passes.
     let older = signed_with("/api/v1/nodes/node-a/heartbeat", &hb, &key, nonce - 1);
     assert_eq!(call(&s, older).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &key)).await.0, StatusCode::OK);
     // A replayed registration and a hostile timestamp (no overflow) are refused.
     let body = node_body("node-a", "alice", 1.0, &key);
     assert_eq!(call(&s, signed_with("/api/v1/nodes", &body, &key, nonce)).await.0, StatusCode::UNAUTHORIZED);
@@ -486,7 +486,7 @@ async fn a_seat_is_freed_when_the_relay_never_sees_the_player_or_stops_seeing_it
     let hb = json!({"viewers": 1, "node_rtt_ms": {"node-a": 2.0}, "players": [played]});
     assert_eq!(call(&s, signed("/api/v1/relays/relay-1/heartbeat", &hb, &relay)).await.0, StatusCode::OK);
     let claim = json!({"sessions": 2, "titles": ["demo"], "running": [ghost, played]});
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &claim, &node)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-a/heartbeat", &claim, &node)).await.0, StatusCode::OK);
     let now = unix_now();
     let grace = pylon_indexer::api::PLAYER_JOIN_GRACE_SECS;
     let gone = pylon_indexer::api::PLAYER_GONE_SECS;
@@ -588,7 +588,7 @@ async fn errors_carry_a_reason_code_and_busy_answers_retry_after() {
     let first = signed("/api/v1/nodes/node-a/heartbeat", &hb, &key);
     let mut copy = Request::post("/api/v1/nodes/node-a/heartbeat").body(Body::from(hb.to_string())).unwrap();
     *copy.headers_mut() = first.headers().clone();
-    assert_eq!(call(&s, first).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, first).await.0, StatusCode::OK);
     assert_eq!(reason(&call(&s, copy).await.1), "replayed");
     let body = node_body("node-a", "mallory", 0.0, &forger);
     assert_eq!(reason(&call(&s, signed("/api/v1/nodes", &body, &forger)).await.1), "key_conflict");
@@ -983,7 +983,7 @@ async fn a_ghost_nodes_phantom_sessions_fail_every_metering_audit_and_an_honest_
     assert_eq!(created["node"], "node-h");
     let played = created["session"].as_str().unwrap().to_string();
     let hb = json!({"sessions": 1, "running": [played], "titles": ["demo"]});
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-h/heartbeat", &hb, &honest)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-h/heartbeat", &hb, &honest)).await.0, StatusCode::OK);
     // The ghost claims two sessions that never existed and one that ended a minute ago.
     let now = unix_now();
     let old = pylon_indexer::store::SessionRecord {
@@ -999,7 +999,7 @@ async fn a_ghost_nodes_phantom_sessions_fail_every_metering_audit_and_an_honest_
     assert!(s.store.start_session(&old, 2).await.unwrap());
     assert!(s.store.end_session(&old.id, now - 60, "player left").await.unwrap());
     let hb = json!({"sessions": 3, "running": ["ab".repeat(16), "cd".repeat(16), "77".repeat(16)], "titles": ["demo"]});
-    assert_eq!(call(&s, signed("/api/v1/nodes/node-g/heartbeat", &hb, &ghost)).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&s, signed("/api/v1/nodes/node-g/heartbeat", &hb, &ghost)).await.0, StatusCode::OK);
     // A heartbeat listing absurdly many sessions is refused.
     let flood: Vec<String> = (0..2000).map(|i| format!("{i:032x}")).collect();
     let hb = json!({"sessions": 2000, "running": flood, "titles": ["demo"]});
@@ -1257,6 +1257,36 @@ async fn a_moved_session_goes_to_the_relay_nearest_the_player_by_the_rtts_its_pa
     assert_eq!((status, back["relay"].as_str()), (StatusCode::CREATED, Some("relay-1")), "{back}");
     let (status, next) = call(&s, post(&path, &json!({"token": back["token"]}))).await;
     assert_eq!((status, next["relay"].as_str()), (StatusCode::CREATED, Some("relay-3")), "{next}");
+}
+
+#[tokio::test]
+async fn a_player_clearly_nearer_a_relay_the_node_is_not_linked_to_is_matched_there_and_the_node_told_to_link() {
+    let s = state().await;
+    add_demo_title(&s).await;
+    let node = SigningKey::from_bytes(&[1; 32]);
+    add_node(&s, "node-a", "alice", 1.0, &node).await;
+    add_relay(&s, "relay-1", &SigningKey::from_bytes(&[3; 32]), json!({"node-a": 4.0})).await;
+    add_relay(&s, "relay-2", &SigningKey::from_bytes(&[4; 32]), json!({"node-a": 20.0})).await;
+    // relay-3 has not measured node-a: the node is not linked to it.
+    add_relay(&s, "relay-3", &SigningKey::from_bytes(&[5; 32]), json!({})).await;
+    let hb = json!({"sessions": 0, "titles": ["demo"]});
+    let (status, reply) = call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &node)).await;
+    assert_eq!((status, reply["relays"].clone()), (StatusCode::OK, json!([])), "{reply}");
+    // The player is 2 ms from relay-3, 50 from relay-1: relay-3 wins by the node's farthest
+    // measured RTT (20 ms): 2 + 20 against 50 + 4.
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 50.0, "relay-2": 60.0, "relay-3": 2.0}});
+    let (status, created) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!((status, created["relay"].as_str()), (StatusCode::CREATED, Some("relay-3")), "{created}");
+    assert!(created["reason"].as_str().unwrap().contains("not linked yet"), "{created}");
+    // The node's next heartbeat names the relay to link to.
+    let (_, reply) = call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &node)).await;
+    assert_eq!(reply["relays"], json!(["relay-3"]), "{reply}");
+    // A player about as near a linked relay goes there.
+    let req = json!({"title": "demo", "client_rtt_ms": {"relay-1": 10.0, "relay-3": 2.0}});
+    let (_, created) = call(&s, post("/api/v1/sessions", &req)).await;
+    assert_eq!(created["relay"], "relay-1", "{created}");
+    let (_, reply) = call(&s, signed("/api/v1/nodes/node-a/heartbeat", &hb, &node)).await;
+    assert_eq!(reply["relays"], json!(["relay-1", "relay-3"]), "{reply}");
 }
 
 /// A token the indexer would have signed for session `id` on `relay` (as a spectator's page

@@ -110,6 +110,11 @@ struct Args {
     /// Region name shown to the indexer.
     #[arg(long, env = "PYLON_REGION", default_value = "local")]
     region: String,
+    /// Most relays of the pool the node keeps links to: those its sessions were matched to
+    /// first, then those in its --region, then the rest as the indexer lists them.
+    #[arg(long, env = "PYLON_MAX_RELAY_LINKS", default_value_t = pylon_server::uplink::MAX_LINKS,
+        value_parser = clap::value_parser!(usize))]
+    max_relay_links: usize,
     /// Latitude,longitude of the node, e.g. 48.85,2.35.
     #[arg(long, env = "PYLON_COORDS", default_value = "0,0", value_parser = parse_coords)]
     coords: (f64, f64),
@@ -309,7 +314,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         trust: match (relay_cert, &pool) {
             (Some(path), _) => RelayTrust::File(path),
-            (None, Some((client, _, _))) => RelayTrust::Pool { indexer: client.clone(), region: args.region.clone() },
+            (None, Some((client, _, _))) => RelayTrust::Pool {
+                indexer: client.clone(),
+                region: args.region.clone(),
+                max_links: args.max_relay_links,
+            },
             (None, None) => anyhow::bail!("outside a pool the node needs --relay-cert"),
         },
         server_name: args.relay_name,

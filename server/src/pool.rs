@@ -25,6 +25,9 @@ struct GateState {
     key: Option<VerifyingKey>,
     /// The running session (hex id).
     session: Option<String>,
+    /// The relays the indexer matched this node's open sessions to (from its heartbeat
+    /// answer): the node links to them, whatever else it links to.
+    wanted: Vec<String>,
 }
 
 /// What the node's membership and its relay link share: the indexer's token key (set at
@@ -34,17 +37,19 @@ struct GateState {
 pub struct SessionGate {
     node: Option<String>,
     state: Arc<Mutex<GateState>>,
+    /// Wakes the relay links' refresh when the wanted relays change.
+    wanted_changed: Arc<tokio::sync::Notify>,
 }
 
 impl SessionGate {
     /// A node outside a pool: any player the relay names may play.
     pub fn open() -> Self {
-        Self { node: None, state: Arc::default() }
+        Self { node: None, state: Arc::default(), wanted_changed: Arc::default() }
     }
 
     /// Node `node` of a pool: input only inside a session whose token it verified.
     pub fn pooled(node: &str) -> Self {
-        Self { node: Some(node.to_string()), state: Arc::default() }
+        Self { node: Some(node.to_string()), state: Arc::default(), wanted_changed: Arc::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -69,6 +74,30 @@ impl SessionGate {
     /// The link started (`Some`) or ended (`None`) the player's session.
     pub fn set_running(&self, session: Option<String>) {
         self.lock().session = session;
+    }
+
+    /// The indexer matched this node's open sessions to `relays`.
+    pub fn set_wanted_relays(&self, mut relays: Vec<String>) {
+        relays.sort();
+        let changed = {
+            let mut state = self.lock();
+            let changed = state.wanted != relays;
+            state.wanted = relays;
+            changed
+        };
+        if changed {
+            self.wanted_changed.notify_one();
+        }
+    }
+
+    /// The relays the node's open sessions were matched to.
+    pub fn wanted_relays(&self) -> Vec<String> {
+        self.lock().wanted.clone()
+    }
+
+    /// Resolves when [`Self::wanted_relays`] changes.
+    pub async fn wanted_relays_changed(&self) {
+        self.wanted_changed.notified().await;
     }
 
     /// The sessions running (for heartbeats).
@@ -101,7 +130,7 @@ pub async fn run_membership(
         let running = gate.running();
         let hb = NodeHeartbeat { sessions: running.len() as u32, running, titles: registration.titles.clone() };
         match client.node_heartbeat(&registration.id, &hb).await {
-            Ok(()) => {}
+            Ok(reply) => gate.set_wanted_relays(reply.relays),
             Err(e) if e.is_refusal() => return Err(e),
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }

@@ -34,13 +34,16 @@ pub enum RelayTrust {
     File(PathBuf),
     /// Any relay of the pool, by the SHA-256 of the certificate it registered with the
     /// indexer (fetched anew before each connection); the id the relay then gives in its
-    /// welcome must be the one registered with that certificate. Relays in the node's
-    /// `region` are linked first.
+    /// welcome must be the one registered with that certificate. The relays the node's
+    /// sessions were matched to are linked first, then those in the node's `region`, at
+    /// most `max_links` (links beyond are closed unless they carry the session).
     Pool {
         /// The indexer (its replicas).
         indexer: pylon_indexer_client::Client,
         /// The node's region.
         region: String,
+        /// Most relays linked at once ([`MAX_LINKS`] by default).
+        max_links: usize,
     },
 }
 
@@ -215,7 +218,8 @@ pub fn transport_config() -> quinn::TransportConfig {
 /// How often a pooled node asks the indexer for the pool's relays (new relays are linked,
 /// gone ones dropped).
 pub const RELAY_REFRESH: Duration = Duration::from_secs(3);
-/// Most relays a pooled node keeps links to (the first ones the indexer lists).
+/// Most relays a pooled node keeps links to by default (those its sessions were matched
+/// to, then its region's, then the rest as the indexer lists them).
 pub const MAX_LINKS: usize = 16;
 /// Media and commands queued for one link before packets are dropped (counted).
 const LINK_QUEUE: usize = 4096;
@@ -332,7 +336,7 @@ pub async fn run(
     let (fixed, indexer) = match &config.trust {
         // A certificate file is read once, at start (a missing one is an error now, not later).
         RelayTrust::File(path) => (Some(client_config(path)?), None),
-        RelayTrust::Pool { indexer, region } => (None, Some((indexer.clone(), region.clone()))),
+        RelayTrust::Pool { indexer, region, max_links } => (None, Some((indexer.clone(), region.clone(), *max_links))),
     };
     let players = match gate.node() {
         Some(id) => PlayerGate::pooled(id),
@@ -367,7 +371,8 @@ pub async fn run(
     // The pool's relays, fetched by a task of their own: an indexer call must never hold up
     // the packets routed below.
     let (lists, mut relay_lists) = mpsc::channel(1);
-    if let Some((indexer, region)) = indexer.clone() {
+    let max_links = indexer.as_ref().map_or(1, |(_, _, max)| (*max).max(1));
+    if let Some((indexer, region, _)) = indexer.clone() {
         tokio::spawn(refresh_relays(indexer, region, shared.clone(), lists, shutdown.clone()));
     }
     let mut expiry = tokio::time::interval(Duration::from_millis(250));
@@ -414,7 +419,7 @@ pub async fn run(
                     shared.signal(SessionSignal::Ended { session });
                 }
             },
-            Some(targets) = relay_lists.recv() => relink(&shared, &mut links, targets),
+            Some(targets) = relay_lists.recv() => relink(&shared, &mut links, targets, max_links),
             _ = shutdown.changed() => break,
         }
     }
@@ -442,12 +447,15 @@ async fn refresh_relays(
     loop {
         tokio::select! {
             _ = refresh.tick() => {}
+            // A session was matched to a relay this node may not be linked to: at once.
+            _ = shared.gate.wanted_relays_changed() => {}
             _ = shutdown.changed() => return,
         }
         // The indexer's key (learnt at registration) vouches for each relay listed.
         let Some(key) = shared.gate.key() else { continue };
+        let wanted = shared.gate.wanted_relays();
         let listed = indexer.relays().await.map_err(anyhow::Error::from).and_then(|relays| {
-            let (pinned, targets, unattested) = pool_relays(relays, &key, &region);
+            let (pinned, targets, unattested) = pool_relays(relays, &key, &region, &wanted);
             if unattested > 0 {
                 shared.metrics.relays_unattested.inc_by(unattested);
                 tracing::warn!(unattested, "relays listed without the indexer's valid signature: not dialed");
@@ -506,11 +514,11 @@ fn route(links: &[LinkHandle], players: &PlayerGate, metrics: &ServerMetrics, pa
 
 /// Links to each of `targets` not linked yet and drops links to relays no longer listed
 /// (unless the running session is on one: its player may still be there).
-fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, mut targets: Vec<Target>) {
+fn relink(shared: &Arc<Shared>, links: &mut Vec<LinkHandle>, mut targets: Vec<Target>, max_links: usize) {
     let session_relay = shared.players.session_relay();
-    // The first MAX_LINKS listed (the node's region first); the session's relay is kept
-    // whatever happens.
-    targets.truncate(MAX_LINKS);
+    // The first `max_links` listed (the sessions' relays, then the node's region); the
+    // session's relay is kept whatever happens.
+    targets.truncate(max_links);
     links.retain(|l| {
         let keep = targets.contains(&l.target) || session_relay.as_deref().is_some_and(|r| l.is(r));
         if !keep {
@@ -629,19 +637,21 @@ async fn run_link(
 }
 
 /// The pool's relays from the indexer: the certificates to trust (SHA-256 → relay ids, of
-/// every relay not revoked or awaiting approval) and the ready ones to link to — those in
-/// the node's `region` first —, of those entries the indexer's key `indexer` vouches for;
-/// and how many it did not.
+/// every relay not revoked or awaiting approval) and the ready ones to link to — first
+/// those the node's open sessions were matched to (`wanted`), then those in the node's
+/// `region` —, of those entries the indexer's key `indexer` vouches for; and how many it
+/// did not.
 fn pool_relays(
     mut relays: Vec<pylon_indexer_client::api::RelayEntry>,
     indexer: &ed25519_dalek::VerifyingKey,
     region: &str,
+    wanted: &[String],
 ) -> (PinnedRelays, Vec<Target>, u64) {
     let mut pinned = PinnedRelays::new();
     let mut targets = Vec::new();
     let mut unattested = 0;
     // Stable: within each group, the indexer's order (by id).
-    relays.sort_by_key(|r| r.region != region);
+    relays.sort_by_key(|r| (!wanted.contains(&r.id), r.region != region));
     for r in relays.into_iter().filter(|r| r.state != "revoked" && r.state != "pending" && !r.cert_sha256.is_empty()) {
         if !r.attested_by(indexer) {
             unattested += 1;
@@ -910,7 +920,7 @@ mod tests {
             unsigned,
             entry("relay-g", "revoked", &indexer),
         ];
-        let (pinned, targets, unattested) = pool_relays(relays, &indexer.verifying_key(), "here");
+        let (pinned, targets, unattested) = pool_relays(relays, &indexer.verifying_key(), "here", &[]);
         let dialed: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
         assert_eq!(dialed, ["relay-a"]);
         assert_eq!(pinned.values().flatten().cloned().collect::<Vec<_>>(), ["relay-a", "relay-b"]);
@@ -921,8 +931,13 @@ mod tests {
     fn relays_in_the_nodes_region_are_linked_first() {
         let indexer = SigningKey::from_bytes(&[7; 32]);
         let relays = ["relay-az", "relay-b", "relay-cz", "relay-d"].map(|id| entry(id, "ready", &indexer)).to_vec();
-        let (_, targets, _) = pool_relays(relays, &indexer.verifying_key(), "here");
+        let (_, targets, _) = pool_relays(relays.clone(), &indexer.verifying_key(), "here", &[]);
         let order: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
         assert_eq!(order, ["relay-b", "relay-d", "relay-az", "relay-cz"]);
+        // A relay a session was matched to comes before all of them, whatever its region:
+        // it is within the links kept, however many relays the region has.
+        let (_, targets, _) = pool_relays(relays, &indexer.verifying_key(), "here", &["relay-cz".into()]);
+        let order: Vec<_> = targets.iter().map(|t| t.id.clone().unwrap()).collect();
+        assert_eq!(order, ["relay-cz", "relay-b", "relay-d", "relay-az"]);
     }
 }

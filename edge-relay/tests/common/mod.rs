@@ -201,6 +201,8 @@ pub struct Setup {
     /// The pool's indexer replicas, already running (`http://addr`): the relay and the node
     /// get all of them; no in-process indexer is started.
     pub indexers: Vec<String>,
+    /// The node's `--max-relay-links` (default [`uplink::MAX_LINKS`]).
+    pub max_relay_links: Option<usize>,
 }
 
 impl Default for Setup {
@@ -214,13 +216,15 @@ impl Default for Setup {
             av_sync: false,
             fake: None,
             indexers: Vec::new(),
+            max_relay_links: None,
         }
     }
 }
 
 /// Starts a relay (and an indexer, when pooled) and a render node as `setup` says.
 pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Platform {
-    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake, indexers } = setup;
+    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake, indexers, max_relay_links } =
+        setup;
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -341,7 +345,11 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
         // In a pool the node trusts the relay by the certificate it registered, as a
         // provider's node does; alone, by the relay's certificate file.
         trust: match &indexer_client {
-            Some(client) => uplink::RelayTrust::Pool { indexer: client.clone(), region: "local".into() },
+            Some(client) => uplink::RelayTrust::Pool {
+                indexer: client.clone(),
+                region: "local".into(),
+                max_links: max_relay_links.unwrap_or(uplink::MAX_LINKS),
+            },
             None => uplink::RelayTrust::File(relay.cert_path.clone()),
         },
         server_name: "pylon-relay".into(),

@@ -78,6 +78,15 @@ pub struct NodeHeartbeat {
     pub titles: Vec<String>,
 }
 
+/// The indexer's answer to a node's heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeHeartbeatReply {
+    /// The relays this node's open sessions were matched to: the node links to each (as the
+    /// indexer's signed relay listing describes it), whether or not it was linked before.
+    #[serde(default)]
+    pub relays: Vec<String>,
+}
+
 /// A relay's registration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterRelay {

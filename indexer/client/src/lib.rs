@@ -286,8 +286,12 @@ impl Client {
     }
 
     /// A node's signed heartbeat.
-    pub async fn node_heartbeat(&self, id: &str, hb: &api::NodeHeartbeat) -> Result<(), ClientError> {
-        self.call_empty("POST", &format!("/api/v1/nodes/{id}/heartbeat"), Some(hb)).await
+    pub async fn node_heartbeat(
+        &self,
+        id: &str,
+        hb: &api::NodeHeartbeat,
+    ) -> Result<api::NodeHeartbeatReply, ClientError> {
+        self.call("POST", &format!("/api/v1/nodes/{id}/heartbeat"), Some(hb), true).await
     }
 
     /// A node asks for no new sessions.
