@@ -34,7 +34,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use pylon_proto::token::{self, Claims, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -288,6 +288,41 @@ pub struct AppState {
     /// The public base URLs of every replica serving this pool (this one's included), as
     /// the operator named them.
     pub replicas: Arc<Vec<String>>,
+    /// Relay attestations already signed (see [`Attestations`]).
+    pub attestations: Arc<Attestations>,
+}
+
+/// Most relay attestations kept signed; past it the cache starts afresh.
+const MAX_ATTESTATIONS: usize = 100_000;
+
+/// The indexer's attestations of relays ([`pylon_indexer_client::api::attest_relay`]),
+/// signed once per relay record: ed25519 signatures are deterministic, so the same id,
+/// QUIC address, certificate digest and key always get the same one, and the anonymous
+/// relay listing costs no signing after the first.
+#[derive(Debug, Default)]
+pub struct Attestations(std::sync::Mutex<HashMap<[String; 4], String>>);
+
+impl Attestations {
+    /// `relay`'s attestation by `key`.
+    fn of(&self, key: &SigningKey, relay: &RelayRecord) -> String {
+        let what = [relay.id.clone(), relay.quic_addr.clone(), relay.cert_sha256.clone(), relay.public_key.clone()];
+        let mut cache = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(signed) = cache.get(&what) {
+            return signed.clone();
+        }
+        let signed = pylon_indexer_client::api::attest_relay(
+            key,
+            &relay.id,
+            &relay.quic_addr,
+            &relay.cert_sha256,
+            &relay.public_key,
+        );
+        if cache.len() >= MAX_ATTESTATIONS {
+            cache.clear();
+        }
+        cache.insert(what, signed.clone());
+        signed
+    }
 }
 
 impl AppState {
@@ -302,6 +337,7 @@ impl AppState {
             limiters: Arc::new(Limiters::new(&policy)),
             policy,
             replicas: Arc::default(),
+            attestations: Arc::default(),
         }
     }
 }
@@ -1535,13 +1571,7 @@ async fn list_relays(State(s): State<AppState>, ListQuery(q): ListQuery<RelayQue
     let items = relays
         .into_iter()
         .map(|r| {
-            let attestation = pylon_indexer_client::api::attest_relay(
-                &s.signing_key,
-                &r.id,
-                &r.quic_addr,
-                &r.cert_sha256,
-                &r.public_key,
-            );
+            let attestation = s.attestations.of(&s.signing_key, &r);
             RelayStatus { state: relay_state(&r, now), relay: r, attestation }
         })
         .collect();

@@ -1156,6 +1156,12 @@ async fn a_relay_registers_the_sha256_of_its_certificate_for_nodes_to_pin() {
     assert_eq!(status, StatusCode::OK);
     let (_, page) = call(&s, get("/api/v1/relays")).await;
     assert_eq!(page["items"][0]["cert_sha256"], "cd".repeat(32), "{page}");
+    // The attestation follows the record (signed once per record and kept, never stale).
+    let relisted: pylon_indexer_client::api::RelayEntry = serde_json::from_value(page["items"][0].clone()).unwrap();
+    assert!(relisted.attested_by(&indexer_key(&s)), "{page}");
+    assert_ne!(relisted.attestation, listed.attestation);
+    let (_, again) = call(&s, get("/api/v1/relays")).await;
+    assert_eq!(again["items"][0]["attestation"], page["items"][0]["attestation"]);
 }
 
 #[tokio::test]

@@ -184,6 +184,8 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
         "NodeHeartbeat",
         NodeHeartbeat { sessions: 1, running: vec!["00".repeat(16)], titles: vec!["demo".into()] },
     );
+    c.check("NodeHeartbeatReply", NodeHeartbeatReply { relays: vec!["relay-a".into()] });
+    c.check("NodeHeartbeatReply", NodeHeartbeatReply::default());
     c.check(
         "RegisterRelay",
         RegisterRelay {
