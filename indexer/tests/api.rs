@@ -1348,3 +1348,17 @@ async fn a_draining_relay_gets_no_new_viewers_nor_moved_sessions_until_it_regist
     add_relay(&s, "relay-2", &r2, json!({"node-a": 3.0})).await;
     assert_eq!(call(&s, get("/api/v1/relays?state=ready")).await.1["items"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_node_takes_an_older_indexers_empty_heartbeat_answer_as_no_relay_to_link() {
+    // An indexer from before heartbeats were answered with a body (a rolling upgrade).
+    let old = axum::Router::new()
+        .route("/api/v1/nodes/{id}/heartbeat", axum::routing::post(|| async { StatusCode::NO_CONTENT }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, old).await });
+    let node = pylon_indexer_client::Client::new(&format!("http://{addr}"), SigningKey::from_bytes(&[1; 32])).unwrap();
+    let hb = pylon_indexer_client::api::NodeHeartbeat { sessions: 0, running: vec![], titles: vec!["demo".into()] };
+    let reply = node.node_heartbeat("node-a", &hb).await.unwrap();
+    assert!(reply.relays.is_empty(), "{reply:?}");
+}
