@@ -1219,13 +1219,13 @@ async fn node_heartbeat(
     s.store.node_heartbeat(&id, i64::from(hb.sessions), &hb.running, &hb.titles, now).await?;
     // A session the node does not run once its token could no longer be used to join
     // never started or was not reported ended: stop metering it.
-    let swept = s.store.end_sessions_not_running(&id, &hb.running, now - TOKEN_LIFETIME_SECS as i64, now).await?;
+    let (swept, relays) = s.store.sweep_node_sessions(&id, &hb.running, now - TOKEN_LIFETIME_SECS as i64, now).await?;
     if swept > 0 {
         s.metrics.sessions_ended.inc_by(swept);
         tracing::info!(node = %id, swept, "ended sessions the node does not run");
     }
     // A session may have been matched to a relay the node is not linked to: it links there.
-    Ok(Json(NodeHeartbeatReply { relays: s.store.open_session_relays(&id).await? }))
+    Ok(Json(NodeHeartbeatReply { relays }))
 }
 
 /// A node asks for no new sessions (it is about to leave).

@@ -639,37 +639,33 @@ impl Store {
     }
 
     /// Ends the node's sessions that started before `before` and that the node no longer
-    /// runs (the player never joined, or the relay could not report the end).
-    pub async fn end_sessions_not_running(
+    /// runs (the player never joined, or the relay could not report the end); returns how
+    /// many it ended and the relays the node's sessions still open are on (sorted, each
+    /// once), read in the same query.
+    pub async fn sweep_node_sessions(
         &self,
         node: &str,
         running: &[String],
         before: i64,
         now: i64,
-    ) -> Result<u64, StoreError> {
-        let open = sqlx::query("SELECT id FROM sessions WHERE node = $1 AND ended_at IS NULL AND started_at < $2")
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let open = sqlx::query("SELECT id, relay, started_at FROM sessions WHERE node = $1 AND ended_at IS NULL")
             .bind(node)
-            .bind(before)
             .fetch_all(&self.pool)
             .await?;
         let mut ended = 0;
+        let mut relays = std::collections::BTreeSet::new();
         for row in open {
-            let id: String = row.try_get(0)?;
-            if !running.contains(&id) && self.end_session(&id, now, "not running on the node").await? {
-                ended += 1;
+            let (id, relay, started_at): (String, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            if started_at < before && !running.contains(&id) {
+                if self.end_session(&id, now, "not running on the node").await? {
+                    ended += 1;
+                }
+            } else {
+                relays.insert(relay);
             }
         }
-        Ok(ended)
-    }
-
-    /// The relays `node`'s open sessions are on.
-    pub async fn open_session_relays(&self, node: &str) -> Result<Vec<String>, StoreError> {
-        let rows =
-            sqlx::query("SELECT DISTINCT relay FROM sessions WHERE node = $1 AND ended_at IS NULL ORDER BY relay")
-                .bind(node)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        Ok((ended, relays.into_iter().collect()))
     }
 
     /// Sessions on `relay` that ended at or after `since`, with why.
