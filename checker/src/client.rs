@@ -60,7 +60,8 @@ pub enum ClientError {
 pub enum Event {
     /// A video RTP packet's payload arrived (bytes).
     Packet(usize),
-    /// A frame was decoded at `at`.
+    /// A frame was decoded; its last packet had arrived at `at` (the time the network
+    /// delivered it, which the checker's own decoding cannot delay).
     Frame { at: Instant, picture: Picture },
     /// A frame could not be decoded; a keyframe was asked for.
     Undecodable,
@@ -333,7 +334,7 @@ fn on_track(
         let weak = weak.clone();
         let ssrc = track.ssrc();
         Box::pin(async move {
-            let (units, decoder_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            let (units, decoder_rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
             let decoded = events.clone();
             let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<()>();
             std::thread::Builder::new()
@@ -352,7 +353,7 @@ fn on_track(
                 let _ = events.send(Event::Packet(packet.payload.len()));
                 builder.push(packet);
                 while let Some(sample) = builder.pop() {
-                    if units.send(sample.data.to_vec()).is_err() {
+                    if units.send((Instant::now(), sample.data.to_vec())).is_err() {
                         return;
                     }
                 }
@@ -362,7 +363,7 @@ fn on_track(
 }
 
 fn decode_thread(
-    units: std::sync::mpsc::Receiver<Vec<u8>>,
+    units: std::sync::mpsc::Receiver<(Instant, Vec<u8>)>,
     events: mpsc::UnboundedSender<Event>,
     failed: mpsc::UnboundedSender<()>,
 ) {
@@ -373,10 +374,10 @@ fn decode_thread(
             return;
         }
     };
-    while let Ok(unit) = units.recv() {
+    while let Ok((at, unit)) = units.recv() {
         match decoder.decode(&unit) {
             Ok(Some(picture)) => {
-                let _ = events.send(Event::Frame { at: Instant::now(), picture });
+                let _ = events.send(Event::Frame { at, picture });
             }
             Ok(None) => {}
             Err(e) => {

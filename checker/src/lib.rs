@@ -5,7 +5,8 @@
 //! * [`client`]: the WebRTC session (signalling, H.264 receive, the player's DataChannels,
 //!   NACK/PLI) and an FFmpeg decoder thread.
 //! * [`qoe`]: the liveness and quality check, I/O-free: frames decoded at the advertised
-//!   size and rate (± 5 %), freezes, bitrate, RTT.
+//!   size and rate (± 5 %), freezes (as the W3C stats count them; at most 2 % of the
+//!   watch frozen), bitrate, RTT.
 //! * [`respond`]: the responsiveness check (proof of rendering) for the built-in demo,
 //!   I/O-free: random aimed turns and shams, each judged from the decoded picture
 //!   ([`demo`] reads the ship's heading off it); click-to-photon p50/p95.

@@ -88,8 +88,13 @@ async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
                 })
             })
             .collect();
+        let frozen: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{:.0} ms/{:.1} s ({})", r.qoe.frozen_ms, r.qoe.seconds, r.qoe.freezes))
+            .collect();
         let line = serde_json::json!({
             "node": name, "checks": n, "passed": passed, "fps": fps, "answered": answered, "capacity": capacity,
+            "frozen": frozen,
             "seconds_per_check": (started.elapsed().as_secs_f64() / n as f64 * 10.0).round() / 10.0,
             "failures": reports.iter().map(CheckReport::failures).collect::<Vec<_>>(),
         });
