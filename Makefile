@@ -20,7 +20,7 @@ CATALOG_HTTP ?= 127.0.0.1:8080
 RELAY_HTTP ?= 127.0.0.1:8081
 DATA_DIR ?= .pylon
 
-.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-capacity bench-cascade bench-checker bench-indexer bench-relay clean
+.PHONY: help deps rust build release demo test lint fmt bench frame-path frame-path-title latency audio-latency bench-opus bench-capacity bench-cascade bench-checker bench-indexer bench-relay clean
 
 help:
 	@echo "make demo        install what is missing, build, start indexer + relay + render node, print the URL to play"
@@ -35,6 +35,7 @@ help:
 	@echo "make bench-relay  relay CPU, memory and added latency per viewer, side by side with Janus (JSON last line)"
 	@echo "make latency     click-to-photon in headless Chromium; last line is JSON {p50_ms, p95_ms, samples}"
 	@echo "make audio-latency  glass-to-ear of the demo's sound in headless Chromium, its shares, the audio thread's CPU"
+	@echo "make bench-opus  the node's Opus encoder at each complexity: CPU per second of sound against complexity 10, SNR"
 
 # Installs only the Debian packages that are missing (idempotent; needs root for apt-get).
 deps:
@@ -98,6 +99,12 @@ audio-latency:
 	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(TEST_PACKAGES)"
 	cargo build --release -p pylon-benches --bin audio-latency
 	"$(CARGO_TARGET_DIR)/release/audio-latency"
+
+# The node's Opus encoder at each complexity: CPU per second of sound (ratio to libopus's
+# default 10, same run) and fidelity (SNR after opusdec).
+bench-opus: deps
+	cargo build --release -p pylon-benches --bin opus-cost
+	"$(CARGO_TARGET_DIR)/release/opus-cost"
 
 # The relay under N synthetic WebRTC viewers, side by side with Debian's Janus; the last
 # line is one JSON object. VIEWERS=50 BENCH_SECONDS=30 to change the load; SOAK=600 adds a soak.

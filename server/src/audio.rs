@@ -8,8 +8,8 @@
 //! * nothing while the node rests.
 //!
 //! Both go through `opusenc` (48 kHz stereo, 10 ms frames, restricted low delay, in-band
-//! FEC) into an `appsink` whose callback, on GStreamer's streaming thread, turns each Opus
-//! packet into one RTP packet (payload type
+//! FEC, complexity [`OPUS_COMPLEXITY`]) into an `appsink` whose callback, on GStreamer's
+//! streaming thread, turns each Opus packet into one RTP packet (payload type
 //! [`OPUS_PT`], 48 kHz timestamps) with its capture time on the node's wall clock — the
 //! same clock video frames carry — and goes to the uplink as
 //! [`Outgoing::AudioRtp`](crate::pipeline::Outgoing::AudioRtp). A capture pipeline that
@@ -225,8 +225,25 @@ impl Drop for Running {
 
 /// Whatever a title's sound server delivers, as the encoder takes it.
 const CONVERT: &str = "audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=48000,channels=2";
-const ENCODE: &str = "opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 bitrate=96000 ! \
-     appsink name=sink sync=false max-buffers=50 drop=true";
+/// The Opus encoder's complexity (0–10): libopus's default, 10. `opus-cost` (`make
+/// bench-opus`) measured the others: 9 costs the same within its noise (± 5 %), 5–7 save
+/// 15–25 % on a busy sound but nothing on silence (the demo's usual sound) and drop encoder
+/// tools, for under 0.2 % of a core; the encoding is about a quarter of the audio thread's
+/// CPU, pacing it every 10 ms most of the rest.
+pub const OPUS_COMPLEXITY: u8 = 10;
+
+/// The `opusenc` element as the node runs it, at `complexity`.
+pub fn opusenc(complexity: u8) -> String {
+    format!(
+        "opusenc frame-size=10 audio-type=restricted-lowdelay inband-fec=true packet-loss-percentage=10 \
+         bitrate=96000 complexity={complexity}"
+    )
+}
+
+/// The encoder into the appsink whose callback packetizes.
+fn encode() -> String {
+    format!("{} ! appsink name=sink sync=false max-buffers=50 drop=true", opusenc(OPUS_COMPLEXITY))
+}
 
 /// Builds and starts the pipeline for `command`; each encoded packet goes from the
 /// appsink's callback to `packets`.
@@ -236,11 +253,13 @@ fn build(command: &AudioCommand, mut packets: PacketSink, demo: &Arc<Mutex<DemoF
         // The synthesiser makes what the encoder takes: no converter.
         AudioCommand::Demo => format!(
             "appsrc name=src is-live=true format=time \
-             caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {ENCODE}"
+             caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {}",
+            encode()
         ),
         AudioCommand::Title { server } => format!(
             "pulsesrc server=\"{server}\" device=pylon.monitor buffer-time=20000 latency-time=10000 \
-             do-timestamp=true client-name=pylon-node ! {CONVERT} ! {ENCODE}"
+             do-timestamp=true client-name=pylon-node ! {CONVERT} ! {}",
+            encode()
         ),
     };
     let pipeline = gst::parse::launch(&desc)
