@@ -43,9 +43,8 @@ pub struct QoeMeter {
     freezes: u64,
     frozen: Duration,
     longest_gap: Duration,
-    /// The last [`FREEZE_WINDOW`] gaps between frames and their sum.
+    /// The last [`FREEZE_WINDOW`] gaps between frames.
     gaps: std::collections::VecDeque<Duration>,
-    gaps_sum: Duration,
     bytes: u64,
     bytes_since_first: u64,
     keyframes_asked: u64,
@@ -94,7 +93,6 @@ impl QoeMeter {
             frozen: Duration::ZERO,
             longest_gap: Duration::ZERO,
             gaps: std::collections::VecDeque::with_capacity(FREEZE_WINDOW),
-            gaps_sum: Duration::ZERO,
             bytes: 0,
             bytes_since_first: 0,
             keyframes_asked: 0,
@@ -124,13 +122,10 @@ impl QoeMeter {
                 self.freezes += 1;
                 self.frozen += gap;
             }
-            if self.gaps.len() == FREEZE_WINDOW
-                && let Some(oldest) = self.gaps.pop_front()
-            {
-                self.gaps_sum -= oldest;
+            if self.gaps.len() == FREEZE_WINDOW {
+                self.gaps.pop_front();
             }
             self.gaps.push_back(gap);
-            self.gaps_sum += gap;
         }
         self.last = Some(now);
         self.frames += 1;
@@ -142,7 +137,7 @@ impl QoeMeter {
     /// The shortest gap that is a freeze now (see [`FREEZE_INTERVALS`]).
     fn freeze_threshold(&self) -> Duration {
         let average = match u32::try_from(self.gaps.len()) {
-            Ok(n) if n > 0 => self.gaps_sum / n,
+            Ok(n) if n > 0 => self.gaps.iter().sum::<Duration>() / n,
             _ => Duration::from_secs(1) / self.advertised.fps.max(1),
         };
         (average * FREEZE_INTERVALS).max(average + FREEZE_MARGIN)
