@@ -78,15 +78,9 @@ async fn relay_forward(platform: &common::Platform) -> (f64, f64) {
     (find("pylon_relay_forward_seconds_sum "), find("pylon_relay_forward_seconds_count "))
 }
 
-/// CPU seconds of the node's sound: its audio thread and the GStreamer threads that thread
-/// starts (the demo's `appsrc` named `src` streams on `src:src`, which also runs the
-/// converter and the encoder).
+/// CPU seconds of the node's sound ([`common::is_audio_thread`]).
 fn audio_thread_cpu() -> f64 {
-    common::thread_cpu()
-        .iter()
-        .filter(|(name, _)| name.starts_with("pylon-audio") || name.starts_with("src:src"))
-        .map(|(_, s)| s)
-        .sum()
+    common::thread_cpu().iter().filter(|(name, _)| common::is_audio_thread(name)).map(|(_, s)| s).sum()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

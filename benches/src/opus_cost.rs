@@ -11,8 +11,8 @@
 //! default complexity 10 measured in the same run, and the fidelity of a tonal sound (a
 //! chord and the demo's shots): GStreamer's `opusdec` decodes its packets and the
 //! signal-to-noise ratio is taken against the input, aligned on the codec's delay. Then it
-//! encodes silence in real time at the node's complexity, paced as the node paces the
-//! demo's sound, which shows what waking every 10 ms adds to the encoding itself.
+//! runs the node's own sound (`pylon_server::audio::Audio`) on the demo's silence in real
+//! time, which shows what waking every 10 ms adds to the encoding itself.
 //! Prints a table, then as its last line one JSON object. A benchmark, not a test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,7 +21,13 @@ use clap::Parser;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use pylon_server::audio::{DemoSound, OPUS_COMPLEXITY, Synth, opusenc};
+use pylon_server::audio::{Audio, AudioCommand, DemoSound, OPUS_COMPLEXITY, Synth, opusenc};
+use pylon_server::metrics::ServerMetrics;
+use pylon_server::pipeline::Outgoing;
+
+#[macro_use]
+#[path = "../../edge-relay/tests/common/mod.rs"]
+mod common;
 
 /// The CPU and fidelity of the node's Opus encoder at each complexity.
 #[derive(Debug, Parser)]
@@ -37,9 +43,9 @@ struct Args {
     /// encoder needs, not what the machine's neighbours took).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Seconds of silence to encode in real time as the node does (a 10 ms chunk when due,
-    /// asked for by the `appsrc`, each packet taken in the `appsink`'s callback) at the
-    /// node's complexity: what pacing adds to the encoding itself. 0: none.
+    /// Seconds to run the node's own sound in real time (its audio thread playing the
+    /// demo's silence, a 10 ms chunk when due, each packet taken in the `appsink`'s
+    /// callback): what pacing adds to the encoding itself. 0: none.
     #[arg(long, default_value_t = 30)]
     realtime_seconds: u64,
 }
@@ -94,17 +100,6 @@ fn tonal(seconds: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// CPU seconds this process has used (user and system, all threads), from `/proc/self/stat`
-/// (in USER_HZ ticks, 100 a second on Linux).
-fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Runs `desc` (an `appsrc name=src` … `appsink name=sink` pipeline), pushes `chunks`
 /// through it as fast as it takes them, and returns what came out of the sink.
 fn run_pipeline(desc: &str, chunks: &[Vec<u8>], duration_ns: u64) -> Vec<Vec<u8>> {
@@ -145,64 +140,36 @@ fn encode(chunks: &[Vec<u8>], complexity: u8) -> (Vec<Vec<u8>>, f64) {
          appsink name=sink sync=false",
         opusenc(complexity)
     );
-    let cpu = process_cpu();
+    let cpu = common::process_cpu();
     let packets = run_pipeline(&desc, chunks, 10_000_000);
-    (packets, process_cpu() - cpu)
+    (packets, common::process_cpu() - cpu)
 }
 
-/// Encodes `seconds` of silence in real time, as the node paces the demo's sound, at the
-/// node's complexity; the CPU seconds this process took per second.
+/// Runs the node's own sound ([`Audio`], playing the demo, which nobody fires at: silence)
+/// for `seconds`; the CPU seconds its threads ([`common::is_audio_thread`], as
+/// `audio-latency` counts them) took per second.
 fn realtime(seconds: u64) -> f64 {
-    let desc = format!(
-        "appsrc name=src is-live=true format=time \
-         caps=audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved ! {} ! \
-         appsink name=sink sync=false max-buffers=50 drop=true",
-        opusenc(OPUS_COMPLEXITY)
-    );
-    let pipeline = gst::parse::launch(&desc).expect("the pipeline builds").downcast::<gst::Pipeline>().unwrap();
-    pipeline.use_clock(Some(&gst::SystemClock::obtain()));
-    let src = pipeline.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
-    let sink = pipeline.by_name("sink").unwrap().downcast::<gst_app::AppSink>().unwrap();
-    let packets = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = packets.clone();
-    sink.set_callbacks(
-        gst_app::AppSinkCallbacks::builder()
-            .new_sample(move |sink| {
-                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                if sample.buffer().is_some() {
-                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(gst::FlowSuccess::Ok)
-            })
-            .build(),
-    );
-    let start = std::time::Instant::now();
-    let mut next = start;
-    let silence = vec![0u8; 480 * 4];
-    src.set_callbacks(
-        gst_app::AppSrcCallbacks::builder()
-            .need_data(move |src, _| {
-                std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
-                let pts = next.duration_since(start);
-                next += std::time::Duration::from_millis(10);
-                let mut buffer = gst::Buffer::from_slice(silence.clone());
-                if let Some(b) = buffer.get_mut() {
-                    b.set_pts(gst::ClockTime::from_nseconds(pts.as_nanos() as u64));
-                    b.set_duration(gst::ClockTime::from_mseconds(10));
-                }
-                let _ = src.push_buffer(buffer);
-            })
-            .build(),
-    );
-    pipeline.set_state(gst::State::Playing).expect("the pipeline plays");
-    // Let it start, then measure whole seconds.
+    let (packets, mut sent) = tokio::sync::mpsc::channel::<Outgoing>(1024);
+    let audio = Audio::start(packets, ServerMetrics::new()).expect("the node's sound starts");
+    audio.command(AudioCommand::Demo);
+    // The uplink's part: take the packets and count them.
+    let counter = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while sent.blocking_recv().is_some() {
+            n += 1;
+        }
+        n
+    });
+    let audio_cpu =
+        || common::thread_cpu().iter().filter(|(name, _)| common::is_audio_thread(name)).map(|(_, s)| s).sum::<f64>();
+    // Let it start, then measure.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let (cpu, t0, p0) = (process_cpu(), std::time::Instant::now(), packets.load(std::sync::atomic::Ordering::Relaxed));
+    let (cpu, t0) = (audio_cpu(), std::time::Instant::now());
     std::thread::sleep(std::time::Duration::from_secs(seconds));
-    let (cpu, wall) = (process_cpu() - cpu, t0.elapsed().as_secs_f64());
-    let sent = packets.load(std::sync::atomic::Ordering::Relaxed) - p0;
-    pipeline.set_state(gst::State::Null).expect("the pipeline stops");
-    eprintln!("real time: {sent} packets in {wall:.1} s, {cpu:.2} s of CPU");
+    let (cpu, wall) = (audio_cpu() - cpu, t0.elapsed().as_secs_f64());
+    drop(audio);
+    let sent = counter.join().expect("the packet counter");
+    eprintln!("real time: {sent} packets in {wall:.1} s (with the start), {cpu:.2} s of CPU");
     cpu / wall
 }
 
@@ -265,7 +232,7 @@ fn main() {
         rows.push((c, busy_cpu / audio_seconds, silent_cpu / audio_seconds, snr, lag, bytes, packets.len()));
     }
     let paced = (args.realtime_seconds > 0).then(|| {
-        eprintln!("encoding {} s of silence in real time at complexity {OPUS_COMPLEXITY}…", args.realtime_seconds);
+        eprintln!("running the node's sound on the demo's silence for {} s…", args.realtime_seconds);
         realtime(args.realtime_seconds)
     });
     let base = rows.iter().find(|r| r.0 == 10).map_or((1.0, 1.0), |r| (r.1, r.2));
@@ -293,7 +260,7 @@ fn main() {
     if let Some(paced) = paced {
         let offline = rows.iter().find(|r| r.0 == OPUS_COMPLEXITY).map_or(f64::NAN, |r| r.2);
         println!(
-            "silence in real time at complexity {OPUS_COMPLEXITY}: {:.3} % of a core ({:.1} × the same encoding as fast as it goes)",
+            "the node's sound on silence in real time: {:.3} % of a core ({:.1} × the same encoding as fast as it goes)",
             100.0 * paced,
             paced / offline
         );

@@ -795,6 +795,13 @@ pub fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
     out
 }
 
+/// CPU seconds of this process, all its threads, those that have ended included
+/// (`utime` + `stime`).
+pub fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_seconds(&stat, &[11, 12]).map_or(0.0, |(_, s)| s)
+}
+
 /// CPU seconds of this process's waited-for children (`cutime` + `cstime`).
 pub fn children_cpu() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -807,6 +814,13 @@ pub fn children_cpu() -> f64 {
 /// `pylon-encode` and `pylon-x264` (the encoder's own worker threads).
 pub fn is_frame_path_thread(name: &str) -> bool {
     matches!(name, "pylon-render" | "pylon-encode" | "pylon-x264") || name.starts_with("llvmpipe-")
+}
+
+/// Whether a thread of this process is the render node's sound: its audio thread and the
+/// GStreamer threads that thread starts (the demo's `appsrc` named `src` streams on
+/// `src:src`, which also runs the encoder and hands the packets over).
+pub fn is_audio_thread(name: &str) -> bool {
+    name.starts_with("pylon-audio") || name.starts_with("src:src")
 }
 
 /// Chromium's `inbound-rtp` statistics of the page's video (cumulative counters:
