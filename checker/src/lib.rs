@@ -10,6 +10,9 @@
 //! * [`respond`]: the responsiveness check (proof of rendering) for the built-in demo,
 //!   I/O-free: random aimed turns and shams, each judged from the decoded picture
 //!   ([`demo`] reads the ship's heading off it); click-to-photon p50/p95.
+//! * [`probe`]: the responsiveness check for studio titles, I/O-free: the title's two
+//!   probe keys pressed in pairs of random order, and a test of whether the picture told
+//!   them apart; click-to-photon p50/p95.
 //! * [`capacity`]: the proof of capacity over the session, I/O-free: a matrix product
 //!   sized for the GPU class the node claims, timed against the class's deadline and
 //!   verified with Freivalds' algorithm.
@@ -27,13 +30,15 @@ pub mod decode;
 pub mod demo;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod qoe;
 pub mod respond;
 
 pub use capacity::{CapacityCheck, CapacityReport};
 pub use client::{ClientError, Event, Session};
+pub use probe::{ProbeCheck, ProbeConfig, ProbeReport};
 pub use qoe::{Advertised, QoeMeter, QoeReport};
-pub use respond::{ResponseCheck, ResponseConfig, ResponseReport};
+pub use respond::{Answers, ResponseCheck, ResponseConfig, ResponseReport};
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +55,9 @@ pub struct CheckConfig {
     pub duration: Duration,
     /// The node runs the built-in demo: check its exact answer to aimed turns.
     pub demo: bool,
+    /// The node runs a studio title with this probe: check that its picture tells the
+    /// probe's keys apart (ignored for the demo).
+    pub probe: Option<pylon_indexer_client::api::Probe>,
     /// How long the first frame may take (connection, keyframe).
     pub first_frame_timeout: Duration,
     /// The GPU class the node claims: prove it with a capacity challenge after watching
@@ -63,6 +71,8 @@ pub enum CheckError {
     Client(#[from] ClientError),
     #[error("no frame decoded within {0:?} of connecting")]
     NoFirstFrame(Duration),
+    #[error(transparent)]
+    Probe(#[from] probe::UnknownKey),
 }
 
 /// What one check found.
@@ -73,6 +83,8 @@ pub struct CheckReport {
     pub qoe: QoeReport,
     /// The demo's responsiveness (for a node running the demo).
     pub response: Option<ResponseReport>,
+    /// A studio title's responsiveness (for a title with a probe).
+    pub probe: Option<ProbeReport>,
     /// The proof of capacity (when the node's class was given).
     pub capacity: Option<CapacityReport>,
 }
@@ -81,6 +93,7 @@ impl CheckReport {
     pub fn passed(&self) -> bool {
         self.qoe.passed()
             && self.response.as_ref().is_none_or(ResponseReport::passed)
+            && self.probe.as_ref().is_none_or(ProbeReport::passed)
             && self.capacity.as_ref().is_none_or(CapacityReport::passed)
     }
 
@@ -88,13 +101,14 @@ impl CheckReport {
     pub fn failures(&self) -> Vec<String> {
         let mut f = self.qoe.failures.clone();
         f.extend(self.response.iter().flat_map(|r| r.failures.iter().cloned()));
+        f.extend(self.probe.iter().flat_map(|r| r.failures.iter().cloned()));
         f.extend(self.capacity.iter().flat_map(|r| r.failures.iter().cloned()));
         f
     }
 }
 
-/// Connects, waits for the first decoded frame, watches for `duration` (and, for the demo,
-/// until the responsiveness trials are done), judges what it saw, and then, when the
+/// Connects, waits for the first decoded frame, watches for `duration` (and, for the demo
+/// or a title with a probe, until the responsiveness trials are done), judges what it saw, and then, when the
 /// node's class is known, sends the capacity challenge and judges the answer (the node's
 /// GPU works on it after the watching, so it cannot slow the frames being judged). A
 /// stream that dies part way is a failed check (a report), not an error; errors are for
@@ -105,6 +119,10 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
     tracing::info!(role = %session.role, relay = %config.relay, "connected; waiting for the first frame");
     let mut meter = QoeMeter::new(config.advertised);
     let mut response = config.demo.then(|| ResponseCheck::new(ResponseConfig::default(), rand::random()));
+    let mut probe = match (&config.probe, config.demo) {
+        (Some(p), false) => Some(ProbeCheck::new(p, ProbeConfig::default(), rand::random())?),
+        _ => None,
+    };
     let mut capacity = config.gpu_class.map(|class| CapacityCheck::new(class, rand::random()));
     // Freivalds' vectors; `Send` (a thread-local generator could not cross the awaits).
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_seed(rand::random());
@@ -121,7 +139,10 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
         // (on a busy machine frames can queue here; one of them may hold the answer).
         while watched.is_none()
             && events.is_empty()
-            && let Some(event) = response.as_mut().and_then(|c| c.poll_input(now))
+            && let Some(event) = response
+                .as_mut()
+                .and_then(|c| c.poll_input(now))
+                .or_else(|| probe.as_mut().and_then(|c| c.poll_input(now)))
         {
             seq += 1;
             let msg = pylon_proto::input::InputMessage { seq, time_ms: time_ms(now), event };
@@ -129,7 +150,8 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
                 tracing::warn!("input not sent: {e}");
             }
         }
-        let responding = response.as_ref().is_some_and(|c| !c.is_done());
+        let responding =
+            response.as_ref().is_some_and(|c| !c.is_done()) || probe.as_ref().is_some_and(|c| !c.is_done());
         // The watching is over: judge it, then prove the capacity (if asked).
         if watched.is_none() && !responding && end.is_some_and(|e| tokio::time::Instant::now() >= e) {
             watched = Some(meter.finish(now, session.rtt_ms()));
@@ -149,7 +171,11 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
                 break;
             }
         }
-        let wake = match (end, response.as_ref().and_then(ResponseCheck::poll_timeout)) {
+        let trial_due = response
+            .as_ref()
+            .and_then(ResponseCheck::poll_timeout)
+            .or_else(|| probe.as_ref().and_then(ProbeCheck::poll_timeout));
+        let wake = match (end, trial_due) {
             _ if watched.is_some() => capacity
                 .as_ref()
                 .and_then(CapacityCheck::poll_timeout)
@@ -180,6 +206,9 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
                     seen = pose.or(seen);
                     check.on_frame(at, picture.width, picture.height, pose);
                 }
+                if let Some(check) = probe.as_mut() {
+                    check.on_frame(at, picture.width, picture.height, &picture.luma);
+                }
             }
             // Before the first keyframe nothing decodes; only later failures count.
             Event::Undecodable if end.is_some() && watched.is_none() => meter.on_keyframe_request(),
@@ -204,8 +233,13 @@ pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
     let role = session.role.clone();
     session.close().await;
     let qoe = watched.unwrap_or_else(|| meter.finish(Instant::now(), rtt));
-    let report =
-        CheckReport { role, qoe, response: response.map(|c| c.report()), capacity: capacity.map(|c| c.report()) };
+    let report = CheckReport {
+        role,
+        qoe,
+        response: response.map(|c| c.report()),
+        probe: probe.map(|c| c.report()),
+        capacity: capacity.map(|c| c.report()),
+    };
     tracing::info!(
         passed = report.passed(),
         fps = report.qoe.fps,

@@ -35,6 +35,12 @@ struct Args {
     /// click-to-photon p50/p95).
     #[arg(long)]
     demo: bool,
+    /// One check of a studio title: its probe as the catalog gives it (JSON, e.g.
+    /// '{"setup":["Enter"],"keys":["ArrowLeft","ArrowRight"],"hold_ms":250}'): also check
+    /// that the picture tells the two keys apart (pairs of presses in random order, shams
+    /// between; a signed-rank test). Ignored with --demo.
+    #[arg(long, value_parser = parse_probe)]
+    probe: Option<pylon_indexer_client::api::Probe>,
     /// One check: the GPU class the node claims (0: CPU renderer, 1: integrated, 2:
     /// discrete): after watching, prove it with a matrix product sized and timed for that
     /// class (verified with Freivalds' algorithm). Without it, no capacity check.
@@ -117,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         advertised: Advertised { width: args.size.0, height: args.size.1, fps: args.fps },
         duration: Duration::from_secs_f64(args.seconds),
         demo: args.demo,
+        probe: args.probe,
         first_frame_timeout: Duration::from_secs_f64(args.connect_timeout),
         gpu_class: args.gpu_class,
     };
@@ -130,4 +137,10 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     }
+}
+
+fn parse_probe(s: &str) -> anyhow::Result<pylon_indexer_client::api::Probe> {
+    let probe: pylon_indexer_client::api::Probe = serde_json::from_str(s)?;
+    probe.validate().map_err(anyhow::Error::msg)?;
+    Ok(probe)
 }

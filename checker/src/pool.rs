@@ -64,7 +64,8 @@ fn stream_outcome(result: &Result<CheckReport, CheckError>) -> CheckOutcome {
     match result {
         Ok(r) => {
             let q = &r.qoe;
-            let resp = r.response.as_ref();
+            // The demo's aimed turns, or a studio title's probe: the same figures.
+            let resp = r.response.as_ref().map(|r| &r.answers).or(r.probe.as_ref().map(|p| &p.answers));
             let cap = r.capacity.as_ref();
             let mut failures = r.failures();
             if r.role != "player" {
@@ -153,6 +154,7 @@ pub async fn run_pool(
             advertised: crate::Advertised { width: assignment.width, height: assignment.height, fps: assignment.fps },
             duration: config.watch,
             demo: assignment.demo,
+            probe: assignment.probe.clone(),
             first_frame_timeout: config.first_frame_timeout,
             gpu_class: Some(assignment.gpu_class),
         };

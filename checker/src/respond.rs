@@ -85,17 +85,33 @@ pub struct Trial {
     pub ms: Option<f64>,
 }
 
+/// The figures every responsiveness check reports (the demo's aimed turns here, a studio
+/// title's probe in [`crate::probe`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Answers {
+    /// Inputs the picture answered, of those sent.
+    pub answered: u32,
+    pub inputs: u32,
+    /// Shams (no input) in which the picture moved as if answering, of those watched.
+    pub sham_fired: u32,
+    pub shams: u32,
+    /// Input sent → first decoded frame that showed the answer, ms.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+}
+
+/// The `q` quantile of `v` (nearest rank).
+pub(crate) fn percentile(mut v: Vec<f64>, q: f64) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * q).round() as usize])
+}
+
 /// What the check measured, and its verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResponseReport {
     pub trials: Vec<Trial>,
-    pub answered: u32,
-    pub inputs: u32,
-    pub sham_fired: u32,
-    pub shams: u32,
-    /// Move sent → first decoded frame with the turn, ms.
-    pub p50_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
+    #[serde(flatten)]
+    pub answers: Answers,
     /// Why the check failed; empty when it passed.
     pub failures: Vec<String>,
 }
@@ -282,9 +298,7 @@ impl ResponseCheck {
         let shams = of(TrialKind::Sham).count() as u32;
         let answered = of(TrialKind::Input).filter(|t| t.ms.is_some()).count() as u32;
         let sham_fired = of(TrialKind::Sham).filter(|t| t.ms.is_some()).count() as u32;
-        let mut ms: Vec<f64> = of(TrialKind::Input).filter_map(|t| t.ms).collect();
-        ms.sort_by(f64::total_cmp);
-        let pct = |p: f64| (!ms.is_empty()).then(|| ms[((ms.len() - 1) as f64 * p).round() as usize]);
+        let ms: Vec<f64> = of(TrialKind::Input).filter_map(|t| t.ms).collect();
         let mut failures = Vec::new();
         if inputs == 0 {
             failures.push("no input trial ran (the ship was never seen)".to_owned());
@@ -296,12 +310,14 @@ impl ResponseCheck {
         }
         ResponseReport {
             trials: self.trials.clone(),
-            answered,
-            inputs,
-            sham_fired,
-            shams,
-            p50_ms: pct(0.5),
-            p95_ms: pct(0.95),
+            answers: Answers {
+                answered,
+                inputs,
+                sham_fired,
+                shams,
+                p50_ms: percentile(ms.clone(), 0.5),
+                p95_ms: percentile(ms, 0.95),
+            },
             failures,
         }
     }
@@ -345,8 +361,8 @@ mod tests {
         for seed in 0..20 {
             let r = run(true, Duration::from_millis(70), seed);
             assert!(r.passed(), "seed {seed}: {r:?}");
-            assert_eq!(r.inputs, 12);
-            let p50 = r.p50_ms.unwrap();
+            assert_eq!(r.answers.inputs, 12);
+            let p50 = r.answers.p50_ms.unwrap();
             assert!((70.0..=110.0).contains(&p50), "seed {seed}: {p50}");
         }
     }
@@ -356,9 +372,9 @@ mod tests {
         for seed in 0..20 {
             let r = run(false, Duration::ZERO, seed);
             assert!(!r.passed(), "seed {seed}: {r:?}");
-            assert_eq!(r.answered, 0);
+            assert_eq!(r.answers.answered, 0);
             // Decided after the second unanswered turn of twelve (a pass allows one).
-            assert_eq!(r.inputs, 2, "seed {seed}: stopped once the verdict was in");
+            assert_eq!(r.answers.inputs, 2, "seed {seed}: stopped once the verdict was in");
         }
     }
 

@@ -45,6 +45,7 @@ async fn check(fake: Option<Fake>, class: u8, n: usize) -> Vec<CheckReport> {
             advertised: Advertised { width: 640, height: 480, fps: 30 },
             duration: Duration::from_secs(3),
             demo: !liar,
+            probe: None,
             first_frame_timeout: Duration::from_secs(30),
             gpu_class: Some(class),
         };
@@ -78,7 +79,7 @@ async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
         let fps: Vec<f64> = reports.iter().map(|r| (r.qoe.fps * 10.0).round() / 10.0).collect();
         let answered: Vec<String> = reports
             .iter()
-            .map(|r| r.response.as_ref().map_or("-".into(), |x| format!("{}/{}", x.answered, x.inputs)))
+            .map(|r| r.response.as_ref().map_or("-".into(), |x| format!("{}/{}", x.answers.answered, x.answers.inputs)))
             .collect();
         let capacity: Vec<String> = reports
             .iter()

@@ -44,6 +44,7 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
         advertised,
         duration: Duration::from_secs(8),
         demo,
+        probe: None,
         first_frame_timeout: Duration::from_secs(30),
         // The honest node proves its class (lavapipe: 0) with a product through the relay.
         gpu_class: demo.then_some(0),
@@ -54,7 +55,7 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
     assert_eq!(report.role, "player");
     assert!(report.qoe.bitrate_kbps > 100.0 && report.qoe.rtt_ms.is_some(), "{report:?}");
     let response = report.response.unwrap();
-    assert!(response.inputs >= 12 && response.answered == response.inputs, "{response:?}");
+    assert!(response.answers.inputs >= 12 && response.answers.answered == response.answers.inputs, "{response:?}");
     let capacity = report.capacity.unwrap();
     assert!(capacity.verified && capacity.answered_ms.unwrap() <= capacity.deadline_ms, "{capacity:?}");
 
@@ -72,7 +73,7 @@ async fn the_checkers_webrtc_stack_plays_through_the_relay() {
     assert_eq!(report.role, "spectator");
     assert!(report.qoe.passed(), "the picture itself is live: {:?}", report.qoe);
     let response = report.response.as_ref().unwrap();
-    assert!(!report.passed() && response.answered == 0, "{response:?}");
+    assert!(!report.passed() && response.answers.answered == 0, "{response:?}");
     holder.close().await;
     drain.abort();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -14,7 +14,7 @@
 use crate::limit::{KeyedLimiter, Rate};
 use crate::selector::{self, MatchRequest, NodeCandidate, NodeState, RelayCandidate};
 use crate::store::{
-    InputKind, Member, NodeFlag, NodeRecord, RelayRecord, SessionRecord, Store, StoreError, Title, Usage,
+    InputKind, Member, NodeFlag, NodeRecord, Probe, RelayRecord, SessionRecord, Store, StoreError, Title, Usage,
 };
 use axum::Json;
 use axum::Router;
@@ -496,6 +496,7 @@ fn url_origin(url: &str) -> Option<String> {
     components(schemas(
         Title,
         InputKind,
+        Probe,
         NodeRecord,
         RelayRecord,
         Usage,

@@ -22,7 +22,7 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
 }
 
-pub use pylon_indexer_client::api::{InputKind, Title, Verdict};
+pub use pylon_indexer_client::api::{InputKind, Probe, Title, Verdict};
 
 /// A registered render node as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -165,12 +165,13 @@ impl Store {
         // One statement: a reader never sees the title missing while it is replaced.
         sqlx::query(
             "INSERT INTO titles (id, name, description, launch, min_gpu_class, width, height, fps, command, args, \
-             workdir, env, needs_gpu, input_kinds) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (id) DO UPDATE SET \
+             workdir, env, needs_gpu, input_kinds, probe) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (id) DO UPDATE SET \
              name = excluded.name, description = excluded.description, launch = excluded.launch, \
              min_gpu_class = excluded.min_gpu_class, width = excluded.width, height = excluded.height, \
              fps = excluded.fps, command = excluded.command, args = excluded.args, workdir = excluded.workdir, \
-             env = excluded.env, needs_gpu = excluded.needs_gpu, input_kinds = excluded.input_kinds",
+             env = excluded.env, needs_gpu = excluded.needs_gpu, input_kinds = excluded.input_kinds, \
+             probe = excluded.probe",
         )
         .bind(&t.id)
         .bind(&t.name)
@@ -186,13 +187,17 @@ impl Store {
         .bind(serde_json::to_string(&t.env)?)
         .bind(b(t.needs_gpu))
         .bind(serde_json::to_string(&t.input_kinds)?)
+        .bind(match &t.probe {
+            Some(p) => serde_json::to_string(p)?,
+            None => String::new(),
+        })
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     const TITLE_COLUMNS: &'static str = "id, name, description, launch, min_gpu_class, width, height, fps, command, \
-        args, workdir, env, needs_gpu, input_kinds";
+        args, workdir, env, needs_gpu, input_kinds, probe";
 
     fn title_row(r: &sqlx::any::AnyRow) -> Result<Title, StoreError> {
         Ok(Title {
@@ -210,6 +215,10 @@ impl Store {
             env: serde_json::from_str(&r.try_get::<String, _>(11)?)?,
             needs_gpu: r.try_get::<i64, _>(12)? != 0,
             input_kinds: serde_json::from_str(&r.try_get::<String, _>(13)?)?,
+            probe: match r.try_get::<String, _>(14)? {
+                p if p.is_empty() => None,
+                p => Some(serde_json::from_str(&p)?),
+            },
         })
     }
 

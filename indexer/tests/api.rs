@@ -720,6 +720,24 @@ async fn studios_add_read_page_and_remove_titles() {
     let bad = json!({"id": "no spaces", "name": "x", "description": "", "launch": "builtin:demo",
                      "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60});
     assert_eq!(call(&s, admin(post("/api/v1/titles", &bad))).await.1["reason"], "invalid");
+    // A studio title with its probe: stored and served as given; a probe with a key the
+    // player's input cannot carry, or the same key twice, is refused.
+    let probed = |keys: Value| {
+        json!({"id": "bsu", "name": "Zz B.S.U.", "description": "", "launch": "exec", "command": "/usr/games/chromium-bsu",
+               "min_gpu_class": 0, "width": 1280, "height": 720, "fps": 60,
+               "probe": {"setup": ["Enter"], "keys": keys, "hold_ms": 250}})
+    };
+    for keys in [json!(["ArrowLeft", "NoSuchKey"]), json!(["ArrowLeft", "ArrowLeft"])] {
+        assert_eq!(call(&s, admin(post("/api/v1/titles", &probed(keys)))).await.1["reason"], "invalid");
+    }
+    let (status, _) = call(&s, admin(post("/api/v1/titles", &probed(json!(["ArrowLeft", "ArrowRight"]))))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, stored) = call(&s, get("/api/v1/titles/bsu")).await;
+    assert_eq!(stored["probe"], json!({"setup": ["Enter"], "keys": ["ArrowLeft", "ArrowRight"], "hold_ms": 250}));
+    assert_eq!(
+        call(&s, admin(Request::delete("/api/v1/titles/bsu").body(Body::empty()).unwrap())).await.0,
+        StatusCode::NO_CONTENT
+    );
     let (_, page) = call(&s, get("/api/v1/titles?limit=2")).await;
     let names: Vec<_> = page["items"].as_array().unwrap().iter().map(|t| t["name"].clone()).collect();
     assert_eq!(names, ["Game 0", "Game 1"], "by name");

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pylon_indexer::api::*;
-use pylon_indexer::store::{InputKind, NodeRecord, RelayRecord, Title, Usage};
+use pylon_indexer::store::{InputKind, NodeRecord, Probe, RelayRecord, Title, Usage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -154,10 +154,16 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             env: BTreeMap::from([("SDL_AUDIODRIVER".to_string(), "dummy".to_string())]),
             needs_gpu: false,
             input_kinds: vec![InputKind::Keyboard, InputKind::Mouse],
+            probe: Some(Probe {
+                setup: vec!["Enter".into()],
+                keys: ["ArrowLeft".into(), "ArrowRight".into()],
+                hold_ms: 250,
+            }),
             ..title()
         },
     );
     c.check("InputKind", InputKind::Gamepad);
+    c.check("Probe", Probe { setup: vec![], keys: ["KeyA".into(), "KeyD".into()], hold_ms: 2000 });
     c.check("NodeRecord", node());
     c.check("RelayRecord", relay());
     c.check("Usage", usage());
@@ -320,6 +326,7 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
             height: 720,
             fps: 60,
             demo: true,
+            probe: None,
             gpu_class: 2,
             report_by: 1_800_000_300,
             audit: MeteringAudit { claimed: 3, phantom: vec!["66".repeat(16)] },
@@ -354,6 +361,8 @@ fn every_schema_in_the_document_round_trips_through_the_crate_types() {
 
     // The schemas are not vacuous: what the server would refuse, they refuse too.
     c.rejects("ErrorReason", json!("bogus"));
+    c.rejects("Probe", json!({ "keys": ["ArrowLeft"], "hold_ms": 250 }));
+    c.rejects("Probe", json!({ "keys": ["ArrowLeft", "ArrowRight"], "hold_ms": 10 }));
     c.rejects("ErrorBody", json!({ "error": "x" }));
     c.rejects("Title", json!({ "id": "a b", "name": "x", "description": "", "launch": "", "min_gpu_class": 0, "width": 64, "height": 64, "fps": 30 }));
     c.rejects("Title", serde_json::to_value(Title { fps: 0, ..title() }).unwrap());

@@ -82,7 +82,7 @@ pub struct PipelineConfig {
     pub fake: Option<Fake>,
 }
 
-/// How a dishonest node fakes the demo (for the checker's tests): each streams a live
+/// How a dishonest node fakes its stream (for the checker's tests): each streams a live
 /// H.264 picture at the configured size through the real frame path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fake {
@@ -93,6 +93,10 @@ pub enum Fake {
     Replay,
     /// The demo, answering input, rendered at half the rate it advertises.
     Slow,
+    /// Input ignored, in the demo and in studio titles, which play on by themselves: a
+    /// live picture that does not answer the player, as a recording of the title would
+    /// look (and harder to tell from the real title than a recording, being live).
+    Deaf,
 }
 
 /// The length of the [`Fake::Replay`] recording.
@@ -514,7 +518,8 @@ fn render_thread(
     let mut last_submit: Option<Instant> = None;
     let mut index: u64 = 0;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut input = InputState { ignore: matches!(fake, Some(Fake::Static | Fake::Replay)), ..Default::default() };
+    let mut input =
+        InputState { ignore: matches!(fake, Some(Fake::Static | Fake::Replay | Fake::Deaf)), ..Default::default() };
     let mut source = Source::Demo;
     let RenderControl { stop, keyframe, sources, audio } = control;
     if let Some(a) = &audio {
@@ -654,7 +659,7 @@ fn render_thread(
                         replay_at = at;
                         scene.advance(at.as_secs_f32());
                     }
-                    Some(Fake::Slow) | None => scene.advance(media_time.as_secs_f32()),
+                    Some(Fake::Slow | Fake::Deaf) | None => scene.advance(media_time.as_secs_f32()),
                 }
                 if let Some(a) = &audio {
                     let (shots, hits) = scene.take_sounds();
@@ -767,7 +772,7 @@ impl InputState {
                 metrics.input_rejected.get_or_create(&crate::metrics::DropReason { reason: "no_session" }).inc();
                 return;
             }
-            Source::Demo if self.ignore => {}
+            Source::Demo | Source::Title { .. } if self.ignore => {}
             Source::Demo => {
                 scene.apply(&input.message.event);
                 metrics.keys_held.set(scene.keys_held() as i64);

@@ -470,6 +470,51 @@ pub struct Title {
     /// Frame rate it runs at.
     #[schema(minimum = 1, maximum = 240)]
     pub fps: i64,
+    /// How a checker proves that the title answers input (see [`Probe`]); without one, its
+    /// checks judge the stream's liveness and the node's capacity only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+/// The studio's answer to "what visibly moves when a player presses what": two keys that
+/// move something on screen in opposite directions (a ship, a cursor, the camera), held for
+/// `hold_ms` each. A checker presses them in a random order at random times, with sham
+/// intervals between, and the title passes when the picture's brightness moves one way
+/// for one key and the other way for the other far more consistently than chance allows
+/// (`pylon_checker::probe`). A recording, a frozen picture or a game that never gets the
+/// input cannot tell which key was pressed, however much it animates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct Probe {
+    /// Keys pressed once, in order, before the trials (`KeyboardEvent.code`; e.g. `Enter`
+    /// to leave a title's menu for play). At most 8.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub setup: Vec<String>,
+    /// The two opposite keys (`KeyboardEvent.code`), e.g. `["ArrowLeft", "ArrowRight"]`.
+    #[schema(min_items = 2, max_items = 2)]
+    pub keys: [String; 2],
+    /// How long each press is held, ms (50-2000).
+    #[schema(minimum = 50, maximum = 2000)]
+    pub hold_ms: u32,
+}
+
+impl Probe {
+    /// Why this probe cannot be used, if it cannot.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let known = |k: &String| pylon_proto::input::key_index(k).is_some();
+        if self.setup.len() > 8 || !self.setup.iter().all(known) || !self.keys.iter().all(known) {
+            return Err(
+                "a probe's keys are at most 8 setup keys and two keys, each a KeyboardEvent.code the player's input carries",
+            );
+        }
+        if self.keys[0] == self.keys[1] {
+            return Err("a probe's two keys differ");
+        }
+        if !(50..=2000).contains(&self.hold_ms) {
+            return Err("a probe holds each key 50-2000 ms");
+        }
+        Ok(())
+    }
 }
 
 impl Default for Title {
@@ -489,6 +534,7 @@ impl Default for Title {
             width: 1280,
             height: 720,
             fps: 60,
+            probe: None,
         }
     }
 }
@@ -548,7 +594,10 @@ impl Title {
         if !(16..=7680).contains(&self.width) || !(16..=4320).contains(&self.height) || !(1..=240).contains(&self.fps) {
             return Err("a title runs at 16x16 to 7680x4320 and 1-240 frames per second");
         }
-        Ok(())
+        if self.launch == LAUNCH_BUILTIN_DEMO && self.probe.is_some() {
+            return Err("the built-in demo is checked by its exact answer to aim, not by a probe");
+        }
+        self.probe.as_ref().map_or(Ok(()), Probe::validate)
     }
 }
 
@@ -590,6 +639,9 @@ pub struct CheckAssignment {
     pub fps: u32,
     /// The title is the built-in demo, whose answer to aimed turns is exact.
     pub demo: bool,
+    /// A studio title's probe (the keys that visibly move something), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
     /// The GPU class the node registered with: the proof of capacity holds it to that.
     #[serde(default)]
     pub gpu_class: u8,

@@ -200,6 +200,16 @@ pub fn pick_due<'a>(nodes: &[Due<'a>], now: i64) -> Option<&'a NodeRecord> {
         .map(|d| d.node)
 }
 
+/// The title a check plays: one of the node's, drawn by `random` among those whose
+/// answer to input a checker can judge (the demo, and studio titles with a probe), or
+/// among all of them when none can be. Drawn, not fixed, so that a node cannot be honest
+/// in the one title it knows will be checked.
+pub fn pick_title<'a>(offered: &[&'a Title], demo: &str, random: u32) -> Option<&'a Title> {
+    let judged: Vec<&Title> = offered.iter().copied().filter(|t| t.id == demo || t.probe.is_some()).collect();
+    let from = if judged.is_empty() { offered } else { &judged };
+    from.get(usize::try_from(random).unwrap_or(0) % from.len().max(1)).copied()
+}
+
 /// `interval` spread ±25 % by `random` (any u32).
 pub fn spread(interval: i64, random: u32) -> i64 {
     let quarter = interval / 4;
@@ -610,13 +620,10 @@ pub(super) async fn next_check(
     };
     // Its next check as read: the claim below succeeds only if nobody moved it since.
     let seen = schedule.get(&node.id).map_or(0, |v| v.0);
-    // The demo's answer to input is exact: check with it where the node has it.
     let demo = Title::builtin_demo().id;
-    let title = titles
-        .iter()
-        .filter(|t| node.titles.contains(&t.id))
-        .min_by_key(|t| (t.id != demo, t.id.clone()))
-        .ok_or_else(ApiError::internal)?;
+    let offered: Vec<&Title> = titles.iter().filter(|t| node.titles.contains(&t.id)).collect();
+    let [r0, r1, r2, r3] = random_bytes()?;
+    let title = pick_title(&offered, &demo, u32::from_le_bytes([r0, r1, r2, r3])).ok_or_else(ApiError::internal)?;
     let relay = relays
         .iter()
         .filter(|r| relay_healthy(r, now))
@@ -683,6 +690,7 @@ pub(super) async fn next_check(
         height: u32::try_from(title.height).unwrap_or(0),
         fps: u32::try_from(title.fps).unwrap_or(0),
         demo: title.id == demo,
+        probe: title.probe.clone(),
         gpu_class: u8::try_from(node.gpu_class).unwrap_or(u8::MAX),
         report_by,
         audit: s.store.metering_audit(&node.id).await?,
@@ -780,6 +788,25 @@ mod tests {
 
     fn report(checker: &str, at: i64, passed: bool) -> Report {
         Report { checker: checker.into(), at, outcome: CheckOutcome { passed, ..Default::default() } }
+    }
+
+    #[test]
+    fn a_check_plays_a_title_drawn_among_those_whose_answer_can_be_judged() {
+        use pylon_indexer_client::api::Probe;
+        let demo = Title::builtin_demo();
+        let probe = Probe { setup: vec![], keys: ["ArrowLeft".into(), "ArrowRight".into()], hold_ms: 250 };
+        let probed = Title { id: "game".into(), launch: "exec".into(), probe: Some(probe), ..Title::default() };
+        let unprobed = Title { id: "other".into(), launch: "exec".into(), ..Title::default() };
+        let drawn = |offered: &[&Title]| -> std::collections::BTreeSet<String> {
+            (0..16).filter_map(|r| pick_title(offered, "demo", r)).map(|t| t.id.clone()).collect()
+        };
+        assert_eq!(drawn(&[&demo, &probed, &unprobed]), ["demo".to_string(), "game".into()].into());
+        assert_eq!(
+            drawn(&[&unprobed]),
+            ["other".to_string()].into(),
+            "liveness alone where nothing else can be judged"
+        );
+        assert_eq!(drawn(&[]), Default::default());
     }
 
     #[test]
