@@ -26,7 +26,8 @@
 //! press's own pair out): how many presses moved the picture their key's way by at least
 //! a quarter of the median swing between the keys (from the shams' median drift), how
 //! many shams drifted that far, and the time from each answered press to the first frame
-//! that moved its way further than the shams wander (click-to-photon).
+//! that moved its way by a larger step than 95 % of the shams' frames did
+//! (click-to-photon).
 
 use crate::respond::{Answers, percentile};
 use pylon_indexer_client::api::Probe;
