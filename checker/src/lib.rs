@@ -108,11 +108,11 @@ impl CheckReport {
 }
 
 /// Connects, waits for the first decoded frame, watches for `duration` (and, for the demo
-/// or a title with a probe, until the responsiveness trials are done), judges what it saw, and then, when the
-/// node's class is known, sends the capacity challenge and judges the answer (the node's
-/// GPU works on it after the watching, so it cannot slow the frames being judged). A
-/// stream that dies part way is a failed check (a report), not an error; errors are for
-/// checks that could not be made.
+/// or a title with a probe, until the responsiveness trials are done), judges what it
+/// saw, and then, when the node's class is known, sends the capacity challenge and judges
+/// the answer (the node's GPU works on it after the watching, so it cannot slow the
+/// frames being judged). A stream that dies part way is a failed check (a report), not an
+/// error; errors are for checks that could not be made.
 pub async fn run(config: CheckConfig) -> Result<CheckReport, CheckError> {
     let (session, mut events) =
         Session::connect(&config.relay, config.token.as_deref(), config.first_frame_timeout).await?;

@@ -38,7 +38,7 @@ struct Args {
     /// One check of a studio title: its probe as the catalog gives it (JSON, e.g.
     /// '{"setup":["Enter"],"keys":["ArrowLeft","ArrowRight"],"hold_ms":250}'): also check
     /// that the picture tells the two keys apart (pairs of presses in random order, shams
-    /// between; a signed-rank test). Ignored with --demo.
+    /// between; a sign-flip test of the pairs' agreement). Ignored with --demo.
     #[arg(long, value_parser = parse_probe)]
     probe: Option<pylon_indexer_client::api::Probe>,
     /// One check: the GPU class the node claims (0: CPU renderer, 1: integrated, 2:

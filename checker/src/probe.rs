@@ -417,19 +417,21 @@ impl ProbeCheck {
         };
         let all = sum(None);
         let along = |m: &[f32], w: &[f32]| if m.len() == w.len() { dot(m, w) } else { 0.0 };
-        let mut template = vec![None; self.presses.len()];
+        let templates: Vec<Vec<f32>> = (0..pairs.len()).map(|i| sum(Some(i))).collect();
+        let mut pair_of = vec![None; self.presses.len()];
         for (i, (a, b)) in pairs.iter().enumerate() {
-            let w = std::rc::Rc::new(sum(Some(i)));
-            template[*a] = Some(w.clone());
-            template[*b] = Some(w);
+            pair_of[*a] = Some(i);
+            pair_of[*b] = Some(i);
         }
+        // What a press is judged along: its pair's template (none for a sham or a lone press).
+        let template = |press: usize| pair_of[press].map(|i| templates[i].as_slice());
         let shams: Vec<usize> = (0..self.presses.len()).filter(|&i| self.presses[i].kind == PressKind::Sham).collect();
         let drift = median(shams.iter().map(|&i| along(&self.presses[i].motion, &all)).collect()).unwrap_or(0.0);
         let swing = median(
             pairs
                 .iter()
                 .map(|(a, b)| {
-                    let w = template[*a].as_deref().unwrap_or(&all);
+                    let w = template(*a).unwrap_or(&all);
                     along(&self.presses[*a].motion, w) - along(&self.presses[*b].motion, w)
                 })
                 .collect(),
@@ -456,12 +458,12 @@ impl ProbeCheck {
         let (mut answered, mut inputs, mut sham_fired, mut ms, mut presses) =
             (0u32, 0u32, 0u32, Vec::new(), Vec::new());
         for (i, p) in self.presses.iter().enumerate() {
-            let w = template[i].as_deref().unwrap_or(&all);
+            let w = template(i).unwrap_or(&all);
             let sign = if p.kind == PressKind::SecondKey { -1.0 } else { 1.0 };
             let response = sign * (along(&p.motion, w) - drift);
             match p.kind {
                 PressKind::Sham => sham_fired += u32::from(response.abs() >= reach),
-                _ if template[i].is_none() => {}
+                _ if template(i).is_none() => {}
                 _ => {
                     inputs += 1;
                     if response >= reach {

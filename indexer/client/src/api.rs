@@ -478,9 +478,9 @@ pub struct Title {
 
 /// The studio's answer to "what visibly moves when a player presses what": two keys that
 /// move something on screen in opposite directions (a ship, a cursor, the camera), held for
-/// `hold_ms` each. A checker presses them in a random order at random times, with sham
-/// intervals between, and the title passes when the picture's brightness moves one way
-/// for one key and the other way for the other far more consistently than chance allows
+/// `hold_ms` each. A checker presses them in pairs of random order at random times, with
+/// sham intervals between, and the title passes when the picture moves one way for one
+/// key and the other way for the other far more consistently than chance allows
 /// (`pylon_checker::probe`). A recording, a frozen picture or a game that never gets the
 /// input cannot tell which key was pressed, however much it animates.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]

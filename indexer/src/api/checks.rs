@@ -622,8 +622,7 @@ pub(super) async fn next_check(
     let seen = schedule.get(&node.id).map_or(0, |v| v.0);
     let demo = Title::builtin_demo().id;
     let offered: Vec<&Title> = titles.iter().filter(|t| node.titles.contains(&t.id)).collect();
-    let [r0, r1, r2, r3] = random_bytes()?;
-    let title = pick_title(&offered, &demo, u32::from_le_bytes([r0, r1, r2, r3])).ok_or_else(ApiError::internal)?;
+    let title = pick_title(&offered, &demo, u32::from_le_bytes(random_bytes()?)).ok_or_else(ApiError::internal)?;
     let relay = relays
         .iter()
         .filter(|r| relay_healthy(r, now))
