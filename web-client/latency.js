@@ -30,7 +30,10 @@ export class LatencyTracker {
   /** A frame reached the screen (requestVideoFrameCallback). */
   onFrame(now, metadata) {
     if (metadata.rtpTimestamp === undefined) return;
-    const shown = metadata.expectedDisplayTime ?? now;
+    // Not before the refresh that runs this callback: headless Chromium sometimes gives the
+    // refresh before it as expectedDisplayTime, earlier than the frame's presentation and
+    // even than its last packet's arrival.
+    const shown = Math.max(metadata.expectedDisplayTime ?? now, now);
     if (metadata.captureTime !== undefined) {
       this.ages.push(shown - metadata.captureTime);
       if (this.ages.length > 300) this.ages.shift();

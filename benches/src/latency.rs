@@ -5,9 +5,10 @@
 //! (`Input.dispatchMouseEvent`, which enters Chromium's input pipeline as a device's
 //! event would): the mouse jumps from one side of the ship to the other, so the demo's
 //! ship turns round. The page times each trial from the timestamp of the trusted move
-//! event (`pointerrawupdate` or `mousemove`, whichever comes first) to the
-//! `expectedDisplayTime` of the first decoded frame whose ship pixels changed (read back
-//! from the `<video>` in `requestVideoFrameCallback`). Sham trials,
+//! event (`pointerrawupdate` or `mousemove`, whichever comes first) to the display time
+//! of the first decoded frame whose ship pixels changed (read back from the `<video>` in
+//! `requestVideoFrameCallback`; `expectedDisplayTime`, never before the refresh running
+//! the callback), against the frame shown when the trial was armed. Sham trials,
 //! interleaved, arm the same detector without any input: how many of them fire says how
 //! often the detector sees a change that no input caused.
 //!
@@ -74,8 +75,20 @@ L.target = (side) => {
   const vx = Math.min(W - 10, Math.max(10, L.ship.x + side * 200));
   return { x: ox + vx * s, y: oy + L.ship.y * s };
 };
+// The ship's pixels in the frame the video shows now, as a mask.
+L.mask = () => {
+  const x0 = Math.round(L.ship.x - CROP / 2), y0 = Math.round(L.ship.y - CROP / 2);
+  cctx.clearRect(0, 0, CROP, CROP);
+  cctx.drawImage(video, x0, y0, CROP, CROP, 0, 0, CROP, CROP);
+  const d = cctx.getImageData(0, 0, CROP, CROP).data;
+  const mask = new Uint8Array(CROP * CROP);
+  for (let i = 0; i < mask.length; i++) mask[i] = orange(d, 4 * i) ? 1 : 0;
+  return mask;
+};
+// The baseline is the frame shown when the trial is armed, before its input is sent: a
+// response can come in the very next frame.
 L.arm = (kind) => {
-  L.prev = null;
+  L.prev = L.mask();
   L.pending = { kind, t0: kind === 'sham' ? performance.now() : null, seq: null };
   return true;
 };
@@ -98,23 +111,20 @@ const armed = (e) => {
 addEventListener('mousemove', armed, true);
 if ('onpointerrawupdate' in window) addEventListener('pointerrawupdate', armed, true);
 // Reading pixels back costs the page several ms a frame on a 2-core machine, so only the
-// frames of an armed trial are read (the first one is the baseline: no response comes
-// within one frame of an input).
+// frames of an armed trial are read.
 const onFrame = (now, md) => {
   const t = performance.now();
   if (L.ship && L.pending) {
-    const x0 = Math.round(L.ship.x - CROP / 2), y0 = Math.round(L.ship.y - CROP / 2);
-    cctx.clearRect(0, 0, CROP, CROP);
-    cctx.drawImage(video, x0, y0, CROP, CROP, 0, 0, CROP, CROP);
-    const d = cctx.getImageData(0, 0, CROP, CROP).data;
-    const mask = new Uint8Array(CROP * CROP);
-    for (let i = 0; i < mask.length; i++) mask[i] = orange(d, 4 * i) ? 1 : 0;
+    const mask = L.mask();
     if (L.prev) {
       let diff = 0;
       for (let i = 0; i < mask.length; i++) diff += mask[i] ^ L.prev[i];
       const p = L.pending;
       if (p && p.t0 !== null && diff >= THRESHOLD) {
-        const shown = md.expectedDisplayTime ?? now;
+        // Headless Chromium's expectedDisplayTime is sometimes the refresh before the one
+        // that runs this callback, earlier than the frame's own presentation: never before
+        // the refresh that hands it to the page.
+        const shown = Math.max(md.expectedDisplayTime ?? now, now);
         L.results.push({ kind: p.kind, ms: shown - p.t0, seq: p.seq, diff,
                          receive_ms: md.receiveTime !== undefined ? md.receiveTime - p.t0 : null });
         L.pending = null;

@@ -217,18 +217,21 @@ if (!window.__av) {
   const c = document.createElement('canvas');
   const g = c.getContext('2d', { willReadFrequently: true });
   const onFrame = (now, meta) => {
+    // Headless Chromium sometimes dates a frame's display a refresh before the one running
+    // this callback: never before that refresh (as the player's own latency tracker).
+    const shown = Math.max(meta.expectedDisplayTime, now);
     c.width = v.videoWidth; c.height = v.videoHeight;
     g.drawImage(v, 0, 0);
     const d = g.getImageData(0, 0, c.width, c.height).data;
     let flash = 0;
     for (let i = 0; i < d.length; i += 4) if (d[i] > 220 && d[i + 1] > 220 && d[i + 2] < 170) flash++;
     if (flash > 20 && av.armedVideo) {
-      av.video.push(meta.expectedDisplayTime);
-      av.flashes.push({ rtp: meta.rtpTimestamp, shown: meta.expectedDisplayTime, clock: pylon.clock });
+      av.video.push(shown);
+      av.flashes.push({ rtp: meta.rtpTimestamp, shown, clock: pylon.clock });
       av.armedVideo = false;
     }
     if (flash === 0) av.armedVideo = true;
-    if (meta.receiveTime) { av.held += meta.expectedDisplayTime - meta.receiveTime; av.frames++; }
+    if (meta.receiveTime) { av.held += shown - meta.receiveTime; av.frames++; }
     v.requestVideoFrameCallback(onFrame);
   };
   v.requestVideoFrameCallback(onFrame);
