@@ -14,8 +14,9 @@
 //!
 //! Beside it: the node's own announcement (the first frame reflecting each input, as the
 //! player page's overlay measures it), Chromium's jitter-buffer and decode time per frame,
-//! and the CPU of the node's frame path and of the rest of this process (relay, indexer,
-//! node networking). Prints progress, then as its last line one JSON object. A benchmark,
+//! and the CPU, in % of a core: the node's frame path, the node's sound, the relay (on
+//! threads of its own), the rest of this process (indexer, the node's link and membership,
+//! this driver) and Chromium. Prints progress, then as its last line one JSON object. A benchmark,
 //! not a test: nothing here asserts a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -155,7 +156,9 @@ fn round1(v: Option<f64>) -> serde_json::Value {
 async fn main() {
     let args = Args::parse();
     eprintln!("starting the pool (indexer, relay, render node) and Chromium…");
-    let platform = common::start_pool(1280, 720, args.fps).await;
+    // The relay on threads of its own, as its own process would be, so its CPU is counted apart.
+    let setup = common::Setup { pooled: true, relay_threads: true, ..common::Setup::default() };
+    let platform = common::start_setup(1280, 720, args.fps, setup).await;
     let indexer = platform.indexer.expect("a pool has an indexer");
     let b = common::Browser::start().await;
     common::play_from_catalog(&b, indexer).await;
@@ -171,7 +174,7 @@ async fn main() {
     eprintln!("ship at {ship}; {} trials, one every {} ms…", args.trials, args.interval_ms);
 
     let inbound0 = b.eval(common::VIDEO_INBOUND).await;
-    let cpu0 = common::thread_cpu();
+    let (cpu0, browser0) = (common::thread_cpu(), common::browser_cpu());
     let began = Instant::now();
     let mut side = 1;
     for i in 0..args.trials {
@@ -196,7 +199,7 @@ async fn main() {
         }
     }
     let wall = began.elapsed().as_secs_f64();
-    let cpu1 = common::thread_cpu();
+    let (cpu1, browser1) = (common::thread_cpu(), common::browser_cpu());
     let inbound1 = b.eval(common::VIDEO_INBOUND).await;
     let results = b.eval("return pylonLatency.results").await;
     let announced = b.eval("return Object.fromEntries(pylon.latency.announced)").await;
@@ -231,7 +234,10 @@ async fn main() {
         100.0 * (sum(&cpu1) - sum(&cpu0)) / wall
     };
     let node_frame_path = used(&common::is_frame_path_thread);
+    let node_audio = used(&common::is_audio_thread);
+    let relay = used(&|name| name == common::RELAY_THREAD);
     let process = used(&|_| true);
+    let browser = 100.0 * (browser1 - browser0) / wall;
     eprintln!(
         "pixel-measured (ms, sorted): {:?}",
         measured.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
@@ -271,8 +277,11 @@ async fn main() {
             "jitter_buffer_ms_per_frame": round1(per("jitterBufferDelay", "jitterBufferEmittedCount")),
             "decode_ms_per_frame": round1(per("totalDecodeTime", "framesDecoded")),
             "node_frame_path_cpu_pct_of_core": round1(Some(node_frame_path)),
+            "node_audio_cpu_pct_of_core": round1(Some(node_audio)),
+            "relay_cpu_pct_of_core": round1(Some(relay)),
             "platform_process_cpu_pct_of_core": round1(Some(process)),
-            "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path)),
+            "platform_rest_cpu_pct_of_core": round1(Some(process - node_frame_path - node_audio - relay)),
+            "chromium_cpu_pct_of_core": round1(Some(browser)),
             "node_wake_ms": round1(wake_ms),
             "node_stages_mean_ms": node_stages,
         })

@@ -203,7 +203,14 @@ pub struct Setup {
     pub indexers: Vec<String>,
     /// The node's `--max-relay-links` (default [`uplink::MAX_LINKS`]).
     pub max_relay_links: Option<usize>,
+    /// The relay runs on a runtime of its own, two worker threads named
+    /// [`RELAY_THREAD`] as its own process would have, instead of the test's: its CPU can
+    /// then be counted apart (`make latency`).
+    pub relay_threads: bool,
 }
+
+/// The name of the relay's threads when it runs on its own runtime ([`Setup::relay_threads`]).
+pub const RELAY_THREAD: &str = "pylon-relay";
 
 impl Default for Setup {
     fn default() -> Self {
@@ -217,14 +224,25 @@ impl Default for Setup {
             fake: None,
             indexers: Vec::new(),
             max_relay_links: None,
+            relay_threads: false,
         }
     }
 }
 
 /// Starts a relay (and an indexer, when pooled) and a render node as `setup` says.
 pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Platform {
-    let Setup { early_frames, pooled, advertise_addr, uplink_impair, titles, av_sync, fake, indexers, max_relay_links } =
-        setup;
+    let Setup {
+        early_frames,
+        pooled,
+        advertise_addr,
+        uplink_impair,
+        titles,
+        av_sync,
+        fake,
+        indexers,
+        max_relay_links,
+        relay_threads,
+    } = setup;
     static EXCLUSIVE: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
     let exclusive = EXCLUSIVE.get_or_init(Default::default).clone().lock_owned().await;
     let _ = tracing_subscriber_init();
@@ -258,7 +276,20 @@ pub async fn start_setup(width: u32, height: u32, fps: u32, setup: Setup) -> Pla
             capacity: 10,
         }),
     };
-    tokio::spawn(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx)));
+    if relay_threads {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(RELAY_THREAD)
+            .enable_all()
+            .build()
+            .expect("the relay's runtime");
+        std::thread::Builder::new()
+            .name(RELAY_THREAD.into())
+            .spawn(move || runtime.block_on(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx))))
+            .expect("the relay's thread");
+    } else {
+        tokio::spawn(pylon_relay::run(config, relay_shutdown_rx, Some(started_tx)));
+    }
     let relay = started_rx.await.expect("relay started");
     let uplink_proxy = match uplink_impair {
         Some(config) => Some(
@@ -800,6 +831,20 @@ pub fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
 pub fn process_cpu() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     stat_seconds(&stat, &[11, 12]).map_or(0.0, |(_, s)| s)
+}
+
+/// CPU seconds of the Chromium processes running now, of every user (`utime` + `stime`
+/// of each process whose name starts `chrom`, chromedriver aside).
+pub fn browser_cpu() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0.0 };
+    procs
+        .flatten()
+        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|p| std::fs::read_to_string(p.path().join("stat")).ok())
+        .filter_map(|stat| stat_seconds(&stat, &[11, 12]))
+        .filter(|(name, _)| name.starts_with("chrom") && name != "chromedriver")
+        .map(|(_, seconds)| seconds)
+        .sum()
 }
 
 /// CPU seconds of this process's waited-for children (`cutime` + `cstime`).
