@@ -8,6 +8,15 @@
 
 const WINDOW = 100;
 
+/**
+ * When a frame given to requestVideoFrameCallback reaches the screen: its
+ * expectedDisplayTime, but not before the refresh that runs the callback (`now`): headless
+ * Chromium sometimes gives the refresh before it, earlier than the frame's presentation and
+ * even than its last packet's arrival. The page exposes it as `pylon.displayTime` for the
+ * benches and tests that watch frames themselves.
+ */
+export const displayTime = (now, metadata) => Math.max(metadata.expectedDisplayTime ?? now, now);
+
 /** RTP timestamps compared modulo 2^32: whether `a` is at or after `b`. */
 const notBefore = (a, b) => ((a - b) >>> 0) < 0x80000000;
 
@@ -30,10 +39,7 @@ export class LatencyTracker {
   /** A frame reached the screen (requestVideoFrameCallback). */
   onFrame(now, metadata) {
     if (metadata.rtpTimestamp === undefined) return;
-    // Not before the refresh that runs this callback: headless Chromium sometimes gives the
-    // refresh before it as expectedDisplayTime, earlier than the frame's presentation and
-    // even than its last packet's arrival.
-    const shown = Math.max(metadata.expectedDisplayTime ?? now, now);
+    const shown = displayTime(now, metadata);
     if (metadata.captureTime !== undefined) {
       this.ages.push(shown - metadata.captureTime);
       if (this.ages.length > 300) this.ages.shift();

@@ -4,7 +4,7 @@
 import { playoutOffset, watchStats } from './stats.js';
 import { SyncGuard } from './sync.js';
 import { captureInput } from './input.js';
-import { LatencyTracker } from './latency.js';
+import { LatencyTracker, displayTime } from './latency.js';
 
 const video = document.getElementById('video');
 const statsEl = document.getElementById('stats');
@@ -72,6 +72,8 @@ const pylon = {
   lastFrameAt: null,
   // When the relay said the game server was still linking to it (performance.now()).
   nodeLinking: null,
+  // When a frame of requestVideoFrameCallback reaches the screen (latency.js).
+  displayTime,
 };
 window.pylon = pylon;
 

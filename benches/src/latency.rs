@@ -122,10 +122,8 @@ const onFrame = (now, md) => {
       for (let i = 0; i < mask.length; i++) diff += mask[i] ^ L.prev[i];
       const p = L.pending;
       if (p && p.t0 !== null && diff >= THRESHOLD) {
-        // Headless Chromium's expectedDisplayTime is sometimes the refresh before the one
-        // that runs this callback, earlier than the frame's own presentation: never before
-        // the refresh that hands it to the page.
-        const shown = Math.max(md.expectedDisplayTime ?? now, now);
+        // The player's own rule (latency.js): never before the refresh running this callback.
+        const shown = pylon.displayTime(now, md);
         L.results.push({ kind: p.kind, ms: shown - p.t0, seq: p.seq, diff,
                          receive_ms: md.receiveTime !== undefined ? md.receiveTime - p.t0 : null });
         L.pending = null;

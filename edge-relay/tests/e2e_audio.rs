@@ -217,9 +217,8 @@ if (!window.__av) {
   const c = document.createElement('canvas');
   const g = c.getContext('2d', { willReadFrequently: true });
   const onFrame = (now, meta) => {
-    // Headless Chromium sometimes dates a frame's display a refresh before the one running
-    // this callback: never before that refresh (as the player's own latency tracker).
-    const shown = Math.max(meta.expectedDisplayTime, now);
+    // The player's own rule (latency.js): never before the refresh running this callback.
+    const shown = pylon.displayTime(now, meta);
     c.width = v.videoWidth; c.height = v.videoHeight;
     g.drawImage(v, 0, 0);
     const d = g.getImageData(0, 0, c.width, c.height).data;
@@ -282,8 +281,9 @@ return { video: window.__av.video, audio: window.__av.audio, played, state: wind
 struct AvRun {
     /// Sound minus picture onset per shot, ms, sorted.
     offsets: Vec<f64>,
-    /// The picture's mean delay from a frame's arrival to its display (`requestVideoFrameCallback`'s
-    /// `expectedDisplayTime - receiveTime`), ms: where lip sync would delay the picture.
+    /// The picture's mean delay from a frame's arrival to its display (the page's
+    /// `displayTime` of a `requestVideoFrameCallback` minus its `receiveTime`), ms: where lip
+    /// sync would delay the picture.
     picture_held_ms: f64,
     /// The sound's mean jitter-buffer delay and target over the shots, ms.
     sound_buffer_ms: f64,
