@@ -7,6 +7,7 @@
 //! `PYLON_FAKE_CHECKS` sets the number of checks of each node (default 3, which keeps
 //! `make test` within its time: a check of the honest demo or of the slow fake, which both
 //! answer every turn, takes about 22 s; one of a fake that does not answer, about 9 s).
+//! `PYLON_FAKES` (comma-separated names) runs only those nodes; default: all.
 //!
 //! The liar is a node that claims a GPU class far above what it computes: here the real
 //! node on lavapipe (class 0) claimed as class 2 (discrete), as its registration would
@@ -21,15 +22,6 @@ use common::{Setup, start_setup};
 use pylon_checker::{Advertised, CheckConfig, CheckReport};
 use pylon_server::pipeline::Fake;
 use std::time::Duration;
-
-/// `PYLON_FAKES` (comma-separated names) runs only those nodes; default: all.
-fn wanted(name: &str) -> bool {
-    std::env::var("PYLON_FAKES").map_or(true, |v| v.split(',').any(|n| n.trim() == name))
-}
-
-fn checks_each() -> usize {
-    std::env::var("PYLON_FAKE_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
 
 /// `n` checks, one after another, of a node streaming the demo (faked as `fake` says) at
 /// 640x480, 30 fps, that claims GPU class `class`. The liar's checks watch briefly and skip
@@ -61,7 +53,7 @@ async fn check(fake: Option<Fake>, class: u8, n: usize) -> Vec<CheckReport> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
-    let n = checks_each();
+    let n = common::checks_each("PYLON_FAKE_CHECKS", 3);
     let mut summary = Vec::new();
     for (name, fake, class) in [
         ("honest", None, 0),
@@ -71,7 +63,7 @@ async fn every_fake_fails_every_check_and_the_honest_demo_passes_every_one() {
         ("liar", None, 2),
     ]
     .into_iter()
-    .filter(|(name, ..)| wanted(name))
+    .filter(|(name, ..)| common::node_wanted(name))
     {
         let started = std::time::Instant::now();
         let reports = check(fake, class, n).await;

@@ -19,14 +19,6 @@ use std::time::{Duration, Instant};
 
 const BSU: &str = "/usr/games/chromium-bsu";
 
-fn wanted(name: &str) -> bool {
-    std::env::var("PYLON_FAKES").map_or(true, |v| v.split(',').any(|n| n.trim() == name))
-}
-
-fn checks_each() -> usize {
-    std::env::var("PYLON_TITLE_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
-}
-
 /// The deployed manifest, at 30 fps (two cores run the game, the node and the checker).
 fn bsu() -> Title {
     let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/titles/chromium-bsu.json"))
@@ -82,9 +74,11 @@ async fn check(fake: Option<Fake>, n: usize) -> Vec<CheckReport> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_studio_title_that_answers_its_probe_passes_and_one_that_never_gets_input_fails() {
     assert!(std::path::Path::new(BSU).exists(), "chromium-bsu is installed (make deps)");
-    let n = checks_each();
+    let n = common::checks_each("PYLON_TITLE_CHECKS", 2);
     let mut summary = Vec::new();
-    for (name, fake) in [("honest", None), ("deaf", Some(Fake::Deaf))].into_iter().filter(|(name, _)| wanted(name)) {
+    for (name, fake) in
+        [("honest", None), ("deaf", Some(Fake::Deaf))].into_iter().filter(|(name, _)| common::node_wanted(name))
+    {
         let started = Instant::now();
         let reports = check(fake, n).await;
         let probes: Vec<serde_json::Value> = reports

@@ -833,6 +833,18 @@ pub fn process_cpu() -> f64 {
     stat_seconds(&stat, &[11, 12]).map_or(0.0, |(_, s)| s)
 }
 
+/// Whether the checker tests should run the node named `name` (`honest` or a fake):
+/// `PYLON_FAKES` (comma-separated names) runs only those; default, all.
+pub fn node_wanted(name: &str) -> bool {
+    std::env::var("PYLON_FAKES").map_or(true, |v| v.split(',').any(|n| n.trim() == name))
+}
+
+/// How many checks of each node the checker tests run: the environment variable `var`,
+/// else `default`.
+pub fn checks_each(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// CPU seconds of the Chromium processes running now, of every user (`utime` + `stime`
 /// of each process whose name starts `chrom`, chromedriver aside).
 pub fn browser_cpu() -> f64 {
